@@ -1,0 +1,251 @@
+//! Command-line definition. nnU-Net's single-dash long flags (`-np`, `-pl`,
+//! `-gpu_memory_target`, ...) are accepted: [`normalize_args`] rewrites them to the
+//! double-dash form clap understands before parsing.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "nnseg",
+    version,
+    about = "nnU-Net's self-configuring segmentation pipeline, in Rust",
+    long_about = "nnU-Net's self-configuring segmentation pipeline, in Rust.\n\n\
+        Folders come from the nnU-Net environment variables nnUNet_raw, nnUNet_preprocessed and \
+        nnUNet_results, or from --raw/--preprocessed/--results. nnU-Net's single-dash flags \
+        (-np, -pl, -gpu_memory_target, ...) work as in nnU-Net."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub paths: PathArgs,
+    /// More log output (same as RUST_LOG=debug).
+    #[arg(long, global = true)]
+    pub verbose: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Args, Debug, Clone, Default)]
+pub struct PathArgs {
+    /// Raw datasets root (default: $nnUNet_raw).
+    #[arg(long, global = true, value_name = "DIR")]
+    pub raw: Option<PathBuf>,
+    /// Preprocessed data root (default: $nnUNet_preprocessed).
+    #[arg(long, global = true, value_name = "DIR")]
+    pub preprocessed: Option<PathBuf>,
+    /// Results root (default: $nnUNet_results).
+    #[arg(long, global = true, value_name = "DIR")]
+    pub results: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Fingerprint, plan and preprocess one or more datasets (nnUNetv2_plan_and_preprocess).
+    #[command(name = "plan_and_preprocess")]
+    PlanAndPreprocess(PlanAndPreprocessArgs),
+    /// Extract the dataset fingerprint (nnUNetv2_extract_fingerprint).
+    #[command(name = "extract_fingerprint")]
+    ExtractFingerprint(FingerprintArgs),
+    /// Derive plans from an existing fingerprint (nnUNetv2_plan_experiment).
+    #[command(name = "plan_experiment")]
+    PlanExperiment(PlanArgs),
+    /// Preprocess with existing plans (nnUNetv2_preprocess).
+    #[command(name = "preprocess")]
+    Preprocess(PreprocessArgs),
+    /// Write the synthetic demo datasets (Dataset990_Demo3D, Dataset991_Demo2D) into the raw folder.
+    #[command(name = "make_demo_dataset")]
+    MakeDemoDataset(DemoArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DatasetIds {
+    /// Dataset id(s): 1, 001 or Dataset001_Name.
+    #[arg(value_name = "DATASET_ID")]
+    pub positional: Vec<String>,
+    /// Dataset id(s), nnU-Net style (-d 1 2).
+    #[arg(short = 'd', num_args = 1.., value_name = "DATASET_ID")]
+    pub d: Vec<String>,
+}
+
+impl DatasetIds {
+    pub fn all(&self) -> Vec<String> {
+        self.positional.iter().chain(&self.d).cloned().collect()
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct FingerprintOpts {
+    /// Worker processes for fingerprint extraction.
+    #[arg(long = "npfp", default_value_t = default_workers())]
+    pub npfp: usize,
+    /// Check the raw dataset the way nnU-Net's --verify_dataset_integrity does.
+    #[arg(long = "verify_dataset_integrity")]
+    pub verify_dataset_integrity: bool,
+    /// Recompute the fingerprint even if dataset_fingerprint.json exists.
+    #[arg(long)]
+    pub clean: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct PlannerOpts {
+    /// Planner: ExperimentPlanner, nnUNetPlannerResEncM, nnUNetPlannerResEncL, nnUNetPlannerResEncXL.
+    #[arg(long = "pl", default_value = "ExperimentPlanner")]
+    pub pl: String,
+    /// GPU memory target in GB (default: the planner's own, 8 for ExperimentPlanner).
+    #[arg(long = "gpu_memory_target", value_name = "GB")]
+    pub gpu_memory_target: Option<f64>,
+    /// Replace the 3d_fullres target spacing (three numbers, reader axis order after transpose).
+    #[arg(long = "overwrite_target_spacing", num_args = 3, value_name = "SPACING")]
+    pub overwrite_target_spacing: Option<Vec<f64>>,
+    /// Name of the plans file / identifier (default: the planner's, e.g. nnUNetPlans).
+    #[arg(long = "overwrite_plans_name", value_name = "NAME")]
+    pub overwrite_plans_name: Option<String>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct PreprocessOpts {
+    /// Configurations to preprocess.
+    #[arg(short = 'c', num_args = 1.., default_values_t = ["2d".to_string(), "3d_fullres".to_string(), "3d_lowres".to_string()])]
+    pub configurations: Vec<String>,
+    /// Workers per configuration: one number for all, or one per configuration.
+    #[arg(long = "np", num_args = 1..)]
+    pub np: Vec<usize>,
+}
+
+#[derive(Args, Debug)]
+pub struct PlanAndPreprocessArgs {
+    #[command(flatten)]
+    pub ids: DatasetIds,
+    #[command(flatten)]
+    pub fingerprint: FingerprintOpts,
+    #[command(flatten)]
+    pub planner: PlannerOpts,
+    #[command(flatten)]
+    pub preprocess: PreprocessOpts,
+    /// Plan only, do not preprocess.
+    #[arg(long = "no_pp")]
+    pub no_pp: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct FingerprintArgs {
+    #[command(flatten)]
+    pub ids: DatasetIds,
+    #[command(flatten)]
+    pub fingerprint: FingerprintOpts,
+}
+
+#[derive(Args, Debug)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    pub ids: DatasetIds,
+    #[command(flatten)]
+    pub planner: PlannerOpts,
+}
+
+#[derive(Args, Debug)]
+pub struct PreprocessArgs {
+    #[command(flatten)]
+    pub ids: DatasetIds,
+    /// Plans identifier (file name without .json).
+    #[arg(long = "plans_name", default_value = "nnUNetPlans")]
+    pub plans_name: String,
+    #[command(flatten)]
+    pub preprocess: PreprocessOpts,
+}
+
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// Seed for the synthetic data.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+fn default_workers() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+/// Rewrites nnU-Net's single-dash long flags (`-np 4`, `-gpu_memory_target 8`) into
+/// `--np 4`; short flags (`-d`, `-c`) and negative numbers are left alone.
+pub fn normalize_args<I: IntoIterator<Item = String>>(args: I) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut after_double_dash = false;
+    for (i, a) in args.into_iter().enumerate() {
+        if i == 0 || after_double_dash {
+            out.push(a);
+            continue;
+        }
+        if a == "--" {
+            after_double_dash = true;
+            out.push(a);
+            continue;
+        }
+        let bytes = a.as_bytes();
+        let single_dash_long = bytes.len() > 2
+            && bytes[0] == b'-'
+            && bytes[1] != b'-'
+            && bytes[1].is_ascii_alphabetic()
+            && !a.contains('=');
+        if single_dash_long {
+            out.push(format!("-{a}"));
+        } else {
+            out.push(a);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Cli {
+        let v = normalize_args(args.iter().map(|s| s.to_string()));
+        Cli::try_parse_from(v).unwrap()
+    }
+
+    #[test]
+    fn nnunet_style_flags_are_accepted() {
+        let cli = parse(&[
+            "nnseg",
+            "plan_and_preprocess",
+            "-d",
+            "990",
+            "-np",
+            "2",
+            "4",
+            "-pl",
+            "nnUNetPlannerResEncM",
+            "-gpu_memory_target",
+            "10",
+            "-c",
+            "3d_fullres",
+            "--verify_dataset_integrity",
+        ]);
+        match cli.command {
+            Command::PlanAndPreprocess(a) => {
+                assert_eq!(a.ids.all(), vec!["990"]);
+                assert_eq!(a.preprocess.np, vec![2, 4]);
+                assert_eq!(a.planner.pl, "nnUNetPlannerResEncM");
+                assert_eq!(a.planner.gpu_memory_target, Some(10.0));
+                assert_eq!(a.preprocess.configurations, vec!["3d_fullres"]);
+                assert!(a.fingerprint.verify_dataset_integrity);
+            }
+            other => panic!("wrong command {other:?}"),
+        }
+    }
+
+    #[test]
+    fn positional_id_and_negative_numbers() {
+        let v = normalize_args(["nnseg", "-x", "-1", "--raw", "-np"].map(String::from));
+        assert_eq!(v, vec!["nnseg", "-x", "-1", "--raw", "--np"]);
+        let cli = parse(&["nnseg", "plan_experiment", "Dataset990_Demo3D"]);
+        match cli.command {
+            Command::PlanExperiment(a) => assert_eq!(a.ids.all(), vec!["Dataset990_Demo3D"]),
+            other => panic!("wrong command {other:?}"),
+        }
+    }
+}

@@ -1,0 +1,253 @@
+//! End-to-end: the `nnseg` binary on the synthetic demo datasets, in a temp folder.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+struct Env {
+    _dir: tempfile::TempDir,
+    raw: PathBuf,
+    pre: PathBuf,
+    res: PathBuf,
+}
+
+impl Env {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let raw = dir.path().join("raw");
+        let pre = dir.path().join("preprocessed");
+        let res = dir.path().join("results");
+        for p in [&raw, &pre, &res] {
+            std::fs::create_dir_all(p).unwrap();
+        }
+        Env {
+            _dir: dir,
+            raw,
+            pre,
+            res,
+        }
+    }
+
+    fn nnseg(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_nnseg"))
+            .args(args)
+            .env("nnUNet_raw", &self.raw)
+            .env("nnUNet_preprocessed", &self.pre)
+            .env("nnUNet_results", &self.res)
+            .env("RUST_LOG", "info")
+            .output()
+            .unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.nnseg(args);
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(out.status.success(), "nnseg {args:?} failed:\n{stderr}");
+        stderr
+    }
+
+    fn fails(&self, args: &[&str]) -> String {
+        let out = self.nnseg(args);
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(!out.status.success(), "nnseg {args:?} should fail:\n{stderr}");
+        stderr
+    }
+}
+
+fn json(p: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+/// Shape from a .npy header (numpy format 1.0/2.0/3.0).
+fn npy_shape(p: &Path) -> (String, Vec<usize>) {
+    let bytes = std::fs::read(p).unwrap();
+    assert_eq!(&bytes[..6], b"\x93NUMPY", "{} is not a .npy file", p.display());
+    let (len, start) = if bytes[6] == 1 {
+        (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10)
+    } else {
+        (
+            u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
+            12,
+        )
+    };
+    let header = std::str::from_utf8(&bytes[start..start + len]).unwrap();
+    let descr = header.split("'descr':").nth(1).unwrap();
+    let descr = descr.split('\'').nth(1).unwrap().to_string();
+    let shape = header.split("'shape':").nth(1).unwrap();
+    let shape = &shape[shape.find('(').unwrap() + 1..shape.find(')').unwrap()];
+    let dims = shape
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse().unwrap())
+        .collect();
+    (descr, dims)
+}
+
+fn files_with_suffix(dir: &Path, suffix: &str) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().ends_with(suffix))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn demo_datasets_plan_and_preprocess() {
+    let env = Env::new();
+    env.ok(&["make_demo_dataset"]);
+    env.ok(&[
+        "plan_and_preprocess",
+        "-d",
+        "990",
+        "991",
+        "--verify_dataset_integrity",
+        "-np",
+        "2",
+    ]);
+
+    for (name, n_cases, expect_3d) in [("Dataset990_Demo3D", 10, true), ("Dataset991_Demo2D", 12, false)] {
+        let folder = env.pre.join(name);
+        let fp = json(&folder.join("dataset_fingerprint.json"));
+        assert_eq!(fp["spacings"].as_array().unwrap().len(), n_cases);
+        assert_eq!(fp["shapes_after_crop"].as_array().unwrap().len(), n_cases);
+        let props = &fp["foreground_intensity_properties_per_channel"]["0"];
+        for k in ["max", "mean", "median", "min", "percentile_00_5", "percentile_99_5", "std"] {
+            assert!(props[k].is_number(), "{name}: fingerprint lacks {k}");
+        }
+        assert!(folder.join("dataset.json").exists());
+
+        let plans = json(&folder.join("nnUNetPlans.json"));
+        assert_eq!(plans["dataset_name"], name);
+        let cfgs = plans["configurations"].as_object().unwrap();
+        assert!(cfgs.contains_key("2d"));
+        assert_eq!(cfgs.contains_key("3d_fullres"), expect_3d, "{name}: {:?}", cfgs.keys());
+
+        // Every planned configuration with its own data folder was preprocessed, and each
+        // case's arrays agree with the plans.
+        for (cfg_name, cfg) in cfgs {
+            if cfg.get("inherits_from").is_some() {
+                continue;
+            }
+            let data_id = cfg["data_identifier"].as_str().unwrap();
+            let dir = folder.join(data_id);
+            let data = files_with_suffix(&dir, ".npy");
+            let segs: Vec<_> = data
+                .iter()
+                .filter(|p| p.to_string_lossy().ends_with("_seg.npy"))
+                .collect();
+            assert_eq!(segs.len(), n_cases, "{name} {cfg_name}: {} seg files", segs.len());
+            assert_eq!(files_with_suffix(&dir, ".json").len(), n_cases);
+            for seg in segs {
+                let img = PathBuf::from(seg.to_string_lossy().replace("_seg.npy", ".npy"));
+                let (dt, shape) = npy_shape(&img);
+                let (sdt, sshape) = npy_shape(seg);
+                assert_eq!(dt, "<f4");
+                assert_eq!(sdt, "<i2");
+                assert_eq!(shape.len(), 4);
+                assert_eq!(shape[0], 1, "one channel");
+                assert_eq!(sshape[0], 1);
+                assert_eq!(&shape[1..], &sshape[1..], "{}", img.display());
+            }
+            // Nothing half-written left behind.
+            for e in std::fs::read_dir(&dir).unwrap() {
+                let p = e.unwrap().path();
+                let s = p.to_string_lossy();
+                assert!(
+                    s.ends_with(".npy") || s.ends_with(".json"),
+                    "unexpected file {s}"
+                );
+            }
+        }
+        let gt = folder.join("gt_segmentations");
+        assert_eq!(std::fs::read_dir(&gt).unwrap().count(), n_cases);
+    }
+
+    // The 3D demo is anisotropic: stage 0 of 3d_fullres must use 1x3x3 kernels.
+    let plans = json(&env.pre.join("Dataset990_Demo3D/nnUNetPlans.json"));
+    let k0 = &plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["kernel_sizes"][0];
+    assert_eq!(k0, &serde_json::json!([1, 3, 3]));
+
+    // A hand-added configuration survives re-planning and can be preprocessed.
+    let plans_path = env.pre.join("Dataset990_Demo3D/nnUNetPlans.json");
+    let mut p = json(&plans_path);
+    p["configurations"]["3d_fullres_bs4"] =
+        serde_json::json!({"inherits_from": "3d_fullres", "batch_size": 4});
+    std::fs::write(&plans_path, serde_json::to_string_pretty(&p).unwrap()).unwrap();
+    env.ok(&["plan_experiment", "990"]);
+    let p = json(&plans_path);
+    assert_eq!(p["configurations"]["3d_fullres_bs4"]["batch_size"], 4);
+    env.ok(&["preprocess", "990", "-c", "3d_fullres_bs4", "-np", "1"]);
+
+    // A bad edit names the JSON path and what is allowed.
+    let mut p = json(&plans_path);
+    p["configurations"]["3d_fullres_bs4"] =
+        serde_json::json!({"inherits_from": "3d_fullres", "bach_size": 4});
+    std::fs::write(&plans_path, serde_json::to_string_pretty(&p).unwrap()).unwrap();
+    let err = env.fails(&["preprocess", "990", "-c", "3d_fullres_bs4"]);
+    assert!(err.contains("bach_size") && err.contains("batch_size"), "{err}");
+
+    // Fingerprints and plans are deterministic.
+    let fp1 = std::fs::read_to_string(env.pre.join("Dataset991_Demo2D/dataset_fingerprint.json")).unwrap();
+    let plans1 = std::fs::read_to_string(env.pre.join("Dataset991_Demo2D/nnUNetPlans.json")).unwrap();
+    env.ok(&["plan_and_preprocess", "991", "--clean", "--no_pp"]);
+    let fp2 = std::fs::read_to_string(env.pre.join("Dataset991_Demo2D/dataset_fingerprint.json")).unwrap();
+    let plans2 = std::fs::read_to_string(env.pre.join("Dataset991_Demo2D/nnUNetPlans.json")).unwrap();
+    assert_eq!(fp1, fp2);
+    assert_eq!(plans1, plans2);
+}
+
+#[test]
+fn bad_input_gives_clear_errors() {
+    let env = Env::new();
+    let err = env.fails(&["plan_and_preprocess", "123"]);
+    assert!(err.contains("123"), "{err}");
+
+    env.ok(&["make_demo_dataset"]);
+    let ds = env.raw.join("Dataset990_Demo3D");
+
+    // Two folders with the same id.
+    let dup = env.raw.join("Dataset990_Other");
+    std::fs::create_dir_all(&dup).unwrap();
+    let err = env.fails(&["extract_fingerprint", "990"]);
+    assert!(err.contains("Dataset990_Other") && err.contains("Dataset990_Demo3D"), "{err}");
+    std::fs::remove_dir_all(&dup).unwrap();
+
+    // A truncated .nii.gz: the error names the file, and no fingerprint is written.
+    let victim = ds.join("imagesTr/case_0003_0000.nii.gz");
+    let bytes = std::fs::read(&victim).unwrap();
+    std::fs::write(&victim, &bytes[..bytes.len() / 2]).unwrap();
+    let err = env.fails(&["extract_fingerprint", "990"]);
+    assert!(err.contains("case_0003_0000.nii.gz"), "{err}");
+    assert!(!env
+        .pre
+        .join("Dataset990_Demo3D/dataset_fingerprint.json")
+        .exists());
+    std::fs::write(&victim, &bytes).unwrap();
+
+    // A missing channel file names the case and the file.
+    let img = ds.join("imagesTr/case_0001_0000.nii.gz");
+    let moved = ds.join("case_0001_0000.nii.gz.bak");
+    std::fs::rename(&img, &moved).unwrap();
+    let err = env.fails(&["extract_fingerprint", "990", "--verify_dataset_integrity"]);
+    assert!(err.contains("case_0001"), "{err}");
+    std::fs::rename(&moved, &img).unwrap();
+
+    // A label value not declared in dataset.json.
+    let dj_path = ds.join("dataset.json");
+    let dj_text = std::fs::read_to_string(&dj_path).unwrap();
+    let mut dj: Value = serde_json::from_str(&dj_text).unwrap();
+    let labels = dj["labels"].as_object_mut().unwrap();
+    let last = labels.keys().last().unwrap().clone();
+    labels.remove(&last);
+    std::fs::write(&dj_path, serde_json::to_string_pretty(&dj).unwrap()).unwrap();
+    let err = env.fails(&["extract_fingerprint", "990", "--verify_dataset_integrity"]);
+    assert!(err.contains("case_"), "{err}");
+    std::fs::write(&dj_path, dj_text).unwrap();
+
+    // After all that, the dataset still plans and preprocesses.
+    env.ok(&["plan_and_preprocess", "990", "-c", "3d_fullres", "-np", "2"]);
+}

@@ -1,1 +1,279 @@
-fn main() {}
+//! The `nnseg` binary: parses arguments, resolves folders from flags and nnU-Net's
+//! environment variables, installs logging, wires the library crates, prints errors.
+
+mod cli;
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use datasets::{NnUnetPaths, RawDataset};
+use plans::{DatasetJson, Fingerprint, Plans};
+
+use cli::{Cli, Command, DatasetIds, FingerprintOpts, PathArgs, PlannerOpts, PreprocessOpts};
+
+fn main() {
+    let cli = Cli::parse_from(cli::normalize_args(std::env::args()));
+    install_logging(cli.verbose);
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn install_logging(verbose: bool) {
+    use tracing_subscriber::EnvFilter;
+    let default = if verbose { "debug" } else { "info" };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .without_time()
+        .init();
+}
+
+/// Flags win over nnU-Net's environment variables.
+fn resolve_paths(args: &PathArgs) -> NnUnetPaths {
+    let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    NnUnetPaths {
+        raw: args.raw.clone().or_else(|| env("nnUNet_raw")),
+        preprocessed: args
+            .preprocessed
+            .clone()
+            .or_else(|| env("nnUNet_preprocessed")),
+        results: args.results.clone().or_else(|| env("nnUNet_results")),
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let paths = resolve_paths(&cli.paths);
+    match cli.command {
+        Command::MakeDemoDataset(a) => {
+            let raw = paths
+                .raw
+                .clone()
+                .context("nnUNet_raw is not set: set the environment variable or pass --raw DIR")?;
+            std::fs::create_dir_all(&raw)
+                .with_context(|| format!("cannot create raw folder {}", raw.display()))?;
+            let t = Instant::now();
+            let written = datasets::demo::make_demo_datasets(&raw, a.seed)?;
+            for f in &written {
+                println!("wrote {}", f.display());
+            }
+            tracing::info!("demo datasets written in {:.2} s", t.elapsed().as_secs_f64());
+        }
+        Command::ExtractFingerprint(a) => {
+            for id in ids(&a.ids)? {
+                fingerprint_step(&paths, id, &a.fingerprint)?;
+            }
+        }
+        Command::PlanExperiment(a) => {
+            for id in ids(&a.ids)? {
+                plan_step(&paths, id, &a.planner)?;
+            }
+        }
+        Command::Preprocess(a) => {
+            for id in ids(&a.ids)? {
+                preprocess_step(&paths, id, &a.plans_name, &a.preprocess)?;
+            }
+        }
+        Command::PlanAndPreprocess(a) => {
+            for id in ids(&a.ids)? {
+                let t = Instant::now();
+                fingerprint_step(&paths, id, &a.fingerprint)?;
+                let plans_name = plan_step(&paths, id, &a.planner)?;
+                if !a.no_pp {
+                    preprocess_step(&paths, id, &plans_name, &a.preprocess)?;
+                }
+                tracing::info!(
+                    "dataset {id:03}: done in {:.1} s",
+                    t.elapsed().as_secs_f64()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn ids(ids: &DatasetIds) -> Result<Vec<u32>> {
+    let all = ids.all();
+    if all.is_empty() {
+        bail!("no dataset id given (e.g. `nnseg plan_and_preprocess 990` or `-d 990`)");
+    }
+    all.iter()
+        .map(|s| Ok(datasets::parse_dataset_id(s)?))
+        .collect()
+}
+
+fn preprocessed_folder(paths: &NnUnetPaths, name: &str) -> Result<PathBuf> {
+    Ok(paths.preprocessed_dataset_folder(name)?)
+}
+
+fn open_raw(paths: &NnUnetPaths, id: u32) -> Result<RawDataset> {
+    let folder = paths.raw_dataset_folder(id)?;
+    Ok(RawDataset::open(&folder)?)
+}
+
+/// Extracts (or reuses) the fingerprint and copies dataset.json next to it.
+fn fingerprint_step(paths: &NnUnetPaths, id: u32, opts: &FingerprintOpts) -> Result<()> {
+    let ds = open_raw(paths, id)?;
+    let out = preprocessed_folder(paths, &ds.name)?;
+    std::fs::create_dir_all(&out)
+        .with_context(|| format!("cannot create preprocessed folder {}", out.display()))?;
+    if opts.verify_dataset_integrity {
+        let t = Instant::now();
+        let report = datasets::verify::verify_dataset_integrity(&ds, opts.npfp)?;
+        for w in &report.warnings {
+            tracing::warn!("{w}");
+        }
+        tracing::info!(
+            "{}: dataset integrity verified ({} cases, {:.1} s)",
+            ds.name,
+            ds.cases.len(),
+            t.elapsed().as_secs_f64()
+        );
+    }
+    ds.json.save(&out.join("dataset.json"))?;
+    let fp_path = out.join("dataset_fingerprint.json");
+    if fp_path.exists() && !opts.clean {
+        // Validate the existing file so a corrupt one is reported now, not at planning.
+        Fingerprint::load(&fp_path)?;
+        tracing::info!(
+            "{}: using existing fingerprint {} (--clean to recompute)",
+            ds.name,
+            fp_path.display()
+        );
+        return Ok(());
+    }
+    let t = Instant::now();
+    let fp = preprocessing::fingerprint::extract_fingerprint(&ds, opts.npfp)?;
+    fp.save(&fp_path)?;
+    tracing::info!(
+        "{}: fingerprint of {} cases in {:.2} s -> {}",
+        ds.name,
+        ds.cases.len(),
+        t.elapsed().as_secs_f64(),
+        fp_path.display()
+    );
+    Ok(())
+}
+
+fn planner_options(opts: &PlannerOpts) -> Result<planner::PlannerOptions> {
+    let kind: planner::PlannerKind = opts.pl.parse()?;
+    Ok(planner::PlannerOptions {
+        kind,
+        gpu_memory_target_gb: opts.gpu_memory_target,
+        overwrite_target_spacing: opts.overwrite_target_spacing.clone(),
+        overwrite_plans_name: opts.overwrite_plans_name.clone(),
+    })
+}
+
+/// Plans from the stored fingerprint; returns the plans identifier written.
+fn plan_step(paths: &NnUnetPaths, id: u32, opts: &PlannerOpts) -> Result<String> {
+    let name = datasets::dataset_name_from_id(paths, id)?;
+    let folder = preprocessed_folder(paths, &name)?;
+    let fp_path = folder.join("dataset_fingerprint.json");
+    if !fp_path.exists() {
+        bail!(
+            "{} not found: run `nnseg extract_fingerprint {id}` first",
+            fp_path.display()
+        );
+    }
+    let fp = Fingerprint::load(&fp_path)?;
+    let dj_path = folder.join("dataset.json");
+    let ds_json = if dj_path.exists() {
+        DatasetJson::load(&dj_path)?
+    } else {
+        open_raw(paths, id)?.json
+    };
+    let plans = planner::plan_experiment(&name, &ds_json, &fp, &planner_options(opts)?)?;
+    let out = folder.join(format!("{}.json", plans.plans_name));
+    planner::save_plans_merging(&plans, &out)?;
+    for cfg_name in plans.configuration_names() {
+        let c = plans.configuration(&cfg_name)?;
+        tracing::info!(
+            "{name} {cfg_name}: spacing {:?}, patch {:?}, batch {}, {} stages",
+            c.spacing,
+            c.patch_size,
+            c.batch_size,
+            c.architecture
+                .arch_kwargs
+                .get("n_stages")
+                .and_then(|v| v.as_u64())
+                .unwrap_or(0)
+        );
+    }
+    tracing::info!("{name}: plans written to {}", out.display());
+    Ok(plans.plans_name.clone())
+}
+
+fn preprocess_step(
+    paths: &NnUnetPaths,
+    id: u32,
+    plans_name: &str,
+    opts: &PreprocessOpts,
+) -> Result<()> {
+    let ds = open_raw(paths, id)?;
+    let folder = preprocessed_folder(paths, &ds.name)?;
+    let plans_path = folder.join(format!("{plans_name}.json"));
+    let plans = Plans::load(&plans_path)?;
+    if !opts.np.is_empty() && opts.np.len() != 1 && opts.np.len() != opts.configurations.len() {
+        bail!(
+            "-np takes one number or one per configuration ({} configurations: {:?}), got {:?}",
+            opts.configurations.len(),
+            opts.configurations,
+            opts.np
+        );
+    }
+    let available = plans.configuration_names();
+    for (i, cfg) in opts.configurations.iter().enumerate() {
+        if !available.contains(cfg) {
+            tracing::info!(
+                "{}: configuration {cfg} is not in {} (available: {}), skipping",
+                ds.name,
+                plans_path.display(),
+                available.join(", ")
+            );
+            continue;
+        }
+        let np = match opts.np.len() {
+            0 => default_np(cfg),
+            1 => opts.np[0],
+            _ => opts.np[i],
+        };
+        let t = Instant::now();
+        let report = preprocessing::preprocessor::preprocess_dataset(
+            &ds,
+            &plans,
+            cfg,
+            &folder,
+            &preprocessing::preprocessor::PreprocessOptions {
+                num_workers: np,
+                verbose: false,
+            },
+        )?;
+        let secs = t.elapsed().as_secs_f64();
+        tracing::info!(
+            "{} {cfg}: preprocessed {} cases with {np} workers in {secs:.2} s ({:.3} s/case)",
+            ds.name,
+            report.cases.len(),
+            secs / report.cases.len().max(1) as f64
+        );
+    }
+    preprocessing::preprocessor::copy_gt_segmentations(&ds, &folder)?;
+    Ok(())
+}
+
+/// nnU-Net's default `-np` per configuration, capped at the machine's cores.
+fn default_np(cfg: &str) -> usize {
+    let n = match cfg {
+        "2d" | "3d_lowres" => 8,
+        _ => 4,
+    };
+    let cores = std::thread::available_parallelism()
+        .map(|c| c.get())
+        .unwrap_or(1);
+    n.min(cores)
+}

@@ -1,1 +1,23 @@
-//! plans
+//! plans: typed, validated access to the JSON files nnU-Net users read and edit —
+//! `dataset.json`, `dataset_fingerprint.json` and the plans (`nnUNetPlans.json`) — with errors
+//! that name the file, the JSON path, the bad value and what is allowed, and atomic writes in
+//! nnU-Net's exact JSON layout.
+
+mod dataset_json;
+mod error;
+mod fingerprint;
+pub mod io;
+mod json;
+mod plans;
+
+pub use dataset_json::{DatasetEntry, DatasetJson, LabelValue, MAX_LABEL_VALUE};
+pub use error::PlansError;
+pub use fingerprint::{Fingerprint, IntensityProperties};
+pub use plans::{
+    ArchitectureSpec, Configuration, Plans, ResamplingKwargs, CONFIGURATION_KEYS,
+    NORMALIZATION_SCHEMES, PLANS_KEYS, RESAMPLING_FNS,
+};
+
+/// Conventional file names.
+pub const DATASET_JSON: &str = "dataset.json";
+pub const FINGERPRINT_JSON: &str = "dataset_fingerprint.json";

@@ -1,1 +1,65 @@
-//! ops
+//! N-dimensional (1D/2D/3D) network operations on Candle tensors.
+//!
+//! Every op takes channels-first tensors `(N, C, *spatial)`; the number of spatial dims is the
+//! tensor rank minus 2 and is decided at run time. Per-axis parameters are `Vec<usize>`s with one
+//! entry per spatial axis (a single entry is broadcast to all axes). All ops are differentiable
+//! through Candle's autograd, composed only from Candle ops whose gradients are correct, or from
+//! the custom CPU convolution kernels in this module (which carry explicit, fast backward passes).
+//!
+//! On non-CPU devices convolutions are composed from Candle's `conv2d`, `index_select`,
+//! `matmul` and reshapes, so the same API runs on CUDA.
+
+mod act;
+mod conv;
+mod interp;
+mod kernels;
+mod norm;
+mod pool;
+
+pub use act::{
+    drop_path, dropout, gelu, leaky_relu, log_softmax_channels, pad, softmax_channels, GeluKind,
+    PadMode,
+};
+pub use conv::{conv, conv_composite, conv_transpose, conv_transpose_composite};
+pub use conv::{ConvOpts, ConvTransposeOpts};
+pub use interp::{interpolate, pixel_shuffle, pixel_unshuffle, InterpMode, InterpSize};
+pub use norm::{
+    batch_norm, grn, group_norm, instance_norm, layer_norm_cf, BatchNormState, NormAffine,
+};
+pub use pool::{adaptive_avg_pool_1, avg_pool, max_pool, PoolOpts};
+
+use candle_core::{Result, Tensor};
+
+/// Number of spatial dims of a channels-first tensor (rank - 2), checked to be 1..=3.
+pub(crate) fn spatial_dims(x: &Tensor, op: &str) -> Result<usize> {
+    let r = x.rank();
+    if !(3..=5).contains(&r) {
+        candle_core::bail!(
+            "{op}: expected a (N, C, *spatial) tensor with 1 to 3 spatial dims, got shape {:?}",
+            x.dims()
+        );
+    }
+    Ok(r - 2)
+}
+
+/// Expands a per-axis parameter: empty -> `default` everywhere, one entry -> broadcast, otherwise
+/// exactly `nd` entries.
+pub(crate) fn per_axis(v: &[usize], nd: usize, default: usize, what: &str) -> Result<Vec<usize>> {
+    match v.len() {
+        0 => Ok(vec![default; nd]),
+        1 => Ok(vec![v[0]; nd]),
+        n if n == nd => Ok(v.to_vec()),
+        n => candle_core::bail!("{what}: got {n} values for {nd} spatial dims ({v:?})"),
+    }
+}
+
+/// Shape `(1, C, 1, ...)` view of a per-channel vector, for broadcasting over `(N, C, *spatial)`.
+pub(crate) fn channel_view(v: &Tensor, rank: usize) -> Result<Tensor> {
+    let c = v.elem_count();
+    let mut shape = vec![1usize; rank];
+    shape[1] = c;
+    v.reshape(shape)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,863 @@
+//! N-d convolution and transposed convolution.
+//!
+//! CPU f32/f64 tensors go through custom ops ([`super::kernels`]) whose backward passes call the
+//! same custom ops (input gradient = transposed-conv kernel, weight gradient = filter kernel), so
+//! training is fast and double backward works too. Other devices / dtypes use
+//! [`conv_composite`] / [`conv_transpose_composite`], which are built from Candle ops with correct
+//! gradients (Candle's `conv2d` is only called with zero padding and exactly tiled inputs, which
+//! sidesteps its transposed-conv `output_padding` bug in backward).
+
+use super::kernels::{self, Elem, Geom};
+use super::{channel_view, per_axis, spatial_dims};
+use candle_core::{
+    bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType,
+};
+
+/// Options of [`conv`]. Every per-axis list may be empty (default), hold one value (broadcast to
+/// all spatial axes) or one value per spatial axis.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConvOpts {
+    pub stride: Vec<usize>,
+    pub padding: Vec<usize>,
+    pub dilation: Vec<usize>,
+    pub groups: usize,
+}
+
+impl Default for ConvOpts {
+    fn default() -> Self {
+        Self {
+            stride: vec![],
+            padding: vec![],
+            dilation: vec![],
+            groups: 1,
+        }
+    }
+}
+
+impl ConvOpts {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn stride(mut self, s: impl Into<Vec<usize>>) -> Self {
+        self.stride = s.into();
+        self
+    }
+    pub fn padding(mut self, p: impl Into<Vec<usize>>) -> Self {
+        self.padding = p.into();
+        self
+    }
+    pub fn dilation(mut self, d: impl Into<Vec<usize>>) -> Self {
+        self.dilation = d.into();
+        self
+    }
+    pub fn groups(mut self, g: usize) -> Self {
+        self.groups = g;
+        self
+    }
+}
+
+/// Options of [`conv_transpose`] (same conventions as [`ConvOpts`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConvTransposeOpts {
+    pub stride: Vec<usize>,
+    pub padding: Vec<usize>,
+    pub output_padding: Vec<usize>,
+    pub dilation: Vec<usize>,
+    pub groups: usize,
+}
+
+impl Default for ConvTransposeOpts {
+    fn default() -> Self {
+        Self {
+            stride: vec![],
+            padding: vec![],
+            output_padding: vec![],
+            dilation: vec![],
+            groups: 1,
+        }
+    }
+}
+
+impl ConvTransposeOpts {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn stride(mut self, s: impl Into<Vec<usize>>) -> Self {
+        self.stride = s.into();
+        self
+    }
+    pub fn padding(mut self, p: impl Into<Vec<usize>>) -> Self {
+        self.padding = p.into();
+        self
+    }
+    pub fn output_padding(mut self, p: impl Into<Vec<usize>>) -> Self {
+        self.output_padding = p.into();
+        self
+    }
+    pub fn dilation(mut self, d: impl Into<Vec<usize>>) -> Self {
+        self.dilation = d.into();
+        self
+    }
+    pub fn groups(mut self, g: usize) -> Self {
+        self.groups = g;
+        self
+    }
+}
+
+/// Resolved per-axis convolution parameters (`nd` entries each).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Spec {
+    nd: usize,
+    s: Vec<usize>,
+    p: Vec<usize>,
+    d: Vec<usize>,
+    groups: usize,
+}
+
+impl Spec {
+    fn new(
+        nd: usize,
+        s: &[usize],
+        p: &[usize],
+        d: &[usize],
+        groups: usize,
+        op: &str,
+    ) -> Result<Self> {
+        let s = per_axis(s, nd, 1, &format!("{op} stride"))?;
+        let p = per_axis(p, nd, 0, &format!("{op} padding"))?;
+        let d = per_axis(d, nd, 1, &format!("{op} dilation"))?;
+        if s.contains(&0) || d.contains(&0) || groups == 0 {
+            bail!("{op}: stride, dilation and groups must be >= 1 (stride {s:?}, dilation {d:?}, groups {groups})");
+        }
+        Ok(Self {
+            nd,
+            s,
+            p,
+            d,
+            groups,
+        })
+    }
+
+    fn out_size(&self, inp: &[usize], k: &[usize], op: &str) -> Result<Vec<usize>> {
+        (0..self.nd)
+            .map(|a| {
+                let span = self.d[a] * (k[a].max(1) - 1) + 1;
+                let padded = inp[a] + 2 * self.p[a];
+                if k[a] == 0 || padded < span {
+                    bail!(
+                        "{op}: kernel extent {span} (kernel {k:?}, dilation {:?}) exceeds the padded input {padded} on spatial axis {a} (input {inp:?}, padding {:?})",
+                        self.d,
+                        self.p
+                    );
+                }
+                Ok((padded - span) / self.s[a] + 1)
+            })
+            .collect()
+    }
+
+    /// Kernel geometry normalised to three axes.
+    fn geom(
+        &self,
+        n: usize,
+        cin: usize,
+        cout: usize,
+        inp: &[usize],
+        out: &[usize],
+        k: &[usize],
+    ) -> Geom {
+        let pad3 = |v: &[usize], fill: usize| -> [usize; 3] {
+            let mut r = [fill; 3];
+            r[3 - v.len()..].copy_from_slice(v);
+            r
+        };
+        Geom {
+            n,
+            cin,
+            cout,
+            groups: self.groups,
+            inp: pad3(inp, 1),
+            out: pad3(out, 1),
+            k: pad3(k, 1),
+            s: pad3(&self.s, 1),
+            p: pad3(&self.p, 0),
+            d: pad3(&self.d, 1),
+        }
+    }
+}
+
+fn check_conv_shapes(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, groups: usize) -> Result<()> {
+    let (xd, wd) = (x.dims(), w.dims());
+    if wd.len() != xd.len() {
+        bail!("conv: weight rank {} != input rank {} (input {xd:?}, weight {wd:?})", wd.len(), xd.len());
+    }
+    if xd[1] % groups != 0 || wd[0] % groups != 0 || wd[1] * groups != xd[1] {
+        bail!("conv: channels do not match groups={groups}: input {xd:?}, weight {wd:?} (weight must be (C_out, C_in/groups, *k))");
+    }
+    if let Some(b) = bias {
+        if b.dims() != [wd[0]] {
+            bail!("conv: bias shape {:?} != ({},)", b.dims(), wd[0]);
+        }
+    }
+    Ok(())
+}
+
+fn use_kernels(x: &Tensor) -> bool {
+    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
+}
+
+/// N-d convolution (cross-correlation, PyTorch semantics): `x (N, C_in, *sp)`,
+/// `w (C_out, C_in/groups, *k)`, optional `bias (C_out)`. Zero padding, symmetric per axis.
+pub fn conv(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, opts: &ConvOpts) -> Result<Tensor> {
+    let nd = spatial_dims(x, "conv")?;
+    check_conv_shapes(x, w, bias, opts.groups)?;
+    let spec = Spec::new(
+        nd,
+        &opts.stride,
+        &opts.padding,
+        &opts.dilation,
+        opts.groups,
+        "conv",
+    )?;
+    spec.out_size(&x.dims()[2..], &w.dims()[2..], "conv")?;
+    if !use_kernels(x) {
+        return conv_composite(x, w, bias, opts);
+    }
+    let x = x.contiguous()?;
+    let w = w.to_dtype(x.dtype())?.contiguous()?;
+    let op = ConvFwdOp { spec };
+    match bias {
+        Some(b) => x.apply_op3(&w, &b.to_dtype(x.dtype())?.contiguous()?, op),
+        None => x.apply_op2(&w, op),
+    }
+}
+
+/// Output spatial size of a transposed convolution, validating the options.
+fn conv_transpose_out(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    opts: &ConvTransposeOpts,
+) -> Result<(Spec, Vec<usize>)> {
+    let nd = spatial_dims(x, "conv_transpose")?;
+    let (xd, wd) = (x.dims(), w.dims());
+    let g = opts.groups;
+    if wd.len() != xd.len() || g == 0 || wd[0] != xd[1] || xd[1] % g != 0 {
+        bail!("conv_transpose: weight must be (C_in, C_out/groups, *k): input {xd:?}, weight {wd:?}, groups {g}");
+    }
+    if let Some(b) = bias {
+        if b.dims() != [wd[1] * g] {
+            bail!("conv_transpose: bias shape {:?} != ({},)", b.dims(), wd[1] * g);
+        }
+    }
+    let spec = Spec::new(
+        nd,
+        &opts.stride,
+        &opts.padding,
+        &opts.dilation,
+        g,
+        "conv_transpose",
+    )?;
+    let op = per_axis(&opts.output_padding, nd, 0, "conv_transpose output_padding")?;
+    let mut out = Vec::with_capacity(nd);
+    for a in 0..nd {
+        if op[a] >= spec.s[a] {
+            bail!(
+                "conv_transpose: output_padding {:?} must be smaller than the stride {:?}",
+                op,
+                spec.s
+            );
+        }
+        let full = (xd[2 + a] - 1) * spec.s[a] + spec.d[a] * (wd[2 + a] - 1) + op[a] + 1;
+        if xd[2 + a] == 0 || wd[2 + a] == 0 || full <= 2 * spec.p[a] {
+            bail!("conv_transpose: empty output on spatial axis {a} (input {xd:?}, weight {wd:?}, padding {:?})", spec.p);
+        }
+        out.push(full - 2 * spec.p[a]);
+    }
+    Ok((spec, out))
+}
+
+/// N-d transposed convolution (PyTorch `conv_transposeNd`): `x (N, C_in, *sp)`,
+/// `w (C_in, C_out/groups, *k)`, optional `bias (C_out)`. It is the adjoint of [`conv`] with
+/// the same stride/padding/dilation/groups; `output_padding` adds rows at the end of each axis.
+/// kernel == stride (the U-Net decoder) runs without any im2col copy.
+pub fn conv_transpose(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    opts: &ConvTransposeOpts,
+) -> Result<Tensor> {
+    let (spec, out) = conv_transpose_out(x, w, bias, opts)?;
+    if !use_kernels(x) {
+        return conv_transpose_composite(x, w, bias, opts);
+    }
+    let x = x.contiguous()?;
+    let w = w.to_dtype(x.dtype())?.contiguous()?;
+    let op = ConvDataOp {
+        spec,
+        in_spatial: out,
+    };
+    match bias {
+        Some(b) => x.apply_op3(&w, &b.to_dtype(x.dtype())?.contiguous()?, op),
+        None => x.apply_op2(&w, op),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// custom ops
+
+fn cpu_slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [T]> {
+    let data = s.as_slice::<T>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => bail!("{what}: operand is not contiguous"),
+    }
+}
+
+fn sum_but_channels(t: &Tensor) -> Result<Tensor> {
+    let dims: Vec<usize> = (0..t.rank()).filter(|&d| d != 1).collect();
+    t.sum(dims)
+}
+
+/// Runs `f` on the f32 or f64 slices of the operands.
+macro_rules! dispatch_float {
+    ($s1:expr, $name:expr, |$t:ident| $body:expr) => {
+        match $s1 {
+            CpuStorage::F32(_) => {
+                type $t = f32;
+                let v: Vec<f32> = $body?;
+                CpuStorage::F32(v)
+            }
+            CpuStorage::F64(_) => {
+                type $t = f64;
+                let v: Vec<f64> = $body?;
+                CpuStorage::F64(v)
+            }
+            other => bail!(
+                "{}: unsupported dtype {:?}",
+                $name,
+                candle_core::backend::BackendStorage::dtype(other)
+            ),
+        }
+    };
+}
+
+/// Forward convolution `(x, w[, b]) -> y`.
+#[derive(Clone, Debug)]
+struct ConvFwdOp {
+    spec: Spec,
+}
+
+impl ConvFwdOp {
+    fn geom(&self, xl: &Layout, wl: &Layout) -> Result<(Geom, Vec<usize>)> {
+        let (xd, wd) = (xl.dims(), wl.dims());
+        let out = self.spec.out_size(&xd[2..], &wd[2..], "conv")?;
+        let g = self
+            .spec
+            .geom(xd[0], xd[1], wd[0], &xd[2..], &out, &wd[2..]);
+        let mut shape = vec![xd[0], wd[0]];
+        shape.extend(&out);
+        Ok((g, shape))
+    }
+
+    fn run<T: Elem + WithDType>(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        b: Option<(&CpuStorage, &Layout)>,
+    ) -> Result<Vec<T>> {
+        let (g, _) = self.geom(l1, l2)?;
+        let x = cpu_slice::<T>(s1, l1, "conv")?;
+        let w = cpu_slice::<T>(s2, l2, "conv")?;
+        let bias = match b {
+            Some((s, l)) => Some(cpu_slice::<T>(s, l, "conv")?),
+            None => None,
+        };
+        Ok(kernels::conv_fwd(x, w, bias, &g))
+    }
+
+    fn grads(&self, x: &Tensor, w: &Tensor, gy: &Tensor) -> Result<(Tensor, Tensor)> {
+        let gy = gy.contiguous()?;
+        let dx = gy.apply_op2(
+            w,
+            ConvDataOp {
+                spec: self.spec.clone(),
+                in_spatial: x.dims()[2..].to_vec(),
+            },
+        )?;
+        let dw = x.apply_op2(
+            &gy,
+            ConvFilterOp {
+                spec: self.spec.clone(),
+                k: w.dims()[2..].to_vec(),
+            },
+        )?;
+        Ok((dx, dw))
+    }
+}
+
+impl CustomOp2 for ConvFwdOp {
+    fn name(&self) -> &'static str {
+        "nnseg-conv"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, shape) = self.geom(l1, l2)?;
+        let st = dispatch_float!(s1, "conv", |T| self.run::<T>(s1, l1, s2, l2, None));
+        Ok((st, Shape::from(shape)))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        gy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw) = self.grads(x, w, gy)?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+impl CustomOp3 for ConvFwdOp {
+    fn name(&self) -> &'static str {
+        "nnseg-conv-bias"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, shape) = self.geom(l1, l2)?;
+        let st = dispatch_float!(s1, "conv", |T| self.run::<T>(
+            s1,
+            l1,
+            s2,
+            l2,
+            Some((s3, l3))
+        ));
+        Ok((st, Shape::from(shape)))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        gy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw) = self.grads(x, w, gy)?;
+        Ok((Some(dx), Some(dw), Some(sum_but_channels(gy)?)))
+    }
+}
+
+/// Input gradient of a convolution = transposed convolution: `(dy, w[, b]) -> dx` where `w` is the
+/// conv weight `(C_out, C_in/groups, *k)` and `in_spatial` the conv input's spatial size.
+#[derive(Clone, Debug)]
+struct ConvDataOp {
+    spec: Spec,
+    in_spatial: Vec<usize>,
+}
+
+impl ConvDataOp {
+    fn geom(&self, dl: &Layout, wl: &Layout) -> Result<(Geom, Vec<usize>)> {
+        let (dd, wd) = (dl.dims(), wl.dims());
+        let out = self.spec.out_size(&self.in_spatial, &wd[2..], "conv_transpose")?;
+        if out != dd[2..] {
+            bail!(
+                "conv_transpose: input spatial size {:?} does not match the conv geometry (expected {out:?})",
+                &dd[2..]
+            );
+        }
+        let cin = wd[1] * self.spec.groups;
+        let g = self
+            .spec
+            .geom(dd[0], cin, wd[0], &self.in_spatial, &out, &wd[2..]);
+        let mut shape = vec![dd[0], cin];
+        shape.extend(&self.in_spatial);
+        Ok((g, shape))
+    }
+
+    fn run<T: Elem + WithDType>(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        b: Option<(&CpuStorage, &Layout)>,
+    ) -> Result<Vec<T>> {
+        let (g, _) = self.geom(l1, l2)?;
+        let dy = cpu_slice::<T>(s1, l1, "conv_transpose")?;
+        let w = cpu_slice::<T>(s2, l2, "conv_transpose")?;
+        let bias = match b {
+            Some((s, l)) => Some(cpu_slice::<T>(s, l, "conv_transpose")?),
+            None => None,
+        };
+        Ok(kernels::conv_bwd_data(dy, w, bias, &g))
+    }
+
+    fn grads(&self, dy: &Tensor, w: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor)> {
+        let g = g.contiguous()?;
+        let d_dy = g.apply_op2(
+            w,
+            ConvFwdOp {
+                spec: self.spec.clone(),
+            },
+        )?;
+        let dw = g.apply_op2(
+            dy,
+            ConvFilterOp {
+                spec: self.spec.clone(),
+                k: w.dims()[2..].to_vec(),
+            },
+        )?;
+        Ok((d_dy, dw))
+    }
+}
+
+impl CustomOp2 for ConvDataOp {
+    fn name(&self) -> &'static str {
+        "nnseg-conv-transpose"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, shape) = self.geom(l1, l2)?;
+        let st = dispatch_float!(s1, "conv_transpose", |T| self
+            .run::<T>(s1, l1, s2, l2, None));
+        Ok((st, Shape::from(shape)))
+    }
+    fn bwd(
+        &self,
+        dy: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (a, b) = self.grads(dy, w, g)?;
+        Ok((Some(a), Some(b)))
+    }
+}
+
+impl CustomOp3 for ConvDataOp {
+    fn name(&self) -> &'static str {
+        "nnseg-conv-transpose-bias"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, shape) = self.geom(l1, l2)?;
+        let st = dispatch_float!(s1, "conv_transpose", |T| self.run::<T>(
+            s1,
+            l1,
+            s2,
+            l2,
+            Some((s3, l3))
+        ));
+        Ok((st, Shape::from(shape)))
+    }
+    fn bwd(
+        &self,
+        dy: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (a, b) = self.grads(dy, w, g)?;
+        Ok((Some(a), Some(b), Some(sum_but_channels(g)?)))
+    }
+}
+
+/// Weight gradient of a convolution: `(x, dy) -> dw (C_out, C_in/groups, *k)`.
+#[derive(Clone, Debug)]
+struct ConvFilterOp {
+    spec: Spec,
+    k: Vec<usize>,
+}
+
+impl ConvFilterOp {
+    fn geom(&self, xl: &Layout, dl: &Layout) -> Result<(Geom, Vec<usize>)> {
+        let (xd, dd) = (xl.dims(), dl.dims());
+        let out = self.spec.out_size(&xd[2..], &self.k, "conv weight grad")?;
+        if out != dd[2..] || xd[0] != dd[0] {
+            bail!(
+                "conv weight grad: gradient shape {dd:?} does not match input {xd:?} (expected spatial {out:?})"
+            );
+        }
+        let g = self.spec.geom(xd[0], xd[1], dd[1], &xd[2..], &out, &self.k);
+        let mut shape = vec![dd[1], xd[1] / self.spec.groups];
+        shape.extend(&self.k);
+        Ok((g, shape))
+    }
+}
+
+impl CustomOp2 for ConvFilterOp {
+    fn name(&self) -> &'static str {
+        "nnseg-conv-weight-grad"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (g, shape) = self.geom(l1, l2)?;
+        let st = dispatch_float!(s1, "conv weight grad", |T| {
+            let x = cpu_slice::<T>(s1, l1, "conv weight grad")?;
+            let dy = cpu_slice::<T>(s2, l2, "conv weight grad")?;
+            Ok::<_, candle_core::Error>(kernels::conv_bwd_filter(x, dy, &g))
+        });
+        Ok((st, Shape::from(shape)))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        dy: &Tensor,
+        _res: &Tensor,
+        gw: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let gw = gw.contiguous()?;
+        let dx = dy.apply_op2(
+            &gw,
+            ConvDataOp {
+                spec: self.spec.clone(),
+                in_spatial: x.dims()[2..].to_vec(),
+            },
+        )?;
+        let ddy = x.apply_op2(
+            &gw,
+            ConvFwdOp {
+                spec: self.spec.clone(),
+            },
+        )?;
+        Ok((Some(dx), Some(ddy)))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// device-agnostic composites (used on CUDA / Metal, and for other dtypes)
+
+/// Indices `start, start + step, ...` (`count` of them) as a u32 tensor.
+fn strided_index(start: usize, step: usize, count: usize, t: &Tensor) -> Result<Tensor> {
+    let idx: Vec<u32> = (0..count).map(|i| (start + i * step) as u32).collect();
+    Tensor::from_vec(idx, count, t.device())
+}
+
+/// Inserts `s - 1` zeros between elements along `dim` (length `(L - 1) * s + 1` afterwards).
+fn zero_stuff(t: &Tensor, dim: usize, s: usize) -> Result<Tensor> {
+    if s == 1 {
+        return Ok(t.clone());
+    }
+    let l = t.dim(dim)?;
+    let e = t.unsqueeze(dim + 1)?;
+    let mut zshape = e.dims().to_vec();
+    zshape[dim + 1] = s - 1;
+    let z = Tensor::zeros(zshape, t.dtype(), t.device())?;
+    let mut shape = t.dims().to_vec();
+    shape[dim] = l * s;
+    Tensor::cat(&[&e, &z], dim + 1)?
+        .reshape(shape)?
+        .narrow(dim, 0, (l - 1) * s + 1)
+}
+
+/// Pads (positive) or crops (negative) `dim` by `left` / `right` elements, with zeros.
+fn pad_or_crop(t: &Tensor, dim: usize, left: isize, right: isize) -> Result<Tensor> {
+    let mut t = t.clone();
+    if left < 0 || right < 0 {
+        let l = t.dim(dim)? as isize;
+        let a = (-left).max(0);
+        let b = (-right).max(0);
+        t = t.narrow(dim, a as usize, (l - a - b).max(0) as usize)?;
+    }
+    if left > 0 || right > 0 {
+        t = t.pad_with_zeros(dim, left.max(0) as usize, right.max(0) as usize)?;
+    }
+    Ok(t)
+}
+
+/// 2D convolution with zero padding already applied and exactly tiled input, per-axis stride.
+fn conv2d_tiled(x: &Tensor, w: &Tensor, s: [usize; 2], groups: usize) -> Result<Tensor> {
+    if s[0] == s[1] {
+        return x.conv2d(w, 0, s[0], 1, groups);
+    }
+    let y = x.conv2d(w, 0, 1, 1, groups)?;
+    let mut y = y;
+    for (a, &st) in s.iter().enumerate() {
+        if st > 1 {
+            let len = y.dim(2 + a)?;
+            let idx = strided_index(0, st, (len - 1) / st + 1, &y)?;
+            y = y.index_select(&idx, 2 + a)?;
+        }
+    }
+    Ok(y)
+}
+
+/// [`conv`] built from Candle ops only (any device, any float dtype). 3D runs as a sum over the
+/// kernel depth of 2D convolutions over all output depth slices at once.
+pub fn conv_composite(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    opts: &ConvOpts,
+) -> Result<Tensor> {
+    let nd = spatial_dims(x, "conv")?;
+    check_conv_shapes(x, w, bias, opts.groups)?;
+    let spec = Spec::new(
+        nd,
+        &opts.stride,
+        &opts.padding,
+        &opts.dilation,
+        opts.groups,
+        "conv",
+    )?;
+    let k: Vec<usize> = w.dims()[2..].to_vec();
+    let out = spec.out_size(&x.dims()[2..], &k, "conv")?;
+    // dilate the kernel explicitly, then pad and crop the input to an exact tiling
+    let mut wd = w.clone();
+    let mut xp = x.clone();
+    for a in 0..nd {
+        wd = zero_stuff(&wd, 2 + a, spec.d[a])?;
+        let ke = spec.d[a] * (k[a] - 1) + 1;
+        let need = (out[a] - 1) * spec.s[a] + ke;
+        let have = x.dims()[2 + a] + spec.p[a];
+        let right = need as isize - have as isize;
+        xp = pad_or_crop(&xp, 2 + a, spec.p[a] as isize, right)?;
+    }
+    let y = match nd {
+        1 => {
+            let y = conv2d_tiled(
+                &xp.unsqueeze(2)?,
+                &wd.unsqueeze(2)?,
+                [1, spec.s[0]],
+                spec.groups,
+            )?;
+            y.squeeze(2)?
+        }
+        2 => conv2d_tiled(&xp, &wd, [spec.s[0], spec.s[1]], spec.groups)?,
+        _ => {
+            let (n, c) = (x.dim(0)?, x.dim(1)?);
+            let (hp, wp) = (xp.dim(3)?, xp.dim(4)?);
+            let cout = w.dim(0)?;
+            let kd = wd.dim(2)?;
+            let od = out[0];
+            let mut acc: Option<Tensor> = None;
+            for t in 0..kd {
+                let idx = strided_index(t, spec.s[0], od, &xp)?;
+                let sl = xp
+                    .index_select(&idx, 2)?
+                    .permute((0, 2, 1, 3, 4))?
+                    .reshape((n * od, c, hp, wp))?;
+                let wt = wd.narrow(2, t, 1)?.squeeze(2)?.contiguous()?;
+                let yt = conv2d_tiled(&sl, &wt, [spec.s[1], spec.s[2]], spec.groups)?;
+                let (oh, ow) = (yt.dim(2)?, yt.dim(3)?);
+                let yt = yt.reshape((n, od, cout, oh, ow))?.permute((0, 2, 1, 3, 4))?;
+                acc = Some(match acc {
+                    None => yt,
+                    Some(a) => (a + yt)?,
+                });
+            }
+            match acc {
+                Some(a) => a.contiguous()?,
+                None => bail!("conv: empty kernel"),
+            }
+        }
+    };
+    match bias {
+        Some(b) => y.broadcast_add(&channel_view(b, y.rank())?),
+        None => Ok(y),
+    }
+}
+
+/// [`conv_transpose`] built from Candle ops only (any device). kernel == stride without padding
+/// is one matmul plus a reshape/permute; the general case is a stride-1 convolution of the
+/// zero-stuffed input with the flipped, channel-swapped kernel.
+pub fn conv_transpose_composite(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    opts: &ConvTransposeOpts,
+) -> Result<Tensor> {
+    let (spec, out) = conv_transpose_out(x, w, bias, opts)?;
+    let nd = spec.nd;
+    let k: Vec<usize> = w.dims()[2..].to_vec();
+    let op = per_axis(&opts.output_padding, nd, 0, "conv_transpose output_padding")?;
+    let (n, cin) = (x.dim(0)?, x.dim(1)?);
+    let cout_g = w.dim(1)?;
+    let g = spec.groups;
+    let y = if g == 1
+        && k == spec.s
+        && spec.p.iter().all(|&p| p == 0)
+        && spec.d.iter().all(|&d| d == 1)
+        && op.iter().all(|&o| o == 0)
+    {
+        // y[n, co, i*k + a] = sum_ci x[n, ci, i] w[ci, co, a]
+        let sp: Vec<usize> = x.dims()[2..].to_vec();
+        let ktot: usize = k.iter().product();
+        let spn: usize = sp.iter().product();
+        let mut perm: Vec<usize> = vec![0];
+        perm.extend(2..2 + nd);
+        perm.push(1);
+        let xm = x.permute(perm)?.contiguous()?.reshape((n * spn, cin))?;
+        let wm = w.reshape((cin, cout_g * ktot))?;
+        let ym = xm.matmul(&wm)?; // (n * spn, cout * ktot)
+        // dims: n, sp..., cout, k...
+        let mut dims = vec![n];
+        dims.extend(&sp);
+        dims.push(cout_g);
+        dims.extend(&k);
+        let ym = ym.reshape(dims)?;
+        // permute to n, cout, (sp_a, k_a)...
+        let mut perm = vec![0, 1 + nd];
+        for a in 0..nd {
+            perm.push(1 + a);
+            perm.push(2 + nd + a);
+        }
+        let mut shape = vec![n, cout_g];
+        shape.extend(&out);
+        ym.permute(perm)?.reshape(shape)?
+    } else {
+        let cin_g = cin / g;
+        let mut xs = x.clone();
+        for a in 0..nd {
+            xs = zero_stuff(&xs, 2 + a, spec.s[a])?;
+            let e = (spec.d[a] * (k[a] - 1)) as isize - spec.p[a] as isize;
+            xs = pad_or_crop(&xs, 2 + a, e, e + op[a] as isize)?;
+        }
+        // (C_in, C_out/g, k) -> (C_out, C_in/g, k), flipped
+        let mut wshape = vec![g, cin_g, cout_g];
+        wshape.extend(&k);
+        let mut wt = w.reshape(wshape)?.transpose(1, 2)?;
+        let mut wshape = vec![g * cout_g, cin_g];
+        wshape.extend(&k);
+        wt = wt.contiguous()?.reshape(wshape)?;
+        let flip: Vec<usize> = (2..2 + nd).collect();
+        wt = wt.flip(&flip)?;
+        let o = ConvOpts::new().dilation(spec.d.clone()).groups(g);
+        conv_composite(&xs, &wt, None, &o)?
+    };
+    match bias {
+        Some(b) => y.broadcast_add(&channel_view(b, y.rank())?),
+        None => Ok(y),
+    }
+}

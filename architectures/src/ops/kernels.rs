@@ -1,0 +1,731 @@
+//! CPU kernels for N-d (1-3 spatial dims) convolution: forward, input gradient (= transposed
+//! convolution) and weight gradient, on blocked im2col + the `gemm` crate, parallel with rayon.
+//!
+//! Every kernel works on contiguous `N C (D) (H) W` buffers. The spatial geometry is normalised to
+//! three axes (missing leading axes get size 1, kernel 1, stride 1, padding 0, dilation 1), so 1D,
+//! 2D and 3D share one code path. The output spatial positions are processed in chunks of whole
+//! output rows so that the im2col workspace stays bounded (see [`COL_BUDGET_BYTES`]).
+//!
+//! The input gradient is computed in *gather* form, split into the `prod(stride)` phases of the
+//! input grid: within one phase every input position receives contributions from a fixed subset
+//! of kernel taps, so the phase is a stride-1 correlation of the output gradient with a sub-kernel.
+//! No scatter-add is needed, chunks write disjoint outputs, and strided convolutions do no wasted
+//! multiply-adds on the zeros a "zero-stuffed" formulation would create. When kernel == stride
+//! (the U-Net decoder's transposed convolution) each phase has exactly one tap at offset 0 and the
+//! GEMM reads the source tensor directly, without any im2col copy.
+
+use rayon::prelude::*;
+
+/// Upper bound of the im2col workspace of one worker thread, in bytes.
+pub(crate) const COL_BUDGET_BYTES: usize = 8 << 20;
+
+/// Element types the kernels support.
+pub(crate) trait Elem: Copy + Send + Sync + 'static + std::ops::AddAssign {
+    const ZERO: Self;
+    const ONE: Self;
+}
+impl Elem for f32 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+}
+impl Elem for f64 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+}
+
+/// Convolution geometry normalised to three spatial axes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Geom {
+    pub n: usize,
+    pub cin: usize,
+    pub cout: usize,
+    pub groups: usize,
+    /// conv input spatial size
+    pub inp: [usize; 3],
+    /// conv output spatial size
+    pub out: [usize; 3],
+    pub k: [usize; 3],
+    pub s: [usize; 3],
+    pub p: [usize; 3],
+    pub d: [usize; 3],
+}
+
+impl Geom {
+    pub fn in_sp(&self) -> usize {
+        self.inp.iter().product()
+    }
+    pub fn out_sp(&self) -> usize {
+        self.out.iter().product()
+    }
+    pub fn ktot(&self) -> usize {
+        self.k.iter().product()
+    }
+    pub fn cig(&self) -> usize {
+        self.cin / self.groups
+    }
+    pub fn cog(&self) -> usize {
+        self.cout / self.groups
+    }
+}
+
+/// How one spatial axis of a gathered ("im2col") matrix is read from its source:
+/// position `j` of tap `t` reads source index `j * pos_stride + offsets[t]`, zero when outside
+/// `[0, src_len)`.
+#[derive(Clone, Debug)]
+struct AxisGather {
+    grid: usize,
+    pos_stride: usize,
+    offsets: Vec<isize>,
+    /// kernel index of each tap (into the weight's kernel axis)
+    kidx: Vec<usize>,
+    src_len: usize,
+}
+
+impl AxisGather {
+    /// Positions `j` in `[lo, hi)` read inside the source for tap offset `off`.
+    fn valid_range(&self, off: isize) -> (usize, usize) {
+        let s = self.pos_stride as isize;
+        let lo = if off >= 0 { 0 } else { (-off + s - 1) / s };
+        let room = self.src_len as isize - off;
+        let hi = if room <= 0 { 0 } else { (room + s - 1) / s };
+        let lo = (lo as usize).min(self.grid);
+        let hi = (hi as usize).min(self.grid).max(lo);
+        (lo, hi)
+    }
+
+    fn is_identity(&self) -> bool {
+        self.offsets.len() == 1
+            && self.offsets[0] == 0
+            && self.pos_stride == 1
+            && self.grid == self.src_len
+    }
+}
+
+fn fwd_axes(g: &Geom) -> [AxisGather; 3] {
+    std::array::from_fn(|a| AxisGather {
+        grid: g.out[a],
+        pos_stride: g.s[a],
+        offsets: (0..g.k[a])
+            .map(|k| (k * g.d[a]) as isize - g.p[a] as isize)
+            .collect(),
+        kidx: (0..g.k[a]).collect(),
+        src_len: g.inp[a],
+    })
+}
+
+/// Gather description of input phase `r` (per axis) for the input gradient.
+fn phase_axes(g: &Geom, r: [usize; 3]) -> [AxisGather; 3] {
+    std::array::from_fn(|a| {
+        let s = g.s[a];
+        let grid = if r[a] < g.inp[a] {
+            (g.inp[a] - r[a]).div_ceil(s)
+        } else {
+            0
+        };
+        let mut offsets = Vec::new();
+        let mut kidx = Vec::new();
+        for k in 0..g.k[a] {
+            let num = r[a] as isize + g.p[a] as isize - (k * g.d[a]) as isize;
+            if num.rem_euclid(s as isize) == 0 {
+                offsets.push(num.div_euclid(s as isize));
+                kidx.push(k);
+            }
+        }
+        AxisGather {
+            grid,
+            pos_stride: 1,
+            offsets,
+            kidx,
+            src_len: g.out[a],
+        }
+    })
+}
+
+/// im2col of channels `[0, ch)` of `src` (one image, spatial dims `src_dims`) for the grid rows
+/// `[r0, r1)` (a row is one `(j0, j1)` pair; its length is `ax[2].grid`). Row `c * ntaps + t` of
+/// `col` (with `t` the flattened tap index) holds the `(r1 - r0) * ax[2].grid` positions.
+fn im2col<T: Elem>(
+    src: &[T],
+    src_dims: [usize; 3],
+    ch: usize,
+    ax: &[AxisGather; 3],
+    r0: usize,
+    r1: usize,
+    col: &mut [T],
+) {
+    let wg = ax[2].grid;
+    let pc = (r1 - r0) * wg;
+    let sp = src_dims[0] * src_dims[1] * src_dims[2];
+    let g1 = ax[1].grid;
+    let mut row = 0;
+    for c in 0..ch {
+        let src_c = &src[c * sp..(c + 1) * sp];
+        for &od in &ax[0].offsets {
+            for &oh in &ax[1].offsets {
+                for &ow in &ax[2].offsets {
+                    let dst = &mut col[row * pc..(row + 1) * pc];
+                    row += 1;
+                    let (lo, hi) = ax[2].valid_range(ow);
+                    let sw = ax[2].pos_stride;
+                    for r in r0..r1 {
+                        let drow = &mut dst[(r - r0) * wg..(r - r0 + 1) * wg];
+                        let id = ((r / g1) * ax[0].pos_stride) as isize + od;
+                        let ih = ((r % g1) * ax[1].pos_stride) as isize + oh;
+                        if id < 0
+                            || ih < 0
+                            || id as usize >= src_dims[0]
+                            || ih as usize >= src_dims[1]
+                            || lo == hi
+                        {
+                            drow.fill(T::ZERO);
+                            continue;
+                        }
+                        let base = (id as usize * src_dims[1] + ih as usize) * src_dims[2];
+                        let srow = &src_c[base..base + src_dims[2]];
+                        drow[..lo].fill(T::ZERO);
+                        drow[hi..].fill(T::ZERO);
+                        if sw == 1 {
+                            let s0 = (lo as isize + ow) as usize;
+                            drow[lo..hi].copy_from_slice(&srow[s0..s0 + (hi - lo)]);
+                        } else {
+                            for (j, v) in drow[lo..hi].iter_mut().enumerate() {
+                                *v = srow[(((lo + j) * sw) as isize + ow) as usize];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Rows of the grid per chunk so that a `krows x (rows * row_len)` im2col buffer fits the budget.
+fn rows_per_chunk<T>(krows: usize, row_len: usize, total_rows: usize) -> usize {
+    let budget = COL_BUDGET_BYTES / std::mem::size_of::<T>();
+    let per_row = (krows * row_len).max(1);
+    (budget / per_row).clamp(1, total_rows.max(1))
+}
+
+#[derive(Clone, Copy)]
+struct SendPtr<T>(*mut T);
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}
+impl<T> SendPtr<T> {
+    fn get(self) -> *mut T {
+        self.0
+    }
+}
+
+/// Whether the work items should be spread over threads (one single-threaded GEMM each) or run
+/// one after the other with a multi-threaded GEMM.
+fn outer_parallel(items: usize) -> bool {
+    items >= 2 * rayon::current_num_threads()
+}
+
+fn gemm_par(outer: bool) -> gemm::Parallelism {
+    if outer {
+        gemm::Parallelism::None
+    } else {
+        gemm::Parallelism::Rayon(rayon::current_num_threads())
+    }
+}
+
+/// `dst[m x n] (= dst +) lhs[m x k] * rhs[k x n]` with explicit strides (row stride, col stride).
+#[allow(clippy::too_many_arguments)]
+unsafe fn mm<T: Elem>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut T,
+    dst_rs: usize,
+    dst_cs: usize,
+    accumulate: bool,
+    lhs: *const T,
+    lhs_rs: usize,
+    lhs_cs: usize,
+    rhs: *const T,
+    rhs_rs: usize,
+    rhs_cs: usize,
+    par: gemm::Parallelism,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                for j in 0..n {
+                    *dst.add(i * dst_rs + j * dst_cs) = T::ZERO;
+                }
+            }
+        }
+        return;
+    }
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        dst_cs as isize,
+        dst_rs as isize,
+        accumulate,
+        lhs,
+        lhs_cs as isize,
+        lhs_rs as isize,
+        rhs,
+        rhs_cs as isize,
+        rhs_rs as isize,
+        T::ONE,
+        T::ONE,
+        false,
+        false,
+        false,
+        par,
+    );
+}
+
+fn run_items<F>(items: usize, outer: bool, f: F)
+where
+    F: Fn(usize, &mut Vec<u8>) + Sync + Send,
+{
+    if outer {
+        (0..items)
+            .into_par_iter()
+            .for_each_init(Vec::<u8>::new, |ws, i| f(i, ws));
+    } else {
+        let mut ws = Vec::new();
+        for i in 0..items {
+            f(i, &mut ws);
+        }
+    }
+}
+
+/// A typed workspace carved out of a reusable byte vector.
+fn workspace<T: Elem>(ws: &mut Vec<u8>, len: usize) -> &mut [T] {
+    let bytes = len * std::mem::size_of::<T>() + std::mem::align_of::<T>();
+    if ws.len() < bytes {
+        ws.resize(bytes, 0);
+    }
+    // SAFETY: the buffer holds at least `len` aligned elements after `align_to`; T is f32/f64, for
+    // which every bit pattern is valid.
+    let (_, mid, _) = unsafe { ws.as_mut_slice().align_to_mut::<T>() };
+    &mut mid[..len]
+}
+
+/// Convolution forward: `x (n, cin, inp)`, `w (cout, cin/groups, k)`, optional `bias (cout)`.
+pub(crate) fn conv_fwd<T: Elem>(x: &[T], w: &[T], bias: Option<&[T]>, g: &Geom) -> Vec<T> {
+    let (in_sp, out_sp) = (g.in_sp(), g.out_sp());
+    let (cig, cog) = (g.cig(), g.cog());
+    let kc = cig * g.ktot();
+    let ax = fwd_axes(g);
+    let identity = ax.iter().all(AxisGather::is_identity);
+    let total_rows = g.out[0] * g.out[1];
+    let row_len = g.out[2];
+    let rpc = rows_per_chunk::<T>(if identity { 0 } else { kc }, row_len, total_rows);
+    let nchunks = total_rows.div_ceil(rpc);
+    let mut y = vec![T::ZERO; g.n * g.cout * out_sp];
+    if y.is_empty() {
+        return y;
+    }
+    let yp = SendPtr(y.as_mut_ptr());
+    let items = g.n * nchunks;
+    let outer = outer_parallel(items);
+    let par = gemm_par(outer);
+    run_items(items, outer, |item, ws| {
+        let b = item / nchunks;
+        let r0 = (item % nchunks) * rpc;
+        let r1 = (r0 + rpc).min(total_rows);
+        let pc = (r1 - r0) * row_len;
+        let col = workspace::<T>(ws, if identity { 0 } else { kc * pc });
+        for gi in 0..g.groups {
+            let xs = &x[(b * g.cin + gi * cig) * in_sp..(b * g.cin + (gi + 1) * cig) * in_sp];
+            let (rhs, rhs_rs) = if identity {
+                (xs[r0 * row_len..].as_ptr(), in_sp)
+            } else {
+                im2col(xs, g.inp, cig, &ax, r0, r1, col);
+                (col.as_ptr(), pc)
+            };
+            // SAFETY: chunks write disjoint rows of y; all indices are in bounds by construction.
+            unsafe {
+                let dst = yp.get().add((b * g.cout + gi * cog) * out_sp + r0 * row_len);
+                if let Some(bias) = bias {
+                    for co in 0..cog {
+                        std::slice::from_raw_parts_mut(dst.add(co * out_sp), pc)
+                            .fill(bias[gi * cog + co]);
+                    }
+                }
+                mm(
+                    cog,
+                    pc,
+                    kc,
+                    dst,
+                    out_sp,
+                    1,
+                    bias.is_some(),
+                    w[gi * cog * kc..].as_ptr(),
+                    kc,
+                    1,
+                    rhs,
+                    rhs_rs,
+                    1,
+                    par,
+                );
+            }
+        }
+    });
+    y
+}
+
+/// Weight gradient: `x (n, cin, inp)`, `dy (n, cout, out)` -> `dw (cout, cin/groups, k)`.
+pub(crate) fn conv_bwd_filter<T: Elem>(x: &[T], dy: &[T], g: &Geom) -> Vec<T> {
+    let (in_sp, out_sp) = (g.in_sp(), g.out_sp());
+    let (cig, cog) = (g.cig(), g.cog());
+    let kc = cig * g.ktot();
+    let wlen = g.cout * kc;
+    let ax = fwd_axes(g);
+    let identity = ax.iter().all(AxisGather::is_identity);
+    let total_rows = g.out[0] * g.out[1];
+    let row_len = g.out[2];
+    let rpc = rows_per_chunk::<T>(if identity { 0 } else { kc }, row_len, total_rows);
+    let nchunks = total_rows.div_ceil(rpc);
+    let items = g.n * nchunks;
+    if items == 0 || wlen == 0 {
+        return vec![T::ZERO; wlen];
+    }
+    let nt = rayon::current_num_threads().max(1);
+    let outer = outer_parallel(items);
+    let parts = if outer { nt.min(items) } else { 1 };
+    let par = gemm_par(outer);
+    let work = |part: usize| -> Vec<T> {
+        let mut acc = vec![T::ZERO; wlen];
+        let mut ws = Vec::new();
+        let (i0, i1) = (items * part / parts, items * (part + 1) / parts);
+        for item in i0..i1 {
+            let b = item / nchunks;
+            let r0 = (item % nchunks) * rpc;
+            let r1 = (r0 + rpc).min(total_rows);
+            let pc = (r1 - r0) * row_len;
+            let col = workspace::<T>(&mut ws, if identity { 0 } else { kc * pc });
+            for gi in 0..g.groups {
+                let xs = &x[(b * g.cin + gi * cig) * in_sp..(b * g.cin + (gi + 1) * cig) * in_sp];
+                let (rhs, rhs_cs) = if identity {
+                    (xs[r0 * row_len..].as_ptr(), in_sp)
+                } else {
+                    im2col(xs, g.inp, cig, &ax, r0, r1, col);
+                    (col.as_ptr(), pc)
+                };
+                // SAFETY: in-bounds pointers; `acc` is owned by this part.
+                unsafe {
+                    mm(
+                        cog,
+                        kc,
+                        pc,
+                        acc[gi * cog * kc..].as_mut_ptr(),
+                        kc,
+                        1,
+                        true,
+                        dy[(b * g.cout + gi * cog) * out_sp + r0 * row_len..].as_ptr(),
+                        out_sp,
+                        1,
+                        rhs,
+                        1,
+                        rhs_cs,
+                        par,
+                    );
+                }
+            }
+        }
+        acc
+    };
+    let partials: Vec<Vec<T>> = if parts > 1 {
+        (0..parts).into_par_iter().map(work).collect()
+    } else {
+        vec![work(0)]
+    };
+    let mut it = partials.into_iter();
+    let mut dw = it.next().unwrap_or_else(|| vec![T::ZERO; wlen]);
+    for p in it {
+        for (a, b) in dw.iter_mut().zip(p) {
+            *a += b;
+        }
+    }
+    dw
+}
+
+/// Input gradient (the transposed convolution): `dy (n, cout, out)`, `w (cout, cin/groups, k)`
+/// -> `dx (n, cin, inp)`, optionally initialised with a per-channel `bias (cin)`.
+pub(crate) fn conv_bwd_data<T: Elem>(dy: &[T], w: &[T], bias: Option<&[T]>, g: &Geom) -> Vec<T> {
+    let (in_sp, out_sp) = (g.in_sp(), g.out_sp());
+    let (cig, cog) = (g.cig(), g.cog());
+    let ktot = g.ktot();
+    let mut dx = vec![T::ZERO; g.n * g.cin * in_sp];
+    if dx.is_empty() {
+        return dx;
+    }
+    if let Some(bias) = bias {
+        for (i, c) in dx.chunks_mut(in_sp).enumerate() {
+            c.fill(bias[i % g.cin]);
+        }
+    }
+    // Enumerate the phases that have at least one position and one tap.
+    struct Phase<T> {
+        r: [usize; 3],
+        ax: [AxisGather; 3],
+        ntaps: usize,
+        identity: bool,
+        rpc: usize,
+        nchunks: usize,
+        /// per group: cig x (cog * ntaps) sub-weight
+        wp: Vec<T>,
+    }
+    let single_phase = g.s.iter().all(|&s| s == 1);
+    let mut phases: Vec<Phase<T>> = Vec::new();
+    for rd in 0..g.s[0] {
+        for rh in 0..g.s[1] {
+            for rw in 0..g.s[2] {
+                let r = [rd, rh, rw];
+                let ax = phase_axes(g, r);
+                if ax.iter().any(|a| a.grid == 0 || a.offsets.is_empty()) {
+                    continue; // no positions, or positions no tap reaches: gradient 0 (or bias)
+                }
+                let ntaps: usize = ax.iter().map(|a| a.offsets.len()).product();
+                let identity = ax.iter().all(AxisGather::is_identity);
+                let kr = cog * ntaps;
+                let total_rows = ax[0].grid * ax[1].grid;
+                let rpc = rows_per_chunk::<T>(
+                    if identity { 0 } else { kr } + if single_phase { 0 } else { cig },
+                    ax[2].grid,
+                    total_rows,
+                );
+                let nchunks = total_rows.div_ceil(rpc);
+                let mut wp = vec![T::ZERO; g.groups * cig * kr];
+                for gi in 0..g.groups {
+                    for ci in 0..cig {
+                        for co in 0..cog {
+                            let mut t = 0;
+                            for &kd in &ax[0].kidx {
+                                for &kh in &ax[1].kidx {
+                                    for &kw in &ax[2].kidx {
+                                        let kf = (kd * g.k[1] + kh) * g.k[2] + kw;
+                                        wp[(gi * cig + ci) * kr + co * ntaps + t] =
+                                            w[((gi * cog + co) * cig + ci) * ktot + kf];
+                                        t += 1;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+                phases.push(Phase {
+                    r,
+                    ax,
+                    ntaps,
+                    identity,
+                    rpc,
+                    nchunks,
+                    wp,
+                });
+            }
+        }
+    }
+    // Work items: (image, phase, chunk).
+    let mut item_index = Vec::new();
+    for b in 0..g.n {
+        for (pi, ph) in phases.iter().enumerate() {
+            for c in 0..ph.nchunks {
+                item_index.push((b, pi, c));
+            }
+        }
+    }
+    let dxp = SendPtr(dx.as_mut_ptr());
+    let outer = outer_parallel(item_index.len());
+    let par = gemm_par(outer);
+    let has_bias = bias.is_some();
+    run_items(item_index.len(), outer, |item, ws| {
+        let (b, pi, c) = item_index[item];
+        let ph = &phases[pi];
+        let ax = &ph.ax;
+        let kr = cog * ph.ntaps;
+        let total_rows = ax[0].grid * ax[1].grid;
+        let row_len = ax[2].grid;
+        let r0 = c * ph.rpc;
+        let r1 = (r0 + ph.rpc).min(total_rows);
+        let pc = (r1 - r0) * row_len;
+        let col_len = if ph.identity { 0 } else { kr * pc };
+        let tmp_len = if single_phase { 0 } else { cig * pc };
+        let buf = workspace::<T>(ws, col_len + tmp_len);
+        let (col, tmp) = buf.split_at_mut(col_len);
+        for gi in 0..g.groups {
+            let src = &dy[(b * g.cout + gi * cog) * out_sp..(b * g.cout + (gi + 1) * cog) * out_sp];
+            let (rhs, rhs_rs) = if ph.identity {
+                (src[r0 * row_len..].as_ptr(), out_sp)
+            } else {
+                im2col(src, g.out, cog, ax, r0, r1, col);
+                (col.as_ptr(), pc)
+            };
+            let lhs = ph.wp[gi * cig * kr..].as_ptr();
+            // SAFETY: each (image, phase, chunk) writes a disjoint set of dx positions.
+            unsafe {
+                let dx_img = dxp.get().add((b * g.cin + gi * cig) * in_sp);
+                if single_phase {
+                    mm(
+                        cig,
+                        pc,
+                        kr,
+                        dx_img.add(r0 * row_len),
+                        in_sp,
+                        1,
+                        has_bias,
+                        lhs,
+                        kr,
+                        1,
+                        rhs,
+                        rhs_rs,
+                        1,
+                        par,
+                    );
+                } else {
+                    mm(
+                        cig, pc, kr, tmp.as_mut_ptr(), pc, 1, false, lhs, kr, 1, rhs, rhs_rs, 1,
+                        par,
+                    );
+                    let g1 = ax[1].grid;
+                    for ci in 0..cig {
+                        let trow = &tmp[ci * pc..(ci + 1) * pc];
+                        let dxc = dx_img.add(ci * in_sp);
+                        for r in r0..r1 {
+                            let id = (r / g1) * g.s[0] + ph.r[0];
+                            let ih = (r % g1) * g.s[1] + ph.r[1];
+                            let base = dxc.add((id * g.inp[1] + ih) * g.inp[2] + ph.r[2]);
+                            let vals = &trow[(r - r0) * row_len..(r - r0 + 1) * row_len];
+                            for (j, &v) in vals.iter().enumerate() {
+                                *base.add(j * g.s[2]) += v;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    });
+    dx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn geom(inp: [usize; 3], k: [usize; 3], s: [usize; 3], p: [usize; 3], d: [usize; 3]) -> Geom {
+        let out = std::array::from_fn(|a| (inp[a] + 2 * p[a] - d[a] * (k[a] - 1) - 1) / s[a] + 1);
+        Geom {
+            n: 2,
+            cin: 4,
+            cout: 6,
+            groups: 2,
+            inp,
+            out,
+            k,
+            s,
+            p,
+            d,
+        }
+    }
+
+    fn naive_fwd(x: &[f64], w: &[f64], g: &Geom) -> Vec<f64> {
+        let mut y = vec![0.0; g.n * g.cout * g.out_sp()];
+        let (cig, cog) = (g.cig(), g.cog());
+        for b in 0..g.n {
+            for co in 0..g.cout {
+                let gi = co / cog;
+                for o0 in 0..g.out[0] {
+                    for o1 in 0..g.out[1] {
+                        for o2 in 0..g.out[2] {
+                            let mut acc = 0.0;
+                            for ci in 0..cig {
+                                for k0 in 0..g.k[0] {
+                                    for k1 in 0..g.k[1] {
+                                        for k2 in 0..g.k[2] {
+                                            let i0 = (o0 * g.s[0] + k0 * g.d[0]) as isize
+                                                - g.p[0] as isize;
+                                            let i1 = (o1 * g.s[1] + k1 * g.d[1]) as isize
+                                                - g.p[1] as isize;
+                                            let i2 = (o2 * g.s[2] + k2 * g.d[2]) as isize
+                                                - g.p[2] as isize;
+                                            if i0 < 0
+                                                || i1 < 0
+                                                || i2 < 0
+                                                || i0 as usize >= g.inp[0]
+                                                || i1 as usize >= g.inp[1]
+                                                || i2 as usize >= g.inp[2]
+                                            {
+                                                continue;
+                                            }
+                                            let xi = (((b * g.cin + gi * cig + ci) * g.inp[0]
+                                                + i0 as usize)
+                                                * g.inp[1]
+                                                + i1 as usize)
+                                                * g.inp[2]
+                                                + i2 as usize;
+                                            let wi = (((co * cig + ci) * g.k[0] + k0) * g.k[1]
+                                                + k1)
+                                                * g.k[2]
+                                                + k2;
+                                            acc += x[xi] * w[wi];
+                                        }
+                                    }
+                                }
+                            }
+                            y[(((b * g.cout + co) * g.out[0] + o0) * g.out[1] + o1) * g.out[2]
+                                + o2] = acc;
+                        }
+                    }
+                }
+            }
+        }
+        y
+    }
+
+    fn seq(n: usize, seed: u64) -> Vec<f64> {
+        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 33) as f64 / (1u64 << 31) as f64) - 0.5
+            })
+            .collect()
+    }
+
+    fn dot(a: &[f64], b: &[f64]) -> f64 {
+        a.iter().zip(b).map(|(x, y)| x * y).sum()
+    }
+
+    /// Forward matches a naive loop; the input and weight gradients are the exact adjoints
+    /// (<dy, conv(x, w)> == <bwd_data(dy, w), x> == <bwd_filter(x, dy), w>).
+    #[test]
+    fn kernels_match_naive_and_are_adjoint() {
+        let cases = [
+            geom([1, 5, 7], [1, 3, 3], [1, 1, 1], [0, 1, 1], [1, 1, 1]),
+            geom([1, 6, 7], [1, 3, 3], [1, 2, 2], [0, 1, 1], [1, 1, 1]),
+            geom([5, 6, 7], [3, 3, 3], [2, 1, 2], [1, 1, 1], [1, 1, 1]),
+            geom([4, 6, 8], [2, 2, 2], [2, 2, 2], [0, 0, 0], [1, 1, 1]),
+            geom([5, 6, 7], [3, 3, 3], [1, 1, 1], [2, 2, 2], [2, 2, 2]),
+            geom([5, 7, 9], [1, 3, 3], [1, 2, 2], [0, 2, 0], [1, 2, 1]),
+            geom([3, 4, 5], [1, 1, 1], [1, 1, 1], [0, 0, 0], [1, 1, 1]),
+            geom([6, 4, 9], [1, 1, 1], [2, 1, 3], [0, 0, 0], [1, 1, 1]),
+        ];
+        for g in cases {
+            let x = seq(g.n * g.cin * g.in_sp(), 1);
+            let w = seq(g.cout * g.cig() * g.ktot(), 2);
+            let dy = seq(g.n * g.cout * g.out_sp(), 3);
+            let y = conv_fwd(&x, &w, None, &g);
+            let yr = naive_fwd(&x, &w, &g);
+            for (a, b) in y.iter().zip(&yr) {
+                assert!((a - b).abs() < 1e-12, "{g:?}: {a} vs {b}");
+            }
+            let lhs = dot(&dy, &y);
+            let dx = conv_bwd_data(&dy, &w, None, &g);
+            let dw = conv_bwd_filter(&x, &dy, &g);
+            assert!((lhs - dot(&dx, &x)).abs() < 1e-10, "{g:?} data adjoint");
+            assert!((lhs - dot(&dw, &w)).abs() < 1e-10, "{g:?} filter adjoint");
+        }
+    }
+}

@@ -1,0 +1,370 @@
+//! The architecture registry: nnU-Net's `network_class_name` strings → a constructor and a
+//! memory estimator.
+//!
+//! A [`Registry`] is a plain value (no global state). [`Registry::default`] knows nnU-Net's two
+//! default networks; later architectures implement [`Architecture`] and are added with
+//! [`Registry::register`]:
+//!
+//! ```no_run
+//! use architectures::registry::{NetworkIo, Registry};
+//! # fn f(spec: &plans::ArchitectureSpec) -> Result<(), architectures::registry::ArchError> {
+//! let registry = Registry::default();
+//! let io = NetworkIo { in_channels: 1, num_classes: 3, deep_supervision: true };
+//! let (varmap, net) = registry.build_initialized(spec, &io, 12345, &candle_core::Device::Cpu)?;
+//! # Ok(()) }
+//! ```
+
+mod init;
+
+pub use init::{he_normal_std, seeded_init_backend, ParamInfo, SeededInit, ShapeRecorder};
+
+use crate::memory::MemoryEstimate;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use serde_json::{Map, Value};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Errors of the registry, the network constructors and the checkpoint importer.
+#[derive(Debug, thiserror::Error)]
+pub enum ArchError {
+    #[error("unknown architecture `{name}`; known: {}", known.join(", "))]
+    UnknownArchitecture { name: String, known: Vec<String> },
+    #[error("architecture name `{0}` is registered twice")]
+    DuplicateName(String),
+    #[error("{path}: {message}")]
+    InvalidOption { path: String, message: String },
+    #[error("{context}: {source}")]
+    Candle {
+        context: String,
+        #[source]
+        source: candle_core::Error,
+    },
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Plans(#[from] plans::PlansError),
+    #[error("{}: missing weight `{key}` (expected shape {expected:?})", file.display())]
+    MissingWeight {
+        file: PathBuf,
+        key: String,
+        expected: Vec<usize>,
+    },
+    #[error("{}: weight `{key}` has shape {found:?}, the network expects {expected:?}", file.display())]
+    ShapeMismatch {
+        file: PathBuf,
+        key: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+    #[error("{}: {} weight(s) the network does not have: {}", file.display(), keys.len(), keys.join(", "))]
+    UnexpectedWeights { file: PathBuf, keys: Vec<String> },
+    #[error("{}: {message}", file.display())]
+    Checkpoint { file: PathBuf, message: String },
+}
+
+/// Attaches a context string to candle errors.
+pub(crate) trait CandleContext<T> {
+    fn ctx(self, context: impl FnOnce() -> String) -> Result<T, ArchError>;
+}
+
+impl<T> CandleContext<T> for candle_core::Result<T> {
+    fn ctx(self, context: impl FnOnce() -> String) -> Result<T, ArchError> {
+        self.map_err(|source| ArchError::Candle {
+            context: context(),
+            source,
+        })
+    }
+}
+
+/// What nnU-Net passes to a network constructor besides `arch_kwargs`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NetworkIo {
+    pub in_channels: usize,
+    /// Number of segmentation heads (labels incl. background, or regions).
+    pub num_classes: usize,
+    pub deep_supervision: bool,
+}
+
+/// One row of a layer table (see [`crate::summary`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerRow {
+    /// state_dict prefix of the layer (`encoder.stages.0.0.convs.0`).
+    pub name: String,
+    /// Human-readable description (`Conv3d 1→32 k[1,3,3] s[1,1,1] + InstanceNorm + LeakyReLU`).
+    pub kind: String,
+    /// Output shape without the batch axis: `(C, *spatial)`.
+    pub output_shape: Vec<usize>,
+    /// Parameters owned by this layer (running statistics excluded).
+    pub params: u64,
+    /// Number of activation tensors of `output_shape` this layer keeps for backward (conv,
+    /// norm and nonlinearity outputs count separately).
+    pub stored_activations: usize,
+}
+
+/// A segmentation network: input `(N, C, *spatial)` → logits.
+pub trait SegNetwork: Send + Sync {
+    /// Logits, full resolution first. With deep supervision off there is exactly one output;
+    /// with it on, one per decoder stage (nnU-Net's order: full, 1/2, 1/4, ...). `train`
+    /// switches dropout and batch-norm statistics.
+    fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Vec<Tensor>>;
+    /// Turns the extra low-resolution outputs on or off (the heads always exist).
+    fn set_deep_supervision(&mut self, on: bool);
+    fn deep_supervision(&self) -> bool;
+    /// Spatial dimensionality (2 or 3).
+    fn spatial_dims(&self) -> usize;
+    /// The layer table for one sample of spatial size `patch` (no tensors are computed).
+    fn layers(&self, patch: &[usize]) -> Vec<LayerRow>;
+}
+
+/// A family of networks that can be built from `arch_kwargs`.
+pub trait Architecture: Send + Sync {
+    /// The canonical `network_class_name` (nnU-Net's dotted Python path).
+    fn name(&self) -> &str;
+    /// Other accepted names (short names).
+    fn aliases(&self) -> Vec<String>;
+    /// Builds the network, reading (or creating) its weights through `vb`. `kwargs_path` is the
+    /// JSON path of `arch_kwargs` used in error messages.
+    fn build(
+        &self,
+        kwargs: &Map<String, Value>,
+        kwargs_path: &str,
+        io: &NetworkIo,
+        vb: VarBuilder,
+    ) -> Result<Box<dyn SegNetwork>, ArchError>;
+    /// nnU-Net's activation estimate (`compute_conv_feature_map_size`) for this network.
+    fn estimator(
+        &self,
+        kwargs: &Map<String, Value>,
+        kwargs_path: &str,
+        io: &NetworkIo,
+    ) -> Result<Box<dyn MemoryEstimate>, ArchError>;
+}
+
+/// Maps architecture names to their [`Architecture`].
+#[derive(Clone)]
+pub struct Registry {
+    entries: Vec<Arc<dyn Architecture>>,
+}
+
+impl Default for Registry {
+    /// PlainConvUNet and ResidualEncoderUNet.
+    fn default() -> Self {
+        let mut r = Registry::empty();
+        for a in crate::unet::default_architectures() {
+            // the built-in names are distinct
+            if let Err(e) = r.register(a) {
+                unreachable!("built-in architectures clash: {e}");
+            }
+        }
+        r
+    }
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry").field("names", &self.known_names()).finish()
+    }
+}
+
+/// JSON path of `arch_kwargs` in a configuration.
+pub const KWARGS_PATH: &str = crate::unet::options::ARCH_KWARGS_PATH;
+
+impl Registry {
+    /// A registry that knows nothing.
+    pub fn empty() -> Self {
+        Registry { entries: vec![] }
+    }
+
+    /// Adds an architecture; fails if one of its names is already taken.
+    pub fn register(&mut self, arch: Arc<dyn Architecture>) -> Result<(), ArchError> {
+        let mut names = vec![arch.name().to_string()];
+        names.extend(arch.aliases());
+        for n in &names {
+            if self.find(n).is_some() {
+                return Err(ArchError::DuplicateName(n.clone()));
+            }
+        }
+        self.entries.push(arch);
+        Ok(())
+    }
+
+    fn find(&self, name: &str) -> Option<&Arc<dyn Architecture>> {
+        self.entries
+            .iter()
+            .find(|a| a.name() == name || a.aliases().iter().any(|x| x == name))
+    }
+
+    /// Every accepted name (canonical names and aliases), in registration order.
+    pub fn known_names(&self) -> Vec<String> {
+        let mut v = vec![];
+        for a in &self.entries {
+            v.push(a.name().to_string());
+            v.extend(a.aliases());
+        }
+        v
+    }
+
+    /// The architecture registered under `name` (canonical or alias).
+    pub fn get(&self, name: &str) -> Result<&dyn Architecture, ArchError> {
+        self.find(name.trim())
+            .map(|a| a.as_ref())
+            .ok_or_else(|| ArchError::UnknownArchitecture {
+                name: name.to_string(),
+                known: self.known_names(),
+            })
+    }
+
+    /// Builds the network of `spec` with weights from `vb` (a `VarMap`, loaded safetensors, ...).
+    pub fn build(
+        &self,
+        spec: &plans::ArchitectureSpec,
+        io: &NetworkIo,
+        vb: VarBuilder,
+    ) -> Result<Box<dyn SegNetwork>, ArchError> {
+        self.get(&spec.network_class_name)?
+            .build(&spec.arch_kwargs, KWARGS_PATH, io, vb)
+    }
+
+    /// Builds the network of `spec` with fresh weights, initialised as nnU-Net does
+    /// (`InitWeights_He(1e-2)`, zero biases, norm weight 1 / bias 0; ResEnc also zeroes the
+    /// last norm of each residual block), deterministically from `seed`.
+    pub fn build_initialized(
+        &self,
+        spec: &plans::ArchitectureSpec,
+        io: &NetworkIo,
+        seed: u64,
+        device: &Device,
+    ) -> Result<(VarMap, Box<dyn SegNetwork>), ArchError> {
+        let varmap = VarMap::new();
+        let vb = seeded_init_backend(&varmap, seed, DType::F32, device);
+        let net = self.build(spec, io, vb)?;
+        Ok((varmap, net))
+    }
+
+    /// The activation estimator of `spec` (nnU-Net's planner currency).
+    pub fn estimate(
+        &self,
+        spec: &plans::ArchitectureSpec,
+        io: &NetworkIo,
+    ) -> Result<Box<dyn MemoryEstimate>, ArchError> {
+        self.get(&spec.network_class_name)?
+            .estimator(&spec.arch_kwargs, KWARGS_PATH, io)
+    }
+
+    /// Every parameter (and buffer) of the network: state_dict name, shape, initialiser. Builds
+    /// the network on shape-only tensors, so nothing big is allocated.
+    pub fn parameters(
+        &self,
+        spec: &plans::ArchitectureSpec,
+        io: &NetworkIo,
+    ) -> Result<Vec<ParamInfo>, ArchError> {
+        Ok(self.shape_only(spec, io)?.0)
+    }
+
+    /// The network built on shape-only tensors (usable for [`SegNetwork::layers`], not for
+    /// forward) and its parameter list.
+    pub fn shape_only(
+        &self,
+        spec: &plans::ArchitectureSpec,
+        io: &NetworkIo,
+    ) -> Result<(Vec<ParamInfo>, Box<dyn SegNetwork>), ArchError> {
+        let rec = ShapeRecorder::new();
+        let vb = VarBuilder::from_backend(Box::new(rec.clone()), DType::F32, Device::Cpu);
+        let net = self.build(spec, io, vb)?;
+        Ok((rec.params(), net))
+    }
+
+    /// Number of trainable parameters (running statistics excluded), as PyTorch counts them.
+    pub fn parameter_count(
+        &self,
+        spec: &plans::ArchitectureSpec,
+        io: &NetworkIo,
+    ) -> Result<u64, ArchError> {
+        Ok(count_trainable(&self.parameters(spec, io)?))
+    }
+}
+
+/// Sum of the element counts of the trainable entries.
+pub fn count_trainable(params: &[ParamInfo]) -> u64 {
+    params
+        .iter()
+        .filter(|p| p.trainable())
+        .map(|p| p.shape.iter().product::<usize>() as u64)
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn spec(name: &str, kwargs: Value) -> plans::ArchitectureSpec {
+        plans::ArchitectureSpec {
+            network_class_name: name.to_string(),
+            arch_kwargs: kwargs.as_object().unwrap().clone(),
+            kw_requires_import: vec![],
+        }
+    }
+
+    #[test]
+    fn names_resolve_and_unknown_lists_known() {
+        let r = Registry::default();
+        for n in [
+            "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+            "PlainConvUNet",
+        ] {
+            assert_eq!(
+                r.get(n).unwrap().name(),
+                "dynamic_network_architectures.architectures.unet.PlainConvUNet"
+            );
+        }
+        for n in [
+            "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet",
+            "ResidualEncoderUNet",
+            "ResEncUNet",
+        ] {
+            assert_eq!(
+                r.get(n).unwrap().name(),
+                "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
+            );
+        }
+        let e = r.get("dynamic_network_architectures.architectures.unet.ResidualUNet");
+        let msg = e.err().unwrap().to_string();
+        assert!(msg.contains("unknown architecture"), "{msg}");
+        assert!(msg.contains("ResEncUNet") && msg.contains("PlainConvUNet"), "{msg}");
+    }
+
+    #[test]
+    fn duplicate_registration_fails() {
+        let mut r = Registry::default();
+        let again = crate::unet::default_architectures().remove(0);
+        assert!(matches!(r.register(again), Err(ArchError::DuplicateName(_))));
+        let mut empty = Registry::empty();
+        assert!(empty.known_names().is_empty());
+        for a in crate::unet::default_architectures() {
+            empty.register(a).unwrap();
+        }
+        assert_eq!(empty.known_names(), Registry::default().known_names());
+    }
+
+    #[test]
+    fn estimate_goes_through_the_registry() {
+        let r = Registry::default();
+        let s = spec(
+            "PlainConvUNet",
+            json!({
+                "n_stages": 2, "features_per_stage": [4, 8], "conv_op": "torch.nn.Conv2d",
+                "kernel_sizes": 3, "strides": [1, 2], "n_conv_per_stage": 2,
+                "n_conv_per_stage_decoder": [1], "norm_op": null, "nonlin": null
+            }),
+        );
+        let io = NetworkIo { in_channels: 1, num_classes: 3, deep_supervision: false };
+        // same hand count as memory.rs: 576 + 528
+        assert_eq!(r.estimate(&s, &io).unwrap().conv_feature_map_size(&[8, 6]), 1104);
+    }
+}

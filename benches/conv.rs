@@ -1,1 +1,200 @@
-fn main() {}
+//! Convolution benchmarks (CPU): our N-d conv / transposed conv custom ops vs Candle's conv2d.
+//!
+//! `cargo bench --bench conv` prints one `GFLOP/s` line per workload (best of a few runs; FLOPs
+//! = 2 * MACs for a forward pass, x3 for forward + backward) and then runs the criterion
+//! groups. `NNSEG_BENCH_QUICK=1` only prints the GFLOP/s table.
+
+use architectures::ops::{self, ConvOpts, ConvTransposeOpts, NormAffine};
+use candle_core::{DType, Device, Result, Tensor, Var};
+use criterion::Criterion;
+use std::time::{Duration, Instant};
+
+struct Work {
+    name: &'static str,
+    /// multiply-adds of one forward pass (0 = not a conv: report time only)
+    macs: f64,
+    x: Var,
+    w: Option<Var>,
+    run: fn(&Tensor, Option<&Tensor>) -> Result<Tensor>,
+}
+
+fn randn(shape: &[usize]) -> Var {
+    Var::from_tensor(&Tensor::randn(0f32, 1f32, shape, &Device::Cpu).unwrap()).unwrap()
+}
+
+fn conv_p1(x: &Tensor, w: Option<&Tensor>) -> Result<Tensor> {
+    let w = w.expect("weight");
+    ops::conv(x, w, None, &ConvOpts::new().padding([1]))
+}
+fn conv_aniso(x: &Tensor, w: Option<&Tensor>) -> Result<Tensor> {
+    let w = w.expect("weight");
+    ops::conv(x, w, None, &ConvOpts::new().padding([0, 1, 1]))
+}
+fn conv_aniso_s122(x: &Tensor, w: Option<&Tensor>) -> Result<Tensor> {
+    let w = w.expect("weight");
+    ops::conv(
+        x,
+        w,
+        None,
+        &ConvOpts::new().padding([0, 1, 1]).stride([1, 2, 2]),
+    )
+}
+fn convt_k2(x: &Tensor, w: Option<&Tensor>) -> Result<Tensor> {
+    let w = w.expect("weight");
+    ops::conv_transpose(x, w, None, &ConvTransposeOpts::new().stride([2]))
+}
+fn candle_conv2d(x: &Tensor, w: Option<&Tensor>) -> Result<Tensor> {
+    let w = w.expect("weight");
+    x.conv2d(w, 1, 1, 1, 1)
+}
+fn in_lrelu(x: &Tensor, _w: Option<&Tensor>) -> Result<Tensor> {
+    let y = ops::instance_norm(x, NormAffine::none(), 1e-5)?;
+    ops::leaky_relu(&y, 0.01)
+}
+
+fn workloads() -> Vec<Work> {
+    let macs_conv = |n: f64, cin: f64, cout: f64, k: f64, out: f64| n * cin * cout * k * out;
+    vec![
+        Work {
+            name: "conv2d (2,32,256,256) 3x3 32->32",
+            macs: macs_conv(2.0, 32.0, 32.0, 9.0, 65536.0),
+            x: randn(&[2, 32, 256, 256]),
+            w: Some(randn(&[32, 32, 3, 3])),
+            run: conv_p1,
+        },
+        Work {
+            name: "candle conv2d (2,32,256,256) 3x3 32->32",
+            macs: macs_conv(2.0, 32.0, 32.0, 9.0, 65536.0),
+            x: randn(&[2, 32, 256, 256]),
+            w: Some(randn(&[32, 32, 3, 3])),
+            run: candle_conv2d,
+        },
+        Work {
+            name: "conv3d (2,32,64,64,64) 3x3x3 32->32",
+            macs: macs_conv(2.0, 32.0, 32.0, 27.0, 262144.0),
+            x: randn(&[2, 32, 64, 64, 64]),
+            w: Some(randn(&[32, 32, 3, 3, 3])),
+            run: conv_p1,
+        },
+        Work {
+            name: "conv3d (2,32,16,128,128) 1x3x3 32->32",
+            macs: macs_conv(2.0, 32.0, 32.0, 9.0, 16.0 * 128.0 * 128.0),
+            x: randn(&[2, 32, 16, 128, 128]),
+            w: Some(randn(&[32, 32, 1, 3, 3])),
+            run: conv_aniso,
+        },
+        Work {
+            name: "conv3d (2,32,16,128,128) 1x3x3 s(1,2,2)",
+            macs: macs_conv(2.0, 32.0, 32.0, 9.0, 16.0 * 64.0 * 64.0),
+            x: randn(&[2, 32, 16, 128, 128]),
+            w: Some(randn(&[32, 32, 1, 3, 3])),
+            run: conv_aniso_s122,
+        },
+        Work {
+            name: "conv_transpose3d k=s=2 (2,64,32^3)->32",
+            macs: macs_conv(2.0, 64.0, 32.0, 8.0, 32768.0),
+            x: randn(&[2, 64, 32, 32, 32]),
+            w: Some(randn(&[64, 32, 2, 2, 2])),
+            run: convt_k2,
+        },
+        Work {
+            name: "instance_norm+leaky_relu (2,32,64^3)",
+            macs: 0.0,
+            x: randn(&[2, 32, 64, 64, 64]),
+            w: None,
+            run: in_lrelu,
+        },
+    ]
+}
+
+fn fwd(wk: &Work) -> Result<Tensor> {
+    (wk.run)(wk.x.as_tensor(), wk.w.as_ref().map(|w| w.as_tensor()))
+}
+
+fn fwd_bwd(wk: &Work, r: &Tensor) -> Result<()> {
+    let y = fwd(wk)?;
+    let loss = (y * r)?.sum_all()?;
+    let g = loss.backward()?;
+    std::hint::black_box(g.get(wk.x.as_tensor()).map(|t| t.dims().len()));
+    Ok(())
+}
+
+fn best_of(n: usize, mut f: impl FnMut()) -> Duration {
+    f(); // warm-up
+    (0..n)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed()
+        })
+        .min()
+        .unwrap_or_default()
+}
+
+fn report(name: &str, pass: &str, macs: f64, mult: f64, d: Duration) {
+    let s = d.as_secs_f64();
+    if macs > 0.0 {
+        println!(
+            "GFLOP/s {name:<44} {pass:<8} {:8.4} s {:8.1} GFLOP/s",
+            s,
+            2.0 * macs * mult / s / 1e9
+        );
+    } else {
+        println!("time    {name:<44} {pass:<8} {s:8.4} s");
+    }
+}
+
+fn main() {
+    let quick = std::env::var("NNSEG_BENCH_QUICK").is_ok();
+    let runs: usize = std::env::var("NNSEG_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let filter: Option<String> = std::env::args()
+        .skip(1)
+        .find(|a| !a.starts_with('-'))
+        .filter(|a| !a.is_empty());
+    #[cfg(target_arch = "x86_64")]
+    let avx512 = is_x86_feature_detected!("avx512f");
+    #[cfg(not(target_arch = "x86_64"))]
+    let avx512 = false;
+    println!(
+        "threads: {}, avx512f: {avx512}",
+        candle_core::utils::get_num_threads()
+    );
+    let works: Vec<Work> = workloads()
+        .into_iter()
+        .filter(|w| filter.as_ref().is_none_or(|f| w.name.starts_with(f.as_str())))
+        .collect();
+    for wk in &works {
+        let y = fwd(wk).expect("forward runs");
+        let r = Tensor::randn(0f32, 1f32, y.dims(), &Device::Cpu).expect("randn");
+        drop(y);
+        let d = best_of(runs, || {
+            std::hint::black_box(fwd(wk).expect("forward"));
+        });
+        report(wk.name, "fwd", wk.macs, 1.0, d);
+        let d = best_of(runs, || fwd_bwd(wk, &r).expect("backward"));
+        report(wk.name, "fwd+bwd", wk.macs, 3.0, d);
+    }
+    if quick {
+        return;
+    }
+    let mut c = Criterion::default()
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(3))
+        .configure_from_args();
+    for wk in &works {
+        let y = fwd(wk).expect("forward runs");
+        let r = Tensor::randn(0f32, 1f32, y.dims(), &Device::Cpu)
+            .and_then(|t| t.to_dtype(DType::F32))
+            .expect("randn");
+        drop(y);
+        let mut g = c.benchmark_group(wk.name);
+        g.bench_function("fwd", |b| b.iter(|| fwd(wk).expect("forward")));
+        g.bench_function("fwd+bwd", |b| b.iter(|| fwd_bwd(wk, &r).expect("backward")));
+        g.finish();
+    }
+    c.final_summary();
+}

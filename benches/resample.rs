@@ -5,9 +5,7 @@
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ndarray::Array4;
 use plans::ResamplingKwargs;
-use preprocessing::resampling::{
-    compute_new_shape, resample_data_to_shape, resample_seg_to_shape,
-};
+use preprocessing::resampling::{compute_new_shape, resample_data_to_shape, resample_seg_to_shape};
 
 const SHAPE: [usize; 3] = [100, 512, 512];
 
@@ -20,7 +18,11 @@ fn make_image() -> Array4<f32> {
         state ^= state << 17;
         let noise = (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
         let (fy, fx) = (y as f32 - 256.0, x as f32 - 256.0);
-        let body = if fy * fy + fx * fx < 200.0 * 200.0 { 40.0 } else { -1000.0 };
+        let body = if fy * fy + fx * fx < 200.0 * 200.0 {
+            40.0
+        } else {
+            -1000.0
+        };
         body + 30.0 * ((z as f32) * 0.1).sin() + 20.0 * noise
     })
 }
@@ -55,11 +57,13 @@ fn target(spacing: [f64; 3], new_spacing: [f64; 3]) -> [usize; 3] {
     [s[0], s[1], s[2]]
 }
 
+/// (name, current spacing, new spacing, force_separate_z)
+type Case = (&'static str, [f64; 3], [f64; 3], Option<bool>);
+
 fn bench(c: &mut Criterion) {
     let image = make_image();
     let seg = make_seg();
-    // (name, current spacing, new spacing, force_separate_z)
-    let cases: [(&str, [f64; 3], [f64; 3], Option<bool>); 3] = [
+    let cases: [Case; 3] = [
         // anisotropic CT: nnU-Net picks separate z; in-plane 0.7 -> 1.0, z kept
         ("sepz_inplane", [2.5, 0.7, 0.7], [2.5, 1.0, 1.0], None),
         // separate z with the low-resolution axis resampled too (nearest, order_z 0)

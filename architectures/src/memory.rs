@@ -68,14 +68,20 @@ impl UNetTopology {
             if len == want {
                 Ok(())
             } else {
-                Err(TopologyError(format!("{name} has {len} entries, expected {want}")))
+                Err(TopologyError(format!(
+                    "{name} has {len} entries, expected {want}"
+                )))
             }
         };
         check("features_per_stage", self.features_per_stage.len(), n)?;
         check("kernel_sizes", self.kernel_sizes.len(), n)?;
         check("strides", self.strides.len(), n)?;
         check("n_conv_per_stage", self.n_conv_per_stage.len(), n)?;
-        check("n_conv_per_stage_decoder", self.n_conv_per_stage_decoder.len(), n - 1)?;
+        check(
+            "n_conv_per_stage_decoder",
+            self.n_conv_per_stage_decoder.len(),
+            n - 1,
+        )?;
         for (s, st) in self.strides.iter().enumerate() {
             check(&format!("strides[{s}]"), st.len(), dim)?;
             if st.contains(&0) {
@@ -86,7 +92,9 @@ impl UNetTopology {
             check(&format!("kernel_sizes[{s}]"), k.len(), dim)?;
         }
         if self.n_conv_per_stage.contains(&0) {
-            return Err(TopologyError("n_conv_per_stage entries must be >= 1".into()));
+            return Err(TopologyError(
+                "n_conv_per_stage entries must be >= 1".into(),
+            ));
         }
         Ok(())
     }
@@ -197,7 +205,9 @@ impl MemoryEstimate for UNetEstimate {
     fn conv_feature_map_size(&self, patch: &[usize]) -> u64 {
         match self.variant {
             UNetVariant::PlainConv => plain_conv_unet_feature_map_size(&self.topology, patch),
-            UNetVariant::ResidualEncoder => residual_encoder_unet_feature_map_size(&self.topology, patch),
+            UNetVariant::ResidualEncoder => {
+                residual_encoder_unet_feature_map_size(&self.topology, patch)
+            }
         }
     }
 }
@@ -246,10 +256,16 @@ mod tests {
         // enc: 2*35 + 4*6 + 8*2 = 70+24+16 = 110
         // dec s=0 (j=1, 4ch, 6 vox): 1*4*6 + 4*6 = 48 (no seg)
         // dec s=1 (j=0, 2ch, 35 vox): 2*35 + 2*35 + 2*35 = 210
-        assert_eq!(plain_conv_unet_feature_map_size(&t, &[7, 5]), 110 + 48 + 210);
+        assert_eq!(
+            plain_conv_unet_feature_map_size(&t, &[7, 5]),
+            110 + 48 + 210
+        );
         // deep supervision adds the low-res head: 2*6
         t.deep_supervision = true;
-        assert_eq!(plain_conv_unet_feature_map_size(&t, &[7, 5]), 110 + 48 + 210 + 12);
+        assert_eq!(
+            plain_conv_unet_feature_map_size(&t, &[7, 5]),
+            110 + 48 + 210 + 12
+        );
     }
 
     #[test]
@@ -260,26 +276,65 @@ mod tests {
         // stage 0: in 4 == out 4, same size -> 2*4*48 = 384 (no projection)
         // stage 1: block0 2*8*12 + projection 8*12 = 288; block1 2*8*12 = 192
         // decoder: 192 + 192 + 144 = 528
-        assert_eq!(residual_encoder_unet_feature_map_size(&t, &[8, 6]), 192 + 384 + 288 + 192 + 528);
+        assert_eq!(
+            residual_encoder_unet_feature_map_size(&t, &[8, 6]),
+            192 + 384 + 288 + 192 + 528
+        );
     }
 
     #[test]
     fn reference_values_plain() {
         // nnunet-v2.md §8.3 (computed with dna 0.4.4), 3 classes, no DS
-        let t3 = topo(3, &[32, 64, 128, 256, 320, 320], &[1, 2, 2, 2, 2, 2], &[2; 6], &[2; 5], 3, false);
-        assert_eq!(plain_conv_unet_feature_map_size(&t3, &[128, 128, 128]), 452_796_416);
-        let t2 = topo(2, &[32, 64, 128, 256, 512, 512, 512], &[1, 2, 2, 2, 2, 2, 2], &[2; 7], &[2; 6], 3, false);
-        assert_eq!(plain_conv_unet_feature_map_size(&t2, &[512, 512]), 82_771_968);
+        let t3 = topo(
+            3,
+            &[32, 64, 128, 256, 320, 320],
+            &[1, 2, 2, 2, 2, 2],
+            &[2; 6],
+            &[2; 5],
+            3,
+            false,
+        );
+        assert_eq!(
+            plain_conv_unet_feature_map_size(&t3, &[128, 128, 128]),
+            452_796_416
+        );
+        let t2 = topo(
+            2,
+            &[32, 64, 128, 256, 512, 512, 512],
+            &[1, 2, 2, 2, 2, 2, 2],
+            &[2; 7],
+            &[2; 6],
+            3,
+            false,
+        );
+        assert_eq!(
+            plain_conv_unet_feature_map_size(&t2, &[512, 512]),
+            82_771_968
+        );
     }
 
     #[test]
     fn reference_values_residual() {
         let enc = [1, 3, 4, 6, 6, 6];
-        let mut t3 = topo(3, &[32, 64, 128, 256, 320, 320], &[1, 2, 2, 2, 2, 2], &enc, &[1; 5], 3, false);
-        assert_eq!(residual_encoder_unet_feature_map_size(&t3, &[128, 128, 128]), 557_420_544);
+        let mut t3 = topo(
+            3,
+            &[32, 64, 128, 256, 320, 320],
+            &[1, 2, 2, 2, 2, 2],
+            &enc,
+            &[1; 5],
+            3,
+            false,
+        );
+        assert_eq!(
+            residual_encoder_unet_feature_map_size(&t3, &[128, 128, 128]),
+            557_420_544
+        );
         // the value in nnU-Net's residual_encoder_unet_planners.py __main__ (deep supervision on)
         t3.deep_supervision = true;
-        assert_eq!(residual_encoder_unet_feature_map_size(&t3, &[128, 128, 128]), 558_319_104);
+        assert_eq!(
+            residual_encoder_unet_feature_map_size(&t3, &[128, 128, 128]),
+            558_319_104
+        );
         let t2 = topo(
             2,
             &[32, 64, 128, 256, 512, 512, 512],
@@ -289,8 +344,14 @@ mod tests {
             3,
             true,
         );
-        assert_eq!(residual_encoder_unet_feature_map_size(&t2, &[512, 512]), 129_793_792);
-        let est = UNetEstimate { variant: UNetVariant::ResidualEncoder, topology: t2 };
+        assert_eq!(
+            residual_encoder_unet_feature_map_size(&t2, &[512, 512]),
+            129_793_792
+        );
+        let est = UNetEstimate {
+            variant: UNetVariant::ResidualEncoder,
+            topology: t2,
+        };
         assert_eq!(est.conv_feature_map_size(&[512, 512]), 129_793_792);
     }
 

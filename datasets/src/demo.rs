@@ -87,7 +87,9 @@ impl Texture {
                 let wavelength = rng.gen_range(15.0..45.0);
                 let k = 2.0 * PI / wavelength;
                 let dir = [gauss(rng), gauss(rng), gauss(rng)];
-                let norm = (dir[0] * dir[0] + dir[1] * dir[1] + dir[2] * dir[2]).sqrt().max(1e-9);
+                let norm = (dir[0] * dir[0] + dir[1] * dir[1] + dir[2] * dir[2])
+                    .sqrt()
+                    .max(1e-9);
                 (
                     [k * dir[0] / norm, k * dir[1] / norm, k * dir[2] / norm],
                     rng.gen_range(0.0..2.0 * PI),
@@ -128,38 +130,52 @@ fn make_case_3d(seed: u64, idx: usize) -> Case3d {
     ];
     let half_y = ny as f64 * sxy / 2.0;
     let half_x = nx as f64 * sxy / 2.0;
-    let fov_r = 0.98 * half_y.min(half_x);
-    // body: elliptic cylinder through all slices
-    let body = [0.0, rng.gen_range(0.70..0.80) * half_y, rng.gen_range(0.80..0.90) * half_x];
+    // scanner field of view: values are exactly 0 outside it (what crop-to-nonzero removes)
+    let fov_r = 0.9 * half_y.min(half_x);
+    // body: elliptic cylinder through all slices, inside the field of view
+    let body = [
+        0.0,
+        rng.gen_range(0.72..0.80) * fov_r,
+        rng.gen_range(0.82..0.92) * fov_r,
+    ];
     // organ: ellipsoid inside the body
     let half_z = nz as f64 * sz / 2.0;
     let organ_axes = [
         rng.gen_range(0.45..0.6) * half_z,
-        rng.gen_range(0.30..0.38) * body[1],
-        rng.gen_range(0.30..0.38) * body[2],
+        rng.gen_range(0.45..0.6) * body[1],
+        rng.gen_range(0.45..0.6) * body[2],
     ];
     let organ_c = [
         rng.gen_range(-0.15..0.15) * half_z,
-        rng.gen_range(-0.2..0.2) * body[1],
-        rng.gen_range(-0.2..0.2) * body[2],
+        rng.gen_range(-0.15..0.15) * body[1],
+        rng.gen_range(-0.15..0.15) * body[2],
     ];
     let (f1, f2) = (rng.gen_range(2..5) as f64, rng.gen_range(1..4) as f64);
     let (p1, p2) = (rng.gen_range(0.0..2.0 * PI), rng.gen_range(0.0..2.0 * PI));
     let wobble = rng.gen_range(0.08..0.15);
     let organ_hu = rng.gen_range(90.0..120.0);
     let n_lesions = rng.gen_range(1..=2);
-    let lesions: Vec<([f64; 3], f64, f64)> = (0..n_lesions)
+    // lesions: ellipsoids (radius r in-plane, at least ~1.2 slices in z) inside the organ
+    let lesions: Vec<([f64; 3], [f64; 3], f64)> = (0..n_lesions)
         .map(|_| {
-            // inside the organ: at most half way to its boundary
-            let u = [rng.gen_range(-0.45..0.45), rng.gen_range(-0.45..0.45), rng.gen_range(-0.45..0.45)];
+            let u = [
+                rng.gen_range(-0.4..0.4),
+                rng.gen_range(-0.4..0.4),
+                rng.gen_range(-0.4..0.4),
+            ];
             let c = [
                 organ_c[0] + u[0] * organ_axes[0],
                 organ_c[1] + u[1] * organ_axes[1],
                 organ_c[2] + u[2] * organ_axes[2],
             ];
-            let r = rng.gen_range(3.0..5.5f64).min(0.4 * organ_axes[1].min(organ_axes[2]));
-            let hu = if rng.gen_bool(0.5) { rng.gen_range(170.0..220.0) } else { rng.gen_range(-20.0..15.0) };
-            (c, r.max(2.0 * sxy), hu)
+            let r = rng.gen_range(0.28..0.4) * organ_axes[1].min(organ_axes[2]);
+            let r = r.max(3.0 * sxy);
+            let hu = if rng.gen_bool(0.5) {
+                rng.gen_range(170.0..220.0)
+            } else {
+                rng.gen_range(-20.0..15.0)
+            };
+            (c, [r.max(1.2 * sz), r, r], hu)
         })
         .collect();
     let texture = Texture::new(&mut rng, 4, 8.0);
@@ -201,8 +217,10 @@ fn make_case_3d(seed: u64, idx: usize) -> Case3d {
                 *lab = 1;
                 v += organ_hu - 40.0;
                 for (c, r, hu) in &lesions {
-                    let dd = ((p[0] - c[0]).powi(2) + (p[1] - c[1]).powi(2) + (p[2] - c[2]).powi(2)).sqrt();
-                    if dd <= *r {
+                    let dd = ((p[0] - c[0]) / r[0]).powi(2)
+                        + ((p[1] - c[1]) / r[1]).powi(2)
+                        + ((p[2] - c[2]) / r[2]).powi(2);
+                    if dd <= 1.0 {
                         *lab = 2;
                         v += hu - organ_hu;
                         break;
@@ -213,7 +231,7 @@ fn make_case_3d(seed: u64, idx: usize) -> Case3d {
         });
     let props = ImageProperties {
         spacing,
-        origin: [-half_x, -half_y, -half_z + 100.0 * idx as f64],
+        origin: [-half_x, -half_y, -half_z],
         direction: IDENTITY_DIRECTION,
         reader: "SimpleITKIO".to_string(),
         nifti: None,
@@ -225,11 +243,21 @@ fn make_demo_3d(raw_root: &Path, seed: u64) -> Result<PathBuf, DatasetError> {
     let folder = raw_root.join(DEMO_3D_NAME);
     let (images, labels) = prepare_folders(&folder)?;
     let ending = ".nii.gz";
-    let ids: Vec<String> = (0..DEMO_3D_CASES).map(|i| format!("demo3d_{i:03}")).collect();
+    let ids: Vec<String> = (0..DEMO_3D_CASES)
+        .map(|i| format!("demo3d_{i:03}"))
+        .collect();
     ids.par_iter().enumerate().try_for_each(|(i, id)| {
         let c = make_case_3d(seed, i);
-        write_image(&images.join(format!("{id}_0000{ending}")), c.image.view(), &c.props)?;
-        write_seg(&labels.join(format!("{id}{ending}")), c.seg.view(), &c.props)
+        write_image(
+            &images.join(format!("{id}_0000{ending}")),
+            c.image.view(),
+            &c.props,
+        )?;
+        write_seg(
+            &labels.join(format!("{id}{ending}")),
+            c.seg.view(),
+            &c.props,
+        )
     })?;
     let keep_img: Vec<String> = ids.iter().map(|id| format!("{id}_0000{ending}")).collect();
     let keep_lab: Vec<String> = ids.iter().map(|id| format!("{id}{ending}")).collect();
@@ -285,9 +313,19 @@ fn make_case_2d(seed: u64, idx: usize) -> (Array3<f32>, Array3<i16>) {
             ];
             let angle = rng.gen_range(0.0..PI);
             let nucleus = rng.gen_bool(0.6).then(|| {
-                let na = [axes[0] * rng.gen_range(0.3..0.45), axes[1] * rng.gen_range(0.3..0.45)];
-                let off = [rng.gen_range(-0.25..0.25) * axes[0], rng.gen_range(-0.25..0.25) * axes[1]];
-                ([centre[0] + off[0], centre[1] + off[1]], na, rng.gen_range(210.0..245.0))
+                let na = [
+                    axes[0] * rng.gen_range(0.3..0.45),
+                    axes[1] * rng.gen_range(0.3..0.45),
+                ];
+                let off = [
+                    rng.gen_range(-0.25..0.25) * axes[0],
+                    rng.gen_range(-0.25..0.25) * axes[1],
+                ];
+                (
+                    [centre[0] + off[0], centre[1] + off[1]],
+                    na,
+                    rng.gen_range(210.0..245.0),
+                )
             });
             Cell {
                 centre,
@@ -329,11 +367,17 @@ fn make_demo_2d(raw_root: &Path, seed: u64) -> Result<PathBuf, DatasetError> {
     let folder = raw_root.join(DEMO_2D_NAME);
     let (images, labels) = prepare_folders(&folder)?;
     let ending = ".png";
-    let ids: Vec<String> = (0..DEMO_2D_CASES).map(|i| format!("demo2d_{i:03}")).collect();
+    let ids: Vec<String> = (0..DEMO_2D_CASES)
+        .map(|i| format!("demo2d_{i:03}"))
+        .collect();
     let props = ImageProperties::natural_2d();
     ids.par_iter().enumerate().try_for_each(|(i, id)| {
         let (img, seg) = make_case_2d(seed, i);
-        write_image(&images.join(format!("{id}_0000{ending}")), img.view(), &props)?;
+        write_image(
+            &images.join(format!("{id}_0000{ending}")),
+            img.view(),
+            &props,
+        )?;
         write_seg(&labels.join(format!("{id}{ending}")), seg.view(), &props)
     })?;
     let keep_img: Vec<String> = ids.iter().map(|id| format!("{id}_0000{ending}")).collect();
@@ -388,7 +432,10 @@ mod tests {
         let folders = make_demo_datasets(t.path(), 42).unwrap();
         let elapsed = start.elapsed();
         eprintln!("make_demo_datasets took {elapsed:?}");
-        assert_eq!(folders, vec![t.path().join(DEMO_3D_NAME), t.path().join(DEMO_2D_NAME)]);
+        assert_eq!(
+            folders,
+            vec![t.path().join(DEMO_3D_NAME), t.path().join(DEMO_2D_NAME)]
+        );
 
         // both pass the integrity check, without warnings
         for (f, n) in folders.iter().zip([DEMO_3D_CASES, DEMO_2D_CASES]) {
@@ -405,11 +452,17 @@ mod tests {
             let (img, p) = read_images(&c.images).unwrap();
             let (seg, _) = read_seg(c.label.as_ref().unwrap()).unwrap();
             let s = img.shape();
-            assert!((18..=26).contains(&s[1]) && (56..=72).contains(&s[2]) && (56..=72).contains(&s[3]));
+            assert!(
+                (18..=26).contains(&s[1]) && (56..=72).contains(&s[2]) && (56..=72).contains(&s[3])
+            );
             assert!([2.5, 3.0, 3.5, 4.0].contains(&p.spacing[0]));
             assert!(p.spacing[1] >= 0.7 && p.spacing[1] < 0.8 && p.spacing[1] == p.spacing[2]);
             z_spacings.insert((p.spacing[0] * 10.0) as i64);
-            assert_eq!(img[[0, 0, 0, 0]], 0.0, "corner outside the field of view must be 0");
+            assert_eq!(
+                img[[0, 0, 0, 0]],
+                0.0,
+                "corner outside the field of view must be 0"
+            );
             assert!(img.iter().any(|&v| v < -900.0), "air expected");
             let n1 = seg.iter().filter(|&&v| v == 1).count();
             let n2 = seg.iter().filter(|&&v| v == 2).count();
@@ -424,21 +477,29 @@ mod tests {
                 / n1 as f64;
             assert!((60.0..150.0).contains(&organ_mean), "{organ_mean}");
         }
-        assert!(z_spacings.len() >= 2, "z spacing should vary: {z_spacings:?}");
+        assert!(
+            z_spacings.len() >= 2,
+            "z spacing should vary: {z_spacings:?}"
+        );
 
         let ds = RawDataset::open(&folders[1]).unwrap();
         for c in &ds.cases {
             let (img, p) = read_images(&c.images).unwrap();
             assert_eq!(p.spacing, [999.0, 1.0, 1.0]);
             let s = img.shape();
-            assert!(s[0] == 1 && s[1] == 1 && (96..=128).contains(&s[2]) && (96..=128).contains(&s[3]));
+            assert!(
+                s[0] == 1 && s[1] == 1 && (96..=128).contains(&s[2]) && (96..=128).contains(&s[3])
+            );
             let (seg, _) = read_seg(c.label.as_ref().unwrap()).unwrap();
             assert!(seg.iter().any(|&v| v == 1));
         }
-        let any_nucleus = ds
-            .cases
-            .iter()
-            .any(|c| read_seg(c.label.as_ref().unwrap()).unwrap().0.iter().any(|&v| v == 2));
+        let any_nucleus = ds.cases.iter().any(|c| {
+            read_seg(c.label.as_ref().unwrap())
+                .unwrap()
+                .0
+                .iter()
+                .any(|&v| v == 2)
+        });
         assert!(any_nucleus);
 
         // deterministic and idempotent: a second run gives identical bytes; another seed differs

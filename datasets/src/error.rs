@@ -37,10 +37,16 @@ pub enum DatasetError {
     #[error("invalid dataset id {input:?}: expected a number such as 4 or 004, or a dataset name such as Dataset004_Hippocampus")]
     InvalidDatasetId { input: String },
 
-    #[error("dataset id {id} is ambiguous: more than one folder matches Dataset{id:03}_*: {}", paths_list(folders))]
+    #[error(
+        "dataset id {id} is ambiguous: more than one folder matches Dataset{id:03}_*: {}",
+        paths_list(folders)
+    )]
     DuplicateDatasetId { id: u32, folders: Vec<PathBuf> },
 
-    #[error("no dataset with id {id} (a folder named Dataset{id:03}_<name>) was found. Searched:{}", bullets(searched))]
+    #[error(
+        "no dataset with id {id} (a folder named Dataset{id:03}_<name>) was found. Searched:{}",
+        bullets(searched)
+    )]
     UnknownDatasetId { id: u32, searched: Vec<String> },
 
     #[error("{var} is not set; set the environment variable or pass {flag}")]

@@ -9,6 +9,8 @@ pub mod raw;
 pub mod verify;
 
 pub use error::DatasetError;
-pub use paths::{dataset_name_from_arg, dataset_name_from_id, find_dataset_folder, parse_dataset_id, NnUnetPaths};
+pub use paths::{
+    dataset_name_from_arg, dataset_name_from_id, find_dataset_folder, parse_dataset_id, NnUnetPaths,
+};
 pub use raw::{RawCase, RawDataset};
 pub use verify::{verify_dataset_integrity, VerifyReport};

@@ -23,7 +23,9 @@ pub const PREPROCESSED_FLAG: &str = "--preprocessed";
 pub const RESULTS_FLAG: &str = "--results";
 
 fn env_path(var: &str) -> Option<PathBuf> {
-    std::env::var_os(var).filter(|v| !v.is_empty()).map(PathBuf::from)
+    std::env::var_os(var)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
 }
 
 impl NnUnetPaths {
@@ -53,10 +55,12 @@ impl NnUnetPaths {
     }
 
     pub fn preprocessed_root(&self) -> Result<&Path, DatasetError> {
-        self.preprocessed.as_deref().ok_or(DatasetError::RootNotSet {
-            var: PREPROCESSED_VAR,
-            flag: PREPROCESSED_FLAG,
-        })
+        self.preprocessed
+            .as_deref()
+            .ok_or(DatasetError::RootNotSet {
+                var: PREPROCESSED_VAR,
+                flag: PREPROCESSED_FLAG,
+            })
     }
 
     pub fn results_root(&self) -> Result<&Path, DatasetError> {
@@ -102,11 +106,15 @@ pub fn parse_dataset_id(s: &str) -> Result<u32, DatasetError> {
         None => t,
     };
     if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(DatasetError::InvalidDatasetId { input: s.to_string() });
+        return Err(DatasetError::InvalidDatasetId {
+            input: s.to_string(),
+        });
     }
     digits
         .parse::<u32>()
-        .map_err(|_| DatasetError::InvalidDatasetId { input: s.to_string() })
+        .map_err(|_| DatasetError::InvalidDatasetId {
+            input: s.to_string(),
+        })
 }
 
 /// The folder `root/DatasetXXX_*` for `id` (`XXX` = id with at least 3 digits). `Ok(None)` if
@@ -141,7 +149,11 @@ pub fn find_dataset_folder(root: &Path, id: u32) -> Result<Option<PathBuf>, Data
 pub fn dataset_name_from_id(paths: &NnUnetPaths, id: u32) -> Result<String, DatasetError> {
     let roots = [
         (RAW_VAR, RAW_FLAG, paths.raw.as_deref()),
-        (PREPROCESSED_VAR, PREPROCESSED_FLAG, paths.preprocessed.as_deref()),
+        (
+            PREPROCESSED_VAR,
+            PREPROCESSED_FLAG,
+            paths.preprocessed.as_deref(),
+        ),
         (RESULTS_VAR, RESULTS_FLAG, paths.results.as_deref()),
     ];
     let mut found: Vec<PathBuf> = Vec::new();
@@ -194,9 +206,20 @@ mod tests {
         assert_eq!(parse_dataset_id("Dataset004_Hippocampus").unwrap(), 4);
         assert_eq!(parse_dataset_id("Dataset1234_Big").unwrap(), 1234);
         assert_eq!(parse_dataset_id("Dataset027").unwrap(), 27);
-        for bad in ["", "abc", "Dataset_x", "Task004_Hippo", "-3", "4.5", "99999999999"] {
+        for bad in [
+            "",
+            "abc",
+            "Dataset_x",
+            "Task004_Hippo",
+            "-3",
+            "4.5",
+            "99999999999",
+        ] {
             let e = parse_dataset_id(bad).unwrap_err();
-            assert!(matches!(e, DatasetError::InvalidDatasetId { .. }), "{bad}: {e}");
+            assert!(
+                matches!(e, DatasetError::InvalidDatasetId { .. }),
+                "{bad}: {e}"
+            );
             assert!(e.to_string().contains("Dataset004_Hippocampus"), "{e}");
         }
     }
@@ -220,11 +243,16 @@ mod tests {
             root.join("Dataset1234_Big")
         );
         assert!(find_dataset_folder(root, 5).unwrap().is_none());
-        assert!(find_dataset_folder(&root.join("missing"), 4).unwrap().is_none());
+        assert!(find_dataset_folder(&root.join("missing"), 4)
+            .unwrap()
+            .is_none());
 
         fs::create_dir(root.join("Dataset004_Duplicate")).unwrap();
         let e = find_dataset_folder(root, 4).unwrap_err().to_string();
-        assert!(e.contains("Dataset004_Hippo") && e.contains("Dataset004_Duplicate"), "{e}");
+        assert!(
+            e.contains("Dataset004_Hippo") && e.contains("Dataset004_Duplicate"),
+            "{e}"
+        );
         assert!(e.contains("ambiguous"), "{e}");
     }
 
@@ -242,7 +270,10 @@ mod tests {
         };
         assert_eq!(dataset_name_from_id(&paths, 1).unwrap(), "Dataset001_A");
         assert_eq!(dataset_name_from_id(&paths, 2).unwrap(), "Dataset002_B");
-        assert_eq!(dataset_name_from_arg(&paths, "Dataset777_X").unwrap(), "Dataset777_X");
+        assert_eq!(
+            dataset_name_from_arg(&paths, "Dataset777_X").unwrap(),
+            "Dataset777_X"
+        );
         assert_eq!(dataset_name_from_arg(&paths, "2").unwrap(), "Dataset002_B");
 
         let e = dataset_name_from_id(&paths, 3).unwrap_err().to_string();
@@ -256,18 +287,36 @@ mod tests {
         // same id, different names in two roots
         fs::create_dir_all(pre.join("Dataset001_Renamed")).unwrap();
         let e = dataset_name_from_id(&paths, 1).unwrap_err().to_string();
-        assert!(e.contains("Dataset001_A") && e.contains("Dataset001_Renamed"), "{e}");
+        assert!(
+            e.contains("Dataset001_A") && e.contains("Dataset001_Renamed"),
+            "{e}"
+        );
     }
 
     #[test]
     fn root_helpers_explain_how_to_set_roots() {
         let paths = NnUnetPaths::default();
         let e = paths.raw_dataset_folder(4).unwrap_err().to_string();
-        assert_eq!(e, "nnUNet_raw is not set; set the environment variable or pass --raw");
-        let e = paths.preprocessed_dataset_folder("Dataset004_X").unwrap_err().to_string();
-        assert!(e.contains("nnUNet_preprocessed") && e.contains("--preprocessed"), "{e}");
-        let e = paths.results_dataset_folder("Dataset004_X").unwrap_err().to_string();
-        assert!(e.contains("nnUNet_results") && e.contains("--results"), "{e}");
+        assert_eq!(
+            e,
+            "nnUNet_raw is not set; set the environment variable or pass --raw"
+        );
+        let e = paths
+            .preprocessed_dataset_folder("Dataset004_X")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("nnUNet_preprocessed") && e.contains("--preprocessed"),
+            "{e}"
+        );
+        let e = paths
+            .results_dataset_folder("Dataset004_X")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("nnUNet_results") && e.contains("--results"),
+            "{e}"
+        );
 
         let t = tempfile::tempdir().unwrap();
         let paths = NnUnetPaths {
@@ -276,7 +325,10 @@ mod tests {
             results: Some(t.path().join("r")),
         };
         let e = paths.raw_dataset_folder(9).unwrap_err().to_string();
-        assert!(e.contains("Dataset009_") && e.contains(&t.path().display().to_string()), "{e}");
+        assert!(
+            e.contains("Dataset009_") && e.contains(&t.path().display().to_string()),
+            "{e}"
+        );
         assert_eq!(
             paths.preprocessed_dataset_folder("Dataset009_X").unwrap(),
             t.path().join("p/Dataset009_X")

@@ -100,6 +100,11 @@ impl RawDataset {
         })
     }
 
+    /// Opens the raw dataset with id `id` below `paths.raw` (`nnUNet_raw/DatasetXXX_Name`).
+    pub fn open_id(paths: &crate::NnUnetPaths, id: u32) -> Result<Self, DatasetError> {
+        Self::open(&paths.raw_dataset_folder(id)?)
+    }
+
     /// Image format of the dataset's `file_ending`.
     pub fn format(&self) -> Format {
         Format::from_ending(&self.json.file_ending).unwrap_or(Format::NiftiGz)
@@ -135,7 +140,10 @@ impl RawDataset {
                 missing.len(),
                 missing
                     .iter()
-                    .map(|c| self.expected_label_path(&c.identifier).display().to_string())
+                    .map(|c| self
+                        .expected_label_path(&c.identifier)
+                        .display()
+                        .to_string())
                     .collect::<Vec<_>>()
                     .join(", ")
             ),
@@ -173,7 +181,9 @@ fn scan_cases(
     if !images_dir.is_dir() {
         return Err(DatasetError::Layout {
             folder: folder.to_path_buf(),
-            message: "imagesTr is missing (and dataset.json has no \"dataset\" key listing the files)".to_string(),
+            message:
+                "imagesTr is missing (and dataset.json has no \"dataset\" key listing the files)"
+                    .to_string(),
         });
     }
     let ending = json.file_ending.as_str();
@@ -207,7 +217,8 @@ fn scan_cases(
     let labels_dir = folder.join("labelsTr");
     let mut cases = Vec::with_capacity(by_case.len());
     for (case, channels) in by_case {
-        let rgb_single = single_file_rgb_allowed(format, n, channels.len()) && channels.contains_key(&0);
+        let rgb_single =
+            single_file_rgb_allowed(format, n, channels.len()) && channels.contains_key(&0);
         if !rgb_single {
             for c in 0..n as u32 {
                 if !channels.contains_key(&c) {
@@ -302,13 +313,19 @@ fn explicit_cases(
         }
         for p in &images {
             if !p.is_file() {
-                problems.push(format!("case {case}: image file {} does not exist", p.display()));
+                problems.push(format!(
+                    "case {case}: image file {} does not exist",
+                    p.display()
+                ));
             }
         }
         let label = entry.label.as_deref().map(|p| resolve(folder, p));
         if let Some(l) = &label {
             if !l.is_file() {
-                problems.push(format!("case {case}: label file {} does not exist", l.display()));
+                problems.push(format!(
+                    "case {case}: label file {} does not exist",
+                    l.display()
+                ));
             }
         }
         cases.push(RawCase {
@@ -326,7 +343,11 @@ mod tests {
 
     pub(crate) fn write_json(folder: &Path, v: serde_json::Value) {
         fs::create_dir_all(folder).unwrap();
-        fs::write(folder.join("dataset.json"), serde_json::to_string_pretty(&v).unwrap()).unwrap();
+        fs::write(
+            folder.join("dataset.json"),
+            serde_json::to_string_pretty(&v).unwrap(),
+        )
+        .unwrap();
     }
 
     fn touch(p: &Path) {
@@ -349,7 +370,10 @@ mod tests {
             split_channel_file("case_001_0000.nii.gz", ".nii.gz"),
             Some(("case_001".to_string(), 0))
         );
-        assert_eq!(split_channel_file("a_0012.png", ".png"), Some(("a".to_string(), 12)));
+        assert_eq!(
+            split_channel_file("a_0012.png", ".png"),
+            Some(("a".to_string(), 12))
+        );
         assert_eq!(split_channel_file("case.nii.gz", ".nii.gz"), None);
         assert_eq!(split_channel_file("case_00x1.nii.gz", ".nii.gz"), None);
         assert_eq!(split_channel_file("_0000.nii.gz", ".nii.gz"), None);
@@ -369,6 +393,11 @@ mod tests {
         touch(&d.join("imagesTr/.DS_Store"));
         touch(&d.join("imagesTr/notes.txt"));
         let ds = RawDataset::open(&d).unwrap();
+        let paths = crate::NnUnetPaths {
+            raw: Some(t.path().to_path_buf()),
+            ..Default::default()
+        };
+        assert_eq!(RawDataset::open_id(&paths, 4).unwrap().cases, ds.cases);
         assert_eq!(ds.name, "Dataset004_Test");
         assert_eq!(ds.identifiers(), vec!["a_case", "b_case"]);
         assert_eq!(
@@ -439,13 +468,19 @@ mod tests {
         touch(&d.join("imagesTr/other_0000.nii.gz"));
         let ds = RawDataset::open(&d).unwrap();
         assert_eq!(ds.identifiers(), vec!["a1", "z1"]);
-        assert_eq!(ds.cases[0].images[1], t.path().join("elsewhere/a1_t2.nii.gz"));
+        assert_eq!(
+            ds.cases[0].images[1],
+            t.path().join("elsewhere/a1_t2.nii.gz")
+        );
         assert_eq!(ds.cases[0].label, None);
         assert_eq!(ds.cases[1].label, Some(d.join("segs/z1.nii.gz")));
 
         fs::remove_file(d.join("imgs/z1_t2.nii.gz")).unwrap();
         let e = RawDataset::open(&d).unwrap_err().to_string();
-        assert!(e.contains("case z1: image file") && e.contains("z1_t2.nii.gz does not exist"), "{e}");
+        assert!(
+            e.contains("case z1: image file") && e.contains("z1_t2.nii.gz does not exist"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -453,7 +488,10 @@ mod tests {
         std::env::set_var("NNSEG_EXPAND_TEST", "/data");
         assert_eq!(expand_vars("$NNSEG_EXPAND_TEST/x"), "/data/x");
         assert_eq!(expand_vars("${NNSEG_EXPAND_TEST}y"), "/datay");
-        assert_eq!(expand_vars("$NNSEG_UNSET_VAR_QQ/x"), "$NNSEG_UNSET_VAR_QQ/x");
+        assert_eq!(
+            expand_vars("$NNSEG_UNSET_VAR_QQ/x"),
+            "$NNSEG_UNSET_VAR_QQ/x"
+        );
         assert_eq!(expand_vars("a$"), "a$");
         assert_eq!(expand_vars("ü$"), "ü$");
     }
@@ -461,7 +499,9 @@ mod tests {
     #[test]
     fn clear_errors_for_missing_folder_json_and_ending() {
         let t = tempfile::tempdir().unwrap();
-        let e = RawDataset::open(&t.path().join("nope")).unwrap_err().to_string();
+        let e = RawDataset::open(&t.path().join("nope"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("does not exist"), "{e}");
         let d = t.path().join("Dataset006_X");
         fs::create_dir_all(&d).unwrap();

@@ -51,7 +51,10 @@ fn expected_labels(ds: &RawDataset) -> Vec<i64> {
 
 /// Checks the dataset and returns a report, or an error listing every problem found. Cases are
 /// checked in parallel on a pool of `num_workers` threads (one case in memory per worker).
-pub fn verify_dataset_integrity(ds: &RawDataset, num_workers: usize) -> Result<VerifyReport, DatasetError> {
+pub fn verify_dataset_integrity(
+    ds: &RawDataset,
+    num_workers: usize,
+) -> Result<VerifyReport, DatasetError> {
     let mut errors = Vec::new();
     let mut warnings = Vec::new();
     let json = &ds.json;
@@ -86,9 +89,15 @@ pub fn verify_dataset_integrity(ds: &RawDataset, num_workers: usize) -> Result<V
         let where_ = if json.dataset.is_some() {
             "dataset.json's \"dataset\" entry has no \"label\"".to_string()
         } else {
-            format!("expected {}", ds.expected_label_path(&c.identifier).display())
+            format!(
+                "expected {}",
+                ds.expected_label_path(&c.identifier).display()
+            )
         };
-        errors.push(format!("case {}: label file missing ({where_})", c.identifier));
+        errors.push(format!(
+            "case {}: label file missing ({where_})",
+            c.identifier
+        ));
     }
 
     if json.dataset.is_none() {
@@ -98,7 +107,9 @@ pub fn verify_dataset_integrity(ds: &RawDataset, num_workers: usize) -> Result<V
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(num_workers.max(1))
         .build()
-        .map_err(|e| DatasetError::Other(format!("cannot start {num_workers} worker threads: {e}")))?;
+        .map_err(|e| {
+            DatasetError::Other(format!("cannot start {num_workers} worker threads: {e}"))
+        })?;
     let per_case: Vec<CaseResult> = pool.install(|| {
         ds.cases
             .par_iter()
@@ -199,7 +210,11 @@ fn check_case(ds: &RawDataset, case: &RawCase, expected: &[i64]) -> CaseResult {
             return r;
         }
     };
-    let first_image = case.images.first().map(|p| p.display().to_string()).unwrap_or_default();
+    let first_image = case
+        .images
+        .first()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
     let img_shape = &images.data.shape()[1..];
     let seg_shape = &seg.shape()[1..];
     if img_shape != seg_shape {

@@ -13,13 +13,21 @@ pub enum PlannerError {
     DatasetJson(String),
     /// A planner option is invalid (`-gpu_memory_target`, `-overwrite_target_spacing`, ...).
     #[error("invalid planner option {option}: {message}")]
-    InvalidOption { option: &'static str, message: String },
+    InvalidOption {
+        option: &'static str,
+        message: String,
+    },
     /// The patch could not be shrunk below the memory target.
     #[error(
         "{configuration}: cannot fit a patch into the GPU memory target (patch {patch:?}, estimate \
          {estimate}, reference {reference}); increase -gpu_memory_target"
     )]
-    PatchDoesNotFit { configuration: String, patch: Vec<usize>, estimate: u64, reference: f64 },
+    PatchDoesNotFit {
+        configuration: String,
+        patch: Vec<usize>,
+        estimate: u64,
+        reference: f64,
+    },
     /// The 3d_lowres search did not terminate.
     #[error("3d_lowres: spacing search did not converge after {0} iterations")]
     LowresDidNotConverge(usize),

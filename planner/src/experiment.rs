@@ -5,7 +5,7 @@
 //! file we write is the file nnU-Net writes. [`crate::plan_experiment`] wraps it for the typed
 //! `plans` crate.
 
-use architectures::memory::{MemoryEstimate, UNetEstimate, UNetTopology};
+use crate::arch_memory::{MemoryEstimate, UNetEstimate, UNetTopology};
 use preprocessing::normalization::Normalization;
 use preprocessing::resampling::compute_new_shape;
 use serde_json::{json, Map, Value};
@@ -50,7 +50,9 @@ impl Default for PlannerOptions {
 impl PlannerOptions {
     /// The plans identifier (`nnUNetPlans`, `nnUNetResEncUNetLPlans`, or the override).
     pub fn plans_name(&self) -> String {
-        self.overwrite_plans_name.clone().unwrap_or_else(|| self.kind.constants().default_plans_name.to_string())
+        self.overwrite_plans_name
+            .clone()
+            .unwrap_or_else(|| self.kind.constants().default_plans_name.to_string())
     }
 }
 
@@ -114,7 +116,9 @@ pub struct Planner<'a> {
 
 /// Wrap a float for JSON; `None` for non-finite values (which JSON cannot hold).
 fn f(v: f64) -> Value {
-    serde_json::Number::from_f64(v).map(Value::Number).unwrap_or(Value::Null)
+    serde_json::Number::from_f64(v)
+        .map(Value::Number)
+        .unwrap_or(Value::Null)
 }
 
 fn permute<T: Copy>(v: &[T], order: &[usize]) -> Vec<T> {
@@ -123,16 +127,23 @@ fn permute<T: Copy>(v: &[T], order: &[usize]) -> Vec<T> {
 
 impl<'a> Planner<'a> {
     /// Validate options and input.
-    pub fn new(input: &'a PlanningInput, options: &'a PlannerOptions) -> Result<Self, PlannerError> {
+    pub fn new(
+        input: &'a PlanningInput,
+        options: &'a PlannerOptions,
+    ) -> Result<Self, PlannerError> {
         let constants = options.kind.constants();
-        let gpu = options.gpu_memory_target_gb.unwrap_or(constants.default_gpu_memory_target_gb);
+        let gpu = options
+            .gpu_memory_target_gb
+            .unwrap_or(constants.default_gpu_memory_target_gb);
         if !(gpu.is_finite() && gpu > 0.0) {
             return Err(PlannerError::InvalidOption {
                 option: "-gpu_memory_target",
                 message: format!("must be a positive number of GB, got {gpu}"),
             });
         }
-        if options.kind != PlannerKind::ExperimentPlanner && gpu != constants.default_gpu_memory_target_gb {
+        if options.kind != PlannerKind::ExperimentPlanner
+            && gpu != constants.default_gpu_memory_target_gb
+        {
             tracing::warn!(
                 "You are running {} with a non-standard gpu_memory_target_in_gb. Expected {}, got {}. You \
                  should only see this warning if you modified this value intentionally!",
@@ -159,7 +170,12 @@ impl<'a> Planner<'a> {
                 });
             }
         }
-        Ok(Planner { constants, options, input, gpu_memory_target_gb: gpu })
+        Ok(Planner {
+            constants,
+            options,
+            input,
+            gpu_memory_target_gb: gpu,
+        })
     }
 
     /// The GPU memory target actually used.
@@ -167,17 +183,17 @@ impl<'a> Planner<'a> {
         self.gpu_memory_target_gb
     }
 
-    fn spacing_dim(&self) -> usize {
-        self.input.spacings[0].len()
-    }
-
     /// `determine_fullres_target_spacing` without the override: per-axis median spacing, except
     /// for strongly anisotropic data, where the low-resolution axis gets the 10th percentile of
     /// its spacings (but never finer than the other axes).
     pub fn automatic_target_spacing(&self) -> Vec<f64> {
         let spacings = &self.input.spacings;
-        let sizes: Vec<Vec<f64>> =
-            self.input.shapes_after_crop.iter().map(|s| s.iter().map(|&v| v as f64).collect()).collect();
+        let sizes: Vec<Vec<f64>> = self
+            .input
+            .shapes_after_crop
+            .iter()
+            .map(|s| s.iter().map(|&v| v as f64).collect())
+            .collect();
         // validated non-empty
         let mut target = per_column(spacings, |c| percentile(c, 50.0)).unwrap_or_default();
         let target_size = per_column(&sizes, |c| percentile(c, 50.0)).unwrap_or_default();
@@ -186,8 +202,14 @@ impl<'a> Planner<'a> {
         if others.is_empty() {
             return target;
         }
-        let max_other_spacing = others.iter().map(|&i| target[i]).fold(f64::NEG_INFINITY, f64::max);
-        let min_other_size = others.iter().map(|&i| target_size[i]).fold(f64::INFINITY, f64::min);
+        let max_other_spacing = others
+            .iter()
+            .map(|&i| target[i])
+            .fold(f64::NEG_INFINITY, f64::max);
+        let min_other_size = others
+            .iter()
+            .map(|&i| target_size[i])
+            .fold(f64::INFINITY, f64::min);
         let has_aniso_spacing = target[worst] > ANISO_THRESHOLD * max_other_spacing;
         let has_aniso_voxels = target_size[worst] * ANISO_THRESHOLD < min_other_size;
         if has_aniso_spacing && has_aniso_voxels {
@@ -217,15 +239,31 @@ impl<'a> Planner<'a> {
 
     /// Normalization class names and `use_mask_for_norm` per channel.
     pub fn normalization(&self) -> (Vec<String>, Vec<bool>) {
-        let schemes: Vec<Normalization> =
-            self.input.channel_names.iter().map(|c| Normalization::from_channel_name(c)).collect();
-        let use_mask = self.input.median_relative_size_after_cropping < 3.0 / 4.0 || self.input.force_use_mask_for_norm;
-        let mask = schemes.iter().map(|s| use_mask && s.leaves_outside_mask_zero()).collect();
-        (schemes.iter().map(|s| s.scheme_name().to_string()).collect(), mask)
+        let schemes: Vec<Normalization> = self
+            .input
+            .channel_names
+            .iter()
+            .map(|c| Normalization::from_channel_name(c))
+            .collect();
+        let use_mask = self.input.median_relative_size_after_cropping < 3.0 / 4.0
+            || self.input.force_use_mask_for_norm;
+        let mask = schemes
+            .iter()
+            .map(|s| use_mask && s.leaves_outside_mask_zero())
+            .collect();
+        (
+            schemes
+                .iter()
+                .map(|s| s.scheme_name().to_string())
+                .collect(),
+            mask,
+        )
     }
 
     fn data_identifier(&self, configuration: &str) -> String {
-        if self.constants.reuse_default_data_identifiers && (configuration == "2d" || configuration == "3d_fullres") {
+        if self.constants.reuse_default_data_identifiers
+            && (configuration == "2d" || configuration == "3d_fullres")
+        {
             // ResEnc presets do not deviate from ExperimentPlanner here and reuse its data
             format!("nnUNetPlans_{configuration}")
         } else {
@@ -233,7 +271,13 @@ impl<'a> Planner<'a> {
         }
     }
 
-    fn estimate(&self, props: &PoolAndConvProps, features: &[usize], enc: &[usize], dec: &[usize]) -> u64 {
+    fn estimate(
+        &self,
+        props: &PoolAndConvProps,
+        features: &[usize],
+        enc: &[usize],
+        dec: &[usize],
+    ) -> u64 {
         let dim = props.patch_size.len();
         let est = UNetEstimate {
             variant: self.constants.variant,
@@ -260,9 +304,14 @@ impl<'a> Planner<'a> {
         // nnU-Net slices fixed-length tuples; repeat the last entry for deeper networks instead of
         // silently producing a too-short list (dna would then assert)
         let take = |src: &[usize], n: usize| -> Vec<usize> {
-            (0..n).map(|i| src.get(i).or(src.last()).copied().unwrap_or(2)).collect()
+            (0..n)
+                .map(|i| src.get(i).or(src.last()).copied().unwrap_or(2))
+                .collect()
         };
-        (take(c.blocks_per_stage_encoder, n_stages), take(c.blocks_per_stage_decoder, n_stages.saturating_sub(1)))
+        (
+            take(c.blocks_per_stage_encoder, n_stages),
+            take(c.blocks_per_stage_decoder, n_stages.saturating_sub(1)),
+        )
     }
 
     /// `get_plans_for_configuration`.
@@ -277,7 +326,9 @@ impl<'a> Planner<'a> {
         let c = &self.constants;
         let dim = spacing.len();
         if spacing.iter().any(|&s| !(s > 0.0 && s.is_finite())) {
-            return Err(PlannerError::Fingerprint(format!("{configuration}: spacing must be > 0, got {spacing:?}")));
+            return Err(PlannerError::Fingerprint(format!(
+                "{configuration}: spacing must be > 0, got {spacing:?}"
+            )));
         }
         // initial patch: aspect ratio from the spacing, volume of 256**3 (3D) or 2048**2 (2D)
         let tmp: Vec<f64> = spacing.iter().map(|s| 1.0 / s).collect();
@@ -291,8 +342,11 @@ impl<'a> Planner<'a> {
             }
         };
         // clip to the median shape (Python's min keeps a float median such as 93.5)
-        let initial: Vec<f64> =
-            tmp.iter().zip(median_shape).map(|(t, &m)| round_half_even(t * scale).min(m)).collect();
+        let initial: Vec<f64> = tmp
+            .iter()
+            .zip(median_shape)
+            .map(|(t, &m)| round_half_even(t * scale).min(m))
+            .collect();
 
         let min_fm = c.featuremap_min_edge_length;
         let mut props = get_pool_and_conv_props(spacing, &initial, min_fm, MAX_NUMPOOL);
@@ -300,9 +354,17 @@ impl<'a> Planner<'a> {
         let (mut enc, mut dec) = self.blocks(props.n_stages());
         let mut estimate = self.estimate(&props, &features, &enc, &dec);
 
-        let ref_val = if dim == 2 { c.reference_val_2d } else { c.reference_val_3d };
+        let ref_val = if dim == 2 {
+            c.reference_val_2d
+        } else {
+            c.reference_val_3d
+        };
         let reference = ref_val * (self.gpu_memory_target_gb / c.reference_val_corresp_gb);
-        let ref_bs = if dim == 2 { c.reference_bs_2d } else { c.reference_bs_3d } as f64;
+        let ref_bs = if dim == 2 {
+            c.reference_bs_2d
+        } else {
+            c.reference_bs_3d
+        } as f64;
         let too_big = |estimate: u64| match c.shrink_condition {
             // "we enforce a batch size of at least two, reference values may have been computed
             // for different batch sizes"
@@ -312,14 +374,19 @@ impl<'a> Planner<'a> {
 
         while too_big(estimate) {
             // reduce the axis that is largest relative to the median shape
-            let ratios: Vec<f64> =
-                props.patch_size.iter().zip(median_shape).map(|(&p, &m)| p as f64 / m).collect();
+            let ratios: Vec<f64> = props
+                .patch_size
+                .iter()
+                .zip(median_shape)
+                .map(|(&p, &m)| p as f64 / m)
+                .collect();
             let axis = argsort_last(&ratios);
             // subtracting shape_must_be_divisible_by directly could skip valid sizes (256 - 64
             // skips 224), so recompute the divisor for the already-reduced patch first
             let mut reduced: Vec<f64> = props.patch_size.iter().map(|&p| p as f64).collect();
             reduced[axis] -= props.shape_must_be_divisible_by[axis] as f64;
-            let divisor = get_pool_and_conv_props(spacing, &reduced, min_fm, MAX_NUMPOOL).shape_must_be_divisible_by;
+            let divisor = get_pool_and_conv_props(spacing, &reduced, min_fm, MAX_NUMPOOL)
+                .shape_must_be_divisible_by;
             let new_len = props.patch_size[axis] as i64 - divisor[axis] as i64;
             if new_len < 1 {
                 return Err(PlannerError::PatchDoesNotFit {
@@ -340,7 +407,8 @@ impl<'a> Planner<'a> {
         // batch size from the remaining headroom, capped to max_dataset_covered of the dataset
         let batch_size = round_half_even(reference / estimate as f64 * ref_bs);
         let patch_f: Vec<f64> = props.patch_size.iter().map(|&p| p as f64).collect();
-        let cap = round_half_even(approximate_n_voxels_dataset * c.max_dataset_covered / prod(&patch_f));
+        let cap =
+            round_half_even(approximate_n_voxels_dataset * c.max_dataset_covered / prod(&patch_f));
         let batch_size = batch_size.min(cap).max(c.min_batch_size as f64) as usize;
 
         let (normalization_schemes, use_mask_for_norm) = self.normalization();
@@ -376,7 +444,12 @@ impl<'a> Planner<'a> {
                 .spacings
                 .iter()
                 .zip(&input.shapes_after_crop)
-                .map(|(sp, sh)| compute_new_shape(sh, sp, target).into_iter().map(|v| v as f64).collect())
+                .map(|(sp, sh)| {
+                    compute_new_shape(sh, sp, target)
+                        .into_iter()
+                        .map(|v| v as f64)
+                        .collect()
+                })
                 .collect();
             per_column(&new_shapes, median).unwrap_or_default()
         };
@@ -388,11 +461,22 @@ impl<'a> Planner<'a> {
         let mut plan_lowres = None;
         // only run 3d if this is a 3d dataset
         if new_median_t.len() == 3 && new_median_t[0] != 1.0 {
-            let mut fullres =
-                self.plan_configuration(&fullres_spacing_t, &new_median_t, false, "3d_fullres", approx_n_voxels)?;
+            let mut fullres = self.plan_configuration(
+                &fullres_spacing_t,
+                &new_median_t,
+                false,
+                "3d_fullres",
+                approx_n_voxels,
+            )?;
             let median_voxels_fullres = prod(&new_median_t);
             let mut median_num_voxels = median_voxels_fullres;
-            let mut num_voxels_in_patch = prod(&fullres.patch_size.iter().map(|&p| p as f64).collect::<Vec<_>>());
+            let mut num_voxels_in_patch = prod(
+                &fullres
+                    .patch_size
+                    .iter()
+                    .map(|&p| p as f64)
+                    .collect::<Vec<_>>(),
+            );
             let mut lowres_spacing = fullres.spacing.clone();
             let mut lowres: Option<ConfigurationPlan> = None;
             let mut iterations = 0;
@@ -402,8 +486,14 @@ impl<'a> Planner<'a> {
                     return Err(PlannerError::LowresDidNotConverge(MAX_LOWRES_ITERATIONS));
                 }
                 // increase the anisotropic (finer) axes first until within factor 2, then all
-                let max_spacing = lowres_spacing.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                let finer: Vec<bool> = lowres_spacing.iter().map(|&s| max_spacing / s > 2.0).collect();
+                let max_spacing = lowres_spacing
+                    .iter()
+                    .copied()
+                    .fold(f64::NEG_INFINITY, f64::max);
+                let finer: Vec<bool> = lowres_spacing
+                    .iter()
+                    .map(|&s| max_spacing / s > 2.0)
+                    .collect();
                 let any_finer = finer.iter().any(|&b| b);
                 for (s, &is_finer) in lowres_spacing.iter_mut().zip(&finer) {
                     if is_finer || !any_finer {
@@ -426,7 +516,13 @@ impl<'a> Planner<'a> {
                     "3d_lowres",
                     median_num_voxels * n_train,
                 )?;
-                num_voxels_in_patch = prod(&plan.patch_size.iter().map(|&p| p as f64).collect::<Vec<_>>());
+                num_voxels_in_patch = prod(
+                    &plan
+                        .patch_size
+                        .iter()
+                        .map(|&p| p as f64)
+                        .collect::<Vec<_>>(),
+                );
                 tracing::debug!(
                     "Attempting to find 3d_lowres config. Current spacing: {:?}. Current patch size: {:?}. Current \
                      median shape: {:?}",
@@ -461,28 +557,47 @@ impl<'a> Planner<'a> {
         // -overwrite_target_spacing as affecting 3d_fullres only, but its code feeds the
         // overwritten spacing into 2d as well; we follow the documented intent and plan 2d from
         // the automatic target spacing (identical to nnU-Net when no override is given).
-        let (spacing_2d_full, median_2d_full, approx_2d) = if self.options.overwrite_target_spacing.is_some() {
-            let m = permute(&median_new_shape(&auto_spacing), &transpose_forward);
-            let a = prod(&m) * n_train;
-            (permute(&auto_spacing, &transpose_forward), m, a)
-        } else {
-            (fullres_spacing_t.clone(), new_median_t.clone(), approx_n_voxels)
-        };
+        let (spacing_2d_full, median_2d_full, approx_2d) =
+            if self.options.overwrite_target_spacing.is_some() {
+                let m = permute(&median_new_shape(&auto_spacing), &transpose_forward);
+                let a = prod(&m) * n_train;
+                (permute(&auto_spacing, &transpose_forward), m, a)
+            } else {
+                (
+                    fullres_spacing_t.clone(),
+                    new_median_t.clone(),
+                    approx_n_voxels,
+                )
+            };
         if spacing_2d_full.len() < 3 {
             return Err(PlannerError::Fingerprint(format!(
                 "spacings must have 3 axes (2D images use spacing 999 on the first), got {}",
                 spacing_2d_full.len()
             )));
         }
-        let mut plan_2d =
-            self.plan_configuration(&spacing_2d_full[1..], &median_2d_full[1..], false, "2d", approx_2d)?;
+        let mut plan_2d = self.plan_configuration(
+            &spacing_2d_full[1..],
+            &median_2d_full[1..],
+            false,
+            "2d",
+            approx_2d,
+        )?;
         plan_2d.batch_dice = Some(true);
 
         // median spacing and shape of the raw data, for reference
-        let median_spacing = permute(&per_column(&input.spacings, median).unwrap_or_default(), &transpose_forward);
-        let shapes_f: Vec<Vec<f64>> =
-            input.shapes_after_crop.iter().map(|s| s.iter().map(|&v| v as f64).collect()).collect();
-        let median_shape = permute(&per_column(&shapes_f, median).unwrap_or_default(), &transpose_forward);
+        let median_spacing = permute(
+            &per_column(&input.spacings, median).unwrap_or_default(),
+            &transpose_forward,
+        );
+        let shapes_f: Vec<Vec<f64>> = input
+            .shapes_after_crop
+            .iter()
+            .map(|s| s.iter().map(|&v| v as f64).collect())
+            .collect();
+        let median_shape = permute(
+            &per_column(&shapes_f, median).unwrap_or_default(),
+            &transpose_forward,
+        );
 
         let mut configurations = Map::new();
         configurations.insert("2d".into(), self.configuration_json(&plan_2d));
@@ -508,13 +623,24 @@ impl<'a> Planner<'a> {
         );
         plans.insert(
             "original_median_shape_after_transp".into(),
-            Value::Array(median_shape.iter().map(|&v| json!(round_half_even(v) as i64)).collect()),
+            Value::Array(
+                median_shape
+                    .iter()
+                    .map(|&v| json!(round_half_even(v) as i64))
+                    .collect(),
+            ),
         );
-        plans.insert("image_reader_writer".into(), json!(self.image_reader_writer()));
+        plans.insert(
+            "image_reader_writer".into(),
+            json!(self.image_reader_writer()),
+        );
         plans.insert("transpose_forward".into(), json!(transpose_forward));
         plans.insert("transpose_backward".into(), json!(transpose_backward));
         plans.insert("configurations".into(), Value::Object(configurations));
-        plans.insert("experiment_planner_used".into(), json!(self.constants.class_name));
+        plans.insert(
+            "experiment_planner_used".into(),
+            json!(self.constants.class_name),
+        );
         plans.insert("label_manager".into(), json!("LabelManager"));
         plans.insert(
             "foreground_intensity_properties_per_channel".into(),
@@ -545,7 +671,11 @@ impl<'a> Planner<'a> {
     pub fn configuration_json(&self, p: &ConfigurationPlan) -> Value {
         let c = &self.constants;
         let dim = p.spacing.len();
-        let conv_op = if dim == 2 { "torch.nn.modules.conv.Conv2d" } else { "torch.nn.modules.conv.Conv3d" };
+        let conv_op = if dim == 2 {
+            "torch.nn.modules.conv.Conv2d"
+        } else {
+            "torch.nn.modules.conv.Conv3d"
+        };
         let norm_op = if dim == 2 {
             "torch.nn.modules.instancenorm.InstanceNorm2d"
         } else {
@@ -557,11 +687,20 @@ impl<'a> Planner<'a> {
         arch.insert("conv_op".into(), json!(conv_op));
         arch.insert("kernel_sizes".into(), json!(p.topology.conv_kernel_sizes));
         arch.insert("strides".into(), json!(p.topology.pool_op_kernel_sizes));
-        arch.insert(c.encoder_blocks_key().into(), json!(p.n_blocks_per_stage_encoder));
-        arch.insert("n_conv_per_stage_decoder".into(), json!(p.n_conv_per_stage_decoder));
+        arch.insert(
+            c.encoder_blocks_key().into(),
+            json!(p.n_blocks_per_stage_encoder),
+        );
+        arch.insert(
+            "n_conv_per_stage_decoder".into(),
+            json!(p.n_conv_per_stage_decoder),
+        );
         arch.insert("conv_bias".into(), json!(true));
         arch.insert("norm_op".into(), json!(norm_op));
-        arch.insert("norm_op_kwargs".into(), json!({"eps": 1e-5, "affine": true}));
+        arch.insert(
+            "norm_op_kwargs".into(),
+            json!({"eps": 1e-5, "affine": true}),
+        );
         arch.insert("dropout_op".into(), Value::Null);
         arch.insert("dropout_op_kwargs".into(), Value::Null);
         arch.insert("nonlin".into(), json!("torch.nn.LeakyReLU"));
@@ -570,12 +709,25 @@ impl<'a> Planner<'a> {
         let mut architecture = Map::new();
         architecture.insert("network_class_name".into(), json!(c.network_class_name()));
         architecture.insert("arch_kwargs".into(), Value::Object(arch));
-        architecture.insert("_kw_requires_import".into(), json!(["conv_op", "norm_op", "dropout_op", "nonlin"]));
+        architecture.insert(
+            "_kw_requires_import".into(),
+            json!(["conv_op", "norm_op", "dropout_op", "nonlin"]),
+        );
 
         let median: Value = if p.median_is_integer {
-            Value::Array(p.median_image_size_in_voxels.iter().map(|&v| json!(v as i64)).collect())
+            Value::Array(
+                p.median_image_size_in_voxels
+                    .iter()
+                    .map(|&v| json!(v as i64))
+                    .collect(),
+            )
         } else {
-            Value::Array(p.median_image_size_in_voxels.iter().map(|&v| f(v)).collect())
+            Value::Array(
+                p.median_image_size_in_voxels
+                    .iter()
+                    .map(|&v| f(v))
+                    .collect(),
+            )
         };
         let kwargs = |is_seg: bool, order: u8| json!({"is_seg": is_seg, "order": order, "order_z": 0, "force_separate_z": null});
 
@@ -585,15 +737,33 @@ impl<'a> Planner<'a> {
         m.insert("batch_size".into(), json!(p.batch_size));
         m.insert("patch_size".into(), json!(p.patch_size));
         m.insert("median_image_size_in_voxels".into(), median);
-        m.insert("spacing".into(), Value::Array(p.spacing.iter().map(|&v| f(v)).collect()));
-        m.insert("normalization_schemes".into(), json!(p.normalization_schemes));
+        m.insert(
+            "spacing".into(),
+            Value::Array(p.spacing.iter().map(|&v| f(v)).collect()),
+        );
+        m.insert(
+            "normalization_schemes".into(),
+            json!(p.normalization_schemes),
+        );
         m.insert("use_mask_for_norm".into(), json!(p.use_mask_for_norm));
-        m.insert("resampling_fn_data".into(), json!("resample_data_or_seg_to_shape"));
-        m.insert("resampling_fn_seg".into(), json!("resample_data_or_seg_to_shape"));
+        m.insert(
+            "resampling_fn_data".into(),
+            json!("resample_data_or_seg_to_shape"),
+        );
+        m.insert(
+            "resampling_fn_seg".into(),
+            json!("resample_data_or_seg_to_shape"),
+        );
         m.insert("resampling_fn_data_kwargs".into(), kwargs(false, 3));
         m.insert("resampling_fn_seg_kwargs".into(), kwargs(true, 1));
-        m.insert("resampling_fn_probabilities".into(), json!("resample_data_or_seg_to_shape"));
-        m.insert("resampling_fn_probabilities_kwargs".into(), kwargs(false, 1));
+        m.insert(
+            "resampling_fn_probabilities".into(),
+            json!("resample_data_or_seg_to_shape"),
+        );
+        m.insert(
+            "resampling_fn_probabilities_kwargs".into(),
+            kwargs(false, 1),
+        );
         m.insert("architecture".into(), Value::Object(architecture));
         if let Some(bd) = p.batch_dice {
             m.insert("batch_dice".into(), json!(bd));
@@ -623,7 +793,9 @@ pub fn determine_transpose(target_spacing: &[f64]) -> (Vec<usize>, Vec<usize>) {
 
 fn validate_input(input: &PlanningInput) -> Result<(), PlannerError> {
     if input.spacings.is_empty() {
-        return Err(PlannerError::Fingerprint("`spacings` is empty (no training cases?)".into()));
+        return Err(PlannerError::Fingerprint(
+            "`spacings` is empty (no training cases?)".into(),
+        ));
     }
     if input.spacings.len() != input.shapes_after_crop.len() {
         return Err(PlannerError::Fingerprint(format!(
@@ -638,7 +810,12 @@ fn validate_input(input: &PlanningInput) -> Result<(), PlannerError> {
             "spacings[0] has {dim} axes; nnU-Net fingerprints always have 3 (2D images use spacing 999 on the first)"
         )));
     }
-    for (i, (sp, sh)) in input.spacings.iter().zip(&input.shapes_after_crop).enumerate() {
+    for (i, (sp, sh)) in input
+        .spacings
+        .iter()
+        .zip(&input.shapes_after_crop)
+        .enumerate()
+    {
         if sp.len() != dim || sh.len() != dim {
             return Err(PlannerError::Fingerprint(format!(
                 "case {i}: spacings[{i}] has {} axes and shapes_after_crop[{i}] has {}, expected {dim}",
@@ -647,7 +824,9 @@ fn validate_input(input: &PlanningInput) -> Result<(), PlannerError> {
             )));
         }
         if sp.iter().any(|v| !(v.is_finite() && *v > 0.0)) {
-            return Err(PlannerError::Fingerprint(format!("spacings[{i}] = {sp:?}: spacings must be positive")));
+            return Err(PlannerError::Fingerprint(format!(
+                "spacings[{i}] = {sp:?}: spacings must be positive"
+            )));
         }
         if sh.contains(&0) {
             return Err(PlannerError::Fingerprint(format!(
@@ -688,9 +867,18 @@ mod tests {
 
     #[test]
     fn transpose_puts_lowres_axis_first() {
-        assert_eq!(determine_transpose(&[0.8, 0.8, 3.0]), (vec![2, 0, 1], vec![1, 2, 0]));
-        assert_eq!(determine_transpose(&[3.0, 0.8, 0.8]), (vec![0, 1, 2], vec![0, 1, 2]));
-        assert_eq!(determine_transpose(&[0.8, 2.0, 0.8]), (vec![1, 0, 2], vec![1, 0, 2]));
+        assert_eq!(
+            determine_transpose(&[0.8, 0.8, 3.0]),
+            (vec![2, 0, 1], vec![1, 2, 0])
+        );
+        assert_eq!(
+            determine_transpose(&[3.0, 0.8, 0.8]),
+            (vec![0, 1, 2], vec![0, 1, 2])
+        );
+        assert_eq!(
+            determine_transpose(&[0.8, 2.0, 0.8]),
+            (vec![1, 0, 2], vec![1, 0, 2])
+        );
         // ties: first maximum
         assert_eq!(determine_transpose(&[1.0, 1.0, 1.0]).0, vec![0, 1, 2]);
     }
@@ -698,7 +886,12 @@ mod tests {
     #[test]
     fn anisotropic_target_spacing_uses_10th_percentile() {
         // Dataset501: z in {3, 3.5, 4, 5}, ~25 slices vs ~95 in-plane -> z target 3.0
-        let sp: Vec<Vec<f64>> = [3.0, 3.5, 4.0, 5.0].iter().cycle().take(12).map(|&z| vec![z, 0.8, 0.8]).collect();
+        let sp: Vec<Vec<f64>> = [3.0, 3.5, 4.0, 5.0]
+            .iter()
+            .cycle()
+            .take(12)
+            .map(|&z| vec![z, 0.8, 0.8])
+            .collect();
         let sh = vec![vec![25, 95, 95]; 12];
         let inp = input(sp, sh);
         let opts = PlannerOptions::default();
@@ -710,8 +903,9 @@ mod tests {
         let p2 = Planner::new(&inp2, &opts).unwrap();
         assert_eq!(p2.automatic_target_spacing(), vec![3.75, 0.8, 0.8]);
         // 10th percentile finer than in-plane -> clamped to in-plane + 1e-5
-        let sp3: Vec<Vec<f64>> =
-            (0..10).map(|i| vec![if i == 0 { 0.5 } else { 5.0 }, 1.0, 1.0]).collect();
+        let sp3: Vec<Vec<f64>> = (0..10)
+            .map(|i| vec![if i == 0 { 0.5 } else { 5.0 }, 1.0, 1.0])
+            .collect();
         let inp3 = input(sp3, vec![vec![20, 200, 200]; 10]);
         let p3 = Planner::new(&inp3, &opts).unwrap();
         // percentile 10 of [0.5, 5 x9] = 0.5 + 4.5*0.9 = 4.55 (> 1, kept)
@@ -721,13 +915,23 @@ mod tests {
     #[test]
     fn normalization_and_mask() {
         let mut inp = input(vec![vec![1.0, 1.0, 1.0]], vec![vec![10, 10, 10]]);
-        inp.channel_names = vec!["T2".into(), "ct".into(), "noNorm".into(), "rescale_to_0_1".into()];
+        inp.channel_names = vec![
+            "T2".into(),
+            "ct".into(),
+            "noNorm".into(),
+            "rescale_to_0_1".into(),
+        ];
         let opts = PlannerOptions::default();
         let p = Planner::new(&inp, &opts).unwrap();
         let (names, mask) = p.normalization();
         assert_eq!(
             names,
-            ["ZScoreNormalization", "CTNormalization", "NoNormalization", "RescaleTo01Normalization"]
+            [
+                "ZScoreNormalization",
+                "CTNormalization",
+                "NoNormalization",
+                "RescaleTo01Normalization"
+            ]
         );
         assert_eq!(mask, vec![false; 4]);
         inp.median_relative_size_after_cropping = 0.5;
@@ -738,11 +942,20 @@ mod tests {
     #[test]
     fn invalid_options_are_errors() {
         let inp = input(vec![vec![1.0, 1.0, 1.0]], vec![vec![10, 10, 10]]);
-        let mut opts = PlannerOptions { gpu_memory_target_gb: Some(-1.0), ..Default::default() };
-        assert!(matches!(Planner::new(&inp, &opts), Err(PlannerError::InvalidOption { .. })));
+        let mut opts = PlannerOptions {
+            gpu_memory_target_gb: Some(-1.0),
+            ..Default::default()
+        };
+        assert!(matches!(
+            Planner::new(&inp, &opts),
+            Err(PlannerError::InvalidOption { .. })
+        ));
         opts.gpu_memory_target_gb = None;
         opts.overwrite_target_spacing = Some(vec![1.0, 1.0]);
-        assert!(matches!(Planner::new(&inp, &opts), Err(PlannerError::InvalidOption { .. })));
+        assert!(matches!(
+            Planner::new(&inp, &opts),
+            Err(PlannerError::InvalidOption { .. })
+        ));
         let bad = input(vec![vec![1.0, 0.0, 1.0]], vec![vec![10, 10, 10]]);
         assert!(matches!(
             Planner::new(&bad, &PlannerOptions::default()),
@@ -753,12 +966,21 @@ mod tests {
     #[test]
     fn resenc_reuses_default_data_identifiers() {
         let inp = input(vec![vec![1.0, 1.0, 1.0]; 4], vec![vec![300, 300, 300]; 4]);
-        let opts = PlannerOptions { kind: PlannerKind::ResEncL, ..Default::default() };
+        let opts = PlannerOptions {
+            kind: PlannerKind::ResEncL,
+            ..Default::default()
+        };
         let p = Planner::new(&inp, &opts).unwrap();
         assert_eq!(p.data_identifier("2d"), "nnUNetPlans_2d");
         assert_eq!(p.data_identifier("3d_fullres"), "nnUNetPlans_3d_fullres");
-        assert_eq!(p.data_identifier("3d_lowres"), "nnUNetResEncUNetLPlans_3d_lowres");
-        let opts = PlannerOptions { overwrite_plans_name: Some("custom".into()), ..Default::default() };
+        assert_eq!(
+            p.data_identifier("3d_lowres"),
+            "nnUNetResEncUNetLPlans_3d_lowres"
+        );
+        let opts = PlannerOptions {
+            overwrite_plans_name: Some("custom".into()),
+            ..Default::default()
+        };
         let p = Planner::new(&inp, &opts).unwrap();
         assert_eq!(p.data_identifier("3d_lowres"), "custom_3d_lowres");
         assert_eq!(p.data_identifier("2d"), "custom_2d");

@@ -39,7 +39,11 @@ pub fn percentile(values: &[f64], q: f64) -> Option<f64> {
     };
     let (a, b) = (v[prev], v[next]);
     let diff = b - a;
-    Some(if gamma >= 0.5 { b - diff * (1.0 - gamma) } else { a + diff * gamma })
+    Some(if gamma >= 0.5 {
+        b - diff * (1.0 - gamma)
+    } else {
+        a + diff * gamma
+    })
 }
 
 /// `np.median(values)`: the middle element, or the mean `(a + b) / 2` of the two middle ones.
@@ -50,7 +54,11 @@ pub fn median(values: &[f64]) -> Option<f64> {
     let mut v = values.to_vec();
     v.sort_by(f64::total_cmp);
     let n = v.len();
-    Some(if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 })
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
 }
 
 /// Per-column reduction of a row-major table (`np.xxx(table, axis=0)`).
@@ -111,7 +119,10 @@ mod tests {
         assert_eq!(percentile(&z, 50.0), Some(3.75));
         assert_eq!(percentile(&z, 10.0), Some(3.0));
         // np.percentile([1, 2, 3, 4], 10) == 1.3 (1 + 1*0.30000000000000004)
-        assert_eq!(percentile(&[4.0, 3.0, 2.0, 1.0], 10.0), Some(1.0 + 1.0 * (3.0 * 0.1)));
+        assert_eq!(
+            percentile(&[4.0, 3.0, 2.0, 1.0], 10.0),
+            Some(1.0 + 1.0 * (3.0 * 0.1))
+        );
         // t >= 0.5 takes the b - (b-a)(1-t) branch: np.percentile([0.1, 0.7], 50)
         let (a, b) = (0.1f64, 0.7f64);
         assert_eq!(percentile(&[a, b], 50.0), Some(b - (b - a) * 0.5));

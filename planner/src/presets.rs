@@ -1,7 +1,7 @@
 //! Planner presets: nnU-Net's `ExperimentPlanner` and the residual-encoder presets
 //! `nnUNetPlannerResEnc{M,L,XL}` (`residual_unets/residual_encoder_unet_planners.py`).
 
-use architectures::memory::UNetVariant;
+use crate::arch_memory::UNetVariant;
 
 /// Which nnU-Net planner to imitate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -66,8 +66,12 @@ pub const LOWRES_SPACING_INCREASE_FACTOR: f64 = 1.03;
 
 impl PlannerKind {
     /// All presets.
-    pub const ALL: [PlannerKind; 4] =
-        [PlannerKind::ExperimentPlanner, PlannerKind::ResEncM, PlannerKind::ResEncL, PlannerKind::ResEncXL];
+    pub const ALL: [PlannerKind; 4] = [
+        PlannerKind::ExperimentPlanner,
+        PlannerKind::ResEncM,
+        PlannerKind::ResEncL,
+        PlannerKind::ResEncXL,
+    ];
 
     /// The `-pl` name (= nnU-Net class name, written as `experiment_planner_used`).
     pub fn cli_name(self) -> &'static str {
@@ -154,8 +158,12 @@ impl PlannerConstants {
     /// dna class path written as `network_class_name`.
     pub fn network_class_name(&self) -> &'static str {
         match self.variant {
-            UNetVariant::PlainConv => "dynamic_network_architectures.architectures.unet.PlainConvUNet",
-            UNetVariant::ResidualEncoder => "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet",
+            UNetVariant::PlainConv => {
+                "dynamic_network_architectures.architectures.unet.PlainConvUNet"
+            }
+            UNetVariant::ResidualEncoder => {
+                "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
+            }
         }
     }
 
@@ -169,10 +177,16 @@ impl PlannerConstants {
 
     /// `features_per_stage[i] = min(max_features, base * 2**i)`.
     pub fn features_per_stage(&self, n_stages: usize, dim: usize) -> Vec<usize> {
-        let max_f = if dim == 2 { self.max_features_2d } else { self.max_features_3d };
+        let max_f = if dim == 2 {
+            self.max_features_2d
+        } else {
+            self.max_features_3d
+        };
         (0..n_stages)
             .map(|i| {
-                let f = self.base_num_features.saturating_mul(1usize.checked_shl(i as u32).unwrap_or(usize::MAX));
+                let f = self
+                    .base_num_features
+                    .saturating_mul(1usize.checked_shl(i as u32).unwrap_or(usize::MAX));
                 f.min(max_f)
             })
             .collect()
@@ -188,7 +202,10 @@ mod tests {
         for k in PlannerKind::ALL {
             assert_eq!(PlannerKind::from_name(k.cli_name()), Some(k));
         }
-        assert_eq!(PlannerKind::from_name("nnUNetPlannerResEncXL"), Some(PlannerKind::ResEncXL));
+        assert_eq!(
+            PlannerKind::from_name("nnUNetPlannerResEncXL"),
+            Some(PlannerKind::ResEncXL)
+        );
         assert_eq!(PlannerKind::from_name("nnUNetPlannerXYZ"), None);
     }
 
@@ -201,7 +218,10 @@ mod tests {
         assert_eq!(l.blocks_per_stage_encoder[..6], [1, 3, 4, 6, 6, 6]);
         let d = PlannerKind::ExperimentPlanner.constants();
         assert_eq!(d.max_dataset_covered, 0.05);
-        assert_eq!(d.features_per_stage(7, 2), vec![32, 64, 128, 256, 512, 512, 512]);
+        assert_eq!(
+            d.features_per_stage(7, 2),
+            vec![32, 64, 128, 256, 512, 512, 512]
+        );
         assert_eq!(d.features_per_stage(6, 3), vec![32, 64, 128, 256, 320, 320]);
         assert_eq!(d.features_per_stage(70, 3)[69], 320);
     }

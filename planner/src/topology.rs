@@ -25,7 +25,10 @@ impl PoolAndConvProps {
 
 /// `get_shape_must_be_divisible_by`: `2 ** num_pool_per_axis`.
 pub fn get_shape_must_be_divisible_by(num_pool_per_axis: &[usize]) -> Vec<usize> {
-    num_pool_per_axis.iter().map(|&p| 1usize << p.min(63)).collect()
+    num_pool_per_axis
+        .iter()
+        .map(|&p| 1usize << p.min(63))
+        .collect()
 }
 
 /// `pad_shape`: round each axis up to the next multiple of `must_be_divisible_by`.
@@ -69,12 +72,17 @@ pub fn get_pool_and_conv_props(
 
     loop {
         // axes that can still be pooled without going below the minimum feature map size
-        let mut valid: Vec<usize> = (0..dim).filter(|&i| current_size[i] >= 2.0 * min_fm).collect();
+        let mut valid: Vec<usize> = (0..dim)
+            .filter(|&i| current_size[i] >= 2.0 * min_fm)
+            .collect();
         if valid.is_empty() {
             break;
         }
         // only axes within a factor 2 of the finest valid spacing
-        let min_spacing_of_valid = valid.iter().map(|&i| current_spacing[i]).fold(f64::INFINITY, f64::min);
+        let min_spacing_of_valid = valid
+            .iter()
+            .map(|&i| current_spacing[i])
+            .fold(f64::INFINITY, f64::min);
         valid.retain(|&i| current_spacing[i] / min_spacing_of_valid < 2.0);
         valid.retain(|&i| num_pool_per_axis[i] < max_numpool);
         if valid.len() == 1 && current_size[valid[0]] < 3.0 * min_fm {
@@ -84,7 +92,10 @@ pub fn get_pool_and_conv_props(
             break;
         }
         // kernel 3 once an axis is within a factor 2 of the finest current spacing; stays 3
-        let min_current = current_spacing.iter().copied().fold(f64::INFINITY, f64::min);
+        let min_current = current_spacing
+            .iter()
+            .copied()
+            .fold(f64::INFINITY, f64::min);
         for d in 0..dim {
             if kernel_size[d] != 3 && current_spacing[d] / min_current < 2.0 {
                 kernel_size[d] = 3;
@@ -120,7 +131,10 @@ mod tests {
 
     #[test]
     fn pad_shape_like_python() {
-        assert_eq!(pad_shape(&[93.5, 97.0, 96.0], &[32, 16, 32]), vec![96, 112, 96]);
+        assert_eq!(
+            pad_shape(&[93.5, 97.0, 96.0], &[32, 16, 32]),
+            vec![96, 112, 96]
+        );
         assert_eq!(pad_shape(&[30.0], &[1]), vec![30]);
         assert_eq!(pad_shape(&[30.5], &[1]), vec![31]);
     }
@@ -134,11 +148,23 @@ mod tests {
         assert_eq!(p.shape_must_be_divisible_by, vec![8, 16, 16]);
         assert_eq!(
             p.pool_op_kernel_sizes,
-            vec![vec![1, 1, 1], vec![1, 2, 2], vec![2, 2, 2], vec![2, 2, 2], vec![2, 2, 2]]
+            vec![
+                vec![1, 1, 1],
+                vec![1, 2, 2],
+                vec![2, 2, 2],
+                vec![2, 2, 2],
+                vec![2, 2, 2]
+            ]
         );
         assert_eq!(
             p.conv_kernel_sizes,
-            vec![vec![1, 3, 3], vec![3, 3, 3], vec![3, 3, 3], vec![3, 3, 3], vec![3, 3, 3]]
+            vec![
+                vec![1, 3, 3],
+                vec![3, 3, 3],
+                vec![3, 3, 3],
+                vec![3, 3, 3],
+                vec![3, 3, 3]
+            ]
         );
     }
 

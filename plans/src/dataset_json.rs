@@ -493,6 +493,17 @@ fn parse_labels(file: &str, v: &Value) -> Result<Vec<(String, LabelValue)>, Plan
                     .map(|(i, e)| j::as_i64(file, &index(&p, i), e))
                     .collect::<Result<_, _>>()?,
             ),
+            Value::String(s) if name.trim().parse::<i64>().is_ok() => {
+                return Err(j::invalid(
+                    file,
+                    &p,
+                    format!("{s:?}"),
+                    format!(
+                        "labels map names to values in nnU-Net v2 (e.g. \"{s}\": {}); this looks like the v1 layout value → name",
+                        name.trim()
+                    ),
+                ))
+            }
             other => LabelValue::Single(j::as_i64(file, &p, other).map_err(|_| {
                 j::type_err(
                     file,
@@ -548,5 +559,358 @@ impl<'de> Deserialize<'de> for DatasetJson {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let v = Value::deserialize(d)?;
         DatasetJson::from_value(&v, "dataset.json").map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const FIXTURE: &str = include_str!("testdata/dataset_fixture3d.json");
+
+    fn parse(v: Value) -> Result<DatasetJson, PlansError> {
+        DatasetJson::from_value(&v, "dataset.json")
+    }
+
+    fn err(v: Value) -> String {
+        match parse(v) {
+            Ok(d) => panic!("expected an error, got {d:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    fn assert_contains(msg: &str, parts: &[&str]) {
+        for p in parts {
+            assert!(msg.contains(p), "message {msg:?} lacks {p:?}");
+        }
+    }
+
+    fn brats() -> Value {
+        json!({
+            "channel_names": {"0": "T1", "1": "T1ce", "2": "T2", "3": "FLAIR"},
+            "labels": {"background": 0, "whole_tumor": [1, 2, 3], "tumor_core": [2, 3], "enhancing_tumor": 3},
+            "numTraining": 484,
+            "file_ending": ".nii.gz",
+            "regions_class_order": [1, 2, 3]
+        })
+    }
+
+    #[test]
+    fn fixture_round_trips_byte_for_byte() {
+        let v: Value = serde_json::from_str(FIXTURE).unwrap();
+        let d = parse(v.clone()).unwrap();
+        assert_eq!(d.num_channels(), 1);
+        assert_eq!(d.num_training, 2);
+        assert_eq!(d.file_ending, ".nii.gz");
+        assert_eq!(d.all_labels(), vec![0, 1, 2]);
+        assert_eq!(d.foreground_labels(), vec![1, 2]);
+        assert_eq!(d.foreground_regions(), vec![vec![1], vec![2]]);
+        assert!(!d.has_regions());
+        assert_eq!(d.ignore_label(), None);
+        assert_eq!(d.extra.get("name"), Some(&json!("Fixture3D")));
+        assert_eq!(d.num_segmentation_heads(), 3);
+        let out = io::to_json_string(&d).unwrap();
+        assert_eq!(out, FIXTURE);
+        // Through files.
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("dataset.json");
+        d.save(&p).unwrap();
+        assert_eq!(DatasetJson::load(&p).unwrap(), d);
+        // serde entry point.
+        let d2: DatasetJson = serde_json::from_str(FIXTURE).unwrap();
+        assert_eq!(d2, d);
+    }
+
+    #[test]
+    fn labels_keep_file_order() {
+        let d = parse(json!({"channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": 2, "aorta": 1},
+            "numTraining": 3, "file_ending": ".nii.gz"}))
+        .unwrap();
+        let names: Vec<&str> = d.labels.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(names, vec!["background", "liver", "aorta"]);
+        assert_eq!(d.all_labels(), vec![0, 1, 2]);
+        let out: Value = serde_json::from_str(&io::to_json_string(&d).unwrap()).unwrap();
+        let keys: Vec<&String> = out["labels"].as_object().unwrap().keys().collect();
+        assert_eq!(keys, vec!["background", "liver", "aorta"]);
+    }
+
+    #[test]
+    fn modality_alias() {
+        let d = parse(
+            json!({"modality": {"0": "MRI", "1": "ct"}, "labels": {"background": 0, "x": 1},
+            "numTraining": 1, "file_ending": ".nii.gz"}),
+        )
+        .unwrap();
+        assert_eq!(d.num_channels(), 2);
+        assert_eq!(d.channel_names["1"], "ct");
+        let out = d.to_json();
+        assert!(out.contains_key("channel_names") && !out.contains_key("modality"));
+        assert!(d.extra.is_empty());
+        let e = err(
+            json!({"modality": {"0": "MRI"}, "channel_names": {"0": "MRI"}, "labels": {"background": 0},
+            "numTraining": 1, "file_ending": ".nii.gz"}),
+        );
+        assert_contains(
+            &e,
+            &[
+                "dataset.json: modality",
+                "either `channel_names` or its nnU-Net v1 alias `modality`",
+            ],
+        );
+    }
+
+    #[test]
+    fn regions_and_class_order() {
+        let d = parse(brats()).unwrap();
+        assert!(d.has_regions());
+        assert_eq!(
+            d.foreground_regions(),
+            vec![vec![1, 2, 3], vec![2, 3], vec![3]]
+        );
+        assert_eq!(d.all_labels(), vec![0, 1, 2, 3]);
+        assert_eq!(d.regions_class_order, Some(vec![1, 2, 3]));
+        assert_eq!(d.num_segmentation_heads(), 3);
+        let back = parse(Value::Object(d.to_json())).unwrap();
+        assert_eq!(back, d);
+
+        let mut v = brats();
+        v.as_object_mut().unwrap().remove("regions_class_order");
+        assert_contains(
+            &err(v),
+            &[
+                "missing key `regions_class_order`",
+                "labels` defines regions",
+                "3 entries",
+            ],
+        );
+        let mut v = brats();
+        v["regions_class_order"] = json!([1, 2]);
+        assert_contains(&err(v), &["regions_class_order: invalid value [1, 2]: needs one entry per foreground region: 3 entries"]);
+        let mut v = brats();
+        v["regions_class_order"] = json!([1, "2", 3]);
+        assert_contains(
+            &err(v),
+            &["regions_class_order[1]: expected an integer, got \"2\""],
+        );
+        // A single-element list is not a region (nnU-Net's rule).
+        let d = parse(
+            json!({"channel_names": {"0": "CT"}, "labels": {"background": 0, "a": [1]},
+            "numTraining": 1, "file_ending": ".png"}),
+        )
+        .unwrap();
+        assert!(!d.has_regions());
+    }
+
+    #[test]
+    fn ignore_label() {
+        let d = parse(json!({"channel_names": {"0": "CT"}, "labels": {"background": 0, "a": 1, "b": 2, "ignore": 3},
+            "numTraining": 1, "file_ending": ".nii.gz"}))
+        .unwrap();
+        assert_eq!(d.ignore_label(), Some(3));
+        assert_eq!(d.all_labels(), vec![0, 1, 2]);
+        assert_eq!(d.foreground_labels(), vec![1, 2]);
+        assert_eq!(d.foreground_regions(), vec![vec![1], vec![2]]);
+        let e = err(
+            json!({"channel_names": {"0": "CT"}, "labels": {"background": 0, "a": 1, "ignore": 5},
+            "numTraining": 1, "file_ending": ".nii.gz"}),
+        );
+        assert_contains(&e, &["dataset.json: labels.ignore: invalid value 5: the ignore label must be the highest label + 1 = 2"]);
+        let mut v = brats();
+        v["labels"]["ignore"] = json!(4);
+        let d = parse(v).unwrap();
+        assert_eq!(d.foreground_regions().len(), 3);
+        assert_eq!(d.ignore_label(), Some(4));
+        let mut v = brats();
+        v["labels"]["ignore"] = json!(4);
+        v["regions_class_order"] = json!([1, 2, 4]);
+        assert_contains(
+            &err(v),
+            &[
+                "regions_class_order[2]: invalid value 4",
+                "not the ignore label",
+            ],
+        );
+    }
+
+    #[test]
+    fn extra_metadata_and_dataset_map() {
+        let v = json!({
+            "channel_names": {"0": "CT"},
+            "labels": {"background": 0, "x": 1},
+            "numTraining": 2,
+            "file_ending": ".nii.gz",
+            "overwrite_image_reader_writer": "NibabelIOWithReorient",
+            "dataset": {
+                "case_b": {"images": ["imgs/b_0000.nii.gz"], "label": "lbl/b.nii.gz"},
+                "case_a": {"images": ["$DATA/a_0000.nii.gz"], "label": "lbl/a.nii.gz"}
+            },
+            "name": "X", "reference": "me", "licence": "CC-BY", "converted_by": {"who": "script", "version": 2}
+        });
+        let d = parse(v.clone()).unwrap();
+        assert_eq!(
+            d.overwrite_image_reader_writer.as_deref(),
+            Some("NibabelIOWithReorient")
+        );
+        let ds = d.dataset.as_ref().unwrap();
+        assert_eq!(ds["case_a"].images, vec!["$DATA/a_0000.nii.gz"]);
+        assert_eq!(ds["case_b"].label.as_deref(), Some("lbl/b.nii.gz"));
+        let extra_keys: Vec<&String> = d.extra.keys().collect();
+        assert_eq!(
+            extra_keys,
+            vec!["name", "reference", "licence", "converted_by"]
+        );
+        let out = Value::Object(d.to_json());
+        assert_eq!(out, v, "all keys and values written back");
+        let mut bad = v.clone();
+        bad["dataset"]["case_a"]["lable"] = json!("x");
+        assert_contains(
+            &err(bad),
+            &["unknown key `lable` in dataset.case_a: did you mean `label`?"],
+        );
+        let mut bad = v.clone();
+        bad["dataset"]["case_a"]["images"] = json!("a.nii.gz");
+        assert_contains(
+            &err(bad),
+            &["dataset.case_a.images: expected a list of file paths, got \"a.nii.gz\""],
+        );
+        let mut bad = v;
+        bad["dataset"]["case_a"]
+            .as_object_mut()
+            .unwrap()
+            .remove("images");
+        assert_contains(&err(bad), &["missing key `images` in dataset.case_a"]);
+    }
+
+    #[test]
+    fn misspelled_and_missing_required_keys() {
+        let e = err(
+            json!({"channel_names": {"0": "CT"}, "labels": {"background": 0}, "numTrainig": 1, "file_ending": ".nii.gz"}),
+        );
+        assert_contains(&e, &["dataset.json: unknown key `numTrainig` in the top-level object: did you mean `numTraining`?"]);
+        let e = err(
+            json!({"channel_names": {"0": "CT"}, "lables": {"background": 0}, "numTraining": 1, "file_ending": ".nii.gz"}),
+        );
+        assert_contains(&e, &["did you mean `labels`?"]);
+        let e = err(
+            json!({"channel_names": {"0": "CT"}, "labels": {"background": 0}, "numTraining": 1, "file_extension": ".nii.gz"}),
+        );
+        assert_contains(&e, &["missing key `file_ending` in the top-level object"]);
+        let e =
+            err(json!({"labels": {"background": 0}, "numTraining": 1, "file_ending": ".nii.gz"}));
+        assert_contains(
+            &e,
+            &["missing key `channel_names`", "`modality` is also accepted"],
+        );
+        let e = err(
+            json!({"channel_names": {"0": "CT"}, "labels": {"background": 0}, "numTraining": "two", "file_ending": ".nii.gz"}),
+        );
+        assert_contains(
+            &e,
+            &["dataset.json: numTraining: expected a non-negative integer, got \"two\""],
+        );
+        // A metadata key close to a present known key is fine.
+        let d = parse(
+            json!({"channel_names": {"0": "CT"}, "labels": {"background": 0}, "label": "kept",
+            "numTraining": 1, "file_ending": ".nii.gz"}),
+        )
+        .unwrap();
+        assert_eq!(d.extra.get("label"), Some(&json!("kept")));
+    }
+
+    #[test]
+    fn msd_style_metadata_is_not_mistaken_for_typos() {
+        let v = json!({
+            "name": "Liver", "description": "d", "reference": "r", "licence": "CC-BY-SA 4.0", "license": "x",
+            "release": "1.0", "tensorImageSize": "3D", "citation": "c", "converted_by": "me", "dim": 3,
+            "modality": {"0": "CT"}, "labels": {"background": 0, "liver": 1, "cancer": 2},
+            "numTraining": 131, "numTest": 70, "training": [{"image": "a", "label": "b"}], "test": ["c"],
+            "file_ending": ".nii.gz"
+        });
+        let d = parse(v).unwrap();
+        assert_eq!(d.extra.len(), 13);
+        assert_eq!(d.num_training, 131);
+    }
+
+    #[test]
+    fn label_and_channel_checks() {
+        let e = err(
+            json!({"channel_names": {"0": "CT"}, "labels": {"liver": 1}, "numTraining": 1, "file_ending": ".nii.gz"}),
+        );
+        assert_contains(
+            &e,
+            &[
+                "dataset.json: labels: invalid value {\"liver\":1}",
+                "background with value 0",
+            ],
+        );
+        let e = err(
+            json!({"channel_names": {"0": "CT"}, "labels": {"background": 0, "big": 40000}, "numTraining": 1, "file_ending": ".nii.gz"}),
+        );
+        assert_contains(&e, &["labels.big: invalid value 40000", "0..=32767"]);
+        let e = err(
+            json!({"channel_names": {"0": "CT"}, "labels": {"background": 0, "x": "one"}, "numTraining": 1, "file_ending": ".nii.gz"}),
+        );
+        assert_contains(&e, &["labels.x: expected an integer label value or a list of integers (a region), got \"one\""]);
+        let e = err(
+            json!({"channel_names": {"0": "CT"}, "labels": {"background": 0, "x": [1, 2.5]}, "numTraining": 1, "file_ending": ".nii.gz"}),
+        );
+        assert_contains(&e, &["labels.x[1]: expected an integer, got 2.5"]);
+        let e = err(
+            json!({"modality": {"0": "CT"}, "labels": {"0": "background", "1": "liver"}, "numTraining": 1, "file_ending": ".nii.gz"}),
+        );
+        assert_contains(
+            &e,
+            &[
+                "labels.0: invalid value \"background\"",
+                "(e.g. \"background\": 0)",
+                "v1 layout",
+            ],
+        );
+        let e = err(
+            json!({"channel_names": {"0": "CT", "2": "T2"}, "labels": {"background": 0}, "numTraining": 1, "file_ending": ".nii.gz"}),
+        );
+        assert_contains(&e, &["channel_names", "index 1 is missing"]);
+        let e = err(
+            json!({"channel_names": {"zero": "CT"}, "labels": {"background": 0}, "numTraining": 1, "file_ending": ".nii.gz"}),
+        );
+        assert_contains(&e, &["channel_names.zero", "channel indices"]);
+        let e = err(
+            json!({"channel_names": {"0": 5}, "labels": {"background": 0}, "numTraining": 1, "file_ending": ".nii.gz"}),
+        );
+        assert_contains(&e, &["channel_names.0: expected a string, got 5"]);
+    }
+
+    #[test]
+    fn many_channels_are_ordered_numerically() {
+        let names: Map<String, Value> = (0..12)
+            .map(|i| (i.to_string(), json!(format!("c{i}"))))
+            .collect();
+        let d = parse(json!({"channel_names": names, "labels": {"background": 0}, "numTraining": 1, "file_ending": ".nii.gz"}))
+            .unwrap();
+        assert_eq!(d.num_channels(), 12);
+        assert_eq!(d.channel_names_ordered()[10], (10, "c10".to_string()));
+        let keys: Vec<String> = d.to_json()["channel_names"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect();
+        assert_eq!(keys, (0..12).map(|i| i.to_string()).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn load_errors_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("dataset.json");
+        std::fs::write(&p, "{\"channel_names\": {\"0\": \"CT\"}, \"labels\": {\"background\": 0}, \"numTraining\": -1, \"file_ending\": \".nii.gz\"}").unwrap();
+        let e = DatasetJson::load(&p).unwrap_err().to_string();
+        assert_contains(
+            &e,
+            &[
+                &p.display().to_string(),
+                "numTraining: expected a non-negative integer, got -1",
+            ],
+        );
     }
 }

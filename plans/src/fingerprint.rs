@@ -257,3 +257,75 @@ impl<'de> Deserialize<'de> for Fingerprint {
         Fingerprint::from_value(&v, "dataset_fingerprint.json").map_err(serde::de::Error::custom)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const EXAMPLE: &str = include_str!("testdata/example_dataset_fingerprint_Dataset501.json");
+
+    fn err(v: Value) -> String {
+        Fingerprint::from_value(&v, "dataset_fingerprint.json")
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn example_round_trips_byte_for_byte() {
+        let v: Value = serde_json::from_str(EXAMPLE).unwrap();
+        let f = Fingerprint::from_value(&v, "x").unwrap();
+        assert_eq!(f.shapes_after_crop[0], vec![25, 80, 83]);
+        assert_eq!(f.spacings.len(), f.shapes_after_crop.len());
+        assert!((f.median_relative_size_after_cropping - 0.7338549303816357).abs() < 1e-15);
+        let ip = f.foreground_intensity_properties_per_channel["0"];
+        assert_eq!(ip.max, 318.7719421386719);
+        assert_eq!(ip.percentile_00_5, -26.812454223632812);
+        assert_eq!(io::to_json_string(&f).unwrap(), EXAMPLE);
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("dataset_fingerprint.json");
+        f.save(&p).unwrap();
+        assert_eq!(Fingerprint::load(&p).unwrap(), f);
+        let f2: Fingerprint = serde_json::from_str(EXAMPLE).unwrap();
+        assert_eq!(f2, f);
+    }
+
+    #[test]
+    fn errors_have_paths() {
+        let v: Value = serde_json::from_str(EXAMPLE).unwrap();
+        let mut bad = v.clone();
+        bad["shapes_after_crop"][1][2] = json!(-3);
+        assert!(err(bad).contains("dataset_fingerprint.json: shapes_after_crop[1][2]: expected a non-negative integer, got -3"));
+        let mut bad = v.clone();
+        bad["spacings"][0][0] = json!(0.0);
+        assert!(err(bad).contains("spacings[0][0]: expected a positive number, got 0.0"));
+        let mut bad = v.clone();
+        bad["spacings"].as_array_mut().unwrap().pop();
+        assert!(err(bad).contains("must have one entry per case"));
+        let mut bad = v.clone();
+        bad["spacings"][2] = json!([1.0, 1.0]);
+        assert!(err(bad).contains(
+            "spacings[2]: invalid value [1.0, 1.0]: must have as many axes as shapes_after_crop[2]"
+        ));
+        let mut bad = v.clone();
+        bad["foreground_intensity_properties_per_channel"]["0"]
+            .as_object_mut()
+            .unwrap()
+            .remove("std");
+        assert!(
+            err(bad).contains("missing key `std` in foreground_intensity_properties_per_channel.0")
+        );
+        let mut bad = v.clone();
+        bad["foreground_intensity_properties_per_channel"]["0"]["percentile_99"] = json!(1.0);
+        assert!(err(bad).contains("unknown key `percentile_99` in foreground_intensity_properties_per_channel.0: did you mean"));
+        let mut bad = v.clone();
+        let x = bad.as_object_mut().unwrap().remove("spacings").unwrap();
+        bad.as_object_mut().unwrap().insert("spacing".into(), x);
+        assert!(err(bad)
+            .contains("unknown key `spacing` in the top-level object: did you mean `spacings`?"));
+        // Far unknown keys are tolerated.
+        let mut ok = v;
+        ok["computed_by"] = json!("nnseg");
+        Fingerprint::from_value(&ok, "x").unwrap();
+    }
+}

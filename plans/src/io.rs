@@ -115,8 +115,21 @@ pub fn python_float_repr(x: f64) -> String {
     if x.is_infinite() {
         return if x > 0.0 { "Infinity" } else { "-Infinity" }.to_string();
     }
-    // Rust's `{:e}` gives the shortest round-trip digits: "-1.2345e-5".
-    let s = format!("{x:e}");
+    // Rust's `{:e}` gives the shortest round-trip digits ("-1.2345e-5"), but breaks ties between
+    // equally short candidates differently from Python; re-round to that many digits exactly
+    // (round-half-even on the exact binary value, like Python's dtoa) and keep it if it still
+    // round-trips.
+    let shortest = format!("{x:e}");
+    let n_digits = shortest
+        .split('e')
+        .next()
+        .map_or(1, |m| m.chars().filter(char::is_ascii_digit).count());
+    let exact = format!("{:.*e}", n_digits.saturating_sub(1), x);
+    let s = if exact.parse::<f64>().ok() == Some(x) {
+        exact
+    } else {
+        shortest
+    };
     let (neg, s) = match s.strip_prefix('-') {
         Some(rest) => (true, rest),
         None => (false, s.as_str()),
@@ -257,6 +270,11 @@ mod tests {
             (1.5e-7, "1.5e-07"),
             (1.2345678901234568e17, "1.2345678901234568e+17"),
             (1e100, "1e+100"),
+            (-26.812454223632812, "-26.812454223632812"),
+            (242.05740356445312, "242.05740356445312"),
+            (1e23, "1e+23"),
+            (5e-324, "5e-324"),
+            (f64::MAX, "1.7976931348623157e+308"),
             (123456.789, "123456.789"),
         ];
         for (x, want) in cases {

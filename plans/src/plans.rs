@@ -61,6 +61,8 @@ pub const PLANS_KEYS: &[&str] = &[
     "foreground_intensity_properties_per_channel",
 ];
 
+/// Old name of `foreground_intensity_properties_per_channel`, still accepted by nnU-Net.
+const LEGACY_INTENSITY_KEY: &str = "foreground_intensity_properties_by_modality";
 const RESAMPLING_KWARGS_KEYS: &[&str] = &["is_seg", "order", "order_z", "force_separate_z"];
 const ARCHITECTURE_KEYS: &[&str] = &["network_class_name", "arch_kwargs", "_kw_requires_import"];
 /// Class names (last dotted component) of dynamic-network-architectures U-Nets whose
@@ -619,14 +621,13 @@ impl Configuration {
     }
 
     fn from_map(file: &str, o: &Map<String, Value>, loc: &Loc) -> Result<Self, PlansError> {
-        if !o.contains_key("architecture") && o.contains_key("UNet_class_name") {
-            return Err(j::invalid(
-                file,
-                &loc.key("UNet_class_name"),
-                j::describe(&o["UNet_class_name"]),
-                "old-style plans (UNet_class_name, conv_kernel_sizes, ...) are not supported; re-run planning or convert to an `architecture` entry",
-            ));
-        }
+        let upgraded;
+        let o = if !o.contains_key("architecture") && o.contains_key("UNet_class_name") {
+            upgraded = upgrade_old_style(file, o, loc)?;
+            &upgraded
+        } else {
+            o
+        };
         let mut extra = Map::new();
         for (k, v) in o {
             if CONFIGURATION_KEYS.contains(&k.as_str()) {
@@ -700,7 +701,23 @@ impl Configuration {
                 req("architecture")?,
             )?,
             batch_dice: j::as_bool(file, &loc.key("batch_dice"), req("batch_dice")?)?,
-            next_stage: opt_string("next_stage")?,
+            next_stage: match o.get("next_stage") {
+                // nnU-Net also accepts a list of next stages; one is supported here.
+                Some(Value::Array(a)) if a.len() == 1 => Some(j::as_string(
+                    file,
+                    &index(&loc.key("next_stage"), 0),
+                    &a[0],
+                )?),
+                Some(v @ Value::Array(_)) => {
+                    return Err(j::invalid(
+                        file,
+                        &loc.key("next_stage"),
+                        j::describe(v),
+                        "a single configuration name (multiple next stages are not supported)",
+                    ))
+                }
+                _ => opt_string("next_stage")?,
+            },
             previous_stage: opt_string("previous_stage")?,
             extra,
         })
@@ -916,6 +933,131 @@ impl Configuration {
     }
 }
 
+/// Keys of nnU-Net's older plans format, converted like `ConfigurationManager.__init__` does.
+const OLD_STYLE_KEYS: &[&str] = &[
+    "UNet_class_name",
+    "UNet_base_num_features",
+    "n_conv_per_stage_encoder",
+    "n_conv_per_stage_decoder",
+    "num_pool_per_axis",
+    "pool_op_kernel_sizes",
+    "conv_kernel_sizes",
+    "unet_max_num_features",
+];
+
+/// Rebuild the `architecture` entry from old-style keys (nnU-Net's backwards compatibility path).
+fn upgrade_old_style(
+    file: &str,
+    o: &Map<String, Value>,
+    loc: &Loc,
+) -> Result<Map<String, Value>, PlansError> {
+    let req = |k: &str| -> Result<&Value, PlansError> {
+        o.get(k).ok_or_else(|| {
+            j::missing(
+                file,
+                &loc.base,
+                o,
+                k,
+                " (needed to convert old-style plans)",
+            )
+        })
+    };
+    let class_path = loc.key("UNet_class_name");
+    let class = j::as_string(file, &class_path, req("UNet_class_name")?)?;
+    let (network_class_name, blocks_key) = match class.as_str() {
+        "PlainConvUNet" => ("dynamic_network_architectures.architectures.unet.PlainConvUNet", "n_conv_per_stage"),
+        "ResidualEncoderUNet" => (
+            "dynamic_network_architectures.architectures.residual_unet.ResidualEncoderUNet",
+            "n_blocks_per_stage",
+        ),
+        _ => {
+            return Err(j::invalid(
+                file,
+                &class_path,
+                format!("{class:?}"),
+                "old-style plans can only be converted for `PlainConvUNet` and `ResidualEncoderUNet`; re-run planning",
+            ))
+        }
+    };
+    let enc = req("n_conv_per_stage_encoder")?;
+    let n_stages = j::as_array(
+        file,
+        &loc.key("n_conv_per_stage_encoder"),
+        enc,
+        "a list of positive integers",
+    )?
+    .len();
+    let dim = j::as_array(
+        file,
+        &loc.key("patch_size"),
+        req("patch_size")?,
+        "a list of 2 or 3 positive integers",
+    )?
+    .len();
+    let base = j::as_usize(
+        file,
+        &loc.key("UNet_base_num_features"),
+        req("UNet_base_num_features")?,
+        true,
+    )?;
+    let max_f = j::as_usize(
+        file,
+        &loc.key("unet_max_num_features"),
+        req("unet_max_num_features")?,
+        true,
+    )?;
+    let features: Vec<usize> = (0..n_stages)
+        .map(|i| {
+            base.saturating_mul(1usize.checked_shl(i as u32).unwrap_or(usize::MAX))
+                .min(max_f)
+        })
+        .collect();
+    let mut kw = Map::new();
+    kw.insert("n_stages".into(), Value::from(n_stages));
+    kw.insert("features_per_stage".into(), Value::from(features));
+    kw.insert(
+        "conv_op".into(),
+        Value::String(format!("torch.nn.modules.conv.Conv{dim}d")),
+    );
+    kw.insert("kernel_sizes".into(), req("conv_kernel_sizes")?.clone());
+    kw.insert("strides".into(), req("pool_op_kernel_sizes")?.clone());
+    kw.insert(blocks_key.into(), enc.clone());
+    kw.insert(
+        "n_conv_per_stage_decoder".into(),
+        req("n_conv_per_stage_decoder")?.clone(),
+    );
+    kw.insert("conv_bias".into(), Value::Bool(true));
+    kw.insert(
+        "norm_op".into(),
+        Value::String(format!("torch.nn.modules.instancenorm.InstanceNorm{dim}d")),
+    );
+    kw.insert(
+        "norm_op_kwargs".into(),
+        serde_json::json!({"eps": 1e-05, "affine": true}),
+    );
+    kw.insert("dropout_op".into(), Value::Null);
+    kw.insert("dropout_op_kwargs".into(), Value::Null);
+    kw.insert("nonlin".into(), Value::String("torch.nn.LeakyReLU".into()));
+    kw.insert("nonlin_kwargs".into(), serde_json::json!({"inplace": true}));
+    let mut arch = Map::new();
+    arch.insert(
+        "network_class_name".into(),
+        Value::String(network_class_name.into()),
+    );
+    arch.insert("arch_kwargs".into(), Value::Object(kw));
+    arch.insert(
+        "_kw_requires_import".into(),
+        serde_json::json!(["conv_op", "norm_op", "dropout_op", "nonlin"]),
+    );
+    let mut out: Map<String, Value> = o
+        .iter()
+        .filter(|(k, _)| !OLD_STYLE_KEYS.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    out.insert("architecture".into(), Value::Object(arch));
+    Ok(out)
+}
+
 impl Serialize for Configuration {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         self.to_json().serialize(s)
@@ -988,6 +1130,11 @@ impl Plans {
             if PLANS_KEYS.contains(&k.as_str()) {
                 continue;
             }
+            if k == LEGACY_INTENSITY_KEY
+                && !o.contains_key("foreground_intensity_properties_per_channel")
+            {
+                continue;
+            }
             let absent: Vec<&str> = PLANS_KEYS
                 .iter()
                 .copied()
@@ -1029,11 +1176,19 @@ impl Plans {
             configurations,
             experiment_planner_used: string("experiment_planner_used")?,
             label_manager: string("label_manager")?,
-            foreground_intensity_properties_per_channel: intensity_map_from_value(
-                file,
-                "foreground_intensity_properties_per_channel",
-                req("foreground_intensity_properties_per_channel")?,
-            )?,
+            foreground_intensity_properties_per_channel: match (
+                o.get("foreground_intensity_properties_per_channel"),
+                o.get(LEGACY_INTENSITY_KEY),
+            ) {
+                (None, Some(legacy)) => {
+                    intensity_map_from_value(file, LEGACY_INTENSITY_KEY, legacy)?
+                }
+                _ => intensity_map_from_value(
+                    file,
+                    "foreground_intensity_properties_per_channel",
+                    req("foreground_intensity_properties_per_channel")?,
+                )?,
+            },
             extra,
         };
         plans.validate_transpose(file)?;

@@ -47,7 +47,9 @@ pub fn nonzero_mask(data: ArrayView4<f32>) -> Array3<bool> {
 pub fn binary_fill_holes(mask: &mut Array3<bool>) {
     let mut state = mask.mapv(|m| if m { FG } else { BG });
     fill_holes_state(&mut state);
-    Zip::from(mask).and(&state).for_each(|m, &s| *m = s != OUTSIDE);
+    Zip::from(mask)
+        .and(&state)
+        .for_each(|m, &s| *m = s != OUTSIDE);
 }
 
 /// Marks every `BG` voxel 6-connected to the border as `OUTSIDE` (scanline flood fill along
@@ -254,7 +256,8 @@ mod tests {
     fn sphere_shell(n: usize, r_in: f64, r_out: f64) -> Array4<f32> {
         let c = (n as f64 - 1.0) / 2.0;
         Array4::from_shape_fn((1, n, n, n), |(_, z, y, x)| {
-            let d = ((z as f64 - c).powi(2) + (y as f64 - c).powi(2) + (x as f64 - c).powi(2)).sqrt();
+            let d =
+                ((z as f64 - c).powi(2) + (y as f64 - c).powi(2) + (x as f64 - c).powi(2)).sqrt();
             if d >= r_in && d <= r_out {
                 5.0
             } else {
@@ -295,7 +298,10 @@ mod tests {
             }
         });
         let mask = nonzero_mask(data.view());
-        assert!(!mask[[4, 4, 4]], "tube interior is connected to the z border");
+        assert!(
+            !mask[[4, 4, 4]],
+            "tube interior is connected to the z border"
+        );
         assert!(mask[[4, 2, 4]]);
         // Closing the tube at both ends makes the interior a hole.
         let mut closed = data.clone();
@@ -395,7 +401,11 @@ mod tests {
         use rand::{Rng, SeedableRng};
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
         for _ in 0..30 {
-            let dims = (rng.gen_range(1..7), rng.gen_range(1..7), rng.gen_range(1..7));
+            let dims = (
+                rng.gen_range(1..7),
+                rng.gen_range(1..7),
+                rng.gen_range(1..7),
+            );
             let mask0 = Array3::from_shape_fn(dims, |_| rng.gen_bool(0.6));
             let mut fast = mask0.clone();
             binary_fill_holes(&mut fast);
@@ -410,12 +420,31 @@ mod tests {
                             if mask0[[z, y, x]] || outside[[z, y, x]] {
                                 continue;
                             }
-                            let border = z == 0 || y == 0 || x == 0 || z + 1 == nz || y + 1 == ny || x + 1 == nx;
+                            let border = z == 0
+                                || y == 0
+                                || x == 0
+                                || z + 1 == nz
+                                || y + 1 == ny
+                                || x + 1 == nx;
                             let nb = |dz: isize, dy: isize, dx: isize| {
-                                let (zz, yy, xx) = (z as isize + dz, y as isize + dy, x as isize + dx);
-                                zz >= 0 && yy >= 0 && xx >= 0 && (zz as usize) < nz && (yy as usize) < ny && (xx as usize) < nx && outside[[zz as usize, yy as usize, xx as usize]]
+                                let (zz, yy, xx) =
+                                    (z as isize + dz, y as isize + dy, x as isize + dx);
+                                zz >= 0
+                                    && yy >= 0
+                                    && xx >= 0
+                                    && (zz as usize) < nz
+                                    && (yy as usize) < ny
+                                    && (xx as usize) < nx
+                                    && outside[[zz as usize, yy as usize, xx as usize]]
                             };
-                            if border || nb(-1, 0, 0) || nb(1, 0, 0) || nb(0, -1, 0) || nb(0, 1, 0) || nb(0, 0, -1) || nb(0, 0, 1) {
+                            if border
+                                || nb(-1, 0, 0)
+                                || nb(1, 0, 0)
+                                || nb(0, -1, 0)
+                                || nb(0, 1, 0)
+                                || nb(0, 0, -1)
+                                || nb(0, 0, 1)
+                            {
                                 outside[[z, y, x]] = true;
                                 changed = true;
                             }

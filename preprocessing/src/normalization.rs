@@ -148,7 +148,11 @@ pub enum NormalizationError {
 
 /// Sum and count (f64) of the values, optionally only where `seg >= 0`. Deterministic:
 /// per-slice partial sums are reduced in slice order.
-fn masked_sum(image: &ArrayView3<f32>, mask: Option<&ArrayView3<i16>>, center: f64) -> (f64, f64, usize) {
+fn masked_sum(
+    image: &ArrayView3<f32>,
+    mask: Option<&ArrayView3<i16>>,
+    center: f64,
+) -> (f64, f64, usize) {
     let parts: Vec<(f64, f64, usize)> = match mask {
         None => image
             .axis_iter(Axis(0))
@@ -206,7 +210,9 @@ fn min_max(image: &ArrayView3<f32>) -> (f32, f32) {
         .map(|plane| {
             plane
                 .iter()
-                .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| (lo.min(v), hi.max(v)))
+                .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {
+                    (lo.min(v), hi.max(v))
+                })
         })
         .reduce(
             || (f32::INFINITY, f32::NEG_INFINITY),
@@ -333,7 +339,7 @@ pub fn normalize(
     for (c, image) in data.axis_iter_mut(Axis(0)).enumerate() {
         normalize_channel(
             image,
-            mask.clone(),
+            mask,
             schemes[c],
             use_mask_for_norm[c],
             stats.get(c).and_then(|s| s.as_ref()),
@@ -347,7 +353,10 @@ pub fn normalize(
 pub fn parse_schemes(names: &[String]) -> Result<Vec<Normalization>, NormalizationError> {
     names
         .iter()
-        .map(|n| Normalization::from_scheme_name(n).ok_or_else(|| NormalizationError::UnknownScheme(n.clone())))
+        .map(|n| {
+            Normalization::from_scheme_name(n)
+                .ok_or_else(|| NormalizationError::UnknownScheme(n.clone()))
+        })
         .collect()
 }
 
@@ -379,7 +388,15 @@ mod tests {
         let mut a = Array3::<f32>::zeros((1, 2, 3));
         a.assign(&ndarray::array![[[0.0, 2.0, 4.0], [0.0, 6.0, 8.0]]]);
         let seg = ndarray::array![[[-1i16, 0, 1], [-1, 0, 0]]];
-        normalize_channel(a.view_mut(), Some(seg.view()), Normalization::ZScore, true, None, 0).unwrap();
+        normalize_channel(
+            a.view_mut(),
+            Some(seg.view()),
+            Normalization::ZScore,
+            true,
+            None,
+            0,
+        )
+        .unwrap();
         // inside values 2,4,6,8: mean 5, std sqrt(5)
         let s = 5f32.sqrt();
         assert_eq!(a[[0, 0, 0]], 0.0);
@@ -404,17 +421,33 @@ mod tests {
     #[test]
     fn ct_clips_then_scales() {
         let mut a = ndarray::array![[[-2000.0f32, 0.0, 50.0, 3000.0]]];
-        let st = ChannelIntensityStats { mean: 100.0, std: 50.0, percentile_00_5: -1000.0, percentile_99_5: 1000.0 };
+        let st = ChannelIntensityStats {
+            mean: 100.0,
+            std: 50.0,
+            percentile_00_5: -1000.0,
+            percentile_99_5: 1000.0,
+        };
         normalize_channel(a.view_mut(), None, Normalization::Ct, false, Some(&st), 0).unwrap();
         assert_eq!(a.as_slice().unwrap(), &[-22.0, -2.0, -1.0, 18.0]);
-        let err = normalize_channel(a.view_mut(), None, Normalization::Ct, false, None, 3).unwrap_err();
-        assert!(err.to_string().contains("foreground_intensity_properties_per_channel[\"3\"]"));
+        let err =
+            normalize_channel(a.view_mut(), None, Normalization::Ct, false, None, 3).unwrap_err();
+        assert!(err
+            .to_string()
+            .contains("foreground_intensity_properties_per_channel[\"3\"]"));
     }
 
     #[test]
     fn rescale_and_rgb() {
         let mut a = ndarray::array![[[2.0f32, 4.0, 6.0]]];
-        normalize_channel(a.view_mut(), None, Normalization::RescaleTo01, false, None, 0).unwrap();
+        normalize_channel(
+            a.view_mut(),
+            None,
+            Normalization::RescaleTo01,
+            false,
+            None,
+            0,
+        )
+        .unwrap();
         assert_eq!(a.as_slice().unwrap(), &[0.0, 0.5, 1.0]);
         let mut b = ndarray::array![[[0.0f32, 51.0, 255.0]]];
         normalize_channel(b.view_mut(), None, Normalization::RgbTo01, false, None, 0).unwrap();
@@ -432,10 +465,20 @@ mod tests {
     #[test]
     fn multi_channel_dispatch_and_counts() {
         let mut data = Array4::<f32>::zeros((2, 1, 1, 3));
-        data.slice_mut(ndarray::s![0, 0, 0, ..]).assign(&ndarray::array![1.0, 2.0, 3.0]);
-        data.slice_mut(ndarray::s![1, 0, 0, ..]).assign(&ndarray::array![10.0, 20.0, 30.0]);
-        let schemes = parse_schemes(&["NoNormalization".into(), "RescaleTo01Normalization".into()]).unwrap();
-        normalize(data.view_mut(), None, &schemes, &[false, false], &[None, None]).unwrap();
+        data.slice_mut(ndarray::s![0, 0, 0, ..])
+            .assign(&ndarray::array![1.0, 2.0, 3.0]);
+        data.slice_mut(ndarray::s![1, 0, 0, ..])
+            .assign(&ndarray::array![10.0, 20.0, 30.0]);
+        let schemes =
+            parse_schemes(&["NoNormalization".into(), "RescaleTo01Normalization".into()]).unwrap();
+        normalize(
+            data.view_mut(),
+            None,
+            &schemes,
+            &[false, false],
+            &[None, None],
+        )
+        .unwrap();
         assert_eq!(data[[0, 0, 0, 2]], 3.0);
         assert_eq!(data[[1, 0, 0, 1]], 0.5);
         assert!(matches!(
@@ -451,6 +494,9 @@ mod tests {
             assert_eq!(Normalization::from_scheme_name(n.scheme_name()), Some(n));
         }
         assert_eq!(Normalization::from_channel_name("CT"), Normalization::Ct);
-        assert_eq!(Normalization::from_channel_name("T2"), Normalization::ZScore);
+        assert_eq!(
+            Normalization::from_channel_name("T2"),
+            Normalization::ZScore
+        );
     }
 }

@@ -36,7 +36,11 @@ pub const ANISO_THRESHOLD: f64 = 3.0;
 
 /// `compute_new_shape`: `round(old_spacing / new_spacing * old_shape)` per axis, with
 /// numpy's round-half-to-even so shapes match nnU-Net exactly.
-pub fn compute_new_shape(old_shape: &[usize], old_spacing: &[f64], new_spacing: &[f64]) -> Vec<usize> {
+pub fn compute_new_shape(
+    old_shape: &[usize],
+    old_spacing: &[f64],
+    new_spacing: &[f64],
+) -> Vec<usize> {
     old_shape
         .iter()
         .zip(old_spacing.iter().zip(new_spacing))
@@ -134,7 +138,14 @@ pub fn resample_seg_to_shape(
     new_spacing: &[f64; 3],
     kw: &ResamplingKwargs,
 ) -> Array4<i16> {
-    resample_seg_to_shape_with(seg, new_shape, current_spacing, new_spacing, kw, SegCombine::Argmax)
+    resample_seg_to_shape_with(
+        seg,
+        new_shape,
+        current_spacing,
+        new_spacing,
+        kw,
+        SegCombine::Argmax,
+    )
 }
 
 /// [`resample_seg_to_shape`] with an explicit `resize_segmentation` combination rule.
@@ -216,28 +227,16 @@ fn resample_data_impl(
     out
 }
 
-/// NaN-ignoring min/max (`None` if there is no finite-comparable value).
+/// NaN-ignoring min/max (`None` if every value is NaN).
 fn min_max(v: &[f32]) -> Option<(f32, f32)> {
-    v.par_chunks(1 << 16)
-        .map(|c| {
-            c.iter().fold(None, |acc: Option<(f32, f32)>, &x| {
-                if x.is_nan() {
-                    return acc;
-                }
-                Some(match acc {
-                    None => (x, x),
-                    Some((lo, hi)) => (lo.min(x), hi.max(x)),
-                })
-            })
-        })
-        .reduce(
-            || None,
-            |a, b| match (a, b) {
-                (Some((l1, h1)), Some((l2, h2))) => Some((l1.min(l2), h1.max(h2))),
-                (a, None) => a,
-                (None, b) => b,
-            },
-        )
+    v.par_chunks(1 << 16).map(min_max_seq).reduce(
+        || None,
+        |a, b| match (a, b) {
+            (Some((l1, h1)), Some((l2, h2))) => Some((l1.min(l2), h1.max(h2))),
+            (a, None) => a,
+            (None, b) => b,
+        },
+    )
 }
 
 #[inline]
@@ -249,21 +248,81 @@ fn clip(v: &mut f32, lo: f32, hi: f32) {
     }
 }
 
+/// Apply zoom plans of `order` along `axes` (already in processing order), fusing the
+/// y and x passes slice by slice when there are enough slices to keep all threads busy.
+/// When the fused pass is the only one, `post(input_slice, output_slice)` is applied to
+/// every z slice inside it and the returned flag is `true`.
+fn run_axes<T: engine::Sample>(
+    vol: &[T],
+    shape: [usize; 3],
+    new_shape: [usize; 3],
+    axes: &[usize],
+    order: usize,
+    post: &(dyn Fn(&[T], &mut [T]) + Sync),
+) -> (Option<Vec<T>>, bool) {
+    let fuse =
+        axes.contains(&1) && axes.contains(&2) && shape[0] >= 2 * rayon::current_num_threads();
+    let mut cur_shape = shape;
+    let mut cur: Option<Vec<T>> = None;
+    let step = |cur: &mut Option<Vec<T>>, cur_shape: &mut [usize; 3], a: usize| {
+        let plan = AxisPlan::zoom(cur_shape[a], new_shape[a], order);
+        let next = resample_axis(cur.as_deref().unwrap_or(vol), *cur_shape, a, &plan);
+        cur_shape[a] = new_shape[a];
+        *cur = Some(next);
+    };
+    if !fuse {
+        for &a in axes {
+            step(&mut cur, &mut cur_shape, a);
+        }
+        return (cur, false);
+    }
+    let pos = |a: usize| axes.iter().position(|&b| b == a);
+    let z_first = pos(0)
+        .is_some_and(|p0| pos(1).is_some_and(|p1| p0 < p1) && pos(2).is_some_and(|p2| p0 < p2));
+    if z_first {
+        step(&mut cur, &mut cur_shape, 0);
+    }
+    let plan_y = AxisPlan::zoom(cur_shape[1], new_shape[1], order);
+    let plan_x = AxisPlan::zoom(cur_shape[2], new_shape[2], order);
+    let first_x = pos(2) < pos(1);
+    let z_after = pos(0).is_some() && !z_first;
+    let noop = |_: &[T], _: &mut [T]| {};
+    let hook: &(dyn Fn(&[T], &mut [T]) + Sync) = if z_after || z_first { &noop } else { post };
+    let next = engine::resample_yx(
+        cur.as_deref().unwrap_or(vol),
+        cur_shape,
+        &plan_y,
+        &plan_x,
+        first_x,
+        hook,
+    );
+    cur_shape[1] = new_shape[1];
+    cur_shape[2] = new_shape[2];
+    cur = Some(next);
+    if z_after {
+        step(&mut cur, &mut cur_shape, 0);
+    }
+    (cur, !(z_after || z_first))
+}
+
 /// skimage `resize` of a whole 3-D volume (one channel), including the clip to the input
 /// range.
-fn resample_volume_3d(vol: &[f32], shape: [usize; 3], new_shape: [usize; 3], order: usize) -> Vec<f32> {
+fn resample_volume_3d(
+    vol: &[f32],
+    shape: [usize; 3],
+    new_shape: [usize; 3],
+    order: usize,
+) -> Vec<f32> {
     let range = min_max(vol);
-    let mut cur_shape = shape;
-    let mut cur: Option<Vec<f32>> = None;
-    for a in axis_order(shape, new_shape, None) {
-        let plan = AxisPlan::zoom(cur_shape[a], new_shape[a], order);
-        let src = cur.as_deref().unwrap_or(vol);
-        let next = resample_axis(src, cur_shape, a, &plan);
-        cur_shape[a] = new_shape[a];
-        cur = Some(next);
-    }
-    let mut res = cur.unwrap_or_else(|| vol.to_vec());
-    if let Some((lo, hi)) = range {
+    let axes = axis_order(shape, new_shape, None);
+    let clip_slice = |_: &[f32], o: &mut [f32]| {
+        if let Some((lo, hi)) = range {
+            o.iter_mut().for_each(|v| clip(v, lo, hi));
+        }
+    };
+    let (res, clipped) = run_axes(vol, shape, new_shape, &axes, order, &clip_slice);
+    let mut res = res.unwrap_or_else(|| vol.to_vec());
+    if let (Some((lo, hi)), false) = (range, clipped) {
         res.par_iter_mut().for_each(|v| clip(v, lo, hi));
     }
     res
@@ -283,17 +342,24 @@ fn resample_volume_sep(
     let mut cur_shape = shape;
     let mut cur: Option<Vec<f32>> = None;
     if !in_plane.is_empty() {
-        let ranges = slice_ranges(vol, shape, axis);
-        let mut res: Option<Vec<f32>> = None;
-        for &a in &in_plane {
-            let plan = AxisPlan::zoom(cur_shape[a], new_shape[a], order);
-            let src = res.as_deref().unwrap_or(vol);
-            let next = resample_axis(src, cur_shape, a, &plan);
-            cur_shape[a] = new_shape[a];
-            res = Some(next);
-        }
+        // skimage clips every slice to that slice's input range
+        let clip_slice = |i: &[f32], o: &mut [f32]| {
+            if let Some((lo, hi)) = min_max_seq(i) {
+                o.iter_mut().for_each(|v| clip(v, lo, hi));
+            }
+        };
+        let noop = |_: &[f32], _: &mut [f32]| {};
+        let hook: &(dyn Fn(&[f32], &mut [f32]) + Sync) =
+            if axis == 0 { &clip_slice } else { &noop };
+        let (res, clipped) = run_axes(vol, shape, new_shape, &in_plane, order, hook);
         let mut res = res.unwrap_or_default();
-        clip_slices(&mut res, cur_shape, axis, &ranges);
+        for &a in &in_plane {
+            cur_shape[a] = new_shape[a];
+        }
+        if !clipped {
+            let ranges = slice_ranges(vol, shape, axis);
+            clip_slices(&mut res, cur_shape, axis, &ranges);
+        }
         cur = Some(res);
     }
     if shape[axis] != new_shape[axis] {
@@ -336,24 +402,35 @@ fn slice_ranges(vol: &[f32], shape: [usize; 3], axis: usize) -> Vec<Option<(f32,
 }
 
 fn min_max_seq(v: &[f32]) -> Option<(f32, f32)> {
-    v.iter().fold(None, |acc, &x| {
-        if x.is_nan() {
-            return acc;
+    // comparisons with NaN are false, so NaNs are skipped
+    let mut lo = [f32::INFINITY; 8];
+    let mut hi = [f32::NEG_INFINITY; 8];
+    let chunks = v.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for k in 0..8 {
+            lo[k] = if c[k] < lo[k] { c[k] } else { lo[k] };
+            hi[k] = if c[k] > hi[k] { c[k] } else { hi[k] };
         }
-        Some(match acc {
-            None => (x, x),
-            Some((lo, hi)) => (lo.min(x), hi.max(x)),
-        })
-    })
+    }
+    for &x in rest {
+        lo[0] = if x < lo[0] { x } else { lo[0] };
+        hi[0] = if x > hi[0] { x } else { hi[0] };
+    }
+    let lo = lo.iter().copied().fold(f32::INFINITY, f32::min);
+    let hi = hi.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    (lo <= hi).then_some((lo, hi))
 }
 
 fn clip_slices(vol: &mut [f32], shape: [usize; 3], axis: usize, ranges: &[Option<(f32, f32)>]) {
     let (_, n, inner) = split_dims(shape, axis);
-    vol.par_chunks_mut(inner).enumerate().for_each(|(row, chunk)| {
-        if let Some((lo, hi)) = ranges[row % n] {
-            chunk.iter_mut().for_each(|v| clip(v, lo, hi));
-        }
-    });
+    vol.par_chunks_mut(inner)
+        .enumerate()
+        .for_each(|(row, chunk)| {
+            if let Some((lo, hi)) = ranges[row % n] {
+                chunk.iter_mut().for_each(|v| clip(v, lo, hi));
+            }
+        });
 }
 
 fn resample_seg_impl(
@@ -381,7 +458,14 @@ fn resample_seg_impl(
                 let mut plane_shape = new_shape;
                 plane_shape[a] = shape[a];
                 let in_plane = if plane_shape != shape {
-                    Some(resize_segmentation(&vol, shape, plane_shape, Some(a), order, rule))
+                    Some(resize_segmentation(
+                        &vol,
+                        shape,
+                        plane_shape,
+                        Some(a),
+                        order,
+                        rule,
+                    ))
                 } else {
                     None
                 };

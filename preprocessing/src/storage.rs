@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use datasets::io::ImageProperties;
 use memmap2::Mmap;
 use ndarray::{s, Array4, ArrayView4};
+use ndarray_npy::npy::header::{Header, Layout};
 use ndarray_npy::{ViewElement, ViewNpyExt, WritableElement, WriteNpyExt};
 use serde::{Deserialize, Serialize};
 
@@ -60,7 +61,10 @@ pub fn class_locations_key(labels: &[i64]) -> String {
         [single] => single.to_string(),
         many => format!(
             "({})",
-            many.iter().map(|l| l.to_string()).collect::<Vec<_>>().join(", ")
+            many.iter()
+                .map(|l| l.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
     }
 }
@@ -160,19 +164,37 @@ where
     result
 }
 
-/// Writes an array as `.npy` (format 1.0, C order, header padded to 64 bytes) atomically.
-/// Non-standard-layout arrays are written element by element in C order, without a copy.
-pub fn write_npy_atomic<A, D>(path: &Path, array: &ndarray::ArrayRef<A, D>) -> Result<(), StorageError>
+/// Writes an array as `.npy` (format 1.0, always C order, header padded to 64 bytes)
+/// atomically. Non-standard-layout arrays (e.g. transposed views) are written element by
+/// element in C order, without a copy.
+pub fn write_npy_atomic<A, D>(
+    path: &Path,
+    array: &ndarray::ArrayRef<A, D>,
+) -> Result<(), StorageError>
 where
     A: WritableElement,
     D: ndarray::Dimension,
 {
+    let npy_err = |message: String| StorageError::Npy {
+        path: path.to_path_buf(),
+        expected: "writable",
+        message,
+    };
     write_atomic_with(path, |w| {
-        array.write_npy(w).map_err(|e| StorageError::Npy {
-            path: path.to_path_buf(),
-            expected: "writable",
-            message: e.to_string(),
-        })
+        if array.is_standard_layout() {
+            return array.write_npy(w).map_err(|e| npy_err(e.to_string()));
+        }
+        Header {
+            type_descriptor: A::type_descriptor(),
+            layout: Layout::Standard,
+            shape: array.shape().to_vec(),
+        }
+        .write(&mut *w)
+        .map_err(|e| npy_err(e.to_string()))?;
+        for v in array.iter() {
+            v.write(&mut *w).map_err(|e| npy_err(e.to_string()))?;
+        }
+        Ok(())
     })
 }
 
@@ -300,7 +322,11 @@ impl MappedCase {
         let dp = data_path(folder, case);
         let sp = seg_path(folder, case);
         let data = map_file(&dp)?;
-        let seg = if sp.is_file() { Some(map_file(&sp)?) } else { None };
+        let seg = if sp.is_file() {
+            Some(map_file(&sp)?)
+        } else {
+            None
+        };
         let this = MappedCase {
             identifier: case.to_string(),
             data_path: dp,
@@ -344,7 +370,12 @@ impl MappedCase {
 /// Crops `src` (`(c, z, y, x)`) to the box starting at `lower` (may be negative or reach
 /// past the end) with spatial `size`, filling everything outside `src` with `pad` — nnU-Net's
 /// `crop_and_pad_nd` (data padded with 0, seg with -1). Only the overlap is copied.
-pub fn crop_and_pad<T: Copy>(src: ArrayView4<T>, lower: [i64; 3], size: [usize; 3], pad: T) -> Array4<T> {
+pub fn crop_and_pad<T: Copy>(
+    src: ArrayView4<T>,
+    lower: [i64; 3],
+    size: [usize; 3],
+    pad: T,
+) -> Array4<T> {
     let c = src.shape()[0];
     let mut out = Array4::from_elem((c, size[0], size[1], size[2]), pad);
     let mut src_lo = [0usize; 3];
@@ -410,13 +441,18 @@ mod tests {
     #[test]
     fn save_then_mmap_patch() {
         let dir = tempfile::tempdir().unwrap();
-        let data = Array4::from_shape_fn((2, 4, 5, 6), |(c, z, y, x)| (c * 1000 + z * 100 + y * 10 + x) as f32);
+        let data = Array4::from_shape_fn((2, 4, 5, 6), |(c, z, y, x)| {
+            (c * 1000 + z * 100 + y * 10 + x) as f32
+        });
         let seg = Array4::from_shape_fn((1, 4, 5, 6), |(_, z, y, x)| ((z + y + x) % 3) as i16 - 1);
         let p = props();
         save_case(dir.path(), "case_1", data.view(), Some(seg.view()), &p).unwrap();
         assert_eq!(list_cases(dir.path()).unwrap(), vec!["case_1".to_string()]);
         // no temp files left
-        let names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names.len(), 3, "{names:?}");
 
         let m = MappedCase::open(dir.path(), "case_1").unwrap();
@@ -464,8 +500,15 @@ mod tests {
         let bytes = fs::read(&p2).unwrap();
         let hlen = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
         let header = std::str::from_utf8(&bytes[10..10 + hlen]).unwrap();
-        assert!(header.contains("'descr': '<i2'") && header.contains("'shape': (1, 3, 2, 1)"), "{header}");
-        let vals: Vec<i16> = bytes[10 + hlen..].chunks(2).map(|c| i16::from_le_bytes([c[0], c[1]])).collect();
+        assert!(
+            header.contains("'descr': '<i2'") && header.contains("'shape': (1, 3, 2, 1)"),
+            "{header}"
+        );
+        assert!(header.contains("'fortran_order': False"), "{header}");
+        let vals: Vec<i16> = bytes[10 + hlen..]
+            .chunks(2)
+            .map(|c| i16::from_le_bytes([c[0], c[1]]))
+            .collect();
         assert_eq!(vals, vec![0, 3, 1, 4, 2, 5]);
     }
 
@@ -480,8 +523,16 @@ mod tests {
         fs::write(data_path(dir.path(), "y"), b"not numpy").unwrap();
         assert!(MappedCase::open(dir.path(), "y").is_err());
         // seg with mismatching shape
-        write_npy_atomic(&data_path(dir.path(), "z"), &Array4::<f32>::zeros((1, 2, 2, 2))).unwrap();
-        write_npy_atomic(&seg_path(dir.path(), "z"), &Array4::<i16>::zeros((1, 2, 2, 3))).unwrap();
+        write_npy_atomic(
+            &data_path(dir.path(), "z"),
+            &Array4::<f32>::zeros((1, 2, 2, 2)),
+        )
+        .unwrap();
+        write_npy_atomic(
+            &seg_path(dir.path(), "z"),
+            &Array4::<i16>::zeros((1, 2, 2, 3)),
+        )
+        .unwrap();
         assert!(matches!(
             MappedCase::open(dir.path(), "z"),
             Err(StorageError::ShapeMismatch { .. })

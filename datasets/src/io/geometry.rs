@@ -7,7 +7,12 @@
 pub(crate) type Affine = [[f64; 4]; 3];
 
 /// `nifti_quatern_to_mat44`: affine from quaternion parameters, offsets, voxel sizes and qfac.
-pub(crate) fn quatern_to_affine(bcd: [f64; 3], offset: [f64; 3], pixdim: [f64; 3], qfac: f64) -> Affine {
+pub(crate) fn quatern_to_affine(
+    bcd: [f64; 3],
+    offset: [f64; 3],
+    pixdim: [f64; 3],
+    qfac: f64,
+) -> Affine {
     let [mut b, mut c, mut d] = bcd;
     let mut a = 1.0 - (b * b + c * c + d * d);
     if a < 1.0e-7 {
@@ -142,10 +147,10 @@ fn orthonormalize(cols: [[f64; 3]; 3]) -> [[f64; 3]; 3] {
     let mut out = cols;
     for j in 0..3 {
         let mut v = cols[j];
-        for k in 0..j {
-            let p = dot(v, out[k]);
+        for prev in out.iter().take(j) {
+            let p = dot(v, *prev);
             for i in 0..3 {
-                v[i] -= p * out[k][i];
+                v[i] -= p * prev[i];
             }
         }
         let n = norm(v);
@@ -159,7 +164,8 @@ fn orthonormalize(cols: [[f64; 3]; 3]) -> [[f64; 3]; 3] {
 }
 
 pub(crate) fn det3(r: &[[f64; 3]; 3]) -> f64 {
-    r[0][0] * (r[1][1] * r[2][2] - r[1][2] * r[2][1]) - r[0][1] * (r[1][0] * r[2][2] - r[1][2] * r[2][0])
+    r[0][0] * (r[1][1] * r[2][2] - r[1][2] * r[2][1])
+        - r[0][1] * (r[1][0] * r[2][2] - r[1][2] * r[2][0])
         + r[0][2] * (r[1][0] * r[2][1] - r[1][1] * r[2][0])
 }
 
@@ -180,7 +186,11 @@ pub(crate) fn affine_to_lps(m: &Affine) -> ([f64; 3], [f64; 9]) {
 }
 
 /// RAS affine from spacing (x, y, z order), LPS origin and LPS direction.
-pub(crate) fn lps_to_affine(spacing_xyz: [f64; 3], origin: [f64; 3], direction: [f64; 9]) -> Affine {
+pub(crate) fn lps_to_affine(
+    spacing_xyz: [f64; 3],
+    origin: [f64; 3],
+    direction: [f64; 9],
+) -> Affine {
     let flip = [-1.0, -1.0, 1.0];
     let mut m = [[0.0f64; 4]; 3];
     for r in 0..3 {
@@ -195,8 +205,7 @@ pub(crate) fn lps_to_affine(spacing_xyz: [f64; 3], origin: [f64; 3], direction: 
 /// `numpy.allclose(a, b)` with explicit tolerances: `|a - b| <= atol + rtol * |b|`.
 pub(crate) fn allclose(a: &[f64], b: &[f64], rtol: f64, atol: f64) -> bool {
     a.len() == b.len()
-        && a
-            .iter()
+        && a.iter()
             .zip(b)
             .all(|(x, y)| (x - y).abs() <= atol + rtol * y.abs() || (x.is_nan() && y.is_nan()))
 }
@@ -212,7 +221,14 @@ mod tests {
 
     #[test]
     fn quaternion_round_trip_proper_and_improper_rotations() {
-        for (theta, flip_z) in [(0.3, false), (2.9, false), (1.1, true), (0.0, true), (std::f64::consts::PI, false), (3.0, true)] {
+        for (theta, flip_z) in [
+            (0.3, false),
+            (2.9, false),
+            (1.1, true),
+            (0.0, true),
+            (std::f64::consts::PI, false),
+            (3.0, true),
+        ] {
             let r = rot_z(theta);
             let sp = [0.7, 0.8, 3.0];
             let mut m: Affine = [[0.0; 4]; 3];
@@ -230,7 +246,10 @@ mod tests {
             let back = quatern_to_affine(q.bcd, q.offset, sp, q.qfac);
             for i in 0..3 {
                 for j in 0..4 {
-                    assert!((back[i][j] - m[i][j]).abs() < 1e-9, "theta {theta}: {back:?} vs {m:?}");
+                    assert!(
+                        (back[i][j] - m[i][j]).abs() < 1e-9,
+                        "theta {theta}: {back:?} vs {m:?}"
+                    );
                 }
             }
         }

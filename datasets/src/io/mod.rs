@@ -234,7 +234,10 @@ pub(crate) fn read_images_detailed(paths: &[PathBuf]) -> Result<ImagesDetailed, 
     let channels_per_file: Vec<usize> = loaded.iter().map(|l| l.data.shape()[0]).collect();
     let props = loaded[0].props.clone();
     let data = if loaded.len() == 1 {
-        loaded.pop().map(|l| l.data).unwrap_or_else(|| Array4::zeros((0, 0, 0, 0)))
+        loaded
+            .pop()
+            .map(|l| l.data)
+            .unwrap_or_else(|| Array4::zeros((0, 0, 0, 0)))
     } else {
         let views: Vec<_> = loaded.iter().map(|l| l.data.view()).collect();
         ndarray::concatenate(Axis(0), &views).map_err(|e| DatasetError::GeometryMismatch {
@@ -283,7 +286,11 @@ pub fn read_seg(path: &Path) -> Result<(Array4<i16>, ImageProperties), DatasetEr
 /// Writes a `(z, y, x)` segmentation atomically, keeping the geometry of `props`. The format is
 /// chosen by the file ending. NIfTI: uint8 when all labels fit, else int16; PNG: 8-bit gray when
 /// labels fit, else 16-bit; TIFF: uint8/int16.
-pub fn write_seg(path: &Path, seg: ArrayView3<i16>, props: &ImageProperties) -> Result<(), DatasetError> {
+pub fn write_seg(
+    path: &Path,
+    seg: ArrayView3<i16>,
+    props: &ImageProperties,
+) -> Result<(), DatasetError> {
     match Format::of(path)? {
         Format::Nifti | Format::NiftiGz => nifti_io::write_seg(path, seg, props),
         Format::Png => natural::write_png_seg(path, seg),
@@ -293,7 +300,11 @@ pub fn write_seg(path: &Path, seg: ArrayView3<i16>, props: &ImageProperties) -> 
 
 /// Writes a `(z, y, x)` float image atomically, keeping the geometry of `props`. NIfTI and TIFF
 /// store float32; PNG stores 8- or 16-bit gray and requires integer values in 0..=65535.
-pub fn write_image(path: &Path, img: ArrayView3<f32>, props: &ImageProperties) -> Result<(), DatasetError> {
+pub fn write_image(
+    path: &Path,
+    img: ArrayView3<f32>,
+    props: &ImageProperties,
+) -> Result<(), DatasetError> {
     match Format::of(path)? {
         Format::Nifti | Format::NiftiGz => nifti_io::write_image(path, img, props),
         Format::Png => natural::write_png_image(path, img),

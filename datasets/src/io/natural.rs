@@ -26,8 +26,11 @@ impl Pixels {
     fn into_array<T: Copy>(self, conv: impl Fn(f64) -> T) -> Result<Array4<T>, String> {
         let (h, w, c) = (self.height, self.width, self.channels);
         let v: Vec<T> = self.samples.into_iter().map(conv).collect();
-        let a = Array4::from_shape_vec((1, h, w, c), v).map_err(|e| format!("pixel buffer size mismatch: {e}"))?;
-        Ok(a.permuted_axes([3, 0, 1, 2]).as_standard_layout().into_owned())
+        let a = Array4::from_shape_vec((1, h, w, c), v)
+            .map_err(|e| format!("pixel buffer size mismatch: {e}"))?;
+        Ok(a.permuted_axes([3, 0, 1, 2])
+            .as_standard_layout()
+            .into_owned())
     }
 }
 
@@ -90,9 +93,9 @@ fn decode_png(path: &Path, expand_palette: bool) -> Result<Pixels, DatasetError>
         let mut rgb = Vec::with_capacity(samples.len() * 3);
         for &i in &samples {
             let i = i as usize;
-            let px = palette
-                .get(3 * i..3 * i + 3)
-                .ok_or_else(|| DatasetError::read(path, format!("palette index {i} out of range")))?;
+            let px = palette.get(3 * i..3 * i + 3).ok_or_else(|| {
+                DatasetError::read(path, format!("palette index {i} out of range"))
+            })?;
             rgb.extend(px.iter().map(|&b| b as f64));
         }
         return Ok(Pixels {
@@ -124,7 +127,9 @@ fn decode_tiff(path: &Path) -> Result<Pixels, DatasetError> {
         other => {
             return Err(DatasetError::read(
                 path,
-                format!("unsupported TIFF color type {other:?} (supported: gray, gray+alpha, RGB, RGBA)"),
+                format!(
+                "unsupported TIFF color type {other:?} (supported: gray, gray+alpha, RGB, RGBA)"
+            ),
             ))
         }
     };
@@ -179,7 +184,9 @@ fn image_from(px: Pixels, path: &Path) -> Result<Loaded<f32>, DatasetError> {
 }
 
 fn seg_from(px: Pixels, path: &Path) -> Result<Loaded<i16>, DatasetError> {
-    let data = px.into_array(|v| v).map_err(|m| DatasetError::read(path, m))?;
+    let data = px
+        .into_array(|v| v)
+        .map_err(|m| DatasetError::read(path, m))?;
     let c = data.shape()[0];
     let (h, w) = (data.shape()[2], data.shape()[3]);
     // float_seg_to_i16 works on 3D arrays: view channels as z
@@ -213,7 +220,10 @@ pub(crate) fn read_tiff_seg(path: &Path) -> Result<Loaded<i16>, DatasetError> {
 }
 
 /// The single slice of a `(1, y, x)` array; 2D formats cannot hold more.
-fn single_slice<'a, T>(a: ArrayView3<'a, T>, path: &Path) -> Result<ndarray::ArrayView2<'a, T>, DatasetError> {
+fn single_slice<'a, T>(
+    a: ArrayView3<'a, T>,
+    path: &Path,
+) -> Result<ndarray::ArrayView2<'a, T>, DatasetError> {
     if a.shape()[0] != 1 {
         return Err(DatasetError::write(
             path,
@@ -226,7 +236,13 @@ fn single_slice<'a, T>(a: ArrayView3<'a, T>, path: &Path) -> Result<ndarray::Arr
     Ok(a.index_axis_move(ndarray::Axis(0), 0))
 }
 
-fn encode_png_gray(path: &Path, w: usize, h: usize, sixteen: bool, data: &[u8]) -> Result<Vec<u8>, DatasetError> {
+fn encode_png_gray(
+    path: &Path,
+    w: usize,
+    h: usize,
+    sixteen: bool,
+    data: &[u8],
+) -> Result<Vec<u8>, DatasetError> {
     let err = |e: png::EncodingError| DatasetError::write(path, e);
     let mut bytes = Vec::new();
     {
@@ -282,7 +298,12 @@ pub(crate) fn write_png_image(path: &Path, img: ArrayView3<f32>) -> Result<(), D
     write_png_values(path, s.mapv(|v| v as i64).view())
 }
 
-fn encode_tiff<C>(path: &Path, w: usize, h: usize, data: &[C::Inner]) -> Result<Vec<u8>, DatasetError>
+fn encode_tiff<C>(
+    path: &Path,
+    w: usize,
+    h: usize,
+    data: &[C::Inner],
+) -> Result<Vec<u8>, DatasetError>
 where
     C: tiff::encoder::colortype::ColorType,
     [C::Inner]: tiff::encoder::TiffValue,
@@ -291,7 +312,8 @@ where
     let mut cur = Cursor::new(Vec::new());
     {
         let mut enc = tiff::encoder::TiffEncoder::new(&mut cur).map_err(err)?;
-        enc.write_image::<C>(w as u32, h as u32, data).map_err(err)?;
+        enc.write_image::<C>(w as u32, h as u32, data)
+            .map_err(err)?;
     }
     Ok(cur.into_inner())
 }
@@ -318,4 +340,3 @@ pub(crate) fn write_tiff_image(path: &Path, img: ArrayView3<f32>) -> Result<(), 
     let bytes = encode_tiff::<Gray32Float>(path, w, h, &data)?;
     write_bytes_atomic(path, &bytes)
 }
-

@@ -6,7 +6,9 @@ use ndarray::{Array3, ArrayD, ArrayView3};
 use nifti::writer::WriterOptions;
 use nifti::{IntoNdArray, NiftiHeader, NiftiObject, NiftiType, ReaderOptions};
 
-use super::geometry::{affine_to_lps, affine_to_quatern, allclose, lps_to_affine, quatern_to_affine, Affine};
+use super::geometry::{
+    affine_to_lps, affine_to_quatern, allclose, lps_to_affine, quatern_to_affine, Affine,
+};
 use super::{add_channel_axis, write_via_temp, Format, ImageProperties, Loaded, NiftiGeometry};
 use crate::error::DatasetError;
 
@@ -44,7 +46,11 @@ fn spatial_dims(header: &NiftiHeader, path: &Path) -> Result<[usize; 3], Dataset
 
 /// Converts the crate's `[x, y, z, ...]` Fortran-ordered array to `(z, y, x)` in C order without
 /// copying when possible.
-fn to_zyx<T: Clone>(arr: ArrayD<T>, dims: [usize; 3], path: &Path) -> Result<Array3<T>, DatasetError> {
+fn to_zyx<T: Clone>(
+    arr: ArrayD<T>,
+    dims: [usize; 3],
+    path: &Path,
+) -> Result<Array3<T>, DatasetError> {
     let [nx, ny, nz] = dims;
     let rev = arr.reversed_axes();
     let rev = if rev.is_standard_layout() {
@@ -120,12 +126,40 @@ fn reader_name(path: &Path) -> &'static str {
         .unwrap_or("SimpleITKIO")
 }
 
+/// The volume without the header's intensity scaling, and the scaling `(slope, inter)` to apply
+/// (in f64, like ITK) if there is one. A slope of 0 or a non-finite slope means "no scaling"
+/// (NIfTI-1 standard, nibabel).
+fn unscaled(
+    header: &NiftiHeader,
+    volume: nifti::InMemNiftiVolume,
+    path: &Path,
+) -> Result<(nifti::InMemNiftiVolume, Option<(f64, f64)>), DatasetError> {
+    let slope = header.scl_slope as f64;
+    let inter = if header.scl_inter.is_finite() {
+        header.scl_inter as f64
+    } else {
+        0.0
+    };
+    let scaling = (slope != 0.0 && slope.is_finite() && !(slope == 1.0 && inter == 0.0))
+        .then_some((slope, inter));
+    let mut h0 = header.clone();
+    h0.scl_slope = 0.0;
+    h0.scl_inter = 0.0;
+    let volume = nifti::InMemNiftiVolume::from_raw_data(&h0, volume.into_raw_data())
+        .map_err(|e| DatasetError::read(path, format!("invalid voxel data: {e}")))?;
+    Ok((volume, scaling))
+}
+
 pub(crate) fn read_image(path: &Path) -> Result<Loaded<f32>, DatasetError> {
     let (header, volume) = read_object(path)?;
     let dims = spatial_dims(&header, path)?;
-    let arr = volume
+    let (volume, scaling) = unscaled(&header, volume, path)?;
+    let mut arr = volume
         .into_ndarray::<f32>()
         .map_err(|e| DatasetError::read(path, format!("cannot convert voxel data: {e}")))?;
+    if let Some((slope, inter)) = scaling {
+        arr.mapv_inplace(|v| (v as f64 * slope + inter) as f32);
+    }
     let data = to_zyx(arr, dims, path)?;
     let props = props_from_geometry(&geometry_from_header(&header), reader_name(path));
     Ok(Loaded {
@@ -134,26 +168,35 @@ pub(crate) fn read_image(path: &Path) -> Result<Loaded<f32>, DatasetError> {
     })
 }
 
-fn no_scaling(h: &NiftiHeader) -> bool {
-    h.scl_slope == 0.0 || (h.scl_slope == 1.0 && h.scl_inter == 0.0)
-}
-
 pub(crate) fn read_seg(path: &Path) -> Result<Loaded<i16>, DatasetError> {
     let (header, volume) = read_object(path)?;
     let dims = spatial_dims(&header, path)?;
     let datatype = header
         .data_type()
         .map_err(|e| DatasetError::read(path, format!("invalid datatype: {e}")))?;
-    let small_int = matches!(datatype, NiftiType::Uint8 | NiftiType::Int8 | NiftiType::Int16);
-    let data = if small_int && no_scaling(&header) {
+    let (volume, scaling) = unscaled(&header, volume, path)?;
+    let small_int = matches!(
+        datatype,
+        NiftiType::Uint8 | NiftiType::Int8 | NiftiType::Int16
+    );
+    let data = if small_int && scaling.is_none() {
         let arr = volume
             .into_ndarray::<i16>()
             .map_err(|e| DatasetError::read(path, format!("cannot convert voxel data: {e}")))?;
         to_zyx(arr, dims, path)?
-    } else {
+    } else if datatype == NiftiType::Float32 && scaling.is_none() {
+        // f32 holds every int16 exactly and keeps non-integers non-integer: no f64 copy needed
         let arr = volume
+            .into_ndarray::<f32>()
+            .map_err(|e| DatasetError::read(path, format!("cannot convert voxel data: {e}")))?;
+        float_seg_to_i16(&to_zyx(arr, dims, path)?, path)?
+    } else {
+        let mut arr = volume
             .into_ndarray::<f64>()
             .map_err(|e| DatasetError::read(path, format!("cannot convert voxel data: {e}")))?;
+        if let Some((slope, inter)) = scaling {
+            arr.mapv_inplace(|v| v * slope + inter);
+        }
         let arr = to_zyx(arr, dims, path)?;
         float_seg_to_i16(&arr, path)?
     };
@@ -165,10 +208,17 @@ pub(crate) fn read_seg(path: &Path) -> Result<Loaded<i16>, DatasetError> {
 }
 
 /// Converts a float label map to int16, failing on the first non-integer or out-of-range value.
-pub(crate) fn float_seg_to_i16(arr: &Array3<f64>, path: &Path) -> Result<Array3<i16>, DatasetError> {
-    if let Some(((z, y, x), v)) = arr.indexed_iter().find(|(_, v)| {
-        !v.is_finite() || v.fract() != 0.0 || **v < i16::MIN as f64 || **v > i16::MAX as f64
-    }) {
+pub(crate) fn float_seg_to_i16<T: Copy + Into<f64>>(
+    arr: &Array3<T>,
+    path: &Path,
+) -> Result<Array3<i16>, DatasetError> {
+    let bad =
+        |v: f64| !v.is_finite() || v.fract() != 0.0 || v < i16::MIN as f64 || v > i16::MAX as f64;
+    if let Some(((z, y, x), v)) = arr
+        .indexed_iter()
+        .map(|(i, v)| (i, (*v).into()))
+        .find(|(_, v)| bad(*v))
+    {
         let message = if !v.is_finite() || v.fract() != 0.0 {
             format!("voxel (z={z}, y={y}, x={x}) has the non-integer value {v}; labels must be integers")
         } else {
@@ -183,7 +233,7 @@ pub(crate) fn float_seg_to_i16(arr: &Array3<f64>, path: &Path) -> Result<Array3<
             message,
         });
     }
-    Ok(arr.mapv(|v| v as i16))
+    Ok(arr.mapv(|v| v.into() as i16))
 }
 
 /// Header for writing `props`: copies the source header's geometry when `props.nifti` still
@@ -238,7 +288,11 @@ fn temp_ending(path: &Path) -> &'static str {
     }
 }
 
-fn write_array<T>(path: &Path, data: ArrayView3<T>, props: &ImageProperties) -> Result<(), DatasetError>
+fn write_array<T>(
+    path: &Path,
+    data: ArrayView3<T>,
+    props: &ImageProperties,
+) -> Result<(), DatasetError>
 where
     T: nifti::DataElement + bytemuck::Pod,
 {
@@ -252,7 +306,11 @@ where
     })
 }
 
-pub(crate) fn write_seg(path: &Path, seg: ArrayView3<i16>, props: &ImageProperties) -> Result<(), DatasetError> {
+pub(crate) fn write_seg(
+    path: &Path,
+    seg: ArrayView3<i16>,
+    props: &ImageProperties,
+) -> Result<(), DatasetError> {
     let fits_u8 = seg.iter().all(|&v| (0..=255).contains(&v));
     if fits_u8 {
         let u = seg.mapv(|v| v as u8);
@@ -262,6 +320,10 @@ pub(crate) fn write_seg(path: &Path, seg: ArrayView3<i16>, props: &ImageProperti
     }
 }
 
-pub(crate) fn write_image(path: &Path, img: ArrayView3<f32>, props: &ImageProperties) -> Result<(), DatasetError> {
+pub(crate) fn write_image(
+    path: &Path,
+    img: ArrayView3<f32>,
+    props: &ImageProperties,
+) -> Result<(), DatasetError> {
     write_array(path, img, props)
 }

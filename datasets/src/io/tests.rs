@@ -29,7 +29,9 @@ fn rotated_props() -> ImageProperties {
 }
 
 fn test_volume(nz: usize, ny: usize, nx: usize) -> Array3<f32> {
-    Array3::from_shape_fn((nz, ny, nx), |(z, y, x)| (z * 10000 + y * 100 + x) as f32 * 0.5 - 7.25)
+    Array3::from_shape_fn((nz, ny, nx), |(z, y, x)| {
+        (z * 10000 + y * 100 + x) as f32 * 0.5 - 7.25
+    })
 }
 
 fn assert_close(a: &[f64], b: &[f64], tol: f64, what: &str) {
@@ -95,7 +97,12 @@ fn seg_with_large_or_negative_labels_is_int16() {
     let mut seg = Array3::<i16>::zeros((2, 3, 4));
     seg[[1, 2, 3]] = 300;
     seg[[0, 1, 1]] = -1;
-    write_seg(&p, seg.view(), &ImageProperties::with_spacing([2.0, 1.0, 1.0])).unwrap();
+    write_seg(
+        &p,
+        seg.view(),
+        &ImageProperties::with_spacing([2.0, 1.0, 1.0]),
+    )
+    .unwrap();
     assert_eq!(NiftiHeader::from_file(&p).unwrap().datatype, 4);
     let (back, props) = read_seg(&p).unwrap();
     assert_eq!(back.index_axis(Axis(0), 0), seg);
@@ -108,11 +115,16 @@ fn write_raw<T>(path: &Path, xyz: &ArrayD<T>, hdr: &NiftiHeader)
 where
     T: nifti::DataElement + bytemuck::Pod,
 {
-    WriterOptions::new(path).reference_header(hdr).write_nifti(xyz).unwrap();
+    WriterOptions::new(path)
+        .reference_header(hdr)
+        .write_nifti(xyz)
+        .unwrap();
 }
 
 fn xyz_data(nx: usize, ny: usize, nz: usize) -> ArrayD<f64> {
-    ArrayD::from_shape_fn(IxDyn(&[nx, ny, nz]), |i| (i[0] + 10 * i[1] + 100 * i[2]) as f64)
+    ArrayD::from_shape_fn(IxDyn(&[nx, ny, nz]), |i| {
+        (i[0] + 10 * i[1] + 100 * i[2]) as f64
+    })
 }
 
 #[test]
@@ -164,7 +176,11 @@ fn patch_scaling(path: &Path, slope: f32, inter: f32) {
 fn scl_slope_and_inter_are_applied() {
     let t = tempfile::tempdir().unwrap();
     let p = t.path().join("scaled.nii");
-    write_raw(&p, &xyz_data(2, 2, 2).mapv(|v| v as i16), &NiftiHeader::default());
+    write_raw(
+        &p,
+        &xyz_data(2, 2, 2).mapv(|v| v as i16),
+        &NiftiHeader::default(),
+    );
     patch_scaling(&p, 2.0, 1.0);
     let (img, _) = read_images(std::slice::from_ref(&p)).unwrap();
     assert_eq!(img[[0, 1, 1, 1]], 111.0 * 2.0 + 1.0);
@@ -173,7 +189,10 @@ fn scl_slope_and_inter_are_applied() {
     assert_eq!(seg[[0, 1, 0, 1]], 101 * 2 + 1);
     patch_scaling(&p, 0.5, 0.0);
     let e = read_seg(&p).unwrap_err().to_string();
-    assert!(e.contains("scaled.nii") && e.contains("non-integer value 0.5"), "{e}");
+    assert!(
+        e.contains("scaled.nii") && e.contains("non-integer value 0.5"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -197,7 +216,10 @@ fn geometry_from_sform_or_qform_like_simpleitk() {
     assert_eq!(props.spacing, [4.0, 3.0, 2.0]);
     assert_eq!(props.origin, [-10.0, -20.0, 30.0]);
     // LPS: x and y rows flipped; column 0 (image x) points to RAS +y = LPS -y
-    assert_eq!(props.direction, [0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0]);
+    assert_eq!(
+        props.direction,
+        [0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0]
+    );
 
     // qform only: 180° about z (quaternion d = 1) → RAS direction diag(-1,-1,1) → LPS identity
     let hdr = NiftiHeader {
@@ -252,17 +274,23 @@ fn truncated_or_corrupt_files_error_with_the_file_name() {
         let bytes = fs::read(&p).unwrap();
         let cut = t.path().join(format!("truncated_case{ending}"));
         fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
-        let e = read_images(std::slice::from_ref(&cut)).unwrap_err().to_string();
+        let e = read_images(std::slice::from_ref(&cut))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains(&cut.display().to_string()), "{e}");
         let e = read_seg(&cut).unwrap_err().to_string();
         assert!(e.contains("truncated_case"), "{e}");
     }
     let garbage = t.path().join("garbage.nii.gz");
     fs::write(&garbage, b"definitely not gzip").unwrap();
-    let e = read_images(std::slice::from_ref(&garbage)).unwrap_err().to_string();
+    let e = read_images(std::slice::from_ref(&garbage))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("garbage.nii.gz"), "{e}");
     let missing = t.path().join("missing.nii.gz");
-    let e = read_images(std::slice::from_ref(&missing)).unwrap_err().to_string();
+    let e = read_images(std::slice::from_ref(&missing))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("missing.nii.gz"), "{e}");
 }
 
@@ -282,7 +310,10 @@ fn invalid_segmentations_are_rejected() {
     let p = t.path().join("big_labels.nii");
     write_raw(&p, &big, &NiftiHeader::default());
     let e = read_seg(&p).unwrap_err().to_string();
-    assert!(e.contains("big_labels.nii") && e.contains("40000") && e.contains("int16"), "{e}");
+    assert!(
+        e.contains("big_labels.nii") && e.contains("40000") && e.contains("int16"),
+        "{e}"
+    );
 
     let mut nan = xyz_data(2, 2, 2).mapv(|v| v as f32);
     nan[[1, 1, 1]] = f32::NAN;
@@ -298,7 +329,9 @@ fn four_d_files_are_rejected_but_singleton_t_is_fine() {
     let d4 = ArrayD::from_shape_fn(IxDyn(&[2, 2, 2, 3]), |i| i[3] as f32);
     let p = t.path().join("four_d.nii.gz");
     write_raw(&p, &d4, &NiftiHeader::default());
-    let e = read_images(std::slice::from_ref(&p)).unwrap_err().to_string();
+    let e = read_images(std::slice::from_ref(&p))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("four_d.nii.gz") && e.contains("_0001"), "{e}");
     let d4 = ArrayD::from_shape_fn(IxDyn(&[3, 2, 2, 1]), |i| i[0] as f32);
     let p = t.path().join("t1.nii.gz");
@@ -329,13 +362,20 @@ fn read_images_stacks_channels_and_checks_geometry() {
 
     let c = t.path().join("c_0002.nii.gz");
     write_image(&c, test_volume(3, 4, 6).view(), &props).unwrap();
-    let e = read_images(&[a.clone(), c.clone()]).unwrap_err().to_string();
-    assert!(e.contains("c_0000.nii.gz") && e.contains("c_0002.nii.gz") && e.contains("shape"), "{e}");
+    let e = read_images(&[a.clone(), c.clone()])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("c_0000.nii.gz") && e.contains("c_0002.nii.gz") && e.contains("shape"),
+        "{e}"
+    );
 
     let mut other = props.clone();
     other.spacing[0] = 5.0;
     write_image(&c, test_volume(3, 4, 5).view(), &other).unwrap();
-    let e = read_images(&[a.clone(), c.clone()]).unwrap_err().to_string();
+    let e = read_images(&[a.clone(), c.clone()])
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("spacing") && e.contains("c_0002.nii.gz"), "{e}");
 
     // origin differences are only warnings
@@ -374,14 +414,25 @@ fn png_round_trips() {
     seg[[0, 0, 0]] = -1;
     let e = write_seg(&sp, seg.view(), &props).unwrap_err().to_string();
     assert!(e.contains("seg.png") && e.contains("-1"), "{e}");
-    let e = write_image(&p, img.mapv(|v| v + 0.5).view(), &props).unwrap_err().to_string();
+    let e = write_image(&p, img.mapv(|v| v + 0.5).view(), &props)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("integer"), "{e}");
-    let e = write_image(&p, test_volume(2, 3, 3).view(), &props).unwrap_err().to_string();
+    let e = write_image(&p, test_volume(2, 3, 3).view(), &props)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("2D"), "{e}");
     no_temp_files(t.path());
 }
 
-fn encode_png(path: &Path, w: u32, h: u32, color: png::ColorType, palette: Option<Vec<u8>>, data: &[u8]) {
+fn encode_png(
+    path: &Path,
+    w: u32,
+    h: u32,
+    color: png::ColorType,
+    palette: Option<Vec<u8>>,
+    data: &[u8],
+) {
     let f = fs::File::create(path).unwrap();
     let mut enc = png::Encoder::new(std::io::BufWriter::new(f), w, h);
     enc.set_color(color);
@@ -397,7 +448,9 @@ fn encode_png(path: &Path, w: u32, h: u32, color: png::ColorType, palette: Optio
 fn png_rgb_gives_three_channels_and_palette_labels_give_indices() {
     let t = tempfile::tempdir().unwrap();
     let (w, h) = (4usize, 3usize);
-    let rgb: Vec<u8> = (0..w * h).flat_map(|i| [i as u8, 100 + i as u8, 200 + i as u8]).collect();
+    let rgb: Vec<u8> = (0..w * h)
+        .flat_map(|i| [i as u8, 100 + i as u8, 200 + i as u8])
+        .collect();
     let p = t.path().join("rgb.png");
     encode_png(&p, w as u32, h as u32, png::ColorType::Rgb, None, &rgb);
     let (img, _) = read_images(std::slice::from_ref(&p)).unwrap();
@@ -410,7 +463,14 @@ fn png_rgb_gives_three_channels_and_palette_labels_give_indices() {
 
     let idx: Vec<u8> = (0..w * h).map(|i| (i % 3) as u8).collect();
     let p = t.path().join("palette.png");
-    encode_png(&p, w as u32, h as u32, png::ColorType::Indexed, Some(vec![0, 0, 0, 255, 0, 0, 0, 255, 0]), &idx);
+    encode_png(
+        &p,
+        w as u32,
+        h as u32,
+        png::ColorType::Indexed,
+        Some(vec![0, 0, 0, 255, 0, 0, 0, 255, 0]),
+        &idx,
+    );
     let (seg, _) = read_seg(&p).unwrap();
     assert_eq!(seg.shape(), &[1, 1, 3, 4]);
     assert_eq!(seg[[0, 0, 1, 1]], 2);
@@ -439,7 +499,10 @@ fn tiff_round_trips() {
         assert_eq!(read_seg(&sp).unwrap().0.index_axis(Axis(0), 0), seg);
         // float TIFF as segmentation: non-integer values are rejected
         let e = read_seg(&p).unwrap_err().to_string();
-        assert!(e.contains(&format!("img{ending}")) && e.contains("non-integer"), "{e}");
+        assert!(
+            e.contains(&format!("img{ending}")) && e.contains("non-integer"),
+            "{e}"
+        );
     }
     no_temp_files(t.path());
 }
@@ -447,13 +510,18 @@ fn tiff_round_trips() {
 #[test]
 fn unsupported_endings_and_names() {
     let p = PathBuf::from("/tmp/x.mha");
-    let e = read_images(std::slice::from_ref(&p)).unwrap_err().to_string();
+    let e = read_images(std::slice::from_ref(&p))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("x.mha") && e.contains("unsupported"), "{e}");
     assert_eq!(reader_writer_name(".nii.gz"), Some("SimpleITKIO"));
     assert_eq!(reader_writer_name(".nii"), Some("NibabelIO"));
     assert_eq!(reader_writer_name("png"), Some("NaturalImage2DIO"));
     assert_eq!(reader_writer_name(".mha"), None);
-    assert_eq!(Format::from_path(Path::new("A.NII.GZ")), Some(Format::NiftiGz));
+    assert_eq!(
+        Format::from_path(Path::new("A.NII.GZ")),
+        Some(Format::NiftiGz)
+    );
 }
 
 #[test]
@@ -470,4 +538,57 @@ fn properties_serialize_to_json_and_back() {
         "direction": IDENTITY_DIRECTION, "reader": "NaturalImage2DIO"});
     let p: ImageProperties = serde_json::from_value(v).unwrap();
     assert!(p.nifti.is_none());
+}
+
+/// Files written by SimpleITK 2.5 / nibabel 5.4 (sform only, qform only, qfac = -1, int16
+/// with scl_slope) and what SimpleITK 2.5.7 reports for them (`testdata/simpleitk_reference.json`).
+#[test]
+fn matches_simpleitk_on_reference_files() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/testdata");
+    let reference: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(dir.join("simpleitk_reference.json")).unwrap())
+            .unwrap();
+    let reference = reference.as_object().unwrap();
+    assert_eq!(reference.len(), 4);
+    let vec = |v: &serde_json::Value| -> Vec<f64> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect()
+    };
+    for (name, r) in reference {
+        let (img, props) = read_images(&[dir.join(name)]).unwrap();
+        let shape: Vec<usize> = vec(&r["shape_zyx"]).iter().map(|&v| v as usize).collect();
+        assert_eq!(&img.shape()[1..], shape.as_slice(), "{name}");
+        assert_eq!(props.spacing.to_vec(), vec(&r["spacing_zyx"]), "{name}");
+        assert_close(&props.origin, &vec(&r["origin"]), 1e-9, name);
+        assert_close(&props.direction, &vec(&r["direction"]), 1e-7, name);
+        assert_eq!(
+            img[[0, 1, 2, 3]] as f64,
+            r["v_1_2_3"].as_f64().unwrap(),
+            "{name}"
+        );
+        let last = img[[0, shape[0] - 1, shape[1] - 1, shape[2] - 1]] as f64;
+        assert_eq!(last, r["v_last"].as_f64().unwrap(), "{name}");
+        let sum: f64 = img.iter().map(|&v| v as f64).sum();
+        assert!(
+            (sum - r["sum"].as_f64().unwrap()).abs() < 1e-6,
+            "{name}: {sum}"
+        );
+
+        // a label written with these properties has the image's exact header geometry
+        let t = tempfile::tempdir().unwrap();
+        let out = t.path().join(name);
+        let seg = img.index_axis(Axis(0), 0).mapv(|v| (v.abs() as i16) % 3);
+        write_seg(&out, seg.view(), &props).unwrap();
+        let (back, sprops) = read_seg(&out).unwrap();
+        assert_eq!(back.index_axis(Axis(0), 0), seg);
+        assert_eq!(sprops.nifti, props.nifti, "{name}");
+        assert_eq!(
+            (sprops.origin, sprops.direction),
+            (props.origin, props.direction),
+            "{name}"
+        );
+    }
 }

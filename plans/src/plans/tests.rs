@@ -286,20 +286,33 @@ fn misspelled_configuration_key_suggests() {
         &["unknown key `batch_sise` in configurations.3d_fullres_bs4: did you mean `batch_size`?"],
     );
     let p = d501_with(|v| {
-        v["configurations"]["x"] = json!({"inherit_from": "3d_fullres", "Batch_Size": 4})
+        v["configurations"]["x"] = json!({"inherit_from": "3d_fullres", "batch_size": 4})
     });
-    assert_contains(&cfg_err(&p, "x"), &["did you mean `"]);
+    assert_contains(
+        &cfg_err(&p, "x"),
+        &["unknown key `inherit_from` in configurations.x: did you mean `inherits_from`?"],
+    );
+    let p = d501_with(|v| {
+        v["configurations"]["x"] = json!({"inherits_from": "3d_fullres", "Batch-Size": 4})
+    });
+    assert_contains(
+        &cfg_err(&p, "x"),
+        &["`Batch-Size`", "did you mean `batch_size`?"],
+    );
+    let p = d501_with(|v| {
+        v["configurations"]["x"] =
+            json!({"inherits_from": "3d_fullres", "normalisation_schemes": ["ZScoreNormalization"]})
+    });
+    assert_contains(
+        &cfg_err(&p, "x"),
+        &["did you mean `normalization_schemes`?"],
+    );
+    // A key that resembles nothing is kept (nnU-Net tolerates extra keys).
     let p = d501_with(|v| {
         v["configurations"]["x"] =
             json!({"inherits_from": "3d_fullres", "use_mask_for_normalization": [true]})
     });
-    assert_contains(
-        &cfg_err(&p, "x"),
-        &[
-            "`use_mask_for_normalization`",
-            "did you mean `use_mask_for_norm`?",
-        ],
-    );
+    assert_eq!(p.configuration("x").unwrap().extra.len(), 1);
 }
 
 #[test]
@@ -673,13 +686,87 @@ fn top_level_checks() {
 }
 
 #[test]
-fn old_style_plans_are_reported() {
+fn old_style_plans_are_converted() {
     let p = d501_with(|v| {
-        v["configurations"]["old"] = json!({"UNet_class_name": "PlainConvUNet", "conv_kernel_sizes": [[3, 3]], "batch_size": 2});
+        let mut c = v["configurations"]["3d_fullres"]
+            .as_object()
+            .unwrap()
+            .clone();
+        let arch = c.remove("architecture").unwrap();
+        let kw = &arch["arch_kwargs"];
+        c.insert("UNet_class_name".into(), json!("PlainConvUNet"));
+        c.insert("UNet_base_num_features".into(), json!(32));
+        c.insert("unet_max_num_features".into(), json!(320));
+        c.insert(
+            "n_conv_per_stage_encoder".into(),
+            kw["n_conv_per_stage"].clone(),
+        );
+        c.insert(
+            "n_conv_per_stage_decoder".into(),
+            kw["n_conv_per_stage_decoder"].clone(),
+        );
+        c.insert("num_pool_per_axis".into(), json!([3, 4, 4]));
+        c.insert("pool_op_kernel_sizes".into(), kw["strides"].clone());
+        c.insert("conv_kernel_sizes".into(), kw["kernel_sizes"].clone());
+        v["configurations"]["old"] = Value::Object(c);
+        v["configurations"]["old_res"] =
+            json!({"inherits_from": "old", "UNet_class_name": "ResidualEncoderUNet"});
+        v["configurations"]["old_bad"] =
+            json!({"inherits_from": "old", "UNet_class_name": "FancyNet"});
     });
+    let new = p.configuration("3d_fullres").unwrap();
+    let old = p.configuration("old").unwrap();
+    assert_eq!(
+        old, new,
+        "conversion rebuilds nnU-Net's architecture entry exactly"
+    );
+    let res = p.configuration("old_res").unwrap();
+    assert_eq!(
+        res.architecture.network_class_name,
+        "dynamic_network_architectures.architectures.residual_unet.ResidualEncoderUNet"
+    );
+    assert_eq!(res.architecture.n_blocks_per_stage().unwrap(), vec![2; 5]);
     assert_contains(
-        &cfg_err(&p, "old"),
-        &["configurations.old.UNet_class_name", "old-style plans"],
+        &cfg_err(&p, "old_bad"),
+        &[
+            "configurations.old_bad.UNet_class_name: invalid value \"FancyNet\"",
+            "`PlainConvUNet`",
+        ],
+    );
+    let p = d501_with(|v| {
+        v["configurations"]["old"] =
+            json!({"UNet_class_name": "PlainConvUNet", "patch_size": [32, 32]})
+    });
+    assert_contains(&cfg_err(&p, "old"), &["missing key `n_conv_per_stage_encoder` in configurations.old (needed to convert old-style plans)"]);
+}
+
+#[test]
+fn legacy_variants_are_accepted() {
+    let mut v = value(D501);
+    let o = v.as_object_mut().unwrap();
+    let x = o
+        .remove("foreground_intensity_properties_per_channel")
+        .unwrap();
+    o.insert("foreground_intensity_properties_by_modality".into(), x);
+    v["configurations"]["3d_fullres"]["next_stage"] = json!(["2d"]);
+    let p = Plans::from_value(&v, "p").unwrap();
+    assert_eq!(
+        p.foreground_intensity_properties_per_channel,
+        plans(D501).foreground_intensity_properties_per_channel
+    );
+    assert!(p.extra.is_empty());
+    assert_eq!(
+        p.configuration("3d_fullres").unwrap().next_stage.as_deref(),
+        Some("2d")
+    );
+    v["configurations"]["3d_fullres"]["next_stage"] = json!(["2d", "3d_fullres"]);
+    let p = Plans::from_value(&v, "p").unwrap();
+    assert_contains(
+        &cfg_err(&p, "3d_fullres"),
+        &[
+            "configurations.3d_fullres.next_stage",
+            "multiple next stages are not supported",
+        ],
     );
 }
 

@@ -25,7 +25,11 @@ pub(crate) fn spline_weights(x: f64, order: usize, w: &mut [f64]) {
         w[0] = 1.0;
         return;
     }
-    let x = x - if order & 1 == 1 { x.floor() } else { (x + 0.5).floor() };
+    let x = x - if order & 1 == 1 {
+        x.floor()
+    } else {
+        (x + 0.5).floor()
+    };
     let mut y = x;
     let mut z = 1.0 - x;
     match order {
@@ -169,6 +173,7 @@ impl AxisPlan {
 /// B-spline prefilter (`apply_filter` with the mirror initialisation scipy uses for
 /// `mode='nearest'`) of `lanes` interleaved lines: `buf[i * lanes + l]` is sample `i` of
 /// line `l`; all lines have `n` samples.
+#[inline(always)]
 pub(crate) fn prefilter_lanes(buf: &mut [f64], n: usize, lanes: usize, order: usize) {
     if n <= 1 {
         return;

@@ -161,7 +161,17 @@ fn fingerprint_step(paths: &NnUnetPaths, id: u32, opts: &FingerprintOpts) -> Res
 }
 
 fn planner_options(opts: &PlannerOpts) -> Result<planner::PlannerOptions> {
-    let kind: planner::PlannerKind = opts.pl.parse()?;
+    let kind = planner::PlannerKind::from_name(&opts.pl).with_context(|| {
+        let known: Vec<&str> = planner::PlannerKind::ALL
+            .iter()
+            .map(|k| k.cli_name())
+            .collect();
+        format!(
+            "unknown planner `-pl {}`; known planners: {}",
+            opts.pl,
+            known.join(", ")
+        )
+    })?;
     Ok(planner::PlannerOptions {
         kind,
         gpu_memory_target_gb: opts.gpu_memory_target,

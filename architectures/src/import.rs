@@ -10,7 +10,8 @@
 //! [`ImportedModel::save`] writes them as `model.safetensors` + `model.json`.
 
 use crate::registry::{
-    count_trainable, ArchError, CandleContext, NetworkIo, ParamInfo, Registry, SegNetwork, KWARGS_PATH,
+    count_trainable, ArchError, CandleContext, NetworkIo, ParamInfo, Registry, SegNetwork,
+    KWARGS_PATH,
 };
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -59,7 +60,10 @@ pub fn classify_key(key: &str) -> KeyKind {
 }
 
 /// Reads the tensors of `key_in_pickle` (e.g. `network_weights`) from a PyTorch zip checkpoint.
-pub fn read_pth_state_dict(path: &Path, key_in_pickle: Option<&str>) -> Result<Vec<(String, Tensor)>, ArchError> {
+pub fn read_pth_state_dict(
+    path: &Path,
+    key_in_pickle: Option<&str>,
+) -> Result<Vec<(String, Tensor)>, ArchError> {
     let ck = |message: String| ArchError::Checkpoint {
         file: path.to_path_buf(),
         message,
@@ -85,7 +89,9 @@ pub fn read_pth_state_dict(path: &Path, key_in_pickle: Option<&str>) -> Result<V
     if out.is_empty() {
         return Err(ck(format!(
             "no tensors found{}",
-            key_in_pickle.map(|k| format!(" under `{k}`")).unwrap_or_default()
+            key_in_pickle
+                .map(|k| format!(" under `{k}`"))
+                .unwrap_or_default()
         )));
     }
     Ok(out)
@@ -138,7 +144,9 @@ pub fn match_weights(
                 found: t.dims().to_vec(),
             });
         }
-        let t = t.to_dtype(DType::F32).ctx(|| format!("converting `{}` to f32", p.name))?;
+        let t = t
+            .to_dtype(DType::F32)
+            .ctx(|| format!("converting `{}` to f32", p.name))?;
         out.insert(p.name.clone(), t);
     }
     if !weights.is_empty() {
@@ -246,15 +254,27 @@ impl ImportedModel {
 }
 
 /// Writes tensors as safetensors via a temporary file in the same folder + rename.
-pub fn save_safetensors_atomic(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<(), ArchError> {
+pub fn save_safetensors_atomic(
+    tensors: &HashMap<String, Tensor>,
+    path: &Path,
+) -> Result<(), ArchError> {
     let dir = path.parent().unwrap_or_else(|| Path::new("."));
-    let fname = path.file_name().and_then(|f| f.to_str()).unwrap_or("weights");
+    let fname = path
+        .file_name()
+        .and_then(|f| f.to_str())
+        .unwrap_or("weights");
     let tmp = dir.join(format!(".{fname}.tmp{}", std::process::id()));
     // deterministic key order in the file
     let sorted: BTreeMap<&String, &Tensor> = tensors.iter().collect();
     let ordered: Vec<(&String, &Tensor)> = sorted.into_iter().collect();
-    let res = candle_core::safetensors::save(&ordered.iter().map(|(k, t)| ((*k).clone(), (*t).clone())).collect(), &tmp)
-        .ctx(|| format!("writing {}", tmp.display()));
+    let res = candle_core::safetensors::save(
+        &ordered
+            .iter()
+            .map(|(k, t)| ((*k).clone(), (*t).clone()))
+            .collect(),
+        &tmp,
+    )
+    .ctx(|| format!("writing {}", tmp.display()));
     if let Err(e) = res {
         let _ = std::fs::remove_file(&tmp);
         return Err(e);
@@ -276,7 +296,13 @@ pub fn import_nnunet_model(
     fold: &str,
     checkpoint_name: &str,
 ) -> Result<ImportedModel, ArchError> {
-    import_nnunet_model_with(&Registry::default(), model_folder, fold, checkpoint_name, None)
+    import_nnunet_model_with(
+        &Registry::default(),
+        model_folder,
+        fold,
+        checkpoint_name,
+        None,
+    )
 }
 
 /// [`import_nnunet_model`] with an explicit registry and, optionally, the configuration name
@@ -312,16 +338,20 @@ pub fn import_nnunet_model_with(
     };
     let checkpoint = model_folder.join(fold_dir).join(checkpoint_name);
     // Validate the architecture before touching the (possibly large) checkpoint.
-    let expected = registry.parameters(&cfg.architecture, &io).map_err(|e| match e {
-        ArchError::InvalidOption { path, message } if path.starts_with(KWARGS_PATH) => ArchError::InvalidOption {
-            path: format!(
-                "{}: configurations.{configuration_name}.{path}",
-                plans_path.display()
-            ),
-            message,
-        },
-        other => other,
-    })?;
+    let expected = registry
+        .parameters(&cfg.architecture, &io)
+        .map_err(|e| match e {
+            ArchError::InvalidOption { path, message } if path.starts_with(KWARGS_PATH) => {
+                ArchError::InvalidOption {
+                    path: format!(
+                        "{}: configurations.{configuration_name}.{path}",
+                        plans_path.display()
+                    ),
+                    message,
+                }
+            }
+            other => other,
+        })?;
     let raw = read_pth_state_dict(&checkpoint, Some("network_weights"))?;
     let (canonical, dropped_keys) = deduplicate_state_dict(&checkpoint, raw)?;
     let weights = match_weights(&checkpoint, &expected, canonical)?;
@@ -350,20 +380,35 @@ mod tests {
             classify_key("encoder.stages.0.0.convs.0.conv.weight"),
             KeyKind::Canonical("encoder.stages.0.0.convs.0.conv.weight".into())
         );
-        assert_eq!(classify_key("encoder.stages.0.0.convs.0.all_modules.0.weight"), KeyKind::Alias);
-        assert_eq!(classify_key("decoder.encoder.stages.0.0.convs.1.all_modules.1.bias"), KeyKind::Alias);
-        assert_eq!(classify_key("decoder.encoder.stem.convs.0.conv.weight"), KeyKind::Alias);
+        assert_eq!(
+            classify_key("encoder.stages.0.0.convs.0.all_modules.0.weight"),
+            KeyKind::Alias
+        );
+        assert_eq!(
+            classify_key("decoder.encoder.stages.0.0.convs.1.all_modules.1.bias"),
+            KeyKind::Alias
+        );
+        assert_eq!(
+            classify_key("decoder.encoder.stem.convs.0.conv.weight"),
+            KeyKind::Alias
+        );
         assert_eq!(
             classify_key("module._orig_mod.decoder.seg_layers.0.bias"),
             KeyKind::Canonical("decoder.seg_layers.0.bias".into())
         );
-        assert_eq!(classify_key("encoder.stages.0.0.convs.0.norm.num_batches_tracked"), KeyKind::Ignored);
+        assert_eq!(
+            classify_key("encoder.stages.0.0.convs.0.norm.num_batches_tracked"),
+            KeyKind::Ignored
+        );
     }
 
     #[test]
     fn folder_name_gives_configuration() {
         let p = Path::new("/r/Dataset1_X/nnUNetTrainer__nnUNetPlans__3d_fullres");
-        assert_eq!(configuration_from_folder_name(p).as_deref(), Some("3d_fullres"));
+        assert_eq!(
+            configuration_from_folder_name(p).as_deref(),
+            Some("3d_fullres")
+        );
         assert_eq!(configuration_from_folder_name(Path::new("/r/fold_0")), None);
     }
 
@@ -371,22 +416,45 @@ mod tests {
     fn matching_reports_missing_mismatched_and_extra() {
         let dev = Device::Cpu;
         let expected = vec![
-            ParamInfo { name: "a.weight".into(), shape: vec![2, 3], init: candle_nn::Init::Const(0.0) },
-            ParamInfo { name: "a.bias".into(), shape: vec![2], init: candle_nn::Init::Const(0.0) },
+            ParamInfo {
+                name: "a.weight".into(),
+                shape: vec![2, 3],
+                init: candle_nn::Init::Const(0.0),
+            },
+            ParamInfo {
+                name: "a.bias".into(),
+                shape: vec![2],
+                init: candle_nn::Init::Const(0.0),
+            },
         ];
         let f = Path::new("ck.pth");
         let mk = |pairs: &[(&str, &[usize])]| -> HashMap<String, Tensor> {
-            pairs.iter().map(|(k, s)| (k.to_string(), Tensor::zeros(*s, DType::F32, &dev).unwrap())).collect()
+            pairs
+                .iter()
+                .map(|(k, s)| (k.to_string(), Tensor::zeros(*s, DType::F32, &dev).unwrap()))
+                .collect()
         };
-        let ok = match_weights(f, &expected, mk(&[("a.weight", &[2, 3]), ("a.bias", &[2])])).unwrap();
+        let ok =
+            match_weights(f, &expected, mk(&[("a.weight", &[2, 3]), ("a.bias", &[2])])).unwrap();
         assert_eq!(ok.len(), 2);
-        let e = match_weights(f, &expected, mk(&[("a.weight", &[2, 3])])).unwrap_err().to_string();
-        assert!(e.contains("missing weight `a.bias`"), "{e}");
-        let e = match_weights(f, &expected, mk(&[("a.weight", &[3, 2]), ("a.bias", &[2])])).unwrap_err().to_string();
-        assert!(e.contains("`a.weight` has shape [3, 2]") && e.contains("[2, 3]"), "{e}");
-        let e = match_weights(f, &expected, mk(&[("a.weight", &[2, 3]), ("a.bias", &[2]), ("b", &[1])]))
+        let e = match_weights(f, &expected, mk(&[("a.weight", &[2, 3])]))
             .unwrap_err()
             .to_string();
+        assert!(e.contains("missing weight `a.bias`"), "{e}");
+        let e = match_weights(f, &expected, mk(&[("a.weight", &[3, 2]), ("a.bias", &[2])]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`a.weight` has shape [3, 2]") && e.contains("[2, 3]"),
+            "{e}"
+        );
+        let e = match_weights(
+            f,
+            &expected,
+            mk(&[("a.weight", &[2, 3]), ("a.bias", &[2]), ("b", &[1])]),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("does not have: b"), "{e}");
     }
 }

@@ -167,7 +167,9 @@ impl Default for Registry {
 
 impl std::fmt::Debug for Registry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Registry").field("names", &self.known_names()).finish()
+        f.debug_struct("Registry")
+            .field("names", &self.known_names())
+            .finish()
     }
 }
 
@@ -336,14 +338,20 @@ mod tests {
         let e = r.get("dynamic_network_architectures.architectures.unet.ResidualUNet");
         let msg = e.err().unwrap().to_string();
         assert!(msg.contains("unknown architecture"), "{msg}");
-        assert!(msg.contains("ResEncUNet") && msg.contains("PlainConvUNet"), "{msg}");
+        assert!(
+            msg.contains("ResEncUNet") && msg.contains("PlainConvUNet"),
+            "{msg}"
+        );
     }
 
     #[test]
     fn duplicate_registration_fails() {
         let mut r = Registry::default();
         let again = crate::unet::default_architectures().remove(0);
-        assert!(matches!(r.register(again), Err(ArchError::DuplicateName(_))));
+        assert!(matches!(
+            r.register(again),
+            Err(ArchError::DuplicateName(_))
+        ));
         let mut empty = Registry::empty();
         assert!(empty.known_names().is_empty());
         for a in crate::unet::default_architectures() {
@@ -363,8 +371,15 @@ mod tests {
                 "n_conv_per_stage_decoder": [1], "norm_op": null, "nonlin": null
             }),
         );
-        let io = NetworkIo { in_channels: 1, num_classes: 3, deep_supervision: false };
+        let io = NetworkIo {
+            in_channels: 1,
+            num_classes: 3,
+            deep_supervision: false,
+        };
         // same hand count as memory.rs: 576 + 528
-        assert_eq!(r.estimate(&s, &io).unwrap().conv_feature_map_size(&[8, 6]), 1104);
+        assert_eq!(
+            r.estimate(&s, &io).unwrap().conv_feature_map_size(&[8, 6]),
+            1104
+        );
     }
 }

@@ -50,7 +50,7 @@ fn group_thousands(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -106,14 +106,21 @@ pub fn network_summary_with(
     let parameter_count = count_trainable(&params);
     let per_sample: u64 = rows
         .iter()
-        .map(|r| r.output_shape.iter().map(|&x| x as u64).product::<u64>() * r.stored_activations as u64)
+        .map(|r| {
+            r.output_shape.iter().map(|&x| x as u64).product::<u64>() * r.stored_activations as u64
+        })
         .sum();
     let activation_bytes = per_sample * batch as u64 * F32;
     let parameter_bytes = parameter_count * F32 * 3;
     let nnunet_feature_map_size = estimator.conv_feature_map_size(patch);
 
     let name_w = rows.iter().map(|r| r.name.len()).max().unwrap_or(4).max(5);
-    let kind_w = rows.iter().map(|r| r.kind.chars().count()).max().unwrap_or(4).max(5);
+    let kind_w = rows
+        .iter()
+        .map(|r| r.kind.chars().count())
+        .max()
+        .unwrap_or(4)
+        .max(5);
     let shape_w = rows
         .iter()
         .map(|r| shape_str(&r.output_shape).len())
@@ -134,7 +141,10 @@ pub fn network_summary_with(
         "layer", "type", "output (C, *sp)", "params"
     );
     t.push_str(&header);
-    t.push_str(&format!("{}\n", "-".repeat(header.trim_end().chars().count())));
+    t.push_str(&format!(
+        "{}\n",
+        "-".repeat(header.trim_end().chars().count())
+    ));
     for r in &rows {
         let pad = kind_w.saturating_sub(r.kind.chars().count());
         t.push_str(&format!(
@@ -146,8 +156,14 @@ pub fn network_summary_with(
             group_thousands(r.params)
         ));
     }
-    t.push_str(&format!("{}\n", "-".repeat(header.trim_end().chars().count())));
-    t.push_str(&format!("trainable parameters: {}\n", group_thousands(parameter_count)));
+    t.push_str(&format!(
+        "{}\n",
+        "-".repeat(header.trim_end().chars().count())
+    ));
+    t.push_str(&format!(
+        "trainable parameters: {}\n",
+        group_thousands(parameter_count)
+    ));
     t.push_str(&format!(
         "nnU-Net feature-map estimate (per sample): {}\n",
         group_thousands(nnunet_feature_map_size)
@@ -197,15 +213,36 @@ mod tests {
         };
         let s = network_summary(&spec, 1, 3, &[8, 32, 32], 2).unwrap();
         let by_name = |n: &str| s.rows.iter().find(|r| r.name == n).unwrap().clone();
-        assert_eq!(by_name("encoder.stages.0.0.convs.0").output_shape, vec![4, 8, 32, 32]);
-        assert_eq!(by_name("encoder.stages.1.0.convs.0").output_shape, vec![8, 8, 16, 16]);
-        assert_eq!(by_name("encoder.stages.2.0.convs.1").output_shape, vec![16, 4, 8, 8]);
-        assert_eq!(by_name("decoder.transpconvs.0").output_shape, vec![8, 8, 16, 16]);
-        assert_eq!(by_name("decoder.seg_layers.1").output_shape, vec![3, 8, 32, 32]);
-        assert_eq!(by_name("decoder.seg_layers.0").output_shape, vec![3, 8, 16, 16]);
+        assert_eq!(
+            by_name("encoder.stages.0.0.convs.0").output_shape,
+            vec![4, 8, 32, 32]
+        );
+        assert_eq!(
+            by_name("encoder.stages.1.0.convs.0").output_shape,
+            vec![8, 8, 16, 16]
+        );
+        assert_eq!(
+            by_name("encoder.stages.2.0.convs.1").output_shape,
+            vec![16, 4, 8, 8]
+        );
+        assert_eq!(
+            by_name("decoder.transpconvs.0").output_shape,
+            vec![8, 8, 16, 16]
+        );
+        assert_eq!(
+            by_name("decoder.seg_layers.1").output_shape,
+            vec![3, 8, 32, 32]
+        );
+        assert_eq!(
+            by_name("decoder.seg_layers.0").output_shape,
+            vec![3, 8, 16, 16]
+        );
         // first conv: 4*1*1*3*3 + 4 bias + 8 norm
         assert_eq!(by_name("encoder.stages.0.0.convs.0").params, 36 + 4 + 8);
-        assert_eq!(s.rows.iter().map(|r| r.params).sum::<u64>(), s.parameter_count);
+        assert_eq!(
+            s.rows.iter().map(|r| r.params).sum::<u64>(),
+            s.parameter_count
+        );
         assert!(s.table.contains("decoder.seg_layers.1"));
         assert!(s.table.contains("trainable parameters"));
         assert!(s.activation_bytes > 0 && s.nnunet_feature_map_size > 0);

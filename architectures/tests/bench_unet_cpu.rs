@@ -20,9 +20,16 @@ fn vm_hwm_mib() -> f64 {
 fn plain_3d_forward_backward_cpu() {
     let patch: Vec<usize> = std::env::var("NNSEG_BENCH_PATCH")
         .ok()
-        .map(|s| s.split(',').map(|x| x.trim().parse().expect("patch")).collect())
+        .map(|s| {
+            s.split(',')
+                .map(|x| x.trim().parse().expect("patch"))
+                .collect()
+        })
         .unwrap_or_else(|| vec![32, 64, 64]);
-    let batch: usize = std::env::var("NNSEG_BENCH_BATCH").ok().and_then(|s| s.parse().ok()).unwrap_or(2);
+    let batch: usize = std::env::var("NNSEG_BENCH_BATCH")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2);
     let spec = plans::ArchitectureSpec {
         network_class_name: "PlainConvUNet".into(),
         arch_kwargs: json!({
@@ -39,8 +46,14 @@ fn plain_3d_forward_backward_cpu() {
         kw_requires_import: vec![],
     };
     let dev = Device::Cpu;
-    let io = NetworkIo { in_channels: 1, num_classes: 3, deep_supervision: true };
-    let (vm, net) = Registry::default().build_initialized(&spec, &io, 0, &dev).unwrap();
+    let io = NetworkIo {
+        in_channels: 1,
+        num_classes: 3,
+        deep_supervision: true,
+    };
+    let (vm, net) = Registry::default()
+        .build_initialized(&spec, &io, 0, &dev)
+        .unwrap();
     let n_params: usize = vm.all_vars().iter().map(|v| v.elem_count()).sum();
     let mut shape = vec![batch, 1];
     shape.extend(&patch);
@@ -94,9 +107,22 @@ fn block_parts_cpu() {
     let r = Tensor::randn(0f32, 1f32, (2, 32, 32, 64, 64), &dev).unwrap();
     type Part<'a> = Box<dyn Fn() -> Tensor + 'a>;
     let parts: Vec<(&str, Part)> = vec![
-        ("conv", Box::new(|| ops::conv(&x, &w, Some(&b), &ops::ConvOpts::new().padding(vec![1])).unwrap())),
-        ("instance_norm", Box::new(|| ops::instance_norm(&x, ops::NormAffine::new(Some(&nw), Some(&nb)), 1e-5).unwrap())),
-        ("leaky_relu", Box::new(|| ops::leaky_relu(&x, 0.01).unwrap())),
+        (
+            "conv",
+            Box::new(|| {
+                ops::conv(&x, &w, Some(&b), &ops::ConvOpts::new().padding(vec![1])).unwrap()
+            }),
+        ),
+        (
+            "instance_norm",
+            Box::new(|| {
+                ops::instance_norm(&x, ops::NormAffine::new(Some(&nw), Some(&nb)), 1e-5).unwrap()
+            }),
+        ),
+        (
+            "leaky_relu",
+            Box::new(|| ops::leaky_relu(&x, 0.01).unwrap()),
+        ),
     ];
     for (name, f) in &parts {
         let mut best = (f64::MAX, f64::MAX);

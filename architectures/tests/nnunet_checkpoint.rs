@@ -9,7 +9,8 @@ use serde_json::Value;
 use std::path::PathBuf;
 
 fn fixture_root() -> PathBuf {
-    let rel = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/nnunet_checkpoint");
+    let rel =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/nnunet_checkpoint");
     if rel.exists() {
         rel
     } else {
@@ -25,7 +26,8 @@ struct Fixture {
 
 fn load(dataset: &str, trainer_dir: &str) -> Fixture {
     let root = fixture_root().join(dataset);
-    let io_json: Value = serde_json::from_str(&std::fs::read_to_string(root.join("io.json")).unwrap()).unwrap();
+    let io_json: Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("io.json")).unwrap()).unwrap();
     let io = candle_core::safetensors::load(root.join("io.safetensors"), &Device::Cpu).unwrap();
     Fixture {
         model_dir: root.join(trainer_dir),
@@ -35,7 +37,14 @@ fn load(dataset: &str, trainer_dir: &str) -> Fixture {
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 fn check_outputs(fx: &Fixture, outs: &[Tensor], what: &str) {
@@ -45,29 +54,58 @@ fn check_outputs(fx: &Fixture, outs: &[Tensor], what: &str) {
         let want = &fx.io[&format!("output.{i}")];
         assert_eq!(y.dims(), want.dims(), "{what} output.{i}");
         let d = max_abs_diff(y, want);
-        let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let scale = want
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(d <= 1e-4 + 1e-4 * scale, "{what} output.{i}: max |Δ| = {d}");
     }
 }
 
 fn check_model(fx: &Fixture, m: &ImportedModel) {
-    assert_eq!(m.parameter_count, fx.io_json["param_count"].as_u64().unwrap());
-    assert_eq!(m.io.in_channels as u64, fx.io_json["input_channels"].as_u64().unwrap());
-    assert_eq!(m.io.num_classes as u64, fx.io_json["num_classes"].as_u64().unwrap());
-    assert_eq!(m.dropped_keys as u64, fx.io_json["n_alias_keys"].as_u64().unwrap());
+    assert_eq!(
+        m.parameter_count,
+        fx.io_json["param_count"].as_u64().unwrap()
+    );
+    assert_eq!(
+        m.io.in_channels as u64,
+        fx.io_json["input_channels"].as_u64().unwrap()
+    );
+    assert_eq!(
+        m.io.num_classes as u64,
+        fx.io_json["num_classes"].as_u64().unwrap()
+    );
+    assert_eq!(
+        m.dropped_keys as u64,
+        fx.io_json["n_alias_keys"].as_u64().unwrap()
+    );
     // exactly the canonical keys, with their shapes
     let canon = fx.io_json["canonical_keys"].as_object().unwrap();
     assert_eq!(m.weights.len(), canon.len());
     for (k, shape) in canon {
-        let want: Vec<usize> = shape.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect();
+        let want: Vec<usize> = shape
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as usize)
+            .collect();
         let t = m.weights.get(k).unwrap_or_else(|| panic!("missing {k}"));
         assert_eq!(t.dims(), want.as_slice(), "{k}");
     }
     // the same names and shapes as the Rust network asks for
-    let params = Registry::default().parameters(&m.configuration.architecture, &m.io).unwrap();
+    let params = Registry::default()
+        .parameters(&m.configuration.architecture, &m.io)
+        .unwrap();
     assert_eq!(params.len(), canon.len());
     for p in &params {
-        assert!(canon.contains_key(&p.name), "network weight {} not in the checkpoint", p.name);
+        assert!(
+            canon.contains_key(&p.name),
+            "network weight {} not in the checkpoint",
+            p.name
+        );
     }
 }
 
@@ -80,9 +118,17 @@ fn parity(dataset: &str, trainer_dir: &str) {
     let x = &fx.io["input"];
 
     let net = m.build_network(&reg, true, &dev).unwrap();
-    check_outputs(&fx, &net.forward(x, false).unwrap(), "deep supervision, eval");
+    check_outputs(
+        &fx,
+        &net.forward(x, false).unwrap(),
+        "deep supervision, eval",
+    );
     // no dropout and instance norm: train mode gives the same logits
-    check_outputs(&fx, &net.forward(x, true).unwrap(), "deep supervision, train");
+    check_outputs(
+        &fx,
+        &net.forward(x, true).unwrap(),
+        "deep supervision, train",
+    );
 
     let single = m.build_network(&reg, false, &dev).unwrap();
     let y = single.forward(x, false).unwrap();
@@ -124,7 +170,10 @@ fn parity(dataset: &str, trainer_dir: &str) {
 
 #[test]
 fn fixture_3d_matches_pytorch() {
-    parity("Dataset991_Fixture3D", "nnUNetTrainer__nnUNetPlans__3d_fullres");
+    parity(
+        "Dataset991_Fixture3D",
+        "nnUNetTrainer__nnUNetPlans__3d_fullres",
+    );
 }
 
 #[test]
@@ -134,7 +183,10 @@ fn fixture_2d_matches_pytorch() {
 
 #[test]
 fn import_errors_name_the_problem() {
-    let fx = load("Dataset991_Fixture3D", "nnUNetTrainer__nnUNetPlans__3d_fullres");
+    let fx = load(
+        "Dataset991_Fixture3D",
+        "nnUNetTrainer__nnUNetPlans__3d_fullres",
+    );
     // missing fold
     let e = import_nnunet_model(&fx.model_dir, "3", "checkpoint_final.pth").unwrap_err();
     assert!(matches!(e, ArchError::Io { .. }), "{e}");
@@ -152,13 +204,24 @@ fn import_errors_name_the_problem() {
         tmp.join("fold_0/checkpoint_final.pth"),
     )
     .unwrap();
-    let mut plans: Value = serde_json::from_str(&std::fs::read_to_string(fx.model_dir.join("plans.json")).unwrap()).unwrap();
+    let mut plans: Value =
+        serde_json::from_str(&std::fs::read_to_string(fx.model_dir.join("plans.json")).unwrap())
+            .unwrap();
     plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["features_per_stage"] =
         serde_json::json!([4, 8, 16, 64]);
-    std::fs::write(tmp.join("plans.json"), serde_json::to_string(&plans).unwrap()).unwrap();
-    let e = import_nnunet_model(&tmp, "0", "checkpoint_final.pth").unwrap_err().to_string();
+    std::fs::write(
+        tmp.join("plans.json"),
+        serde_json::to_string(&plans).unwrap(),
+    )
+    .unwrap();
+    let e = import_nnunet_model(&tmp, "0", "checkpoint_final.pth")
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("encoder.stages.3.0.convs.0.conv.weight"), "{e}");
-    assert!(e.contains("[64, 16, 3, 3, 3]") && e.contains("[32, 16, 3, 3, 3]"), "{e}");
+    assert!(
+        e.contains("[64, 16, 3, 3, 3]") && e.contains("[32, 16, 3, 3, 3]"),
+        "{e}"
+    );
 
     // one stage fewer: the checkpoint has weights the network does not
     plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"] = serde_json::json!({
@@ -168,11 +231,18 @@ fn import_errors_name_the_problem() {
         "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d", "norm_op_kwargs": {"eps": 1e-05, "affine": true},
         "dropout_op": null, "dropout_op_kwargs": null, "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": true}
     });
-    std::fs::write(tmp.join("plans.json"), serde_json::to_string(&plans).unwrap()).unwrap();
+    std::fs::write(
+        tmp.join("plans.json"),
+        serde_json::to_string(&plans).unwrap(),
+    )
+    .unwrap();
     let e = import_nnunet_model(&tmp, "0", "checkpoint_final.pth").unwrap_err();
     // decoder.stages.0 now expects 2*8 input channels instead of 2*16: first mismatch
     assert!(
-        matches!(e, ArchError::ShapeMismatch { .. } | ArchError::UnexpectedWeights { .. }),
+        matches!(
+            e,
+            ArchError::ShapeMismatch { .. } | ArchError::UnexpectedWeights { .. }
+        ),
         "{e}"
     );
     std::fs::remove_dir_all(tmp.parent().unwrap()).ok();

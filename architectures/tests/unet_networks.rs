@@ -10,12 +10,24 @@ fn spec(name: &str, kwargs: Value) -> plans::ArchitectureSpec {
     plans::ArchitectureSpec {
         network_class_name: name.to_string(),
         arch_kwargs: kwargs.as_object().expect("object").clone(),
-        kw_requires_import: vec!["conv_op".into(), "norm_op".into(), "dropout_op".into(), "nonlin".into()],
+        kw_requires_import: vec![
+            "conv_op".into(),
+            "norm_op".into(),
+            "dropout_op".into(),
+            "nonlin".into(),
+        ],
     }
 }
 
 /// nnU-Net's default kwargs (kernel 3, conv_bias, InstanceNorm affine, LeakyReLU).
-fn default_kwargs(dim: usize, features: &[usize], strides: &[Value], per_stage_key: &str, per_stage: &[usize], dec: &[usize]) -> Value {
+fn default_kwargs(
+    dim: usize,
+    features: &[usize],
+    strides: &[Value],
+    per_stage_key: &str,
+    per_stage: &[usize],
+    dec: &[usize],
+) -> Value {
     let n = features.len();
     json!({
         "n_stages": n,
@@ -52,15 +64,31 @@ fn parameter_counts_match_nnunet() {
     let r = Registry::default();
     let f3 = [32, 64, 128, 256, 320, 320];
     let s3 = iso_strides(3, &[1, 2, 2, 2, 2, 2]);
-    let plain3 = spec(PLAIN_CONV_UNET, default_kwargs(3, &f3, &s3, "n_conv_per_stage", &[2; 6], &[2; 5]));
-    assert_eq!(r.parameter_count(&plain3, &io(1, 3, true)).unwrap(), 31_196_399);
-    assert_eq!(r.parameter_count(&plain3, &io(4, 3, true)).unwrap(), 31_198_991);
+    let plain3 = spec(
+        PLAIN_CONV_UNET,
+        default_kwargs(3, &f3, &s3, "n_conv_per_stage", &[2; 6], &[2; 5]),
+    );
+    assert_eq!(
+        r.parameter_count(&plain3, &io(1, 3, true)).unwrap(),
+        31_196_399
+    );
+    assert_eq!(
+        r.parameter_count(&plain3, &io(4, 3, true)).unwrap(),
+        31_198_991
+    );
     // deep supervision does not change the parameters (heads always built)
-    assert_eq!(r.parameter_count(&plain3, &io(1, 3, false)).unwrap(), 31_196_399);
+    assert_eq!(
+        r.parameter_count(&plain3, &io(1, 3, false)).unwrap(),
+        31_196_399
+    );
     // breakdown from nnunet-v2.md §8.3
     let params = r.parameters(&plain3, &io(1, 3, true)).unwrap();
     let sum = |pred: &dyn Fn(&str) -> bool| -> u64 {
-        params.iter().filter(|p| pred(&p.name)).map(|p| p.shape.iter().product::<usize>() as u64).sum()
+        params
+            .iter()
+            .filter(|p| pred(&p.name))
+            .map(|p| p.shape.iter().product::<usize>() as u64)
+            .sum()
     };
     assert_eq!(sum(&|n| n.starts_with("encoder.")), 14_025_120);
     assert_eq!(sum(&|n| n.starts_with("decoder.transpconvs.")), 1_819_424);
@@ -68,8 +96,14 @@ fn parameter_counts_match_nnunet() {
 
     let f2 = [32, 64, 128, 256, 512, 512, 512];
     let s2 = iso_strides(2, &[1, 2, 2, 2, 2, 2, 2]);
-    let plain2 = spec("PlainConvUNet", default_kwargs(2, &f2, &s2, "n_conv_per_stage", &[2; 7], &[2; 6]));
-    assert_eq!(r.parameter_count(&plain2, &io(1, 3, true)).unwrap(), 33_473_330);
+    let plain2 = spec(
+        "PlainConvUNet",
+        default_kwargs(2, &f2, &s2, "n_conv_per_stage", &[2; 7], &[2; 6]),
+    );
+    assert_eq!(
+        r.parameter_count(&plain2, &io(1, 3, true)).unwrap(),
+        33_473_330
+    );
     let p2 = r.parameters(&plain2, &io(1, 3, true)).unwrap();
     let enc2: u64 = p2
         .iter()
@@ -80,14 +114,34 @@ fn parameter_counts_match_nnunet() {
 
     let res3 = spec(
         RESIDUAL_ENCODER_UNET,
-        default_kwargs(3, &f3, &s3, "n_blocks_per_stage", &[1, 3, 4, 6, 6, 6], &[1; 5]),
+        default_kwargs(
+            3,
+            &f3,
+            &s3,
+            "n_blocks_per_stage",
+            &[1, 3, 4, 6, 6, 6],
+            &[1; 5],
+        ),
     );
-    assert_eq!(r.parameter_count(&res3, &io(1, 3, true)).unwrap(), 102_350_575);
+    assert_eq!(
+        r.parameter_count(&res3, &io(1, 3, true)).unwrap(),
+        102_350_575
+    );
     let res2 = spec(
         "ResEncUNet",
-        default_kwargs(2, &f2, &s2, "n_blocks_per_stage", &[1, 3, 4, 6, 6, 6, 6], &[1; 6]),
+        default_kwargs(
+            2,
+            &f2,
+            &s2,
+            "n_blocks_per_stage",
+            &[1, 3, 4, 6, 6, 6, 6],
+            &[1; 6],
+        ),
     );
-    assert_eq!(r.parameter_count(&res2, &io(1, 3, true)).unwrap(), 105_918_322);
+    assert_eq!(
+        r.parameter_count(&res2, &io(1, 3, true)).unwrap(),
+        105_918_322
+    );
 }
 
 #[test]
@@ -95,9 +149,21 @@ fn residual_weight_names_follow_dna() {
     let r = Registry::default();
     let res = spec(
         RESIDUAL_ENCODER_UNET,
-        default_kwargs(3, &[4, 8, 16], &iso_strides(3, &[1, 2, 2]), "n_blocks_per_stage", &[1, 2, 2], &[1, 1]),
+        default_kwargs(
+            3,
+            &[4, 8, 16],
+            &iso_strides(3, &[1, 2, 2]),
+            "n_blocks_per_stage",
+            &[1, 2, 2],
+            &[1, 1],
+        ),
     );
-    let names: Vec<String> = r.parameters(&res, &io(1, 2, true)).unwrap().into_iter().map(|p| p.name).collect();
+    let names: Vec<String> = r
+        .parameters(&res, &io(1, 2, true))
+        .unwrap()
+        .into_iter()
+        .map(|p| p.name)
+        .collect();
     for want in [
         "encoder.stem.convs.0.conv.weight",
         "encoder.stem.convs.0.norm.weight",
@@ -110,18 +176,40 @@ fn residual_weight_names_follow_dna() {
         "decoder.stages.1.convs.0.conv.weight",
         "decoder.seg_layers.1.bias",
     ] {
-        assert!(names.iter().any(|n| n == want), "missing {want} in {names:?}");
+        assert!(
+            names.iter().any(|n| n == want),
+            "missing {want} in {names:?}"
+        );
     }
     // stage 0: 4 → 4 channels, stride 1: no shortcut; shortcut convs have no bias
-    assert!(!names.iter().any(|n| n.starts_with("encoder.stages.0.blocks.0.skip")));
+    assert!(!names
+        .iter()
+        .any(|n| n.starts_with("encoder.stages.0.blocks.0.skip")));
     assert!(!names.iter().any(|n| n.contains("skip.1.conv.bias")));
     // a channel change without stride puts the projection at skip.0
     let res_ch = spec(
         RESIDUAL_ENCODER_UNET,
-        default_kwargs(2, &[4, 8], &iso_strides(2, &[1, 1]), "n_blocks_per_stage", &[1, 1], &[1]),
+        default_kwargs(
+            2,
+            &[4, 8],
+            &iso_strides(2, &[1, 1]),
+            "n_blocks_per_stage",
+            &[1, 1],
+            &[1],
+        ),
     );
-    let names: Vec<String> = r.parameters(&res_ch, &io(1, 2, true)).unwrap().into_iter().map(|p| p.name).collect();
-    assert!(names.iter().any(|n| n == "encoder.stages.1.blocks.0.skip.0.conv.weight"), "{names:?}");
+    let names: Vec<String> = r
+        .parameters(&res_ch, &io(1, 2, true))
+        .unwrap()
+        .into_iter()
+        .map(|p| p.name)
+        .collect();
+    assert!(
+        names
+            .iter()
+            .any(|n| n == "encoder.stages.1.blocks.0.skip.0.conv.weight"),
+        "{names:?}"
+    );
 }
 
 /// Forward shapes for 2D/3D × kernels × strides × deep supervision, both U-Nets.
@@ -184,19 +272,30 @@ fn output_shape_grid() {
                 shape.extend(&case.input);
                 let x = Tensor::randn(0f32, 1f32, shape, &dev).unwrap();
                 let ys = net.forward(&x, false).unwrap();
-                let expect: Vec<Vec<usize>> = if ds { case.outs.clone() } else { vec![case.outs[0].clone()] };
+                let expect: Vec<Vec<usize>> = if ds {
+                    case.outs.clone()
+                } else {
+                    vec![case.outs[0].clone()]
+                };
                 assert_eq!(ys.len(), expect.len(), "{name} {dim}D ds={ds}");
                 for (y, e) in ys.iter().zip(&expect) {
                     let mut want = vec![2usize, 3];
                     want.extend(e);
-                    assert_eq!(y.dims(), want.as_slice(), "{name} {dim}D ds={ds} kernels {}", case.kernels);
+                    assert_eq!(
+                        y.dims(),
+                        want.as_slice(),
+                        "{name} {dim}D ds={ds} kernels {}",
+                        case.kernels
+                    );
                 }
                 // the layer table agrees with the real forward
                 let rows = net.layers(&case.input);
                 let head = rows
                     .iter()
                     .rev()
-                    .find(|r| r.name.starts_with("decoder.seg_layers") && !r.output_shape.is_empty())
+                    .find(|r| {
+                        r.name.starts_with("decoder.seg_layers") && !r.output_shape.is_empty()
+                    })
                     .unwrap();
                 assert_eq!(head.output_shape[1..], case.outs[0][..]);
             }
@@ -205,11 +304,28 @@ fn output_shape_grid() {
     // wrong rank / channels are errors, not panics
     let s = spec(
         "PlainConvUNet",
-        default_kwargs(2, &[2, 4], &iso_strides(2, &[1, 2]), "n_conv_per_stage", &[1, 1], &[1]),
+        default_kwargs(
+            2,
+            &[2, 4],
+            &iso_strides(2, &[1, 2]),
+            "n_conv_per_stage",
+            &[1, 1],
+            &[1],
+        ),
     );
     let (_vm, net) = r.build_initialized(&s, &io(1, 2, false), 0, &dev).unwrap();
-    assert!(net.forward(&Tensor::zeros((1, 1, 4, 4, 4), DType::F32, &dev).unwrap(), false).is_err());
-    assert!(net.forward(&Tensor::zeros((1, 2, 4, 4), DType::F32, &dev).unwrap(), false).is_err());
+    assert!(net
+        .forward(
+            &Tensor::zeros((1, 1, 4, 4, 4), DType::F32, &dev).unwrap(),
+            false
+        )
+        .is_err());
+    assert!(net
+        .forward(
+            &Tensor::zeros((1, 2, 4, 4), DType::F32, &dev).unwrap(),
+            false
+        )
+        .is_err());
 }
 
 #[test]
@@ -218,7 +334,14 @@ fn set_deep_supervision_toggles_outputs() {
     let dev = Device::Cpu;
     let s = spec(
         "PlainConvUNet",
-        default_kwargs(2, &[2, 4, 8], &iso_strides(2, &[1, 2, 2]), "n_conv_per_stage", &[1, 1, 1], &[1, 1]),
+        default_kwargs(
+            2,
+            &[2, 4, 8],
+            &iso_strides(2, &[1, 2, 2]),
+            "n_conv_per_stage",
+            &[1, 1, 1],
+            &[1, 1],
+        ),
     );
     let (_vm, mut net) = r.build_initialized(&s, &io(1, 2, true), 5, &dev).unwrap();
     let x = Tensor::randn(0f32, 1f32, (1, 1, 8, 8), &dev).unwrap();
@@ -228,7 +351,14 @@ fn set_deep_supervision_toggles_outputs() {
     assert!(!net.deep_supervision());
     let without = net.forward(&x, false).unwrap();
     assert_eq!(without.len(), 1);
-    let d = (&with[0] - &without[0]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let d = (&with[0] - &without[0])
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert_eq!(d, 0.0);
 }
 
@@ -237,14 +367,20 @@ fn set_deep_supervision_toggles_outputs() {
 fn gradients_reach_every_parameter() {
     let r = Registry::default();
     let dev = Device::Cpu;
-    for (name, key) in [("PlainConvUNet", "n_conv_per_stage"), ("ResidualEncoderUNet", "n_blocks_per_stage")] {
+    for (name, key) in [
+        ("PlainConvUNet", "n_conv_per_stage"),
+        ("ResidualEncoderUNet", "n_blocks_per_stage"),
+    ] {
         for dim in [2usize, 3] {
             let strides: Vec<Value> = if dim == 3 {
                 vec![json!([1, 1, 1]), json!([1, 2, 2]), json!([2, 2, 2])]
             } else {
                 vec![json!([1, 1]), json!([2, 2]), json!([2, 1])]
             };
-            let s = spec(name, default_kwargs(dim, &[2, 4, 6], &strides, key, &[1, 2, 1], &[1, 1]));
+            let s = spec(
+                name,
+                default_kwargs(dim, &[2, 4, 6], &strides, key, &[1, 2, 1], &[1, 1]),
+            );
             let (vm, net) = r.build_initialized(&s, &io(1, 2, true), 11, &dev).unwrap();
             // ResEnc zero-inits the last norm of each block, which blocks the gradient of the
             // convs inside; move all norm weights away from their init first.
@@ -254,7 +390,11 @@ fn gradients_reach_every_parameter() {
                     v.set(&(noise + 1.0).unwrap()).unwrap();
                 }
             }
-            let shape: Vec<usize> = if dim == 3 { vec![2, 1, 4, 8, 8] } else { vec![2, 1, 8, 8] };
+            let shape: Vec<usize> = if dim == 3 {
+                vec![2, 1, 4, 8, 8]
+            } else {
+                vec![2, 1, 8, 8]
+            };
             let x = Tensor::randn(0f32, 1f32, shape, &dev).unwrap();
             let ys = net.forward(&x, true).unwrap();
             let mut loss = Tensor::zeros((), DType::F32, &dev).unwrap();
@@ -266,13 +406,24 @@ fn gradients_reach_every_parameter() {
             let data = vm.data().lock().unwrap();
             assert!(!data.is_empty());
             for (n, v) in data.iter() {
-                let g = grads.get(v).unwrap_or_else(|| panic!("{name} {dim}D: no gradient for {n}"));
-                let gmax = g.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                let g = grads
+                    .get(v)
+                    .unwrap_or_else(|| panic!("{name} {dim}D: no gradient for {n}"));
+                let gmax = g
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
                 // a conv bias right before an instance norm cancels out (zero gradient in exact
                 // arithmetic), so only its presence is checked
                 let before_norm = n.ends_with("conv.bias") && !n.contains("seg_layers");
                 if !before_norm {
-                    assert!(gmax > 0.0 && gmax.is_finite(), "{name} {dim}D: zero gradient for {n}");
+                    assert!(
+                        gmax > 0.0 && gmax.is_finite(),
+                        "{name} {dim}D: zero gradient for {n}"
+                    );
                 }
             }
         }
@@ -285,14 +436,32 @@ fn seeded_init_is_deterministic_and_follows_nnunet() {
     let dev = Device::Cpu;
     let s = spec(
         "ResEncUNet",
-        default_kwargs(3, &[8, 16, 32], &iso_strides(3, &[1, 2, 2]), "n_blocks_per_stage", &[1, 2, 2], &[1, 1]),
+        default_kwargs(
+            3,
+            &[8, 16, 32],
+            &iso_strides(3, &[1, 2, 2]),
+            "n_blocks_per_stage",
+            &[1, 2, 2],
+            &[1, 1],
+        ),
     );
     let get = |seed: u64| {
-        let (vm, _net) = r.build_initialized(&s, &io(1, 2, true), seed, &dev).unwrap();
+        let (vm, _net) = r
+            .build_initialized(&s, &io(1, 2, true), seed, &dev)
+            .unwrap();
         let data = vm.data().lock().unwrap();
         let mut v: Vec<(String, Vec<f32>)> = data
             .iter()
-            .map(|(k, v)| (k.clone(), v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    v.as_tensor()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap(),
+                )
+            })
             .collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
@@ -309,16 +478,27 @@ fn seeded_init_is_deterministic_and_follows_nnunet() {
     let std = (w.iter().map(|x| (*x as f64).powi(2)).sum::<f64>() / n).sqrt();
     let want = (2.0f64 / 1.0001).sqrt() / ((32 * 27) as f64).sqrt();
     assert!((std / want - 1.0).abs() < 0.05, "std {std} vs {want}");
-    assert!(find("encoder.stages.2.blocks.1.conv1.conv.bias").iter().all(|&x| x == 0.0));
-    assert!(find("encoder.stages.2.blocks.1.conv1.norm.weight").iter().all(|&x| x == 1.0));
-    assert!(find("encoder.stages.2.blocks.1.conv1.norm.bias").iter().all(|&x| x == 0.0));
+    assert!(find("encoder.stages.2.blocks.1.conv1.conv.bias")
+        .iter()
+        .all(|&x| x == 0.0));
+    assert!(find("encoder.stages.2.blocks.1.conv1.norm.weight")
+        .iter()
+        .all(|&x| x == 1.0));
+    assert!(find("encoder.stages.2.blocks.1.conv1.norm.bias")
+        .iter()
+        .all(|&x| x == 0.0));
     // init_last_bn_before_add_to_0
-    assert!(find("encoder.stages.2.blocks.1.conv2.norm.weight").iter().all(|&x| x == 0.0));
+    assert!(find("encoder.stages.2.blocks.1.conv2.norm.weight")
+        .iter()
+        .all(|&x| x == 0.0));
     // transposed conv: fan_in = C_out * prod(k) (PyTorch's rule on the (C_in, C_out, k) weight)
     let t = find("decoder.transpconvs.0.weight");
     let tstd = (t.iter().map(|x| (*x as f64).powi(2)).sum::<f64>() / t.len() as f64).sqrt();
     let twant = (2.0f64 / 1.0001).sqrt() / ((16 * 8) as f64).sqrt();
-    assert!((tstd / twant - 1.0).abs() < 0.1, "transp std {tstd} vs {twant}");
+    assert!(
+        (tstd / twant - 1.0).abs() < 0.1,
+        "transp std {tstd} vs {twant}"
+    );
 }
 
 #[test]
@@ -335,12 +515,14 @@ fn builds_from_plans_json() {
     };
     let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&fixture).unwrap()).unwrap();
     let mut resenc = v["configurations"]["3d_fullres"]["architecture"].clone();
-    resenc["network_class_name"] = json!("dynamic_network_architectures.architectures.unet.ResidualEncoderUNet");
+    resenc["network_class_name"] =
+        json!("dynamic_network_architectures.architectures.unet.ResidualEncoderUNet");
     let kw = resenc["arch_kwargs"].as_object_mut().unwrap();
     kw.remove("n_conv_per_stage");
     kw.insert("n_blocks_per_stage".into(), json!([1, 2, 2, 2]));
     kw.insert("n_conv_per_stage_decoder".into(), json!([1, 1, 1]));
-    v["configurations"]["3d_fullres_resenc"] = json!({"inherits_from": "3d_fullres", "architecture": resenc});
+    v["configurations"]["3d_fullres_resenc"] =
+        json!({"inherits_from": "3d_fullres", "architecture": resenc});
     let path = dir.join("nnUNetPlans.json");
     std::fs::write(&path, serde_json::to_string_pretty(&v).unwrap()).unwrap();
 
@@ -349,17 +531,22 @@ fn builds_from_plans_json() {
     let dev = Device::Cpu;
     for cname in ["3d_fullres", "3d_fullres_resenc"] {
         let cfg = plans.configuration(cname).unwrap();
-        let (_vm, net) = r.build_initialized(&cfg.architecture, &io(1, 3, true), 0, &dev).unwrap();
+        let (_vm, net) = r
+            .build_initialized(&cfg.architecture, &io(1, 3, true), 0, &dev)
+            .unwrap();
         let mut shape = vec![1usize, 1];
         shape.extend(&cfg.patch_size);
-        let ys = net.forward(&Tensor::randn(0f32, 1f32, shape, &dev).unwrap(), false).unwrap();
+        let ys = net
+            .forward(&Tensor::randn(0f32, 1f32, shape, &dev).unwrap(), false)
+            .unwrap();
         assert_eq!(ys.len(), 3, "{cname}");
         assert_eq!(ys[0].dims(), &[1, 3, 8, 32, 32]);
         assert_eq!(ys[2].dims(), &[1, 3, 4, 8, 8]);
     }
     // a bad value in the plans names its JSON path
     let mut bad = v.clone();
-    bad["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["kernel_sizes"][2] = json!([3, 3]);
+    bad["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["kernel_sizes"][2] =
+        json!([3, 3]);
     std::fs::write(&path, serde_json::to_string_pretty(&bad).unwrap()).unwrap();
     let plans = plans::Plans::load(&path).unwrap();
     let err = match plans.configuration("3d_fullres") {
@@ -379,13 +566,59 @@ fn registry_estimate_matches_planner_values() {
     let r = Registry::default();
     let f3 = [32, 64, 128, 256, 320, 320];
     let s3 = iso_strides(3, &[1, 2, 2, 2, 2, 2]);
-    let plain3 = spec(PLAIN_CONV_UNET, default_kwargs(3, &f3, &s3, "n_conv_per_stage", &[2; 6], &[2; 5]));
+    let plain3 = spec(
+        PLAIN_CONV_UNET,
+        default_kwargs(3, &f3, &s3, "n_conv_per_stage", &[2; 6], &[2; 5]),
+    );
     let est = r.estimate(&plain3, &io(1, 3, false)).unwrap();
     assert_eq!(est.conv_feature_map_size(&[128, 128, 128]), 452_796_416);
     let res3 = spec(
         RESIDUAL_ENCODER_UNET,
-        default_kwargs(3, &f3, &s3, "n_blocks_per_stage", &[1, 3, 4, 6, 6, 6], &[1; 5]),
+        default_kwargs(
+            3,
+            &f3,
+            &s3,
+            "n_blocks_per_stage",
+            &[1, 3, 4, 6, 6, 6],
+            &[1; 5],
+        ),
     );
     let est = r.estimate(&res3, &io(1, 3, false)).unwrap();
     assert_eq!(est.conv_feature_map_size(&[128, 128, 128]), 557_420_544);
+}
+
+#[test]
+fn summary_of_large_networks_without_allocating() {
+    let f3 = [32, 64, 128, 256, 320, 320];
+    let s3 = iso_strides(3, &[1, 2, 2, 2, 2, 2]);
+    let res3 = spec(
+        RESIDUAL_ENCODER_UNET,
+        default_kwargs(
+            3,
+            &f3,
+            &s3,
+            "n_blocks_per_stage",
+            &[1, 3, 4, 6, 6, 6],
+            &[1; 5],
+        ),
+    );
+    let s = architectures::summary::network_summary(&res3, 1, 3, &[128, 128, 128], 2).unwrap();
+    assert_eq!(s.parameter_count, 102_350_575);
+    // deep supervision on (training): nnU-Net's residual_encoder_unet_planners.py value
+    assert_eq!(s.nnunet_feature_map_size, 558_319_104);
+    assert_eq!(
+        s.rows.iter().map(|r| r.params).sum::<u64>(),
+        s.parameter_count
+    );
+    let last = s
+        .rows
+        .iter()
+        .rev()
+        .find(|r| !r.output_shape.is_empty())
+        .unwrap();
+    assert_eq!(last.output_shape, vec![3, 128, 128, 128]);
+    assert!(s.table.contains("encoder.stages.5.blocks.5"));
+    if std::env::var("NNSEG_PRINT_SUMMARY").is_ok() {
+        println!("{}", s.table);
+    }
 }

@@ -219,3 +219,39 @@ fn resenc_presets_match_reference_table() {
     assert!(xl["configurations"].get("3d_cascade_fullres").is_none());
     assert_eq!(c["batch_dice"], false);
 }
+
+#[test]
+fn dataset501_file_is_byte_identical() {
+    let fp = Fingerprint::from_value(&read("example_dataset_fingerprint_Dataset501.json"), "fp")
+        .unwrap();
+    let plans = plan_experiment(
+        "Dataset501_Synth3D",
+        &dataset_json(12),
+        &fp,
+        &PlannerOptions::default(),
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nnUNetPlans.json");
+    planner::save_plans_merging(&plans, &path).unwrap();
+    let got = std::fs::read_to_string(&path).unwrap();
+    let want = std::fs::read_to_string(data("example_nnUNetPlans_Dataset501.json")).unwrap();
+    assert_eq!(got.trim_end(), want.trim_end());
+}
+
+#[test]
+fn fake_liver_file_is_byte_identical() {
+    let plans = plan_experiment(
+        "Dataset503_FakeLiverCT",
+        &dataset_json(131),
+        &fake_liver_fingerprint(),
+        &PlannerOptions::default(),
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nnUNetPlans.json");
+    planner::save_plans_merging(&plans, &path).unwrap();
+    let got = std::fs::read_to_string(&path).unwrap();
+    let want = std::fs::read_to_string(data("example_nnUNetPlans_FakeLiver_cascade.json")).unwrap();
+    assert_eq!(got.trim_end(), want.trim_end());
+}

@@ -127,16 +127,29 @@ impl SeededInit {
 }
 
 /// A `VarBuilder` that fills `varmap` with seeded nnU-Net-style initial weights.
-pub fn seeded_init_backend<'a>(varmap: &VarMap, seed: u64, dtype: DType, dev: &Device) -> VarBuilder<'a> {
+pub fn seeded_init_backend<'a>(
+    varmap: &VarMap,
+    seed: u64,
+    dtype: DType,
+    dev: &Device,
+) -> VarBuilder<'a> {
     VarBuilder::from_backend(Box::new(SeededInit::new(varmap, seed)), dtype, dev.clone())
 }
 
 impl SimpleBackend for SeededInit {
     fn get(&self, s: Shape, name: &str, h: Init, dtype: DType, dev: &Device) -> Result<Tensor> {
-        let mut data = self.varmap.data().lock().map_err(|_| candle_core::Error::Msg("VarMap lock poisoned".into()))?;
+        let mut data = self
+            .varmap
+            .data()
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("VarMap lock poisoned".into()))?;
         if let Some(v) = data.get(name) {
             if v.shape() != &s {
-                candle_core::bail!("{name}: existing shape {:?} != requested {:?}", v.shape(), s);
+                candle_core::bail!(
+                    "{name}: existing shape {:?} != requested {:?}",
+                    v.shape(),
+                    s
+                );
             }
             return v.as_tensor().to_dtype(dtype);
         }
@@ -149,7 +162,11 @@ impl SimpleBackend for SeededInit {
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, _dev: &Device) -> Result<Tensor> {
-        let data = self.varmap.data().lock().map_err(|_| candle_core::Error::Msg("VarMap lock poisoned".into()))?;
+        let data = self
+            .varmap
+            .data()
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("VarMap lock poisoned".into()))?;
         match data.get(name) {
             Some(v) => v.as_tensor().to_dtype(dtype),
             None => candle_core::bail!("cannot find tensor {name}"),
@@ -157,7 +174,11 @@ impl SimpleBackend for SeededInit {
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        self.varmap.data().lock().map(|d| d.contains_key(name)).unwrap_or(false)
+        self.varmap
+            .data()
+            .lock()
+            .map(|d| d.contains_key(name))
+            .unwrap_or(false)
     }
 }
 
@@ -179,10 +200,17 @@ impl ShapeRecorder {
 
 impl SimpleBackend for ShapeRecorder {
     fn get(&self, s: Shape, name: &str, h: Init, dtype: DType, dev: &Device) -> Result<Tensor> {
-        let mut seen = self.seen.lock().map_err(|_| candle_core::Error::Msg("recorder lock poisoned".into()))?;
+        let mut seen = self
+            .seen
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("recorder lock poisoned".into()))?;
         if let Some(p) = seen.iter().find(|p| p.name == name) {
             if p.shape != s.dims() {
-                candle_core::bail!("{name}: requested with shapes {:?} and {:?}", p.shape, s.dims());
+                candle_core::bail!(
+                    "{name}: requested with shapes {:?} and {:?}",
+                    p.shape,
+                    s.dims()
+                );
             }
         } else {
             seen.push(ParamInfo {
@@ -199,7 +227,10 @@ impl SimpleBackend for ShapeRecorder {
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        self.seen.lock().map(|v| v.iter().any(|p| p.name == name)).unwrap_or(false)
+        self.seen
+            .lock()
+            .map(|v| v.iter().any(|p| p.name == name))
+            .unwrap_or(false)
     }
 }
 
@@ -219,7 +250,10 @@ mod tests {
 
     #[test]
     fn seeded_values_are_deterministic_and_normal() {
-        let init = Init::Randn { mean: 0.0, stdev: 2.0 };
+        let init = Init::Randn {
+            mean: 0.0,
+            stdev: 2.0,
+        };
         let a = init_values(&init, &[100, 100], 7, "w");
         let b = init_values(&init, &[100, 100], 7, "w");
         let c = init_values(&init, &[100, 100], 8, "w");
@@ -239,14 +273,34 @@ mod tests {
     fn seeded_backend_fills_varmap_once() {
         let vm = VarMap::new();
         let vb = seeded_init_backend(&vm, 3, DType::F32, &Device::Cpu);
-        let w = vb.get_with_hints((4, 2), "a.weight", Init::Randn { mean: 0.0, stdev: 1.0 }).unwrap();
-        let again = vb.get_with_hints((4, 2), "a.weight", Init::Const(0.0)).unwrap();
+        let w = vb
+            .get_with_hints(
+                (4, 2),
+                "a.weight",
+                Init::Randn {
+                    mean: 0.0,
+                    stdev: 1.0,
+                },
+            )
+            .unwrap();
+        let again = vb
+            .get_with_hints((4, 2), "a.weight", Init::Const(0.0))
+            .unwrap();
         assert_eq!(w.to_vec2::<f32>().unwrap(), again.to_vec2::<f32>().unwrap());
-        assert!(vb.get_with_hints((2, 4), "a.weight", Init::Const(0.0)).is_err());
+        assert!(vb
+            .get_with_hints((2, 4), "a.weight", Init::Const(0.0))
+            .is_err());
         assert_eq!(vm.all_vars().len(), 1);
         let vm2 = VarMap::new();
         let w2 = seeded_init_backend(&vm2, 3, DType::F32, &Device::Cpu)
-            .get_with_hints((4, 2), "a.weight", Init::Randn { mean: 0.0, stdev: 1.0 })
+            .get_with_hints(
+                (4, 2),
+                "a.weight",
+                Init::Randn {
+                    mean: 0.0,
+                    stdev: 1.0,
+                },
+            )
             .unwrap();
         assert_eq!(w.to_vec2::<f32>().unwrap(), w2.to_vec2::<f32>().unwrap());
     }
@@ -255,10 +309,15 @@ mod tests {
     fn recorder_records_without_allocating() {
         let rec = ShapeRecorder::new();
         let vb = VarBuilder::from_backend(Box::new(rec.clone()), DType::F32, Device::Cpu);
-        let t = vb.pp("enc").get_with_hints((320, 320, 3, 3, 3), "w", Init::Const(0.0)).unwrap();
+        let t = vb
+            .pp("enc")
+            .get_with_hints((320, 320, 3, 3, 3), "w", Init::Const(0.0))
+            .unwrap();
         assert_eq!(t.dims(), &[320, 320, 3, 3, 3]);
         assert_eq!(t.stride(), &[0, 0, 0, 0, 0]);
-        vb.pp("bn").get_with_hints(8, "running_mean", Init::Const(0.0)).unwrap();
+        vb.pp("bn")
+            .get_with_hints(8, "running_mean", Init::Const(0.0))
+            .unwrap();
         let p = rec.params();
         assert_eq!(p.len(), 2);
         assert_eq!(p[0].name, "enc.w");

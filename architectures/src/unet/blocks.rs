@@ -5,7 +5,7 @@
 //! initialisation as the init hint (He normal with a = 1e-2 for conv / transposed-conv weights,
 //! zero biases, norm weight 1 and bias 0).
 
-use super::options::{ConvBlockOptions, ConvDim, DropoutOptions, NormKind, NormOptions, Nonlin};
+use super::options::{ConvBlockOptions, ConvDim, DropoutOptions, Nonlin, NormKind, NormOptions};
 use crate::ops::{self, ConvOpts, ConvTransposeOpts, NormAffine, PoolOpts};
 use crate::registry::{he_normal_std, LayerRow};
 use candle_core::{Result, Tensor, Var};
@@ -40,7 +40,12 @@ fn conv_name(dim: usize) -> &'static str {
 }
 
 /// Output size of a conv along each axis: `(n + 2p - k) / s + 1`.
-pub fn conv_out_size(input: &[usize], kernel: &[usize], stride: &[usize], padding: &[usize]) -> Vec<usize> {
+pub fn conv_out_size(
+    input: &[usize],
+    kernel: &[usize],
+    stride: &[usize],
+    padding: &[usize],
+) -> Vec<usize> {
     input
         .iter()
         .enumerate()
@@ -70,7 +75,12 @@ pub struct ConvSpec {
 }
 
 impl ConvSpec {
-    pub fn new(in_channels: usize, out_channels: usize, kernel: &[usize], stride: &[usize]) -> Self {
+    pub fn new(
+        in_channels: usize,
+        out_channels: usize,
+        kernel: &[usize],
+        stride: &[usize],
+    ) -> Self {
         ConvSpec {
             in_channels,
             out_channels,
@@ -91,7 +101,9 @@ impl Conv {
             None
         };
         let padding: Vec<usize> = spec.kernel.iter().map(|k| (k - 1) / 2).collect();
-        let opts = ConvOpts::new().stride(spec.stride.clone()).padding(padding.clone());
+        let opts = ConvOpts::new()
+            .stride(spec.stride.clone())
+            .padding(padding.clone());
         Ok(Conv {
             weight,
             bias,
@@ -153,7 +165,12 @@ pub enum Norm {
 
 impl Norm {
     /// `zero_init`: weight initialised to 0 instead of 1 (`init_last_bn_before_add_to_0`).
-    pub fn new(opts: &NormOptions, channels: usize, zero_init: bool, vb: VarBuilder) -> Result<Self> {
+    pub fn new(
+        opts: &NormOptions,
+        channels: usize,
+        zero_init: bool,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let (weight, bias) = if opts.affine {
             let w0 = if zero_init { 0.0 } else { 1.0 };
             (
@@ -199,14 +216,21 @@ impl Norm {
                 eps,
                 lock,
             } => {
-                let _guard = lock.lock().map_err(|_| candle_core::Error::Msg("batch norm lock poisoned".into()))?;
+                let _guard = lock
+                    .lock()
+                    .map_err(|_| candle_core::Error::Msg("batch norm lock poisoned".into()))?;
                 let mut state = ops::BatchNormState {
                     running_mean: running_mean.as_tensor().clone(),
                     running_var: running_var.as_tensor().clone(),
                     momentum: *momentum,
                     eps: *eps,
                 };
-                let y = ops::batch_norm(x, NormAffine::new(weight.as_ref(), bias.as_ref()), &mut state, train)?;
+                let y = ops::batch_norm(
+                    x,
+                    NormAffine::new(weight.as_ref(), bias.as_ref()),
+                    &mut state,
+                    train,
+                )?;
                 if train {
                     running_mean.set(&state.running_mean)?;
                     running_var.set(&state.running_var)?;
@@ -218,7 +242,9 @@ impl Norm {
 
     pub fn params(&self) -> u64 {
         let (w, b) = match self {
-            Norm::Instance { weight, bias, .. } | Norm::Batch { weight, bias, .. } => (weight, bias),
+            Norm::Instance { weight, bias, .. } | Norm::Batch { weight, bias, .. } => {
+                (weight, bias)
+            }
         };
         w.as_ref().map_or(0, numel) + b.as_ref().map_or(0, numel)
     }
@@ -296,10 +322,20 @@ pub struct ConvDropoutNormNonlin {
 }
 
 impl ConvDropoutNormNonlin {
-    pub fn new(spec: &ConvSpec, opts: &ConvBlockOptions, sw: LayerSwitches, vb: VarBuilder) -> Result<Self> {
+    pub fn new(
+        spec: &ConvSpec,
+        opts: &ConvBlockOptions,
+        sw: LayerSwitches,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let conv = Conv::new(spec, sw.bias, vb.pp("conv"))?;
         let norm = match &opts.norm {
-            Some(n) => Some(Norm::new(n, spec.out_channels, sw.zero_init_norm, vb.pp("norm"))?),
+            Some(n) => Some(Norm::new(
+                n,
+                spec.out_channels,
+                sw.zero_init_norm,
+                vb.pp("norm"),
+            )?),
             None => None,
         };
         Ok(ConvDropoutNormNonlin {
@@ -336,7 +372,9 @@ impl ConvDropoutNormNonlin {
 
     /// Tensors kept for backward (conv, dropout, norm and nonlin outputs).
     fn stored(&self) -> usize {
-        1 + usize::from(self.dropout.is_some()) + usize::from(self.norm.is_some()) + usize::from(self.nonlin.is_some())
+        1 + usize::from(self.dropout.is_some())
+            + usize::from(self.norm.is_some())
+            + usize::from(self.nonlin.is_some())
     }
 
     pub fn describe(&self) -> String {
@@ -381,21 +419,26 @@ pub struct StackedConvBlocks {
 
 impl StackedConvBlocks {
     /// `n` conv blocks `in → out`, kernel `kernel`, the first with `stride`.
-    pub fn new(
-        n: usize,
-        spec: &ConvSpec,
-        opts: &ConvBlockOptions,
-        vb: VarBuilder,
-    ) -> Result<Self> {
+    pub fn new(n: usize, spec: &ConvSpec, opts: &ConvBlockOptions, vb: VarBuilder) -> Result<Self> {
         let vb = vb.pp("convs");
         let mut convs = Vec::with_capacity(n);
         for i in 0..n {
             let s = if i == 0 {
                 spec.clone()
             } else {
-                ConvSpec::new(spec.out_channels, spec.out_channels, &spec.kernel, &vec![1; spec.kernel.len()])
+                ConvSpec::new(
+                    spec.out_channels,
+                    spec.out_channels,
+                    &spec.kernel,
+                    &vec![1; spec.kernel.len()],
+                )
             };
-            convs.push(ConvDropoutNormNonlin::new(&s, opts, LayerSwitches::full(opts), vb.pp(i))?);
+            convs.push(ConvDropoutNormNonlin::new(
+                &s,
+                opts,
+                LayerSwitches::full(opts),
+                vb.pp(i),
+            )?);
         }
         Ok(StackedConvBlocks { convs })
     }
@@ -438,9 +481,15 @@ pub struct BasicBlockD {
 
 impl BasicBlockD {
     /// `zero_init_last_norm`: dna's `init_last_bn_before_add_to_0` (conv2's norm weight = 0).
-    pub fn new(spec: &ConvSpec, opts: &ConvBlockOptions, zero_init_last_norm: bool, vb: VarBuilder) -> Result<Self> {
+    pub fn new(
+        spec: &ConvSpec,
+        opts: &ConvBlockOptions,
+        zero_init_last_norm: bool,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let (cin, cout) = (spec.in_channels, spec.out_channels);
-        let conv1 = ConvDropoutNormNonlin::new(spec, opts, LayerSwitches::full(opts), vb.pp("conv1"))?;
+        let conv1 =
+            ConvDropoutNormNonlin::new(spec, opts, LayerSwitches::full(opts), vb.pp("conv1"))?;
         let ones = vec![1usize; spec.kernel.len()];
         let spec2 = ConvSpec::new(cout, cout, &spec.kernel, &ones);
         let sw2 = LayerSwitches {
@@ -452,7 +501,8 @@ impl BasicBlockD {
         let conv2 = ConvDropoutNormNonlin::new(&spec2, opts, sw2, vb.pp("conv2"))?;
         let has_stride = spec.stride.iter().any(|&s| s != 1);
         let skip = if has_stride || cin != cout {
-            let pool = has_stride.then(|| PoolOpts::new(spec.stride.clone()).stride(spec.stride.clone()));
+            let pool =
+                has_stride.then(|| PoolOpts::new(spec.stride.clone()).stride(spec.stride.clone()));
             let projection = if cin != cout {
                 let idx = usize::from(has_stride);
                 let sw = LayerSwitches {
@@ -525,7 +575,8 @@ impl BasicBlockD {
             fmt_axes(&self.conv1.conv.kernel),
             fmt_axes(&self.stride)
         );
-        let mut stored = self.conv1.stored() + self.conv2.stored() + 1 + usize::from(self.nonlin.is_some());
+        let mut stored =
+            self.conv1.stored() + self.conv2.stored() + 1 + usize::from(self.nonlin.is_some());
         if let Some(s) = &self.skip {
             if s.pool.is_some() {
                 kind.push_str(" + AvgPool skip");
@@ -557,7 +608,13 @@ pub struct TransposedConv {
 }
 
 impl TransposedConv {
-    pub fn new(in_channels: usize, out_channels: usize, stride: &[usize], bias: bool, vb: VarBuilder) -> Result<Self> {
+    pub fn new(
+        in_channels: usize,
+        out_channels: usize,
+        stride: &[usize],
+        bias: bool,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let mut shape = vec![in_channels, out_channels];
         shape.extend(stride);
         let weight = vb.get_with_hints(shape.clone(), "weight", he_init(&shape))?;
@@ -609,7 +666,11 @@ pub fn check_input(x: &Tensor, dim: ConvDim, channels: usize, net: &str) -> Resu
     if x.rank() != dim.n() + 2 || x.dim(1)? != channels {
         candle_core::bail!(
             "{net}: expected input (N, {channels}, {}), got shape {:?}",
-            if dim == ConvDim::D3 { "D, H, W" } else { "H, W" },
+            if dim == ConvDim::D3 {
+                "D, H, W"
+            } else {
+                "H, W"
+            },
             x.dims()
         );
     }

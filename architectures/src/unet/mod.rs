@@ -14,6 +14,23 @@ use candle_nn::VarBuilder;
 use serde_json::{Map, Value};
 use std::sync::Arc;
 
+/// Checks the per-stage list lengths of a config built by hand (parsed configs always pass).
+fn check_lengths(cfg: &UNetConfig, per_stage: usize, what: &str) -> Result<()> {
+    let n = cfg.n_stages();
+    if per_stage != n
+        || cfg.kernel_sizes.len() != n
+        || cfg.strides.len() != n
+        || cfg.n_conv_per_stage_decoder.len() + 1 != n
+    {
+        candle_core::bail!(
+            "U-Net config: {what}, kernel_sizes and strides need {n} entries and \
+             n_conv_per_stage_decoder {}",
+            n.saturating_sub(1)
+        );
+    }
+    Ok(())
+}
+
 /// dna `PlainConvEncoder` (strided-conv downsampling): `stages.{s}.0` = StackedConvBlocks.
 #[derive(Debug)]
 pub struct PlainConvEncoder {
@@ -25,9 +42,20 @@ impl PlainConvEncoder {
         let vb = vb.pp("stages");
         let mut cin = cfg.input_channels;
         let mut stages = Vec::with_capacity(cfg.n_stages());
-        for s in 0..cfg.n_stages() {
-            let spec = ConvSpec::new(cin, cfg.features_per_stage[s], &cfg.kernel_sizes[s], &cfg.strides[s]);
-            stages.push(StackedConvBlocks::new(n_conv_per_stage[s], &spec, &cfg.block, vb.pp(s).pp(0))?);
+        check_lengths(cfg, n_conv_per_stage.len(), "n_conv_per_stage")?;
+        for (s, &n_conv) in n_conv_per_stage.iter().enumerate() {
+            let spec = ConvSpec::new(
+                cin,
+                cfg.features_per_stage[s],
+                &cfg.kernel_sizes[s],
+                &cfg.strides[s],
+            );
+            stages.push(StackedConvBlocks::new(
+                n_conv,
+                &spec,
+                &cfg.block,
+                vb.pp(s).pp(0),
+            )?);
             cin = cfg.features_per_stage[s];
         }
         Ok(PlainConvEncoder { stages })
@@ -74,18 +102,24 @@ impl ResidualEncoder {
         let stem_ch = stem_channels.unwrap_or(cfg.features_per_stage[0]);
         let stem = StackedConvBlocks::new(
             1,
-            &ConvSpec::new(cfg.input_channels, stem_ch, &cfg.kernel_sizes[0], &vec![1; dim]),
+            &ConvSpec::new(
+                cfg.input_channels,
+                stem_ch,
+                &cfg.kernel_sizes[0],
+                &vec![1; dim],
+            ),
             &cfg.block,
             vb.pp("stem"),
         )?;
         let vb = vb.pp("stages");
         let mut cin = stem_ch;
         let mut stages = Vec::with_capacity(cfg.n_stages());
-        for s in 0..cfg.n_stages() {
+        check_lengths(cfg, n_blocks_per_stage.len(), "n_blocks_per_stage")?;
+        for (s, &n_blocks) in n_blocks_per_stage.iter().enumerate() {
             let cout = cfg.features_per_stage[s];
             let vbs = vb.pp(s).pp("blocks");
-            let mut blocks = Vec::with_capacity(n_blocks_per_stage[s]);
-            for b in 0..n_blocks_per_stage[s] {
+            let mut blocks = Vec::with_capacity(n_blocks);
+            for b in 0..n_blocks {
                 let spec = if b == 0 {
                     ConvSpec::new(cin, cout, &cfg.kernel_sizes[s], &cfg.strides[s])
                 } else {
@@ -206,7 +240,8 @@ impl UNetDecoder {
             return;
         };
         for s in 0..self.stages.len() {
-            let up = self.transpconvs[s].layer_rows(&format!("decoder.transpconvs.{s}"), &lres, rows);
+            let up =
+                self.transpconvs[s].layer_rows(&format!("decoder.transpconvs.{s}"), &lres, rows);
             let mut cat = up.clone();
             cat[0] += skips[n - s - 2][0];
             let x = self.stages[s].layer_rows(&format!("decoder.stages.{s}"), &cat, rows);
@@ -288,7 +323,12 @@ impl PlainConvUNet {
 
 impl SegNetwork for PlainConvUNet {
     fn forward(&self, x: &Tensor, train: bool) -> Result<Vec<Tensor>> {
-        check_input(x, self.config.dim(), self.config.input_channels, "PlainConvUNet")?;
+        check_input(
+            x,
+            self.config.dim(),
+            self.config.input_channels,
+            "PlainConvUNet",
+        )?;
         let skips = self.encoder.forward(x, train)?;
         self.decoder.forward(&skips, train)
     }
@@ -332,7 +372,8 @@ impl ResidualEncoderUNet {
         if config.n_stages() < 2 {
             candle_core::bail!("ResidualEncoderUNet needs at least 2 stages");
         }
-        let encoder = ResidualEncoder::new(config, n_blocks_per_stage, *stem_channels, vb.pp("encoder"))?;
+        let encoder =
+            ResidualEncoder::new(config, n_blocks_per_stage, *stem_channels, vb.pp("encoder"))?;
         let decoder = UNetDecoder::new(config, vb.pp("decoder"))?;
         Ok(ResidualEncoderUNet {
             config: config.clone(),
@@ -344,7 +385,12 @@ impl ResidualEncoderUNet {
 
 impl SegNetwork for ResidualEncoderUNet {
     fn forward(&self, x: &Tensor, train: bool) -> Result<Vec<Tensor>> {
-        check_input(x, self.config.dim(), self.config.input_channels, "ResidualEncoderUNet")?;
+        check_input(
+            x,
+            self.config.dim(),
+            self.config.input_channels,
+            "ResidualEncoderUNet",
+        )?;
         let skips = self.encoder.forward(x, train)?;
         self.decoder.forward(&skips, train)
     }
@@ -371,7 +417,8 @@ impl SegNetwork for ResidualEncoderUNet {
 /// Canonical name of [`PlainConvUNet`].
 pub const PLAIN_CONV_UNET: &str = "dynamic_network_architectures.architectures.unet.PlainConvUNet";
 /// Canonical name of [`ResidualEncoderUNet`].
-pub const RESIDUAL_ENCODER_UNET: &str = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet";
+pub const RESIDUAL_ENCODER_UNET: &str =
+    "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet";
 
 /// Registry entry of the two dna U-Nets.
 #[derive(Debug, Clone, Copy)]
@@ -385,7 +432,12 @@ impl UNetArchitecture {
     }
 
     /// Parses and validates the options.
-    pub fn config(&self, kwargs: &Map<String, Value>, path: &str, io: &NetworkIo) -> std::result::Result<UNetConfig, ArchError> {
+    pub fn config(
+        &self,
+        kwargs: &Map<String, Value>,
+        path: &str,
+        io: &NetworkIo,
+    ) -> std::result::Result<UNetConfig, ArchError> {
         let cfg = UNetConfig::from_kwargs(
             kwargs,
             path,

@@ -164,7 +164,10 @@ impl UNetConfig {
     ) -> Result<Self, ArchError> {
         let mut kw = Kwargs::new(kwargs, path);
         if input_channels == 0 {
-            return Err(invalid(path, "the network needs at least one input channel"));
+            return Err(invalid(
+                path,
+                "the network needs at least one input channel",
+            ));
         }
         if num_classes == 0 {
             return Err(invalid(path, "the network needs at least one output class"));
@@ -293,9 +296,12 @@ impl<'a> Kwargs<'a> {
     }
 
     fn as_usize(v: &Value, path: &str) -> Result<usize, ArchError> {
-        v.as_u64()
-            .map(|u| u as usize)
-            .ok_or_else(|| invalid(path, format!("expected a non-negative integer, got {}", describe(v))))
+        v.as_u64().map(|u| u as usize).ok_or_else(|| {
+            invalid(
+                path,
+                format!("expected a non-negative integer, got {}", describe(v)),
+            )
+        })
     }
 
     pub(crate) fn required_usize(&mut self, key: &str) -> Result<usize, ArchError> {
@@ -316,20 +322,33 @@ impl<'a> Kwargs<'a> {
         match self.get(key) {
             None => Ok(default),
             Some(Value::Bool(b)) => Ok(*b),
-            Some(v) => Err(invalid(&p, format!("expected true or false, got {}", describe(v)))),
+            Some(v) => Err(invalid(
+                &p,
+                format!("expected true or false, got {}", describe(v)),
+            )),
         }
     }
 
     /// An int (broadcast to `n`) or a list of `n` ints, each >= 1 (or >= 0 if `!positive`).
-    pub(crate) fn per_stage(&mut self, key: &str, n: usize, positive: bool) -> Result<Vec<usize>, ArchError> {
+    pub(crate) fn per_stage(
+        &mut self,
+        key: &str,
+        n: usize,
+        positive: bool,
+    ) -> Result<Vec<usize>, ArchError> {
         let p = self.key_path(key);
         let min = usize::from(positive);
-        let v = self.get(key).ok_or_else(|| invalid(&p, "missing (required)"))?;
+        let v = self
+            .get(key)
+            .ok_or_else(|| invalid(&p, "missing (required)"))?;
         let out = match v {
             Value::Number(_) => vec![Self::as_usize(v, &p)?; n],
             Value::Array(a) => {
                 if a.len() != n {
-                    return Err(invalid(&p, format!("has {} entries, expected {n} (one per stage)", a.len())));
+                    return Err(invalid(
+                        &p,
+                        format!("has {} entries, expected {n} (one per stage)", a.len()),
+                    ));
                 }
                 a.iter()
                     .enumerate()
@@ -337,11 +356,21 @@ impl<'a> Kwargs<'a> {
                     .collect::<Result<Vec<_>, _>>()?
             }
             other => {
-                return Err(invalid(&p, format!("expected an integer or a list of integers, got {}", describe(other))))
+                return Err(invalid(
+                    &p,
+                    format!(
+                        "expected an integer or a list of integers, got {}",
+                        describe(other)
+                    ),
+                ))
             }
         };
         if let Some(i) = out.iter().position(|&x| x < min) {
-            let ip = if matches!(v, Value::Array(_)) { format!("{p}[{i}]") } else { p };
+            let ip = if matches!(v, Value::Array(_)) {
+                format!("{p}[{i}]")
+            } else {
+                p
+            };
             return Err(invalid(&ip, format!("must be at least {min}")));
         }
         Ok(out)
@@ -349,9 +378,16 @@ impl<'a> Kwargs<'a> {
 
     /// An int, a list of `n` ints (each broadcast to `dim` axes) or a list of `n` lists of `dim`
     /// ints; every value >= 1.
-    pub(crate) fn per_stage_axes(&mut self, key: &str, n: usize, dim: usize) -> Result<Vec<Vec<usize>>, ArchError> {
+    pub(crate) fn per_stage_axes(
+        &mut self,
+        key: &str,
+        n: usize,
+        dim: usize,
+    ) -> Result<Vec<Vec<usize>>, ArchError> {
         let p = self.key_path(key);
-        let v = self.get(key).ok_or_else(|| invalid(&p, "missing (required)"))?;
+        let v = self
+            .get(key)
+            .ok_or_else(|| invalid(&p, "missing (required)"))?;
         let positive = |x: usize, path: &str| {
             if x == 0 {
                 Err(invalid(path, "must be at least 1"))
@@ -366,18 +402,26 @@ impl<'a> Kwargs<'a> {
             }
             Value::Array(a) => {
                 if a.len() != n {
-                    return Err(invalid(&p, format!("has {} entries, expected {n} (one per stage)", a.len())));
+                    return Err(invalid(
+                        &p,
+                        format!("has {} entries, expected {n} (one per stage)", a.len()),
+                    ));
                 }
                 let mut out = Vec::with_capacity(n);
                 for (i, e) in a.iter().enumerate() {
                     let ep = format!("{p}[{i}]");
                     match e {
-                        Value::Number(_) => out.push(vec![positive(Self::as_usize(e, &ep)?, &ep)?; dim]),
+                        Value::Number(_) => {
+                            out.push(vec![positive(Self::as_usize(e, &ep)?, &ep)?; dim])
+                        }
                         Value::Array(axes) => {
                             if axes.len() != dim {
                                 return Err(invalid(
                                     &ep,
-                                    format!("has {} entries, expected {dim} (one per spatial axis)", axes.len()),
+                                    format!(
+                                        "has {} entries, expected {dim} (one per spatial axis)",
+                                        axes.len()
+                                    ),
                                 ));
                             }
                             let mut st = Vec::with_capacity(dim);
@@ -390,14 +434,20 @@ impl<'a> Kwargs<'a> {
                         other => {
                             return Err(invalid(
                                 &ep,
-                                format!("expected an integer or a list of {dim} integers, got {}", describe(other)),
+                                format!(
+                                    "expected an integer or a list of {dim} integers, got {}",
+                                    describe(other)
+                                ),
                             ))
                         }
                     }
                 }
                 Ok(out)
             }
-            other => Err(invalid(&p, format!("expected a list, got {}", describe(other)))),
+            other => Err(invalid(
+                &p,
+                format!("expected a list, got {}", describe(other)),
+            )),
         }
     }
 
@@ -406,12 +456,22 @@ impl<'a> Kwargs<'a> {
         match self.get(key) {
             None => Ok(None),
             Some(Value::String(s)) => Ok(Some(s.as_str())),
-            Some(v) => Err(invalid(&p, format!("expected a Python class name string or null, got {}", describe(v)))),
+            Some(v) => Err(invalid(
+                &p,
+                format!(
+                    "expected a Python class name string or null, got {}",
+                    describe(v)
+                ),
+            )),
         }
     }
 
     /// A class-name string (any `torch.nn` path or bare name) that must be one of `allowed`.
-    fn python_class_or_null(&mut self, key: &str, allowed: &[&str]) -> Result<Option<&'a str>, ArchError> {
+    fn python_class_or_null(
+        &mut self,
+        key: &str,
+        allowed: &[&str],
+    ) -> Result<Option<&'a str>, ArchError> {
         let p = self.key_path(key);
         let Some(s) = self.string(key)? else {
             return Ok(None);
@@ -420,7 +480,10 @@ impl<'a> Kwargs<'a> {
         if allowed.contains(&name) {
             Ok(Some(name))
         } else {
-            Err(invalid(&p, format!("unsupported `{s}`; supported: {}", allowed.join(", "))))
+            Err(invalid(
+                &p,
+                format!("unsupported `{s}`; supported: {}", allowed.join(", ")),
+            ))
         }
     }
 
@@ -428,7 +491,10 @@ impl<'a> Kwargs<'a> {
         let p = self.key_path(key);
         match self.get(key) {
             None => Ok(()),
-            Some(v) => Err(invalid(&p, format!("only null is supported, got {}", describe(v)))),
+            Some(v) => Err(invalid(
+                &p,
+                format!("only null is supported, got {}", describe(v)),
+            )),
         }
     }
 
@@ -439,7 +505,10 @@ impl<'a> Kwargs<'a> {
         };
         match torch_class_name(s) {
             Some(name) if allowed.contains(&name) => Ok(Some(name)),
-            _ => Err(invalid(&p, format!("unsupported `{s}`; supported: {}", allowed.join(", ")))),
+            _ => Err(invalid(
+                &p,
+                format!("unsupported `{s}`; supported: {}", allowed.join(", ")),
+            )),
         }
     }
 
@@ -448,7 +517,10 @@ impl<'a> Kwargs<'a> {
         match self.torch_class(key, &["Conv2d", "Conv3d"])? {
             Some("Conv2d") => Ok(ConvDim::D2),
             Some(_) => Ok(ConvDim::D3),
-            None => Err(invalid(&p, "missing (required), e.g. \"torch.nn.modules.conv.Conv3d\"")),
+            None => Err(invalid(
+                &p,
+                "missing (required), e.g. \"torch.nn.modules.conv.Conv3d\"",
+            )),
         }
     }
 
@@ -458,7 +530,12 @@ impl<'a> Kwargs<'a> {
         let m = match self.get(key) {
             None => Map::new(),
             Some(Value::Object(m)) => m.clone(),
-            Some(v) => return Err(invalid(&p, format!("expected an object or null, got {}", describe(v)))),
+            Some(v) => {
+                return Err(invalid(
+                    &p,
+                    format!("expected an object or null, got {}", describe(v)),
+                ))
+            }
         };
         if let Some(k) = m.keys().find(|k| !allowed.contains(&k.as_str())) {
             return Err(invalid(
@@ -469,25 +546,46 @@ impl<'a> Kwargs<'a> {
         Ok(m)
     }
 
-    fn f64_in(m: &Map<String, Value>, key: &str, default: f64, path: &str) -> Result<f64, ArchError> {
+    fn f64_in(
+        m: &Map<String, Value>,
+        key: &str,
+        default: f64,
+        path: &str,
+    ) -> Result<f64, ArchError> {
         match m.get(key) {
             None | Some(Value::Null) => Ok(default),
-            Some(v) => v
-                .as_f64()
-                .ok_or_else(|| invalid(&format!("{path}.{key}"), format!("expected a number, got {}", describe(v)))),
+            Some(v) => v.as_f64().ok_or_else(|| {
+                invalid(
+                    &format!("{path}.{key}"),
+                    format!("expected a number, got {}", describe(v)),
+                )
+            }),
         }
     }
 
-    fn bool_in(m: &Map<String, Value>, key: &str, default: bool, path: &str) -> Result<bool, ArchError> {
+    fn bool_in(
+        m: &Map<String, Value>,
+        key: &str,
+        default: bool,
+        path: &str,
+    ) -> Result<bool, ArchError> {
         match m.get(key) {
             None | Some(Value::Null) => Ok(default),
             Some(Value::Bool(b)) => Ok(*b),
-            Some(v) => Err(invalid(&format!("{path}.{key}"), format!("expected true or false, got {}", describe(v)))),
+            Some(v) => Err(invalid(
+                &format!("{path}.{key}"),
+                format!("expected true or false, got {}", describe(v)),
+            )),
         }
     }
 
     pub(crate) fn norm(&mut self, dim: ConvDim) -> Result<Option<NormOptions>, ArchError> {
-        let names = ["InstanceNorm2d", "InstanceNorm3d", "BatchNorm2d", "BatchNorm3d"];
+        let names = [
+            "InstanceNorm2d",
+            "InstanceNorm3d",
+            "BatchNorm2d",
+            "BatchNorm3d",
+        ];
         let op_path = self.key_path("norm_op");
         let kw_path = self.key_path("norm_op_kwargs");
         let Some(name) = self.torch_class("norm_op", &names)? else {
@@ -496,11 +594,21 @@ impl<'a> Kwargs<'a> {
         };
         let want = format!("{}d", dim.n());
         if !name.ends_with(&want) {
-            return Err(invalid(&op_path, format!("{name} does not match the {}D conv_op", dim.n())));
+            return Err(invalid(
+                &op_path,
+                format!("{name} does not match the {}D conv_op", dim.n()),
+            ));
         }
         let m = self.sub_kwargs(
             "norm_op_kwargs",
-            &["eps", "affine", "momentum", "track_running_stats", "device", "dtype"],
+            &[
+                "eps",
+                "affine",
+                "momentum",
+                "track_running_stats",
+                "device",
+                "dtype",
+            ],
         )?;
         let batch = name.starts_with("Batch");
         let eps = Self::f64_in(&m, "eps", 1e-5, &kw_path)?;
@@ -523,7 +631,11 @@ impl<'a> Kwargs<'a> {
             ));
         }
         Ok(Some(NormOptions {
-            kind: if batch { NormKind::Batch } else { NormKind::Instance },
+            kind: if batch {
+                NormKind::Batch
+            } else {
+                NormKind::Instance
+            },
             eps,
             affine,
             momentum,
@@ -532,14 +644,21 @@ impl<'a> Kwargs<'a> {
 
     pub(crate) fn dropout(&mut self) -> Result<Option<DropoutOptions>, ArchError> {
         let kw_path = self.key_path("dropout_op_kwargs");
-        let Some(name) = self.torch_class("dropout_op", &["Dropout", "Dropout1d", "Dropout2d", "Dropout3d"])? else {
+        let Some(name) = self.torch_class(
+            "dropout_op",
+            &["Dropout", "Dropout1d", "Dropout2d", "Dropout3d"],
+        )?
+        else {
             self.mark_used("dropout_op_kwargs");
             return Ok(None);
         };
         let m = self.sub_kwargs("dropout_op_kwargs", &["p", "inplace"])?;
         let p = Self::f64_in(&m, "p", 0.5, &kw_path)?;
         if !(0.0..1.0).contains(&p) {
-            return Err(invalid(&format!("{kw_path}.p"), format!("must be in [0, 1), got {p}")));
+            return Err(invalid(
+                &format!("{kw_path}.p"),
+                format!("must be in [0, 1), got {p}"),
+            ));
         }
         Ok(Some(DropoutOptions {
             p,
@@ -549,7 +668,14 @@ impl<'a> Kwargs<'a> {
 
     pub(crate) fn nonlin(&mut self) -> Result<Option<Nonlin>, ArchError> {
         let names = [
-            "LeakyReLU", "ReLU", "GELU", "SiLU", "ELU", "Tanh", "Sigmoid", "Identity",
+            "LeakyReLU",
+            "ReLU",
+            "GELU",
+            "SiLU",
+            "ELU",
+            "Tanh",
+            "Sigmoid",
+            "Identity",
         ];
         let kw_path = self.key_path("nonlin_kwargs");
         let Some(name) = self.torch_class("nonlin", &names)? else {
@@ -651,9 +777,19 @@ mod tests {
         assert_eq!(norm.kind, NormKind::Instance);
         assert!(norm.affine);
         assert_eq!(norm.eps, 1e-5);
-        assert_eq!(c.block.nonlin, Some(Nonlin::LeakyRelu { negative_slope: 0.01 }));
+        assert_eq!(
+            c.block.nonlin,
+            Some(Nonlin::LeakyRelu {
+                negative_slope: 0.01
+            })
+        );
         assert_eq!(c.block.dropout, None);
-        assert_eq!(c.encoder, EncoderKind::Plain { n_conv_per_stage: vec![2; 4] });
+        assert_eq!(
+            c.encoder,
+            EncoderKind::Plain {
+                n_conv_per_stage: vec![2; 4]
+            }
+        );
     }
 
     #[test]
@@ -664,9 +800,18 @@ mod tests {
         m.insert("n_conv_per_stage".into(), json!(1));
         m.insert("conv_op".into(), json!("torch.nn.Conv3d"));
         m.insert("norm_op".into(), json!("torch.nn.BatchNorm3d"));
-        m.insert("norm_op_kwargs".into(), json!({"eps": 1e-3, "momentum": 0.2}));
-        m.insert("dropout_op".into(), json!("torch.nn.modules.dropout.Dropout3d"));
-        m.insert("dropout_op_kwargs".into(), json!({"p": 0.2, "inplace": true}));
+        m.insert(
+            "norm_op_kwargs".into(),
+            json!({"eps": 1e-3, "momentum": 0.2}),
+        );
+        m.insert(
+            "dropout_op".into(),
+            json!("torch.nn.modules.dropout.Dropout3d"),
+        );
+        m.insert(
+            "dropout_op_kwargs".into(),
+            json!({"p": 0.2, "inplace": true}),
+        );
         m.insert("nonlin".into(), json!("torch.nn.GELU"));
         m.insert("nonlin_kwargs".into(), json!({"approximate": "tanh"}));
         let c = parse(&m).unwrap();
@@ -674,20 +819,38 @@ mod tests {
         assert_eq!(c.strides[1], vec![2, 2, 2]);
         assert_eq!(c.strides[2], vec![2, 2, 1]);
         let n = c.block.norm.unwrap();
-        assert_eq!((n.kind, n.affine, n.eps, n.momentum), (NormKind::Batch, true, 1e-3, 0.2));
-        assert_eq!(c.block.dropout, Some(DropoutOptions { p: 0.2, channelwise: true }));
+        assert_eq!(
+            (n.kind, n.affine, n.eps, n.momentum),
+            (NormKind::Batch, true, 1e-3, 0.2)
+        );
+        assert_eq!(
+            c.block.dropout,
+            Some(DropoutOptions {
+                p: 0.2,
+                channelwise: true
+            })
+        );
         assert_eq!(c.block.nonlin, Some(Nonlin::Gelu(GeluKind::Tanh)));
     }
 
     #[test]
     fn errors_carry_json_paths() {
         let mut m = plain_kwargs();
-        m.insert("kernel_sizes".into(), json!([[1, 3, 3], [3, 3, 3], [3, 3], [3, 3, 3]]));
+        m.insert(
+            "kernel_sizes".into(),
+            json!([[1, 3, 3], [3, 3, 3], [3, 3], [3, 3, 3]]),
+        );
         let e = err_text(&m);
-        assert!(e.contains("architecture.arch_kwargs.kernel_sizes[2]"), "{e}");
+        assert!(
+            e.contains("architecture.arch_kwargs.kernel_sizes[2]"),
+            "{e}"
+        );
 
         let mut m = plain_kwargs();
-        m.insert("strides".into(), json!([[1, 1, 1], [1, 2, 2], [2, 0, 2], [2, 2, 2]]));
+        m.insert(
+            "strides".into(),
+            json!([[1, 1, 1], [1, 2, 2], [2, 0, 2], [2, 2, 2]]),
+        );
         assert!(err_text(&m).contains("strides[2][1]"));
 
         let mut m = plain_kwargs();
@@ -695,13 +858,19 @@ mod tests {
         assert!(err_text(&m).contains("n_conv_per_stage_decoder: has 2 entries, expected 3"));
 
         let mut m = plain_kwargs();
-        m.insert("norm_op".into(), json!("torch.nn.modules.instancenorm.InstanceNorm2d"));
+        m.insert(
+            "norm_op".into(),
+            json!("torch.nn.modules.instancenorm.InstanceNorm2d"),
+        );
         assert!(err_text(&m).contains("norm_op: InstanceNorm2d does not match the 3D conv_op"));
 
         let mut m = plain_kwargs();
         m.insert("nonlin".into(), json!("torch.nn.Hardswish"));
         let e = err_text(&m);
-        assert!(e.contains("architecture.arch_kwargs.nonlin") && e.contains("LeakyReLU"), "{e}");
+        assert!(
+            e.contains("architecture.arch_kwargs.nonlin") && e.contains("LeakyReLU"),
+            "{e}"
+        );
 
         let mut m = plain_kwargs();
         m.insert("norm_op_kwargs".into(), json!({"eps": 1e-5, "afine": true}));
@@ -729,11 +898,17 @@ mod tests {
         let c = UNetConfig::from_kwargs(&m, "x", true, 2, 3, false).unwrap();
         assert_eq!(
             c.encoder,
-            EncoderKind::Residual { n_blocks_per_stage: vec![1, 3, 4, 6], stem_channels: None }
+            EncoderKind::Residual {
+                n_blocks_per_stage: vec![1, 3, 4, 6],
+                stem_channels: None
+            }
         );
         assert_eq!(c.n_conv_per_stage_decoder, vec![1, 1, 1]);
         // PlainConvUNet kwargs are not ResidualEncoderUNet kwargs
         let e = UNetConfig::from_kwargs(&plain_kwargs(), "x", true, 2, 3, false).unwrap_err();
-        assert!(e.to_string().contains("x.n_blocks_per_stage: missing"), "{e}");
+        assert!(
+            e.to_string().contains("x.n_blocks_per_stage: missing"),
+            "{e}"
+        );
     }
 }

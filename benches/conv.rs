@@ -2,7 +2,13 @@
 //!
 //! `cargo bench --bench conv` prints one `GFLOP/s` line per workload (best of a few runs; FLOPs
 //! = 2 * MACs for a forward pass, x3 for forward + backward) and then runs the criterion
-//! groups. `NNSEG_BENCH_QUICK=1` only prints the GFLOP/s table.
+//! groups. `NNSEG_BENCH_QUICK=1` only prints the GFLOP/s table; a first argument selects the
+//! workloads whose name starts with it.
+//!
+//! Passes: `fwd` = forward; `fwd+bwd` = forward, loss `sum(y * r)` and Candle's `backward()`
+//! (includes Candle's autograd bookkeeping: its single-threaded element-wise passes for the loss
+//! and the zeros + add gradient accumulation); `kernels` = forward + input gradient + weight
+//! gradient called directly, i.e. the convolution work of a training step.
 
 use architectures::ops::{self, ConvOpts, ConvTransposeOpts, NormAffine};
 use candle_core::{DType, Device, Result, Tensor, Var};
@@ -16,6 +22,8 @@ struct Work {
     x: Var,
     w: Option<Var>,
     run: fn(&Tensor, Option<&Tensor>) -> Result<Tensor>,
+    /// forward + both gradient kernels called directly (no autograd bookkeeping)
+    kernels: Option<fn(&Tensor, &Tensor, &Tensor) -> Result<()>>,
 }
 
 fn randn(shape: &[usize]) -> Var {
@@ -52,6 +60,37 @@ fn in_lrelu(x: &Tensor, _w: Option<&Tensor>) -> Result<Tensor> {
     ops::leaky_relu(&y, 0.01)
 }
 
+fn conv_kernels(x: &Tensor, w: &Tensor, r: &Tensor, o: &ConvOpts) -> Result<()> {
+    let y = ops::conv(x, w, None, o)?;
+    let dx = ops::conv_input_grad(r, w, &x.dims()[2..], o)?;
+    let dw = ops::conv_weight_grad(x, r, &w.dims()[2..], o)?;
+    std::hint::black_box((y, dx, dw));
+    Ok(())
+}
+fn k_p1(x: &Tensor, w: &Tensor, r: &Tensor) -> Result<()> {
+    conv_kernels(x, w, r, &ConvOpts::new().padding([1]))
+}
+fn k_aniso(x: &Tensor, w: &Tensor, r: &Tensor) -> Result<()> {
+    conv_kernels(x, w, r, &ConvOpts::new().padding([0, 1, 1]))
+}
+fn k_aniso_s122(x: &Tensor, w: &Tensor, r: &Tensor) -> Result<()> {
+    conv_kernels(
+        x,
+        w,
+        r,
+        &ConvOpts::new().padding([0, 1, 1]).stride([1, 2, 2]),
+    )
+}
+fn k_convt(x: &Tensor, w: &Tensor, r: &Tensor) -> Result<()> {
+    let y = convt_k2(x, Some(w))?;
+    // transposed conv = conv input gradient: its own gradients are a conv and a weight gradient
+    let o = ConvOpts::new().stride([2]);
+    let dx = ops::conv(r, w, None, &o)?;
+    let dw = ops::conv_weight_grad(r, x, &w.dims()[2..], &o)?;
+    std::hint::black_box((y, dx, dw));
+    Ok(())
+}
+
 fn workloads() -> Vec<Work> {
     let macs_conv = |n: f64, cin: f64, cout: f64, k: f64, out: f64| n * cin * cout * k * out;
     vec![
@@ -61,6 +100,7 @@ fn workloads() -> Vec<Work> {
             x: randn(&[2, 32, 256, 256]),
             w: Some(randn(&[32, 32, 3, 3])),
             run: conv_p1,
+            kernels: Some(k_p1),
         },
         Work {
             name: "candle conv2d (2,32,256,256) 3x3 32->32",
@@ -68,6 +108,7 @@ fn workloads() -> Vec<Work> {
             x: randn(&[2, 32, 256, 256]),
             w: Some(randn(&[32, 32, 3, 3])),
             run: candle_conv2d,
+            kernels: None,
         },
         Work {
             name: "conv3d (2,32,64,64,64) 3x3x3 32->32",
@@ -75,6 +116,7 @@ fn workloads() -> Vec<Work> {
             x: randn(&[2, 32, 64, 64, 64]),
             w: Some(randn(&[32, 32, 3, 3, 3])),
             run: conv_p1,
+            kernels: Some(k_p1),
         },
         Work {
             name: "conv3d (2,32,16,128,128) 1x3x3 32->32",
@@ -82,6 +124,7 @@ fn workloads() -> Vec<Work> {
             x: randn(&[2, 32, 16, 128, 128]),
             w: Some(randn(&[32, 32, 1, 3, 3])),
             run: conv_aniso,
+            kernels: Some(k_aniso),
         },
         Work {
             name: "conv3d (2,32,16,128,128) 1x3x3 s(1,2,2)",
@@ -89,6 +132,7 @@ fn workloads() -> Vec<Work> {
             x: randn(&[2, 32, 16, 128, 128]),
             w: Some(randn(&[32, 32, 1, 3, 3])),
             run: conv_aniso_s122,
+            kernels: Some(k_aniso_s122),
         },
         Work {
             name: "conv_transpose3d k=s=2 (2,64,32^3)->32",
@@ -96,6 +140,7 @@ fn workloads() -> Vec<Work> {
             x: randn(&[2, 64, 32, 32, 32]),
             w: Some(randn(&[64, 32, 2, 2, 2])),
             run: convt_k2,
+            kernels: Some(k_convt),
         },
         Work {
             name: "instance_norm+leaky_relu (2,32,64^3)",
@@ -103,6 +148,7 @@ fn workloads() -> Vec<Work> {
             x: randn(&[2, 32, 64, 64, 64]),
             w: None,
             run: in_lrelu,
+            kernels: None,
         },
     ]
 }
@@ -176,6 +222,12 @@ fn main() {
         report(wk.name, "fwd", wk.macs, 1.0, d);
         let d = best_of(runs, || fwd_bwd(wk, &r).expect("backward"));
         report(wk.name, "fwd+bwd", wk.macs, 3.0, d);
+        if let (Some(k), Some(w)) = (wk.kernels, wk.w.as_ref()) {
+            let d = best_of(runs, || {
+                k(wk.x.as_tensor(), w.as_tensor(), &r).expect("kernels")
+            });
+            report(wk.name, "kernels", wk.macs, 3.0, d);
+        }
     }
     if quick {
         return;

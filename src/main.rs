@@ -17,9 +17,26 @@ fn main() {
     let cli = Cli::parse_from(cli::normalize_args(std::env::args()));
     install_logging(cli.verbose);
     if let Err(e) = run(cli) {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", error_chain(&e));
         std::process::exit(1);
     }
+}
+
+/// The error and its causes, skipping causes whose text the message already contains
+/// (library errors often embed their source's text).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut msg = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if msg.contains(&text) {
+            continue;
+        }
+        if !msg.is_empty() {
+            msg.push_str(": ");
+        }
+        msg.push_str(&text);
+    }
+    msg
 }
 
 fn install_logging(verbose: bool) {

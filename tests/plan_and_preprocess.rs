@@ -217,11 +217,11 @@ fn bad_input_gives_clear_errors() {
     std::fs::remove_dir_all(&dup).unwrap();
 
     // A truncated .nii.gz: the error names the file, and no fingerprint is written.
-    let victim = ds.join("imagesTr/case_0003_0000.nii.gz");
+    let victim = ds.join("imagesTr/demo3d_003_0000.nii.gz");
     let bytes = std::fs::read(&victim).unwrap();
     std::fs::write(&victim, &bytes[..bytes.len() / 2]).unwrap();
     let err = env.fails(&["extract_fingerprint", "990"]);
-    assert!(err.contains("case_0003_0000.nii.gz"), "{err}");
+    assert!(err.contains("demo3d_003_0000.nii.gz"), "{err}");
     assert!(!env
         .pre
         .join("Dataset990_Demo3D/dataset_fingerprint.json")
@@ -229,11 +229,11 @@ fn bad_input_gives_clear_errors() {
     std::fs::write(&victim, &bytes).unwrap();
 
     // A missing channel file names the case and the file.
-    let img = ds.join("imagesTr/case_0001_0000.nii.gz");
-    let moved = ds.join("case_0001_0000.nii.gz.bak");
+    let img = ds.join("imagesTr/demo3d_001_0000.nii.gz");
+    let moved = ds.join("demo3d_001_0000.nii.gz.bak");
     std::fs::rename(&img, &moved).unwrap();
     let err = env.fails(&["extract_fingerprint", "990", "--verify_dataset_integrity"]);
-    assert!(err.contains("case_0001"), "{err}");
+    assert!(err.contains("demo3d_001"), "{err}");
     std::fs::rename(&moved, &img).unwrap();
 
     // A label value not declared in dataset.json.
@@ -245,7 +245,7 @@ fn bad_input_gives_clear_errors() {
     labels.remove(&last);
     std::fs::write(&dj_path, serde_json::to_string_pretty(&dj).unwrap()).unwrap();
     let err = env.fails(&["extract_fingerprint", "990", "--verify_dataset_integrity"]);
-    assert!(err.contains("case_"), "{err}");
+    assert!(err.contains("demo3d_"), "{err}");
     std::fs::write(&dj_path, dj_text).unwrap();
 
     // After all that, the dataset still plans and preprocesses.

@@ -622,3 +622,47 @@ fn summary_of_large_networks_without_allocating() {
         println!("{}", s.table);
     }
 }
+
+/// Every configuration of real nnU-Net plans files parses, builds (shape only) and estimates.
+#[test]
+fn real_nnunet_plans_build() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/reference/nnunet_examples");
+    let root = if root.exists() {
+        root
+    } else {
+        std::path::PathBuf::from("/work/shared/reference/nnunet_examples")
+    };
+    let r = Registry::default();
+    let mut n = 0;
+    for f in [
+        "example_nnUNetPlans_Dataset501.json",
+        "example_nnUNetPlans_FakeLiver_cascade.json",
+    ] {
+        let plans = plans::Plans::load(&root.join(f)).unwrap();
+        for c in plans.configuration_names() {
+            let cfg = plans.configuration(&c).unwrap();
+            let io = io(1, 3, true);
+            let (params, net) = r.shape_only(&cfg.architecture, &io).unwrap();
+            assert!(
+                architectures::registry::count_trainable(&params) > 1_000_000,
+                "{f} {c}"
+            );
+            let rows = net.layers(&cfg.patch_size);
+            let head = rows
+                .iter()
+                .rev()
+                .find(|r| !r.output_shape.is_empty())
+                .unwrap();
+            assert_eq!(head.output_shape[1..], cfg.patch_size[..], "{f} {c}");
+            assert!(
+                r.estimate(&cfg.architecture, &io)
+                    .unwrap()
+                    .conv_feature_map_size(&cfg.patch_size)
+                    > 0
+            );
+            n += 1;
+        }
+    }
+    assert!(n >= 4, "{n} configurations");
+}

@@ -245,9 +245,13 @@ pub fn case_fingerprint_from_arrays(
 }
 
 /// numpy's `percentile(..., method="linear")` of a sample at several `q` (in percent), using
-/// selection instead of a full sort. Reorders `values`; must be non-empty and NaN-free.
+/// selection instead of a full sort. Reorders `values`, which must be NaN-free; an empty
+/// sample gives NaN.
 pub fn percentiles_linear(values: &mut [f32], qs: &[f64]) -> Vec<f64> {
     let n = values.len();
+    if n == 0 {
+        return vec![f64::NAN; qs.len()];
+    }
     let mut out = Vec::with_capacity(qs.len());
     for &q in qs {
         // numpy: virtual index = (q / 100) * (n - 1), then _lerp with the "t >= 0.5" branch.
@@ -365,6 +369,7 @@ mod tests {
             vec![2.5]
         );
         assert!((percentiles_linear(&mut [10.0, 0.0], &[0.5])[0] - 0.05).abs() < 1e-12);
+        assert!(percentiles_linear(&mut [], &[50.0])[0].is_nan());
     }
 
     #[test]

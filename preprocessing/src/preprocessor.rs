@@ -998,7 +998,9 @@ mod perf {
             }
         });
         let seg = Array4::from_shape_fn((1, nz, ny, nx), |(_, z, y, x)| {
-            let r = ((y as f64 - c.0).powi(2) + (x as f64 - c.1).powi(2) + (z as f64 - 80.0).powi(2)).sqrt();
+            let r =
+                ((y as f64 - c.0).powi(2) + (x as f64 - c.1).powi(2) + (z as f64 - 80.0).powi(2))
+                    .sqrt();
             if r < 30.0 {
                 1i16
             } else if r < 40.0 {
@@ -1009,7 +1011,11 @@ mod perf {
         });
         let t = Instant::now();
         let cr = crop_to_nonzero(&data, Some(&seg));
-        println!("crop_to_nonzero {:?}: {:.3}s", cr.data.dim(), t.elapsed().as_secs_f64());
+        println!(
+            "crop_to_nonzero {:?}: {:.3}s",
+            cr.data.dim(),
+            t.elapsed().as_secs_f64()
+        );
         let mut d = cr.data.clone();
         let s = cr.seg.unwrap();
         let t = Instant::now();
@@ -1036,11 +1042,17 @@ mod perf {
         let mut chunks_a = vec![0f32; 10_000_000];
         let mut chunks: Vec<&mut [f32]> = vec![&mut chunks_a];
         crate::fingerprint::case_fingerprint_from_arrays(data.view(), seg.view(), &mut chunks);
-        println!("fingerprint case (1e7 samples): {:.3}s", t.elapsed().as_secs_f64());
+        println!(
+            "fingerprint case (1e7 samples): {:.3}s",
+            t.elapsed().as_secs_f64()
+        );
         let t = Instant::now();
         let mut v = chunks_a.clone();
         let st = crate::fingerprint::intensity_statistics(&mut v);
-        println!("intensity statistics over 1e7: {:.3}s {st:?}", t.elapsed().as_secs_f64());
+        println!(
+            "intensity statistics over 1e7: {:.3}s {st:?}",
+            t.elapsed().as_secs_f64()
+        );
 
         let dir = tempfile::tempdir().unwrap();
         let t = Instant::now();
@@ -1057,6 +1069,29 @@ mod perf {
         let t = Instant::now();
         let m = storage::MappedCase::open(dir.path(), "big").unwrap();
         let p = storage::crop_and_pad(m.data().unwrap(), [10, 100, 100], [128, 128, 128], 0.0);
-        println!("mmap + 128^3 patch: {:.4}s ({})", t.elapsed().as_secs_f64(), p.len());
+        println!(
+            "mmap + 128^3 patch: {:.4}s ({})",
+            t.elapsed().as_secs_f64(),
+            p.len()
+        );
+    }
+
+    #[test]
+    #[ignore]
+    fn perf_demo_fingerprint() {
+        let dir = tempfile::tempdir().unwrap();
+        let folders = datasets::demo::make_demo_datasets(dir.path(), 0).unwrap();
+        for folder in folders {
+            let ds = RawDataset::open(&folder).unwrap();
+            let t = Instant::now();
+            let fp = crate::fingerprint::extract_fingerprint(&ds, 2).unwrap();
+            println!(
+                "{}: fingerprint of {} cases (1e8 samples/channel) in {:.2}s: {:?}",
+                ds.name,
+                ds.cases.len(),
+                t.elapsed().as_secs_f64(),
+                fp.foreground_intensity_properties_per_channel
+            );
+        }
     }
 }

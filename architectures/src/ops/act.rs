@@ -1,10 +1,19 @@
 //! Activations, channel softmax, dropout / drop path and padding.
 
 use super::spatial_dims;
-use candle_core::{bail, Result, Tensor};
+use candle_core::{bail, DType, Result, Tensor};
 
 /// Leaky ReLU: `x` where `x >= 0`, `slope * x` elsewhere.
+/// On CPU (f32/f64) a fused parallel kernel; elsewhere `where_cond`.
 pub fn leaky_relu(x: &Tensor, slope: f64) -> Result<Tensor> {
+    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+        return x.contiguous()?.apply_op1(super::fused::LeakyReluOp { slope });
+    }
+    leaky_relu_composite(x, slope)
+}
+
+/// [`leaky_relu`] composed from Candle ops (any device).
+pub(crate) fn leaky_relu_composite(x: &Tensor, slope: f64) -> Result<Tensor> {
     let pos = x.ge(0.0)?;
     pos.where_cond(x, &(x * slope)?)
 }

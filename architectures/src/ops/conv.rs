@@ -302,6 +302,101 @@ pub fn conv_transpose(
     }
 }
 
+/// Weight gradient of [`conv`] on its own: `x (N, C_in, *sp)` and the output gradient
+/// `dy (N, C_out, *out)` give `dL/dw (C_out, C_in/groups, *kernel)`. On CPU this is the fast
+/// kernel the backward pass uses; elsewhere it runs Candle's autograd through
+/// [`conv_composite`].
+pub fn conv_weight_grad(
+    x: &Tensor,
+    dy: &Tensor,
+    kernel: &[usize],
+    opts: &ConvOpts,
+) -> Result<Tensor> {
+    let nd = spatial_dims(x, "conv_weight_grad")?;
+    let spec = Spec::new(
+        nd,
+        &opts.stride,
+        &opts.padding,
+        &opts.dilation,
+        opts.groups,
+        "conv_weight_grad",
+    )?;
+    let k = per_axis(kernel, nd, 1, "conv_weight_grad kernel")?;
+    let out = spec.out_size(&x.dims()[2..], &k, "conv_weight_grad")?;
+    let (n, cin, cout) = (x.dim(0)?, x.dim(1)?, dy.dim(1)?);
+    if dy.rank() != x.rank() || dy.dim(0)? != n || dy.dims()[2..] != out[..] {
+        bail!("conv_weight_grad: dy {:?} does not match input {:?} (expected spatial {out:?})", dy.dims(), x.dims());
+    }
+    if cin % opts.groups != 0 || cout % opts.groups != 0 {
+        bail!("conv_weight_grad: channels {cin} -> {cout} not divisible by groups {}", opts.groups);
+    }
+    if use_kernels(x) {
+        let x = x.contiguous()?;
+        let dy = dy.to_dtype(x.dtype())?.contiguous()?;
+        return x.apply_op2(&dy, ConvFilterOp { spec, k });
+    }
+    let mut wshape = vec![cout, cin / opts.groups];
+    wshape.extend(&k);
+    let w = candle_core::Var::zeros(wshape, x.dtype(), x.device())?;
+    let y = conv_composite(&x.detach(), w.as_tensor(), None, opts)?;
+    let grads = (y * dy.detach())?.sum_all()?.backward()?;
+    match grads.get(w.as_tensor()) {
+        Some(g) => Ok(g.clone()),
+        None => bail!("conv_weight_grad: no gradient reached the weight"),
+    }
+}
+
+/// Input gradient of [`conv`] on its own (= a transposed convolution): `dy (N, C_out, *out)`
+/// and `w (C_out, C_in/groups, *k)` give `dL/dx (N, C_in, *input_spatial)`.
+pub fn conv_input_grad(
+    dy: &Tensor,
+    w: &Tensor,
+    input_spatial: &[usize],
+    opts: &ConvOpts,
+) -> Result<Tensor> {
+    let nd = spatial_dims(dy, "conv_input_grad")?;
+    let spec = Spec::new(
+        nd,
+        &opts.stride,
+        &opts.padding,
+        &opts.dilation,
+        opts.groups,
+        "conv_input_grad",
+    )?;
+    if input_spatial.len() != nd || w.rank() != dy.rank() || w.dim(0)? != dy.dim(1)? {
+        bail!("conv_input_grad: dy {:?}, weight {:?} and input size {input_spatial:?} do not fit", dy.dims(), w.dims());
+    }
+    let out = spec.out_size(input_spatial, &w.dims()[2..], "conv_input_grad")?;
+    if dy.dims()[2..] != out[..] {
+        bail!("conv_input_grad: dy {:?} does not match input size {input_spatial:?} (expected spatial {out:?})", dy.dims());
+    }
+    if use_kernels(dy) {
+        let dy = dy.contiguous()?;
+        let w = w.to_dtype(dy.dtype())?.contiguous()?;
+        return dy.apply_op2(
+            &w,
+            ConvDataOp {
+                spec,
+                in_spatial: input_spatial.to_vec(),
+            },
+        );
+    }
+    let op: Vec<usize> = (0..nd)
+        .map(|a| {
+            let full = (out[a] - 1) * spec.s[a] + spec.d[a] * (w.dims()[2 + a] - 1) + 1;
+            input_spatial[a] + 2 * spec.p[a] - full
+        })
+        .collect();
+    let o = ConvTransposeOpts {
+        stride: spec.s.clone(),
+        padding: spec.p.clone(),
+        output_padding: op,
+        dilation: spec.d.clone(),
+        groups: spec.groups,
+    };
+    conv_transpose_composite(dy, w, None, &o)
+}
+
 // ---------------------------------------------------------------------------------------------
 // custom ops
 

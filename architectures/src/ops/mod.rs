@@ -11,6 +11,7 @@
 
 mod act;
 mod conv;
+mod fused;
 mod interp;
 mod kernels;
 mod norm;
@@ -20,7 +21,10 @@ pub use act::{
     drop_path, dropout, gelu, leaky_relu, log_softmax_channels, pad, softmax_channels, GeluKind,
     PadMode,
 };
-pub use conv::{conv, conv_composite, conv_transpose, conv_transpose_composite};
+pub use conv::{
+    conv, conv_composite, conv_input_grad, conv_transpose, conv_transpose_composite,
+    conv_weight_grad,
+};
 pub use conv::{ConvOpts, ConvTransposeOpts};
 pub use interp::{interpolate, pixel_shuffle, pixel_unshuffle, InterpMode, InterpSize};
 pub use norm::{

@@ -3,7 +3,7 @@
 //! All use the biased variance for normalisation; gradients flow through the statistics.
 
 use super::{channel_view, spatial_dims};
-use candle_core::{bail, Result, Tensor};
+use candle_core::{bail, DType, Result, Tensor};
 
 /// Optional per-channel affine parameters `(C,)`.
 #[derive(Clone, Copy, Debug, Default)]
@@ -51,7 +51,31 @@ fn normalize_over(t: &Tensor, d: usize, eps: f64) -> Result<Tensor> {
 
 /// Instance norm: statistics per `(n, c)` over the spatial axes (nnU-Net's norm; no running
 /// statistics, identical in train and eval).
+/// On CPU (f32/f64) this is one fused, parallel kernel with a hand-written backward pass.
 pub fn instance_norm(x: &Tensor, affine: NormAffine, eps: f64) -> Result<Tensor> {
+    spatial_dims(x, "instance_norm")?;
+    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+        let c = x.dim(1)?;
+        let w = match affine.weight {
+            Some(w) => w.to_dtype(x.dtype())?.flatten_all()?.contiguous()?,
+            None => Tensor::ones(c, x.dtype(), x.device())?,
+        };
+        let b = match affine.bias {
+            Some(b) => b.to_dtype(x.dtype())?.flatten_all()?.contiguous()?,
+            None => Tensor::zeros(c, x.dtype(), x.device())?,
+        };
+        if w.elem_count() != c || b.elem_count() != c {
+            bail!("instance_norm: affine parameters must have {c} elements");
+        }
+        return x
+            .contiguous()?
+            .apply_op3(&w, &b, super::fused::InstanceNormOp { eps });
+    }
+    instance_norm_composite(x, affine, eps)
+}
+
+/// [`instance_norm`] composed from Candle ops (any device).
+pub(crate) fn instance_norm_composite(x: &Tensor, affine: NormAffine, eps: f64) -> Result<Tensor> {
     spatial_dims(x, "instance_norm")?;
     let (n, c) = (x.dim(0)?, x.dim(1)?);
     let y = normalize_over(&x.reshape((n, c, ()))?, 2, eps)?.reshape(x.dims())?;

@@ -414,7 +414,18 @@ fn other_ops_finite_difference() {
         |t| pad(&t[0], &[(1, 2), (0, 1), (2, 0)], PadMode::Replicate),
         "replicate pad",
     );
-    fd_check(&[x], |t| leaky_relu(&t[0], 0.01), "leaky_relu");
+    fd_check(&[x.clone()], |t| leaky_relu(&t[0], 0.01), "leaky_relu");
+    // the composite (non-CPU) versions of the fused CPU kernels
+    fd_check(&[x.clone()], |t| act::leaky_relu_composite(&t[0], 0.01), "leaky_relu composite");
+    fd_check(
+        &[x.clone(), w.clone(), b.clone()],
+        |t| norm::instance_norm_composite(&t[0], NormAffine::new(Some(&t[1]), Some(&t[2])), 1e-5),
+        "instance_norm composite",
+    );
+    let fused = instance_norm(&x, NormAffine::new(Some(&w), None), 1e-5).unwrap();
+    let comp = norm::instance_norm_composite(&x, NormAffine::new(Some(&w), None), 1e-5).unwrap();
+    let d = (fused - comp).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+    assert!(d < 1e-12, "fused vs composite instance norm differ by {d}");
 }
 
 #[test]
@@ -449,6 +460,24 @@ fn dropout_and_drop_path() {
         assert!(s.iter().all(|&a| a == 0.0) || s.iter().all(|&a| (a - 2.0).abs() < 1e-6));
     }
     assert!(dropout(&x, 1.0, true).is_err());
+}
+
+#[test]
+fn standalone_gradient_kernels_match_autograd() {
+    let x = Var::from_tensor(&rand64(&[2, 3, 5, 6, 7], 31)).unwrap();
+    let w = Var::from_tensor(&rand64(&[4, 3, 1, 3, 3], 32)).unwrap();
+    let o = ConvOpts::new().stride([1, 2, 2]).padding([0, 1, 1]);
+    let y = conv(x.as_tensor(), w.as_tensor(), None, &o).unwrap();
+    let r = rand64(y.dims(), 33);
+    let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let dx = conv_input_grad(&r, w.as_tensor(), &[5, 6, 7], &o).unwrap();
+    let dw = conv_weight_grad(x.as_tensor(), &r, &[1, 3, 3], &o).unwrap();
+    let maxdiff = |a: &Tensor, b: &Tensor| {
+        (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap()
+    };
+    assert!(maxdiff(&dx, g.get(x.as_tensor()).unwrap()) < 1e-12);
+    assert!(maxdiff(&dw, g.get(w.as_tensor()).unwrap()) < 1e-12);
+    assert!(conv_input_grad(&r, w.as_tensor(), &[5, 6, 9], &o).is_err());
 }
 
 #[test]

@@ -15,7 +15,13 @@ use crate::error::DatasetError;
 fn read_object(path: &Path) -> Result<(NiftiHeader, nifti::InMemNiftiVolume), DatasetError> {
     let obj = ReaderOptions::new()
         .read_file(path)
-        .map_err(|e| DatasetError::read(path, format!("invalid or truncated NIfTI file: {e}")))?;
+        .map_err(|e| {
+            let why = match &e {
+                nifti::NiftiError::Io(io) => io.to_string(),
+                other => other.to_string(),
+            };
+            DatasetError::read(path, format!("invalid or truncated NIfTI file: {why}"))
+        })?;
     let header = obj.header().clone();
     Ok((header, obj.into_volume()))
 }

@@ -210,7 +210,11 @@ fn main() {
     );
     let works: Vec<Work> = workloads()
         .into_iter()
-        .filter(|w| filter.as_ref().is_none_or(|f| w.name.starts_with(f.as_str())))
+        .filter(|w| {
+            filter
+                .as_ref()
+                .is_none_or(|f| w.name.starts_with(f.as_str()))
+        })
         .collect();
     for wk in &works {
         let y = fwd(wk).expect("forward runs");

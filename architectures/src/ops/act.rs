@@ -7,7 +7,9 @@ use candle_core::{bail, DType, Result, Tensor};
 /// On CPU (f32/f64) a fused parallel kernel; elsewhere `where_cond`.
 pub fn leaky_relu(x: &Tensor, slope: f64) -> Result<Tensor> {
     if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
-        return x.contiguous()?.apply_op1(super::fused::LeakyReluOp { slope });
+        return x
+            .contiguous()?
+            .apply_op1(super::fused::LeakyReluOp { slope });
     }
     leaky_relu_composite(x, slope)
 }

@@ -188,7 +188,11 @@ impl Spec {
 fn check_conv_shapes(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, groups: usize) -> Result<()> {
     let (xd, wd) = (x.dims(), w.dims());
     if wd.len() != xd.len() {
-        bail!("conv: weight rank {} != input rank {} (input {xd:?}, weight {wd:?})", wd.len(), xd.len());
+        bail!(
+            "conv: weight rank {} != input rank {} (input {xd:?}, weight {wd:?})",
+            wd.len(),
+            xd.len()
+        );
     }
     if xd[1] % groups != 0 || wd[0] % groups != 0 || wd[1] * groups != xd[1] {
         bail!("conv: channels do not match groups={groups}: input {xd:?}, weight {wd:?} (weight must be (C_out, C_in/groups, *k))");
@@ -246,7 +250,11 @@ fn conv_transpose_out(
     }
     if let Some(b) = bias {
         if b.dims() != [wd[1] * g] {
-            bail!("conv_transpose: bias shape {:?} != ({},)", b.dims(), wd[1] * g);
+            bail!(
+                "conv_transpose: bias shape {:?} != ({},)",
+                b.dims(),
+                wd[1] * g
+            );
         }
     }
     let spec = Spec::new(
@@ -325,10 +333,17 @@ pub fn conv_weight_grad(
     let out = spec.out_size(&x.dims()[2..], &k, "conv_weight_grad")?;
     let (n, cin, cout) = (x.dim(0)?, x.dim(1)?, dy.dim(1)?);
     if dy.rank() != x.rank() || dy.dim(0)? != n || dy.dims()[2..] != out[..] {
-        bail!("conv_weight_grad: dy {:?} does not match input {:?} (expected spatial {out:?})", dy.dims(), x.dims());
+        bail!(
+            "conv_weight_grad: dy {:?} does not match input {:?} (expected spatial {out:?})",
+            dy.dims(),
+            x.dims()
+        );
     }
     if cin % opts.groups != 0 || cout % opts.groups != 0 {
-        bail!("conv_weight_grad: channels {cin} -> {cout} not divisible by groups {}", opts.groups);
+        bail!(
+            "conv_weight_grad: channels {cin} -> {cout} not divisible by groups {}",
+            opts.groups
+        );
     }
     if use_kernels(x) {
         let x = x.contiguous()?;
@@ -364,7 +379,11 @@ pub fn conv_input_grad(
         "conv_input_grad",
     )?;
     if input_spatial.len() != nd || w.rank() != dy.rank() || w.dim(0)? != dy.dim(1)? {
-        bail!("conv_input_grad: dy {:?}, weight {:?} and input size {input_spatial:?} do not fit", dy.dims(), w.dims());
+        bail!(
+            "conv_input_grad: dy {:?}, weight {:?} and input size {input_spatial:?} do not fit",
+            dy.dims(),
+            w.dims()
+        );
     }
     let out = spec.out_size(input_spatial, &w.dims()[2..], "conv_input_grad")?;
     if dy.dims()[2..] != out[..] {
@@ -566,7 +585,9 @@ struct ConvDataOp {
 impl ConvDataOp {
     fn geom(&self, dl: &Layout, wl: &Layout) -> Result<(Geom, Vec<usize>)> {
         let (dd, wd) = (dl.dims(), wl.dims());
-        let out = self.spec.out_size(&self.in_spatial, &wd[2..], "conv_transpose")?;
+        let out = self
+            .spec
+            .out_size(&self.in_spatial, &wd[2..], "conv_transpose")?;
         if out != dd[2..] {
             bail!(
                 "conv_transpose: input spatial size {:?} does not match the conv geometry (expected {out:?})",
@@ -866,7 +887,9 @@ pub fn conv_composite(
                 let wt = wd.narrow(2, t, 1)?.squeeze(2)?.contiguous()?;
                 let yt = conv2d_tiled(&sl, &wt, [spec.s[1], spec.s[2]], spec.groups)?;
                 let (oh, ow) = (yt.dim(2)?, yt.dim(3)?);
-                let yt = yt.reshape((n, od, cout, oh, ow))?.permute((0, 2, 1, 3, 4))?;
+                let yt = yt
+                    .reshape((n, od, cout, oh, ow))?
+                    .permute((0, 2, 1, 3, 4))?;
                 acc = Some(match acc {
                     None => yt,
                     Some(a) => (a + yt)?,
@@ -916,7 +939,7 @@ pub fn conv_transpose_composite(
         let xm = x.permute(perm)?.contiguous()?.reshape((n * spn, cin))?;
         let wm = w.reshape((cin, cout_g * ktot))?;
         let ym = xm.matmul(&wm)?; // (n * spn, cout * ktot)
-        // dims: n, sp..., cout, k...
+                                  // dims: n, sp..., cout, k...
         let mut dims = vec![n];
         dims.extend(&sp);
         dims.push(cout_g);

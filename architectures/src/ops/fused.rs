@@ -5,7 +5,7 @@
 //! Backward passes are first order only (the gradient tensors are not differentiable again).
 
 use candle_core::{
-    bail, backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result,
+    backend::BackendStorage, bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result,
     Shape, Tensor, WithDType,
 };
 use rayon::prelude::*;

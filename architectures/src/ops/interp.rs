@@ -12,7 +12,9 @@ use candle_core::{bail, Result, Tensor};
 pub enum InterpMode {
     /// PyTorch `nearest` (not `nearest-exact`): `src = min(floor(dst * scale), in - 1)`.
     Nearest,
-    Linear { align_corners: bool },
+    Linear {
+        align_corners: bool,
+    },
 }
 
 /// Target of [`interpolate`]: an explicit output size or a per-axis scale factor (one entry is
@@ -25,7 +27,12 @@ pub enum InterpSize {
 }
 
 /// Source index pairs and the weight on the second index, for one axis.
-fn axis_plan(inp: usize, out: usize, ratio: f64, mode: InterpMode) -> (Vec<u32>, Vec<u32>, Vec<f64>) {
+fn axis_plan(
+    inp: usize,
+    out: usize,
+    ratio: f64,
+    mode: InterpMode,
+) -> (Vec<u32>, Vec<u32>, Vec<f64>) {
     let last = inp.saturating_sub(1);
     let mut i0 = Vec::with_capacity(out);
     let mut i1 = Vec::with_capacity(out);
@@ -73,12 +80,17 @@ pub fn interpolate(x: &Tensor, size: &InterpSize, mode: InterpMode) -> Result<Te
             if f.iter().any(|&v| !(v.is_finite() && v > 0.0)) {
                 bail!("interpolate: scale factors must be positive, got {f:?}");
             }
-            let o = (0..nd).map(|a| (inp[a] as f64 * f[a]).floor() as usize).collect();
+            let o = (0..nd)
+                .map(|a| (inp[a] as f64 * f[a]).floor() as usize)
+                .collect();
             (o, Some(f))
         }
     };
     if out.contains(&0) || inp.contains(&0) {
-        bail!("interpolate: empty input {:?} or output size {out:?}", x.dims());
+        bail!(
+            "interpolate: empty input {:?} or output size {out:?}",
+            x.dims()
+        );
     }
     let mut t = x.clone();
     let rank = x.rank();
@@ -100,7 +112,9 @@ pub fn interpolate(x: &Tensor, size: &InterpSize, mode: InterpMode) -> Result<Te
             },
         };
         let (i0, i1, lam) = axis_plan(i, o, ratio, mode);
-        let identity = o == i && lam.iter().all(|&l| l == 0.0) && i0.iter().enumerate().all(|(j, &v)| v as usize == j);
+        let identity = o == i
+            && lam.iter().all(|&l| l == 0.0)
+            && i0.iter().enumerate().all(|(j, &v)| v as usize == j);
         if identity {
             continue;
         }
@@ -127,8 +141,11 @@ pub fn pixel_shuffle(x: &Tensor, r: usize) -> Result<Tensor> {
     let nd = spatial_dims(x, "pixel_shuffle")?;
     let dims = x.dims().to_vec();
     let rn = r.pow(nd as u32);
-    if r == 0 || dims[1] % rn != 0 {
-        bail!("pixel_shuffle: channels {} not divisible by r^{nd} = {rn}", dims[1]);
+    if r == 0 || !dims[1].is_multiple_of(rn) {
+        bail!(
+            "pixel_shuffle: channels {} not divisible by r^{nd} = {rn}",
+            dims[1]
+        );
     }
     let c = dims[1] / rn;
     let mut shape = vec![dims[0], c];
@@ -148,8 +165,11 @@ pub fn pixel_shuffle(x: &Tensor, r: usize) -> Result<Tensor> {
 pub fn pixel_unshuffle(x: &Tensor, r: usize) -> Result<Tensor> {
     let nd = spatial_dims(x, "pixel_unshuffle")?;
     let dims = x.dims().to_vec();
-    if r == 0 || dims[2..].iter().any(|&s| s % r != 0) {
-        bail!("pixel_unshuffle: spatial size {:?} not divisible by {r}", &dims[2..]);
+    if r == 0 || dims[2..].iter().any(|&s| !s.is_multiple_of(r)) {
+        bail!(
+            "pixel_unshuffle: spatial size {:?} not divisible by {r}",
+            &dims[2..]
+        );
     }
     let mut shape = vec![dims[0], dims[1]];
     for &s in &dims[2..] {

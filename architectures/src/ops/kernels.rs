@@ -20,7 +20,9 @@ use rayon::prelude::*;
 pub(crate) const COL_BUDGET_BYTES: usize = 8 << 20;
 
 /// Element types the kernels support.
-pub(crate) trait Elem: Copy + Send + Sync + 'static + std::ops::AddAssign {
+pub(crate) trait Elem:
+    Copy + Send + Sync + 'static + std::ops::AddAssign + std::ops::Add<Output = Self>
+{
     const ZERO: Self;
     const ONE: Self;
 }
@@ -188,8 +190,11 @@ fn im2col<T: Elem>(
                             let s0 = (lo as isize + ow) as usize;
                             drow[lo..hi].copy_from_slice(&srow[s0..s0 + (hi - lo)]);
                         } else {
-                            for (j, v) in drow[lo..hi].iter_mut().enumerate() {
-                                *v = srow[(((lo + j) * sw) as isize + ow) as usize];
+                            let s0 = ((lo * sw) as isize + ow) as usize;
+                            for (v, &x) in
+                                drow[lo..hi].iter_mut().zip(srow[s0..].iter().step_by(sw))
+                            {
+                                *v = x;
                             }
                         }
                     }
@@ -347,7 +352,9 @@ pub(crate) fn conv_fwd<T: Elem>(x: &[T], w: &[T], bias: Option<&[T]>, g: &Geom) 
             };
             // SAFETY: chunks write disjoint rows of y; all indices are in bounds by construction.
             unsafe {
-                let dst = yp.get().add((b * g.cout + gi * cog) * out_sp + r0 * row_len);
+                let dst = yp
+                    .get()
+                    .add((b * g.cout + gi * cog) * out_sp + r0 * row_len);
                 if let Some(bias) = bias {
                     for co in 0..cog {
                         std::slice::from_raw_parts_mut(dst.add(co * out_sp), pc)
@@ -474,6 +481,12 @@ pub(crate) fn conv_bwd_data<T: Elem>(dy: &[T], w: &[T], bias: Option<&[T]>, g: &
     if dx.is_empty() {
         return dx;
     }
+    if (0..3)
+        .all(|a| g.k[a] == g.s[a] && g.p[a] == 0 && g.d[a] == 1 && g.inp[a] == g.out[a] * g.k[a])
+    {
+        conv_bwd_data_k_eq_s(dy, w, bias, g, &mut dx);
+        return dx;
+    }
     if let Some(bias) = bias {
         for (i, c) in dx.chunks_mut(in_sp).enumerate() {
             c.fill(bias[i % g.cin]);
@@ -598,7 +611,19 @@ pub(crate) fn conv_bwd_data<T: Elem>(dy: &[T], w: &[T], bias: Option<&[T]>, g: &
                     );
                 } else {
                     mm(
-                        cig, pc, kr, tmp.as_mut_ptr(), pc, 1, false, lhs, kr, 1, rhs, rhs_rs, 1,
+                        cig,
+                        pc,
+                        kr,
+                        tmp.as_mut_ptr(),
+                        pc,
+                        1,
+                        false,
+                        lhs,
+                        kr,
+                        1,
+                        rhs,
+                        rhs_rs,
+                        1,
                         par,
                     );
                     let g1 = ax[1].grid;
@@ -620,6 +645,75 @@ pub(crate) fn conv_bwd_data<T: Elem>(dy: &[T], w: &[T], bias: Option<&[T]>, g: &
         }
     });
     dx
+}
+
+/// [`conv_bwd_data`] when kernel == stride, no padding/dilation and an exact tiling (the U-Net
+/// decoder's transposed convolution): one GEMM over all taps, `tmp[(ci, tap), p] =
+/// sum_co w[co, ci, tap] dy[co, p]`, then an interleaving copy that writes whole output rows.
+fn conv_bwd_data_k_eq_s<T: Elem>(dy: &[T], w: &[T], bias: Option<&[T]>, g: &Geom, dx: &mut [T]) {
+    let (in_sp, out_sp) = (g.in_sp(), g.out_sp());
+    let (cig, cog) = (g.cig(), g.cog());
+    let ktot = g.ktot();
+    let mrows = cig * ktot;
+    let total_rows = g.out[0] * g.out[1];
+    let row_len = g.out[2];
+    let rpc = rows_per_chunk::<T>(mrows, row_len, total_rows);
+    let nchunks = total_rows.div_ceil(rpc);
+    let items = g.n * nchunks;
+    let outer = outer_parallel(items);
+    let par = gemm_par(outer);
+    let dxp = SendPtr(dx.as_mut_ptr());
+    let [kd, kh, kw] = g.k;
+    run_items(items, outer, |item, ws| {
+        let b = item / nchunks;
+        let r0 = (item % nchunks) * rpc;
+        let r1 = (r0 + rpc).min(total_rows);
+        let pc = (r1 - r0) * row_len;
+        let tmp = workspace::<T>(ws, mrows * pc);
+        for gi in 0..g.groups {
+            // SAFETY: in-bounds pointers; each (image, chunk) writes disjoint output rows.
+            unsafe {
+                mm(
+                    mrows,
+                    pc,
+                    cog,
+                    tmp.as_mut_ptr(),
+                    pc,
+                    1,
+                    false,
+                    w[gi * cog * mrows..].as_ptr(),
+                    1,
+                    mrows,
+                    dy[(b * g.cout + gi * cog) * out_sp + r0 * row_len..].as_ptr(),
+                    out_sp,
+                    1,
+                    par,
+                );
+                for ci in 0..cig {
+                    let c = gi * cig + ci;
+                    let bv = bias.map_or(T::ZERO, |bs| bs[c]);
+                    let dxc = dxp.get().add((b * g.cin + c) * in_sp);
+                    for r in r0..r1 {
+                        let (o0, o1) = (r / g.out[1], r % g.out[1]);
+                        for td in 0..kd {
+                            for th in 0..kh {
+                                let orow = ((o0 * kd + td) * g.inp[1] + o1 * kh + th) * g.inp[2];
+                                let out = std::slice::from_raw_parts_mut(dxc.add(orow), g.inp[2]);
+                                for tw in 0..kw {
+                                    let t = (td * kh + th) * kw + tw;
+                                    let src = &tmp[(ci * ktot + t) * pc + (r - r0) * row_len..]
+                                        [..row_len];
+                                    for (j, &v) in src.iter().enumerate() {
+                                        out[j * kw + tw] = v + bv;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    });
 }
 
 #[cfg(test)]
@@ -697,10 +791,14 @@ mod tests {
     }
 
     fn seq(n: usize, seed: u64) -> Vec<f64> {
-        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (0..n)
             .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((s >> 33) as f64 / (1u64 << 31) as f64) - 0.5
             })
             .collect()
@@ -723,6 +821,8 @@ mod tests {
             geom([5, 7, 9], [1, 3, 3], [1, 2, 2], [0, 2, 0], [1, 2, 1]),
             geom([3, 4, 5], [1, 1, 1], [1, 1, 1], [0, 0, 0], [1, 1, 1]),
             geom([6, 4, 9], [1, 1, 1], [2, 1, 3], [0, 0, 0], [1, 1, 1]),
+            geom([4, 6, 9], [2, 2, 3], [2, 2, 3], [0, 0, 0], [1, 1, 1]),
+            geom([4, 7, 9], [1, 2, 3], [1, 2, 3], [0, 0, 0], [1, 1, 1]),
         ];
         for g in cases {
             let x = seq(g.n * g.cin * g.in_sp(), 1);
@@ -756,9 +856,18 @@ mod tests {
             g.cin = 32;
             g.cout = 32;
             g.groups = 1;
-            let x: Vec<f32> = seq(g.n * g.cin * g.in_sp(), 1).iter().map(|&v| v as f32).collect();
-            let w: Vec<f32> = seq(g.cout * g.cig() * g.ktot(), 2).iter().map(|&v| v as f32).collect();
-            let dy: Vec<f32> = seq(g.n * g.cout * g.out_sp(), 3).iter().map(|&v| v as f32).collect();
+            let x: Vec<f32> = seq(g.n * g.cin * g.in_sp(), 1)
+                .iter()
+                .map(|&v| v as f32)
+                .collect();
+            let w: Vec<f32> = seq(g.cout * g.cig() * g.ktot(), 2)
+                .iter()
+                .map(|&v| v as f32)
+                .collect();
+            let dy: Vec<f32> = seq(g.n * g.cout * g.out_sp(), 3)
+                .iter()
+                .map(|&v| v as f32)
+                .collect();
             let flops = 2.0 * (g.n * g.cout * g.out_sp() * g.cig() * g.ktot()) as f64;
             let time = |f: &dyn Fn() -> Vec<f32>| {
                 let _ = f();

@@ -27,13 +27,19 @@ impl<'a> NormAffine<'a> {
         let mut y = y;
         if let Some(w) = self.weight {
             if w.elem_count() != c {
-                bail!("norm: weight has {} elements for {c} channels", w.elem_count());
+                bail!(
+                    "norm: weight has {} elements for {c} channels",
+                    w.elem_count()
+                );
             }
             y = y.broadcast_mul(&channel_view(w, rank)?)?;
         }
         if let Some(b) = self.bias {
             if b.elem_count() != c {
-                bail!("norm: bias has {} elements for {c} channels", b.elem_count());
+                bail!(
+                    "norm: bias has {} elements for {c} channels",
+                    b.elem_count()
+                );
             }
             y = y.broadcast_add(&channel_view(b, rank)?)?;
         }
@@ -146,7 +152,10 @@ pub fn batch_norm(
         let y = xc.broadcast_div(&(&var + state.eps)?.sqrt()?)?;
         let m = state.momentum;
         let unbias = count as f64 / (count.saturating_sub(1)).max(1) as f64;
-        let bm = mean.detach().flatten_all()?.to_dtype(state.running_mean.dtype())?;
+        let bm = mean
+            .detach()
+            .flatten_all()?
+            .to_dtype(state.running_mean.dtype())?;
         let bv = (var.detach().flatten_all()? * unbias)?.to_dtype(state.running_var.dtype())?;
         state.running_mean = ((&state.running_mean * (1.0 - m))? + (bm * m)?)?.detach();
         state.running_var = ((&state.running_var * (1.0 - m))? + (bv * m)?)?.detach();

@@ -13,13 +13,22 @@ fn fixtures_dir() -> PathBuf {
 
 fn usizes(v: &Value) -> Vec<usize> {
     v.as_array()
-        .map(|a| a.iter().filter_map(|x| x.as_u64()).map(|x| x as usize).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_u64())
+                .map(|x| x as usize)
+                .collect()
+        })
         .unwrap_or_default()
 }
 
 fn fixture_close(got: &Tensor, want: &Tensor, what: &str) -> std::result::Result<(), String> {
     if got.dims() != want.dims() {
-        return Err(format!("{what}: shape {:?} != {:?}", got.dims(), want.dims()));
+        return Err(format!(
+            "{what}: shape {:?} != {:?}",
+            got.dims(),
+            want.dims()
+        ));
     }
     let g: Vec<f32> = got
         .to_dtype(DType::F32)
@@ -46,9 +55,25 @@ fn run_case(case: &Value, composite: bool) -> std::result::Result<bool, String> 
     let op = case["op"].as_str().unwrap_or("");
     let p = &case["params"];
     const OPS: &[&str] = &[
-        "conv", "conv_transpose", "max_pool", "avg_pool", "adaptive_avg_pool", "interpolate",
-        "pixel_shuffle", "instance_norm", "group_norm", "layer_norm_channels_first", "batch_norm",
-        "grn", "relu", "leaky_relu", "gelu_erf", "gelu_tanh", "sigmoid", "softmax", "log_softmax",
+        "conv",
+        "conv_transpose",
+        "max_pool",
+        "avg_pool",
+        "adaptive_avg_pool",
+        "interpolate",
+        "pixel_shuffle",
+        "instance_norm",
+        "group_norm",
+        "layer_norm_channels_first",
+        "batch_norm",
+        "grn",
+        "relu",
+        "leaky_relu",
+        "gelu_erf",
+        "gelu_tanh",
+        "sigmoid",
+        "softmax",
+        "log_softmax",
     ];
     // losses / optimizer pieces belong to the trainer
     if !OPS.contains(&op) || (composite && !op.starts_with("conv")) {
@@ -161,7 +186,12 @@ fn run_case(case: &Value, composite: bool) -> std::result::Result<bool, String> 
                 momentum: p["momentum"].as_f64().unwrap_or(0.1),
                 eps,
             };
-            let y = e(batch_norm(&x, NormAffine::new(Some(&w), Some(&b)), &mut st, training))?;
+            let y = e(batch_norm(
+                &x,
+                NormAffine::new(Some(&w), Some(&b)),
+                &mut st,
+                training,
+            ))?;
             extra.push(("running_mean_out".into(), st.running_mean.clone()));
             extra.push(("running_var_out".into(), st.running_var.clone()));
             y
@@ -184,14 +214,20 @@ fn run_case(case: &Value, composite: bool) -> std::result::Result<bool, String> 
     }
     let gy = get("gy")?;
     let loss = e((&y * &gy).and_then(|t| t.sum_all()))?;
-    let grads = loss.backward().map_err(|e| format!("{name}: backward {e}"))?;
+    let grads = loss
+        .backward()
+        .map_err(|e| format!("{name}: backward {e}"))?;
     if let Some(gm) = case["grads"].as_object() {
         for (inp, gname) in gm {
             let var = vars.get(inp).ok_or(format!("{name}: no var {inp}"))?;
             let g = grads
                 .get(var.as_tensor())
                 .ok_or(format!("{name}: no gradient for {inp}"))?;
-            fixture_close(g, &get(gname.as_str().unwrap_or(""))?, &format!("{name} {gname}"))?;
+            fixture_close(
+                g,
+                &get(gname.as_str().unwrap_or(""))?,
+                &format!("{name} {gname}"),
+            )?;
         }
     }
     Ok(true)
@@ -217,7 +253,12 @@ fn pytorch_fixtures_forward_and_gradients() {
             Err(e) => failures.push(e),
         }
     }
-    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
     // every non-loss, non-optimizer case ran
     assert!(ran >= 84, "only {ran} op cases ran");
 }
@@ -233,7 +274,12 @@ fn pytorch_fixtures_composite_conv_paths() {
             Err(e) => failures.push(e),
         }
     }
-    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
     assert!(ran >= 28, "only {ran} conv cases ran");
 }
 
@@ -259,7 +305,10 @@ fn fd_check<F>(inputs: &[Tensor], f: F, what: &str)
 where
     F: Fn(&[Tensor]) -> candle_core::Result<Tensor>,
 {
-    let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+    let vars: Vec<Var> = inputs
+        .iter()
+        .map(|t| Var::from_tensor(t).unwrap())
+        .collect();
     let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
     let y = f(&ts).unwrap();
     let r = rand64(y.dims(), 99);
@@ -277,7 +326,12 @@ where
     for (i, t) in inputs.iter().enumerate() {
         let dir = rand64(t.dims(), 7 + i as u64);
         let g = grads.get(vars[i].as_tensor()).expect("gradient exists");
-        let analytic = (g * &dir).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+        let analytic = (g * &dir)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
         let mut plus = inputs.to_vec();
         let mut minus = inputs.to_vec();
         plus[i] = (t + (&dir * h).unwrap()).unwrap();
@@ -294,7 +348,8 @@ where
 #[test]
 fn conv_finite_difference_grid() {
     // (spatial input, kernels, strides)
-    let grids: [(&[usize], Vec<Vec<usize>>, Vec<Vec<usize>>); 2] = [
+    type Grid<'a> = (&'a [usize], Vec<Vec<usize>>, Vec<Vec<usize>>);
+    let grids: [Grid; 2] = [
         (
             &[5, 7],
             vec![vec![1, 1], vec![3, 3], vec![1, 3]],
@@ -311,7 +366,10 @@ fn conv_finite_difference_grid() {
         for k in kernels {
             for s in strides {
                 for pad_mode in 0..2 {
-                    let p: Vec<usize> = k.iter().map(|&k| if pad_mode == 0 { 0 } else { k / 2 }).collect();
+                    let p: Vec<usize> = k
+                        .iter()
+                        .map(|&k| if pad_mode == 0 { 0 } else { k / 2 })
+                        .collect();
                     let mut xs = vec![2, 3];
                     xs.extend(sp.iter());
                     let mut ws = vec![4, 3];
@@ -355,8 +413,16 @@ fn conv_finite_difference_grid() {
 fn conv_groups_dilation_and_double_backward() {
     let x = rand64(&[2, 4, 5, 6, 7], 11);
     let w = rand64(&[6, 2, 3, 3, 3], 12);
-    let o = ConvOpts::new().padding([2, 1, 2]).dilation([2, 1, 2]).groups(2).stride([1, 2, 1]);
-    fd_check(&[x.clone(), w.clone()], |t| conv(&t[0], &t[1], None, &o), "grouped dilated conv");
+    let o = ConvOpts::new()
+        .padding([2, 1, 2])
+        .dilation([2, 1, 2])
+        .groups(2)
+        .stride([1, 2, 1]);
+    fd_check(
+        &[x.clone(), w.clone()],
+        |t| conv(&t[0], &t[1], None, &o),
+        "grouped dilated conv",
+    );
     // the gradient of the squared gradient norm (double backward through the custom ops)
     fd_check(
         &[x, w],
@@ -398,25 +464,44 @@ fn other_ops_finite_difference() {
         |t| grn(&t[0], &t[1], &t[2], 1e-6),
         "grn",
     );
-    let o = PoolOpts::new([3, 2, 3]).stride([2, 2, 1]).padding([1, 0, 1]).ceil_mode(true);
-    fd_check(&[x.clone()], |t| avg_pool(&t[0], &o), "avg_pool");
-    fd_check(&[x.clone()], |t| max_pool(&t[0], &o), "max_pool");
+    let o = PoolOpts::new([3, 2, 3])
+        .stride([2, 2, 1])
+        .padding([1, 0, 1])
+        .ceil_mode(true);
+    fd_check(
+        std::slice::from_ref(&x),
+        |t| avg_pool(&t[0], &o),
+        "avg_pool",
+    );
+    fd_check(
+        std::slice::from_ref(&x),
+        |t| max_pool(&t[0], &o),
+        "max_pool",
+    );
     let mode = InterpMode::Linear {
         align_corners: false,
     };
     fd_check(
-        &[x.clone()],
+        std::slice::from_ref(&x),
         |t| interpolate(&t[0], &InterpSize::Size(vec![7, 3, 9]), mode),
         "trilinear",
     );
     fd_check(
-        &[x.clone()],
+        std::slice::from_ref(&x),
         |t| pad(&t[0], &[(1, 2), (0, 1), (2, 0)], PadMode::Replicate),
         "replicate pad",
     );
-    fd_check(&[x.clone()], |t| leaky_relu(&t[0], 0.01), "leaky_relu");
+    fd_check(
+        std::slice::from_ref(&x),
+        |t| leaky_relu(&t[0], 0.01),
+        "leaky_relu",
+    );
     // the composite (non-CPU) versions of the fused CPU kernels
-    fd_check(&[x.clone()], |t| act::leaky_relu_composite(&t[0], 0.01), "leaky_relu composite");
+    fd_check(
+        std::slice::from_ref(&x),
+        |t| act::leaky_relu_composite(&t[0], 0.01),
+        "leaky_relu composite",
+    );
     fd_check(
         &[x.clone(), w.clone(), b.clone()],
         |t| norm::instance_norm_composite(&t[0], NormAffine::new(Some(&t[1]), Some(&t[2])), 1e-5),
@@ -424,7 +509,14 @@ fn other_ops_finite_difference() {
     );
     let fused = instance_norm(&x, NormAffine::new(Some(&w), None), 1e-5).unwrap();
     let comp = norm::instance_norm_composite(&x, NormAffine::new(Some(&w), None), 1e-5).unwrap();
-    let d = (fused - comp).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+    let d = (fused - comp)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
     assert!(d < 1e-12, "fused vs composite instance norm differ by {d}");
 }
 
@@ -432,9 +524,15 @@ fn other_ops_finite_difference() {
 fn pad_modes_values() {
     let x = Tensor::new(&[[[1f32, 2., 3.]]], &Device::Cpu).unwrap();
     let z = pad(&x, &[(1, 2)], PadMode::Zeros).unwrap();
-    assert_eq!(z.to_vec3::<f32>().unwrap()[0][0], vec![0., 1., 2., 3., 0., 0.]);
+    assert_eq!(
+        z.to_vec3::<f32>().unwrap()[0][0],
+        vec![0., 1., 2., 3., 0., 0.]
+    );
     let r = pad(&x, &[(2, 1)], PadMode::Replicate).unwrap();
-    assert_eq!(r.to_vec3::<f32>().unwrap()[0][0], vec![1., 1., 1., 2., 3., 3.]);
+    assert_eq!(
+        r.to_vec3::<f32>().unwrap()[0][0],
+        vec![1., 1., 1., 2., 3., 3.]
+    );
     let c = pad(&x, &[(1, 0)], PadMode::Constant(-5.0)).unwrap();
     assert_eq!(c.to_vec3::<f32>().unwrap()[0][0], vec![-5., 1., 2., 3.]);
     assert!(pad(&x, &[(1, 0), (1, 1)], PadMode::Zeros).is_err());
@@ -451,12 +549,23 @@ fn dropout_and_drop_path() {
     let m = y.mean_all().unwrap().to_scalar::<f32>().unwrap();
     assert!((m - 1.0).abs() < 0.03);
     assert_eq!(
-        dropout(&x, 0.25, false).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(),
+        dropout(&x, 0.25, false)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap(),
         x.elem_count() as f32
     );
     let d = drop_path(&x, 0.5, true).unwrap();
     for i in 0..64 {
-        let s = d.get(i).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let s = d
+            .get(i)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         assert!(s.iter().all(|&a| a == 0.0) || s.iter().all(|&a| (a - 2.0).abs() < 1e-6));
     }
     assert!(dropout(&x, 1.0, true).is_err());
@@ -473,7 +582,14 @@ fn standalone_gradient_kernels_match_autograd() {
     let dx = conv_input_grad(&r, w.as_tensor(), &[5, 6, 7], &o).unwrap();
     let dw = conv_weight_grad(x.as_tensor(), &r, &[1, 3, 3], &o).unwrap();
     let maxdiff = |a: &Tensor, b: &Tensor| {
-        (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap()
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
     };
     assert!(maxdiff(&dx, g.get(x.as_tensor()).unwrap()) < 1e-12);
     assert!(maxdiff(&dw, g.get(w.as_tensor()).unwrap()) < 1e-12);
@@ -502,12 +618,28 @@ fn candle_bug_max_pool2d_grad_divided_by_window() {
     let x = Var::new(&[[[[1f32, 2.], [3., 4.]]]], &Device::Cpu).unwrap();
     let y = x.as_tensor().max_pool2d(2).unwrap();
     let g = y.sum_all().unwrap().backward().unwrap();
-    let gx: Vec<f32> = g.get(x.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-    assert_eq!(gx, vec![0.0, 0.0, 0.0, 0.25], "candle max_pool2d grad changed");
+    let gx: Vec<f32> = g
+        .get(x.as_tensor())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert_eq!(
+        gx,
+        vec![0.0, 0.0, 0.0, 0.25],
+        "candle max_pool2d grad changed"
+    );
     // ours routes the full gradient
     let y = max_pool(x.as_tensor(), &PoolOpts::new([2, 2])).unwrap();
     let g = y.sum_all().unwrap().backward().unwrap();
-    let gx: Vec<f32> = g.get(x.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let gx: Vec<f32> = g
+        .get(x.as_tensor())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     assert_eq!(gx, vec![0.0, 0.0, 0.0, 1.0]);
 }
 
@@ -532,17 +664,38 @@ fn candle_bug_layer_norm_drops_gradients() {
     );
     let y = candle_core::Module::forward(&ln, x.as_tensor()).unwrap();
     let g = (&y * &y).unwrap().sum_all().unwrap().backward().unwrap();
-    assert!(g.get(x.as_tensor()).is_none(), "candle LayerNorm now propagates gradients");
+    assert!(
+        g.get(x.as_tensor()).is_none(),
+        "candle LayerNorm now propagates gradients"
+    );
 }
 
 #[test]
 fn candle_bug_strided_lhs_broadcast_rhs_matmul() {
     let a = rand64(&[2, 4, 3], 1).transpose(1, 2).unwrap(); // (2, 3, 4), strided
-    let b = rand64(&[4, 5], 2).unsqueeze(0).unwrap().broadcast_as((2, 4, 5)).unwrap();
+    let b = rand64(&[4, 5], 2)
+        .unsqueeze(0)
+        .unwrap()
+        .broadcast_as((2, 4, 5))
+        .unwrap();
     let bad = a.matmul(&b).unwrap();
-    let good = a.contiguous().unwrap().matmul(&b.contiguous().unwrap()).unwrap();
-    let diff = (bad - good).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
-    assert!(diff > 1e-3, "candle strided x broadcast matmul is now correct (diff {diff})");
+    let good = a
+        .contiguous()
+        .unwrap()
+        .matmul(&b.contiguous().unwrap())
+        .unwrap();
+    let diff = (bad - good)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    assert!(
+        diff > 1e-3,
+        "candle strided x broadcast matmul is now correct (diff {diff})"
+    );
 }
 
 #[test]
@@ -551,8 +704,59 @@ fn candle_bug_nonuniform_nearest_upsample_backward() {
     let y = x.as_tensor().upsample_nearest2d(4, 10).unwrap();
     assert!(y.sum_all().unwrap().backward().is_err());
     // ours works
-    let y = interpolate(x.as_tensor(), &InterpSize::Size(vec![4, 10]), InterpMode::Nearest).unwrap();
+    let y = interpolate(
+        x.as_tensor(),
+        &InterpSize::Size(vec![4, 10]),
+        InterpMode::Nearest,
+    )
+    .unwrap();
     let g = y.sum_all().unwrap().backward().unwrap();
-    let s = g.get(x.as_tensor()).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+    let s = g
+        .get(x.as_tensor())
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
     assert!((s - 40.0).abs() < 1e-12);
+}
+
+/// Peak resident memory (VmHWM) of a 3D conv forward + backward at (2, 32, 64^3), 3x3x3
+/// 32 -> 32. Run alone (it reads the process-wide high-water mark):
+/// `cargo test --release -p architectures -- --ignored conv3d_peak_memory --nocapture`.
+#[test]
+#[ignore]
+fn conv3d_peak_memory() {
+    fn hwm_kb() -> u64 {
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmHWM:"))
+                    .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+            })
+            .unwrap_or(0)
+    }
+    let before = hwm_kb();
+    let x = Var::from_tensor(&Tensor::randn(0f32, 1., (2, 32, 64, 64, 64), &Device::Cpu).unwrap())
+        .unwrap();
+    let w = Var::from_tensor(&Tensor::randn(0f32, 0.1, (32, 32, 3, 3, 3), &Device::Cpu).unwrap())
+        .unwrap();
+    let y = conv(
+        x.as_tensor(),
+        w.as_tensor(),
+        None,
+        &ConvOpts::new().padding([1]),
+    )
+    .unwrap();
+    let g = y.sum_all().unwrap().backward().unwrap();
+    assert_eq!(g.get(x.as_tensor()).unwrap().dims(), x.dims());
+    let peak = hwm_kb();
+    println!(
+        "conv3d (2,32,64^3) fwd+bwd: VmHWM {:.0} MB (before {:.0} MB; one feature map = {:.0} MB)",
+        peak as f64 / 1024.0,
+        before as f64 / 1024.0,
+        x.elem_count() as f64 * 4.0 / 1048576.0
+    );
+    assert!(peak < 1024 * 1024, "peak RSS {peak} kB >= 1 GB");
 }

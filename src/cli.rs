@@ -53,6 +53,12 @@ pub enum Command {
     /// Preprocess with existing plans (nnUNetv2_preprocess).
     #[command(name = "preprocess")]
     Preprocess(PreprocessArgs),
+    /// Print a configuration's network: layer table, output shapes, parameters, memory estimate.
+    #[command(name = "show_network")]
+    ShowNetwork(ShowNetworkArgs),
+    /// Convert a trained nnU-Net v2 model (checkpoint_final.pth + plans.json) to nnseg's safetensors format.
+    #[command(name = "import_nnunet_model")]
+    ImportNnunetModel(ImportArgs),
     /// Write the synthetic demo datasets (Dataset990_Demo3D, Dataset991_Demo2D) into the raw folder.
     #[command(name = "make_demo_dataset")]
     MakeDemoDataset(DemoArgs),
@@ -153,6 +159,35 @@ pub struct PreprocessArgs {
     pub plans_name: String,
     #[command(flatten)]
     pub preprocess: PreprocessOpts,
+}
+
+#[derive(Args, Debug)]
+pub struct ShowNetworkArgs {
+    /// Dataset id (1, 001 or Dataset001_Name).
+    pub dataset: String,
+    /// Configuration name in the plans (2d, 3d_fullres, or a hand-added one).
+    pub configuration: String,
+    /// Plans identifier (file name without .json).
+    #[arg(short = 'p', long = "plans", default_value = "nnUNetPlans")]
+    pub plans: String,
+    /// Patch size to describe instead of the plan's.
+    #[arg(long = "patch", num_args = 2..=3)]
+    pub patch: Option<Vec<usize>>,
+}
+
+#[derive(Args, Debug)]
+pub struct ImportArgs {
+    /// nnU-Net model folder `{Trainer}__{Plans}__{Configuration}` (holds plans.json, dataset.json, fold_X/).
+    pub folder: PathBuf,
+    /// Fold to import (0-4 or all).
+    #[arg(short = 'f', default_value = "0")]
+    pub fold: String,
+    /// Checkpoint file name inside fold_X.
+    #[arg(long = "chk", default_value = "checkpoint_final.pth")]
+    pub checkpoint: String,
+    /// Output folder (default: FOLDER/fold_X).
+    #[arg(short = 'o')]
+    pub output: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]

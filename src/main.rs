@@ -81,6 +81,27 @@ fn run(cli: Cli) -> Result<()> {
             }
             tracing::info!("demo datasets written in {:.2} s", t.elapsed().as_secs_f64());
         }
+        Command::ShowNetwork(a) => show_network(&paths, &a)?,
+        Command::ImportNnunetModel(a) => {
+            let t = Instant::now();
+            let model = architectures::import::import_nnunet_model(&a.folder, &a.fold, &a.checkpoint)?;
+            let out = a
+                .output
+                .clone()
+                .unwrap_or_else(|| a.folder.join(format!("fold_{}", a.fold)));
+            let (weights, meta) = model.save(&out)?;
+            println!(
+                "imported {} ({} {}, {} parameters, {} alias keys dropped) in {:.2} s\n  {}\n  {}",
+                model.checkpoint.display(),
+                model.plans.dataset_name,
+                model.configuration_name,
+                model.parameter_count,
+                model.dropped_keys,
+                t.elapsed().as_secs_f64(),
+                weights.display(),
+                meta.display()
+            );
+        }
         Command::ExtractFingerprint(a) => {
             for id in ids(&a.ids)? {
                 fingerprint_step(&paths, id, &a.fingerprint)?;
@@ -111,6 +132,30 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+fn show_network(paths: &NnUnetPaths, a: &cli::ShowNetworkArgs) -> Result<()> {
+    let id = datasets::parse_dataset_id(&a.dataset)?;
+    let name = datasets::dataset_name_from_id(paths, id)?;
+    let folder = preprocessed_folder(paths, &name)?;
+    let (plans, cfg) =
+        Plans::load_configuration(&folder.join(format!("{}.json", a.plans)), &a.configuration)?;
+    let ds = DatasetJson::load(&folder.join("dataset.json"))?;
+    let in_channels = architectures::import::num_input_channels(&cfg, &ds);
+    let patch = a.patch.clone().unwrap_or_else(|| cfg.patch_size.clone());
+    let summary = architectures::summary::network_summary(
+        &cfg.architecture,
+        in_channels,
+        ds.num_segmentation_heads(),
+        &patch,
+        cfg.batch_size,
+    )?;
+    println!(
+        "{} / {} / {}: {}",
+        plans.dataset_name, plans.plans_name, a.configuration, summary.network_class_name
+    );
+    println!("{}", summary.table);
     Ok(())
 }
 

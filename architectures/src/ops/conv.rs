@@ -194,7 +194,7 @@ fn check_conv_shapes(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, groups: usiz
             xd.len()
         );
     }
-    if xd[1] % groups != 0 || wd[0] % groups != 0 || wd[1] * groups != xd[1] {
+    if groups == 0 || xd[1] % groups != 0 || wd[0] % groups != 0 || wd[1] * groups != xd[1] {
         bail!("conv: channels do not match groups={groups}: input {xd:?}, weight {wd:?} (weight must be (C_out, C_in/groups, *k))");
     }
     if let Some(b) = bias {

@@ -605,6 +605,7 @@ fn conv_rejects_bad_shapes() {
     assert!(conv(&x, &w, None, &ConvOpts::new()).is_err()); // channel mismatch
     let w = Tensor::zeros((2, 3, 3, 3), DType::F32, &Device::Cpu).unwrap();
     assert!(conv(&x, &w, None, &ConvOpts::new().stride([1, 1, 1])).is_err());
+    assert!(conv(&x, &w, None, &ConvOpts::new().groups(0)).is_err());
     let y = conv(&x, &w, None, &ConvOpts::new().padding([1])).unwrap();
     assert_eq!(y.dims(), &[1, 2, 4, 4]);
 }

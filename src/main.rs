@@ -46,6 +46,7 @@ fn install_logging(verbose: bool) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .without_time()
         .init();
@@ -210,7 +211,10 @@ fn fingerprint_step(paths: &NnUnetPaths, id: u32, opts: &FingerprintOpts) -> Res
         return Ok(());
     }
     let t = Instant::now();
-    let fp = preprocessing::fingerprint::extract_fingerprint(&ds, opts.npfp)?;
+    let (bar, hook) = progress_bar(ds.cases.len(), &format!("{} fingerprint", ds.name));
+    let fp = preprocessing::fingerprint::extract_fingerprint_with_progress(&ds, opts.npfp, &hook);
+    bar.finish_and_clear();
+    let fp = fp?;
     fp.save(&fp_path)?;
     tracing::info!(
         "{}: fingerprint of {} cases in {:.2} s -> {}",
@@ -316,6 +320,7 @@ fn preprocess_step(
             _ => opts.np[i],
         };
         let t = Instant::now();
+        let (bar, hook) = progress_bar(ds.cases.len(), &format!("{} {cfg}", ds.name));
         let report = preprocessing::preprocessor::preprocess_dataset(
             &ds,
             &plans,
@@ -324,8 +329,11 @@ fn preprocess_step(
             &preprocessing::preprocessor::PreprocessOptions {
                 num_workers: np,
                 verbose: false,
+                progress: Some(hook),
             },
-        )?;
+        );
+        bar.finish_and_clear();
+        let report = report?;
         let secs = t.elapsed().as_secs_f64();
         tracing::info!(
             "{} {cfg}: preprocessed {} cases with {np} workers in {secs:.2} s ({:.3} s/case)",
@@ -336,6 +344,25 @@ fn preprocess_step(
     }
     preprocessing::preprocessor::copy_gt_segmentations(&ds, &folder)?;
     Ok(())
+}
+
+/// A progress bar on stderr (hidden when stderr is not a terminal) and the hook that
+/// advances it from worker threads.
+fn progress_bar(len: usize, msg: &str) -> (indicatif::ProgressBar, preprocessing::ProgressHook) {
+    use std::io::IsTerminal;
+    let bar = if std::io::stderr().is_terminal() {
+        indicatif::ProgressBar::new(len as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{msg} [{bar:30}] {pos}/{len} cases, {elapsed} elapsed, eta {eta}",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_message(msg.to_string());
+    let b = bar.clone();
+    (bar, preprocessing::ProgressHook::new(move |_| b.inc(1)))
 }
 
 /// nnU-Net's default `-np` per configuration, capped at the machine's cores.

@@ -56,12 +56,35 @@ pub fn extract_fingerprint(
     extract_fingerprint_with_budget(ds, num_workers, NUM_FOREGROUND_VOXELS_FOR_INTENSITYSTATS)
 }
 
+/// [`extract_fingerprint`] calling `progress` after each case.
+pub fn extract_fingerprint_with_progress(
+    ds: &RawDataset,
+    num_workers: usize,
+    progress: &crate::ProgressHook,
+) -> Result<Fingerprint, PreprocessError> {
+    fingerprint_impl(
+        ds,
+        num_workers,
+        NUM_FOREGROUND_VOXELS_FOR_INTENSITYSTATS,
+        Some(progress),
+    )
+}
+
 /// [`extract_fingerprint`] with a configurable total sample budget (`samples per case =
 /// budget / n_cases`, integer division like `int(1e8 // n)`); used by tests.
 pub fn extract_fingerprint_with_budget(
     ds: &RawDataset,
     num_workers: usize,
     total_samples: u64,
+) -> Result<Fingerprint, PreprocessError> {
+    fingerprint_impl(ds, num_workers, total_samples, None)
+}
+
+fn fingerprint_impl(
+    ds: &RawDataset,
+    num_workers: usize,
+    total_samples: u64,
+    progress: Option<&crate::ProgressHook>,
 ) -> Result<Fingerprint, PreprocessError> {
     let n_cases = ds.cases.len();
     if n_cases == 0 {
@@ -98,8 +121,12 @@ pub fn extract_fingerprint_with_budget(
             .par_iter()
             .zip(per_case_chunks.into_par_iter())
             .map(|(case, mut chunks)| {
-                analyze_case(&case.images, case.label.as_ref(), num_channels, &mut chunks)
-                    .map_err(|e| e.in_case(&case.identifier))
+                let r = analyze_case(&case.images, case.label.as_ref(), num_channels, &mut chunks)
+                    .map_err(|e| e.in_case(&case.identifier));
+                if let Some(p) = progress {
+                    p.case_done(&case.identifier);
+                }
+                r
             })
             .collect()
     });

@@ -62,6 +62,8 @@ pub struct PreprocessOptions {
     pub num_workers: usize,
     /// Log every case (shapes, spacing) at info level.
     pub verbose: bool,
+    /// Called after each case is written.
+    pub progress: Option<crate::ProgressHook>,
 }
 
 impl Default for PreprocessOptions {
@@ -69,6 +71,7 @@ impl Default for PreprocessOptions {
         PreprocessOptions {
             num_workers: 4,
             verbose: false,
+            progress: None,
         }
     }
 }
@@ -496,6 +499,9 @@ pub fn preprocess_dataset(
                             rep.seconds
                         );
                     }
+                    if let Some(p) = &opts.progress {
+                        p.case_done(&rep.identifier);
+                    }
                     Ok(rep)
                 })()
                 .map_err(|e: PreprocessError| e.in_case(&case.identifier));
@@ -913,6 +919,7 @@ mod tests {
         let opts = PreprocessOptions {
             num_workers: 2,
             verbose: false,
+            progress: None,
         };
         let rep = preprocess_dataset(&ds, &plans, "3d_fullres", &out_root, &opts).unwrap();
         assert_eq!(rep.output_folder, data_dir);

@@ -1,1 +1,14 @@
-//! trainer
+//! trainer: nnU-Net v2's training (`nnUNetTrainer`) on candle.
+//!
+//! - [`config::TrainerConfig`] and [`presets`]: hyper-parameters and the `-tr` names;
+//! - [`train::train`]: the epoch loop writing nnU-Net's results layout;
+//! - [`checkpoint`], [`logging`], [`progress`]: checkpoints, training log, `progress.png`.
+
+pub mod checkpoint;
+pub mod config;
+pub mod logging;
+pub mod presets;
+pub mod progress;
+
+pub use config::TrainerConfig;
+pub use presets::Presets;

@@ -1,0 +1,125 @@
+//! Host-side training data: cross-validation splits, the preprocessed dataset, nnU-Net's patch
+//! sampling (foreground oversampling), the augmentation pipeline and a deterministic
+//! multi-threaded background loader producing [`HostBatch`]es (no candle here: the train loop
+//! converts batches to tensors).
+
+pub mod augment;
+pub mod dataset;
+pub mod loader;
+pub mod sampling;
+pub mod splits;
+
+use std::path::PathBuf;
+
+pub use augment::{ds_scales_from_strides, AugmentationConfig};
+pub use dataset::PreprocessedDataset;
+pub use loader::{build_batch, BackgroundLoader, HostBatch, LoaderOptions};
+pub use splits::{load_or_create_splits, select_fold, Fold, Split};
+
+/// Errors of the data pipeline; they name the case or file involved.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    /// Reading or writing `splits_final.json` failed.
+    #[error("{path}: {message}")]
+    Splits {
+        /// The splits file.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// A case referenced somewhere is not in the preprocessed folder.
+    #[error("case {case:?} ({context}) is not in the preprocessed dataset")]
+    MissingCase {
+        /// The case identifier.
+        case: String,
+        /// Where it was referenced.
+        context: String,
+    },
+    /// Reading a preprocessed case failed.
+    #[error("case {case:?}: {source}")]
+    Storage {
+        /// The case identifier.
+        case: String,
+        /// The cause.
+        #[source]
+        source: preprocessing::storage::StorageError,
+    },
+    /// Listing the preprocessed folder failed.
+    #[error("preprocessed folder {folder}: {source}")]
+    Folder {
+        /// The folder.
+        folder: PathBuf,
+        /// The cause.
+        #[source]
+        source: preprocessing::storage::StorageError,
+    },
+    /// A training case without a segmentation.
+    #[error("case {case:?} has no segmentation (_seg.npy) in the preprocessed folder")]
+    NoSegmentation {
+        /// The case identifier.
+        case: String,
+    },
+    /// The case is incompatible with the configuration (channels, dimensionality).
+    #[error("case {case:?}: {message}")]
+    BadCase {
+        /// The case identifier.
+        case: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// Invalid loader options.
+    #[error("invalid data loader options: {0}")]
+    Options(String),
+    /// A background worker died.
+    #[error("data loader worker {worker} stopped unexpectedly (panic or channel closed)")]
+    WorkerDied {
+        /// Worker index.
+        worker: usize,
+    },
+}
+
+/// What the loader needs to know about the labels (from `dataset.json`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct LabelInfo {
+    /// All labels, sorted, background included, ignore label excluded.
+    pub all_labels: Vec<i64>,
+    /// Foreground regions when the dataset is region-based (`None` for plain labels).
+    pub regions: Option<Vec<Vec<i64>>>,
+    /// The ignore label, if any.
+    pub ignore_label: Option<i64>,
+}
+
+impl LabelInfo {
+    /// From `dataset.json`.
+    pub fn from_dataset_json(ds: &plans::DatasetJson) -> Self {
+        LabelInfo {
+            all_labels: ds.all_labels(),
+            regions: ds.has_regions().then(|| ds.foreground_regions()),
+            ignore_label: ds.ignore_label(),
+        }
+    }
+
+    /// Plain labels `0..n` without regions or ignore label.
+    pub fn plain(num_classes: usize) -> Self {
+        LabelInfo {
+            all_labels: (0..num_classes as i64).collect(),
+            regions: None,
+            ignore_label: None,
+        }
+    }
+
+    /// nnU-Net's `annotated_classes_key` (`tuple([-1] + all_labels)`) as a class-locations key.
+    pub fn annotated_classes_key(&self) -> String {
+        let mut k = vec![-1];
+        k.extend(&self.all_labels);
+        preprocessing::storage::class_locations_key(&k)
+    }
+
+    /// Number of target channels: 1 for labels, regions (+1 with an ignore label) otherwise.
+    pub fn target_channels(&self) -> usize {
+        match &self.regions {
+            Some(r) => r.len() + usize::from(self.ignore_label.is_some()),
+            None => 1,
+        }
+    }
+}

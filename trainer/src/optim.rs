@@ -1,0 +1,431 @@
+//! nnU-Net v2's optimizer pieces: SGD with Nesterov momentum (as `torch.optim.SGD`), the poly
+//! learning-rate schedule and global-L2-norm gradient clipping (`clip_grad_norm_`).
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Tensor, Var};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum OptimError {
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    #[error("optimizer state for parameter `{name}` has shape {got:?}, the parameter has {expected:?}")]
+    ShapeMismatch {
+        name: String,
+        expected: Vec<usize>,
+        got: Vec<usize>,
+    },
+    #[error("optimizer state file {path}: {source}")]
+    File {
+        path: PathBuf,
+        source: candle_core::Error,
+    },
+    #[error("optimizer state file {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Hyper-parameters of `torch.optim.SGD` (dampening is always 0, as in nnU-Net).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SgdOptions {
+    pub lr: f64,
+    pub momentum: f64,
+    pub weight_decay: f64,
+    pub nesterov: bool,
+}
+
+impl Default for SgdOptions {
+    /// nnU-Net v2: `SGD(lr=1e-2, momentum=0.99, weight_decay=3e-5, nesterov=True)`.
+    fn default() -> Self {
+        Self {
+            lr: 1e-2,
+            momentum: 0.99,
+            weight_decay: 3e-5,
+            nesterov: true,
+        }
+    }
+}
+
+/// SGD with (Nesterov) momentum and coupled L2 weight decay, step for step like
+/// `torch.optim.SGD(..., dampening=0)`:
+/// `d = g + wd*p; buf = d (first step) else momentum*buf + d; d = d + momentum*buf (nesterov)
+/// else buf; p -= lr*d`.
+///
+/// Momentum buffers are keyed by parameter name. Parameters without a gradient in a step are
+/// left untouched (as torch skips `p.grad is None`). Pass trainable parameters only (no
+/// BatchNorm running statistics).
+pub struct SgdNesterov {
+    vars: Vec<(String, Var)>,
+    opts: SgdOptions,
+    buffers: HashMap<String, Tensor>,
+}
+
+impl SgdNesterov {
+    pub fn new(vars: Vec<(String, Var)>, opts: SgdOptions) -> Self {
+        Self {
+            vars,
+            opts,
+            buffers: HashMap::new(),
+        }
+    }
+
+    pub fn options(&self) -> &SgdOptions {
+        &self.opts
+    }
+
+    pub fn lr(&self) -> f64 {
+        self.opts.lr
+    }
+
+    pub fn set_lr(&mut self, lr: f64) {
+        self.opts.lr = lr;
+    }
+
+    pub fn vars(&self) -> &[(String, Var)] {
+        &self.vars
+    }
+
+    /// Adds parameters (e.g. of a grown network). They start with fresh momentum buffers
+    /// unless a loaded state holds a buffer under the same name.
+    pub fn add_vars(&mut self, vars: Vec<(String, Var)>) {
+        self.vars.extend(vars);
+    }
+
+    /// One optimizer step with the gradients in `grads`.
+    pub fn step(&mut self, grads: &GradStore) -> candle_core::Result<()> {
+        let SgdOptions {
+            lr,
+            momentum,
+            weight_decay,
+            nesterov,
+        } = self.opts;
+        for (name, var) in &self.vars {
+            let Some(g) = grads.get(var.as_tensor()) else {
+                continue;
+            };
+            let p = var.as_tensor().detach();
+            let g = g.detach().to_dtype(p.dtype())?;
+            let mut d = if weight_decay != 0.0 {
+                (p.affine(weight_decay, 0.0)? + g)?
+            } else {
+                g
+            };
+            if momentum != 0.0 {
+                let buf = match self.buffers.get(name) {
+                    Some(b) if b.dims() == d.dims() => (b.affine(momentum, 0.0)? + &d)?,
+                    _ => d.clone(),
+                };
+                d = if nesterov {
+                    (d + buf.affine(momentum, 0.0)?)?
+                } else {
+                    buf.clone()
+                };
+                self.buffers.insert(name.clone(), buf);
+            }
+            var.set(&(p - d.affine(lr, 0.0)?)?)?;
+        }
+        Ok(())
+    }
+
+    /// Clips the gradients of this optimizer's parameters (see [`clip_grad_norm`]).
+    pub fn clip_grad_norm(
+        &self,
+        grads: &mut GradStore,
+        max_norm: f64,
+    ) -> candle_core::Result<f64> {
+        let vars: Vec<Var> = self.vars.iter().map(|(_, v)| v.clone()).collect();
+        clip_grad_norm(&vars, grads, max_norm)
+    }
+
+    /// Momentum buffers by parameter name (for checkpoints; save with
+    /// `candle_core::safetensors::save`).
+    pub fn state(&self) -> HashMap<String, Tensor> {
+        self.buffers.clone()
+    }
+
+    /// Restores momentum buffers. Buffers whose name matches a parameter must have its shape;
+    /// buffers for unknown names are kept (they apply if such a parameter is added later).
+    /// Parameters without a buffer start fresh.
+    pub fn load_state(&mut self, state: HashMap<String, Tensor>) -> Result<(), OptimError> {
+        let mut new = HashMap::with_capacity(state.len());
+        for (name, buf) in state {
+            let target = self.vars.iter().find(|(n, _)| *n == name).map(|(_, v)| v);
+            let buf = match target {
+                Some(v) => {
+                    if v.dims() != buf.dims() {
+                        return Err(OptimError::ShapeMismatch {
+                            name,
+                            expected: v.dims().to_vec(),
+                            got: buf.dims().to_vec(),
+                        });
+                    }
+                    buf.to_device(v.device())?.to_dtype(v.dtype())?
+                }
+                None => buf,
+            };
+            new.insert(name, buf);
+        }
+        self.buffers = new;
+        Ok(())
+    }
+
+    /// Writes the momentum buffers to a safetensors file atomically (temp file + rename).
+    pub fn save_state_file(&self, path: &Path) -> Result<(), OptimError> {
+        let file_name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "optimizer".to_string());
+        let tmp = path.with_file_name(format!(".{file_name}.tmp{}", std::process::id()));
+        candle_core::safetensors::save(&self.buffers, &tmp).map_err(|source| OptimError::File {
+            path: tmp.clone(),
+            source,
+        })?;
+        std::fs::rename(&tmp, path).map_err(|source| {
+            let _ = std::fs::remove_file(&tmp);
+            OptimError::Io {
+                path: path.to_path_buf(),
+                source,
+            }
+        })
+    }
+
+    /// Loads momentum buffers written by [`SgdNesterov::save_state_file`].
+    pub fn load_state_file(&mut self, path: &Path) -> Result<(), OptimError> {
+        let device = self
+            .vars
+            .first()
+            .map(|(_, v)| v.device().clone())
+            .unwrap_or(candle_core::Device::Cpu);
+        let state =
+            candle_core::safetensors::load(path, &device).map_err(|source| OptimError::File {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        self.load_state(state)
+    }
+}
+
+/// nnU-Net's `PolyLRScheduler`: `initial_lr * (1 - epoch/max_epochs)^exponent` (nnU-Net uses
+/// exponent 0.9, stepped once per epoch with the epoch index).
+pub fn poly_lr(initial_lr: f64, epoch: usize, max_epochs: usize, exponent: f64) -> f64 {
+    if max_epochs == 0 {
+        return initial_lr;
+    }
+    let frac = (1.0 - epoch as f64 / max_epochs as f64).max(0.0);
+    initial_lr * frac.powf(exponent)
+}
+
+/// `torch.nn.utils.clip_grad_norm_(params, max_norm)` (L2): computes the global norm of all
+/// gradients of `vars` present in `grads`, scales them by `min(max_norm/(total + 1e-6), 1)`
+/// in place, and returns the total norm (before clipping).
+pub fn clip_grad_norm(
+    vars: &[Var],
+    grads: &mut GradStore,
+    max_norm: f64,
+) -> candle_core::Result<f64> {
+    let mut partials = Vec::new();
+    for v in vars {
+        if let Some(g) = grads.get(v.as_tensor()) {
+            partials.push(g.sqr()?.sum_all()?.to_dtype(DType::F64)?);
+        }
+    }
+    if partials.is_empty() {
+        return Ok(0.0);
+    }
+    let total = Tensor::stack(&partials, 0)?
+        .sum_all()?
+        .to_scalar::<f64>()?
+        .sqrt();
+    let coef = max_norm / (total + 1e-6);
+    if coef < 1.0 {
+        for v in vars {
+            if let Some(g) = grads.remove(v.as_tensor()) {
+                grads.insert(v.as_tensor(), g.affine(coef, 0.0)?);
+            }
+        }
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn fixture(name: &str) -> HashMap<String, Tensor> {
+        let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../shared/fixtures/ops")
+            .join(format!("{name}.safetensors"));
+        candle_core::safetensors::load(&p, &Device::Cpu)
+            .unwrap_or_else(|e| panic!("loading {}: {e}", p.display()))
+    }
+
+    fn flat(t: &Tensor) -> Vec<f64> {
+        t.to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap()
+    }
+
+    fn assert_close(got: &Tensor, want: &Tensor, rel: f64, what: &str) {
+        assert_eq!(got.dims(), want.dims(), "{what}: shape");
+        let w = flat(want);
+        let maxref = w.iter().fold(0f64, |m, v| m.max(v.abs()));
+        for (a, b) in flat(got).iter().zip(&w) {
+            let tol = rel * b.abs() + 0.1 * rel * maxref;
+            assert!((a - b).abs() <= tol, "{what}: got {a}, want {b}");
+        }
+    }
+
+    /// A fake GradStore holding `g` for `var` (GradStore has no public constructor).
+    fn grad_store_for(vars: &[(&Var, &Tensor)]) -> GradStore {
+        // sum_i <var_i, g_i> has gradient g_i w.r.t. var_i
+        let mut total: Option<Tensor> = None;
+        for (v, g) in vars {
+            let t = (v.as_tensor() * g.detach()).unwrap().sum_all().unwrap();
+            total = Some(match total {
+                Some(a) => (a + t).unwrap(),
+                None => t,
+            });
+        }
+        total.unwrap().backward().unwrap()
+    }
+
+    #[test]
+    fn sgd_nesterov_matches_torch_fixture() {
+        let fx = fixture("sgd_nesterov");
+        for (dt, rel) in [(DType::F64, 1e-5), (DType::F32, 1e-4)] {
+            let var = Var::from_tensor(&fx["param_0"].to_dtype(dt).unwrap()).unwrap();
+            let mut opt = SgdNesterov::new(vec![("w".into(), var.clone())], SgdOptions::default());
+            for t in 1..=3 {
+                let g = fx[&format!("grad_{t}")].to_dtype(dt).unwrap();
+                let grads = grad_store_for(&[(&var, &g)]);
+                opt.step(&grads).unwrap();
+                assert_close(
+                    var.as_tensor(),
+                    &fx[&format!("param_{t}")],
+                    rel,
+                    &format!("param_{t} {dt:?}"),
+                );
+                assert_close(
+                    &opt.state()["w"],
+                    &fx[&format!("momentum_buffer_{t}")],
+                    rel,
+                    &format!("momentum_buffer_{t} {dt:?}"),
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn sgd_state_roundtrip_and_growth() {
+        let fx = fixture("sgd_nesterov");
+        let p0 = &fx["param_0"];
+        // run 1 step, save state to file, continue in a new optimizer: same as 3 uninterrupted steps
+        let var = Var::from_tensor(p0).unwrap();
+        let mut opt = SgdNesterov::new(vec![("w".into(), var.clone())], SgdOptions::default());
+        let g1 = fx["grad_1"].clone();
+        opt.step(&grad_store_for(&[(&var, &g1)])).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("opt.safetensors");
+        opt.save_state_file(&path).unwrap();
+
+        let var2 = Var::from_tensor(var.as_tensor()).unwrap();
+        let extra = Var::from_tensor(&Tensor::ones(3, DType::F32, &Device::Cpu).unwrap()).unwrap();
+        let mut opt2 = SgdNesterov::new(vec![("w".into(), var2.clone())], SgdOptions::default());
+        opt2.load_state_file(&path).unwrap();
+        opt2.add_vars(vec![("new".into(), extra.clone())]);
+        for t in 2..=3 {
+            let g = fx[&format!("grad_{t}")].clone();
+            let ge = Tensor::new(&[1f32, 2., 3.], &Device::Cpu).unwrap();
+            opt2.step(&grad_store_for(&[(&var2, &g), (&extra, &ge)])).unwrap();
+        }
+        assert_close(var2.as_tensor(), &fx["param_3"], 1e-4, "resumed param_3");
+        assert_close(&opt2.state()["w"], &fx["momentum_buffer_3"], 1e-4, "resumed buf_3");
+        // the new parameter started with a fresh buffer: buf = g + wd*p (step 1), then
+        // 0.99*buf + d (step 2)
+        assert!(opt2.state().contains_key("new"));
+        let e = flat(extra.as_tensor());
+        assert!(e.iter().all(|v| *v < 1.0), "{e:?}");
+
+        // a buffer with the wrong shape is rejected with the parameter name
+        let mut bad = HashMap::new();
+        bad.insert("w".to_string(), Tensor::zeros(7, DType::F32, &Device::Cpu).unwrap());
+        let err = opt2.load_state(bad).unwrap_err();
+        assert!(err.to_string().contains("`w`"), "{err}");
+    }
+
+    #[test]
+    fn sgd_skips_params_without_grad() {
+        let a = Var::from_tensor(&Tensor::ones(2, DType::F64, &Device::Cpu).unwrap()).unwrap();
+        let b = Var::from_tensor(&Tensor::ones(2, DType::F64, &Device::Cpu).unwrap()).unwrap();
+        let mut opt = SgdNesterov::new(
+            vec![("a".into(), a.clone()), ("b".into(), b.clone())],
+            SgdOptions::default(),
+        );
+        let g = Tensor::new(&[1f64, -1.], &Device::Cpu).unwrap();
+        opt.step(&grad_store_for(&[(&a, &g)])).unwrap();
+        assert_eq!(flat(b.as_tensor()), vec![1.0, 1.0]);
+        // a: d = g + 3e-5; buf = d; d + 0.99 d = 1.99 d; p -= 0.01 * 1.99 d
+        let want0 = 1.0 - 0.01 * 1.99 * (1.0 + 3e-5);
+        assert!((flat(a.as_tensor())[0] - want0).abs() < 1e-12);
+        assert!(!opt.state().contains_key("b"));
+    }
+
+    #[test]
+    fn poly_lr_matches_fixture() {
+        // exact float64 values from index.json (`lr_values`)
+        let epochs = [0usize, 1, 2, 3, 10, 100, 250, 500, 750, 900, 998, 999];
+        let want = [
+            0.01,
+            0.009990999549834914,
+            0.009981998198678612,
+            0.009972995945537971,
+            0.009909954834128341,
+            0.009095325760829623,
+            0.007718895067235705,
+            0.005358867312681466,
+            0.0028717458874925874,
+            0.001258925411794167,
+            3.723291133272141e-05,
+            1.995262314968881e-05,
+        ];
+        let fx = fixture("poly_lr");
+        let fx_epochs = fx["epoch"].to_vec1::<i64>().unwrap();
+        let fx_lr = flat(&fx["lr"]);
+        for (i, (&e, &w)) in epochs.iter().zip(&want).enumerate() {
+            assert_eq!(fx_epochs[i], e as i64);
+            let got = poly_lr(0.01, e, 1000, 0.9);
+            assert!((got - w).abs() <= 1e-12 * w, "epoch {e}: {got} vs {w}");
+            assert!((got - fx_lr[i]).abs() <= 1e-6 * w, "epoch {e}: {got} vs f32 {}", fx_lr[i]);
+        }
+    }
+
+    #[test]
+    fn clip_grad_norm_matches_fixture() {
+        let fx = fixture("clip_grad_norm");
+        for (dt, rel) in [(DType::F64, 1e-5), (DType::F32, 1e-4)] {
+            let ga = fx["grad_a"].to_dtype(dt).unwrap();
+            let gb = fx["grad_b"].to_dtype(dt).unwrap();
+            let va = Var::zeros(ga.dims(), dt, &Device::Cpu).unwrap();
+            let vb = Var::zeros(gb.dims(), dt, &Device::Cpu).unwrap();
+            let mut grads = grad_store_for(&[(&va, &ga), (&vb, &gb)]);
+            let total = clip_grad_norm(&[va.clone(), vb.clone()], &mut grads, 12.0).unwrap();
+            let want_total = fx["total_norm"].to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
+            assert!(total > 12.0);
+            assert!((total - want_total).abs() <= rel * want_total, "{total} vs {want_total}");
+            assert_close(grads.get(va.as_tensor()).unwrap(), &fx["grad_a_out"], rel, "grad_a_out");
+            assert_close(grads.get(vb.as_tensor()).unwrap(), &fx["grad_b_out"], rel, "grad_b_out");
+            // below the threshold nothing changes
+            let mut grads = grad_store_for(&[(&va, &ga)]);
+            let t = clip_grad_norm(&[va.clone()], &mut grads, 1e9).unwrap();
+            assert!(t > 0.0);
+            assert_eq!(flat(grads.get(va.as_tensor()).unwrap()), flat(&ga));
+        }
+    }
+}

@@ -967,6 +967,7 @@ mod tests {
         let opts = PreprocessOptions {
             num_workers: 1,
             verbose: false,
+            progress: None,
         };
         let msg = preprocess_dataset(&ds, &plans, "3d_fullres", &out_root, &opts)
             .unwrap_err()

@@ -6,7 +6,10 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod data;
 pub mod logging;
+pub mod loss;
+pub mod optim;
 pub mod presets;
 pub mod progress;
 

@@ -512,6 +512,7 @@ mod tests {
             worst = worst.max(err / maxref.max(1e-30));
         }
         assert!(worst.is_finite());
+        eprintln!("{what}: max scaled error {worst:.2e}");
     }
 
     /// Runs `f(x, target)` on the fixture in `dtype`, checks y and gx = gy * dL/dx.

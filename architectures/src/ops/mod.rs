@@ -6,8 +6,17 @@
 //! through Candle's autograd, composed only from Candle ops whose gradients are correct, or from
 //! the custom CPU convolution kernels in this module (which carry explicit, fast backward passes).
 //!
-//! On non-CPU devices convolutions are composed from Candle's `conv2d`, `index_select`,
-//! `matmul` and reshapes, so the same API runs on CUDA.
+//! CPU f32/f64 tensors use custom ops: convolution / transposed convolution on blocked im2col +
+//! AVX-512 `gemm` (forward, input gradient and weight gradient, each parallel with rayon and with
+//! a bounded per-thread workspace, see `kernels`), and fused instance norm / leaky ReLU. On other
+//! devices or dtypes the same functions compose Candle ops (convolutions from Candle's `conv2d`
+//! with zero padding and exact tiling, `index_select`, `matmul` and reshapes), so the API runs on
+//! CUDA; the custom ops are never handed non-CPU tensors.
+//!
+//! Performance note for callers: Candle allocates a fresh buffer per op and glibc returns large
+//! buffers to the OS, so big feature maps pay page faults on every op. Training binaries should
+//! raise glibc's `mmap_threshold` / `trim_threshold` (e.g. `GLIBC_TUNABLES=glibc.malloc.
+//! mmap_threshold=33554432:glibc.malloc.trim_threshold=4294967296`) or use another allocator.
 
 mod act;
 mod conv;

@@ -12,6 +12,9 @@ pub mod loss;
 pub mod optim;
 pub mod presets;
 pub mod progress;
+pub mod train;
 
 pub use config::TrainerConfig;
+pub use data::Fold;
 pub use presets::Presets;
+pub use train::{train, TrainError, TrainRequest, TrainSummary};

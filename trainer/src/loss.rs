@@ -241,21 +241,23 @@ fn mask_to_flat(logits: &Tensor, mask: &Tensor, what: &str) -> Result<Tensor> {
 /// `target`: labels `(B, 1, *spatial)` or `(B, *spatial)` as float or integer values.
 /// With `ignore_label`, the mean runs over non-ignored voxels only and ignored voxels get zero
 /// gradient; if every voxel is ignored the loss is 0 (nnU-Net skips the CE term then).
-pub fn cross_entropy(logits: &Tensor, target: &Tensor, ignore_label: Option<i64>) -> Result<Tensor> {
+pub fn cross_entropy(
+    logits: &Tensor,
+    target: &Tensor,
+    ignore_label: Option<i64>,
+) -> Result<Tensor> {
     let x = flatten_spatial(logits, "cross entropy logits")?;
     let t = label_target(logits, target, "cross entropy")?;
     let mask = match ignore_label {
         Some(ign) => Some(t.ne(ign as f64)?.to_dtype(x.dtype())?),
         None => None,
     };
-    ce_core(&x, &t, mask.as_ref())
+    let y = one_hot(&t, x.dim(1)?, x.dtype())?;
+    ce_core(&log_softmax_dim1(&x)?, &y, mask.as_ref())
 }
 
-/// `x (B, C, N)` logits, `t (B, 1, N)` labels, `mask (B, 1, N)`.
-fn ce_core(x: &Tensor, t: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-    let c = x.dim(1)?;
-    let logp = log_softmax_dim1(x)?;
-    let y = one_hot(t, c, x.dtype())?;
+/// `logp (B, C, N)` log-probabilities, `y (B, C, N)` one-hot, `mask (B, 1, N)`.
+fn ce_core(logp: &Tensor, y: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
     let nll = (logp * y)?.sum_keepdim(1)?.neg()?; // (B, 1, N)
     match mask {
         None => nll.mean_all(),
@@ -299,23 +301,23 @@ impl SegLoss for DcAndCeLoss {
         let x = flatten_spatial(logits, "DC_and_CE logits")?;
         let c = x.dim(1)?;
         let t = label_target(logits, target, "DC_and_CE")?;
-        let (mask, t_dice) = match o.ignore_label {
-            Some(ign) => {
-                let m = t.ne(ign as f64)?.to_dtype(x.dtype())?;
-                let td = (&t * &m)?; // where(mask, target, 0)
-                (Some(m), td)
-            }
-            None => (None, t.clone()),
+        // Ignored voxels: nnU-Net uses where(mask, target, 0) for the dice target. The dice
+        // sums multiply the prediction and the ground truth by the mask, and the CE terms are
+        // masked too, so the one-hot of the raw target gives identical sums.
+        let mask = match o.ignore_label {
+            Some(ign) => Some(t.ne(ign as f64)?.to_dtype(x.dtype())?),
+            None => None,
         };
+        let y = one_hot(&t, c, x.dtype())?;
+        let logp = log_softmax_dim1(&x)?;
         let mut total: Option<Tensor> = None;
         if o.weight_dice != 0.0 {
-            let p = softmax_dim1(&x)?;
-            let y = one_hot(&t_dice, c, x.dtype())?;
+            let p = logp.exp()?;
             let dc = soft_dice_core(&p, &y, mask.as_ref(), o.batch_dice, false, o.smooth)?;
             total = Some(dc.affine(o.weight_dice, 0.0)?);
         }
         if o.weight_ce != 0.0 {
-            let ce = ce_core(&x, &t, mask.as_ref())?.affine(o.weight_ce, 0.0)?;
+            let ce = ce_core(&logp, &y, mask.as_ref())?.affine(o.weight_ce, 0.0)?;
             total = Some(match total {
                 Some(d) => (d + ce)?,
                 None => ce,
@@ -640,8 +642,11 @@ mod tests {
     fn ds_loss_is_weighted_sum_and_skips_zero_weights() {
         let dev = Device::Cpu;
         let opts = LossOptions::default();
-        let x0 = Tensor::new(&[[[[2.0f64, -1.0], [0.5, 0.0]], [[-1.0, 1.0], [0.0, 3.0]]]], &dev)
-            .unwrap(); // (1,2,2,2)
+        let x0 = Tensor::new(
+            &[[[[2.0f64, -1.0], [0.5, 0.0]], [[-1.0, 1.0], [0.0, 3.0]]]],
+            &dev,
+        )
+        .unwrap(); // (1,2,2,2)
         let t0 = Tensor::new(&[[[[0.0f64, 1.0], [0.0, 1.0]]]], &dev).unwrap();
         let x1 = Tensor::new(&[[[[1.0f64]], [[-2.0]]]], &dev).unwrap(); // (1,2,1,1)
         let t1 = Tensor::new(&[[[[1.0f64]]]], &dev).unwrap();
@@ -657,9 +662,13 @@ mod tests {
             .unwrap()
             .to_scalar::<f64>()
             .unwrap();
-        assert!((got - (0.75 * l0 + 0.25 * l1)).abs() < 1e-12, "{got} {l0} {l1}");
+        assert!(
+            (got - (0.75 * l0 + 0.25 * l1)).abs() < 1e-12,
+            "{got} {l0} {l1}"
+        );
         assert!(ds.loss_ds(&[x0.clone()], &[]).is_err());
-        let ds1 = DeepSupervisionLoss::new(Box::new(DcAndCeLoss::new(LossOptions::default())), vec![]);
+        let ds1 =
+            DeepSupervisionLoss::new(Box::new(DcAndCeLoss::new(LossOptions::default())), vec![]);
         assert!(ds1.loss_ds(&[x0], &[t0]).is_err());
     }
 
@@ -681,6 +690,8 @@ mod tests {
         assert!((l + 1.0).abs() < 1e-6, "{l}");
         // wrong target shape is an error, not a panic
         let bad = Tensor::zeros((1, 1, 3, 3), DType::F64, &dev).unwrap();
-        assert!(DcAndCeLoss::new(LossOptions::default()).loss(&x, &bad).is_err());
+        assert!(DcAndCeLoss::new(LossOptions::default())
+            .loss(&x, &bad)
+            .is_err());
     }
 }

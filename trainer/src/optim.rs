@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 pub enum OptimError {
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
-    #[error("optimizer state for parameter `{name}` has shape {got:?}, the parameter has {expected:?}")]
+    #[error(
+        "optimizer state for parameter `{name}` has shape {got:?}, the parameter has {expected:?}"
+    )]
     ShapeMismatch {
         name: String,
         expected: Vec<usize>,
@@ -131,11 +133,7 @@ impl SgdNesterov {
     }
 
     /// Clips the gradients of this optimizer's parameters (see [`clip_grad_norm`]).
-    pub fn clip_grad_norm(
-        &self,
-        grads: &mut GradStore,
-        max_norm: f64,
-    ) -> candle_core::Result<f64> {
+    pub fn clip_grad_norm(&self, grads: &mut GradStore, max_norm: f64) -> candle_core::Result<f64> {
         let vars: Vec<Var> = self.vars.iter().map(|(_, v)| v.clone()).collect();
         clip_grad_norm(&vars, grads, max_norm)
     }
@@ -343,10 +341,16 @@ mod tests {
         for t in 2..=3 {
             let g = fx[&format!("grad_{t}")].clone();
             let ge = Tensor::new(&[1f32, 2., 3.], &Device::Cpu).unwrap();
-            opt2.step(&grad_store_for(&[(&var2, &g), (&extra, &ge)])).unwrap();
+            opt2.step(&grad_store_for(&[(&var2, &g), (&extra, &ge)]))
+                .unwrap();
         }
         assert_close(var2.as_tensor(), &fx["param_3"], 1e-4, "resumed param_3");
-        assert_close(&opt2.state()["w"], &fx["momentum_buffer_3"], 1e-4, "resumed buf_3");
+        assert_close(
+            &opt2.state()["w"],
+            &fx["momentum_buffer_3"],
+            1e-4,
+            "resumed buf_3",
+        );
         // the new parameter started with a fresh buffer: buf = g + wd*p (step 1), then
         // 0.99*buf + d (step 2)
         assert!(opt2.state().contains_key("new"));
@@ -355,7 +359,10 @@ mod tests {
 
         // a buffer with the wrong shape is rejected with the parameter name
         let mut bad = HashMap::new();
-        bad.insert("w".to_string(), Tensor::zeros(7, DType::F32, &Device::Cpu).unwrap());
+        bad.insert(
+            "w".to_string(),
+            Tensor::zeros(7, DType::F32, &Device::Cpu).unwrap(),
+        );
         let err = opt2.load_state(bad).unwrap_err();
         assert!(err.to_string().contains("`w`"), "{err}");
     }
@@ -402,7 +409,11 @@ mod tests {
             assert_eq!(fx_epochs[i], e as i64);
             let got = poly_lr(0.01, e, 1000, 0.9);
             assert!((got - w).abs() <= 1e-12 * w, "epoch {e}: {got} vs {w}");
-            assert!((got - fx_lr[i]).abs() <= 1e-6 * w, "epoch {e}: {got} vs f32 {}", fx_lr[i]);
+            assert!(
+                (got - fx_lr[i]).abs() <= 1e-6 * w,
+                "epoch {e}: {got} vs f32 {}",
+                fx_lr[i]
+            );
         }
     }
 
@@ -416,11 +427,28 @@ mod tests {
             let vb = Var::zeros(gb.dims(), dt, &Device::Cpu).unwrap();
             let mut grads = grad_store_for(&[(&va, &ga), (&vb, &gb)]);
             let total = clip_grad_norm(&[va.clone(), vb.clone()], &mut grads, 12.0).unwrap();
-            let want_total = fx["total_norm"].to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
+            let want_total = fx["total_norm"]
+                .to_dtype(DType::F64)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
             assert!(total > 12.0);
-            assert!((total - want_total).abs() <= rel * want_total, "{total} vs {want_total}");
-            assert_close(grads.get(va.as_tensor()).unwrap(), &fx["grad_a_out"], rel, "grad_a_out");
-            assert_close(grads.get(vb.as_tensor()).unwrap(), &fx["grad_b_out"], rel, "grad_b_out");
+            assert!(
+                (total - want_total).abs() <= rel * want_total,
+                "{total} vs {want_total}"
+            );
+            assert_close(
+                grads.get(va.as_tensor()).unwrap(),
+                &fx["grad_a_out"],
+                rel,
+                "grad_a_out",
+            );
+            assert_close(
+                grads.get(vb.as_tensor()).unwrap(),
+                &fx["grad_b_out"],
+                rel,
+                "grad_b_out",
+            );
             // below the threshold nothing changes
             let mut grads = grad_store_for(&[(&va, &ga)]);
             let t = clip_grad_norm(&[va.clone()], &mut grads, 1e9).unwrap();

@@ -976,7 +976,7 @@ mod tests {
         assert_eq!(t[0][[1, 0, 1, 1]], 0.0);
         assert_eq!(t[0][[0, 0, 1, 1]], 1.0);
         assert_eq!(t[0][[2, 1, 3, 3]], 1.0);
-        assert_eq!(t[0].sum(), 5.0);
+        assert_eq!(t[0].sum(), 4.0);
         // 2-D scales apply to (y, x)
         let t = make_targets(&seg.slice(ndarray::s![.., 0..1, .., ..]).to_owned(), &LabelInfo::plain(3), &[vec![0.5, 0.5]]);
         assert_eq!(t[0].dim(), (1, 1, 2, 2));

@@ -268,7 +268,7 @@ pub(crate) mod tests {
         // need 3 → lbs -2, ubs = shape + 1 + 1 - patch
         let (l, u) = bbox_bounds(&[10, 4], &[6, 8], &[3, 0]);
         assert_eq!(l, vec![-2, -2]);
-        assert_eq!(u, vec![6, 0]);
+        assert_eq!(u, vec![6, -2]);
     }
 
     #[test]

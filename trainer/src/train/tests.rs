@@ -1,0 +1,378 @@
+//! End-to-end training on a tiny synthetic 2D dataset.
+
+use super::*;
+use crate::checkpoint::CheckpointKind;
+use datasets::io::ImageProperties;
+use ndarray::Array4;
+use preprocessing::storage::{save_case, CaseProperties};
+use serde_json::Value;
+use std::collections::BTreeMap;
+
+const DATASET: &str = "Dataset999_Tiny";
+
+/// nnU-Net plans with a 3-stage 2D PlainConvUNet (features 4, 8, 16), patch 32×32, batch 2.
+const PLANS: &str = r#"{
+ "dataset_name": "Dataset999_Tiny",
+ "plans_name": "nnUNetPlans",
+ "original_median_spacing_after_transp": [
+  999.0,
+  1.0,
+  1.0
+ ],
+ "original_median_shape_after_transp": [
+  1,
+  40,
+  40
+ ],
+ "image_reader_writer": "NaturalImage2DIO",
+ "transpose_forward": [
+  0,
+  1,
+  2
+ ],
+ "transpose_backward": [
+  0,
+  1,
+  2
+ ],
+ "configurations": {
+  "2d": {
+   "data_identifier": "nnUNetPlans_2d",
+   "preprocessor_name": "DefaultPreprocessor",
+   "batch_size": 2,
+   "patch_size": [
+    32,
+    32
+   ],
+   "median_image_size_in_voxels": [
+    40.0,
+    40.0
+   ],
+   "spacing": [
+    1.0,
+    1.0
+   ],
+   "normalization_schemes": [
+    "ZScoreNormalization"
+   ],
+   "use_mask_for_norm": [
+    false
+   ],
+   "resampling_fn_data": "resample_data_or_seg_to_shape",
+   "resampling_fn_seg": "resample_data_or_seg_to_shape",
+   "resampling_fn_data_kwargs": {
+    "is_seg": false,
+    "order": 3,
+    "order_z": 0,
+    "force_separate_z": null
+   },
+   "resampling_fn_seg_kwargs": {
+    "is_seg": true,
+    "order": 1,
+    "order_z": 0,
+    "force_separate_z": null
+   },
+   "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
+   "resampling_fn_probabilities_kwargs": {
+    "is_seg": false,
+    "order": 1,
+    "order_z": 0,
+    "force_separate_z": null
+   },
+   "architecture": {
+    "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+    "arch_kwargs": {
+     "n_stages": 3,
+     "features_per_stage": [
+      4,
+      8,
+      16
+     ],
+     "conv_op": "torch.nn.modules.conv.Conv2d",
+     "kernel_sizes": [
+      [
+       3,
+       3
+      ],
+      [
+       3,
+       3
+      ],
+      [
+       3,
+       3
+      ]
+     ],
+     "strides": [
+      [
+       1,
+       1
+      ],
+      [
+       2,
+       2
+      ],
+      [
+       2,
+       2
+      ]
+     ],
+     "n_conv_per_stage": [
+      2,
+      2,
+      2
+     ],
+     "n_conv_per_stage_decoder": [
+      2,
+      2
+     ],
+     "conv_bias": true,
+     "norm_op": "torch.nn.modules.instancenorm.InstanceNorm2d",
+     "norm_op_kwargs": {
+      "eps": 1e-05,
+      "affine": true
+     },
+     "dropout_op": null,
+     "dropout_op_kwargs": null,
+     "nonlin": "torch.nn.LeakyReLU",
+     "nonlin_kwargs": {
+      "inplace": true
+     }
+    },
+    "_kw_requires_import": [
+     "conv_op",
+     "norm_op",
+     "dropout_op",
+     "nonlin"
+    ]
+   },
+   "batch_dice": true
+  }
+ },
+ "experiment_planner_used": "ExperimentPlanner",
+ "label_manager": "LabelManager",
+ "foreground_intensity_properties_per_channel": {
+  "0": {
+   "max": 3.0,
+   "mean": 1.0,
+   "median": 1.0,
+   "min": -1.0,
+   "percentile_00_5": -0.5,
+   "percentile_99_5": 2.5,
+   "std": 0.5
+  }
+ }
+}"#;
+
+fn plans_json() -> Value {
+    serde_json::from_str(PLANS).unwrap()
+}
+
+/// 6 cases of 1×40×40: a bright square (label 1) on noise.
+fn make_dataset(root: &Path) -> PathBuf {
+    let pre = root.join("nnUNet_preprocessed").join(DATASET);
+    let data_dir = pre.join("nnUNetPlans_2d");
+    std::fs::create_dir_all(&data_dir).unwrap();
+    plans::io::write_json_atomic(&pre.join("nnUNetPlans.json"), &plans_json()).unwrap();
+    plans::io::write_json_atomic(
+        &pre.join("dataset.json"),
+        &json!({
+            "channel_names": {"0": "noise"},
+            "labels": {"background": 0, "square": 1},
+            "numTraining": 6,
+            "file_ending": ".png"
+        }),
+    )
+    .unwrap();
+    let mut state = 12345u64;
+    let mut rnd = move || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((state >> 33) as f64 / (1u64 << 31) as f64) as f32 - 0.5
+    };
+    for case in 0..6 {
+        let (y0, x0) = (4 + 3 * case, 6 + 2 * case);
+        let mut data = Array4::<f32>::zeros((1, 1, 40, 40));
+        let mut seg = Array4::<i16>::zeros((1, 1, 40, 40));
+        let mut locs = vec![];
+        for y in 0..40 {
+            for x in 0..40 {
+                let inside = (y0..y0 + 14).contains(&y) && (x0..x0 + 14).contains(&x);
+                data[[0, 0, y, x]] = rnd() + if inside { 1.5 } else { -0.5 };
+                if inside {
+                    seg[[0, 0, y, x]] = 1;
+                    locs.push([0i64, 0, y as i64, x as i64]);
+                }
+            }
+        }
+        let props = CaseProperties {
+            spacing: [999.0, 1.0, 1.0],
+            shape_before_cropping: [1, 40, 40],
+            bbox_used_for_cropping: [[0, 1], [0, 40], [0, 40]],
+            shape_after_cropping_and_before_resampling: [1, 40, 40],
+            class_locations: BTreeMap::from([("1".to_string(), locs)]),
+            image_properties: ImageProperties::natural_2d(),
+        };
+        save_case(
+            &data_dir,
+            &format!("case_{case:03}"),
+            data.view(),
+            Some(seg.view()),
+            &props,
+        )
+        .unwrap();
+    }
+    pre
+}
+
+fn request(root: &Path, pre: &Path, epochs: usize) -> TrainRequest {
+    let config = TrainerConfig {
+        num_epochs: epochs,
+        num_iterations_per_epoch: 4,
+        num_val_iterations_per_epoch: 2,
+        save_every: 1,
+        num_workers: Some(1),
+        seed: 7,
+        ..Default::default()
+    };
+    let mut r = TrainRequest::new(
+        pre,
+        root.join("nnUNet_results"),
+        DATASET,
+        "2d",
+        Fold::Index(0),
+        "nnUNetTrainer_tiny",
+        config,
+        Device::Cpu,
+    );
+    r.echo_log = false;
+    r
+}
+
+#[test]
+fn tiny_training_writes_the_results_layout_and_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pre = make_dataset(tmp.path());
+    let req = request(tmp.path(), &pre, 2);
+    let s = train(&req).unwrap();
+    eprintln!(
+        "tiny 2D training: {:.1} ms per iteration ({} iterations)",
+        s.mean_train_iteration_s * 1e3,
+        s.train_iterations
+    );
+    let model = tmp
+        .path()
+        .join("nnUNet_results")
+        .join(DATASET)
+        .join("nnUNetTrainer_tiny__nnUNetPlans__2d");
+    assert_eq!(s.fold_folder, model.join("fold_0"));
+    for f in ["plans.json", "dataset.json"] {
+        assert!(model.join(f).is_file(), "{f}");
+    }
+    for f in [
+        "checkpoint_final.safetensors",
+        "checkpoint_best.safetensors",
+        "progress.png",
+        "debug.json",
+    ] {
+        assert!(s.fold_folder.join(f).is_file(), "{f}");
+    }
+    // latest is deleted at the end; no temp files are left
+    let names: Vec<String> = std::fs::read_dir(&s.fold_folder)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(!names.iter().any(|n| n.contains("latest") || n.starts_with('.')), "{names:?}");
+    assert_eq!(s.train_iterations, 8);
+    assert_eq!(s.epochs_completed, 2);
+    assert_eq!(s.logging.epochs(), 2);
+    assert!(s.logging.train_losses.iter().all(|l| l.is_finite()));
+    assert!(s.logging.val_losses.iter().all(|l| l.is_finite()));
+    assert_eq!(s.logging.dice_per_class_or_region[0].len(), 1);
+    assert!(s.logging.lrs[1] < s.logging.lrs[0]);
+    let log = std::fs::read_to_string(&s.log_file).unwrap();
+    for needle in [
+        "Epoch 0",
+        "Epoch 1",
+        "Current learning rate: 0.01",
+        "train_loss ",
+        "val_loss ",
+        "Pseudo dice [",
+        "Epoch time: ",
+        "Yayy! New best EMA pseudo Dice: ",
+    ] {
+        assert!(log.contains(needle), "missing `{needle}` in\n{log}");
+    }
+    let final_meta = Checkpoint::load_meta(&s.final_checkpoint).unwrap();
+    assert_eq!(final_meta.current_epoch, 2);
+    assert_eq!(final_meta.trainer_name, "nnUNetTrainer_tiny");
+    assert_eq!(final_meta.inference_allowed_mirroring_axes, vec![0, 1]);
+    assert_eq!(final_meta.logging, s.logging.clone());
+    let ck = Checkpoint::load(&s.final_checkpoint, &Device::Cpu).unwrap();
+    assert!(!ck.optimizer_state.is_empty());
+    assert!(ck.network_weights.len() >= ck.optimizer_state.len());
+
+    // --c with a longer schedule continues at epoch 2 and keeps training
+    let resumed = TrainRequest {
+        continue_training: true,
+        ..request(tmp.path(), &pre, 6)
+    };
+    let r = train(&resumed).unwrap();
+    assert_eq!(r.start_epoch, 2);
+    assert_eq!(r.train_iterations, 16);
+    assert_eq!(r.logging.epochs(), 6);
+    assert_eq!(r.logging.train_losses[..2], s.logging.train_losses[..]);
+    let first = r.logging.train_losses[0];
+    let last = *r.logging.train_losses.last().unwrap();
+    eprintln!("train loss per epoch: {:?}", r.logging.train_losses);
+    assert!(last < first, "loss did not fall: {:?}", r.logging.train_losses);
+    assert_eq!(
+        Checkpoint::load_meta(&r.final_checkpoint).unwrap().current_epoch,
+        6
+    );
+    let logs: Vec<_> = std::fs::read_dir(&r.fold_folder)
+        .unwrap()
+        .filter_map(|e| {
+            let n = e.unwrap().file_name().to_string_lossy().into_owned();
+            n.starts_with("training_log_").then_some(n)
+        })
+        .collect();
+    assert!(!logs.is_empty());
+    let text = std::fs::read_to_string(&r.log_file).unwrap();
+    assert!(text.contains("Resuming from") && text.contains("Epoch 5"), "{text}");
+    assert!(!text.contains("Epoch 1\n"), "{text}");
+}
+
+#[test]
+fn same_seed_same_losses() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pre = make_dataset(tmp.path());
+    let mut a = request(tmp.path(), &pre, 1);
+    a.trainer_name = "A".into();
+    let mut b = request(tmp.path(), &pre, 1);
+    b.trainer_name = "B".into();
+    let la = train(&a).unwrap().logging;
+    let lb = train(&b).unwrap().logging;
+    assert_eq!(la.train_losses, lb.train_losses);
+    assert_eq!(la.val_losses, lb.val_losses);
+}
+
+#[test]
+fn setup_errors_are_clear() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pre = make_dataset(tmp.path());
+    let mut r = request(tmp.path(), &pre, 1);
+    r.configuration = "3d_fullres".into();
+    let e = train(&r).unwrap_err().to_string();
+    assert!(e.contains("3d_fullres"), "{e}");
+    let mut r = request(tmp.path(), &pre, 1);
+    r.config.network_override = Some("NoSuchNet".into());
+    let e = train(&r).unwrap_err().to_string();
+    assert!(e.contains("NoSuchNet") && e.contains("PlainConvUNet"), "{e}");
+    let mut r = request(tmp.path(), &pre, 1);
+    r.validation_only = true;
+    assert!(matches!(train(&r), Err(TrainError::Unsupported(_))));
+    // nothing was written for failed setups
+    assert!(!tmp.path().join("nnUNet_results").exists());
+}

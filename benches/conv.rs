@@ -15,6 +15,12 @@ use candle_core::{DType, Device, Result, Tensor, Var};
 use criterion::Criterion;
 use std::time::{Duration, Instant};
 
+// The training binary uses mimalloc: Candle's autograd allocates (and zero-fills) a fresh
+// buffer per gradient, and glibc returns large buffers to the OS, so every backward step
+// would page-fault its buffers in again. Benchmark with the allocator the product uses.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 struct Work {
     name: &'static str,
     /// multiply-adds of one forward pass (0 = not a conv: report time only)

@@ -207,7 +207,11 @@ fn meta_from_bytes(path: &Path, bytes: &[u8]) -> Result<CheckpointMeta, Checkpoi
         .metadata()
         .as_ref()
         .and_then(|m| m.get(METADATA_KEY))
-        .ok_or_else(|| fmt(format!("no `{METADATA_KEY}` metadata: not an nnseg checkpoint")))?;
+        .ok_or_else(|| {
+            fmt(format!(
+                "no `{METADATA_KEY}` metadata: not an nnseg checkpoint"
+            ))
+        })?;
     let meta: CheckpointMeta =
         serde_json::from_str(json).map_err(|e| fmt(format!("invalid checkpoint metadata: {e}")))?;
     if meta.format != CHECKPOINT_FORMAT {
@@ -233,14 +237,16 @@ mod tests {
     use serde_json::json;
 
     pub(crate) fn sample(device: &Device) -> Checkpoint {
-        let mut logging = TrainingLog::default();
-        logging.train_losses = vec![0.5, 0.25];
-        logging.val_losses = vec![0.6, 0.3];
+        let mut logging = TrainingLog {
+            train_losses: vec![0.5, 0.25],
+            val_losses: vec![0.6, 0.3],
+            lrs: vec![0.01, 0.005],
+            epoch_start_timestamps: vec![1.0, 3.0],
+            epoch_end_timestamps: vec![2.0, 5.0],
+            ..Default::default()
+        };
         logging.push_dice(vec![0.1, f64::NAN]);
         logging.push_dice(vec![0.4, 0.2]);
-        logging.lrs = vec![0.01, 0.005];
-        logging.epoch_start_timestamps = vec![1.0, 3.0];
-        logging.epoch_end_timestamps = vec![2.0, 5.0];
         let w = Tensor::arange(0f32, 24., device)
             .unwrap()
             .reshape((2, 3, 4))
@@ -334,12 +340,16 @@ mod tests {
         );
         let junk = dir.path().join("junk.safetensors");
         std::fs::write(&junk, b"not a checkpoint").unwrap();
-        let e = Checkpoint::load(&junk, &Device::Cpu).unwrap_err().to_string();
+        let e = Checkpoint::load(&junk, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("junk.safetensors"), "{e}");
         // a plain safetensors file without our metadata
         let plain = dir.path().join("plain.safetensors");
         candle_core::safetensors::save(&ck.network_weights, &plain).unwrap();
-        let e = Checkpoint::load(&plain, &Device::Cpu).unwrap_err().to_string();
+        let e = Checkpoint::load(&plain, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("not an nnseg checkpoint"), "{e}");
     }
 }

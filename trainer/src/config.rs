@@ -114,7 +114,7 @@ impl TrainerConfig {
         if self.save_every == 0 {
             return err("save_every", "must be at least 1");
         }
-        if !(self.grad_clip_norm > 0.0) {
+        if self.grad_clip_norm.is_nan() || self.grad_clip_norm <= 0.0 {
             return err("grad_clip_norm", "must be > 0");
         }
         if self.batch_size == Some(0) {
@@ -190,7 +190,11 @@ mod tests {
             num_epochs: 0,
             ..Default::default()
         };
-        assert!(bad.validate().unwrap_err().to_string().contains("num_epochs"));
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("num_epochs"));
         let bad = TrainerConfig {
             mirror_axes: Some(vec![3]),
             ..Default::default()

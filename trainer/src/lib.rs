@@ -14,6 +14,7 @@ pub mod presets;
 pub mod progress;
 pub mod train;
 
+pub use checkpoint::{Checkpoint, CheckpointKind};
 pub use config::TrainerConfig;
 pub use data::Fold;
 pub use presets::Presets;

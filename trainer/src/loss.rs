@@ -666,7 +666,7 @@ mod tests {
             (got - (0.75 * l0 + 0.25 * l1)).abs() < 1e-12,
             "{got} {l0} {l1}"
         );
-        assert!(ds.loss_ds(&[x0.clone()], &[]).is_err());
+        assert!(ds.loss_ds(std::slice::from_ref(&x0), &[]).is_err());
         let ds1 =
             DeepSupervisionLoss::new(Box::new(DcAndCeLoss::new(LossOptions::default())), vec![]);
         assert!(ds1.loss_ds(&[x0], &[t0]).is_err());

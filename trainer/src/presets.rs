@@ -180,7 +180,10 @@ mod tests {
     #[test]
     fn unknown_name_lists_the_known_ones() {
         let msg = get("nnUNetTrainer_3epochs").unwrap_err().to_string();
-        assert!(msg.contains("unknown trainer `nnUNetTrainer_3epochs`"), "{msg}");
+        assert!(
+            msg.contains("unknown trainer `nnUNetTrainer_3epochs`"),
+            "{msg}"
+        );
         assert!(msg.contains("nnUNetTrainer_8000epochs"), "{msg}");
         assert!(msg.contains("nnUNetTrainerNoMirroring"), "{msg}");
     }

@@ -36,8 +36,7 @@ fn font_available() -> bool {
         for p in FONT_CANDIDATES {
             if let Ok(bytes) = std::fs::read(p) {
                 let leaked: &'static [u8] = Box::leak(bytes.into_boxed_slice());
-                if plotters::style::register_font("sans-serif", FontStyle::Normal, leaked).is_ok()
-                {
+                if plotters::style::register_font("sans-serif", FontStyle::Normal, leaked).is_ok() {
                     return true;
                 }
             }
@@ -109,7 +108,9 @@ fn draw(root: &DrawingArea<BitMapBackend<'_>, Shift>, log: &TrainingLog) -> Draw
             .set_secondary_coord(x_range.clone(), 0.0..1.0);
         let mut mesh = chart.configure_mesh();
         if text {
-            mesh.x_desc("epoch").y_desc("loss");
+            mesh.x_desc("epoch")
+                .y_desc("loss")
+                .x_label_formatter(&|x| format!("{}", x.round() as i64));
         } else {
             mesh.disable_x_axis().disable_y_axis();
         }
@@ -120,12 +121,18 @@ fn draw(root: &DrawingArea<BitMapBackend<'_>, Shift>, log: &TrainingLog) -> Draw
                 .y_desc("pseudo dice")
                 .draw()?;
         }
-        let s = chart.draw_series(LineSeries::new(points(&log.train_losses), BLUE.stroke_width(3)))?;
+        let s = chart.draw_series(LineSeries::new(
+            points(&log.train_losses),
+            BLUE.stroke_width(3),
+        ))?;
         if text {
             s.label("loss_tr")
                 .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLUE));
         }
-        let s = chart.draw_series(LineSeries::new(points(&log.val_losses), RED.stroke_width(3)))?;
+        let s = chart.draw_series(LineSeries::new(
+            points(&log.val_losses),
+            RED.stroke_width(3),
+        ))?;
         if text {
             s.label("loss_val")
                 .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], RED));
@@ -174,7 +181,9 @@ fn draw(root: &DrawingArea<BitMapBackend<'_>, Shift>, log: &TrainingLog) -> Draw
         let mut chart = b.build_cartesian_2d(x_range.clone(), lo..hi)?;
         let mut mesh = chart.configure_mesh();
         if text {
-            mesh.x_desc("epoch").y_desc(caption);
+            mesh.x_desc("epoch")
+                .y_desc(caption)
+                .x_label_formatter(&|x| format!("{}", x.round() as i64));
         } else {
             mesh.disable_x_axis().disable_y_axis();
         }
@@ -235,9 +244,12 @@ mod tests {
             l.train_losses.push(1.0 / (i + 1) as f64 - 0.5);
             l.val_losses.push(1.1 / (i + 1) as f64 - 0.5);
             l.push_dice(vec![i as f64 / n as f64, f64::NAN]);
-            l.lrs.push(crate::logging::nanmean(&[0.01 * (1.0 - i as f64 / n as f64)]));
+            l.lrs.push(crate::logging::nanmean(&[
+                0.01 * (1.0 - i as f64 / n as f64)
+            ]));
             l.epoch_start_timestamps.push(10.0 * i as f64);
-            l.epoch_end_timestamps.push(10.0 * i as f64 + 3.0 + i as f64);
+            l.epoch_end_timestamps
+                .push(10.0 * i as f64 + 3.0 + i as f64);
         }
         l
     }

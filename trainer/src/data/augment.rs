@@ -87,8 +87,8 @@ impl AugmentationConfig {
             let r = if maxp / minp > 1.5 { 15.0 } else { 180.0 };
             (false, r, vec![0, 1])
         } else {
-            let dummy = maxp / (patch_size.first().copied().unwrap_or(1).max(1) as f64)
-                > ANISO_THRESHOLD;
+            let dummy =
+                maxp / (patch_size.first().copied().unwrap_or(1).max(1) as f64) > ANISO_THRESHOLD;
             (dummy, if dummy { 180.0 } else { 30.0 }, vec![0, 1, 2])
         };
         AugmentationConfig {
@@ -198,7 +198,9 @@ pub fn get_patch_size(final_patch: &[usize], rot: f64, scale_range: (f64, f64)) 
     let coords: Vec<f64> = final_patch.iter().map(|&v| v as f64).collect();
     let mut fin = coords.clone();
     let row_times = |m: &Mat3| -> Vec<f64> {
-        (0..3).map(|j| (0..3).map(|k| coords[k] * m[k][j]).sum::<f64>()).collect()
+        (0..3)
+            .map(|j| (0..3).map(|k| coords[k] * m[k][j]).sum::<f64>())
+            .collect()
     };
     if coords.len() == 3 {
         for m in [rot_x(rot), rot_y(rot), rot_z(rot)] {
@@ -208,7 +210,10 @@ pub fn get_patch_size(final_patch: &[usize], rot: f64, scale_range: (f64, f64)) 
         }
     } else if coords.len() == 2 {
         let (s, c) = rot.sin_cos();
-        let v = [coords[0] * c + coords[1] * s, -coords[0] * s + coords[1] * c];
+        let v = [
+            coords[0] * c + coords[1] * s,
+            -coords[0] * s + coords[1] * c,
+        ];
         for (f, v) in fin.iter_mut().zip(v) {
             *f = f.max(v.abs());
         }
@@ -221,7 +226,10 @@ pub fn get_patch_size(final_patch: &[usize], rot: f64, scale_range: (f64, f64)) 
 /// `_get_deep_supervision_scales`), from the pooling strides of the plans.
 pub fn ds_scales_from_strides(strides: &[Vec<usize>]) -> Vec<Vec<f64>> {
     let mut out = Vec::new();
-    let mut acc: Vec<f64> = strides.first().map(|s| vec![1.0; s.len()]).unwrap_or_default();
+    let mut acc: Vec<f64> = strides
+        .first()
+        .map(|s| vec![1.0; s.len()])
+        .unwrap_or_default();
     for s in strides {
         for (a, &v) in acc.iter_mut().zip(s) {
             *a *= v as f64;
@@ -279,21 +287,27 @@ pub fn sample_spatial_matrix<R: Rng>(cfg: &AugmentationConfig, rng: &mut R) -> O
         [0.0; 3]
     };
     let do_scale = hit(rng, cfg.p_scaling);
-    let s = if do_scale { uniform(rng, cfg.scaling) } else { 1.0 };
+    let s = if do_scale {
+        uniform(rng, cfg.scaling)
+    } else {
+        1.0
+    };
     if !do_rot && !do_scale {
         return None;
     }
     let sz = if cfg.in_plane() { 1.0 } else { s };
     let scale = [[sz, 0.0, 0.0], [0.0, s, 0.0], [0.0, 0.0, s]];
-    let r = matmul(&matmul(&rot_x(angles[0]), &rot_y(angles[1])), &rot_z(angles[2]));
+    let r = matmul(
+        &matmul(&rot_x(angles[0]), &rot_y(angles[1])),
+        &rot_z(angles[2]),
+    );
     Some(matmul(&r, &scale))
 }
 
 /// Centre crop (padding data 0 / seg -1) — the spatial transform without rotation/scaling.
 pub fn center_crop(sample: &mut Sample, out: [usize; 3]) {
     let sh = sample.data.shape();
-    let lower: [i64; 3] =
-        std::array::from_fn(|a| (sh[a + 1] / 2) as i64 - (out[a] / 2) as i64);
+    let lower: [i64; 3] = std::array::from_fn(|a| (sh[a + 1] / 2) as i64 - (out[a] / 2) as i64);
     sample.data = preprocessing::storage::crop_and_pad(sample.data.view(), lower, out, 0.0);
     sample.seg = preprocessing::storage::crop_and_pad(sample.seg.view(), lower, out, -1);
 }
@@ -505,7 +519,9 @@ pub fn contrast<R: Rng>(sample: &mut Sample, cfg: &AugmentationConfig, rng: &mut
         let mean = (ch.iter().map(|&v| f64::from(v)).sum::<f64>() / n) as f32;
         let (mn, mx) = ch
             .iter()
-            .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
+            .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
+                (a.min(v), b.max(v))
+            });
         ch.mapv_inplace(|v| ((v - mean) * f + mean).clamp(mn, mx));
     }
 }
@@ -541,11 +557,7 @@ fn resize_axis(a: &Array3<f32>, axis: usize, new_len: usize, linear: bool) -> Ar
 
 /// `SimulateLowResolutionTransform`: per channel (p 0.5) downsample by one zoom factor
 /// (nearest-exact) and upsample back (linear); axis 0 is kept for dummy-2D and singleton axes.
-pub fn simulate_low_resolution<R: Rng>(
-    sample: &mut Sample,
-    cfg: &AugmentationConfig,
-    rng: &mut R,
-) {
+pub fn simulate_low_resolution<R: Rng>(sample: &mut Sample, cfg: &AugmentationConfig, rng: &mut R) {
     if !hit(rng, cfg.p_lowres) {
         return;
     }
@@ -573,13 +585,23 @@ pub fn simulate_low_resolution<R: Rng>(
 fn mean_std(v: &ndarray::ArrayViewMut3<f32>) -> (f64, f64) {
     let n = v.len() as f64;
     let mean = v.iter().map(|&x| f64::from(x)).sum::<f64>() / n.max(1.0);
-    let var = v.iter().map(|&x| (f64::from(x) - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
+    let var = v
+        .iter()
+        .map(|&x| (f64::from(x) - mean).powi(2))
+        .sum::<f64>()
+        / (n - 1.0).max(1.0);
     (mean, var.sqrt())
 }
 
 /// `GammaTransform` (retain stats): per channel `((x−min)/range)^γ·range + min`, then the old
 /// mean/std restored; `invert` applies it to `−x`.
-pub fn gamma<R: Rng>(sample: &mut Sample, p: f64, invert: bool, cfg: &AugmentationConfig, rng: &mut R) {
+pub fn gamma<R: Rng>(
+    sample: &mut Sample,
+    p: f64,
+    invert: bool,
+    cfg: &AugmentationConfig,
+    rng: &mut R,
+) {
     if !hit(rng, p) {
         return;
     }
@@ -591,7 +613,9 @@ pub fn gamma<R: Rng>(sample: &mut Sample, p: f64, invert: bool, cfg: &Augmentati
         let (mean, std) = mean_std(&ch);
         let (mn, mx) = ch
             .iter()
-            .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
+            .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
+                (a.min(v), b.max(v))
+            });
         let rng_ = f64::from(mx - mn).max(1e-7);
         ch.mapv_inplace(|v| {
             ((f64::from(v - mn) / rng_).max(0.0).powf(g) * rng_ + f64::from(mn)) as f32
@@ -670,9 +694,10 @@ fn nearest_resize(t: &Array4<f32>, shape: [usize; 3]) -> Array4<f32> {
                 .collect()
         })
         .collect();
-    Array4::from_shape_fn((t.shape()[0], shape[0], shape[1], shape[2]), |(c, z, y, x)| {
-        t[[c, idx[0][z], idx[1][y], idx[2][x]]]
-    })
+    Array4::from_shape_fn(
+        (t.shape()[0], shape[0], shape[1], shape[2]),
+        |(c, z, y, x)| t[[c, idx[0][z], idx[1][y], idx[2][x]]],
+    )
 }
 
 /// Target transforms shared by training and validation: `-1 → 0`
@@ -680,7 +705,11 @@ fn nearest_resize(t: &Array4<f32>, shape: [usize; 3]) -> Array4<f32> {
 /// then one target per deep-supervision scale (`DownsampleSegForDSTransform`, nearest-exact,
 /// shape `round(shape · scale)`). `ds_scales` empty → one full-resolution target. Scales have
 /// 2 entries for 2-D configurations (applied to y, x).
-pub fn make_targets(seg: &Array4<i16>, labels: &LabelInfo, ds_scales: &[Vec<f64>]) -> Vec<Array4<f32>> {
+pub fn make_targets(
+    seg: &Array4<i16>,
+    labels: &LabelInfo,
+    ds_scales: &[Vec<f64>],
+) -> Vec<Array4<f32>> {
     let seg0 = seg.mapv(|v| if v == -1 { 0 } else { v });
     let sh = [seg.shape()[1], seg.shape()[2], seg.shape()[3]];
     let full: Array4<f32> = match &labels.regions {
@@ -714,9 +743,8 @@ pub fn make_targets(seg: &Array4<i16>, labels: &LabelInfo, ds_scales: &[Vec<f64>
             if s3.iter().all(|&v| v == 1.0) {
                 return full.clone();
             }
-            let shape: [usize; 3] = std::array::from_fn(|a| {
-                ((sh[a] as f64 * s3[a]).round_ties_even() as usize).max(1)
-            });
+            let shape: [usize; 3] =
+                std::array::from_fn(|a| ((sh[a] as f64 * s3[a]).round_ties_even() as usize).max(1));
             nearest_resize(&full, shape)
         })
         .collect()
@@ -729,9 +757,10 @@ mod tests {
     use rand_chacha::ChaCha8Rng;
 
     fn sample(shape: [usize; 4]) -> Sample {
-        let data = Array4::from_shape_fn((shape[0], shape[1], shape[2], shape[3]), |(c, z, y, x)| {
-            ((c * 7 + z * 5 + y * 3 + x) % 11) as f32 * 0.3 - 1.0
-        });
+        let data =
+            Array4::from_shape_fn((shape[0], shape[1], shape[2], shape[3]), |(c, z, y, x)| {
+                ((c * 7 + z * 5 + y * 3 + x) % 11) as f32 * 0.3 - 1.0
+            });
         let seg = Array4::from_shape_fn((1, shape[1], shape[2], shape[3]), |(_, z, y, x)| {
             ((z + 2 * y + x) % 3) as i16
         });
@@ -762,19 +791,36 @@ mod tests {
     #[test]
     fn patch_size_like_batchgenerators() {
         // get_patch_size([128,128,128], 30°, 30°, 30°, (0.85, 1.25)) = [205, 205, 205]
-        assert_eq!(get_patch_size(&[128, 128, 128], deg(30.0), (0.85, 1.25)), vec![205, 205, 205]);
+        assert_eq!(
+            get_patch_size(&[128, 128, 128], deg(30.0), (0.85, 1.25)),
+            vec![205, 205, 205]
+        );
         // 2D, ±180° capped at 90°: [512, 256] → bbox rotated by 90 = [256, 512] → max / 0.85
-        assert_eq!(get_patch_size(&[512, 256], deg(180.0), (0.85, 1.25)), vec![602, 602]);
-        assert_eq!(get_patch_size(&[40, 56, 40], deg(30.0), (0.85, 1.25)), vec![73, 80, 64]);
-        assert_eq!(get_patch_size(&[512, 256], deg(15.0), (0.85, 1.25)), vec![659, 301]);
+        assert_eq!(
+            get_patch_size(&[512, 256], deg(180.0), (0.85, 1.25)),
+            vec![602, 602]
+        );
+        assert_eq!(
+            get_patch_size(&[40, 56, 40], deg(30.0), (0.85, 1.25)),
+            vec![73, 80, 64]
+        );
+        assert_eq!(
+            get_patch_size(&[512, 256], deg(15.0), (0.85, 1.25)),
+            vec![659, 301]
+        );
     }
 
     #[test]
     fn ds_scales_cumulative() {
-        let s = ds_scales_from_strides(&[vec![1, 1, 1], vec![2, 2, 2], vec![1, 2, 2], vec![2, 2, 2]]);
+        let s =
+            ds_scales_from_strides(&[vec![1, 1, 1], vec![2, 2, 2], vec![1, 2, 2], vec![2, 2, 2]]);
         assert_eq!(
             s,
-            vec![vec![1.0, 1.0, 1.0], vec![0.5, 0.5, 0.5], vec![0.5, 0.25, 0.25]]
+            vec![
+                vec![1.0, 1.0, 1.0],
+                vec![0.5, 0.5, 0.5],
+                vec![0.5, 0.25, 0.25]
+            ]
         );
     }
 
@@ -789,7 +835,10 @@ mod tests {
             s.data,
             s0.data.slice(ndarray::s![.., 1..5, 1..5, 1..5]).to_owned()
         );
-        assert_eq!(s.seg, s0.seg.slice(ndarray::s![.., 1..5, 1..5, 1..5]).to_owned());
+        assert_eq!(
+            s.seg,
+            s0.seg.slice(ndarray::s![.., 1..5, 1..5, 1..5]).to_owned()
+        );
     }
 
     #[test]
@@ -837,6 +886,45 @@ mod tests {
             assert!(s.seg.iter().all(|v| (-1..=2).contains(v)));
             assert!(s.seg.iter().any(|&v| v >= 0));
         }
+    }
+
+    #[test]
+    fn full_pipeline_shapes_3d_dummy2d_and_2d() {
+        for (patch, shape) in [
+            (vec![6usize, 6, 6], [2usize, 1, 1, 1]),
+            (vec![4, 16, 16], [1, 1, 1, 1]),
+            (vec![8, 8], [1, 1, 1, 1]),
+        ] {
+            let mut cfg = AugmentationConfig::nnunet_default(&patch);
+            for p in [
+                &mut cfg.p_rotation,
+                &mut cfg.p_scaling,
+                &mut cfg.p_noise,
+                &mut cfg.p_blur,
+                &mut cfg.p_brightness,
+                &mut cfg.p_contrast,
+                &mut cfg.p_lowres,
+                &mut cfg.p_gamma,
+                &mut cfg.p_gamma_inverted,
+            ] {
+                *p = 1.0;
+            }
+            let init = to3(&cfg.initial_patch_size());
+            let out = cfg.patch_3d();
+            for seed in 0..3 {
+                let mut s = sample([shape[0], init[0], init[1], init[2]]);
+                augment(&mut s, &cfg, &mut rng(seed));
+                assert_eq!(
+                    s.data.dim(),
+                    (shape[0], out[0], out[1], out[2]),
+                    "{patch:?}"
+                );
+                assert_eq!(s.seg.dim(), (1, out[0], out[1], out[2]));
+                assert!(s.seg.iter().all(|v| (-1..=2).contains(v)));
+                assert!(s.data.iter().all(|v| v.is_finite()));
+            }
+        }
+        assert!(AugmentationConfig::nnunet_default(&[4, 16, 16]).do_dummy_2d);
     }
 
     #[test]
@@ -947,7 +1035,11 @@ mod tests {
             ..AugmentationConfig::none(&[3, 8, 8])
         };
         simulate_low_resolution(&mut s, &cfg, &mut rng(0));
-        assert!(s.data.slice(ndarray::s![0, 1, .., ..]).iter().all(|&v| (v - 5.0).abs() < 1e-5));
+        assert!(s
+            .data
+            .slice(ndarray::s![0, 1, .., ..])
+            .iter()
+            .all(|&v| (v - 5.0).abs() < 1e-5));
     }
 
     #[test]
@@ -957,7 +1049,11 @@ mod tests {
         seg[[0, 1, 2, 2]] = 2;
         seg[[0, 1, 3, 3]] = 3; // ignore
         seg[[0, 0, 1, 1]] = 1;
-        let t = make_targets(&seg, &LabelInfo::plain(3), &[vec![1.0, 1.0, 1.0], vec![0.5, 0.5, 0.5]]);
+        let t = make_targets(
+            &seg,
+            &LabelInfo::plain(3),
+            &[vec![1.0, 1.0, 1.0], vec![0.5, 0.5, 0.5]],
+        );
         assert_eq!(t.len(), 2);
         assert_eq!(t[0][[0, 0, 0, 0]], 0.0);
         assert_eq!(t[0][[0, 1, 2, 2]], 2.0);
@@ -978,7 +1074,11 @@ mod tests {
         assert_eq!(t[0][[2, 1, 3, 3]], 1.0);
         assert_eq!(t[0].sum(), 4.0);
         // 2-D scales apply to (y, x)
-        let t = make_targets(&seg.slice(ndarray::s![.., 0..1, .., ..]).to_owned(), &LabelInfo::plain(3), &[vec![0.5, 0.5]]);
+        let t = make_targets(
+            &seg.slice(ndarray::s![.., 0..1, .., ..]).to_owned(),
+            &LabelInfo::plain(3),
+            &[vec![0.5, 0.5]],
+        );
         assert_eq!(t[0].dim(), (1, 1, 2, 2));
     }
 }

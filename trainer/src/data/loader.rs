@@ -62,7 +62,12 @@ pub struct LoaderOptions {
 
 impl LoaderOptions {
     /// nnU-Net's defaults for a patch size and batch size.
-    pub fn new(patch_size: Vec<usize>, batch_size: usize, ds_scales: Vec<Vec<f64>>, seed: u64) -> Self {
+    pub fn new(
+        patch_size: Vec<usize>,
+        batch_size: usize,
+        ds_scales: Vec<Vec<f64>>,
+        seed: u64,
+    ) -> Self {
         LoaderOptions {
             patch_size,
             batch_size,
@@ -273,7 +278,11 @@ impl BackgroundLoader {
         }
         let aug = opts.augmentation_config();
         let n = opts.num_workers;
-        let per_worker = if n == 0 { 0 } else { opts.queue_len.div_ceil(n).max(1) };
+        let per_worker = if n == 0 {
+            0
+        } else {
+            opts.queue_len.div_ceil(n).max(1)
+        };
         let shared = Arc::new(Shared {
             ds,
             case_ids,
@@ -418,12 +427,16 @@ mod tests {
         assert_eq!(a, take(1));
         assert_eq!(a, take(3));
         assert_ne!(a[0], a[1]);
-        let other = LoaderOptions { seed: 43, ..opts(0) };
-        let b: Vec<HostBatch> = BackgroundLoader::new(ds.clone(), ids.clone(), other, LabelInfo::plain(3))
-            .unwrap()
-            .take(2)
-            .map(|b| b.unwrap())
-            .collect();
+        let other = LoaderOptions {
+            seed: 43,
+            ..opts(0)
+        };
+        let b: Vec<HostBatch> =
+            BackgroundLoader::new(ds.clone(), ids.clone(), other, LabelInfo::plain(3))
+                .unwrap()
+                .take(2)
+                .map(|b| b.unwrap())
+                .collect();
         assert_ne!(a[..2], b[..]);
     }
 
@@ -470,7 +483,9 @@ mod tests {
         // a corrupted case surfaces as an error naming it
         std::fs::write(d.path().join("case_001.npy"), b"garbage").unwrap();
         let ds2 = Arc::new(PreprocessedDataset::open(d.path()).unwrap());
-        let mut l = BackgroundLoader::new(ds2, vec!["case_001".into()], opts(2), LabelInfo::plain(3)).unwrap();
+        let mut l =
+            BackgroundLoader::new(ds2, vec!["case_001".into()], opts(2), LabelInfo::plain(3))
+                .unwrap();
         let err = l.next().unwrap().unwrap_err();
         assert!(err.to_string().contains("case_001"), "{err}");
         drop(l); // clean shutdown with workers blocked on full queues

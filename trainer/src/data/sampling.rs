@@ -32,7 +32,11 @@ pub fn force_foreground(j: usize, batch_size: usize, percent: f64) -> bool {
 
 /// The sampling bounds of `get_bbox`: `(lbs, ubs)` for the lower corner, after enlarging
 /// `need_to_pad` so that the patch always fits.
-pub fn bbox_bounds(shape: &[usize], patch: &[usize], need_to_pad: &[usize]) -> (Vec<i64>, Vec<i64>) {
+pub fn bbox_bounds(
+    shape: &[usize],
+    patch: &[usize],
+    need_to_pad: &[usize],
+) -> (Vec<i64>, Vec<i64>) {
     let mut lbs = Vec::with_capacity(shape.len());
     let mut ubs = Vec::with_capacity(shape.len());
     for d in 0..shape.len() {
@@ -281,21 +285,48 @@ pub(crate) mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(3);
         let case = ds.case("case_001").unwrap();
         for _ in 0..20 {
-            let s = sample_patch("case_001", &case, &[4, 4, 4], &[0, 0, 0], true, &labels, &mut rng)
-                .unwrap();
+            let s = sample_patch(
+                "case_001",
+                &case,
+                &[4, 4, 4],
+                &[0, 0, 0],
+                true,
+                &labels,
+                &mut rng,
+            )
+            .unwrap();
             assert_eq!(s.data.dim(), (2, 4, 4, 4));
             assert!(s.seg.iter().any(|&v| v == 1), "forced sample without fg");
         }
         // patch larger than the image: padded with 0 / -1
-        let s = sample_patch("case_001", &case, &[8, 9, 10], &[0, 0, 0], false, &labels, &mut rng)
-            .unwrap();
+        let s = sample_patch(
+            "case_001",
+            &case,
+            &[8, 9, 10],
+            &[0, 0, 0],
+            false,
+            &labels,
+            &mut rng,
+        )
+        .unwrap();
         assert_eq!(s.seg.dim(), (1, 8, 9, 10));
-        assert_eq!(s.seg.iter().filter(|&&v| v == -1).count(), 8 * 9 * 10 - 6 * 7 * 8);
+        assert_eq!(
+            s.seg.iter().filter(|&&v| v == -1).count(),
+            8 * 9 * 10 - 6 * 7 * 8
+        );
         assert_eq!(s.data.iter().filter(|&&v| v == -1.0).count(), 6 * 7 * 8);
         // 2D: forced slices contain the class
         for _ in 0..20 {
-            let s = sample_patch("case_000", &ds.case("case_000").unwrap(), &[3, 3], &[0, 0], true, &labels, &mut rng)
-                .unwrap();
+            let s = sample_patch(
+                "case_000",
+                &ds.case("case_000").unwrap(),
+                &[3, 3],
+                &[0, 0],
+                true,
+                &labels,
+                &mut rng,
+            )
+            .unwrap();
             assert_eq!(s.data.dim(), (2, 1, 3, 3));
             assert!(s.seg.iter().any(|&v| v > 0));
         }
@@ -314,13 +345,22 @@ pub(crate) mod tests {
             ignore_label: Some(2),
         };
         let mut rng = ChaCha8Rng::seed_from_u64(0);
-        assert_eq!(select_class(&locs, false, &labels, &mut rng), Some("(-1, 0, 1)"));
+        assert_eq!(
+            select_class(&locs, false, &labels, &mut rng),
+            Some("(-1, 0, 1)")
+        );
         // forced, only the annotated key present → it is used
-        assert_eq!(select_class(&locs, true, &labels, &mut rng), Some("(-1, 0, 1)"));
+        assert_eq!(
+            select_class(&locs, true, &labels, &mut rng),
+            Some("(-1, 0, 1)")
+        );
         locs.insert("1".into(), vec![[0, 0, 0, 0]]);
         for _ in 0..10 {
             assert_eq!(select_class(&locs, true, &labels, &mut rng), Some("1"));
         }
-        assert_eq!(select_class(&locs, false, &LabelInfo::plain(2), &mut rng), None);
+        assert_eq!(
+            select_class(&locs, false, &LabelInfo::plain(2), &mut rng),
+            None
+        );
     }
 }

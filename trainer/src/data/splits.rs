@@ -230,11 +230,7 @@ pub fn load_or_create_splits_with(
 /// that fold; a fold past the end → a random 80:20 split with `RandomState(12345 + fold)`
 /// (training keys in the permutation's order, validation keys sorted). Keys not in
 /// `available` are an error naming the case.
-pub fn select_fold(
-    splits: &[Split],
-    fold: Fold,
-    available: &[String],
-) -> Result<Split, DataError> {
+pub fn select_fold(splits: &[Split], fold: Fold, available: &[String]) -> Result<Split, DataError> {
     let all = sorted(available);
     let split = match fold {
         Fold::All => Split {
@@ -309,7 +305,10 @@ mod tests {
     fn kfold_matches_sklearn() {
         // values from sklearn KFold(5, shuffle=True, random_state=12345)
         let s = generate_crossval_split(&ids(5), 12345, 5);
-        assert_eq!(val_indices(&s), vec![vec![0], vec![4], vec![3], vec![1], vec![2]]);
+        assert_eq!(
+            val_indices(&s),
+            vec![vec![0], vec![4], vec![3], vec![1], vec![2]]
+        );
         let s = generate_crossval_split(&ids(7), 12345, 5);
         assert_eq!(
             val_indices(&s),
@@ -318,7 +317,13 @@ mod tests {
         let s = generate_crossval_split(&ids(12), 12345, 5);
         assert_eq!(
             val_indices(&s),
-            vec![vec![0, 3, 8], vec![7, 10, 11], vec![6, 9], vec![1, 4], vec![2, 5]]
+            vec![
+                vec![0, 3, 8],
+                vec![7, 10, 11],
+                vec![6, 9],
+                vec![1, 4],
+                vec![2, 5]
+            ]
         );
         let s = generate_crossval_split(&ids(23), 12345, 5);
         assert_eq!(

@@ -81,7 +81,11 @@ fn counts(pred: &Tensor, gt: &Tensor, mask: Option<&Tensor>) -> Result<DiceCount
 
 /// Label training: `logits (B, C, *sp)`, `target (B, 1, *sp)` holding label values. Voxels
 /// with `ignore_label` are excluded. Returns counts for classes `1..C`.
-pub fn label_counts(logits: &Tensor, target: &Tensor, ignore_label: Option<i64>) -> Result<DiceCounts> {
+pub fn label_counts(
+    logits: &Tensor,
+    target: &Tensor,
+    ignore_label: Option<i64>,
+) -> Result<DiceCounts> {
     let c = logits.dim(1)?;
     let dev = logits.device();
     let pred = logits.argmax_keepdim(1)?.to_dtype(DType::F32)?;
@@ -94,11 +98,7 @@ pub fn label_counts(logits: &Tensor, target: &Tensor, ignore_label: Option<i64>)
     let pred_oh = pred.broadcast_eq(&classes)?.to_dtype(DType::F32)?;
     let gt_oh = target.broadcast_eq(&classes)?.to_dtype(DType::F32)?;
     let mask = match ignore_label {
-        Some(ig) => Some(
-            target
-                .ne(ig as f64)?
-                .to_dtype(DType::F32)?,
-        ),
+        Some(ig) => Some(target.ne(ig as f64)?.to_dtype(DType::F32)?),
         None => None,
     };
     let all = counts(&pred_oh, &gt_oh, mask.as_ref())?;

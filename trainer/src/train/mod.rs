@@ -354,8 +354,17 @@ fn to_tensors(
 }
 
 fn fmt_list(v: &[f64]) -> String {
-    let items: Vec<String> = v.iter().map(|x| format!("{}", round4(*x))).collect();
+    let items: Vec<String> = v.iter().map(|x| py_float(round4(*x))).collect();
     format!("[{}]", items.join(", "))
+}
+
+/// Python's `str(float)` for the values we log (`0.0`, `0.1234`, `nan`).
+fn py_float(x: f64) -> String {
+    if x.is_nan() {
+        "nan".into()
+    } else {
+        format!("{x:?}")
+    }
 }
 
 fn round4(x: f64) -> f64 {
@@ -401,7 +410,10 @@ pub fn train(req: &TrainRequest) -> Result<TrainSummary, TrainError> {
         &pre.join(format!("{}.json", req.plans_name)),
         &model_folder.join("plans.json"),
     )?;
-    copy_json(&pre.join("dataset.json"), &model_folder.join("dataset.json"))?;
+    copy_json(
+        &pre.join("dataset.json"),
+        &model_folder.join("dataset.json"),
+    )?;
     let fp = pre.join("dataset_fingerprint.json");
     if fp.is_file() {
         copy_json(&fp, &model_folder.join("dataset_fingerprint.json"))?;
@@ -617,7 +629,10 @@ pub fn train(req: &TrainRequest) -> Result<TrainSummary, TrainError> {
         optimizer.set_lr(lr);
         say("")?;
         say(&format!("Epoch {epoch}"))?;
-        say(&format!("Current learning rate: {}", (lr * 1e5).round() / 1e5))?;
+        say(&format!(
+            "Current learning rate: {}",
+            py_float((lr * 1e5).round() / 1e5)
+        ))?;
 
         // training
         let mut train_losses = Vec::with_capacity(cfgt.num_iterations_per_epoch);
@@ -670,7 +685,11 @@ pub fn train(req: &TrainRequest) -> Result<TrainSummary, TrainError> {
                 .ctx(|| format!("epoch {epoch}, validation iteration {it}: loss"))?;
             val_losses.push(l);
             let c = if setup.labels.regions.is_some() {
-                metrics::region_counts(&outputs[0], &targets[0], setup.labels.ignore_label.is_some())
+                metrics::region_counts(
+                    &outputs[0],
+                    &targets[0],
+                    setup.labels.ignore_label.is_some(),
+                )
             } else {
                 metrics::label_counts(&outputs[0], &targets[0], setup.labels.ignore_label)
             }
@@ -694,17 +713,23 @@ pub fn train(req: &TrainRequest) -> Result<TrainSummary, TrainError> {
         logging.epoch_start_timestamps.push(epoch_start);
         let epoch_end = now_seconds();
         logging.epoch_end_timestamps.push(epoch_end);
-        say(&format!("train_loss {}", round4(mean(&train_losses))))?;
-        say(&format!("val_loss {}", round4(mean(&val_losses))))?;
+        say(&format!(
+            "train_loss {}",
+            py_float(round4(mean(&train_losses)))
+        ))?;
+        say(&format!("val_loss {}", py_float(round4(mean(&val_losses)))))?;
         say(&format!("Pseudo dice {}", fmt_list(&dice)))?;
         say(&format!(
             "Epoch time: {} s",
-            ((epoch_end - epoch_start) * 100.0).round() / 100.0
+            py_float(((epoch_end - epoch_start) * 100.0).round() / 100.0)
         ))?;
         let done = epoch + 1;
         if ema.is_finite() && best_ema.is_none_or(|b| ema > b) {
             best_ema = Some(ema);
-            say(&format!("Yayy! New best EMA pseudo Dice: {}", round4(ema)))?;
+            say(&format!(
+                "Yayy! New best EMA pseudo Dice: {}",
+                py_float(round4(ema))
+            ))?;
             save(CheckpointKind::Best, done, &logging, best_ema, &optimizer)?;
         }
         if done % cfgt.save_every == 0 && done != cfgt.num_epochs {
@@ -716,7 +741,13 @@ pub fn train(req: &TrainRequest) -> Result<TrainSummary, TrainError> {
     // on_train_end
     let final_path = fold_folder.join(CheckpointKind::Final.file_name());
     let epochs_completed = cfgt.num_epochs.max(start_epoch);
-    save(CheckpointKind::Final, epochs_completed, &logging, best_ema, &optimizer)?;
+    save(
+        CheckpointKind::Final,
+        epochs_completed,
+        &logging,
+        best_ema,
+        &optimizer,
+    )?;
     let latest = fold_folder.join(CheckpointKind::Latest.file_name());
     if latest.is_file() {
         std::fs::remove_file(&latest).map_err(io_err(&latest))?;
@@ -729,7 +760,6 @@ pub fn train(req: &TrainRequest) -> Result<TrainSummary, TrainError> {
     if req.export_npz {
         say("--npz has no effect without the final validation.")?;
     }
-    drop(say);
     Ok(TrainSummary {
         fold_folder,
         log_file: log_path,

@@ -53,6 +53,9 @@ pub enum Command {
     /// Preprocess with existing plans (nnUNetv2_preprocess).
     #[command(name = "preprocess")]
     Preprocess(PreprocessArgs),
+    /// Train one fold of a configuration (nnUNetv2_train).
+    #[command(name = "train")]
+    Train(TrainArgs),
     /// Print a configuration's network: layer table, output shapes, parameters, memory estimate.
     #[command(name = "show_network")]
     ShowNetwork(ShowNetworkArgs),
@@ -159,6 +162,46 @@ pub struct PreprocessArgs {
     pub plans_name: String,
     #[command(flatten)]
     pub preprocess: PreprocessOpts,
+}
+
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    /// Dataset id (1, 001 or Dataset001_Name).
+    pub dataset: String,
+    /// Configuration in the plans (2d, 3d_fullres, 3d_lowres, or a hand-added one).
+    pub configuration: String,
+    /// Fold: 0-4 or all.
+    pub fold: String,
+    /// Trainer preset (nnUNetTrainer, nnUNetTrainer_5epochs, nnUNetTrainerNoDeepSupervision, ...).
+    #[arg(long = "tr", default_value = "nnUNetTrainer")]
+    pub trainer: String,
+    /// Plans identifier.
+    #[arg(short = 'p', default_value = "nnUNetPlans")]
+    pub plans: String,
+    /// Continue from the last checkpoint (final, latest or best).
+    #[arg(long = "c")]
+    pub continue_training: bool,
+    /// Only run the final validation.
+    #[arg(long = "val")]
+    pub validation_only: bool,
+    /// Save softmax outputs of the final validation.
+    #[arg(long = "npz")]
+    pub npz: bool,
+    /// cpu, cuda or cuda:N.
+    #[arg(long = "device", default_value = "cpu")]
+    pub device: String,
+    /// Seed for network initialisation and data loading.
+    #[arg(long = "seed")]
+    pub seed: Option<u64>,
+    /// nnseg extension: override the preset's number of epochs.
+    #[arg(long = "num_epochs")]
+    pub num_epochs: Option<usize>,
+    /// nnseg extension: override the training iterations per epoch.
+    #[arg(long = "num_iterations_per_epoch")]
+    pub num_iterations_per_epoch: Option<usize>,
+    /// nnseg extension: override the validation iterations per epoch.
+    #[arg(long = "num_val_iterations_per_epoch")]
+    pub num_val_iterations_per_epoch: Option<usize>,
 }
 
 #[derive(Args, Debug)]

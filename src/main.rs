@@ -88,6 +88,7 @@ fn run(cli: Cli) -> Result<()> {
             tracing::info!("demo datasets written in {:.2} s", t.elapsed().as_secs_f64());
         }
         Command::ShowNetwork(a) => show_network(&paths, &a)?,
+        Command::Train(a) => train(&paths, &a)?,
         Command::ImportNnunetModel(a) => {
             let t = Instant::now();
             let model = architectures::import::import_nnunet_model(&a.folder, &a.fold, &a.checkpoint)?;
@@ -138,6 +139,77 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// `cpu`, `cuda` or `cuda:N`; the device is chosen here, never in the libraries.
+fn pick_device(s: &str) -> Result<candle_core::Device> {
+    let s = s.trim().to_ascii_lowercase();
+    if s == "cpu" {
+        return Ok(candle_core::Device::Cpu);
+    }
+    let ordinal = match s.as_str() {
+        "cuda" => 0,
+        _ => s
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse::<usize>().ok())
+            .with_context(|| format!("unknown device `{s}`: use cpu, cuda or cuda:N"))?,
+    };
+    candle_core::Device::new_cuda(ordinal).with_context(|| {
+        format!(
+            "cannot use device {s}: this nnseg build has no CUDA support or no GPU {ordinal} \
+             (build with scripts/build_cuda.sh, or use -device cpu)"
+        )
+    })
+}
+
+fn train(paths: &NnUnetPaths, a: &cli::TrainArgs) -> Result<()> {
+    let id = datasets::parse_dataset_id(&a.dataset)?;
+    let name = datasets::dataset_name_from_id(paths, id)?;
+    let folder = preprocessed_folder(paths, &name)?;
+    let results = paths.results_root()?.to_path_buf();
+    let fold: trainer::Fold = a
+        .fold
+        .parse()
+        .map_err(|e| anyhow::anyhow!("fold `{}`: {e}", a.fold))?;
+    let mut config = trainer::presets::get(&a.trainer)?;
+    if let Some(seed) = a.seed {
+        config.seed = seed;
+    }
+    if let Some(n) = a.num_epochs {
+        config.num_epochs = n;
+    }
+    if let Some(n) = a.num_iterations_per_epoch {
+        config.num_iterations_per_epoch = n;
+    }
+    if let Some(n) = a.num_val_iterations_per_epoch {
+        config.num_val_iterations_per_epoch = n;
+    }
+    let device = pick_device(&a.device)?;
+    let mut req = trainer::TrainRequest::new(
+        &folder,
+        &results,
+        &name,
+        &a.configuration,
+        fold,
+        &a.trainer,
+        config,
+        device,
+    );
+    req.plans_name = a.plans.clone();
+    req.continue_training = a.continue_training;
+    req.validation_only = a.validation_only;
+    req.export_npz = a.npz;
+    let summary = trainer::train(&req)?;
+    tracing::info!(
+        "{name} {} fold {}: {} epochs done ({} iterations this run, {:.3} s/iteration); final checkpoint {}",
+        a.configuration,
+        a.fold,
+        summary.epochs_completed,
+        summary.train_iterations,
+        summary.mean_train_iteration_s,
+        summary.final_checkpoint.display()
+    );
     Ok(())
 }
 

@@ -251,3 +251,45 @@ fn bad_input_gives_clear_errors() {
     // After all that, the dataset still plans and preprocesses.
     env.ok(&["plan_and_preprocess", "990", "-c", "3d_fullres", "-np", "2"]);
 }
+
+#[test]
+fn train_a_few_iterations_and_resume() {
+    let env = Env::new();
+    env.ok(&["make_demo_dataset"]);
+    env.ok(&["plan_and_preprocess", "991", "-np", "2"]);
+    let tiny = [
+        "--num_iterations_per_epoch",
+        "3",
+        "--num_val_iterations_per_epoch",
+        "1",
+        "--seed",
+        "7",
+    ];
+    let mut args = vec!["train", "991", "2d", "0", "-tr", "nnUNetTrainer_1epoch"];
+    args.extend(tiny);
+    env.ok(&args);
+    let fold = env
+        .res
+        .join("Dataset991_Demo2D/nnUNetTrainer_1epoch__nnUNetPlans__2d/fold_0");
+    assert!(fold.join("checkpoint_final.safetensors").exists());
+    assert!(fold.join("progress.png").exists());
+    for f in ["plans.json", "dataset.json", "dataset_fingerprint.json"] {
+        assert!(fold.parent().unwrap().join(f).exists(), "{f} not copied");
+    }
+    assert!(env.pre.join("Dataset991_Demo2D/splits_final.json").exists());
+
+    // --c on a finished run with more epochs continues from epoch 1.
+    let mut args = vec!["train", "991", "2d", "0", "-tr", "nnUNetTrainer_1epoch", "--c"];
+    args.extend(tiny);
+    args.extend(["--num_epochs", "2"]);
+    let log = env.ok(&args);
+    assert!(log.contains("2 epochs done"), "{log}");
+
+    // Bad requests are reported clearly.
+    let err = env.fails(&["train", "991", "2d", "seven"]);
+    assert!(err.contains("seven"), "{err}");
+    let err = env.fails(&["train", "991", "2d", "0", "-tr", "nnUNetTrainer_3epochs"]);
+    assert!(err.contains("nnUNetTrainer_5epochs"), "lists known presets: {err}");
+    let err = env.fails(&["train", "991", "3d_fullres", "0"]);
+    assert!(err.contains("3d_fullres") && err.contains("2d"), "{err}");
+}

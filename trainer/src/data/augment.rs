@@ -261,10 +261,12 @@ fn bg_contrast<R: Rng>(rng: &mut R, r: (f64, f64)) -> f64 {
     }
 }
 
-fn std_normal<R: Rng>(rng: &mut R) -> f32 {
+fn std_normal_pair<R: Rng>(rng: &mut R) -> (f32, f32) {
     let u1: f64 = 1.0 - rng.gen::<f64>();
     let u2: f64 = rng.gen();
-    ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+    let r = (-2.0 * u1.ln()).sqrt();
+    let (s, c) = (2.0 * std::f64::consts::PI * u2).sin_cos();
+    ((r * c) as f32, (r * s) as f32)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -430,10 +432,15 @@ pub fn gaussian_noise<R: Rng>(sample: &mut Sample, cfg: &AugmentationConfig, rng
     }
     let sigma = uniform(rng, cfg.noise_variance) as f32;
     if sigma > 0.0 {
-        sample
-            .data
-            .iter_mut()
-            .for_each(|v| *v += sigma * std_normal(rng));
+        // Box–Muller, both outputs of each pair used
+        let mut it = sample.data.iter_mut();
+        while let Some(a) = it.next() {
+            let (n0, n1) = std_normal_pair(rng);
+            *a += sigma * n0;
+            if let Some(b) = it.next() {
+                *b += sigma * n1;
+            }
+        }
     }
 }
 
@@ -470,9 +477,17 @@ pub fn convolve_axis(mut vol: ArrayViewMut3<f32>, axis: usize, kernel: &[f32]) {
             *b = *v;
         }
         for (i, out) in lane.iter_mut().enumerate() {
+            let lo = i as i64 - r;
             let mut acc = 0f32;
-            for (k, kv) in kernel.iter().enumerate() {
-                acc += kv * buf[reflect(i as i64 + k as i64 - r, n as i64)];
+            if lo >= 0 && lo + kernel.len() as i64 <= n as i64 {
+                let lo = lo as usize;
+                for (kv, bv) in kernel.iter().zip(&buf[lo..lo + kernel.len()]) {
+                    acc += kv * bv;
+                }
+            } else {
+                for (k, kv) in kernel.iter().enumerate() {
+                    acc += kv * buf[reflect(lo + k as i64, n as i64)];
+                }
             }
             *out = acc;
         }

@@ -123,3 +123,57 @@ impl LabelInfo {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ds_json(labels: serde_json::Value) -> plans::DatasetJson {
+        let mut v = serde_json::json!({
+            "channel_names": {"0": "CT"}, "labels": labels, "numTraining": 1, "file_ending": ".nii.gz"
+        });
+        if v["labels"]
+            .as_object()
+            .unwrap()
+            .values()
+            .any(|x| x.is_array())
+        {
+            v["regions_class_order"] = serde_json::json!([1, 2]);
+        }
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn label_info_from_dataset_json() {
+        let li = LabelInfo::from_dataset_json(&ds_json(
+            serde_json::json!({"background": 0, "a": 1, "b": 2, "ignore": 3}),
+        ));
+        assert_eq!(li.all_labels, vec![0, 1, 2]);
+        assert_eq!(li.ignore_label, Some(3));
+        assert_eq!(li.regions, None);
+        assert_eq!(li.annotated_classes_key(), "(-1, 0, 1, 2)");
+        assert_eq!(li.target_channels(), 1);
+        let li = LabelInfo::from_dataset_json(&ds_json(serde_json::json!({
+            "background": 0, "whole": [1, 2], "core": 2, "ignore": 3
+        })));
+        assert_eq!(li.regions, Some(vec![vec![1, 2], vec![2]]));
+        assert_eq!(li.target_channels(), 3);
+    }
+
+    #[test]
+    fn dataset_opens_cases_lazily_once() {
+        let dir = tempfile::tempdir().unwrap();
+        sampling::tests::write_cases(dir.path(), 2, [3, 4, 5]);
+        // an incomplete case (no .json) is not listed
+        std::fs::write(dir.path().join("partial.npy"), b"x").unwrap();
+        let ds = PreprocessedDataset::open(dir.path()).unwrap();
+        assert_eq!(ds.case_ids(), ["case_000", "case_001"]);
+        let a = ds.case("case_001").unwrap();
+        let b = ds.case("case_001").unwrap();
+        assert!(std::sync::Arc::ptr_eq(&a, &b));
+        assert_eq!(a.mapped.shape().unwrap(), [3, 4, 5]);
+        assert!(!a.properties.class_locations.is_empty());
+        let err = PreprocessedDataset::open(&dir.path().join("missing")).unwrap_err();
+        assert!(err.to_string().contains("missing"), "{err}");
+    }
+}

@@ -105,7 +105,11 @@ pub struct PlannerOpts {
     #[arg(long = "gpu_memory_target", value_name = "GB")]
     pub gpu_memory_target: Option<f64>,
     /// Replace the 3d_fullres target spacing (three numbers, reader axis order after transpose).
-    #[arg(long = "overwrite_target_spacing", num_args = 3, value_name = "SPACING")]
+    #[arg(
+        long = "overwrite_target_spacing",
+        num_args = 3,
+        value_name = "SPACING"
+    )]
     pub overwrite_target_spacing: Option<Vec<f64>>,
     /// Name of the plans file / identifier (default: the planner's, e.g. nnUNetPlans).
     #[arg(long = "overwrite_plans_name", value_name = "NAME")]

@@ -59,7 +59,11 @@ fn install_logging(verbose: bool) {
 
 /// Flags win over nnU-Net's environment variables.
 fn resolve_paths(args: &PathArgs) -> NnUnetPaths {
-    let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let env = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
     NnUnetPaths {
         raw: args.raw.clone().or_else(|| env("nnUNet_raw")),
         preprocessed: args
@@ -85,13 +89,17 @@ fn run(cli: Cli) -> Result<()> {
             for f in &written {
                 println!("wrote {}", f.display());
             }
-            tracing::info!("demo datasets written in {:.2} s", t.elapsed().as_secs_f64());
+            tracing::info!(
+                "demo datasets written in {:.2} s",
+                t.elapsed().as_secs_f64()
+            );
         }
         Command::ShowNetwork(a) => show_network(&paths, &a)?,
         Command::Train(a) => train(&paths, &a)?,
         Command::ImportNnunetModel(a) => {
             let t = Instant::now();
-            let model = architectures::import::import_nnunet_model(&a.folder, &a.fold, &a.checkpoint)?;
+            let model =
+                architectures::import::import_nnunet_model(&a.folder, &a.fold, &a.checkpoint)?;
             let out = a
                 .output
                 .clone()

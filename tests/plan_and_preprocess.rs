@@ -50,7 +50,10 @@ impl Env {
     fn fails(&self, args: &[&str]) -> String {
         let out = self.nnseg(args);
         let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-        assert!(!out.status.success(), "nnseg {args:?} should fail:\n{stderr}");
+        assert!(
+            !out.status.success(),
+            "nnseg {args:?} should fail:\n{stderr}"
+        );
         stderr
     }
 }
@@ -62,7 +65,12 @@ fn json(p: &Path) -> Value {
 /// Shape from a .npy header (numpy format 1.0/2.0/3.0).
 fn npy_shape(p: &Path) -> (String, Vec<usize>) {
     let bytes = std::fs::read(p).unwrap();
-    assert_eq!(&bytes[..6], b"\x93NUMPY", "{} is not a .npy file", p.display());
+    assert_eq!(
+        &bytes[..6],
+        b"\x93NUMPY",
+        "{} is not a .npy file",
+        p.display()
+    );
     let (len, start) = if bytes[6] == 1 {
         (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10)
     } else {
@@ -109,13 +117,24 @@ fn demo_datasets_plan_and_preprocess() {
         "2",
     ]);
 
-    for (name, n_cases, expect_3d) in [("Dataset990_Demo3D", 10, true), ("Dataset991_Demo2D", 12, false)] {
+    for (name, n_cases, expect_3d) in [
+        ("Dataset990_Demo3D", 10, true),
+        ("Dataset991_Demo2D", 12, false),
+    ] {
         let folder = env.pre.join(name);
         let fp = json(&folder.join("dataset_fingerprint.json"));
         assert_eq!(fp["spacings"].as_array().unwrap().len(), n_cases);
         assert_eq!(fp["shapes_after_crop"].as_array().unwrap().len(), n_cases);
         let props = &fp["foreground_intensity_properties_per_channel"]["0"];
-        for k in ["max", "mean", "median", "min", "percentile_00_5", "percentile_99_5", "std"] {
+        for k in [
+            "max",
+            "mean",
+            "median",
+            "min",
+            "percentile_00_5",
+            "percentile_99_5",
+            "std",
+        ] {
             assert!(props[k].is_number(), "{name}: fingerprint lacks {k}");
         }
         assert!(folder.join("dataset.json").exists());
@@ -124,7 +143,12 @@ fn demo_datasets_plan_and_preprocess() {
         assert_eq!(plans["dataset_name"], name);
         let cfgs = plans["configurations"].as_object().unwrap();
         assert!(cfgs.contains_key("2d"));
-        assert_eq!(cfgs.contains_key("3d_fullres"), expect_3d, "{name}: {:?}", cfgs.keys());
+        assert_eq!(
+            cfgs.contains_key("3d_fullres"),
+            expect_3d,
+            "{name}: {:?}",
+            cfgs.keys()
+        );
 
         // Every planned configuration with its own data folder was preprocessed, and each
         // case's arrays agree with the plans.
@@ -139,7 +163,12 @@ fn demo_datasets_plan_and_preprocess() {
                 .iter()
                 .filter(|p| p.to_string_lossy().ends_with("_seg.npy"))
                 .collect();
-            assert_eq!(segs.len(), n_cases, "{name} {cfg_name}: {} seg files", segs.len());
+            assert_eq!(
+                segs.len(),
+                n_cases,
+                "{name} {cfg_name}: {} seg files",
+                segs.len()
+            );
             assert_eq!(files_with_suffix(&dir, ".json").len(), n_cases);
             for seg in segs {
                 let img = PathBuf::from(seg.to_string_lossy().replace("_seg.npy", ".npy"));
@@ -168,7 +197,8 @@ fn demo_datasets_plan_and_preprocess() {
 
     // The 3D demo is anisotropic: stage 0 of 3d_fullres must use 1x3x3 kernels.
     let plans = json(&env.pre.join("Dataset990_Demo3D/nnUNetPlans.json"));
-    let k0 = &plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["kernel_sizes"][0];
+    let k0 =
+        &plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["kernel_sizes"][0];
     assert_eq!(k0, &serde_json::json!([1, 3, 3]));
 
     // A hand-added configuration survives re-planning and can be preprocessed.
@@ -188,14 +218,21 @@ fn demo_datasets_plan_and_preprocess() {
         serde_json::json!({"inherits_from": "3d_fullres", "bach_size": 4});
     std::fs::write(&plans_path, serde_json::to_string_pretty(&p).unwrap()).unwrap();
     let err = env.fails(&["preprocess", "990", "-c", "3d_fullres_bs4"]);
-    assert!(err.contains("bach_size") && err.contains("batch_size"), "{err}");
+    assert!(
+        err.contains("bach_size") && err.contains("batch_size"),
+        "{err}"
+    );
 
     // Fingerprints and plans are deterministic.
-    let fp1 = std::fs::read_to_string(env.pre.join("Dataset991_Demo2D/dataset_fingerprint.json")).unwrap();
-    let plans1 = std::fs::read_to_string(env.pre.join("Dataset991_Demo2D/nnUNetPlans.json")).unwrap();
+    let fp1 = std::fs::read_to_string(env.pre.join("Dataset991_Demo2D/dataset_fingerprint.json"))
+        .unwrap();
+    let plans1 =
+        std::fs::read_to_string(env.pre.join("Dataset991_Demo2D/nnUNetPlans.json")).unwrap();
     env.ok(&["plan_and_preprocess", "991", "--clean", "--no_pp"]);
-    let fp2 = std::fs::read_to_string(env.pre.join("Dataset991_Demo2D/dataset_fingerprint.json")).unwrap();
-    let plans2 = std::fs::read_to_string(env.pre.join("Dataset991_Demo2D/nnUNetPlans.json")).unwrap();
+    let fp2 = std::fs::read_to_string(env.pre.join("Dataset991_Demo2D/dataset_fingerprint.json"))
+        .unwrap();
+    let plans2 =
+        std::fs::read_to_string(env.pre.join("Dataset991_Demo2D/nnUNetPlans.json")).unwrap();
     assert_eq!(fp1, fp2);
     assert_eq!(plans1, plans2);
 }
@@ -213,7 +250,10 @@ fn bad_input_gives_clear_errors() {
     let dup = env.raw.join("Dataset990_Other");
     std::fs::create_dir_all(&dup).unwrap();
     let err = env.fails(&["extract_fingerprint", "990"]);
-    assert!(err.contains("Dataset990_Other") && err.contains("Dataset990_Demo3D"), "{err}");
+    assert!(
+        err.contains("Dataset990_Other") && err.contains("Dataset990_Demo3D"),
+        "{err}"
+    );
     std::fs::remove_dir_all(&dup).unwrap();
 
     // A truncated .nii.gz: the error names the file, and no fingerprint is written.
@@ -279,7 +319,15 @@ fn train_a_few_iterations_and_resume() {
     assert!(env.pre.join("Dataset991_Demo2D/splits_final.json").exists());
 
     // --c on a finished run with more epochs continues from epoch 1.
-    let mut args = vec!["train", "991", "2d", "0", "-tr", "nnUNetTrainer_1epoch", "--c"];
+    let mut args = vec![
+        "train",
+        "991",
+        "2d",
+        "0",
+        "-tr",
+        "nnUNetTrainer_1epoch",
+        "--c",
+    ];
     args.extend(tiny);
     args.extend(["--num_epochs", "2"]);
     let log = env.ok(&args);
@@ -289,7 +337,10 @@ fn train_a_few_iterations_and_resume() {
     let err = env.fails(&["train", "991", "2d", "seven"]);
     assert!(err.contains("seven"), "{err}");
     let err = env.fails(&["train", "991", "2d", "0", "-tr", "nnUNetTrainer_3epochs"]);
-    assert!(err.contains("nnUNetTrainer_5epochs"), "lists known presets: {err}");
+    assert!(
+        err.contains("nnUNetTrainer_5epochs"),
+        "lists known presets: {err}"
+    );
     let err = env.fails(&["train", "991", "3d_fullres", "0"]);
     assert!(err.contains("3d_fullres") && err.contains("2d"), "{err}");
 }

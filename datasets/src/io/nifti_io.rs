@@ -13,15 +13,13 @@ use super::{add_channel_axis, write_via_temp, Format, ImageProperties, Loaded, N
 use crate::error::DatasetError;
 
 fn read_object(path: &Path) -> Result<(NiftiHeader, nifti::InMemNiftiVolume), DatasetError> {
-    let obj = ReaderOptions::new()
-        .read_file(path)
-        .map_err(|e| {
-            let why = match &e {
-                nifti::NiftiError::Io(io) => io.to_string(),
-                other => other.to_string(),
-            };
-            DatasetError::read(path, format!("invalid or truncated NIfTI file: {why}"))
-        })?;
+    let obj = ReaderOptions::new().read_file(path).map_err(|e| {
+        let why = match &e {
+            nifti::NiftiError::Io(io) => io.to_string(),
+            other => other.to_string(),
+        };
+        DatasetError::read(path, format!("invalid or truncated NIfTI file: {why}"))
+    })?;
     let header = obj.header().clone();
     Ok((header, obj.into_volume()))
 }

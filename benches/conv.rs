@@ -21,6 +21,9 @@ use std::time::{Duration, Instant};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Forward + both gradient kernels of one workload, called directly.
+type KernelsFn = fn(&Tensor, &Tensor, &Tensor) -> Result<()>;
+
 struct Work {
     name: &'static str,
     /// multiply-adds of one forward pass (0 = not a conv: report time only)
@@ -29,7 +32,7 @@ struct Work {
     w: Option<Var>,
     run: fn(&Tensor, Option<&Tensor>) -> Result<Tensor>,
     /// forward + both gradient kernels called directly (no autograd bookkeeping)
-    kernels: Option<fn(&Tensor, &Tensor, &Tensor) -> Result<()>>,
+    kernels: Option<KernelsFn>,
 }
 
 fn randn(shape: &[usize]) -> Var {

@@ -281,7 +281,7 @@ fn bad_input_gives_clear_errors() {
     let dj_text = std::fs::read_to_string(&dj_path).unwrap();
     let mut dj: Value = serde_json::from_str(&dj_text).unwrap();
     let labels = dj["labels"].as_object_mut().unwrap();
-    let last = labels.keys().last().unwrap().clone();
+    let last = labels.keys().next_back().unwrap().clone();
     labels.remove(&last);
     std::fs::write(&dj_path, serde_json::to_string_pretty(&dj).unwrap()).unwrap();
     let err = env.fails(&["extract_fingerprint", "990", "--verify_dataset_integrity"]);

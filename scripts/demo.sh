@@ -17,4 +17,4 @@ bin="${CARGO_TARGET_DIR:-$PWD/target}/release/nnseg"
 "$bin" train 991 2d 0 -tr nnUNetTrainer_1epoch --num_iterations_per_epoch 25 --num_val_iterations_per_epoch 5
 echo
 echo "Demo data in $root:"
-find "$nnUNet_preprocessed" "$nnUNet_results" -maxdepth 3 | sort | head -60
+find "$nnUNet_preprocessed" "$nnUNet_results" -maxdepth 2 | sort

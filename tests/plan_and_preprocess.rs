@@ -201,6 +201,21 @@ fn demo_datasets_plan_and_preprocess() {
         &plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["kernel_sizes"][0];
     assert_eq!(k0, &serde_json::json!([1, 3, 3]));
 
+    // Every planned configuration builds its network (shape-only), with nnU-Net's estimate.
+    for (id, cfg) in [("990", "3d_fullres"), ("990", "2d"), ("991", "2d")] {
+        let out = env.nnseg(&["show_network", id, cfg]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "show_network {id} {cfg}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            text.contains("trainable parameters") && text.contains("decoder.seg_layers.0"),
+            "{text}"
+        );
+    }
+
     // A hand-added configuration survives re-planning and can be preprocessed.
     let plans_path = env.pre.join("Dataset990_Demo3D/nnUNetPlans.json");
     let mut p = json(&plans_path);

@@ -16,7 +16,7 @@ fn vm_hwm_mib() -> f64 {
 }
 
 #[test]
-#[ignore]
+#[ignore = "benchmark: slow, run with --release -- --ignored --nocapture"]
 fn plain_3d_forward_backward_cpu() {
     let patch: Vec<usize> = std::env::var("NNSEG_BENCH_PATCH")
         .ok()
@@ -95,7 +95,7 @@ fn plain_3d_forward_backward_cpu() {
 
 /// Where does the time of one full-resolution conv block go (forward + backward)?
 #[test]
-#[ignore]
+#[ignore = "benchmark: slow, run with --release -- --ignored --nocapture"]
 fn block_parts_cpu() {
     use architectures::ops;
     let dev = Device::Cpu;

@@ -992,7 +992,7 @@ mod perf {
     use crate::normalization::{normalize_channel, Normalization};
 
     #[test]
-    #[ignore]
+    #[ignore = "benchmark: slow, run with --release -- --ignored --nocapture"]
     fn perf_large_case() {
         let (nz, ny, nx) = (160usize, 384usize, 384usize);
         let c = (ny as f64 / 2.0, nx as f64 / 2.0);
@@ -1085,7 +1085,7 @@ mod perf {
     }
 
     #[test]
-    #[ignore]
+    #[ignore = "benchmark: slow, run with --release -- --ignored --nocapture"]
     fn perf_demo_fingerprint() {
         let dir = tempfile::tempdir().unwrap();
         let folders = datasets::demo::make_demo_datasets(dir.path(), 0).unwrap();

@@ -844,7 +844,7 @@ mod tests {
     /// Timing breakdown of the three kernels (run with
     /// `cargo test --release -p architectures -- --ignored kernel_timings --nocapture`).
     #[test]
-    #[ignore]
+    #[ignore = "benchmark: slow, run with --release -- --ignored --nocapture"]
     fn kernel_timings() {
         let cases = [
             ("2d 256^2", [1, 256, 256], [1, 3, 3], [1, 1, 1], [0, 1, 1]),

@@ -726,7 +726,7 @@ fn candle_bug_nonuniform_nearest_upsample_backward() {
 /// 32 -> 32. Run alone (it reads the process-wide high-water mark):
 /// `cargo test --release -p architectures -- --ignored conv3d_peak_memory --nocapture`.
 #[test]
-#[ignore]
+#[ignore = "measures process peak memory: run alone, --release -- --ignored --nocapture"]
 fn conv3d_peak_memory() {
     fn hwm_kb() -> u64 {
         std::fs::read_to_string("/proc/self/status")

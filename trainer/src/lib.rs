@@ -7,9 +7,11 @@
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod evaluation;
 pub mod logging;
 pub mod loss;
 pub mod optim;
+pub mod predict;
 pub mod presets;
 pub mod progress;
 pub mod train;

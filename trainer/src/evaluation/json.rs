@@ -96,7 +96,9 @@ impl From<&Value> for Json {
             },
             Value::String(s) => Json::Str(s.clone()),
             Value::Array(a) => Json::Arr(a.iter().map(Json::from).collect()),
-            Value::Object(m) => Json::Obj(m.iter().map(|(k, v)| (k.clone(), Json::from(v))).collect()),
+            Value::Object(m) => {
+                Json::Obj(m.iter().map(|(k, v)| (k.clone(), Json::from(v))).collect())
+            }
         }
     }
 }
@@ -191,7 +193,10 @@ mod tests {
             ("c", Json::Obj(vec![])),
         ]);
         let s = j.to_python_string(true);
-        assert_eq!(s, "{\n    \"a\": [\n        1,\n        0.5\n    ],\n    \"b\": NaN,\n    \"c\": {}\n}");
+        assert_eq!(
+            s,
+            "{\n    \"a\": [\n        1,\n        0.5\n    ],\n    \"b\": NaN,\n    \"c\": {}\n}"
+        );
         let v = parse_json_with_nan(Path::new("x.json"), &s).unwrap();
         assert!(v["b"].is_null());
         assert_eq!(v["a"][1], 0.5);
@@ -199,7 +204,11 @@ mod tests {
 
     #[test]
     fn reader_keeps_nan_inside_strings() {
-        let v = parse_json_with_nan(Path::new("x"), r#"{"NaN": "NaN \" Infinity", "x": -Infinity}"#).unwrap();
+        let v = parse_json_with_nan(
+            Path::new("x"),
+            r#"{"NaN": "NaN \" Infinity", "x": -Infinity}"#,
+        )
+        .unwrap();
         assert_eq!(v["NaN"], "NaN \" Infinity");
         assert!(v["x"].is_null());
         assert!(parse_json_with_nan(Path::new("bad.json"), "{\"a\": nan}").is_err());

@@ -45,7 +45,7 @@ impl ClassMetrics {
 /// `region_or_label_to_mask`.
 #[inline]
 pub(crate) fn in_class(v: i16, class: &[i64]) -> bool {
-    class.iter().any(|&c| c == v as i64)
+    class.contains(&(v as i64))
 }
 
 /// TP/FP/FN/TN per class for one case. `reference` and `prediction` are the voxels in the same
@@ -58,19 +58,20 @@ pub fn compute_metrics(
     ignore_label: Option<i64>,
 ) -> Vec<ClassMetrics> {
     debug_assert_eq!(reference.len(), prediction.len());
-    // Lookup per class over the int16 value range in use: membership tables avoid re-scanning
-    // the class list per voxel.
-    let (lo, hi) = labels_or_regions
-        .iter()
-        .flatten()
-        .fold((i64::MAX, i64::MIN), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+    // A membership table over all int16 values per class avoids scanning the class list per
+    // voxel.
+    let table = |class: &[i64]| -> Vec<bool> {
+        (0..=u16::MAX).map(|u| in_class(u as i16, class)).collect()
+    };
+    let ignore = ignore_label.and_then(|l| i16::try_from(l).ok());
     labels_or_regions
         .iter()
         .map(|class| {
             let mut m = ClassMetrics::default();
-            let member = |v: i16| (v as i64) >= lo && (v as i64) <= hi && in_class(v, class);
+            let t = table(class);
+            let member = |v: i16| t[v as u16 as usize];
             for (&r, &p) in reference.iter().zip(prediction) {
-                if ignore_label == Some(r as i64) {
+                if ignore == Some(r) {
                     continue;
                 }
                 match (member(r), member(p)) {
@@ -94,10 +95,26 @@ mod tests {
         let r = [0, 1, 1, 1, 2, 0, 0, 2];
         let p = [1, 1, 1, 0, 2, 2, 0, 0];
         let m = compute_metrics(&r, &p, &[vec![1], vec![2]], None);
-        assert_eq!(m[0], ClassMetrics { tp: 2, fp: 1, fn_: 1, tn: 4 });
+        assert_eq!(
+            m[0],
+            ClassMetrics {
+                tp: 2,
+                fp: 1,
+                fn_: 1,
+                tn: 4
+            }
+        );
         assert!((m[0].dice() - 4.0 / 6.0).abs() < 1e-12);
         assert!((m[0].iou() - 0.5).abs() < 1e-12);
-        assert_eq!(m[1], ClassMetrics { tp: 1, fp: 1, fn_: 1, tn: 5 });
+        assert_eq!(
+            m[1],
+            ClassMetrics {
+                tp: 1,
+                fp: 1,
+                fn_: 1,
+                tn: 5
+            }
+        );
         assert_eq!((m[0].n_pred(), m[0].n_ref()), (3, 3));
     }
 
@@ -107,8 +124,24 @@ mod tests {
         let p = [0, 0, 2, 1, 1];
         // class 2 is absent from reference and (outside ignore voxels) prediction
         let m = compute_metrics(&r, &p, &[vec![1], vec![2]], Some(3));
-        assert_eq!(m[0], ClassMetrics { tp: 1, fp: 0, fn_: 0, tn: 2 });
-        assert_eq!(m[1], ClassMetrics { tp: 0, fp: 0, fn_: 0, tn: 3 });
+        assert_eq!(
+            m[0],
+            ClassMetrics {
+                tp: 1,
+                fp: 0,
+                fn_: 0,
+                tn: 2
+            }
+        );
+        assert_eq!(
+            m[1],
+            ClassMetrics {
+                tp: 0,
+                fp: 0,
+                fn_: 0,
+                tn: 3
+            }
+        );
         assert!(m[1].dice().is_nan() && m[1].iou().is_nan());
         // without the ignore label the voxels count
         let m = compute_metrics(&r, &p, &[vec![2]], None);
@@ -121,7 +154,23 @@ mod tests {
         let r = [0, 1, 2, 3, 3];
         let p = [1, 2, 2, 0, 3];
         let m = compute_metrics(&r, &p, &[vec![1, 2, 3], vec![3]], None);
-        assert_eq!(m[0], ClassMetrics { tp: 3, fp: 0, fn_: 1, tn: 1 });
-        assert_eq!(m[1], ClassMetrics { tp: 1, fp: 0, fn_: 1, tn: 3 });
+        assert_eq!(
+            m[0],
+            ClassMetrics {
+                tp: 3,
+                fp: 1,
+                fn_: 1,
+                tn: 0
+            }
+        );
+        assert_eq!(
+            m[1],
+            ClassMetrics {
+                tp: 1,
+                fp: 0,
+                fn_: 1,
+                tn: 3
+            }
+        );
     }
 }

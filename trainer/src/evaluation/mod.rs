@@ -50,7 +50,10 @@ pub enum EvalError {
     #[error(transparent)]
     Plans(#[from] plans::PlansError),
     #[error("{folder}: no files ending with {file_ending:?}")]
-    NoCases { folder: PathBuf, file_ending: String },
+    NoCases {
+        folder: PathBuf,
+        file_ending: String,
+    },
     #[error(
         "{folder}: predictions missing for {} reference case(s): {}",
         cases.len(),
@@ -76,7 +79,10 @@ pub enum EvalError {
 
 pub type Result<T> = std::result::Result<T, EvalError>;
 
-pub(crate) fn io_err(action: &'static str, path: &std::path::Path) -> impl FnOnce(std::io::Error) -> EvalError {
+pub(crate) fn io_err(
+    action: &'static str,
+    path: &std::path::Path,
+) -> impl FnOnce(std::io::Error) -> EvalError {
     let path = path.to_path_buf();
     move |source| EvalError::Io {
         action,

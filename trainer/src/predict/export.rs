@@ -212,10 +212,7 @@ pub fn convert_logits_to_segmentation(
     ];
     let mut full = Array3::<i16>::zeros((before[0], before[1], before[2]));
     full.slice_mut(crop).assign(&seg);
-    let segmentation = full
-        .permuted_axes(tb)
-        .as_standard_layout()
-        .into_owned();
+    let segmentation = full.permuted_axes(tb).as_standard_layout().into_owned();
 
     let probabilities = if return_probabilities {
         let k = probs.dim().0;

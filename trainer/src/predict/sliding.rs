@@ -9,13 +9,13 @@ use ndarray::{s, Array3, Array4, ArrayD, ArrayView4, ArrayViewD, Axis, IxDyn, Zi
 /// A network applied to one tile: input `(C, *patch)` (2 or 3 spatial axes), output logits
 /// `(K, *patch)`. Closures `Fn(ArrayViewD<f32>) -> Result<ArrayD<f32>, PredictError>` implement
 /// it, so the sliding window can be tested without weights.
-pub trait TileNetwork {
+pub trait TileNetwork: Send + Sync {
     fn predict_tile(&self, tile: ArrayViewD<'_, f32>) -> Result<ArrayD<f32>, PredictError>;
 }
 
 impl<F> TileNetwork for F
 where
-    F: Fn(ArrayViewD<'_, f32>) -> Result<ArrayD<f32>, PredictError>,
+    F: Fn(ArrayViewD<'_, f32>) -> Result<ArrayD<f32>, PredictError> + Send + Sync,
 {
     fn predict_tile(&self, tile: ArrayViewD<'_, f32>) -> Result<ArrayD<f32>, PredictError> {
         self(tile)
@@ -68,7 +68,11 @@ pub fn compute_steps_for_sliding_window(
 /// truncated at 4 sigma, constant-0 border), scaled so its maximum is `value_scaling_factor`;
 /// zeros are replaced by the smallest non-zero value. Returned flattened in C order.
 /// (nnU-Net then casts to fp16; we keep f32.)
-pub fn compute_gaussian(patch: &[usize], sigma_scale: f64, value_scaling_factor: f64) -> ArrayD<f32> {
+pub fn compute_gaussian(
+    patch: &[usize],
+    sigma_scale: f64,
+    value_scaling_factor: f64,
+) -> ArrayD<f32> {
     // separable: the filtered impulse is the outer product of the 1-D kernels around the centre
     let per_axis: Vec<Vec<f64>> = patch
         .iter()
@@ -320,12 +324,7 @@ pub fn sliding_window_logits(
         for &sz in &steps[0] {
             for &sy in &steps[1] {
                 for &sx in &steps[2] {
-                    let sl = s![
-                        ..,
-                        sz..sz + patch[0],
-                        sy..sy + patch[1],
-                        sx..sx + patch[2]
-                    ];
+                    let sl = s![.., sz..sz + patch[0], sy..sy + patch[1], sx..sx + patch[2]];
                     let tile = padded.slice(sl);
                     let pred = predict_tile_with_tta(net, tile.into_dyn(), mirror, k)?;
                     let pred = pred

@@ -146,6 +146,8 @@ pub enum TrainError {
     Optim(#[from] OptimError),
     #[error(transparent)]
     Progress(#[from] ProgressError),
+    #[error("final validation: {0}")]
+    Predict(#[from] Box<crate::predict::PredictError>),
     #[error("{}: {source}", path.display())]
     Io {
         path: PathBuf,
@@ -756,9 +758,34 @@ pub fn train(req: &TrainRequest) -> Result<TrainSummary, TrainError> {
         plot_progress(&logging, &fold_folder.join("progress.png"))?;
     }
     say("Training done.")?;
-    say("Final validation (validation/summary.json) needs the sliding-window predictor and is not run by nnseg yet.")?;
-    if req.export_npz {
-        say("--npz has no effect without the final validation.")?;
+    // nnU-Net's perform_actual_validation: predict the fold's validation cases with the final
+    // checkpoint into fold_X/validation/ and evaluate them (validation/summary.json)
+    let validation = crate::predict::validate_fold(
+        &model_folder,
+        req.fold,
+        "checkpoint_final",
+        pre,
+        &split.val,
+        req.export_npz,
+        num_workers,
+        device,
+        &req.registry,
+    )
+    .map_err(Box::new)?;
+    match &validation.summary {
+        Some(s) => {
+            say("Validation complete")?;
+            say(&format!(
+                "Mean Validation Dice:  {}",
+                py_float(s.foreground_dice())
+            ))?;
+        }
+        None => say(&format!(
+            "WARNING: {} does not exist: the {} validation predictions in {} were not evaluated",
+            pre.join("gt_segmentations").display(),
+            validation.predictions.len(),
+            fold_folder.join("validation").display()
+        ))?,
     }
     Ok(TrainSummary {
         fold_folder,

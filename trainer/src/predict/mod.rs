@@ -1,0 +1,705 @@
+//! Inference: nnU-Net's `nnUNetPredictor` (`inference/predict_from_raw_data.py`).
+//!
+//! - [`sliding`]: tile steps, Gaussian importance map, padding, mirroring TTA, accumulation;
+//! - [`export`]: logits → segmentation / probabilities in the original image space;
+//! - [`Predictor`]: the networks of one trained model (one per fold) with its plans and
+//!   dataset.json; [`predict_from_raw_folder`] runs `nnseg predict` on a folder of raw images;
+//!   [`run_final_validation`] predicts a fold's validation cases from the preprocessed data.
+
+pub mod export;
+pub mod sliding;
+
+use crate::checkpoint::{Checkpoint, CheckpointError};
+use crate::data::Fold;
+use architectures::registry::{ArchError, NetworkIo, Registry, SegNetwork};
+use candle_core::{DType, Device, Tensor};
+use ndarray::{Array4, ArrayD, ArrayView4, ArrayViewD, IxDyn};
+use plans::{Configuration, DatasetJson, Plans};
+use preprocessing::storage::CaseProperties;
+use std::path::{Path, PathBuf};
+
+pub use export::{convert_logits_to_segmentation, ExportedPrediction, LabelHandling};
+pub use sliding::{
+    compute_gaussian, compute_steps_for_sliding_window, sliding_window_logits,
+    SlidingWindowOptions, TileNetwork,
+};
+
+/// Inference errors; each names the file, case or setting involved.
+#[derive(Debug, thiserror::Error)]
+pub enum PredictError {
+    #[error(transparent)]
+    Plans(#[from] plans::PlansError),
+    #[error(transparent)]
+    Dataset(#[from] datasets::DatasetError),
+    #[error(transparent)]
+    Preprocess(#[from] preprocessing::PreprocessError),
+    #[error(transparent)]
+    Storage(#[from] preprocessing::storage::StorageError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error(transparent)]
+    Arch(#[from] ArchError),
+    #[error(transparent)]
+    Evaluation(#[from] crate::evaluation::EvalError),
+    #[error("{context}: {source}")]
+    Candle {
+        context: String,
+        #[source]
+        source: candle_core::Error,
+    },
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("case {case}: {source}")]
+    Case {
+        case: String,
+        #[source]
+        source: Box<PredictError>,
+    },
+    /// Problems with the input folder (missing channels, unexpected files, no cases).
+    #[error("{0}")]
+    Input(String),
+    /// Invalid settings, plans or model files.
+    #[error("{0}")]
+    Config(String),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> PredictError + '_ {
+    move |source| PredictError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn in_case(case: &str) -> impl FnOnce(PredictError) -> PredictError + '_ {
+    move |e| PredictError::Case {
+        case: case.to_string(),
+        source: Box::new(e),
+    }
+}
+
+/// A trained network on a candle device, as a [`TileNetwork`].
+pub struct CandleTileNetwork {
+    pub network: Box<dyn SegNetwork>,
+    pub device: Device,
+    pub input_channels: usize,
+}
+
+impl TileNetwork for CandleTileNetwork {
+    fn predict_tile(&self, tile: ArrayViewD<'_, f32>) -> Result<ArrayD<f32>, PredictError> {
+        let ctx = |source| PredictError::Candle {
+            context: format!("network forward on a tile of shape {:?}", tile.shape()),
+            source,
+        };
+        if tile.shape()[0] != self.input_channels {
+            return Err(PredictError::Config(format!(
+                "the image has {} channel(s) but the network expects {}",
+                tile.shape()[0],
+                self.input_channels
+            )));
+        }
+        let mut shape = vec![1usize];
+        shape.extend_from_slice(tile.shape());
+        let values: Vec<f32> = tile.iter().copied().collect();
+        let x = Tensor::from_vec(values, shape, &self.device).map_err(ctx)?;
+        let outputs = self.network.forward(&x, false).map_err(ctx)?;
+        let out = outputs
+            .into_iter()
+            .next()
+            .ok_or_else(|| PredictError::Config("the network returned no output".into()))?;
+        let dims = out.dims()[1..].to_vec();
+        let v = out
+            .to_dtype(DType::F32)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(ctx)?;
+        ArrayD::from_shape_vec(IxDyn(&dims), v)
+            .map_err(|e| PredictError::Config(format!("network output: {e}")))
+    }
+}
+
+/// The `checkpoint_name` argument as a file name: `checkpoint_final`, `checkpoint_final.pth`
+/// (nnU-Net's spelling) and `checkpoint_final.safetensors` all give
+/// `checkpoint_final.safetensors`.
+pub fn checkpoint_file_name(checkpoint_name: &str) -> String {
+    let stem = checkpoint_name
+        .strip_suffix(".safetensors")
+        .or_else(|| checkpoint_name.strip_suffix(".pth"))
+        .unwrap_or(checkpoint_name);
+    format!("{stem}.safetensors")
+}
+
+/// The configuration name of a model folder `{trainer}__{plans}__{configuration}`.
+pub fn configuration_from_model_folder(model_folder: &Path) -> Result<String, PredictError> {
+    let name = model_folder
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    let parts: Vec<&str> = name.split("__").collect();
+    match parts.as_slice() {
+        [_, _, cfg] if !cfg.is_empty() => Ok(cfg.to_string()),
+        _ => Err(PredictError::Config(format!(
+            "{}: a model folder must be named {{trainer}}__{{plans}}__{{configuration}}",
+            model_folder.display()
+        ))),
+    }
+}
+
+/// Loads one fold's checkpoint and builds its network for inference (deep supervision off,
+/// weights as constants).
+pub fn load_fold_network(
+    checkpoint_path: &Path,
+    device: &Device,
+    registry: &Registry,
+    base_spec: &plans::ArchitectureSpec,
+) -> Result<(CandleTileNetwork, Vec<usize>), PredictError> {
+    let ck = Checkpoint::load(checkpoint_path, device)?;
+    let meta = &ck.meta.network;
+    let spec = plans::ArchitectureSpec {
+        network_class_name: meta.network_class_name.clone(),
+        arch_kwargs: meta.arch_kwargs.clone(),
+        kw_requires_import: base_spec.kw_requires_import.clone(),
+    };
+    let io = NetworkIo {
+        in_channels: meta.input_channels,
+        num_classes: meta.num_segmentation_heads,
+        deep_supervision: false,
+    };
+    let vb = candle_nn::VarBuilder::from_tensors(ck.network_weights, DType::F32, device);
+    let mut network = registry.build(&spec, &io, vb).map_err(|e| {
+        PredictError::Config(format!(
+            "{}: building the network from the checkpoint failed: {e}",
+            checkpoint_path.display()
+        ))
+    })?;
+    network.set_deep_supervision(false);
+    Ok((
+        CandleTileNetwork {
+            network,
+            device: device.clone(),
+            input_channels: meta.input_channels,
+        },
+        ck.meta.inference_allowed_mirroring_axes.clone(),
+    ))
+}
+
+/// The networks of one trained model plus everything needed to preprocess and export.
+pub struct Predictor {
+    pub plans: Plans,
+    pub configuration_name: String,
+    pub configuration: Configuration,
+    pub dataset_json: DatasetJson,
+    pub labels: LabelHandling,
+    /// Mirroring axes allowed by the checkpoint (patch axes).
+    pub mirror_axes: Vec<usize>,
+    /// Tile overlap (nnU-Net's `tile_step_size`, default 0.5).
+    pub step_size: f64,
+    /// Test-time mirroring (`--disable_tta` turns it off).
+    pub use_mirroring: bool,
+    networks: Vec<Box<dyn TileNetwork>>,
+}
+
+impl Predictor {
+    /// Loads `model_folder/{plans.json, dataset.json}` and, for each fold,
+    /// `model_folder/fold_{f}/{checkpoint_name}` (see [`checkpoint_file_name`]).
+    pub fn from_model_folder(
+        model_folder: &Path,
+        folds: &[Fold],
+        checkpoint_name: &str,
+        device: &Device,
+        registry: &Registry,
+    ) -> Result<Self, PredictError> {
+        if folds.is_empty() {
+            return Err(PredictError::Config("no folds given".into()));
+        }
+        let cfg_name = configuration_from_model_folder(model_folder)?;
+        let (plans, cfg) = Plans::load_configuration(&model_folder.join("plans.json"), &cfg_name)?;
+        let ds = DatasetJson::load(&model_folder.join("dataset.json"))?;
+        let mut networks: Vec<Box<dyn TileNetwork>> = vec![];
+        let mut mirror_axes = None;
+        for fold in folds {
+            let path = model_folder
+                .join(format!("fold_{fold}"))
+                .join(checkpoint_file_name(checkpoint_name));
+            if !path.is_file() {
+                return Err(PredictError::Config(format!(
+                    "{}: checkpoint not found (fold {fold} was not trained, or use \
+                     --chk to pick another checkpoint)",
+                    path.display()
+                )));
+            }
+            let (net, axes) = load_fold_network(&path, device, registry, &cfg.architecture)?;
+            if net.input_channels != ds.num_channels() {
+                return Err(PredictError::Config(format!(
+                    "{}: the network takes {} input channel(s) but dataset.json has {} \
+                     (cascade stages are not supported for prediction)",
+                    path.display(),
+                    net.input_channels,
+                    ds.num_channels()
+                )));
+            }
+            mirror_axes.get_or_insert(axes);
+            networks.push(Box::new(net));
+        }
+        Self::from_networks(
+            plans,
+            &cfg_name,
+            ds,
+            networks,
+            mirror_axes.unwrap_or_default(),
+        )
+    }
+
+    /// A predictor from ready networks (tests, or a network still in memory after training).
+    pub fn from_networks(
+        plans: Plans,
+        configuration_name: &str,
+        dataset_json: DatasetJson,
+        networks: Vec<Box<dyn TileNetwork>>,
+        mirror_axes: Vec<usize>,
+    ) -> Result<Self, PredictError> {
+        let configuration = plans.configuration(configuration_name)?;
+        if networks.is_empty() {
+            return Err(PredictError::Config("no networks".into()));
+        }
+        let labels = LabelHandling::from_dataset_json(&dataset_json)?;
+        Ok(Predictor {
+            plans,
+            configuration_name: configuration_name.to_string(),
+            configuration,
+            dataset_json,
+            labels,
+            mirror_axes,
+            step_size: 0.5,
+            use_mirroring: true,
+            networks,
+        })
+    }
+
+    pub fn num_networks(&self) -> usize {
+        self.networks.len()
+    }
+
+    /// Logits `(K, z, y, x)` of preprocessed data `(C, z, y, x)`: the sliding window of every
+    /// fold's network, averaged over folds (nnU-Net averages logits, then applies the
+    /// nonlinearity at export).
+    pub fn predict_logits(&self, data: ArrayView4<'_, f32>) -> Result<Array4<f32>, PredictError> {
+        let opts = SlidingWindowOptions {
+            patch_size: self.configuration.patch_size.clone(),
+            step_size: self.step_size,
+            mirror_axes: if self.use_mirroring {
+                Some(self.mirror_axes.clone())
+            } else {
+                None
+            },
+            num_classes: self.labels.num_outputs(),
+        };
+        let mut sum: Option<Array4<f32>> = None;
+        for net in &self.networks {
+            let l = sliding_window_logits(net.as_ref(), data, &opts)?;
+            match sum.as_mut() {
+                None => sum = Some(l),
+                Some(s) => *s += &l,
+            }
+        }
+        let mut sum = sum.ok_or_else(|| PredictError::Config("no networks".into()))?;
+        if self.networks.len() > 1 {
+            let n = self.networks.len() as f32;
+            sum.mapv_inplace(|v| v / n);
+        }
+        Ok(sum)
+    }
+
+    /// Predicts preprocessed data and writes `output_file` (format by its ending, geometry of
+    /// `props`); with `save_probabilities` also `{stem}.npz` (`probabilities`, float32
+    /// `(K, z, y, x)`) and `{stem}.json` (the case properties) next to it.
+    pub fn predict_and_export(
+        &self,
+        data: ArrayView4<'_, f32>,
+        props: &CaseProperties,
+        output_file: &Path,
+        save_probabilities: bool,
+    ) -> Result<(), PredictError> {
+        let logits = self.predict_logits(data)?;
+        let exported = convert_logits_to_segmentation(
+            logits,
+            props,
+            &self.plans,
+            &self.configuration,
+            &self.labels,
+            save_probabilities,
+        )?;
+        datasets::io::write_seg(
+            output_file,
+            exported.segmentation.view(),
+            &props.image_properties,
+        )?;
+        if let Some(p) = exported.probabilities {
+            let stem = output_stem(output_file, &self.dataset_json.file_ending);
+            write_probabilities(&stem.with_extension("npz"), &p)?;
+            let json = serde_json::to_value(props)
+                .map_err(|e| PredictError::Config(format!("case properties: {e}")))?;
+            plans::io::write_json_atomic(&stem.with_extension("json"), &json)?;
+        }
+        Ok(())
+    }
+}
+
+/// `folder/case` for `folder/case{ending}`.
+fn output_stem(output_file: &Path, ending: &str) -> PathBuf {
+    let name = output_file
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    let stem = name.strip_suffix(ending).unwrap_or(name);
+    // with_extension on the result must not eat a dot inside the case name
+    output_file.with_file_name(format!("{stem}.x"))
+}
+
+/// Writes `probabilities` into an `.npz` (nnU-Net's `{case}.npz` key), atomically.
+pub fn write_probabilities(path: &Path, probabilities: &Array4<f32>) -> Result<(), PredictError> {
+    let npz_err = |message: String| preprocessing::storage::StorageError::Npy {
+        path: path.to_path_buf(),
+        expected: "float32 probabilities .npz",
+        message,
+    };
+    preprocessing::storage::write_atomic_with(path, |file| {
+        let mut w = ndarray_npy::NpzWriter::new(file);
+        w.add_array("probabilities", probabilities)
+            .map_err(|e| npz_err(e.to_string()))?;
+        w.finish().map_err(|e| npz_err(e.to_string()))?;
+        Ok(())
+    })?;
+    Ok(())
+}
+
+/// One case of an input folder.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InputCase {
+    pub identifier: String,
+    /// Channel files in channel order (`{case}_0000{ending}`, `{case}_0001{ending}`, ...).
+    pub images: Vec<PathBuf>,
+}
+
+/// Finds the cases of a raw input folder: files `{case}_{XXXX}{ending}` with every channel
+/// `0000..num_channels` present. Other files with the ending, or missing/extra channels, are
+/// errors naming the file or case; files with other endings are ignored (nnU-Net does so).
+pub fn find_input_cases(
+    folder: &Path,
+    file_ending: &str,
+    num_channels: usize,
+) -> Result<Vec<InputCase>, PredictError> {
+    use std::collections::BTreeMap;
+    let mut cases: BTreeMap<String, BTreeMap<usize, PathBuf>> = BTreeMap::new();
+    let rd = std::fs::read_dir(folder).map_err(io_err(folder))?;
+    for entry in rd {
+        let entry = entry.map_err(io_err(folder))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(stem) = name.strip_suffix(file_ending) else {
+            continue;
+        };
+        if name.starts_with('.') || !entry.path().is_file() {
+            continue;
+        }
+        let parsed = stem.rsplit_once('_').and_then(|(case, ch)| {
+            (ch.len() == 4 && ch.bytes().all(|b| b.is_ascii_digit()) && !case.is_empty())
+                .then(|| (case.to_string(), ch.parse::<usize>().ok()))
+        });
+        match parsed {
+            Some((case, Some(ch))) => {
+                cases.entry(case).or_default().insert(ch, entry.path());
+            }
+            _ => {
+                return Err(PredictError::Input(format!(
+                    "{}: input files must be named {{case}}_{{XXXX}}{file_ending} (XXXX = 4-digit channel index)",
+                    entry.path().display()
+                )))
+            }
+        }
+    }
+    if cases.is_empty() {
+        return Err(PredictError::Input(format!(
+            "{}: no files named {{case}}_0000{file_ending}",
+            folder.display()
+        )));
+    }
+    let mut out = vec![];
+    for (case, chans) in cases {
+        let idx: Vec<usize> = chans.keys().copied().collect();
+        let expected: Vec<usize> = (0..num_channels).collect();
+        if idx != expected {
+            return Err(PredictError::Input(format!(
+                "case {case} in {}: found channel(s) {idx:?}, the model needs exactly {expected:?} \
+                 (files {case}_0000{file_ending} ...)",
+                folder.display()
+            )));
+        }
+        out.push(InputCase {
+            identifier: case,
+            images: chans.into_values().collect(),
+        });
+    }
+    Ok(out)
+}
+
+/// Everything `nnseg predict` needs.
+#[derive(Clone)]
+pub struct PredictRequest {
+    pub input_folder: PathBuf,
+    pub output_folder: PathBuf,
+    /// `nnUNet_results/DatasetX/{trainer}__{plans}__{configuration}`.
+    pub model_folder: PathBuf,
+    pub folds: Vec<Fold>,
+    /// `checkpoint_final` (nnU-Net's `-chk`, `.pth` accepted).
+    pub checkpoint_name: String,
+    /// Tile overlap (`-step_size`, default 0.5).
+    pub step_size: f64,
+    pub disable_tta: bool,
+    pub save_probabilities: bool,
+    /// Threads for preprocessing / resampling.
+    pub num_workers: usize,
+    pub device: Device,
+    pub registry: Registry,
+}
+
+impl PredictRequest {
+    /// nnU-Net's defaults: checkpoint_final, step 0.5, TTA on, no probabilities.
+    pub fn new(
+        input_folder: impl Into<PathBuf>,
+        output_folder: impl Into<PathBuf>,
+        model_folder: impl Into<PathBuf>,
+        folds: Vec<Fold>,
+        device: Device,
+    ) -> Self {
+        PredictRequest {
+            input_folder: input_folder.into(),
+            output_folder: output_folder.into(),
+            model_folder: model_folder.into(),
+            folds,
+            checkpoint_name: "checkpoint_final".into(),
+            step_size: 0.5,
+            disable_tta: false,
+            save_probabilities: false,
+            num_workers: 3,
+            device,
+            registry: Registry::default(),
+        }
+    }
+}
+
+/// What [`predict_from_raw_folder`] did.
+#[derive(Debug, Clone)]
+pub struct PredictReport {
+    /// Written segmentation files, in case order.
+    pub outputs: Vec<PathBuf>,
+    /// Seconds per case (preprocessing + prediction + export).
+    pub seconds_per_case: Vec<f64>,
+}
+
+fn copy_file(src: &Path, dst: &Path) -> Result<(), PredictError> {
+    let bytes = std::fs::read(src).map_err(io_err(src))?;
+    plans::io::write_atomic(dst, &bytes)?;
+    Ok(())
+}
+
+/// `nnseg predict`: preprocesses each case of the input folder, predicts it with every fold's
+/// network and writes `{output}/{case}{ending}` (plus `.npz` + `.json` with
+/// `save_probabilities`), and `dataset.json`, `plans.json`, `predict_from_raw_data_args.json`.
+/// Stops at the first failing case with an error naming it.
+pub fn predict_from_raw_folder(req: &PredictRequest) -> Result<PredictReport, PredictError> {
+    let mut predictor = Predictor::from_model_folder(
+        &req.model_folder,
+        &req.folds,
+        &req.checkpoint_name,
+        &req.device,
+        &req.registry,
+    )?;
+    predictor.step_size = req.step_size;
+    predictor.use_mirroring = !req.disable_tta;
+    let ending = predictor.dataset_json.file_ending.clone();
+    let cases = find_input_cases(
+        &req.input_folder,
+        &ending,
+        predictor.dataset_json.num_channels(),
+    )?;
+    std::fs::create_dir_all(&req.output_folder).map_err(io_err(&req.output_folder))?;
+    copy_file(
+        &req.model_folder.join("dataset.json"),
+        &req.output_folder.join("dataset.json"),
+    )?;
+    copy_file(
+        &req.model_folder.join("plans.json"),
+        &req.output_folder.join("plans.json"),
+    )?;
+    let args = serde_json::json!({
+        "list_of_lists_or_source_folder": req.input_folder.display().to_string(),
+        "output_folder_or_list_of_truncated_output_files": req.output_folder.display().to_string(),
+        "model_training_output_dir": req.model_folder.display().to_string(),
+        "use_folds": req.folds.iter().map(|f| f.to_string()).collect::<Vec<_>>(),
+        "checkpoint_name": checkpoint_file_name(&req.checkpoint_name),
+        "tile_step_size": req.step_size,
+        "use_mirroring": !req.disable_tta,
+        "save_probabilities": req.save_probabilities,
+        "num_processes_preprocessing": req.num_workers,
+        "device": format!("{:?}", req.device.location()),
+    });
+    plans::io::write_json_atomic(
+        &req.output_folder.join("predict_from_raw_data_args.json"),
+        &args,
+    )?;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(req.num_workers.max(1))
+        .build()
+        .map_err(|e| PredictError::Config(format!("thread pool: {e}")))?;
+    let mut report = PredictReport {
+        outputs: vec![],
+        seconds_per_case: vec![],
+    };
+    pool.install(|| -> Result<(), PredictError> {
+        for case in &cases {
+            let t0 = std::time::Instant::now();
+            let out = req
+                .output_folder
+                .join(format!("{}{ending}", case.identifier));
+            (|| -> Result<(), PredictError> {
+                let pre = preprocessing::preprocessor::preprocess_case_files(
+                    &case.images,
+                    None,
+                    &predictor.plans,
+                    &predictor.configuration,
+                    &predictor.dataset_json,
+                )?;
+                predictor.predict_and_export(
+                    pre.data.view(),
+                    &pre.properties,
+                    &out,
+                    req.save_probabilities,
+                )
+            })()
+            .map_err(in_case(&case.identifier))?;
+            report.outputs.push(out);
+            report.seconds_per_case.push(t0.elapsed().as_secs_f64());
+        }
+        Ok(())
+    })?;
+    Ok(report)
+}
+
+/// Predicts one preprocessed case (`{case}.npy` + `{case}.json` in `preprocessed_data_folder`,
+/// e.g. `nnUNet_preprocessed/DatasetX/nnUNetPlans_3d_fullres`) and writes
+/// `output_folder/{case}{ending}`.
+pub fn predict_preprocessed_case(
+    predictor: &Predictor,
+    preprocessed_data_folder: &Path,
+    case: &str,
+    output_folder: &Path,
+    save_probabilities: bool,
+) -> Result<PathBuf, PredictError> {
+    (|| -> Result<PathBuf, PredictError> {
+        let mapped = preprocessing::storage::MappedCase::open(preprocessed_data_folder, case)?;
+        let data = mapped.data()?;
+        let props = preprocessing::storage::load_case_properties(preprocessed_data_folder, case)?;
+        let out = output_folder.join(format!("{case}{}", predictor.dataset_json.file_ending));
+        predictor.predict_and_export(data, &props, &out, save_probabilities)?;
+        Ok(out)
+    })()
+    .map_err(in_case(case))
+}
+
+/// nnU-Net's `perform_actual_validation` without the evaluation: predicts the validation
+/// cases of a fold from the preprocessed data into `fold_folder/validation/`. The caller
+/// evaluates the folder against `gt_segmentations` afterwards (summary.json).
+pub fn run_final_validation(
+    predictor: &Predictor,
+    preprocessed_data_folder: &Path,
+    validation_cases: &[String],
+    fold_folder: &Path,
+    save_probabilities: bool,
+) -> Result<Vec<PathBuf>, PredictError> {
+    let out = fold_folder.join("validation");
+    std::fs::create_dir_all(&out).map_err(io_err(&out))?;
+    validation_cases
+        .iter()
+        .map(|c| {
+            predict_preprocessed_case(
+                predictor,
+                preprocessed_data_folder,
+                c,
+                &out,
+                save_probabilities,
+            )
+        })
+        .collect()
+}
+
+/// What [`validate_fold`] produced.
+#[derive(Debug, Clone)]
+pub struct FoldValidation {
+    /// `fold_folder/validation/{case}{ending}` for every validation case.
+    pub predictions: Vec<PathBuf>,
+    /// The evaluation against `gt_segmentations` (`validation/summary.json`); `None` when the
+    /// preprocessed folder has no `gt_segmentations/` (then nothing was evaluated).
+    pub summary: Option<crate::evaluation::Summary>,
+}
+
+/// nnU-Net's `perform_actual_validation`: loads `fold_folder/{checkpoint_name}` of the model,
+/// predicts the validation cases from `preprocessed_dataset_folder/{data_identifier}/` into
+/// `fold_folder/validation/` (with `.npz` + `.json` if `save_probabilities`), then evaluates
+/// them against `preprocessed_dataset_folder/gt_segmentations/` into
+/// `validation/summary.json`.
+#[allow(clippy::too_many_arguments)]
+pub fn validate_fold(
+    model_folder: &Path,
+    fold: Fold,
+    checkpoint_name: &str,
+    preprocessed_dataset_folder: &Path,
+    validation_cases: &[String],
+    save_probabilities: bool,
+    num_workers: usize,
+    device: &Device,
+    registry: &Registry,
+) -> Result<FoldValidation, PredictError> {
+    let predictor =
+        Predictor::from_model_folder(model_folder, &[fold], checkpoint_name, device, registry)?;
+    let data_folder = preprocessed_dataset_folder.join(&predictor.configuration.data_identifier);
+    let fold_folder = model_folder.join(format!("fold_{fold}"));
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(num_workers.max(1))
+        .build()
+        .map_err(|e| PredictError::Config(format!("thread pool: {e}")))?;
+    let predictions = pool.install(|| {
+        run_final_validation(
+            &predictor,
+            &data_folder,
+            validation_cases,
+            &fold_folder,
+            save_probabilities,
+        )
+    })?;
+    let gt = preprocessed_dataset_folder.join("gt_segmentations");
+    let summary = if gt.is_dir() {
+        let mut opts = crate::evaluation::EvaluateOptions::from_dataset_json(
+            &predictor.dataset_json,
+            num_workers,
+        );
+        // gt_segmentations holds every training case; only this fold's are predicted
+        opts.chill = true;
+        Some(crate::evaluation::evaluate_folder(
+            &gt,
+            &fold_folder.join("validation"),
+            &opts,
+        )?)
+    } else {
+        None
+    };
+    Ok(FoldValidation {
+        predictions,
+        summary,
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -56,6 +56,21 @@ pub enum Command {
     /// Train one fold of a configuration (nnUNetv2_train).
     #[command(name = "train")]
     Train(TrainArgs),
+    /// Predict raw images with trained folds (nnUNetv2_predict).
+    #[command(name = "predict")]
+    Predict(PredictArgs),
+    /// Average saved probabilities of several prediction folders (nnUNetv2_ensemble).
+    #[command(name = "ensemble")]
+    Ensemble(EnsembleArgs),
+    /// Dice/IoU per case and class, written to summary.json (nnUNetv2_evaluate_folder).
+    #[command(name = "evaluate_folder")]
+    EvaluateFolder(EvaluateArgs),
+    /// Apply a postprocessing.json to a folder of segmentations (nnUNetv2_apply_postprocessing).
+    #[command(name = "apply_postprocessing")]
+    ApplyPostprocessing(ApplyPpArgs),
+    /// Pick the best configuration / ensemble from cross-validation (nnUNetv2_find_best_configuration).
+    #[command(name = "find_best_configuration")]
+    FindBestConfiguration(FindBestArgs),
     /// Print a configuration's network: layer table, output shapes, parameters, memory estimate.
     #[command(name = "show_network")]
     ShowNetwork(ShowNetworkArgs),
@@ -206,6 +221,130 @@ pub struct TrainArgs {
     /// nnseg extension: override the validation iterations per epoch.
     #[arg(long = "num_val_iterations_per_epoch")]
     pub num_val_iterations_per_epoch: Option<usize>,
+}
+
+#[derive(Args, Debug)]
+pub struct PredictArgs {
+    /// Input folder with case_XXXX_0000{ending} images.
+    #[arg(short = 'i')]
+    pub input: PathBuf,
+    /// Output folder for the segmentations.
+    #[arg(short = 'o')]
+    pub output: PathBuf,
+    /// Dataset id.
+    #[arg(short = 'd')]
+    pub dataset: String,
+    /// Configuration.
+    #[arg(short = 'c')]
+    pub configuration: String,
+    /// Folds to ensemble (0-4 or all).
+    #[arg(short = 'f', num_args = 1.., default_values_t = ["0".to_string(), "1".to_string(), "2".to_string(), "3".to_string(), "4".to_string()])]
+    pub folds: Vec<String>,
+    /// Trainer name.
+    #[arg(long = "tr", default_value = "nnUNetTrainer")]
+    pub trainer: String,
+    /// Plans identifier.
+    #[arg(short = 'p', default_value = "nnUNetPlans")]
+    pub plans: String,
+    /// Checkpoint name.
+    #[arg(long = "chk", default_value = "checkpoint_final")]
+    pub checkpoint: String,
+    /// Also write per-case probabilities (.npz) and properties (.json).
+    #[arg(long = "save_probabilities")]
+    pub save_probabilities: bool,
+    /// Sliding-window step as a fraction of the patch.
+    #[arg(long = "step_size", default_value_t = 0.5)]
+    pub step_size: f64,
+    /// No mirroring test-time augmentation.
+    #[arg(long = "disable_tta")]
+    pub disable_tta: bool,
+    /// cpu, cuda or cuda:N.
+    #[arg(long = "device", default_value = "cpu")]
+    pub device: String,
+    /// Preprocessing / export workers.
+    #[arg(long = "npp", default_value_t = 3)]
+    pub npp: usize,
+    /// Cascade input (not supported yet: an error says so).
+    #[arg(long = "prev_stage_predictions")]
+    pub prev_stage_predictions: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct EnsembleArgs {
+    /// Prediction folders made with --save_probabilities.
+    #[arg(short = 'i', num_args = 2..)]
+    pub inputs: Vec<PathBuf>,
+    #[arg(short = 'o')]
+    pub output: PathBuf,
+    #[arg(long = "np", default_value_t = default_workers())]
+    pub np: usize,
+    /// Also write the averaged probabilities.
+    #[arg(long = "save_npz")]
+    pub save_npz: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct EvaluateArgs {
+    /// Reference segmentations.
+    pub reference: PathBuf,
+    /// Predicted segmentations.
+    pub prediction: PathBuf,
+    /// dataset.json (labels, regions, ignore label, file ending).
+    #[arg(long = "djfile")]
+    pub dataset_json: PathBuf,
+    /// plans.json (accepted for nnU-Net compatibility; not needed).
+    #[arg(long = "pfile")]
+    pub plans_json: Option<PathBuf>,
+    /// Output file (default PREDICTION/summary.json).
+    #[arg(short = 'o')]
+    pub output: Option<PathBuf>,
+    #[arg(long = "np", default_value_t = default_workers())]
+    pub np: usize,
+    /// Do not fail when predictions are missing.
+    #[arg(long = "chill")]
+    pub chill: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ApplyPpArgs {
+    #[arg(short = 'i')]
+    pub input: PathBuf,
+    #[arg(short = 'o')]
+    pub output: PathBuf,
+    /// postprocessing.json written by find_best_configuration (nnU-Net's flag name kept).
+    #[arg(long = "pp_pkl_file")]
+    pub pp_file: PathBuf,
+    #[arg(long = "np", default_value_t = default_workers())]
+    pub np: usize,
+    /// plans.json (for nnU-Net compatibility; copied next to the output if given).
+    #[arg(long = "plans_json")]
+    pub plans_json: Option<PathBuf>,
+    /// dataset.json (default: the one in the input folder).
+    #[arg(long = "dataset_json")]
+    pub dataset_json: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct FindBestArgs {
+    /// Dataset id.
+    pub dataset: String,
+    /// Configurations to consider.
+    #[arg(short = 'c', num_args = 1.., default_values_t = ["2d".to_string(), "3d_fullres".to_string(), "3d_lowres".to_string(), "3d_cascade_fullres".to_string()])]
+    pub configurations: Vec<String>,
+    /// Trainer names.
+    #[arg(long = "tr", num_args = 1.., default_values_t = ["nnUNetTrainer".to_string()])]
+    pub trainers: Vec<String>,
+    /// Plans identifiers.
+    #[arg(short = 'p', num_args = 1.., default_values_t = ["nnUNetPlans".to_string()])]
+    pub plans: Vec<String>,
+    /// Folds.
+    #[arg(short = 'f', num_args = 1.., default_values_t = ["0".to_string(), "1".to_string(), "2".to_string(), "3".to_string(), "4".to_string()])]
+    pub folds: Vec<String>,
+    /// Do not try pairwise ensembles.
+    #[arg(long = "disable_ensembling")]
+    pub disable_ensembling: bool,
+    #[arg(long = "np", default_value_t = default_workers())]
+    pub np: usize,
 }
 
 #[derive(Args, Debug)]

@@ -96,6 +96,48 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::ShowNetwork(a) => show_network(&paths, &a)?,
         Command::Train(a) => train(&paths, &a)?,
+        Command::Predict(a) => predict(&paths, &a)?,
+        Command::Ensemble(a) => {
+            let dj = a.inputs[0].join("dataset.json");
+            let ds = DatasetJson::load(&dj).with_context(|| {
+                format!("{} has no dataset.json (was it written by nnseg predict?)", a.inputs[0].display())
+            })?;
+            let mut opts = trainer::evaluation::EnsembleOptions::from_dataset_json(&ds, a.np);
+            opts.save_probabilities = a.save_npz;
+            let n = trainer::evaluation::ensemble_folders(&a.inputs, &a.output, &opts)?;
+            println!("ensembled {n} cases into {}", a.output.display());
+        }
+        Command::EvaluateFolder(a) => {
+            let ds = DatasetJson::load(&a.dataset_json)?;
+            let mut opts = trainer::evaluation::EvaluateOptions::from_dataset_json(&ds, a.np);
+            opts.output_file = a.output.clone();
+            opts.chill = a.chill;
+            let summary = trainer::evaluation::evaluate_folder(&a.reference, &a.prediction, &opts)?;
+            for (k, m) in &summary.mean {
+                println!("class {k}: Dice {:.4}  IoU {:.4}", m.dice, m.iou);
+            }
+            println!("foreground mean Dice: {:.4}", summary.foreground_mean.dice);
+        }
+        Command::ApplyPostprocessing(a) => {
+            let dj = a
+                .dataset_json
+                .clone()
+                .unwrap_or_else(|| a.input.join("dataset.json"));
+            let ds = DatasetJson::load(&dj)?;
+            let n = trainer::evaluation::apply_postprocessing(
+                &a.input,
+                &a.output,
+                &a.pp_file,
+                &ds.file_ending,
+                a.np,
+            )?;
+            ds.save(&a.output.join("dataset.json"))?;
+            if let Some(p) = &a.plans_json {
+                Plans::load(p)?.save(&a.output.join("plans.json"))?;
+            }
+            println!("postprocessed {n} cases into {}", a.output.display());
+        }
+        Command::FindBestConfiguration(a) => find_best(&paths, &a)?,
         Command::ImportNnunetModel(a) => {
             let t = Instant::now();
             let model =
@@ -217,6 +259,106 @@ fn train(paths: &NnUnetPaths, a: &cli::TrainArgs) -> Result<()> {
         summary.train_iterations,
         summary.mean_train_iteration_s,
         summary.final_checkpoint.display()
+    );
+    Ok(())
+}
+
+fn predict(paths: &NnUnetPaths, a: &cli::PredictArgs) -> Result<()> {
+    if a.prev_stage_predictions.is_some() {
+        bail!("-prev_stage_predictions: cascade prediction (3d_cascade_fullres) is not supported yet");
+    }
+    let id = datasets::parse_dataset_id(&a.dataset)?;
+    let name = datasets::dataset_name_from_id(paths, id)?;
+    let model = paths
+        .results_root()?
+        .join(&name)
+        .join(format!("{}__{}__{}", a.trainer, a.plans, a.configuration));
+    if !model.is_dir() {
+        bail!(
+            "no trained model at {} (train it with `nnseg train {id} {} FOLD -tr {} -p {}`)",
+            model.display(),
+            a.configuration,
+            a.trainer,
+            a.plans
+        );
+    }
+    let folds = a
+        .folds
+        .iter()
+        .map(|f| {
+            f.parse::<trainer::Fold>()
+                .map_err(|e| anyhow::anyhow!("fold `{f}`: {e}"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut req = trainer::predict::PredictRequest::new(
+        &a.input,
+        &a.output,
+        &model,
+        folds,
+        pick_device(&a.device)?,
+    );
+    req.checkpoint_name = a.checkpoint.clone();
+    req.step_size = a.step_size;
+    req.disable_tta = a.disable_tta;
+    req.save_probabilities = a.save_probabilities;
+    req.num_workers = a.npp.max(1);
+    let t = Instant::now();
+    let report = trainer::predict::predict_from_raw_folder(&req)?;
+    tracing::info!(
+        "predicted {} cases into {} in {:.1} s",
+        report.outputs.len(),
+        a.output.display(),
+        t.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn find_best(paths: &NnUnetPaths, a: &cli::FindBestArgs) -> Result<()> {
+    use trainer::evaluation::{BestConfigOptions, ModelSpec};
+    let id = datasets::parse_dataset_id(&a.dataset)?;
+    let name = datasets::dataset_name_from_id(paths, id)?;
+    let results = paths.results_root()?.join(&name);
+    let pre = preprocessed_folder(paths, &name)?;
+    let mut models = Vec::new();
+    for tr in &a.trainers {
+        for p in &a.plans {
+            let plans = Plans::load(&pre.join(format!("{p}.json")))?;
+            for c in &a.configurations {
+                let folder = results.join(format!("{tr}__{p}__{c}"));
+                if !plans.configuration_names().contains(c) || !folder.is_dir() {
+                    tracing::info!("{tr}__{p}__{c}: not trained, skipped");
+                    continue;
+                }
+                let cfg = plans.configuration(c)?;
+                models.push(ModelSpec {
+                    trainer: tr.clone(),
+                    plans: p.clone(),
+                    configuration: c.clone(),
+                    previous_stage: cfg.previous_stage.clone(),
+                    folder,
+                });
+            }
+        }
+    }
+    let result = trainer::evaluation::find_best_configuration(&BestConfigOptions {
+        dataset_name: name.clone(),
+        results_dataset_folder: results.clone(),
+        reference_folder: pre.join("gt_segmentations"),
+        models,
+        folds: a.folds.clone(),
+        allow_ensembling: !a.disable_ensembling,
+        num_workers: a.np,
+        dataset_json: DatasetJson::load(&pre.join("dataset.json"))?,
+    })?;
+    for m in &result.messages {
+        tracing::info!("{m}");
+    }
+    for (model, _, dice) in &result.all_results {
+        println!("{model}: foreground mean Dice {dice:.4}");
+    }
+    println!(
+        "best: {} (Dice {:.4}, after postprocessing {:.4})\n\n{}",
+        result.best, result.score_pre_pp, result.score_post_pp, result.instructions
     );
     Ok(())
 }

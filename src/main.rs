@@ -100,7 +100,10 @@ fn run(cli: Cli) -> Result<()> {
         Command::Ensemble(a) => {
             let dj = a.inputs[0].join("dataset.json");
             let ds = DatasetJson::load(&dj).with_context(|| {
-                format!("{} has no dataset.json (was it written by nnseg predict?)", a.inputs[0].display())
+                format!(
+                    "{} has no dataset.json (was it written by nnseg predict?)",
+                    a.inputs[0].display()
+                )
             })?;
             let mut opts = trainer::evaluation::EnsembleOptions::from_dataset_json(&ds, a.np);
             opts.save_probabilities = a.save_npz;
@@ -265,7 +268,9 @@ fn train(paths: &NnUnetPaths, a: &cli::TrainArgs) -> Result<()> {
 
 fn predict(paths: &NnUnetPaths, a: &cli::PredictArgs) -> Result<()> {
     if a.prev_stage_predictions.is_some() {
-        bail!("-prev_stage_predictions: cascade prediction (3d_cascade_fullres) is not supported yet");
+        bail!(
+            "-prev_stage_predictions: cascade prediction (3d_cascade_fullres) is not supported yet"
+        );
     }
     let id = datasets::parse_dataset_id(&a.dataset)?;
     let name = datasets::dataset_name_from_id(paths, id)?;

@@ -348,6 +348,76 @@ fn train_a_few_iterations_and_resume() {
     let log = env.ok(&args);
     assert!(log.contains("2 epochs done"), "{log}");
 
+    // The fold's final validation ran and was evaluated.
+    let summary = json(&fold.join("validation/summary.json"));
+    assert!(summary["foreground_mean"]["Dice"].is_number(), "{summary}");
+
+    // Predict raw images with the trained fold: one segmentation per case, same size as input.
+    let input = env.res.join("pred_in");
+    std::fs::create_dir_all(&input).unwrap();
+    for c in ["demo2d_000", "demo2d_001"] {
+        std::fs::copy(
+            env.raw
+                .join(format!("Dataset991_Demo2D/imagesTr/{c}_0000.png")),
+            input.join(format!("{c}_0000.png")),
+        )
+        .unwrap();
+    }
+    let out = env.res.join("pred_out");
+    let (i, o) = (input.to_str().unwrap(), out.to_str().unwrap());
+    env.ok(&[
+        "predict",
+        "-i",
+        i,
+        "-o",
+        o,
+        "-d",
+        "991",
+        "-c",
+        "2d",
+        "-f",
+        "0",
+        "-tr",
+        "nnUNetTrainer_1epoch",
+        "--save_probabilities",
+    ]);
+    for c in ["demo2d_000", "demo2d_001"] {
+        let a = std::fs::read(input.join(format!("{c}_0000.png"))).unwrap();
+        let b = std::fs::read(out.join(format!("{c}.png"))).unwrap();
+        // PNG IHDR: width and height at bytes 16..24.
+        assert_eq!(
+            a[16..24],
+            b[16..24],
+            "{c}: prediction size differs from the image"
+        );
+        assert!(out.join(format!("{c}.npz")).exists());
+    }
+    let dj = env.raw.join("Dataset991_Demo2D/dataset.json");
+    let labels = env.raw.join("Dataset991_Demo2D/labelsTr");
+    env.ok(&[
+        "evaluate_folder",
+        labels.to_str().unwrap(),
+        o,
+        "-djfile",
+        dj.to_str().unwrap(),
+        "--chill",
+    ]);
+    assert!(out.join("summary.json").exists());
+    env.ok(&[
+        "find_best_configuration",
+        "991",
+        "-c",
+        "2d",
+        "-tr",
+        "nnUNetTrainer_1epoch",
+        "-f",
+        "0",
+    ]);
+    let info = env.res.join("Dataset991_Demo2D/inference_instructions.txt");
+    assert!(std::fs::read_to_string(&info)
+        .unwrap()
+        .contains("nnseg predict"));
+
     // Bad requests are reported clearly.
     let err = env.fails(&["train", "991", "2d", "seven"]);
     assert!(err.contains("seven"), "{err}");

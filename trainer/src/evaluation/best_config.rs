@@ -191,6 +191,9 @@ pub fn find_best_configuration(opts: &BestConfigOptions) -> Result<BestConfigRes
     }
     let ds = &opts.dataset_json;
     let mut eval = EvaluateOptions::from_dataset_json(ds, opts.num_workers);
+    // nnU-Net's compute_metrics_on_folder defaults to chill=True here: with a subset of folds
+    // only the cases those folds validated are evaluated.
+    eval.chill = true;
     let fs = folds_str(&opts.folds);
     let mut all: Vec<(String, PathBuf, f64, Vec<ModelSpec>)> = Vec::new();
     let mut messages = Vec::new();

@@ -1096,4 +1096,96 @@ mod tests {
         );
         assert_eq!(t[0].dim(), (1, 1, 2, 2));
     }
+
+    /// Fraction of voxels inside the image (seg ≥ 0) where `data > 0.5` agrees with `seg == 1`.
+    fn agreement(data: &Array4<f32>, seg: &Array4<i16>) -> (f64, usize) {
+        let (mut same, mut n) = (0usize, 0usize);
+        for (d, s) in data.index_axis(Axis(0), 0).iter().zip(seg.iter()) {
+            if *s >= 0 {
+                n += 1;
+                same += usize::from((*d > 0.5) == (*s == 1));
+            }
+        }
+        (same as f64 / n.max(1) as f64, n)
+    }
+
+    /// Image intensity = label (an asymmetric "L" with arms of different lengths plus an
+    /// off-centre block): after rotation, scaling and mirroring the thresholded image must
+    /// still match the augmented label, which catches a flipped axis or a transposed rotation
+    /// applied to only one of them.
+    #[test]
+    fn image_and_label_stay_aligned() {
+        for patch in [vec![12usize, 16, 16], vec![24, 24]] {
+            let mut cfg = AugmentationConfig {
+                p_rotation: 1.0,
+                p_scaling: 1.0,
+                p_mirror: 1.0,
+                ..AugmentationConfig::none(&patch)
+            };
+            cfg.mask_channels.clear();
+            let init = to3(&cfg.initial_patch_size());
+            let [nz, ny, nx] = init;
+            let seg = Array4::from_shape_fn((1, nz, ny, nx), |(_, z, y, x)| {
+                let (fz, fy, fx) = (
+                    z as f64 / nz as f64,
+                    y as f64 / ny as f64,
+                    x as f64 / nx as f64,
+                );
+                let z_ok = nz == 1 || (0.2..0.75).contains(&fz);
+                let long_arm = (0.15..0.85).contains(&fy) && (0.2..0.35).contains(&fx);
+                let short_arm = (0.7..0.85).contains(&fy) && (0.2..0.6).contains(&fx);
+                let block = (0.2..0.4).contains(&fy) && (0.6..0.8).contains(&fx) && fz < 0.5;
+                i16::from(z_ok && (long_arm || short_arm || block))
+            });
+            let data = seg.mapv(f32::from);
+            let s0 = Sample {
+                data,
+                seg,
+                key: "aligned".into(),
+            };
+            let mut reference = s0.clone();
+            center_crop(&mut reference, cfg.patch_3d());
+            let mut changed = 0;
+            for seed in 0..8 {
+                let mut s = s0.clone();
+                augment(&mut s, &cfg, &mut rng(seed));
+                assert_eq!(&s.data.shape()[1..], &cfg.patch_3d()[..]);
+                let fg = s.seg.iter().filter(|&&v| v == 1).count();
+                assert!(fg > 10, "{patch:?} seed {seed}: foreground left the patch");
+                let (agree, n) = agreement(&s.data, &s.seg);
+                assert!(n > 0);
+                assert!(
+                    agree >= 0.99,
+                    "{patch:?} seed {seed}: image and label agree on only {:.2}%",
+                    agree * 100.0
+                );
+                if s.seg != reference.seg {
+                    changed += 1;
+                }
+                // the check is sensitive: mirroring or transposing only the image breaks it
+                let axes: &[usize] = if patch.len() == 2 {
+                    &[2, 3]
+                } else {
+                    &[1, 2, 3]
+                };
+                for &a in axes {
+                    let mut flipped = s.data.clone();
+                    flipped.invert_axis(Axis(a));
+                    let (bad, _) = agreement(&flipped, &s.seg);
+                    assert!(bad < 0.97, "{patch:?} seed {seed} axis {a}: {bad}");
+                }
+                let mut t = s.data.clone();
+                if patch.len() == 3 && s.data.shape()[1] == s.data.shape()[2] {
+                    t.swap_axes(1, 2);
+                } else if s.data.shape()[2] == s.data.shape()[3] {
+                    t.swap_axes(2, 3);
+                }
+                if t.shape() == s.data.shape() && t != s.data {
+                    let (bad, _) = agreement(&t, &s.seg);
+                    assert!(bad < 0.97, "{patch:?} seed {seed} transposed: {bad}");
+                }
+            }
+            assert!(changed >= 6, "{patch:?}: transforms had no effect");
+        }
+    }
 }

@@ -46,6 +46,10 @@ pub struct LoaderOptions {
     pub ds_scales: Vec<Vec<f64>>,
     /// Seed; batch `k` depends only on `(seed, k)`.
     pub seed: u64,
+    /// Index `k` of the first batch delivered (0 for a fresh run). A resumed training sets
+    /// it to the number of batches the interrupted run consumed, so that the resumed stream
+    /// continues the uninterrupted one exactly.
+    pub first_batch: u64,
     /// Background threads (0 = build batches in the consumer's thread).
     pub num_workers: usize,
     /// Batches buffered in total (at least one per worker).
@@ -74,6 +78,7 @@ impl LoaderOptions {
             oversample_foreground_percent: 0.33,
             ds_scales,
             seed,
+            first_batch: 0,
             num_workers: 2,
             queue_len: 6,
             augment: true,
@@ -278,6 +283,7 @@ impl BackgroundLoader {
         }
         let aug = opts.augmentation_config();
         let n = opts.num_workers;
+        let first = opts.first_batch;
         let per_worker = if n == 0 {
             0
         } else {
@@ -300,7 +306,7 @@ impl BackgroundLoader {
             let h = std::thread::Builder::new()
                 .name(format!("nnseg-loader-{w}"))
                 .spawn(move || {
-                    let mut k = w as u64;
+                    let mut k = first + w as u64;
                     while !st.load(Ordering::Relaxed) {
                         if tx.send(sh.build(k)).is_err() {
                             break;
@@ -317,7 +323,7 @@ impl BackgroundLoader {
             receivers,
             handles,
             stop,
-            next: 0,
+            next: first,
         })
     }
 
@@ -335,7 +341,7 @@ impl Iterator for BackgroundLoader {
         if self.receivers.is_empty() {
             return Some(self.shared.build(k));
         }
-        let w = (k % self.receivers.len() as u64) as usize;
+        let w = ((k - self.shared.opts.first_batch) % self.receivers.len() as u64) as usize;
         Some(
             self.receivers[w]
                 .recv()
@@ -438,6 +444,30 @@ mod tests {
                 .map(|b| b.unwrap())
                 .collect();
         assert_ne!(a[..2], b[..]);
+    }
+
+    #[test]
+    fn first_batch_continues_the_stream() {
+        let (_d, ds) = setup(4);
+        let ids = ds.case_ids().to_vec();
+        let all: Vec<HostBatch> =
+            BackgroundLoader::new(ds.clone(), ids.clone(), opts(0), LabelInfo::plain(3))
+                .unwrap()
+                .take(7)
+                .map(|b| b.unwrap())
+                .collect();
+        for workers in [0, 1, 2, 3] {
+            let o = LoaderOptions {
+                first_batch: 3,
+                ..opts(workers)
+            };
+            let mut l =
+                BackgroundLoader::new(ds.clone(), ids.clone(), o, LabelInfo::plain(3)).unwrap();
+            assert_eq!(l.next_index(), 3);
+            let rest: Vec<HostBatch> = l.by_ref().take(4).map(|b| b.unwrap()).collect();
+            assert_eq!(rest[..], all[3..], "{workers} workers");
+            assert_eq!(l.next_index(), 7);
+        }
     }
 
     #[test]

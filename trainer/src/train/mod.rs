@@ -125,6 +125,11 @@ pub struct TrainSummary {
     pub logging: TrainingLog,
     /// Mean wall time of a training iteration in this run (data wait included), seconds.
     pub mean_train_iteration_s: f64,
+    /// Mean time per training iteration spent blocked on the data loader, seconds.
+    pub mean_data_wait_s: f64,
+    /// Mean time per training iteration spent on host→device copy, forward, loss, backward,
+    /// clipping and the optimizer step, seconds (`mean_train_iteration_s − mean_data_wait_s`).
+    pub mean_step_s: f64,
     /// Number of training iterations run by this call.
     pub train_iterations: usize,
 }
@@ -512,10 +517,17 @@ pub fn train(req: &TrainRequest) -> Result<TrainSummary, TrainError> {
             .map(|n| n.get().saturating_sub(1).clamp(1, 12))
             .unwrap_or(2)
     });
-    // a resumed run must not replay the first epochs' batches
-    let loader_seed = cfgt
-        .seed
-        .wrapping_add((start_epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    // Bit-exact resume: batch k of a loader depends only on (seed, k), so a run resumed at
+    // epoch e continues both batch streams where the uninterrupted run would be after e
+    // epochs. Together with the exact weights, momentum buffers and the per-epoch poly LR
+    // stored/recomputed from the checkpoint, `1 epoch + --c 1 epoch` gives the same weights
+    // as `2 epochs` on CPU. Nothing else in a step is random for nnU-Net's default networks
+    // (no dropout); a plans file that enables `dropout_op` draws from candle's device RNG,
+    // which is not checkpointed, so such a resumed run is statistically but not bitwise
+    // equal.
+    let loader_seed = cfgt.seed;
+    let train_first_batch = (start_epoch as u64) * (cfgt.num_iterations_per_epoch as u64);
+    let val_first_batch = (start_epoch as u64) * (cfgt.num_val_iterations_per_epoch as u64);
     let mut aug = data::AugmentationConfig::nnunet_default(&setup.cfg.patch_size);
     aug.mirror_axes = setup.mirror_axes.clone();
     let train_opts = data::LoaderOptions {
@@ -524,6 +536,7 @@ pub fn train(req: &TrainRequest) -> Result<TrainSummary, TrainError> {
         oversample_foreground_percent: cfgt.oversample_foreground_percent,
         ds_scales: setup.ds_scales.clone(),
         seed: loader_seed,
+        first_batch: train_first_batch,
         num_workers,
         queue_len: num_workers.max(6),
         augment: cfgt.data_augmentation,
@@ -532,6 +545,7 @@ pub fn train(req: &TrainRequest) -> Result<TrainSummary, TrainError> {
     };
     let val_opts = data::LoaderOptions {
         seed: loader_seed ^ 0x5555_5555,
+        first_batch: val_first_batch,
         num_workers: (num_workers / 2).max(1),
         queue_len: (num_workers / 2).max(1),
         augment: false,
@@ -624,6 +638,7 @@ pub fn train(req: &TrainRequest) -> Result<TrainSummary, TrainError> {
         .map(|r| r.len())
         .unwrap_or(setup.io.num_classes.saturating_sub(1));
     let mut iter_time = 0.0f64;
+    let mut wait_time = 0.0f64;
     let mut iters = 0usize;
     for epoch in start_epoch..cfgt.num_epochs {
         let epoch_start = now_seconds();
@@ -638,11 +653,13 @@ pub fn train(req: &TrainRequest) -> Result<TrainSummary, TrainError> {
 
         // training
         let mut train_losses = Vec::with_capacity(cfgt.num_iterations_per_epoch);
+        let (mut epoch_wait, mut epoch_step) = (0.0f64, 0.0f64);
         for it in 0..cfgt.num_iterations_per_epoch {
             let t0 = Instant::now();
             let batch = train_loader
                 .next()
                 .ok_or_else(|| TrainError::Setup("the training data loader stopped".into()))??;
+            let waited = t0.elapsed().as_secs_f64();
             let (x, targets) = to_tensors(batch, device)?;
             let outputs = network
                 .forward(&x, true)
@@ -664,7 +681,11 @@ pub fn train(req: &TrainRequest) -> Result<TrainSummary, TrainError> {
                 .and_then(|t| t.to_scalar::<f64>())
                 .ctx(|| format!("epoch {epoch}, iteration {it}: loss value"))?;
             train_losses.push(lv);
-            iter_time += t0.elapsed().as_secs_f64();
+            let total = t0.elapsed().as_secs_f64();
+            epoch_wait += waited;
+            epoch_step += total - waited;
+            iter_time += total;
+            wait_time += waited;
             iters += 1;
         }
 
@@ -724,6 +745,12 @@ pub fn train(req: &TrainRequest) -> Result<TrainSummary, TrainError> {
         say(&format!(
             "Epoch time: {} s",
             py_float(((epoch_end - epoch_start) * 100.0).round() / 100.0)
+        ))?;
+        let n_it = cfgt.num_iterations_per_epoch.max(1) as f64;
+        say(&format!(
+            "Per training iteration: data wait {:.4} s, step {:.4} s",
+            epoch_wait / n_it,
+            epoch_step / n_it
         ))?;
         let done = epoch + 1;
         if ema.is_finite() && best_ema.is_none_or(|b| ema > b) {
@@ -787,6 +814,7 @@ pub fn train(req: &TrainRequest) -> Result<TrainSummary, TrainError> {
             fold_folder.join("validation").display()
         ))?,
     }
+    let per_iter = |t: f64| if iters > 0 { t / iters as f64 } else { 0.0 };
     Ok(TrainSummary {
         fold_folder,
         log_file: log_path,
@@ -795,11 +823,9 @@ pub fn train(req: &TrainRequest) -> Result<TrainSummary, TrainError> {
         final_checkpoint: final_path,
         best_ema,
         logging,
-        mean_train_iteration_s: if iters > 0 {
-            iter_time / iters as f64
-        } else {
-            0.0
-        },
+        mean_train_iteration_s: per_iter(iter_time),
+        mean_data_wait_s: per_iter(wait_time),
+        mean_step_s: per_iter(iter_time - wait_time),
         train_iterations: iters,
     })
 }

@@ -296,11 +296,57 @@ fn unet_layers(
 }
 
 /// `dynamic_network_architectures.architectures.unet.PlainConvUNet`.
+pub type PlainConvUNet = UNet<PlainConvEncoder>;
+
+/// `dynamic_network_architectures.architectures.unet.ResidualEncoderUNet`.
+pub type ResidualEncoderUNet = UNet<ResidualEncoder>;
+
+/// What a [`UNet`] needs from its encoder: the skips (full resolution first) and the layer
+/// table rows; the decoder is shared.
+pub trait UNetEncoder: std::fmt::Debug + Send + Sync {
+    /// The network's nnU-Net class name, for error messages.
+    const NETWORK_NAME: &'static str;
+    fn forward(&self, x: &Tensor, train: bool) -> Result<Vec<Tensor>>;
+    fn layer_rows(&self, input: &[usize], rows: &mut Vec<LayerRow>) -> Vec<Vec<usize>>;
+}
+
+impl UNetEncoder for PlainConvEncoder {
+    const NETWORK_NAME: &'static str = "PlainConvUNet";
+    fn forward(&self, x: &Tensor, train: bool) -> Result<Vec<Tensor>> {
+        PlainConvEncoder::forward(self, x, train)
+    }
+    fn layer_rows(&self, input: &[usize], rows: &mut Vec<LayerRow>) -> Vec<Vec<usize>> {
+        PlainConvEncoder::layer_rows(self, input, rows)
+    }
+}
+
+impl UNetEncoder for ResidualEncoder {
+    const NETWORK_NAME: &'static str = "ResidualEncoderUNet";
+    fn forward(&self, x: &Tensor, train: bool) -> Result<Vec<Tensor>> {
+        ResidualEncoder::forward(self, x, train)
+    }
+    fn layer_rows(&self, input: &[usize], rows: &mut Vec<LayerRow>) -> Vec<Vec<usize>> {
+        ResidualEncoder::layer_rows(self, input, rows)
+    }
+}
+
+/// An encoder, nnU-Net's `UNetDecoder` and the configuration they were built from.
 #[derive(Debug)]
-pub struct PlainConvUNet {
+pub struct UNet<E> {
     pub config: UNetConfig,
-    pub encoder: PlainConvEncoder,
+    pub encoder: E,
     pub decoder: UNetDecoder,
+}
+
+impl<E> UNet<E> {
+    fn assemble(config: &UNetConfig, encoder: E, vb: VarBuilder) -> Result<Self> {
+        let decoder = UNetDecoder::new(config, vb.pp("decoder"))?;
+        Ok(UNet {
+            config: config.clone(),
+            encoder,
+            decoder,
+        })
+    }
 }
 
 impl PlainConvUNet {
@@ -312,52 +358,8 @@ impl PlainConvUNet {
             candle_core::bail!("PlainConvUNet needs at least 2 stages");
         }
         let encoder = PlainConvEncoder::new(config, n_conv_per_stage, vb.pp("encoder"))?;
-        let decoder = UNetDecoder::new(config, vb.pp("decoder"))?;
-        Ok(PlainConvUNet {
-            config: config.clone(),
-            encoder,
-            decoder,
-        })
+        Self::assemble(config, encoder, vb)
     }
-}
-
-impl SegNetwork for PlainConvUNet {
-    fn forward(&self, x: &Tensor, train: bool) -> Result<Vec<Tensor>> {
-        check_input(
-            x,
-            self.config.dim(),
-            self.config.input_channels,
-            "PlainConvUNet",
-        )?;
-        let skips = self.encoder.forward(x, train)?;
-        self.decoder.forward(&skips, train)
-    }
-    fn set_deep_supervision(&mut self, on: bool) {
-        self.decoder.deep_supervision = on;
-        self.config.deep_supervision = on;
-    }
-    fn deep_supervision(&self) -> bool {
-        self.decoder.deep_supervision
-    }
-    fn spatial_dims(&self) -> usize {
-        self.config.dim().n()
-    }
-    fn layers(&self, patch: &[usize]) -> Vec<LayerRow> {
-        unet_layers(
-            |i, r| self.encoder.layer_rows(i, r),
-            &self.decoder,
-            self.config.input_channels,
-            patch,
-        )
-    }
-}
-
-/// `dynamic_network_architectures.architectures.unet.ResidualEncoderUNet`.
-#[derive(Debug)]
-pub struct ResidualEncoderUNet {
-    pub config: UNetConfig,
-    pub encoder: ResidualEncoder,
-    pub decoder: UNetDecoder,
 }
 
 impl ResidualEncoderUNet {
@@ -374,22 +376,17 @@ impl ResidualEncoderUNet {
         }
         let encoder =
             ResidualEncoder::new(config, n_blocks_per_stage, *stem_channels, vb.pp("encoder"))?;
-        let decoder = UNetDecoder::new(config, vb.pp("decoder"))?;
-        Ok(ResidualEncoderUNet {
-            config: config.clone(),
-            encoder,
-            decoder,
-        })
+        Self::assemble(config, encoder, vb)
     }
 }
 
-impl SegNetwork for ResidualEncoderUNet {
+impl<E: UNetEncoder> SegNetwork for UNet<E> {
     fn forward(&self, x: &Tensor, train: bool) -> Result<Vec<Tensor>> {
         check_input(
             x,
             self.config.dim(),
             self.config.input_channels,
-            "ResidualEncoderUNet",
+            E::NETWORK_NAME,
         )?;
         let skips = self.encoder.forward(x, train)?;
         self.decoder.forward(&skips, train)

@@ -1,7 +1,13 @@
 //! Networks and the N-d operations they are built from.
+pub mod convunext;
+pub mod growable;
 pub mod import;
+pub mod kiunet;
 pub mod memory;
 pub mod ops;
+pub mod preact_resunet;
 pub mod registry;
+pub mod runext;
 pub mod summary;
+pub mod uiunet;
 pub mod unet;

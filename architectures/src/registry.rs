@@ -119,6 +119,38 @@ pub trait SegNetwork: Send + Sync {
     fn spatial_dims(&self) -> usize;
     /// The layer table for one sample of spatial size `patch` (no tensors are computed).
     fn layers(&self, patch: &[usize]) -> Vec<LayerRow>;
+    /// Segmentation logits plus the auxiliary outputs some networks have (RUNext's
+    /// classification head). The trainer calls this; prediction uses [`SegNetwork::forward`].
+    fn forward_full(&self, x: &Tensor, train: bool) -> candle_core::Result<NetOutput> {
+        Ok(NetOutput {
+            seg: self.forward(x, train)?,
+            class_logits: None,
+        })
+    }
+    /// Networks that can widen their layers while training (see [`crate::growable`]).
+    fn as_growable(&mut self) -> Option<&mut dyn crate::growable::Growable> {
+        None
+    }
+}
+
+/// Everything a forward pass produces.
+#[derive(Debug, Clone)]
+pub struct NetOutput {
+    /// Segmentation logits, as [`SegNetwork::forward`] returns them.
+    pub seg: Vec<Tensor>,
+    /// `(N, n_classes)` logits of an image-level multi-label classification head (before the
+    /// sigmoid), trained with BCE against "which foreground classes are in the patch".
+    pub class_logits: Option<Tensor>,
+}
+
+/// A named set of `arch_kwargs` overrides an architecture offers as a trainer preset
+/// (`-tr kiunet_minimal`): the trainer swaps the plans' network for this architecture and
+/// merges `kwargs` over the plans' `arch_kwargs`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ArchPreset {
+    pub name: String,
+    pub description: String,
+    pub kwargs: Map<String, Value>,
 }
 
 /// A family of networks that can be built from `arch_kwargs`.
@@ -143,6 +175,10 @@ pub trait Architecture: Send + Sync {
         kwargs_path: &str,
         io: &NetworkIo,
     ) -> Result<Box<dyn MemoryEstimate>, ArchError>;
+    /// Trainer presets this architecture offers (none by default).
+    fn presets(&self) -> Vec<ArchPreset> {
+        vec![]
+    }
 }
 
 /// Maps architecture names to their [`Architecture`].
@@ -155,7 +191,15 @@ impl Default for Registry {
     /// PlainConvUNet and ResidualEncoderUNet.
     fn default() -> Self {
         let mut r = Registry::empty();
-        for a in crate::unet::default_architectures() {
+        for a in crate::unet::default_architectures()
+            .into_iter()
+            .chain(crate::kiunet::architectures())
+            .chain(crate::uiunet::architectures())
+            .chain(crate::runext::architectures())
+            .chain(crate::convunext::architectures())
+            .chain(crate::preact_resunet::architectures())
+            .chain(crate::growable::architectures())
+        {
             // the built-in names are distinct
             if let Err(e) = r.register(a) {
                 unreachable!("built-in architectures clash: {e}");
@@ -246,6 +290,17 @@ impl Registry {
         let vb = seeded_init_backend(&varmap, seed, DType::F32, device);
         let net = self.build(spec, io, vb)?;
         Ok((varmap, net))
+    }
+
+    /// Every preset of every registered architecture: (architecture name, preset).
+    pub fn presets(&self) -> Vec<(String, ArchPreset)> {
+        self.entries
+            .iter()
+            .flat_map(|a| {
+                let n = a.name().to_string();
+                a.presets().into_iter().map(move |p| (n.clone(), p))
+            })
+            .collect()
     }
 
     /// The activation estimator of `spec` (nnU-Net's planner currency).

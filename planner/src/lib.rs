@@ -11,6 +11,7 @@
 
 pub mod error;
 pub mod experiment;
+pub mod fit;
 pub mod numpy;
 pub mod presets;
 pub mod topology;

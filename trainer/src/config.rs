@@ -43,6 +43,12 @@ pub struct TrainerConfig {
     /// Replaces the plans' `network_class_name` with another registry name (architecture
     /// presets such as `kiunet_minimal`).
     pub network_override: Option<String>,
+    /// `arch_kwargs` entries merged over the plans' (architecture presets such as
+    /// `kiunet_minimal` set `feature_scale` here). Empty: the plans' kwargs unchanged.
+    pub network_kwargs: serde_json::Map<String, serde_json::Value>,
+    /// Weight of the BCE loss of a network's image-level classification head (RUNext),
+    /// added to the segmentation loss. Networks without such a head ignore it.
+    pub class_loss_weight: f64,
     /// Seed of the network initialisation and of the data loader. nnU-Net does not seed;
     /// nnseg runs are reproducible.
     pub seed: u64,
@@ -68,6 +74,8 @@ impl Default for TrainerConfig {
             data_augmentation: true,
             batch_size: None,
             network_override: None,
+            network_kwargs: serde_json::Map::new(),
+            class_loss_weight: 1.0,
             seed: 12345,
             num_workers: None,
         }

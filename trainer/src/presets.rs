@@ -79,14 +79,37 @@ impl Default for Presets {
             TrainerConfig {
                 data_augmentation: false,
                 mirror_axes: Some(vec![]),
-                ..base
+                ..base.clone()
             },
         ));
-        Presets { entries }
+        let mut p = Presets { entries };
+        p.add_architecture_presets(&architectures::registry::Registry::default(), &base);
+        p
     }
 }
 
 impl Presets {
+    /// Adds every architecture preset of `registry` (`kiunet_minimal`, `convunext_tiny`, ...)
+    /// as `base` with the network swapped and the preset's kwargs; names already present are
+    /// left alone.
+    pub fn add_architecture_presets(
+        &mut self,
+        registry: &architectures::registry::Registry,
+        base: &TrainerConfig,
+    ) {
+        for (arch, preset) in registry.presets() {
+            if self.entries.iter().any(|(n, _)| *n == preset.name) {
+                continue;
+            }
+            let cfg = TrainerConfig {
+                network_override: Some(arch),
+                network_kwargs: preset.kwargs,
+                ..base.clone()
+            };
+            self.entries.push((preset.name, cfg));
+        }
+    }
+
     /// A table without entries.
     pub fn empty() -> Self {
         Presets { entries: vec![] }

@@ -225,6 +225,9 @@ fn prepare(req: &TrainRequest) -> Result<Setup, TrainError> {
         // resolve now so an unknown name fails before anything is written
         spec.network_class_name = req.registry.get(name)?.name().to_string();
     }
+    for (k, v) in &req.config.network_kwargs {
+        spec.arch_kwargs.insert(k.clone(), v.clone());
+    }
     let io = NetworkIo {
         in_channels: architectures::import::num_input_channels(&cfg, &ds_json),
         num_classes: ds_json.num_segmentation_heads(),
@@ -398,11 +401,7 @@ pub fn train(req: &TrainRequest) -> Result<TrainSummary, TrainError> {
         ));
     }
     if req.validation_only {
-        return Err(TrainError::Unsupported(
-            "--val: the final validation runs the sliding-window predictor, which nnseg does \
-             not have yet; nothing was done"
-                .into(),
-        ));
+        return validation_only(req);
     }
     let setup = prepare(req)?;
     let cfgt = &req.config;
@@ -445,6 +444,22 @@ pub fn train(req: &TrainRequest) -> Result<TrainSummary, TrainError> {
         },
     );
     let clip_vars: Vec<Var> = vars.iter().map(|(_, v)| v.clone()).collect();
+    let mut setup = setup;
+    if setup.io.deep_supervision {
+        // Networks other than nnU-Net's may have fewer decoder resolutions than the plan has
+        // strides: train on the first k deep-supervision scales (one probe forward pass).
+        let n_out = probe_output_count(network.as_ref(), &setup, device)?;
+        if n_out == 0 || n_out > setup.ds_scales.len() {
+            return Err(TrainError::Setup(format!(
+                "network {} returns {n_out} output(s) with deep supervision on; the plan's \
+                 strides allow 1 to {}",
+                setup.spec.network_class_name,
+                setup.ds_scales.len()
+            )));
+        }
+        setup.ds_scales.truncate(n_out);
+    }
+    let setup = setup;
     let ds_loss = make_loss(&setup);
 
     let init_args = json!({
@@ -653,6 +668,7 @@ pub fn train(req: &TrainRequest) -> Result<TrainSummary, TrainError> {
 
         // training
         let mut train_losses = Vec::with_capacity(cfgt.num_iterations_per_epoch);
+        let mut class_losses: Vec<f64> = vec![];
         let (mut epoch_wait, mut epoch_step) = (0.0f64, 0.0f64);
         for it in 0..cfgt.num_iterations_per_epoch {
             let t0 = Instant::now();
@@ -661,13 +677,25 @@ pub fn train(req: &TrainRequest) -> Result<TrainSummary, TrainError> {
                 .ok_or_else(|| TrainError::Setup("the training data loader stopped".into()))??;
             let waited = t0.elapsed().as_secs_f64();
             let (x, targets) = to_tensors(batch, device)?;
-            let outputs = network
-                .forward(&x, true)
+            let out = network
+                .forward_full(&x, true)
                 .ctx(|| format!("epoch {epoch}, iteration {it}: forward"))?;
+            let outputs = out.seg;
             check_outputs(&outputs, &targets)?;
-            let l = ds_loss
+            let mut l = ds_loss
                 .loss_ds(&outputs, &targets)
                 .ctx(|| format!("epoch {epoch}, iteration {it}: loss"))?;
+            if let Some(cl) = &out.class_logits {
+                let bce = class_presence_loss(cl, &targets[0], &setup.labels, fg_count)
+                    .ctx(|| format!("epoch {epoch}, iteration {it}: classification loss"))?;
+                class_losses.push(
+                    bce.to_dtype(candle_core::DType::F64)
+                        .and_then(|t| t.to_scalar::<f64>())
+                        .ctx(|| format!("epoch {epoch}, iteration {it}: loss value"))?,
+                );
+                l = (l + bce.affine(cfgt.class_loss_weight, 0.0))
+                    .ctx(|| format!("epoch {epoch}, iteration {it}: loss"))?;
+            }
             let mut grads = l
                 .backward()
                 .ctx(|| format!("epoch {epoch}, iteration {it}: backward"))?;
@@ -741,6 +769,13 @@ pub fn train(req: &TrainRequest) -> Result<TrainSummary, TrainError> {
             py_float(round4(mean(&train_losses)))
         ))?;
         say(&format!("val_loss {}", py_float(round4(mean(&val_losses)))))?;
+        if !class_losses.is_empty() {
+            say(&format!(
+                "train classification BCE (weight {}) {}",
+                py_float(cfgt.class_loss_weight),
+                py_float(round4(mean(&class_losses)))
+            ))?;
+        }
         say(&format!("Pseudo dice {}", fmt_list(&dice)))?;
         say(&format!(
             "Epoch time: {} s",
@@ -787,15 +822,41 @@ pub fn train(req: &TrainRequest) -> Result<TrainSummary, TrainError> {
     say("Training done.")?;
     // nnU-Net's perform_actual_validation: predict the fold's validation cases with the final
     // checkpoint into fold_X/validation/ and evaluate them (validation/summary.json)
+    final_validation(req, &split.val, num_workers, &mut say)?;
+    let per_iter = |t: f64| if iters > 0 { t / iters as f64 } else { 0.0 };
+    Ok(TrainSummary {
+        fold_folder,
+        log_file: log_path,
+        start_epoch,
+        epochs_completed,
+        final_checkpoint: final_path,
+        best_ema,
+        logging,
+        mean_train_iteration_s: per_iter(iter_time),
+        mean_data_wait_s: per_iter(wait_time),
+        mean_step_s: per_iter(iter_time - wait_time),
+        train_iterations: iters,
+    })
+}
+
+/// Predicts the fold's validation cases with `checkpoint_final` into `fold_X/validation/` and
+/// evaluates them (`validation/summary.json`), logging the mean Dice.
+fn final_validation(
+    req: &TrainRequest,
+    val_cases: &[String],
+    num_workers: usize,
+    say: &mut dyn FnMut(&str) -> Result<(), TrainError>,
+) -> Result<(), TrainError> {
+    let pre = &req.preprocessed_dataset_folder;
     let validation = crate::predict::validate_fold(
-        &model_folder,
+        &req.model_folder(),
         req.fold,
         "checkpoint_final",
         pre,
-        &split.val,
+        val_cases,
         req.export_npz,
         num_workers,
-        device,
+        &req.device,
         &req.registry,
     )
     .map_err(Box::new)?;
@@ -811,23 +872,111 @@ pub fn train(req: &TrainRequest) -> Result<TrainSummary, TrainError> {
             "WARNING: {} does not exist: the {} validation predictions in {} were not evaluated",
             pre.join("gt_segmentations").display(),
             validation.predictions.len(),
-            fold_folder.join("validation").display()
+            req.fold_folder().join("validation").display()
         ))?,
     }
-    let per_iter = |t: f64| if iters > 0 { t / iters as f64 } else { 0.0 };
+    Ok(())
+}
+
+/// `--val`: only the final validation of an already trained fold (nnU-Net's
+/// `only_run_validation`), from `checkpoint_final`.
+fn validation_only(req: &TrainRequest) -> Result<TrainSummary, TrainError> {
+    let setup = prepare(req)?;
+    let fold_folder = req.fold_folder();
+    let final_path = fold_folder.join(CheckpointKind::Final.file_name());
+    if !final_path.is_file() {
+        return Err(TrainError::Setup(format!(
+            "--val: {} does not exist; train fold {} first (or continue it with --c)",
+            final_path.display(),
+            req.fold
+        )));
+    }
+    let ck = Checkpoint::load(&final_path, &Device::Cpu)?;
+    let pre = &req.preprocessed_dataset_folder;
+    let data_folder = pre.join(&setup.cfg.data_identifier);
+    let dataset = PreprocessedDataset::open(&data_folder)?;
+    let case_ids = dataset.case_ids().to_vec();
+    let splits = data::load_or_create_splits(pre, &case_ids)?;
+    let split = data::select_fold(&splits, req.fold, &case_ids)?;
+    let mut log = LogFile::create(&fold_folder, req.echo_log).map_err(io_err(&fold_folder))?;
+    let log_path = log.path().to_path_buf();
+    let mut say = |m: &str| log.log(m).map_err(io_err(&log_path));
+    say(&format!(
+        "--val: validating fold {} with {} (epoch {}), {} cases",
+        req.fold,
+        final_path.display(),
+        ck.meta.current_epoch,
+        split.val.len()
+    ))?;
+    let num_workers = req.config.num_workers.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get().clamp(1, 12))
+            .unwrap_or(2)
+    });
+    final_validation(req, &split.val, num_workers, &mut say)?;
     Ok(TrainSummary {
         fold_folder,
         log_file: log_path,
-        start_epoch,
-        epochs_completed,
+        start_epoch: ck.meta.current_epoch,
+        epochs_completed: ck.meta.current_epoch,
         final_checkpoint: final_path,
-        best_ema,
-        logging,
-        mean_train_iteration_s: per_iter(iter_time),
-        mean_data_wait_s: per_iter(wait_time),
-        mean_step_s: per_iter(iter_time - wait_time),
-        train_iterations: iters,
+        best_ema: ck.meta.best_ema,
+        logging: ck.meta.logging,
+        mean_train_iteration_s: 0.0,
+        mean_data_wait_s: 0.0,
+        mean_step_s: 0.0,
+        train_iterations: 0,
     })
+}
+
+/// Number of outputs the network returns in training mode (deep supervision on), from one
+/// forward pass of a zero batch of one patch without gradients.
+fn probe_output_count(
+    network: &dyn architectures::registry::SegNetwork,
+    setup: &Setup,
+    device: &Device,
+) -> Result<usize, TrainError> {
+    let mut shape = vec![1, setup.io.in_channels];
+    shape.extend(&setup.cfg.patch_size);
+    let x = Tensor::zeros(shape, candle_core::DType::F32, device)
+        .ctx(|| "deep-supervision probe".to_string())?;
+    let out = network
+        .forward(&x, false)
+        .ctx(|| "deep-supervision probe: forward".to_string())?;
+    Ok(out.len())
+}
+
+/// BCE of an image-level classification head against "which foreground classes (or regions)
+/// occur in the patch", derived from the full-resolution target (no extra annotation).
+fn class_presence_loss(
+    class_logits: &Tensor,
+    target: &Tensor,
+    labels: &LabelInfo,
+    fg_count: usize,
+) -> candle_core::Result<Tensor> {
+    let (b, n) = class_logits.dims2()?;
+    if n != fg_count {
+        candle_core::bail!(
+            "the classification head has {n} outputs but the dataset has {fg_count} \
+             foreground classes/regions"
+        );
+    }
+    let flat = target.flatten_from(1)?; // (B, C_t * voxels)
+    let mut cols = Vec::with_capacity(n);
+    if labels.regions.is_some() {
+        // target (B, R(+1 ignore), *sp) of 0/1 per region
+        let per = target.dims()[1];
+        let t = target.reshape((b, per, ()))?;
+        for r in 0..n {
+            cols.push(t.narrow(1, r, 1)?.squeeze(1)?.max(1)?.gt(0.5)?);
+        }
+    } else {
+        for c in 1..=n {
+            cols.push(flat.eq(c as f64)?.max(1)?);
+        }
+    }
+    let presence = Tensor::stack(&cols, 1)?.to_dtype(class_logits.dtype())?;
+    crate::loss::bce_with_logits(class_logits, &presence)
 }
 
 /// The network's outputs and the loader's targets must pair up (one target per output

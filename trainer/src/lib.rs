@@ -8,6 +8,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod evaluation;
+pub mod growth;
 pub mod logging;
 pub mod loss;
 pub mod optim;

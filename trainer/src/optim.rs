@@ -96,6 +96,53 @@ impl SgdNesterov {
         self.vars.extend(vars);
     }
 
+    /// A parameter of a grown network: `new_var` replaces the variable named `name` (it is
+    /// added if the optimizer does not know the name). Its shape is the old one with `count`
+    /// slices inserted along `axis` at `offset`; the momentum buffer keeps its values for the
+    /// old slices and gets zeros for the new ones (no buffer yet: nothing to extend).
+    pub fn grow_var(
+        &mut self,
+        name: &str,
+        new_var: Var,
+        axis: usize,
+        offset: usize,
+        count: usize,
+    ) -> Result<(), OptimError> {
+        if let Some(buf) = self.buffers.get(name) {
+            let mut expected = buf.dims().to_vec();
+            let ok = axis < expected.len() && offset <= expected[axis];
+            if ok {
+                expected[axis] += count;
+            }
+            if !ok || expected != new_var.dims() {
+                return Err(OptimError::ShapeMismatch {
+                    name: name.to_string(),
+                    expected: new_var.dims().to_vec(),
+                    got: buf.dims().to_vec(),
+                });
+            }
+            let mut zshape = buf.dims().to_vec();
+            zshape[axis] = count;
+            let zeros = Tensor::zeros(zshape, buf.dtype(), buf.device())?;
+            let len = buf.dim(axis)?;
+            let mut parts = Vec::with_capacity(3);
+            if offset > 0 {
+                parts.push(buf.narrow(axis, 0, offset)?);
+            }
+            parts.push(zeros);
+            if offset < len {
+                parts.push(buf.narrow(axis, offset, len - offset)?);
+            }
+            let grown = Tensor::cat(&parts, axis)?;
+            self.buffers.insert(name.to_string(), grown);
+        }
+        match self.vars.iter_mut().find(|(n, _)| n == name) {
+            Some(slot) => slot.1 = new_var,
+            None => self.vars.push((name.to_string(), new_var)),
+        }
+        Ok(())
+    }
+
     /// One optimizer step with the gradients in `grads`.
     pub fn step(&mut self, grads: &GradStore) -> candle_core::Result<()> {
         let SgdOptions {

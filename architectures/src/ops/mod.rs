@@ -74,5 +74,7 @@ pub(crate) fn channel_view(v: &Tensor, rank: usize) -> Result<Tensor> {
     v.reshape(shape)
 }
 
+#[cfg(all(test, feature = "cuda"))]
+mod cuda_tests;
 #[cfg(test)]
 mod tests;

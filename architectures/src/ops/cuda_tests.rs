@@ -1,0 +1,222 @@
+//! CUDA-only tests (`cargo test -p architectures --features cuda`, on a machine with an NVIDIA
+//! GPU and driver; build environment from `scripts/build_cuda.sh --env`): every op's
+//! device-agnostic path on a CUDA tensor must match the CPU kernels in the forward pass and in the
+//! gradients of the input and of the parameters (f32, random data, loss `sum(y * r)`).
+
+use super::*;
+use candle_core::{DType, Device, Tensor, Var};
+
+fn gpu() -> Device {
+    match Device::new_cuda(0) {
+        Ok(d) => d,
+        Err(e) => panic!("these tests need CUDA device 0 (built with --features cuda): {e}"),
+    }
+}
+
+fn randn(shape: &[usize], seed: u64) -> Tensor {
+    // host-side deterministic data so CPU and GPU see identical values
+    let n: usize = shape.iter().product();
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 33) as f64 / (1u64 << 31) as f64 * 2.0 - 1.0) as f32
+        })
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).expect("host tensor")
+}
+
+fn close(got: &Tensor, want: &Tensor, what: &str) {
+    assert_eq!(got.dims(), want.dims(), "{what}: shapes differ");
+    let g: Vec<f32> = got
+        .to_device(&Device::Cpu)
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1())
+        .expect("to host");
+    let w: Vec<f32> = want.flatten_all().and_then(|t| t.to_vec1()).expect("vec");
+    let maxref = w.iter().fold(0f32, |m, v| m.max(v.abs()));
+    for (i, (a, b)) in g.iter().zip(&w).enumerate() {
+        // TF32 is off by default in Candle; allow f32 reassociation error only
+        let tol = 1e-3 * b.abs() + 1e-4 * maxref;
+        assert!(
+            (a - b).abs() <= tol && a.is_finite(),
+            "{what}[{i}]: cuda {a} vs cpu {b} (tol {tol})"
+        );
+    }
+}
+
+type Op = dyn Fn(&Tensor, &[Tensor]) -> candle_core::Result<Tensor>;
+
+/// Runs `f` on CPU and CUDA with the same inputs; compares output and all gradients.
+fn check(name: &str, x_shape: &[usize], params: &[Vec<usize>], f: &Op) {
+    let dev = gpu();
+    let x = randn(x_shape, 1);
+    let ps: Vec<Tensor> = params
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (randn(s, 10 + i as u64) * 0.3).expect("scale"))
+        .collect();
+    let run = |d: &Device| {
+        let xv = Var::from_tensor(&x.to_device(d).expect("to dev")).expect("var");
+        let pv: Vec<Var> = ps
+            .iter()
+            .map(|p| Var::from_tensor(&p.to_device(d).expect("to dev")).expect("var"))
+            .collect();
+        let pt: Vec<Tensor> = pv.iter().map(|v| v.as_tensor().clone()).collect();
+        let y = f(xv.as_tensor(), &pt).unwrap_or_else(|e| panic!("{name} on {d:?}: {e}"));
+        let r = randn(y.dims(), 99).to_device(d).expect("r");
+        let g = (&y * &r)
+            .and_then(|t| t.sum_all())
+            .and_then(|t| t.backward())
+            .unwrap_or_else(|e| panic!("{name} backward on {d:?}: {e}"));
+        let mut grads = vec![g.get(xv.as_tensor()).expect("dx").clone()];
+        for v in &pv {
+            grads.push(g.get(v.as_tensor()).expect("dparam").clone());
+        }
+        (y, grads)
+    };
+    let (yc, gc) = run(&Device::Cpu);
+    let (yg, gg) = run(&dev);
+    assert!(yg.device().is_cuda(), "{name}: output left the GPU");
+    close(&yg, &yc, &format!("{name} forward"));
+    for (i, (a, b)) in gg.iter().zip(&gc).enumerate() {
+        close(a, b, &format!("{name} grad {i}"));
+    }
+}
+
+#[test]
+fn cuda_conv_matches_cpu() {
+    check(
+        "conv2d k3 p1",
+        &[2, 4, 9, 8],
+        &[vec![5, 4, 3, 3], vec![5]],
+        &|x, p| conv(x, &p[0], Some(&p[1]), &ConvOpts::new().padding([1])),
+    );
+    check(
+        "conv2d k3 p1 s2",
+        &[2, 4, 8, 8],
+        &[vec![6, 4, 3, 3]],
+        &|x, p| conv(x, &p[0], None, &ConvOpts::new().padding([1]).stride([2])),
+    );
+    check(
+        "conv3d k3 p1",
+        &[2, 3, 6, 7, 8],
+        &[vec![4, 3, 3, 3, 3]],
+        &|x, p| conv(x, &p[0], None, &ConvOpts::new().padding([1])),
+    );
+    check(
+        "conv3d k(1,3,3) s(1,2,2) aniso",
+        &[1, 3, 4, 8, 8],
+        &[vec![4, 3, 1, 3, 3], vec![4]],
+        &|x, p| {
+            conv(
+                x,
+                &p[0],
+                Some(&p[1]),
+                &ConvOpts::new().padding([0, 1, 1]).stride([1, 2, 2]),
+            )
+        },
+    );
+    check(
+        "conv3d groups 2 dil 2",
+        &[1, 4, 7, 7, 7],
+        &[vec![4, 2, 3, 3, 3]],
+        &|x, p| {
+            conv(
+                x,
+                &p[0],
+                None,
+                &ConvOpts::new().padding([2]).dilation([2]).groups(2),
+            )
+        },
+    );
+}
+
+#[test]
+fn cuda_conv_transpose_matches_cpu() {
+    check(
+        "convT3d k2 s2",
+        &[2, 4, 3, 4, 5],
+        &[vec![4, 3, 2, 2, 2], vec![3]],
+        &|x, p| conv_transpose(x, &p[0], Some(&p[1]), &ConvTransposeOpts::new().stride([2])),
+    );
+    check(
+        "convT3d k(1,2,2)",
+        &[1, 4, 3, 4, 4],
+        &[vec![4, 2, 1, 2, 2]],
+        &|x, p| conv_transpose(x, &p[0], None, &ConvTransposeOpts::new().stride([1, 2, 2])),
+    );
+    check(
+        "convT2d k3 s2 p1 op1",
+        &[2, 3, 5, 6],
+        &[vec![3, 4, 3, 3]],
+        &|x, p| {
+            conv_transpose(
+                x,
+                &p[0],
+                None,
+                &ConvTransposeOpts::new()
+                    .stride([2])
+                    .padding([1])
+                    .output_padding([1]),
+            )
+        },
+    );
+}
+
+#[test]
+fn cuda_pool_interp_norm_act_match_cpu() {
+    check(
+        "max_pool3d k3 s2 p1 ceil",
+        &[2, 3, 7, 6, 5],
+        &[],
+        &|x, _| {
+            max_pool(
+                x,
+                &PoolOpts::new([3]).stride([2]).padding([1]).ceil_mode(true),
+            )
+        },
+    );
+    check("avg_pool2d k2", &[2, 3, 8, 6], &[], &|x, _| {
+        avg_pool(x, &PoolOpts::new([2]))
+    });
+    check("trilinear x2", &[1, 2, 3, 4, 5], &[], &|x, _| {
+        interpolate(
+            x,
+            &InterpSize::Scale(vec![2.0]),
+            InterpMode::Linear {
+                align_corners: false,
+            },
+        )
+    });
+    check("nearest to size", &[1, 2, 5, 6], &[], &|x, _| {
+        interpolate(x, &InterpSize::Size(vec![7, 9]), InterpMode::Nearest)
+    });
+    check(
+        "instance_norm 3d affine",
+        &[2, 3, 4, 5, 6],
+        &[vec![3], vec![3]],
+        &|x, p| instance_norm(x, NormAffine::new(Some(&p[0]), Some(&p[1])), 1e-5),
+    );
+    check("leaky_relu", &[2, 3, 4, 5], &[], &|x, _| {
+        leaky_relu(x, 0.01)
+    });
+    check("softmax_channels", &[2, 3, 4, 5], &[], &|x, _| {
+        softmax_channels(x)
+    });
+}
+
+#[test]
+fn cuda_ops_keep_dtype_and_device() {
+    let dev = gpu();
+    let x = Tensor::zeros((1, 2, 4, 4, 4), DType::F32, &dev).expect("zeros");
+    let w = Tensor::zeros((3, 2, 3, 3, 3), DType::F32, &dev).expect("zeros");
+    let y = conv(&x, &w, None, &ConvOpts::new().padding([1])).expect("conv");
+    assert!(y.device().is_cuda());
+    assert_eq!(y.dims(), &[1, 3, 4, 4, 4]);
+    assert_eq!(y.dtype(), DType::F32);
+}

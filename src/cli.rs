@@ -80,6 +80,23 @@ pub enum Command {
     /// Write the synthetic demo datasets (Dataset990_Demo3D, Dataset991_Demo2D) into the raw folder.
     #[command(name = "make_demo_dataset")]
     MakeDemoDataset(DemoArgs),
+    /// One PNG per training case: label outlines over a slice of the image (nnUNetv2_plot_overlay_pngs).
+    #[command(name = "plot_overlay_pngs")]
+    PlotOverlayPngs(OverlayArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct OverlayArgs {
+    /// Dataset id (1, 001 or Dataset001_Name) in nnUNet_raw.
+    pub dataset: String,
+    /// Output folder for the PNGs.
+    pub output: PathBuf,
+    /// Which slice along the first axis: middle, or the one with the most foreground.
+    #[arg(long = "slice", default_value = "middle", value_parser = ["middle", "most_foreground"])]
+    pub slice: String,
+    /// Worker threads (default: all cores).
+    #[arg(long = "np")]
+    pub num_processes: Option<usize>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -221,6 +238,11 @@ pub struct TrainArgs {
     /// nnseg extension: override the validation iterations per epoch.
     #[arg(long = "num_val_iterations_per_epoch")]
     pub num_val_iterations_per_epoch: Option<usize>,
+    /// GPU memory budget (GB) a network preset (`-tr kiunet_minimal`, ...) is fitted to; when
+    /// the preset's network does not fit the configuration's patch and batch, a fitted
+    /// configuration `CONFIG__PRESET` is written into the plans and trained instead.
+    #[arg(long = "gpu_memory_target", value_name = "GB")]
+    pub gpu_memory_target: Option<f64>,
 }
 
 #[derive(Args, Debug)]
@@ -359,6 +381,13 @@ pub struct ShowNetworkArgs {
     /// Patch size to describe instead of the plan's.
     #[arg(long = "patch", num_args = 2..=3)]
     pub patch: Option<Vec<usize>>,
+    /// Trainer preset whose network to show (`kiunet_minimal`, `convunext_tiny`, ...), with
+    /// its fit to the GPU memory budget.
+    #[arg(long = "tr")]
+    pub trainer: Option<String>,
+    /// GPU memory budget (GB) for the fit shown with `-tr`.
+    #[arg(long = "gpu_memory_target", value_name = "GB")]
+    pub gpu_memory_target: Option<f64>,
 }
 
 #[derive(Args, Debug)]

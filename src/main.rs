@@ -95,6 +95,25 @@ fn run(cli: Cli) -> Result<()> {
             );
         }
         Command::ShowNetwork(a) => show_network(&paths, &a)?,
+        Command::PlotOverlayPngs(a) => {
+            let id = datasets::parse_dataset_id(&a.dataset)?;
+            let ds = open_raw(&paths, id)?;
+            let opts = datasets::overlay::OverlayOptions {
+                slice: if a.slice == "most_foreground" {
+                    datasets::overlay::SliceChoice::MostForeground
+                } else {
+                    datasets::overlay::SliceChoice::Middle
+                },
+                num_workers: a.num_processes.unwrap_or(0),
+            };
+            let files = datasets::overlay::plot_overlay_pngs(&ds, &a.output, &opts)?;
+            println!(
+                "{}: {} overlay PNGs in {}",
+                ds.name,
+                files.len(),
+                a.output.display()
+            );
+        }
         Command::Train(a) => train(&paths, &a)?,
         Command::Predict(a) => predict(&paths, &a)?,
         Command::Ensemble(a) => {
@@ -239,11 +258,24 @@ fn train(paths: &NnUnetPaths, a: &cli::TrainArgs) -> Result<()> {
         config.num_val_iterations_per_epoch = n;
     }
     let device = pick_device(&a.device)?;
+    let plans_path = folder.join(format!("{}.json", a.plans));
+    let configuration = match fit_preset(
+        &plans_path,
+        &folder,
+        &a.configuration,
+        &a.trainer,
+        &config,
+        a.gpu_memory_target,
+        true,
+    )? {
+        Some(fitted) => fitted,
+        None => a.configuration.clone(),
+    };
     let mut req = trainer::TrainRequest::new(
         &folder,
         &results,
         &name,
-        &a.configuration,
+        &configuration,
         fold,
         &a.trainer,
         config,
@@ -256,7 +288,7 @@ fn train(paths: &NnUnetPaths, a: &cli::TrainArgs) -> Result<()> {
     let summary = trainer::train(&req)?;
     tracing::info!(
         "{name} {} fold {}: {} epochs done ({} iterations this run, {:.3} s/iteration); final checkpoint {}",
-        a.configuration,
+        configuration,
         a.fold,
         summary.epochs_completed,
         summary.train_iterations,
@@ -368,6 +400,96 @@ fn find_best(paths: &NnUnetPaths, a: &cli::FindBestArgs) -> Result<()> {
     Ok(())
 }
 
+/// For a trainer preset that swaps the network: checks that the network fits the
+/// configuration's patch and batch under the GPU memory budget; if not, writes the fitted
+/// configuration `CONFIG__PRESET` (inheriting from CONFIG) into the plans file and returns its
+/// name (`write == false`: only reports).
+fn fit_preset(
+    plans_path: &std::path::Path,
+    folder: &std::path::Path,
+    configuration: &str,
+    preset: &str,
+    config: &trainer::TrainerConfig,
+    gpu_memory_target: Option<f64>,
+    write: bool,
+) -> Result<Option<String>> {
+    let Some(network) = &config.network_override else {
+        return Ok(None);
+    };
+    let (mut plans, cfg) = Plans::load_configuration(plans_path, configuration)?;
+    let ds = DatasetJson::load(&folder.join("dataset.json"))?;
+    let registry = architectures::registry::Registry::default();
+    let mut spec = cfg.architecture.clone();
+    spec.network_class_name = registry.get(network)?.name().to_string();
+    for (k, v) in &config.network_kwargs {
+        spec.arch_kwargs.insert(k.clone(), v.clone());
+    }
+    let io = architectures::registry::NetworkIo {
+        in_channels: architectures::import::num_input_channels(&cfg, &ds),
+        num_classes: ds.num_segmentation_heads(),
+        deep_supervision: config.enable_deep_supervision,
+    };
+    let planner_kind = planner::PlannerKind::from_name(&plans.experiment_planner_used)
+        .unwrap_or(planner::PlannerKind::ExperimentPlanner);
+    let fit = planner::fit::fit_network(
+        &registry,
+        &planner::fit::FitRequest {
+            configuration_name: configuration,
+            configuration: &cfg,
+            network: &spec,
+            preset_kwargs: &config.network_kwargs,
+            io,
+            gpu_memory_target_gb: gpu_memory_target,
+            planner: planner_kind,
+        },
+    )
+    .with_context(|| format!("fitting `-tr {preset}` to configuration `{configuration}`"))?;
+    let budget = format!(
+        "{:.0} GB budget: reference {:.3e} at batch {}",
+        gpu_memory_target.unwrap_or(planner_kind.constants().default_gpu_memory_target_gb),
+        fit.reference,
+        fit.reference_batch_size
+    );
+    if fit.fits_as_is {
+        println!(
+            "{preset}: {} fits `{configuration}` (patch {:?}, batch {}): estimate {:.3e} per sample, {budget}",
+            spec.network_class_name, cfg.patch_size, cfg.batch_size, fit.estimate_original as f64
+        );
+        return Ok(None);
+    }
+    let fitted_name = planner::fit::FittedConfiguration::name(configuration, preset);
+    println!(
+        "{preset}: {} does not fit `{configuration}` (patch {:?}, batch {}): estimate {:.3e} per \
+         sample, {budget}. Fitted configuration `{fitted_name}`: patch {:?}, batch {}, estimate {:.3e}{}",
+        spec.network_class_name,
+        cfg.patch_size,
+        cfg.batch_size,
+        fit.estimate_original as f64,
+        fit.patch_size,
+        fit.batch_size,
+        fit.estimate_fitted as f64,
+        if write {
+            format!(" (written to {})", plans_path.display())
+        } else {
+            String::new()
+        }
+    );
+    if write {
+        let new = fit.to_json(configuration);
+        if plans.configurations.get(&fitted_name) != Some(&new) {
+            if plans.configurations.contains_key(&fitted_name) {
+                tracing::warn!(
+                    "replacing the existing configuration `{fitted_name}` in {}",
+                    plans_path.display()
+                );
+            }
+            plans.configurations.insert(fitted_name.clone(), new);
+            plans.save(plans_path)?;
+        }
+    }
+    Ok(Some(fitted_name))
+}
+
 fn show_network(paths: &NnUnetPaths, a: &cli::ShowNetworkArgs) -> Result<()> {
     let id = datasets::parse_dataset_id(&a.dataset)?;
     let name = datasets::dataset_name_from_id(paths, id)?;
@@ -377,10 +499,37 @@ fn show_network(paths: &NnUnetPaths, a: &cli::ShowNetworkArgs) -> Result<()> {
     let ds = DatasetJson::load(&folder.join("dataset.json"))?;
     let in_channels = architectures::import::num_input_channels(&cfg, &ds);
     let patch = a.patch.clone().unwrap_or_else(|| cfg.patch_size.clone());
-    let summary = architectures::summary::network_summary(
-        &cfg.architecture,
+    let mut spec = cfg.architecture.clone();
+    let registry = architectures::registry::Registry::default();
+    let mut deep_supervision = true;
+    if let Some(tr) = &a.trainer {
+        let config = trainer::presets::get(tr)?;
+        deep_supervision = config.enable_deep_supervision;
+        if let Some(net) = &config.network_override {
+            spec.network_class_name = registry.get(net)?.name().to_string();
+        }
+        for (k, v) in &config.network_kwargs {
+            spec.arch_kwargs.insert(k.clone(), v.clone());
+        }
+        fit_preset(
+            &folder.join(format!("{}.json", a.plans)),
+            &folder,
+            &a.configuration,
+            tr,
+            &config,
+            a.gpu_memory_target,
+            false,
+        )?;
+    }
+    let io = architectures::registry::NetworkIo {
         in_channels,
-        ds.num_segmentation_heads(),
+        num_classes: ds.num_segmentation_heads(),
+        deep_supervision,
+    };
+    let summary = architectures::summary::network_summary_with(
+        &registry,
+        &spec,
+        &io,
         &patch,
         cfg.batch_size,
     )?;

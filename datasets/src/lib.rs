@@ -4,6 +4,7 @@
 pub mod demo;
 pub mod error;
 pub mod io;
+pub mod overlay;
 pub mod paths;
 pub mod raw;
 pub mod verify;

@@ -344,7 +344,7 @@ pub(crate) fn write_via_temp(
 }
 
 /// Writes bytes atomically (temp file in the same folder, then rename).
-pub(crate) fn write_bytes_atomic(path: &Path, bytes: &[u8]) -> Result<(), DatasetError> {
+pub fn write_bytes_atomic(path: &Path, bytes: &[u8]) -> Result<(), DatasetError> {
     write_via_temp(path, ".tmp", |tmp| {
         let mut f = fs::File::create(tmp).map_err(|e| DatasetError::io(tmp, e))?;
         f.write_all(bytes).map_err(|e| DatasetError::io(tmp, e))?;

@@ -390,7 +390,8 @@ fn setup_errors_are_clear() {
     );
     let mut r = request(tmp.path(), &pre, 1);
     r.validation_only = true;
-    assert!(matches!(train(&r), Err(TrainError::Unsupported(_))));
+    let e = train(&r).unwrap_err().to_string();
+    assert!(e.contains("--val") && e.contains("checkpoint_final"), "{e}");
     // nothing was written for failed setups
     assert!(!tmp.path().join("nnUNet_results").exists());
 }
@@ -503,4 +504,67 @@ fn custom_inherited_configuration_trains() {
     );
     let log = std::fs::read_to_string(&s.log_file).unwrap();
     assert!(log.contains("Per training iteration: data wait "), "{log}");
+}
+
+#[test]
+fn validation_only_redoes_the_final_validation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pre = make_dataset(tmp.path());
+    let mut req = quick_request(tmp.path(), &pre, 1, "val_only");
+    // --val before any training: a clear error naming the missing checkpoint
+    req.validation_only = true;
+    let e = train(&req).unwrap_err().to_string();
+    assert!(e.contains("checkpoint_final") && e.contains("does not exist"), "{e}");
+    req.validation_only = false;
+    let s = train(&req).unwrap();
+    let val = s.fold_folder.join("validation");
+    let read_all = || {
+        let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(&val)
+            .unwrap()
+            .map(|e| {
+                let p = e.unwrap().path();
+                (
+                    p.file_name().unwrap().to_string_lossy().into_owned(),
+                    std::fs::read(&p).unwrap(),
+                )
+            })
+            .collect();
+        files.sort();
+        files
+    };
+    let before = read_all();
+    assert!(!before.is_empty());
+    std::fs::remove_dir_all(&val).unwrap();
+    req.validation_only = true;
+    let v = train(&req).unwrap();
+    assert_eq!(v.train_iterations, 0);
+    assert_eq!(v.epochs_completed, 1);
+    // same weights, same cases: the same predictions
+    assert_eq!(read_all(), before);
+}
+
+#[test]
+fn class_presence_targets_follow_the_labels_in_the_patch() {
+    let labels = LabelInfo {
+        all_labels: vec![0, 1, 2],
+        regions: None,
+        ignore_label: None,
+    };
+    // sample 0 contains label 2 only, sample 1 contains label 1 only
+    let t = Tensor::from_vec(vec![0f32, 2., 0., 0., 1., 0., 1., 0.], (2, 1, 2, 2), &Device::Cpu)
+        .unwrap();
+    let right = Tensor::from_vec(vec![-20f32, 20., 20., -20.], (2, 2), &Device::Cpu).unwrap();
+    let wrong = right.neg().unwrap();
+    let l_right = class_presence_loss(&right, &t, &labels, 2)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let l_wrong = class_presence_loss(&wrong, &t, &labels, 2)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(l_right < 1e-6, "{l_right}");
+    assert!((l_wrong - 20.0).abs() < 1e-3, "{l_wrong}");
+    let e = class_presence_loss(&right, &t, &labels, 3).unwrap_err().to_string();
+    assert!(e.contains("3 foreground"), "{e}");
 }

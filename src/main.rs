@@ -299,11 +299,6 @@ fn train(paths: &NnUnetPaths, a: &cli::TrainArgs) -> Result<()> {
 }
 
 fn predict(paths: &NnUnetPaths, a: &cli::PredictArgs) -> Result<()> {
-    if a.prev_stage_predictions.is_some() {
-        bail!(
-            "-prev_stage_predictions: cascade prediction (3d_cascade_fullres) is not supported yet"
-        );
-    }
     let id = datasets::parse_dataset_id(&a.dataset)?;
     let name = datasets::dataset_name_from_id(paths, id)?;
     let model = paths
@@ -339,6 +334,7 @@ fn predict(paths: &NnUnetPaths, a: &cli::PredictArgs) -> Result<()> {
     req.disable_tta = a.disable_tta;
     req.save_probabilities = a.save_probabilities;
     req.num_workers = a.npp.max(1);
+    req.prev_stage_predictions = a.prev_stage_predictions.clone();
     let t = Instant::now();
     let report = trainer::predict::predict_from_raw_folder(&req)?;
     tracing::info!(

@@ -1,66 +1,11 @@
 //! End-to-end: the `nnseg` binary on the synthetic demo datasets, in a temp folder.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use serde_json::Value;
 
-struct Env {
-    _dir: tempfile::TempDir,
-    raw: PathBuf,
-    pre: PathBuf,
-    res: PathBuf,
-}
-
-impl Env {
-    fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let raw = dir.path().join("raw");
-        let pre = dir.path().join("preprocessed");
-        let res = dir.path().join("results");
-        for p in [&raw, &pre, &res] {
-            std::fs::create_dir_all(p).unwrap();
-        }
-        Env {
-            _dir: dir,
-            raw,
-            pre,
-            res,
-        }
-    }
-
-    fn nnseg(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_nnseg"))
-            .args(args)
-            .env("nnUNet_raw", &self.raw)
-            .env("nnUNet_preprocessed", &self.pre)
-            .env("nnUNet_results", &self.res)
-            .env("RUST_LOG", "info")
-            .output()
-            .unwrap()
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.nnseg(args);
-        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-        assert!(out.status.success(), "nnseg {args:?} failed:\n{stderr}");
-        stderr
-    }
-
-    fn fails(&self, args: &[&str]) -> String {
-        let out = self.nnseg(args);
-        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-        assert!(
-            !out.status.success(),
-            "nnseg {args:?} should fail:\n{stderr}"
-        );
-        stderr
-    }
-}
-
-fn json(p: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
-}
+mod common;
+use common::{json, Env};
 
 /// Shape from a .npy header (numpy format 1.0/2.0/3.0).
 fn npy_shape(p: &Path) -> (String, Vec<usize>) {

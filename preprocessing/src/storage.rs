@@ -304,6 +304,35 @@ fn view4<'a, T: ViewElement>(
     })
 }
 
+/// A memory-mapped int16 `(1, z, y, x)` label map `.npy` (e.g. a previous cascade stage's
+/// segmentation in `predicted_next_stage/`).
+#[derive(Debug)]
+pub struct MappedSeg {
+    path: PathBuf,
+    map: Mmap,
+}
+
+impl MappedSeg {
+    /// Maps `path` and validates its header.
+    pub fn open(path: &Path) -> Result<Self, StorageError> {
+        let this = MappedSeg {
+            path: path.to_path_buf(),
+            map: map_file(path)?,
+        };
+        this.view()?;
+        Ok(this)
+    }
+
+    /// The label map as a view into the mapped file.
+    pub fn view(&self) -> Result<ArrayView4<'_, i16>, StorageError> {
+        view4(&self.path, &self.map, "int16 4-D (1, z, y, x)")
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
 /// A preprocessed case with its `.npy` files memory-mapped.
 #[derive(Debug)]
 pub struct MappedCase {

@@ -312,13 +312,23 @@ pub fn center_crop(sample: &mut Sample, out: [usize; 3]) {
     let lower: [i64; 3] = std::array::from_fn(|a| (sh[a + 1] / 2) as i64 - (out[a] / 2) as i64);
     sample.data = preprocessing::storage::crop_and_pad(sample.data.view(), lower, out, 0.0);
     sample.seg = preprocessing::storage::crop_and_pad(sample.seg.view(), lower, out, -1);
+    if let Some(p) = &sample.prev {
+        sample.prev = Some(preprocessing::storage::crop_and_pad(p.view(), lower, out, 0.0));
+    }
 }
 
 /// Resamples the sample onto the output grid: input = `m · (o − c_out) + c_in` (voxel
 /// indices), data trilinear with 0 outside, seg by per-label linear weights + argmax
 /// (batchgeneratorsv2 with `bg_style_seg_sampling=False`), -1 outside. Parallel over z.
 pub fn affine_resample(sample: &mut Sample, m: &Mat3, out: [usize; 3]) {
-    let data = sample.data.as_standard_layout().into_owned();
+    // cascade one-hot channels ride along with the data (linear weights per label), then
+    // become one-hot again by argmax: the segmentation's rule
+    let n_img = sample.data.shape()[0];
+    let data = match sample.prev.take() {
+        Some(p) => ndarray::concatenate(Axis(0), &[sample.data.view(), p.view()])
+            .expect("prev-stage channels have the data's spatial shape"),
+        None => sample.data.as_standard_layout().into_owned(),
+    };
     let seg = sample.seg.as_standard_layout().into_owned();
     let c = data.shape()[0];
     let ish = [data.shape()[1], data.shape()[2], data.shape()[3]];
@@ -409,7 +419,14 @@ pub fn affine_resample(sample: &mut Sample, m: &Mat3, out: [usize; 3]) {
             *dst = *v;
         }
     }
-    sample.data = nd;
+    if nd.shape()[0] > n_img {
+        let mut prev = nd.slice(ndarray::s![n_img.., .., .., ..]).to_owned();
+        super::cascade::rebinarize(&mut prev);
+        sample.prev = Some(prev);
+        sample.data = nd.slice(ndarray::s![..n_img, .., .., ..]).to_owned();
+    } else {
+        sample.data = nd;
+    }
     sample.seg = ns;
 }
 
@@ -662,6 +679,10 @@ pub fn flip_axis(sample: &mut Sample, axis: usize) {
     sample.seg.invert_axis(Axis(axis));
     sample.data = sample.data.as_standard_layout().into_owned();
     sample.seg = sample.seg.as_standard_layout().into_owned();
+    if let Some(p) = sample.prev.as_mut() {
+        p.invert_axis(Axis(axis));
+        *p = p.as_standard_layout().into_owned();
+    }
 }
 
 /// `MaskImageTransform`: voxels with seg < 0 set to 0 in `mask_channels`.
@@ -780,6 +801,7 @@ mod tests {
             ((z + 2 * y + x) % 3) as i16
         });
         Sample {
+            prev: None,
             data,
             seg,
             key: "k".into(),
@@ -1139,6 +1161,7 @@ mod tests {
             });
             let data = seg.mapv(f32::from);
             let s0 = Sample {
+                prev: None,
                 data,
                 seg,
                 key: "aligned".into(),

@@ -4,7 +4,11 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
-use preprocessing::storage::{list_cases, load_case_properties, CaseProperties, MappedCase};
+use preprocessing::storage::{
+    list_cases, load_case_properties, CaseProperties, MappedCase, MappedSeg,
+};
+
+use super::cascade::{prev_stage_file, PrevStage};
 
 use super::DataError;
 
@@ -15,6 +19,9 @@ pub struct CaseEntry {
     pub mapped: MappedCase,
     /// `{case}.json`.
     pub properties: CaseProperties,
+    /// The previous cascade stage's segmentation (same shape as the data) and the labels to
+    /// one-hot encode, for `3d_cascade_fullres`.
+    pub prev: Option<(MappedSeg, Vec<i64>)>,
 }
 
 /// A preprocessed configuration folder; cases are opened lazily (memory-mapped) and cached.
@@ -23,6 +30,7 @@ pub struct PreprocessedDataset {
     folder: PathBuf,
     ids: Vec<String>,
     cases: BTreeMap<String, OnceLock<Arc<CaseEntry>>>,
+    prev_stage: Option<PrevStage>,
 }
 
 impl PreprocessedDataset {
@@ -37,7 +45,16 @@ impl PreprocessedDataset {
             folder: folder.to_path_buf(),
             ids,
             cases,
+            prev_stage: None,
         })
+    }
+
+    /// A cascade stage's dataset: every case also reads the previous stage's segmentation
+    /// from `prev.folder` (an error naming the file when it is missing).
+    pub fn open_with_prev_stage(folder: &Path, prev: PrevStage) -> Result<Self, DataError> {
+        let mut ds = Self::open(folder)?;
+        ds.prev_stage = Some(prev);
+        Ok(ds)
     }
 
     /// The folder.
@@ -70,7 +87,40 @@ impl PreprocessedDataset {
         };
         let mapped = MappedCase::open(&self.folder, case).map_err(storage)?;
         let properties = load_case_properties(&self.folder, case).map_err(storage)?;
-        let entry = Arc::new(CaseEntry { mapped, properties });
+        let prev = match &self.prev_stage {
+            None => None,
+            Some(p) => {
+                let path = prev_stage_file(&p.folder, case);
+                if !path.is_file() {
+                    return Err(DataError::BadCase {
+                        case: case.to_string(),
+                        message: format!(
+                            "the previous stage's segmentation {} does not exist; train every \
+                             fold of the previous stage (its final validation writes \
+                             predicted_next_stage/) before the cascade",
+                            path.display()
+                        ),
+                    });
+                }
+                let seg = MappedSeg::open(&path).map_err(storage)?;
+                let (a, b) = (seg.view().map_err(storage)?.shape().to_vec(), mapped.shape().map_err(storage)?);
+                if a[0] != 1 || a[1..] != b[..] {
+                    return Err(DataError::BadCase {
+                        case: case.to_string(),
+                        message: format!(
+                            "{} has shape {a:?}, the preprocessed data has spatial shape {b:?}",
+                            path.display()
+                        ),
+                    });
+                }
+                Some((seg, p.foreground_labels.clone()))
+            }
+        };
+        let entry = Arc::new(CaseEntry {
+            mapped,
+            properties,
+            prev,
+        });
         // A concurrent opener may have won; either value is equivalent.
         Ok(slot.get_or_init(|| entry).clone())
     }

@@ -5,6 +5,7 @@
 //! builds `k = w, w + N, w + 2N, …` into its own bounded channel and the consumer reads the
 //! channels round-robin.
 
+use ndarray::Axis;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
@@ -188,6 +189,18 @@ pub fn build_batch(
         match aug {
             Some(cfg) => augment(&mut sample, cfg, &mut srng),
             None => center_crop(&mut sample, out3),
+        }
+        if let Some(mut prev) = sample.prev.take() {
+            // nnU-Net's MoveSegAsOneHotToData + the two cascade corruptions (training only)
+            if aug.is_some() {
+                super::cascade::random_binary_operator(&mut prev, 0.4, &mut srng);
+                super::cascade::remove_random_component(&mut prev, 0.2, &mut srng);
+            }
+            sample.data = ndarray::concatenate(Axis(0), &[sample.data.view(), prev.view()])
+                .map_err(|e| DataError::BadCase {
+                    case: key.clone(),
+                    message: format!("previous-stage channels: {e}"),
+                })?;
         }
         let c = sample.data.shape()[0];
         if *channels.get_or_insert(c) != c {

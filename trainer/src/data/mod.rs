@@ -4,6 +4,7 @@
 //! converts batches to tensors).
 
 pub mod augment;
+pub mod cascade;
 pub mod dataset;
 pub mod loader;
 pub mod sampling;

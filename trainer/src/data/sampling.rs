@@ -15,6 +15,9 @@ pub struct Sample {
     pub data: Array4<f32>,
     /// Segmentation (-1 = outside the image / outside the nonzero mask).
     pub seg: Array4<i16>,
+    /// Cascade only: the previous stage's segmentation, one-hot over the foreground labels
+    /// `(n_fg, z, y, x)`; appended to `data` after augmentation.
+    pub prev: Option<Array4<f32>>,
     /// Case identifier.
     pub key: String,
 }
@@ -108,6 +111,23 @@ fn lower_corner<R: Rng>(
         .collect()
 }
 
+/// The previous stage's segmentation of the same patch, one-hot encoded (cascade only).
+fn prev_patch(
+    case: &CaseEntry,
+    crop: impl FnOnce(ndarray::ArrayView4<i16>) -> Array4<i16>,
+) -> Result<Option<Array4<f32>>, DataError> {
+    match &case.prev {
+        None => Ok(None),
+        Some((seg, fg)) => {
+            let v = seg.view().map_err(|source| DataError::Storage {
+                case: case.mapped.identifier.clone(),
+                source,
+            })?;
+            Ok(Some(super::cascade::one_hot(crop(v).view(), fg)))
+        }
+    }
+}
+
 /// Extracts one (enlarged) patch of size `patch` (2 or 3 entries) from `case`. `need_to_pad`
 /// is `patch - final_patch` (0 for validation). Data is padded with 0, seg with -1. For 2-D
 /// patches a slice (axis 0) is chosen first — for forced samples one containing the selected
@@ -155,9 +175,11 @@ pub fn sample_patch<R: Rng>(
             let lo = lower_corner(&lbs, &ubs, patch, center.as_ref().map(|c| &c[..]), rng);
             let lo = [lo[0], lo[1], lo[2]];
             let size = [patch[0], patch[1], patch[2]];
+            let prev = prev_patch(case, |p| crop_and_pad(p, lo, size, 0))?;
             Ok(Sample {
                 data: crop_and_pad(data, lo, size, 0.0),
                 seg: crop_and_pad(seg, lo, size, -1),
+                prev,
                 key: key.to_string(),
             })
         }
@@ -175,9 +197,13 @@ pub fn sample_patch<R: Rng>(
             let size = [1, patch[0], patch[1]];
             let d = data.slice(s![.., slice..slice + 1, .., ..]);
             let sg = seg.slice(s![.., slice..slice + 1, .., ..]);
+            let prev = prev_patch(case, |p| {
+                crop_and_pad(p.slice(s![.., slice..slice + 1, .., ..]), lo, size, 0)
+            })?;
             Ok(Sample {
                 data: crop_and_pad(d, lo, size, 0.0),
                 seg: crop_and_pad(sg, lo, size, -1),
+                prev,
                 key: key.to_string(),
             })
         }

@@ -32,7 +32,7 @@ fn find(parent: &mut [u32], mut i: u32) -> u32 {
 
 /// Component id (root index) per voxel of `mask` (26-connectivity), `u32::MAX` outside.
 /// Union-find over a flat buffer, scanning each voxel's 13 already-visited neighbours.
-fn label_components(mask: &[bool], shape: [usize; 3]) -> Vec<u32> {
+pub(crate) fn label_components(mask: &[bool], shape: [usize; 3]) -> Vec<u32> {
     let [nz, ny, nx] = shape;
     let n = nz * ny * nx;
     assert!(n < u32::MAX as usize, "volume too large for u32 labels");

@@ -199,6 +199,9 @@ pub struct Predictor {
     pub step_size: f64,
     /// Test-time mirroring (`--disable_tta` turns it off).
     pub use_mirroring: bool,
+    /// Cascade stage (`previous_stage` set): the foreground labels whose one-hot encoding of
+    /// the previous stage's segmentation is appended to the image channels.
+    pub prev_stage_labels: Option<Vec<i64>>,
     networks: Vec<Box<dyn TileNetwork>>,
 }
 
@@ -232,13 +235,18 @@ impl Predictor {
                 )));
             }
             let (net, axes) = load_fold_network(&path, device, registry, &cfg.architecture)?;
-            if net.input_channels != ds.num_channels() {
+            let expected = architectures::import::num_input_channels(&cfg, &ds);
+            if net.input_channels != expected {
                 return Err(PredictError::Config(format!(
-                    "{}: the network takes {} input channel(s) but dataset.json has {} \
-                     (cascade stages are not supported for prediction)",
+                    "{}: the network takes {} input channel(s) but configuration `{cfg_name}` \
+                     gives it {expected} (dataset.json channels{})",
                     path.display(),
                     net.input_channels,
-                    ds.num_channels()
+                    if cfg.previous_stage.is_some() {
+                        " + one per foreground label of the previous stage"
+                    } else {
+                        ""
+                    }
                 )));
             }
             mirror_axes.get_or_insert(axes);
@@ -266,7 +274,12 @@ impl Predictor {
             return Err(PredictError::Config("no networks".into()));
         }
         let labels = LabelHandling::from_dataset_json(&dataset_json)?;
+        let prev_stage_labels = configuration
+            .previous_stage
+            .is_some()
+            .then(|| dataset_json.foreground_labels());
         Ok(Predictor {
+            prev_stage_labels,
             plans,
             configuration_name: configuration_name.to_string(),
             configuration,
@@ -324,6 +337,18 @@ impl Predictor {
         save_probabilities: bool,
     ) -> Result<(), PredictError> {
         let logits = self.predict_logits(data)?;
+        self.export_logits(logits, props, output_file, save_probabilities)
+    }
+
+    /// Writes the segmentation of `logits` (preprocessed geometry) to `output_file` in the
+    /// original geometry (see [`Predictor::predict_and_export`]).
+    pub fn export_logits(
+        &self,
+        logits: Array4<f32>,
+        props: &CaseProperties,
+        output_file: &Path,
+        save_probabilities: bool,
+    ) -> Result<(), PredictError> {
         let exported = convert_logits_to_segmentation(
             logits,
             props,
@@ -463,6 +488,9 @@ pub struct PredictRequest {
     pub num_workers: usize,
     pub device: Device,
     pub registry: Registry,
+    /// Cascade stages: the folder with the previous stage's predictions of the same cases
+    /// (`-prev_stage_predictions`, files `{case}{ending}`).
+    pub prev_stage_predictions: Option<PathBuf>,
 }
 
 impl PredictRequest {
@@ -486,6 +514,7 @@ impl PredictRequest {
             num_workers: 3,
             device,
             registry: Registry::default(),
+            prev_stage_predictions: None,
         }
     }
 }
@@ -565,15 +594,44 @@ pub fn predict_from_raw_folder(req: &PredictRequest) -> Result<PredictReport, Pr
                 .output_folder
                 .join(format!("{}{ending}", case.identifier));
             (|| -> Result<(), PredictError> {
+                let prev_file = match (&predictor.prev_stage_labels, &req.prev_stage_predictions) {
+                    (None, _) => None,
+                    (Some(_), Some(folder)) => {
+                        let f = folder.join(format!("{}{ending}", case.identifier));
+                        if !f.is_file() {
+                            return Err(PredictError::Input(format!(
+                                "{}: the previous stage's prediction of this case is missing \
+                                 (predict it with -c {} first)",
+                                f.display(),
+                                predictor.configuration.previous_stage.clone().unwrap_or_default()
+                            )));
+                        }
+                        Some(f)
+                    }
+                    (Some(_), None) => {
+                        return Err(PredictError::Input(format!(
+                            "configuration `{}` is a cascade stage: pass the `{}` predictions \
+                             of the same cases with -prev_stage_predictions FOLDER",
+                            predictor.configuration_name,
+                            predictor.configuration.previous_stage.clone().unwrap_or_default()
+                        )))
+                    }
+                };
                 let pre = preprocessing::preprocessor::preprocess_case_files(
                     &case.images,
-                    None,
+                    prev_file.as_deref(),
                     &predictor.plans,
                     &predictor.configuration,
                     &predictor.dataset_json,
                 )?;
+                let data = match (&predictor.prev_stage_labels, &pre.seg) {
+                    (Some(fg), Some(seg)) => {
+                        crate::data::cascade::append_one_hot(pre.data.view(), seg.view(), fg)
+                    }
+                    _ => pre.data,
+                };
                 predictor.predict_and_export(
-                    pre.data.view(),
+                    data.view(),
                     &pre.properties,
                     &out,
                     req.save_probabilities,
@@ -588,6 +646,28 @@ pub fn predict_from_raw_folder(req: &PredictRequest) -> Result<PredictReport, Pr
     Ok(report)
 }
 
+/// Where the previous stage writes the inputs of the next cascade stage during its final
+/// validation (nnU-Net's `predicted_next_stage`).
+#[derive(Debug, Clone)]
+pub struct NextStageExport {
+    /// The next stage's configuration (its spacing and preprocessed shape are the target).
+    pub configuration: Configuration,
+    /// `nnUNet_preprocessed/DatasetX/{next data_identifier}` (the target shapes).
+    pub preprocessed_data_folder: PathBuf,
+    /// `model_folder/predicted_next_stage/{next_stage}`.
+    pub output_folder: PathBuf,
+}
+
+/// Cascade inputs and outputs of [`predict_preprocessed_case`].
+#[derive(Debug, Clone, Default)]
+pub struct CascadeIo {
+    /// For a cascade stage: the folder with the previous stage's segmentations
+    /// (`{case}.npy`, preprocessed geometry of this stage).
+    pub prev_stage_folder: Option<PathBuf>,
+    /// For a stage with a `next_stage`: also write the next stage's inputs.
+    pub next_stage: Option<NextStageExport>,
+}
+
 /// Predicts one preprocessed case (`{case}.npy` + `{case}.json` in `preprocessed_data_folder`,
 /// e.g. `nnUNet_preprocessed/DatasetX/nnUNetPlans_3d_fullres`) and writes
 /// `output_folder/{case}{ending}`.
@@ -597,16 +677,88 @@ pub fn predict_preprocessed_case(
     case: &str,
     output_folder: &Path,
     save_probabilities: bool,
+    cascade: &CascadeIo,
 ) -> Result<PathBuf, PredictError> {
     (|| -> Result<PathBuf, PredictError> {
         let mapped = preprocessing::storage::MappedCase::open(preprocessed_data_folder, case)?;
         let data = mapped.data()?;
         let props = preprocessing::storage::load_case_properties(preprocessed_data_folder, case)?;
         let out = output_folder.join(format!("{case}{}", predictor.dataset_json.file_ending));
-        predictor.predict_and_export(data, &props, &out, save_probabilities)?;
+        let logits = match (&predictor.prev_stage_labels, &cascade.prev_stage_folder) {
+            (Some(fg), Some(folder)) => {
+                let path = crate::data::cascade::prev_stage_file(folder, case);
+                let prev = preprocessing::storage::MappedSeg::open(&path).map_err(|e| {
+                    PredictError::Config(format!(
+                        "the previous stage's segmentation is needed for the cascade: {e}"
+                    ))
+                })?;
+                let pv = prev.view()?;
+                if pv.shape()[1..] != data.shape()[1..] {
+                    return Err(PredictError::Config(format!(
+                        "{}: shape {:?} differs from the preprocessed data's {:?}",
+                        path.display(),
+                        &pv.shape()[1..],
+                        &data.shape()[1..]
+                    )));
+                }
+                let x = crate::data::cascade::append_one_hot(data, pv, fg);
+                predictor.predict_logits(x.view())?
+            }
+            (Some(_), None) => {
+                return Err(PredictError::Config(format!(
+                    "configuration `{}` is a cascade stage: its previous stage's segmentations \
+                     are needed",
+                    predictor.configuration_name
+                )))
+            }
+            (None, _) => predictor.predict_logits(data)?,
+        };
+        if let Some(next) = &cascade.next_stage {
+            export_next_stage(predictor, &logits, case, next)?;
+        }
+        predictor.export_logits(logits, &props, &out, save_probabilities)?;
         Ok(out)
     })()
     .map_err(in_case(case))
+}
+
+/// nnU-Net's `resample_and_save` for the next stage: the logits resampled to the next stage's
+/// preprocessed shape, converted to a segmentation, saved as int16 `(1, z, y, x)` `.npy`.
+fn export_next_stage(
+    predictor: &Predictor,
+    logits: &Array4<f32>,
+    case: &str,
+    next: &NextStageExport,
+) -> Result<(), PredictError> {
+    let target = preprocessing::storage::MappedCase::open(&next.preprocessed_data_folder, case)?
+        .shape()?;
+    let to3 = |v: &[f64]| -> Result<[f64; 3], PredictError> {
+        match v {
+            [a, b, c] => Ok([*a, *b, *c]),
+            other => Err(PredictError::Config(format!(
+                "cascade stages are 3D; spacing {other:?} has {} entries",
+                other.len()
+            ))),
+        }
+    };
+    let cur = to3(&predictor.configuration.spacing)?;
+    let new = to3(&next.configuration.spacing)?;
+    let mut probs = preprocessing::resampling::resample_data_to_shape(
+        logits.view(),
+        target,
+        &cur,
+        &new,
+        &predictor.configuration.resampling_fn_probabilities_kwargs,
+    );
+    predictor.labels.apply_nonlin(&mut probs);
+    let seg = predictor.labels.to_segmentation(&probs);
+    let seg = seg.insert_axis(ndarray::Axis(0));
+    std::fs::create_dir_all(&next.output_folder).map_err(io_err(&next.output_folder))?;
+    preprocessing::storage::write_npy_atomic(
+        &crate::data::cascade::prev_stage_file(&next.output_folder, case),
+        &seg,
+    )?;
+    Ok(())
 }
 
 /// nnU-Net's `perform_actual_validation` without the evaluation: predicts the validation
@@ -618,6 +770,7 @@ pub fn run_final_validation(
     validation_cases: &[String],
     fold_folder: &Path,
     save_probabilities: bool,
+    cascade: &CascadeIo,
 ) -> Result<Vec<PathBuf>, PredictError> {
     let out = fold_folder.join("validation");
     std::fs::create_dir_all(&out).map_err(io_err(&out))?;
@@ -630,9 +783,34 @@ pub fn run_final_validation(
                 c,
                 &out,
                 save_probabilities,
+                cascade,
             )
         })
         .collect()
+}
+
+/// `{results}/{dataset}/{trainer}__{plans}__{previous_stage}/predicted_next_stage/{configuration}`
+/// for the model folder `{results}/{dataset}/{trainer}__{plans}__{configuration}`.
+pub fn prev_stage_folder(
+    model_folder: &Path,
+    previous_stage: &str,
+    configuration: &str,
+) -> Result<PathBuf, PredictError> {
+    let name = model_folder
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    let parts: Vec<&str> = name.split("__").collect();
+    match (parts.as_slice(), model_folder.parent()) {
+        ([trainer, plans, _], Some(parent)) => Ok(crate::data::cascade::next_stage_folder(
+            &parent.join(format!("{trainer}__{plans}__{previous_stage}")),
+            configuration,
+        )),
+        _ => Err(PredictError::Config(format!(
+            "{}: a model folder must be named {{trainer}}__{{plans}}__{{configuration}}",
+            model_folder.display()
+        ))),
+    }
 }
 
 /// What [`validate_fold`] produced.
@@ -670,6 +848,37 @@ pub fn validate_fold(
         .num_threads(num_workers.max(1))
         .build()
         .map_err(|e| PredictError::Config(format!("thread pool: {e}")))?;
+    // cascade: read the previous stage's segmentations / write the next stage's inputs
+    let mut cascade = CascadeIo::default();
+    let cfg = &predictor.configuration;
+    if let Some(prev) = &cfg.previous_stage {
+        cascade.prev_stage_folder = Some(prev_stage_folder(
+            model_folder,
+            prev,
+            &predictor.configuration_name,
+        )?);
+    }
+    if let Some(next) = &cfg.next_stage {
+        match predictor.plans.configuration(next) {
+            Ok(next_cfg) => {
+                let folder = preprocessed_dataset_folder.join(&next_cfg.data_identifier);
+                if folder.is_dir() {
+                    cascade.next_stage = Some(NextStageExport {
+                        configuration: next_cfg,
+                        preprocessed_data_folder: folder,
+                        output_folder: crate::data::cascade::next_stage_folder(model_folder, next),
+                    });
+                } else {
+                    tracing::warn!(
+                        "next stage `{next}`: {} is not preprocessed; its inputs \
+                         (predicted_next_stage) are not written",
+                        folder.display()
+                    );
+                }
+            }
+            Err(e) => tracing::warn!("next stage `{next}`: {e}"),
+        }
+    }
     let predictions = pool.install(|| {
         run_final_validation(
             &predictor,
@@ -677,6 +886,7 @@ pub fn validate_fold(
             validation_cases,
             &fold_folder,
             save_probabilities,
+            &cascade,
         )
     })?;
     let gt = preprocessed_dataset_folder.join("gt_segmentations");

@@ -212,14 +212,6 @@ fn prepare(req: &TrainRequest) -> Result<Setup, TrainError> {
     let plans_path = pre.join(format!("{}.json", req.plans_name));
     let (plans, cfg) = plans::Plans::load_configuration(&plans_path, &req.configuration)?;
     let ds_json = plans::DatasetJson::load(&pre.join("dataset.json"))?;
-    if let Some(prev) = &cfg.previous_stage {
-        return Err(TrainError::Unsupported(format!(
-            "configuration `{}` is a cascade stage (previous_stage `{prev}`): training a \
-             cascade needs the previous stage's predictions as extra inputs, which nnseg does \
-             not support yet",
-            req.configuration
-        )));
-    }
     let mut spec = cfg.architecture.clone();
     if let Some(name) = &req.config.network_override {
         // resolve now so an unknown name fails before anything is written
@@ -514,7 +506,17 @@ pub fn train(req: &TrainRequest) -> Result<TrainSummary, TrainError> {
 
     // data
     let data_folder = pre.join(&setup.cfg.data_identifier);
-    let dataset = Arc::new(PreprocessedDataset::open(&data_folder)?);
+    let dataset = Arc::new(match &setup.cfg.previous_stage {
+        None => PreprocessedDataset::open(&data_folder)?,
+        Some(prev) => PreprocessedDataset::open_with_prev_stage(
+            &data_folder,
+            data::cascade::PrevStage {
+                folder: crate::predict::prev_stage_folder(&model_folder, prev, &req.configuration)
+                    .map_err(Box::new)?,
+                foreground_labels: setup.ds_json.foreground_labels(),
+            },
+        )?,
+    });
     let case_ids = dataset.case_ids().to_vec();
     let splits = data::load_or_create_splits(pre, &case_ids)?;
     let split = data::select_fold(&splits, req.fold, &case_ids)?;

@@ -80,9 +80,47 @@ pub enum Command {
     /// Write the synthetic demo datasets (Dataset990_Demo3D, Dataset991_Demo2D) into the raw folder.
     #[command(name = "make_demo_dataset")]
     MakeDemoDataset(DemoArgs),
+    /// Time training steps of a PlainConvUNet at nnU-Net's typical plans on random data.
+    #[command(name = "bench_train")]
+    BenchTrain(BenchTrainArgs),
     /// One PNG per training case: label outlines over a slice of the image (nnUNetv2_plot_overlay_pngs).
     #[command(name = "plot_overlay_pngs")]
     PlotOverlayPngs(OverlayArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BenchTrainArgs {
+    /// 3d_fullres (patch 128³, batch 2, features 32..320) or 2d (512², batch 12, 32..512).
+    #[arg(long = "config", default_value = "3d_fullres")]
+    pub config: String,
+    /// Patch size override, e.g. 24,56,56.
+    #[arg(long = "patch", value_delimiter = ',')]
+    pub patch: Option<Vec<usize>>,
+    #[arg(long = "batch_size")]
+    pub batch_size: Option<usize>,
+    /// Features per stage override, e.g. 32,64,128,256,320.
+    #[arg(long = "features", value_delimiter = ',')]
+    pub features: Option<Vec<usize>>,
+    /// Strides per stage, `;`-separated stages of `,`-separated axes, e.g. "1,1,1;1,2,2;2,2,2".
+    #[arg(long = "strides")]
+    pub strides: Option<String>,
+    /// Kernel sizes per stage, same format as --strides.
+    #[arg(long = "kernels")]
+    pub kernels: Option<String>,
+    #[arg(long = "in_channels", default_value_t = 1)]
+    pub in_channels: usize,
+    #[arg(long = "num_classes", default_value_t = 3)]
+    pub num_classes: usize,
+    #[arg(long = "iters", default_value_t = 20)]
+    pub iters: usize,
+    #[arg(long = "warmup", default_value_t = 5)]
+    pub warmup: usize,
+    /// cpu, cuda or cuda:N.
+    #[arg(long = "device", default_value = "cpu")]
+    pub device: String,
+    /// Print one JSON line instead of text.
+    #[arg(long = "json")]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -243,6 +281,68 @@ pub struct TrainArgs {
     /// configuration `CONFIG__PRESET` is written into the plans and trained instead.
     #[arg(long = "gpu_memory_target", value_name = "GB")]
     pub gpu_memory_target: Option<f64>,
+    /// Growable networks (`-tr growable_unet`): grow the --grow-layers after every N epochs.
+    #[arg(long = "grow-every", value_name = "N")]
+    pub grow_every: Option<usize>,
+    /// Grow when the validation loss has not improved for P epochs.
+    #[arg(long = "grow-on-plateau", value_name = "P")]
+    pub grow_on_plateau: Option<usize>,
+    /// Layers to grow: bottleneck, down_3, up_0.conv2, ... (default: bottleneck).
+    #[arg(long = "grow-layers", num_args = 1..)]
+    pub grow_layers: Vec<String>,
+    /// Per-epoch growth schedule: EPOCH:LAYER entries, e.g. 10:bottleneck 20:down_3.
+    #[arg(long = "grow-schedule", num_args = 1..)]
+    pub grow_schedule: Vec<String>,
+    /// split, sample_select (default) or gradmax.
+    #[arg(long = "grow-method")]
+    pub grow_method: Option<String>,
+    /// Candidates scored per new filter (sample_select).
+    #[arg(long = "n-candidates")]
+    pub n_candidates: Option<usize>,
+    /// Filters added per grown conv and growth.
+    #[arg(long = "grow-n-new")]
+    pub grow_n_new: Option<usize>,
+    /// Asymmetry of the halved outgoing weights (split).
+    #[arg(long = "split-noise")]
+    pub split_noise: Option<f64>,
+}
+
+impl TrainArgs {
+    /// The growth flags as (flag, values) pairs for `GrowthOptions::apply_cli`.
+    pub fn growth_flags(&self) -> Vec<(&'static str, Vec<String>)> {
+        let one = |v: Option<String>| v.map(|x| vec![x]);
+        let mut out = vec![];
+        for (flag, vals) in [
+            ("--grow-every", one(self.grow_every.map(|v| v.to_string()))),
+            (
+                "--grow-on-plateau",
+                one(self.grow_on_plateau.map(|v| v.to_string())),
+            ),
+            (
+                "--grow-layers",
+                (!self.grow_layers.is_empty()).then(|| self.grow_layers.clone()),
+            ),
+            (
+                "--grow-schedule",
+                (!self.grow_schedule.is_empty()).then(|| self.grow_schedule.clone()),
+            ),
+            ("--grow-method", one(self.grow_method.clone())),
+            (
+                "--n-candidates",
+                one(self.n_candidates.map(|v| v.to_string())),
+            ),
+            ("--grow-n-new", one(self.grow_n_new.map(|v| v.to_string()))),
+            (
+                "--split-noise",
+                one(self.split_noise.map(|v| v.to_string())),
+            ),
+        ] {
+            if let Some(v) = vals {
+                out.push((flag, v));
+            }
+        }
+        out
+    }
 }
 
 #[derive(Args, Debug)]

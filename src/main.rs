@@ -95,6 +95,7 @@ fn run(cli: Cli) -> Result<()> {
             );
         }
         Command::ShowNetwork(a) => show_network(&paths, &a)?,
+        Command::BenchTrain(a) => bench_train(&a)?,
         Command::PlotOverlayPngs(a) => {
             let id = datasets::parse_dataset_id(&a.dataset)?;
             let ds = open_raw(&paths, id)?;
@@ -256,6 +257,9 @@ fn train(paths: &NnUnetPaths, a: &cli::TrainArgs) -> Result<()> {
     }
     if let Some(n) = a.num_val_iterations_per_epoch {
         config.num_val_iterations_per_epoch = n;
+    }
+    for (flag, values) in a.growth_flags() {
+        config.growth.apply_cli(flag, &values)?;
     }
     let device = pick_device(&a.device)?;
     let plans_path = folder.join(format!("{}.json", a.plans));
@@ -484,6 +488,61 @@ fn fit_preset(
         }
     }
     Ok(Some(fitted_name))
+}
+
+fn parse_stages(s: &str, what: &str) -> Result<Vec<Vec<usize>>> {
+    s.split(';')
+        .map(|st| {
+            st.split(',')
+                .map(|v| {
+                    v.trim()
+                        .parse::<usize>()
+                        .with_context(|| format!("{what} `{s}`: `{v}` is not a number"))
+                })
+                .collect()
+        })
+        .collect()
+}
+
+fn bench_train(a: &cli::BenchTrainArgs) -> Result<()> {
+    let mut o = trainer::bench::BenchTrainOptions::preset(&a.config).unwrap_or_else(|| {
+        let mut o =
+            trainer::bench::BenchTrainOptions::preset("3d_fullres").expect("built-in preset");
+        o.config = a.config.clone();
+        o
+    });
+    if let Some(p) = &a.patch {
+        o.patch = p.clone();
+    }
+    if let Some(b) = a.batch_size {
+        o.batch_size = b;
+    }
+    if let Some(f) = &a.features {
+        o.features = f.clone();
+    }
+    if let Some(s) = &a.strides {
+        o.strides = Some(parse_stages(s, "--strides")?);
+    }
+    if let Some(k) = &a.kernels {
+        o.kernels = Some(parse_stages(k, "--kernels")?);
+    }
+    o.in_channels = a.in_channels;
+    o.num_classes = a.num_classes;
+    o.iters = a.iters;
+    o.warmup = a.warmup;
+    let device = pick_device(&a.device)?;
+    let r = trainer::bench::bench_train(&o, &device)
+        .with_context(|| format!("bench_train {}", a.config))?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!(
+            "{} on {}: patch {:?} batch {} features {:?}, {} params: {:.3} s/step (median of {}; min {:.3}; fwd {:.3}, bwd {:.3}, clip+step {:.3}), loss {:.4}",
+            r.config, r.device, r.patch, r.batch_size, r.features, r.params,
+            r.step_s_median, r.iters, r.step_s_min, r.fwd_s, r.bwd_s, r.opt_s, r.loss
+        );
+    }
+    Ok(())
 }
 
 fn show_network(paths: &NnUnetPaths, a: &cli::ShowNetworkArgs) -> Result<()> {

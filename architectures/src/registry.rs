@@ -412,7 +412,27 @@ mod tests {
         for a in crate::unet::default_architectures() {
             empty.register(a).unwrap();
         }
-        assert_eq!(empty.known_names(), Registry::default().known_names());
+        // the default registry starts with nnU-Net's networks, then the other families
+        let all = Registry::default().known_names();
+        assert_eq!(empty.known_names()[..], all[..empty.known_names().len()]);
+        for n in [
+            "kiunet",
+            "uiunet",
+            "runext",
+            "convunext",
+            "preact_resunet",
+            "growable_unet",
+        ] {
+            assert!(all.contains(&n.to_string()), "{n} not registered");
+        }
+        // every preset belongs to a registered architecture and has a unique name
+        let presets = Registry::default().presets();
+        let mut names: Vec<&str> = presets.iter().map(|(_, p)| p.name.as_str()).collect();
+        assert!(names.contains(&"kiunet_minimal") && names.contains(&"convunext_xlarge"));
+        let n = names.len();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), n, "duplicate preset names");
     }
 
     #[test]

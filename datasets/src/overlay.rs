@@ -146,7 +146,11 @@ pub fn plot_case(case: &RawCase, out: &Path, slice: SliceChoice) -> Result<PathB
                         .count()
                 })
                 .collect();
-            match counts.iter().enumerate().max_by_key(|(i, &c)| (c, usize::MAX - i)) {
+            match counts
+                .iter()
+                .enumerate()
+                .max_by_key(|(i, &c)| (c, usize::MAX - i))
+            {
                 Some((i, &c)) if c > 0 => i,
                 _ => nz / 2,
             }
@@ -207,7 +211,10 @@ mod tests {
         assert!(is(1, 1, label_color(1)) && is(4, 3, label_color(1)));
         for (y, x) in [(2, 2), (2, 3), (3, 2), (3, 3), (0, 0), (5, 5)] {
             let g = rgb[[y, x, 0]];
-            assert!(rgb[[y, x, 1]] == g && rgb[[y, x, 2]] == g, "({y},{x}) not grey");
+            assert!(
+                rgb[[y, x, 1]] == g && rgb[[y, x, 2]] == g,
+                "({y},{x}) not grey"
+            );
         }
         assert!(is(0, 6, label_color(2)));
         // the intensity window spans 0..255

@@ -108,7 +108,11 @@ fn kwargs_for_topology(
     kw.insert("n_stages".into(), json!(n));
     kw.insert("kernel_sizes".into(), json!(props.conv_kernel_sizes));
     kw.insert("strides".into(), json!(props.pool_op_kernel_sizes));
-    for key in ["features_per_stage", "n_conv_per_stage", "n_blocks_per_stage"] {
+    for key in [
+        "features_per_stage",
+        "n_conv_per_stage",
+        "n_blocks_per_stage",
+    ] {
         if let Some(v) = resize_list(base.get(key), n) {
             kw.insert(key.into(), v);
         }
@@ -126,7 +130,10 @@ fn kwargs_for_topology(
 /// that is largest relative to the median image shrinks by its divisibility step, the
 /// topology is recomputed for the new patch (as the planner does), and the batch size is
 /// then taken from the remaining headroom, at least 2 and at most the original batch size.
-pub fn fit_network(registry: &Registry, req: &FitRequest) -> Result<FittedConfiguration, PlannerError> {
+pub fn fit_network(
+    registry: &Registry,
+    req: &FitRequest,
+) -> Result<FittedConfiguration, PlannerError> {
     let cfg = req.configuration;
     let name = req.configuration_name;
     let dim = cfg.patch_size.len();
@@ -152,7 +159,9 @@ pub fn fit_network(registry: &Registry, req: &FitRequest) -> Result<FittedConfig
         ..req.io
     };
     let estimate_for = |spec: &ArchitectureSpec, patch: &[usize]| -> Result<u64, PlannerError> {
-        let est = registry.estimate(spec, &io).map_err(|e| arch_err(name, e))?;
+        let est = registry
+            .estimate(spec, &io)
+            .map_err(|e| arch_err(name, e))?;
         Ok(est.conv_feature_map_size(patch))
     };
     let estimate_original = estimate_for(req.network, &cfg.patch_size)?;
@@ -178,7 +187,8 @@ pub fn fit_network(registry: &Registry, req: &FitRequest) -> Result<FittedConfig
     };
     let min_fm = c.featuremap_min_edge_length;
     let patch_f = |p: &[usize]| p.iter().map(|&v| v as f64).collect::<Vec<f64>>();
-    let mut props = get_pool_and_conv_props(spacing, &patch_f(&cfg.patch_size), min_fm, MAX_NUMPOOL);
+    let mut props =
+        get_pool_and_conv_props(spacing, &patch_f(&cfg.patch_size), min_fm, MAX_NUMPOOL);
     let with_topology = |props: &crate::topology::PoolAndConvProps| {
         let plan_kw = kwargs_for_topology(&cfg.architecture.arch_kwargs, props);
         let mut net_kw = plan_kw.clone();
@@ -332,8 +342,11 @@ mod tests {
     fn plain_network_fits_its_own_plan() {
         let cfg = demo_cfg();
         let none = Map::new();
-        let r = fit_network(&Registry::default(), &request(&cfg, &cfg.architecture, &none, 8.0))
-            .unwrap();
+        let r = fit_network(
+            &Registry::default(),
+            &request(&cfg, &cfg.architecture, &none, 8.0),
+        )
+        .unwrap();
         assert!(r.fits_as_is);
         assert_eq!(r.patch_size, cfg.patch_size);
         assert!(r.estimate_original as f64 <= r.reference);
@@ -359,7 +372,10 @@ mod tests {
         let strides: Vec<Vec<usize>> = serde_json::from_value(kw["strides"].clone()).unwrap();
         assert_eq!(strides.len(), n);
         assert_eq!(kw["features_per_stage"].as_array().unwrap().len(), n);
-        assert_eq!(kw["n_conv_per_stage_decoder"].as_array().unwrap().len(), n - 1);
+        assert_eq!(
+            kw["n_conv_per_stage_decoder"].as_array().unwrap().len(),
+            n - 1
+        );
         for ax in 0..3 {
             let prod: usize = strides.iter().map(|s| s[ax]).product();
             assert_eq!(r.patch_size[ax] % prod, 0, "axis {ax}: {:?}", r.patch_size);
@@ -403,13 +419,19 @@ mod tests {
     fn impossible_budget_is_an_error_not_a_loop() {
         let cfg = demo_cfg();
         let none = Map::new();
-        let e = fit_network(&Registry::default(), &request(&cfg, &cfg.architecture, &none, 1e-6))
-            .unwrap_err()
-            .to_string();
+        let e = fit_network(
+            &Registry::default(),
+            &request(&cfg, &cfg.architecture, &none, 1e-6),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("cannot fit"), "{e}");
-        let e = fit_network(&Registry::default(), &request(&cfg, &cfg.architecture, &none, -1.0))
-            .unwrap_err()
-            .to_string();
+        let e = fit_network(
+            &Registry::default(),
+            &request(&cfg, &cfg.architecture, &none, -1.0),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("-gpu_memory_target"), "{e}");
     }
 }

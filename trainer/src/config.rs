@@ -49,6 +49,8 @@ pub struct TrainerConfig {
     /// Weight of the BCE loss of a network's image-level classification head (RUNext),
     /// added to the segmentation loss. Networks without such a head ignore it.
     pub class_loss_weight: f64,
+    /// Growing the network while it trains (`growable_unet`); off unless a schedule is set.
+    pub growth: crate::growth::GrowthOptions,
     /// Seed of the network initialisation and of the data loader. nnU-Net does not seed;
     /// nnseg runs are reproducible.
     pub seed: u64,
@@ -76,6 +78,7 @@ impl Default for TrainerConfig {
             network_override: None,
             network_kwargs: serde_json::Map::new(),
             class_loss_weight: 1.0,
+            growth: crate::growth::GrowthOptions::default(),
             seed: 12345,
             num_workers: None,
         }

@@ -4,6 +4,7 @@
 //! - [`train::train`]: the epoch loop writing nnU-Net's results layout;
 //! - [`checkpoint`], [`logging`], [`progress`]: checkpoints, training log, `progress.png`.
 
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod data;

@@ -218,14 +218,25 @@ mod tests {
             network_override: Some("KiUNet".into()),
             ..Default::default()
         };
-        p.register("kiunet_minimal", kiunet.clone()).unwrap();
-        assert_eq!(p.get("kiunet_minimal").unwrap(), kiunet);
+        p.register("my_kiunet", kiunet.clone()).unwrap();
+        assert_eq!(p.get("my_kiunet").unwrap(), kiunet);
         assert_eq!(
-            p.register("kiunet_minimal", kiunet),
-            Err(PresetError::Duplicate("kiunet_minimal".into()))
+            p.register("my_kiunet", kiunet),
+            Err(PresetError::Duplicate("my_kiunet".into()))
         );
         // the default table is a value: unaffected
-        assert!(Presets::default().get("kiunet_minimal").is_err());
+        assert!(Presets::default().get("my_kiunet").is_err());
+        // the architecture presets are in the default table, with their network and kwargs
+        let k = Presets::default().get("kiunet_minimal").unwrap();
+        assert_eq!(
+            k.network_override.as_deref(),
+            Some("nnseg.architectures.KiUNet")
+        );
+        assert_eq!(
+            k.network_kwargs.get("feature_scale"),
+            Some(&serde_json::json!(0.5))
+        );
+        assert_eq!(k.num_epochs, 1000);
         assert!(Presets::empty().names().is_empty());
     }
 }

@@ -313,7 +313,12 @@ pub fn center_crop(sample: &mut Sample, out: [usize; 3]) {
     sample.data = preprocessing::storage::crop_and_pad(sample.data.view(), lower, out, 0.0);
     sample.seg = preprocessing::storage::crop_and_pad(sample.seg.view(), lower, out, -1);
     if let Some(p) = &sample.prev {
-        sample.prev = Some(preprocessing::storage::crop_and_pad(p.view(), lower, out, 0.0));
+        sample.prev = Some(preprocessing::storage::crop_and_pad(
+            p.view(),
+            lower,
+            out,
+            0.0,
+        ));
     }
 }
 

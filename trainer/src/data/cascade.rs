@@ -111,8 +111,8 @@ fn edt_line(f: &mut [f32], v: &mut [usize], z: &mut [f32], d: &mut [f32]) {
         };
         loop {
             let p = v[kk];
-            let s = ((f[q] + (q * q) as f32) - (f[p] + (p * p) as f32))
-                / (2.0 * (q as f32 - p as f32));
+            let s =
+                ((f[q] + (q * q) as f32) - (f[p] + (p * p) as f32)) / (2.0 * (q as f32 - p as f32));
             // z[0] is -inf, so this never steps below the first parabola
             if s <= z[kk] {
                 kk -= 1;
@@ -252,7 +252,10 @@ pub fn binary_op(mask: &[bool], shape: [usize; 3], op: BinaryOp, r: f32) -> Vec<
 }
 
 fn channel_mask(prev: &Array4<f32>, c: usize) -> Vec<bool> {
-    prev.index_axis(Axis(0), c).iter().map(|&v| v > 0.5).collect()
+    prev.index_axis(Axis(0), c)
+        .iter()
+        .map(|&v| v > 0.5)
+        .collect()
 }
 
 fn spatial(prev: &Array4<f32>) -> [usize; 3] {
@@ -412,8 +415,8 @@ mod tests {
             vec![0., 1., 0., 0., 0., 1., 0., 0., 1., 0., 1., 0.]
         );
         // interpolated weights: background wins at 0.5/0.3/0.2 → argmax
-        let mut w = Array4::from_shape_vec((2, 1, 1, 3), vec![0.3f32, 0.6, 0.1, 0.2, 0.3, 0.8])
-            .unwrap();
+        let mut w =
+            Array4::from_shape_vec((2, 1, 1, 3), vec![0.3f32, 0.6, 0.1, 0.2, 0.3, 0.8]).unwrap();
         rebinarize(&mut w);
         assert_eq!(
             w.iter().copied().collect::<Vec<_>>(),
@@ -430,7 +433,8 @@ mod tests {
         let mut prev = Array4::<f32>::zeros((2, 8, 16, 16));
         // label 1: a big block, label 2: two small blobs
         prev.slice_mut(ndarray::s![0, 2..6, 2..10, 2..10]).fill(1.0);
-        prev.slice_mut(ndarray::s![1, 1..3, 12..14, 12..14]).fill(1.0);
+        prev.slice_mut(ndarray::s![1, 1..3, 12..14, 12..14])
+            .fill(1.0);
         prev.slice_mut(ndarray::s![1, 5..7, 12..14, 1..3]).fill(1.0);
         let orig = prev.clone();
         for _ in 0..20 {

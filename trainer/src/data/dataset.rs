@@ -103,7 +103,10 @@ impl PreprocessedDataset {
                     });
                 }
                 let seg = MappedSeg::open(&path).map_err(storage)?;
-                let (a, b) = (seg.view().map_err(storage)?.shape().to_vec(), mapped.shape().map_err(storage)?);
+                let (a, b) = (
+                    seg.view().map_err(storage)?.shape().to_vec(),
+                    mapped.shape().map_err(storage)?,
+                );
                 if a[0] != 1 || a[1..] != b[..] {
                     return Err(DataError::BadCase {
                         case: case.to_string(),

@@ -603,7 +603,11 @@ pub fn predict_from_raw_folder(req: &PredictRequest) -> Result<PredictReport, Pr
                                 "{}: the previous stage's prediction of this case is missing \
                                  (predict it with -c {} first)",
                                 f.display(),
-                                predictor.configuration.previous_stage.clone().unwrap_or_default()
+                                predictor
+                                    .configuration
+                                    .previous_stage
+                                    .clone()
+                                    .unwrap_or_default()
                             )));
                         }
                         Some(f)
@@ -613,7 +617,11 @@ pub fn predict_from_raw_folder(req: &PredictRequest) -> Result<PredictReport, Pr
                             "configuration `{}` is a cascade stage: pass the `{}` predictions \
                              of the same cases with -prev_stage_predictions FOLDER",
                             predictor.configuration_name,
-                            predictor.configuration.previous_stage.clone().unwrap_or_default()
+                            predictor
+                                .configuration
+                                .previous_stage
+                                .clone()
+                                .unwrap_or_default()
                         )))
                     }
                 };
@@ -730,8 +738,8 @@ fn export_next_stage(
     case: &str,
     next: &NextStageExport,
 ) -> Result<(), PredictError> {
-    let target = preprocessing::storage::MappedCase::open(&next.preprocessed_data_folder, case)?
-        .shape()?;
+    let target =
+        preprocessing::storage::MappedCase::open(&next.preprocessed_data_folder, case)?.shape()?;
     let to3 = |v: &[f64]| -> Result<[f64; 3], PredictError> {
         match v {
             [a, b, c] => Ok([*a, *b, *c]),

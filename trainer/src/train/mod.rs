@@ -420,8 +420,27 @@ pub fn train(req: &TrainRequest) -> Result<TrainSummary, TrainError> {
     let log_path = log.path().to_path_buf();
     let mut say = |m: &str| log.log(m).map_err(io_err(&log_path));
 
+    // a resumed growable network is rebuilt with the widths its checkpoint recorded
+    let resume = if req.continue_training {
+        match find_resume_checkpoint(&fold_folder) {
+            Some((kind, path)) => Some((kind, Checkpoint::load(&path, device)?, path)),
+            None => None,
+        }
+    } else {
+        None
+    };
+    let mut setup = setup;
+    if let Some((_, ck, _)) = &resume {
+        if let Some(g) = ck.meta.network.arch_kwargs.get(GROWN_WIDTHS) {
+            setup
+                .spec
+                .arch_kwargs
+                .insert(GROWN_WIDTHS.into(), g.clone());
+        }
+    }
+
     // network, optimizer, loss
-    let (varmap, network) =
+    let (varmap, mut network) =
         req.registry
             .build_initialized(&setup.spec, &setup.io, cfgt.seed, device)?;
     let vars = trainable_vars(&varmap);
@@ -435,8 +454,21 @@ pub fn train(req: &TrainRequest) -> Result<TrainSummary, TrainError> {
             nesterov: true,
         },
     );
-    let clip_vars: Vec<Var> = vars.iter().map(|(_, v)| v.clone()).collect();
-    let mut setup = setup;
+    let mut clip_vars: Vec<Var> = vars.iter().map(|(_, v)| v.clone()).collect();
+    let growth = if cfgt.growth.enabled() {
+        if network.as_growable().is_none() {
+            return Err(TrainError::Setup(format!(
+                "growth options are set but network {} cannot grow (use -tr growable_unet)",
+                setup.spec.network_class_name
+            )));
+        }
+        Some(
+            crate::growth::GrowthSchedule::new(cfgt.growth.clone())
+                .map_err(|e| TrainError::Setup(e.to_string()))?,
+        )
+    } else {
+        None
+    };
     if setup.io.deep_supervision {
         // Networks other than nnU-Net's may have fewer decoder resolutions than the plan has
         // strides: train on the first k deep-supervision scales (one probe forward pass).
@@ -461,7 +493,7 @@ pub fn train(req: &TrainRequest) -> Result<TrainSummary, TrainError> {
         "dataset_json": setup.ds_json.to_json(),
         "device": format!("{:?}", device.location()),
     });
-    let network_meta = NetworkMeta {
+    let mut network_meta = NetworkMeta {
         network_class_name: setup.spec.network_class_name.clone(),
         arch_kwargs: setup.spec.arch_kwargs.clone(),
         input_channels: setup.io.in_channels,
@@ -474,9 +506,8 @@ pub fn train(req: &TrainRequest) -> Result<TrainSummary, TrainError> {
     let mut best_ema: Option<f64> = None;
     let mut start_epoch = 0usize;
     if req.continue_training {
-        match find_resume_checkpoint(&fold_folder) {
-            Some((kind, path)) => {
-                let ck = Checkpoint::load(&path, device)?;
+        match resume {
+            Some((kind, ck, path)) => {
                 if ck.meta.network != network_meta {
                     return Err(TrainError::Resume {
                         path,
@@ -560,6 +591,10 @@ pub fn train(req: &TrainRequest) -> Result<TrainSummary, TrainError> {
         augmentation: Some(aug),
         use_mask_for_norm: setup.cfg.use_mask_for_norm.clone(),
     };
+    let growth_batch_opts = data::LoaderOptions {
+        augment: false,
+        ..train_opts.clone()
+    };
     let val_opts = data::LoaderOptions {
         seed: loader_seed ^ 0x5555_5555,
         first_batch: val_first_batch,
@@ -574,8 +609,12 @@ pub fn train(req: &TrainRequest) -> Result<TrainSummary, TrainError> {
         train_opts,
         setup.labels.clone(),
     )?;
-    let mut val_loader =
-        data::BackgroundLoader::new(dataset, split.val.clone(), val_opts, setup.labels.clone())?;
+    let mut val_loader = data::BackgroundLoader::new(
+        dataset.clone(),
+        split.val.clone(),
+        val_opts,
+        setup.labels.clone(),
+    )?;
 
     // debug.json (nnU-Net dumps the trainer's attributes)
     let debug = json!({
@@ -605,7 +644,10 @@ pub fn train(req: &TrainRequest) -> Result<TrainSummary, TrainError> {
     });
     plans::io::write_json_atomic(&fold_folder.join("debug.json"), &debug)?;
 
-    let make_meta = |epoch: usize, logging: &TrainingLog, best: Option<f64>| CheckpointMeta {
+    let make_meta = |epoch: usize,
+                     logging: &TrainingLog,
+                     best: Option<f64>,
+                     network_meta: &NetworkMeta| CheckpointMeta {
         format: CHECKPOINT_FORMAT.into(),
         trainer_name: req.trainer_name.clone(),
         current_epoch: epoch,
@@ -620,10 +662,11 @@ pub fn train(req: &TrainRequest) -> Result<TrainSummary, TrainError> {
                 epoch: usize,
                 logging: &TrainingLog,
                 best: Option<f64>,
-                optimizer: &SgdNesterov|
+                optimizer: &SgdNesterov,
+                network_meta: &NetworkMeta|
      -> Result<(), TrainError> {
         let ck = Checkpoint {
-            meta: make_meta(epoch, logging, best),
+            meta: make_meta(epoch, logging, best, network_meta),
             network_weights: network_weights(&varmap),
             optimizer_state: optimizer.state(),
         };
@@ -790,16 +833,67 @@ pub fn train(req: &TrainRequest) -> Result<TrainSummary, TrainError> {
             epoch_step / n_it
         ))?;
         let done = epoch + 1;
+        // growth happens at the end of an epoch, before its checkpoints, so every checkpoint
+        // records the widths its weights have
+        let due = growth
+            .as_ref()
+            .map(|g| g.due(epoch, &logging.val_losses))
+            .unwrap_or_default();
+        if !due.is_empty() {
+            // a fixed batch built outside the loaders' streams keeps resume bit-exact
+            let batch = data::build_batch(
+                &dataset,
+                &split.train,
+                &growth_batch_opts,
+                None,
+                &setup.labels,
+                u64::MAX - epoch as u64,
+            )?;
+            let (gx, gt) = to_tensors(batch, device)?;
+            let mut loss_fn = |n: &dyn architectures::registry::SegNetwork| {
+                let out = n.forward(&gx, true)?;
+                ds_loss.loss_ds(&out, &gt)
+            };
+            let report = crate::growth::apply_growth(
+                network.as_mut(),
+                &varmap,
+                &mut optimizer,
+                &due,
+                &cfgt.growth,
+                cfgt.seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9),
+                &mut loss_fn,
+            )
+            .map_err(|e| TrainError::Setup(format!("epoch {epoch}: {e}")))?;
+            for (k, v) in &report.grown_kwargs {
+                network_meta.arch_kwargs.insert(k.clone(), v.clone());
+            }
+            clip_vars = optimizer.vars().iter().map(|(_, v)| v.clone()).collect();
+            say(&report.log_line())?;
+        }
         if ema.is_finite() && best_ema.is_none_or(|b| ema > b) {
             best_ema = Some(ema);
             say(&format!(
                 "Yayy! New best EMA pseudo Dice: {}",
                 py_float(round4(ema))
             ))?;
-            save(CheckpointKind::Best, done, &logging, best_ema, &optimizer)?;
+            save(
+                CheckpointKind::Best,
+                done,
+                &logging,
+                best_ema,
+                &optimizer,
+                &network_meta,
+            )?;
         }
         if done % cfgt.save_every == 0 && done != cfgt.num_epochs {
-            save(CheckpointKind::Latest, done, &logging, best_ema, &optimizer)?;
+            save(
+                CheckpointKind::Latest,
+                done,
+                &logging,
+                best_ema,
+                &optimizer,
+                &network_meta,
+            )?;
         }
         plot_progress(&logging, &fold_folder.join("progress.png"))?;
     }
@@ -813,6 +907,7 @@ pub fn train(req: &TrainRequest) -> Result<TrainSummary, TrainError> {
         &logging,
         best_ema,
         &optimizer,
+        &network_meta,
     )?;
     let latest = fold_folder.join(CheckpointKind::Latest.file_name());
     if latest.is_file() {
@@ -930,6 +1025,9 @@ fn validation_only(req: &TrainRequest) -> Result<TrainSummary, TrainError> {
         train_iterations: 0,
     })
 }
+
+/// `arch_kwargs` key of a grown network's widths (see `architectures::growable`).
+const GROWN_WIDTHS: &str = "grown_widths";
 
 /// Number of outputs the network returns in training mode (deep supervision on), from one
 /// forward pass of a zero batch of one patch without gradients.

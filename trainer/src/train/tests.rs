@@ -514,7 +514,10 @@ fn validation_only_redoes_the_final_validation() {
     // --val before any training: a clear error naming the missing checkpoint
     req.validation_only = true;
     let e = train(&req).unwrap_err().to_string();
-    assert!(e.contains("checkpoint_final") && e.contains("does not exist"), "{e}");
+    assert!(
+        e.contains("checkpoint_final") && e.contains("does not exist"),
+        "{e}"
+    );
     req.validation_only = false;
     let s = train(&req).unwrap();
     let val = s.fold_folder.join("validation");
@@ -551,8 +554,12 @@ fn class_presence_targets_follow_the_labels_in_the_patch() {
         ignore_label: None,
     };
     // sample 0 contains label 2 only, sample 1 contains label 1 only
-    let t = Tensor::from_vec(vec![0f32, 2., 0., 0., 1., 0., 1., 0.], (2, 1, 2, 2), &Device::Cpu)
-        .unwrap();
+    let t = Tensor::from_vec(
+        vec![0f32, 2., 0., 0., 1., 0., 1., 0.],
+        (2, 1, 2, 2),
+        &Device::Cpu,
+    )
+    .unwrap();
     let right = Tensor::from_vec(vec![-20f32, 20., 20., -20.], (2, 2), &Device::Cpu).unwrap();
     let wrong = right.neg().unwrap();
     let l_right = class_presence_loss(&right, &t, &labels, 2)
@@ -565,6 +572,51 @@ fn class_presence_targets_follow_the_labels_in_the_patch() {
         .unwrap();
     assert!(l_right < 1e-6, "{l_right}");
     assert!((l_wrong - 20.0).abs() < 1e-3, "{l_wrong}");
-    let e = class_presence_loss(&right, &t, &labels, 3).unwrap_err().to_string();
+    let e = class_presence_loss(&right, &t, &labels, 3)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("3 foreground"), "{e}");
+}
+
+/// Every architecture preset of the issues trains on the tiny 2D data: the loss of the last
+/// epoch is below the first's.
+#[test]
+fn architecture_presets_train_with_falling_loss() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pre = make_dataset(tmp.path());
+    let presets = crate::presets::Presets::default();
+    for name in [
+        "kiunet",
+        "kiunet_minimal",
+        "kiunet_large",
+        "uiunet",
+        "uiunet_minimal",
+        "runext",
+        "convunext_tiny",
+        "preact_resunet",
+        "growable_unet",
+    ] {
+        let mut r = request(tmp.path(), &pre, 4);
+        r.trainer_name = name.into();
+        let base = r.config.clone();
+        let p = presets.get(name).unwrap();
+        assert!(p.network_override.is_some(), "{name}");
+        r.config = TrainerConfig {
+            network_override: p.network_override,
+            network_kwargs: p.network_kwargs,
+            ..base
+        };
+        r.config.num_iterations_per_epoch = 5;
+        r.config.num_val_iterations_per_epoch = 1;
+        r.config.save_every = 1000;
+        let t0 = std::time::Instant::now();
+        let s = train(&r).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let l = &s.logging.train_losses;
+        eprintln!(
+            "{name}: train losses {l:?} ({:.1} s)",
+            t0.elapsed().as_secs_f64()
+        );
+        assert!(l.iter().all(|v| v.is_finite()), "{name}: {l:?}");
+        assert!(l[l.len() - 1] < l[0], "{name}: loss did not fall: {l:?}");
+    }
 }

@@ -1,0 +1,238 @@
+//! `nnseg bench_train`: seconds per training step (forward, deep-supervision DC+CE loss,
+//! backward, gradient clipping, SGD Nesterov) of a PlainConvUNet at a given plan, on random
+//! data — the number to compare with PyTorch nnU-Net on the same device
+//! (`scripts/bench_gpu.sh`, `scripts/bench_train_cpu.sh`).
+
+use crate::loss::{deep_supervision_weights, DcAndCeLoss, DeepSupervisionLoss, LossOptions};
+use crate::optim::{clip_grad_norm, SgdNesterov, SgdOptions};
+use architectures::registry::{NetworkIo, Registry};
+use candle_core::{DType, Device, Tensor, Var};
+use serde::Serialize;
+use serde_json::json;
+use std::time::Instant;
+
+/// What to time.
+#[derive(Debug, Clone)]
+pub struct BenchTrainOptions {
+    /// Name in the report (`3d_fullres`, `2d`, `demo_3d`, ...).
+    pub config: String,
+    pub patch: Vec<usize>,
+    pub batch_size: usize,
+    pub features: Vec<usize>,
+    /// Per-stage strides (`None`: 1 then 2 on every axis, nnU-Net's isotropic plan).
+    pub strides: Option<Vec<Vec<usize>>>,
+    /// Per-stage kernels (`None`: 3 everywhere).
+    pub kernels: Option<Vec<Vec<usize>>>,
+    pub in_channels: usize,
+    pub num_classes: usize,
+    pub iters: usize,
+    pub warmup: usize,
+    pub seed: u64,
+}
+
+impl BenchTrainOptions {
+    /// nnU-Net's typical plans: `3d_fullres` (patch 128³, batch 2, [32..320]) and `2d`
+    /// (512², batch 12, 7 stages to 512).
+    pub fn preset(config: &str) -> Option<Self> {
+        let (patch, batch_size, features) = match config {
+            "3d_fullres" => (vec![128, 128, 128], 2, vec![32, 64, 128, 256, 320, 320]),
+            "2d" => (vec![512, 512], 12, vec![32, 64, 128, 256, 512, 512, 512]),
+            _ => return None,
+        };
+        Some(BenchTrainOptions {
+            config: config.into(),
+            patch,
+            batch_size,
+            features,
+            strides: None,
+            kernels: None,
+            in_channels: 1,
+            num_classes: 3,
+            iters: 20,
+            warmup: 5,
+            seed: 12345,
+        })
+    }
+}
+
+/// One benchmark result (the JSON line `bench_gpu.sh` reads).
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchTrainResult {
+    pub side: &'static str,
+    pub config: String,
+    pub device: String,
+    pub patch: Vec<usize>,
+    pub batch_size: usize,
+    pub features: Vec<usize>,
+    pub params: usize,
+    pub iters: usize,
+    pub step_s_median: f64,
+    pub step_s_min: f64,
+    pub iters_per_s: f64,
+    pub fwd_s: f64,
+    pub bwd_s: f64,
+    pub opt_s: f64,
+    pub loss: f64,
+}
+
+fn sync(d: &Device) -> candle_core::Result<()> {
+    d.synchronize()
+}
+
+/// Builds the network and times `iters` steps after `warmup` untimed ones.
+pub fn bench_train(
+    o: &BenchTrainOptions,
+    device: &Device,
+) -> candle_core::Result<BenchTrainResult> {
+    let dim = o.patch.len();
+    let n = o.features.len();
+    if !(dim == 2 || dim == 3) || n < 2 || o.batch_size == 0 || o.iters == 0 {
+        candle_core::bail!(
+            "bench_train: need a 2D/3D patch, at least 2 stages, batch ≥ 1 and iters ≥ 1"
+        );
+    }
+    let strides = o.strides.clone().unwrap_or_else(|| {
+        (0..n)
+            .map(|s| vec![if s == 0 { 1 } else { 2 }; dim])
+            .collect()
+    });
+    let kernels = o.kernels.clone().unwrap_or_else(|| vec![vec![3; dim]; n]);
+    let conv = if dim == 3 { "Conv3d" } else { "Conv2d" };
+    let norm = if dim == 3 {
+        "InstanceNorm3d"
+    } else {
+        "InstanceNorm2d"
+    };
+    let spec = plans::ArchitectureSpec {
+        network_class_name: "PlainConvUNet".into(),
+        arch_kwargs: json!({
+            "n_stages": n, "features_per_stage": o.features, "conv_op": format!("torch.nn.modules.conv.{conv}"),
+            "kernel_sizes": kernels, "strides": strides, "n_conv_per_stage": vec![2; n],
+            "n_conv_per_stage_decoder": vec![2; n - 1], "conv_bias": true,
+            "norm_op": format!("torch.nn.modules.instancenorm.{norm}"),
+            "norm_op_kwargs": {"eps": 1e-5, "affine": true}, "dropout_op": null, "dropout_op_kwargs": null,
+            "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": true}
+        })
+        .as_object()
+        .cloned()
+        .unwrap_or_default(),
+        kw_requires_import: vec![],
+    };
+    let io = NetworkIo {
+        in_channels: o.in_channels,
+        num_classes: o.num_classes,
+        deep_supervision: true,
+    };
+    let (varmap, net) = Registry::default()
+        .build_initialized(&spec, &io, o.seed, device)
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    let vars: Vec<(String, Var)> = {
+        let data = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<_> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    };
+    let params: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
+    let clip: Vec<Var> = vars.iter().map(|(_, v)| v.clone()).collect();
+    let mut opt = SgdNesterov::new(
+        vars,
+        SgdOptions {
+            lr: 1e-2,
+            momentum: 0.99,
+            weight_decay: 3e-5,
+            nesterov: true,
+        },
+    );
+    let mut xs = vec![o.batch_size, o.in_channels];
+    xs.extend(&o.patch);
+    let x = Tensor::randn(0f32, 1.0, xs, device)?;
+    // random labels at every deep-supervision resolution
+    let mut targets = vec![];
+    let mut size = o.patch.clone();
+    for s in strides.iter().take(n - 1) {
+        for (a, st) in size.iter_mut().zip(s) {
+            *a /= st;
+        }
+        let mut ts = vec![o.batch_size, 1];
+        ts.extend(&size);
+        let t = Tensor::rand(0f32, o.num_classes as f32, ts, device)?.floor()?;
+        targets.push(t);
+    }
+    let loss = DeepSupervisionLoss::new(
+        Box::new(DcAndCeLoss::new(LossOptions {
+            batch_dice: true,
+            ..LossOptions::default()
+        })),
+        deep_supervision_weights(n - 1),
+    );
+    let (mut steps, mut fwd, mut bwd, mut optt) = (vec![], 0.0, 0.0, 0.0);
+    let mut last = 0.0;
+    for it in 0..o.warmup + o.iters {
+        sync(device)?;
+        let t0 = Instant::now();
+        let out = net.forward(&x, true)?;
+        let l = loss.loss_ds(&out, &targets)?;
+        sync(device)?;
+        let t1 = Instant::now();
+        let mut g = l.backward()?;
+        sync(device)?;
+        let t2 = Instant::now();
+        clip_grad_norm(&clip, &mut g, 12.0)?;
+        opt.step(&g)?;
+        last = l.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        sync(device)?;
+        let t3 = Instant::now();
+        if it >= o.warmup {
+            steps.push((t3 - t0).as_secs_f64());
+            fwd += (t1 - t0).as_secs_f64();
+            bwd += (t2 - t1).as_secs_f64();
+            optt += (t3 - t2).as_secs_f64();
+        }
+    }
+    let k = steps.len() as f64;
+    let mut sorted = steps.clone();
+    sorted.sort_by(|a, b| a.total_cmp(b));
+    let median = sorted[sorted.len() / 2];
+    Ok(BenchTrainResult {
+        side: "nnseg",
+        config: o.config.clone(),
+        device: format!("{:?}", device.location()),
+        patch: o.patch.clone(),
+        batch_size: o.batch_size,
+        features: o.features.clone(),
+        params,
+        iters: o.iters,
+        step_s_median: median,
+        step_s_min: sorted[0],
+        iters_per_s: 1.0 / median,
+        fwd_s: fwd / k,
+        bwd_s: bwd / k,
+        opt_s: optt / k,
+        loss: last,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiny_bench_runs_and_reports() {
+        let o = BenchTrainOptions {
+            config: "tiny".into(),
+            patch: vec![16, 16],
+            batch_size: 2,
+            features: vec![4, 8],
+            iters: 2,
+            warmup: 1,
+            ..BenchTrainOptions::preset("2d").unwrap()
+        };
+        let r = bench_train(&o, &Device::Cpu).unwrap();
+        assert_eq!(r.iters, 2);
+        assert!(r.step_s_median > 0.0 && r.loss.is_finite());
+        assert!(r.fwd_s + r.bwd_s + r.opt_s <= r.step_s_median * 2.0 + 1e-3);
+        assert!(r.params > 0);
+        assert!(BenchTrainOptions::preset("3d_fullres").is_some());
+        assert!(BenchTrainOptions::preset("3d_lowres").is_none());
+    }
+}

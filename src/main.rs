@@ -445,7 +445,7 @@ fn fit_preset(
     )
     .with_context(|| format!("fitting `-tr {preset}` to configuration `{configuration}`"))?;
     let budget = format!(
-        "{:.0} GB budget: reference {:.3e} at batch {}",
+        "{} GB budget: reference {:.3e} at batch {}",
         gpu_memory_target.unwrap_or(planner_kind.constants().default_gpu_memory_target_gb),
         fit.reference,
         fit.reference_batch_size

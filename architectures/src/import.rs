@@ -163,7 +163,7 @@ pub fn match_weights(
 /// The configuration name of a model folder `{Trainer}__{Plans}__{Config}`.
 pub fn configuration_from_folder_name(folder: &Path) -> Option<String> {
     let name = folder.file_name()?.to_str()?;
-    let parts: Vec<&str> = name.split("__").collect();
+    let parts: Vec<&str> = name.splitn(3, "__").collect();
     (parts.len() == 3 && parts.iter().all(|p| !p.is_empty())).then(|| parts[2].to_string())
 }
 

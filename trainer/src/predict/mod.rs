@@ -138,7 +138,7 @@ pub fn configuration_from_model_folder(model_folder: &Path) -> Result<String, Pr
         .file_name()
         .and_then(|n| n.to_str())
         .unwrap_or_default();
-    let parts: Vec<&str> = name.split("__").collect();
+    let parts: Vec<&str> = name.splitn(3, "__").collect();
     match parts.as_slice() {
         [_, _, cfg] if !cfg.is_empty() => Ok(cfg.to_string()),
         _ => Err(PredictError::Config(format!(
@@ -808,7 +808,7 @@ pub fn prev_stage_folder(
         .file_name()
         .and_then(|n| n.to_str())
         .unwrap_or_default();
-    let parts: Vec<&str> = name.split("__").collect();
+    let parts: Vec<&str> = name.splitn(3, "__").collect();
     match (parts.as_slice(), model_folder.parent()) {
         ([trainer, plans, _], Some(parent)) => Ok(crate::data::cascade::next_stage_folder(
             &parent.join(format!("{trainer}__{plans}__{previous_stage}")),

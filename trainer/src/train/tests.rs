@@ -620,3 +620,42 @@ fn architecture_presets_train_with_falling_loss() {
         assert!(l[l.len() - 1] < l[0], "{name}: loss did not fall: {l:?}");
     }
 }
+
+/// `growable_unet` with `--grow-every 1`: the network grows after each epoch, the log says
+/// so, checkpoints record the grown widths, and `--c` rebuilds the grown network.
+#[test]
+fn growable_unet_grows_during_training_and_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pre = make_dataset(tmp.path());
+    let mut r = quick_request(tmp.path(), &pre, 2, "growable_unet");
+    let p = crate::presets::Presets::default()
+        .get("growable_unet")
+        .unwrap();
+    r.config.network_override = p.network_override;
+    r.config.network_kwargs = p.network_kwargs;
+    r.config.growth.every = Some(1);
+    r.config.growth.layers = vec!["bottleneck".into(), "up_1".into()];
+    r.config.growth.method = "split".into();
+    let s = train(&r).unwrap();
+    let log = std::fs::read_to_string(&s.log_file).unwrap();
+    assert_eq!(log.matches("Network growth (split)").count(), 2, "{log}");
+    let ck = Checkpoint::load(&s.final_checkpoint, &Device::Cpu).unwrap();
+    let widths = ck.meta.network.arch_kwargs.get("grown_widths").cloned();
+    assert!(widths.is_some(), "{:?}", ck.meta.network.arch_kwargs);
+    // resume for one more epoch: the network is rebuilt grown, then grows once more
+    let mut r2 = r.clone();
+    r2.continue_training = true;
+    r2.config.num_epochs = 3;
+    let s2 = train(&r2).unwrap();
+    assert_eq!(s2.start_epoch, 2);
+    let ck2 = Checkpoint::load(&s2.final_checkpoint, &Device::Cpu).unwrap();
+    assert_ne!(
+        ck2.meta.network.arch_kwargs.get("grown_widths").cloned(),
+        widths
+    );
+    // growth options on a network that cannot grow are an error
+    let mut bad = quick_request(tmp.path(), &pre, 1, "plain_grow");
+    bad.config.growth.every = Some(1);
+    let e = train(&bad).unwrap_err().to_string();
+    assert!(e.contains("cannot grow"), "{e}");
+}

@@ -28,16 +28,19 @@ PRESETS = {
 }
 
 
-def build_net(torch, nn, dim, in_ch, n_cls, features, strides, n_conv=2):
+def build_net(torch, nn, dim, in_ch, n_cls, features, strides, n_conv=2, kernels=None):
+    """strides / kernels: per stage, an int or a per-axis list."""
+    kernels = kernels or [3] * len(features)
     Conv = nn.Conv3d if dim == 3 else nn.Conv2d
     ConvT = nn.ConvTranspose3d if dim == 3 else nn.ConvTranspose2d
     Norm = nn.InstanceNorm3d if dim == 3 else nn.InstanceNorm2d
 
-    def block(cin, cout, stride):
+    def block(cin, cout, stride, k=3):
         layers = []
+        pad = [v // 2 for v in k] if isinstance(k, (list, tuple)) else k // 2
         for i in range(n_conv):
             layers += [
-                Conv(cin if i == 0 else cout, cout, 3, stride if i == 0 else 1, 1, bias=True),
+                Conv(cin if i == 0 else cout, cout, k, stride if i == 0 else 1, pad, bias=True),
                 Norm(cout, eps=1e-5, affine=True),
                 nn.LeakyReLU(0.01, inplace=True),
             ]
@@ -48,8 +51,8 @@ def build_net(torch, nn, dim, in_ch, n_cls, features, strides, n_conv=2):
             super().__init__()
             self.enc = nn.ModuleList()
             c = in_ch
-            for f, s in zip(features, strides):
-                self.enc.append(block(c, f, s))
+            for f, s, k in zip(features, strides, kernels):
+                self.enc.append(block(c, f, s, k))
                 c = f
             self.up = nn.ModuleList()
             self.dec = nn.ModuleList()
@@ -57,7 +60,7 @@ def build_net(torch, nn, dim, in_ch, n_cls, features, strides, n_conv=2):
             for s in range(1, len(features)):
                 fb, fs, st = features[-s], features[-(s + 1)], strides[-s]
                 self.up.append(ConvT(fb, fs, st, st, bias=True))
-                self.dec.append(block(2 * fs, fs, 1))
+                self.dec.append(block(2 * fs, fs, 1, kernels[-(s + 1)]))
                 self.seg.append(Conv(fs, n_cls, 1, 1, 0, bias=True))
 
         def forward(self, x):
@@ -101,10 +104,15 @@ def run(a):
     dim = len(p["patch"])
     nst = len(p["features"])
     strides = [1] + [2] * (nst - 1)
+    kernels = None
+    if a.strides:
+        strides = [[int(v) for v in st.split(",")] for st in a.strides.split(";")]
+    if a.kernels:
+        kernels = [[int(v) for v in st.split(",")] for st in a.kernels.split(";")]
     torch.backends.cudnn.benchmark = True
     torch.backends.cudnn.deterministic = False
     torch.manual_seed(0)
-    net = build_net(torch, nn, dim, a.in_channels, a.num_classes, p["features"], strides).to(dev)
+    net = build_net(torch, nn, dim, a.in_channels, a.num_classes, p["features"], strides, kernels=kernels).to(dev)
     if a.compile:
         net = torch.compile(net)
     opt = torch.optim.SGD(net.parameters(), 1e-2, weight_decay=3e-5, momentum=0.99, nesterov=True)
@@ -119,11 +127,12 @@ def run(a):
     x = torch.randn([p["batch"], a.in_channels] + p["patch"], device=dev)
     y = torch.randint(0, a.num_classes, [p["batch"], 1] + p["patch"], device=dev)
     targets = []
-    f = 1
+    f = [1] * dim
     for i in range(nout):
-        sl = (slice(None), slice(None)) + tuple(slice(None, None, f) for _ in range(dim))
+        sl = (slice(None), slice(None)) + tuple(slice(None, None, f[d]) for d in range(dim))
         targets.append(y[sl].contiguous())
-        f *= strides[i + 1]
+        st = strides[i + 1]
+        f = [f[d] * (st[d] if isinstance(st, list) else st) for d in range(dim)]
     ce = nn.CrossEntropyLoss()
 
     def dice(logits, t):
@@ -234,6 +243,8 @@ def main():
     ap.add_argument("--patch", help="comma-separated patch size (overrides the preset)")
     ap.add_argument("--batch_size", type=int)
     ap.add_argument("--features", help="comma-separated features per stage")
+    ap.add_argument("--strides", help='per-stage strides, e.g. "1,1,1;1,2,2;2,2,2"')
+    ap.add_argument("--kernels", help='per-stage kernel sizes, same format as --strides')
     ap.add_argument("--in_channels", type=int, default=1)
     ap.add_argument("--num_classes", type=int, default=3)
     ap.add_argument("--iters", type=int, default=20)

@@ -12,6 +12,7 @@ use super::{channel_view, per_axis, spatial_dims};
 use candle_core::{
     bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType,
 };
+use rayon::prelude::*;
 
 /// Options of [`conv`]. Every per-axis list may be empty (default), hold one value (broadcast to
 /// all spatial axes) or one value per spatial axis.
@@ -427,7 +428,35 @@ fn cpu_slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, what: &str) -> Res
     }
 }
 
+/// Per-channel sum of an `(N, C, *spatial)` tensor (the bias gradient). CPU f32 runs in
+/// parallel over channels on contiguous slices (Candle's strided reduction was ~10% of a 3D
+/// training step); other devices and dtypes use Candle's `sum`.
 fn sum_but_channels(t: &Tensor) -> Result<Tensor> {
+    if t.device().is_cpu() && t.dtype() == candle_core::DType::F32 && t.rank() >= 2 {
+        let t = t.contiguous()?;
+        let (n, c) = (t.dims()[0], t.dims()[1]);
+        let s: usize = t.dims()[2..].iter().product();
+        let (storage, layout) = t.storage_and_layout();
+        if let candle_core::Storage::Cpu(CpuStorage::F32(v)) = &*storage {
+            let o = layout.start_offset();
+            let v = &v[o..o + n * c * s];
+            let out: Vec<f32> = (0..c)
+                .into_par_iter()
+                .map(|ch| {
+                    let mut acc = 0f64;
+                    for b in 0..n {
+                        let sl = &v[(b * c + ch) * s..(b * c + ch + 1) * s];
+                        // f32 partial sums of short chunks (vectorised), accumulated in f64
+                        for chunk in sl.chunks(256) {
+                            acc += f64::from(chunk.iter().sum::<f32>());
+                        }
+                    }
+                    acc as f32
+                })
+                .collect();
+            return Tensor::from_vec(out, c, t.device());
+        }
+    }
     let dims: Vec<usize> = (0..t.rank()).filter(|&d| d != 1).collect();
     t.sum(dims)
 }

@@ -156,8 +156,7 @@ fn squared_edt(mask: &[bool], shape: [usize; 3]) -> Vec<f32> {
     );
     let [nz, ny, nx] = shape;
     let idx = |a: usize, b: usize, c: usize| (a * ny + b) * nx + c;
-    for axis in 0..3 {
-        let n = shape[axis];
+    for (axis, &n) in shape.iter().enumerate() {
         let (o1, o2) = match axis {
             0 => (ny, nx),
             1 => (nz, nx),
@@ -363,12 +362,12 @@ mod tests {
         for density in [0.02, 0.1, 0.5] {
             let mask: Vec<bool> = (0..210).map(|_| rng.gen::<f64>() < density).collect();
             let d = squared_edt(&mask, shape);
-            for i in 0..mask.len() {
+            for (i, &di) in d.iter().enumerate() {
                 let b = brute_sq_dist(&mask, shape, i);
                 if b < INF {
-                    assert_eq!(d[i], b, "voxel {i}, density {density}");
+                    assert_eq!(di, b, "voxel {i}, density {density}");
                 } else {
-                    assert!(d[i] >= INF);
+                    assert!(di >= INF);
                 }
             }
         }

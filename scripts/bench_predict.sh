@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Sliding-window prediction benchmark on the 3D demo dataset: seconds per case, voxels/s and
+# peak RSS of `nnseg predict` with 1 and 5 folds, with and without mirroring TTA.
+#   scripts/bench_predict.sh [WORKDIR]   (default ./bench_predict_data; NNSEG_BIN overrides the binary)
+# Trains 5 tiny folds first (a few iterations each: speed does not depend on the weights).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+work="${1:-$PWD/bench_predict_data}"
+bin="${NNSEG_BIN:-}"
+if [ -z "$bin" ]; then
+    cargo build --release --quiet
+    bin="${CARGO_TARGET_DIR:-$PWD/target}/release/nnseg"
+fi
+export nnUNet_raw="$work/raw" nnUNet_preprocessed="$work/pre" nnUNet_results="$work/res"
+mkdir -p "$nnUNet_raw" "$nnUNet_preprocessed" "$nnUNet_results"
+"$bin" make_demo_dataset >/dev/null
+"$bin" plan_and_preprocess 990 -c 3d_fullres -np 2 >/dev/null 2>&1
+for f in 0 1 2 3 4; do
+    if [ ! -f "$nnUNet_results/Dataset990_Demo3D/nnUNetTrainer_1epoch__nnUNetPlans__3d_fullres/fold_$f/checkpoint_final.safetensors" ]; then
+        "$bin" train 990 3d_fullres "$f" -tr nnUNetTrainer_1epoch --num_iterations_per_epoch 2 \
+            --num_val_iterations_per_epoch 1 >/dev/null 2>&1
+    fi
+done
+in="$work/in"; rm -rf "$in"; mkdir -p "$in"
+for c in 000 001 002; do cp "$nnUNet_raw/Dataset990_Demo3D/imagesTr/demo3d_${c}_0000.nii.gz" "$in/"; done
+vox=$(python3 - "$in" <<'PY' 2>/dev/null || echo 0
+import gzip, struct, sys, os
+t = 0
+for f in os.listdir(sys.argv[1]):
+    h = gzip.open(os.path.join(sys.argv[1], f)).read(348)
+    d = struct.unpack('<8h', h[40:56]); t += d[1] * d[2] * d[3]
+print(t)
+PY
+)
+printf '%-8s %-6s %10s %12s %12s\n' folds tta s/case vox/s peak_MB
+for folds in "0" "0 1 2 3 4"; do
+    for tta in on off; do
+        out="$work/out"; rm -rf "$out"
+        extra=(); [ "$tta" = off ] && extra=(--disable_tta)
+        # shellcheck disable=SC2086
+        /usr/bin/time -f '%e %M' -o "$work/time.txt" "$bin" predict -i "$in" -o "$out" -d 990 \
+            -c 3d_fullres -f $folds -tr nnUNetTrainer_1epoch "${extra[@]}" >/dev/null 2>&1
+        read -r secs kb <"$work/time.txt"
+        n=$(echo $folds | wc -w)
+        python3 -c "print(f'{$n:<8} {\"$tta\":<6} {$secs/3:10.2f} {($vox/$secs if $secs>0 else 0):12.0f} {$kb/1024:12.0f}')"
+    done
+done

@@ -121,6 +121,10 @@ pub struct BenchTrainArgs {
     /// Print one JSON line instead of text.
     #[arg(long = "json")]
     pub json: bool,
+    /// Time the network of this trainer preset (kiunet_minimal, convunext_tiny, ...) instead
+    /// of PlainConvUNet.
+    #[arg(long = "tr")]
+    pub trainer: Option<String>,
 }
 
 #[derive(Args, Debug)]

@@ -526,6 +526,12 @@ fn bench_train(a: &cli::BenchTrainArgs) -> Result<()> {
     if let Some(k) = &a.kernels {
         o.kernels = Some(parse_stages(k, "--kernels")?);
     }
+    if let Some(tr) = &a.trainer {
+        let cfg = trainer::presets::get(tr)?;
+        if let Some(net) = cfg.network_override {
+            o.network = Some((net, cfg.network_kwargs));
+        }
+    }
     o.in_channels = a.in_channels;
     o.num_classes = a.num_classes;
     o.iters = a.iters;
@@ -537,8 +543,8 @@ fn bench_train(a: &cli::BenchTrainArgs) -> Result<()> {
         println!("{}", serde_json::to_string(&r)?);
     } else {
         println!(
-            "{} on {}: patch {:?} batch {} features {:?}, {} params: {:.3} s/step (median of {}; min {:.3}; fwd {:.3}, bwd {:.3}, clip+step {:.3}), loss {:.4}",
-            r.config, r.device, r.patch, r.batch_size, r.features, r.params,
+            "{} ({}) on {}: patch {:?} batch {} features {:?}, {} params: {:.3} s/step (median of {}; min {:.3}; fwd {:.3}, bwd {:.3}, clip+step {:.3}), loss {:.4}",
+            r.config, r.network, r.device, r.patch, r.batch_size, r.features, r.params,
             r.step_s_median, r.iters, r.step_s_min, r.fwd_s, r.bwd_s, r.opt_s, r.loss
         );
     }

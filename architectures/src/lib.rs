@@ -9,5 +9,7 @@ pub mod preact_resunet;
 pub mod registry;
 pub mod runext;
 pub mod summary;
+#[cfg(test)]
+mod test_util;
 pub mod uiunet;
 pub mod unet;

@@ -28,6 +28,9 @@ pub struct BenchTrainOptions {
     pub iters: usize,
     pub warmup: usize,
     pub seed: u64,
+    /// Another registry network instead of PlainConvUNet: (name, `arch_kwargs` merged over the
+    /// plan's), e.g. from a trainer preset.
+    pub network: Option<(String, serde_json::Map<String, serde_json::Value>)>,
 }
 
 impl BenchTrainOptions {
@@ -51,6 +54,7 @@ impl BenchTrainOptions {
             iters: 20,
             warmup: 5,
             seed: 12345,
+            network: None,
         })
     }
 }
@@ -60,6 +64,7 @@ impl BenchTrainOptions {
 pub struct BenchTrainResult {
     pub side: &'static str,
     pub config: String,
+    pub network: String,
     pub device: String,
     pub patch: Vec<usize>,
     pub batch_size: usize,
@@ -103,7 +108,7 @@ pub fn bench_train(
     } else {
         "InstanceNorm2d"
     };
-    let spec = plans::ArchitectureSpec {
+    let mut spec = plans::ArchitectureSpec {
         network_class_name: "PlainConvUNet".into(),
         arch_kwargs: json!({
             "n_stages": n, "features_per_stage": o.features, "conv_op": format!("torch.nn.modules.conv.{conv}"),
@@ -118,12 +123,23 @@ pub fn bench_train(
         .unwrap_or_default(),
         kw_requires_import: vec![],
     };
+    let registry = Registry::default();
+    if let Some((name, kw)) = &o.network {
+        spec.network_class_name = registry
+            .get(name)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?
+            .name()
+            .to_string();
+        for (k, v) in kw {
+            spec.arch_kwargs.insert(k.clone(), v.clone());
+        }
+    }
     let io = NetworkIo {
         in_channels: o.in_channels,
         num_classes: o.num_classes,
         deep_supervision: true,
     };
-    let (varmap, net) = Registry::default()
+    let (varmap, net) = registry
         .build_initialized(&spec, &io, o.seed, device)
         .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
     let vars: Vec<(String, Var)> = {
@@ -158,19 +174,22 @@ pub fn bench_train(
         let t = Tensor::rand(0f32, o.num_classes as f32, ts, device)?.floor()?;
         targets.push(t);
     }
+    // networks other than nnU-Net's may have fewer decoder outputs
+    let n_out = net.forward(&x, false)?.len().min(targets.len());
+    targets.truncate(n_out);
     let loss = DeepSupervisionLoss::new(
         Box::new(DcAndCeLoss::new(LossOptions {
             batch_dice: true,
             ..LossOptions::default()
         })),
-        deep_supervision_weights(n - 1),
+        deep_supervision_weights(n_out),
     );
     let (mut steps, mut fwd, mut bwd, mut optt) = (vec![], 0.0, 0.0, 0.0);
     let mut last = 0.0;
     for it in 0..o.warmup + o.iters {
         sync(device)?;
         let t0 = Instant::now();
-        let out = net.forward(&x, true)?;
+        let out = net.forward_full(&x, true)?.seg;
         let l = loss.loss_ds(&out, &targets)?;
         sync(device)?;
         let t1 = Instant::now();
@@ -196,6 +215,7 @@ pub fn bench_train(
     Ok(BenchTrainResult {
         side: "nnseg",
         config: o.config.clone(),
+        network: spec.network_class_name.clone(),
         device: format!("{:?}", device.location()),
         patch: o.patch.clone(),
         batch_size: o.batch_size,

@@ -711,7 +711,7 @@ mod tests {
 
     /// Numbers for the report: `cargo test -p trainer growth_vs_static -- --ignored --nocapture`.
     #[test]
-    #[ignore]
+    #[ignore = "report numbers (growth vs static loss curves): run with -- --ignored --nocapture"]
     fn growth_vs_static_at_equal_final_size() {
         let steps = 60;
         for method in ["split", "sample_select", "gradmax"] {

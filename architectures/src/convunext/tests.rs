@@ -56,12 +56,7 @@ fn shape_only(cfg: &ConvUNextConfig) -> (u64, ConvUNext, Vec<crate::registry::Pa
 }
 
 fn fixture_dir() -> PathBuf {
-    let a = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/architectures");
-    if a.is_dir() {
-        a
-    } else {
-        PathBuf::from("/work/shared/fixtures/architectures")
-    }
+    crate::test_util::fixtures_dir("architectures")
 }
 
 fn fixture_cfg(ds: bool) -> ConvUNextConfig {
@@ -667,7 +662,7 @@ fn registry_names_presets_and_demo_numbers() {
 
 /// Timing of one training step at the demo 3D plan (run with `--ignored --nocapture`).
 #[test]
-#[ignore]
+#[ignore = "benchmark: slow, run with --release -- --ignored --nocapture"]
 fn time_train_step_demo_3d() {
     let dev = Device::Cpu;
     let kw = plan(
@@ -705,7 +700,7 @@ fn time_train_step_demo_3d() {
 }
 
 #[test]
-#[ignore]
+#[ignore = "benchmark: slow, run with --release -- --ignored --nocapture"]
 fn time_ops() {
     let dev = Device::Cpu;
     for (c, sp, k) in [

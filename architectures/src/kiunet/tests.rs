@@ -50,12 +50,7 @@ fn io(in_channels: usize, num_classes: usize, ds: bool) -> NetworkIo {
 }
 
 fn fixtures_dir() -> PathBuf {
-    let rel = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/architectures");
-    if rel.exists() {
-        rel
-    } else {
-        PathBuf::from("/work/shared/fixtures/architectures")
-    }
+    crate::test_util::fixtures_dir("architectures")
 }
 
 /// The seed's DynamicKiUNet (fixture `kiunet2d_f4`): outputs and parameter count.

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 fn fixtures_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/ops")
+    crate::test_util::fixtures_dir("ops")
 }
 
 fn usizes(v: &Value) -> Vec<usize> {
@@ -23,30 +23,7 @@ fn usizes(v: &Value) -> Vec<usize> {
 }
 
 fn fixture_close(got: &Tensor, want: &Tensor, what: &str) -> std::result::Result<(), String> {
-    if got.dims() != want.dims() {
-        return Err(format!(
-            "{what}: shape {:?} != {:?}",
-            got.dims(),
-            want.dims()
-        ));
-    }
-    let g: Vec<f32> = got
-        .to_dtype(DType::F32)
-        .and_then(|t| t.flatten_all())
-        .and_then(|t| t.to_vec1())
-        .map_err(|e| e.to_string())?;
-    let w: Vec<f32> = want
-        .flatten_all()
-        .and_then(|t| t.to_vec1())
-        .map_err(|e| e.to_string())?;
-    let maxref = w.iter().fold(0f32, |m, v| m.max(v.abs()));
-    for (i, (a, b)) in g.iter().zip(&w).enumerate() {
-        let tol = 1e-4 * b.abs() + 1e-5 * maxref;
-        if (a - b).abs() > tol || !a.is_finite() {
-            return Err(format!("{what}[{i}]: got {a}, want {b} (tol {tol})"));
-        }
-    }
-    Ok(())
+    crate::test_util::close(got, want, what)
 }
 
 /// Runs one fixture case; `composite` selects the device-agnostic conv paths.

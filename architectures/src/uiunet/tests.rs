@@ -67,47 +67,10 @@ fn seed_form() -> Value {
 }
 
 fn fixture(name: &str) -> PathBuf {
-    let rel = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/fixtures/architectures")
-        .join(name);
-    if rel.exists() {
-        return rel;
-    }
-    let abs = PathBuf::from("/work/shared/fixtures/architectures").join(name);
-    assert!(
-        abs.exists(),
-        "fixture {name} not found (looked in {} and {})",
-        rel.display(),
-        abs.display()
-    );
-    abs
+    crate::test_util::fixture("architectures", name)
 }
 
-fn max_abs(t: &Tensor) -> f32 {
-    t.abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
-/// README tolerance: |got − ref| ≤ 1e-4·|ref| + 1e-5·max|ref|.
-fn assert_close(got: &Tensor, want: &Tensor, what: &str) {
-    assert_eq!(got.dims(), want.dims(), "{what}: shape");
-    let m = max_abs(want) as f64;
-    let g = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let w = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    for (i, (a, b)) in g.iter().zip(&w).enumerate() {
-        let tol = 1e-4 * (*b as f64).abs() + 1e-5 * m;
-        assert!(
-            ((a - b) as f64).abs() <= tol,
-            "{what}[{i}]: got {a}, reference {b} (tolerance {tol})"
-        );
-    }
-}
+use crate::test_util::{assert_close, max_abs};
 
 fn spec(kw: &Map<String, Value>) -> plans::ArchitectureSpec {
     plans::ArchitectureSpec {
@@ -582,7 +545,7 @@ fn demo_plan_numbers() {
 /// CPU timing of one training step's forward + backward on the demo-like 3D plan (patch 24×64×64 so that PlainConvUNet runs too)
 /// (`cargo test -p architectures uiunet_demo_step_timing -- --ignored --nocapture`).
 #[test]
-#[ignore]
+#[ignore = "benchmark: slow, run with --release -- --ignored --nocapture"]
 fn uiunet_demo_step_timing() {
     let base = plan(
         3,

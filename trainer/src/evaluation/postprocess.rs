@@ -527,7 +527,7 @@ mod tests {
 
     /// Timing on a 160^3 volume with many blobs: `cargo test -p trainer --release -- --ignored cc_timing --nocapture`.
     #[test]
-    #[ignore]
+    #[ignore = "benchmark: slow, run with --release -- --ignored --nocapture"]
     fn cc_timing() {
         let n = 160;
         let mask: Vec<bool> = (0..n * n * n)

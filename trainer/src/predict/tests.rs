@@ -797,7 +797,7 @@ fn training_ends_with_final_validation_and_summary() {
 
 /// Timing of a realistic-ish 3-D sliding window on the CPU (run with `--ignored --nocapture`).
 #[test]
-#[ignore]
+#[ignore = "benchmark: slow, run with --release -- --ignored --nocapture"]
 fn bench_sliding_window_3d_random_net() {
     let cfg_v = configuration(&[32, 32, 32], &[1.0, 1.0, 1.0], "ZScoreNormalization");
     let pv = plans_value([0, 1, 2], vec![("3d_fullres", cfg_v)]);

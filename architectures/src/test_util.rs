@@ -1,0 +1,73 @@
+//! Helpers shared by the tests that compare against the PyTorch fixtures in
+//! `../shared/fixtures/` (next to the repository, as CI lays it out).
+
+use candle_core::{DType, Tensor};
+use std::path::PathBuf;
+
+/// `shared/fixtures/{kind}` beside the repository (falling back to `/work/shared`).
+pub(crate) fn fixtures_dir(kind: &str) -> PathBuf {
+    let rel = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/fixtures")
+        .join(kind);
+    if rel.is_dir() {
+        rel
+    } else {
+        PathBuf::from("/work/shared/fixtures").join(kind)
+    }
+}
+
+/// A fixture file; panics with both searched places if it is missing.
+pub(crate) fn fixture(kind: &str, name: &str) -> PathBuf {
+    let p = fixtures_dir(kind).join(name);
+    assert!(
+        p.exists(),
+        "fixture {kind}/{name} not found ({}); the fixtures live in ../shared/fixtures",
+        p.display()
+    );
+    p
+}
+
+/// The fixtures' tolerance, |got − ref| ≤ 1e-4·|ref| + 1e-5·max|ref| (and finite).
+pub(crate) fn close(got: &Tensor, want: &Tensor, what: &str) -> Result<(), String> {
+    if got.dims() != want.dims() {
+        return Err(format!(
+            "{what}: shape {:?} != {:?}",
+            got.dims(),
+            want.dims()
+        ));
+    }
+    let vec = |t: &Tensor| -> Result<Vec<f32>, String> {
+        t.to_dtype(DType::F32)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1())
+            .map_err(|e| e.to_string())
+    };
+    let (g, w) = (vec(got)?, vec(want)?);
+    let maxref = w.iter().fold(0f32, |m, v| m.max(v.abs()));
+    for (i, (a, b)) in g.iter().zip(&w).enumerate() {
+        let tol = 1e-4 * b.abs() + 1e-5 * maxref;
+        if (a - b).abs() > tol || !a.is_finite() {
+            return Err(format!(
+                "{what}[{i}]: got {a}, reference {b} (tolerance {tol})"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// [`close`] as an assertion.
+pub(crate) fn assert_close(got: &Tensor, want: &Tensor, what: &str) {
+    if let Err(e) = close(got, want, what) {
+        panic!("{e}");
+    }
+}
+
+/// max |t| (f32).
+pub(crate) fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_dtype(DType::F32))
+        .and_then(|t| t.max(0))
+        .and_then(|t| t.to_scalar::<f32>())
+        .unwrap_or(f32::NAN)
+}

@@ -71,3 +71,55 @@ pub(crate) fn max_abs(t: &Tensor) -> f32 {
         .and_then(|t| t.to_scalar::<f32>())
         .unwrap_or(f32::NAN)
 }
+
+/// A PlainConvUNet-style `arch_kwargs` as nnU-Net's planner writes it (InstanceNorm,
+/// LeakyReLU, 2 convs per stage), for `dim` spatial dims.
+pub(crate) fn plan_kwargs(
+    dim: usize,
+    features: &[usize],
+    strides: serde_json::Value,
+    kernels: serde_json::Value,
+) -> serde_json::Map<String, serde_json::Value> {
+    let n = features.len();
+    let (conv, norm) = if dim == 2 {
+        (
+            "torch.nn.modules.conv.Conv2d",
+            "torch.nn.modules.instancenorm.InstanceNorm2d",
+        )
+    } else {
+        (
+            "torch.nn.modules.conv.Conv3d",
+            "torch.nn.modules.instancenorm.InstanceNorm3d",
+        )
+    };
+    let v = serde_json::json!({
+        "n_stages": n,
+        "features_per_stage": features,
+        "conv_op": conv,
+        "kernel_sizes": kernels,
+        "strides": strides,
+        "n_conv_per_stage": vec![2; n],
+        "n_conv_per_stage_decoder": vec![2; n.saturating_sub(1)],
+        "conv_bias": true,
+        "norm_op": norm,
+        "norm_op_kwargs": {"eps": 1e-5, "affine": true},
+        "dropout_op": null,
+        "dropout_op_kwargs": null,
+        "nonlin": "torch.nn.LeakyReLU",
+        "nonlin_kwargs": {"inplace": true}
+    });
+    v.as_object().cloned().unwrap_or_default()
+}
+
+/// `m` with the entries of the JSON object `extra` inserted (overriding).
+pub(crate) fn with_extra(
+    mut m: serde_json::Map<String, serde_json::Value>,
+    extra: &serde_json::Value,
+) -> serde_json::Map<String, serde_json::Value> {
+    if let Some(e) = extra.as_object() {
+        for (k, v) in e {
+            m.insert(k.clone(), v.clone());
+        }
+    }
+    m
+}

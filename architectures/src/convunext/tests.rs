@@ -23,28 +23,11 @@ fn plan(
     strides: Value,
     extra: Value,
 ) -> Map<String, Value> {
-    let n = features.len();
-    let mut m = json!({
-        "n_stages": n,
-        "features_per_stage": features,
-        "conv_op": conv,
-        "kernel_sizes": kernels,
-        "strides": strides,
-        "n_conv_per_stage": 2,
-        "n_conv_per_stage_decoder": vec![2; n - 1],
-        "conv_bias": true,
-        "norm_op": if conv.ends_with("3d") { "torch.nn.modules.instancenorm.InstanceNorm3d" } else { "torch.nn.modules.instancenorm.InstanceNorm2d" },
-        "norm_op_kwargs": {"eps": 1e-5, "affine": true},
-        "dropout_op": null, "dropout_op_kwargs": null,
-        "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": true}
-    })
-    .as_object()
-    .unwrap()
-    .clone();
-    for (k, v) in extra.as_object().unwrap() {
-        m.insert(k.clone(), v.clone());
-    }
-    m
+    let dim = if conv.ends_with("3d") { 3 } else { 2 };
+    crate::test_util::with_extra(
+        crate::test_util::plan_kwargs(dim, features, strides, kernels),
+        &extra,
+    )
 }
 
 fn shape_only(cfg: &ConvUNextConfig) -> (u64, ConvUNext, Vec<crate::registry::ParamInfo>) {

@@ -5,32 +5,11 @@ use serde_json::json;
 use std::path::PathBuf;
 
 fn kwargs(dim: usize, features: &[usize], strides: Value, extra: Value) -> Map<String, Value> {
-    let n = features.len();
-    let mut m = json!({
-        "n_stages": n,
-        "features_per_stage": features,
-        "conv_op": if dim == 2 { "torch.nn.modules.conv.Conv2d" } else { "torch.nn.modules.conv.Conv3d" },
-        "kernel_sizes": vec![vec![3; dim]; n],
-        "strides": strides,
-        "n_conv_per_stage": vec![2; n],
-        "n_conv_per_stage_decoder": vec![2; n - 1],
-        "conv_bias": true,
-        "norm_op": if dim == 2 { "torch.nn.modules.instancenorm.InstanceNorm2d" } else { "torch.nn.modules.instancenorm.InstanceNorm3d" },
-        "norm_op_kwargs": {"eps": 1e-5, "affine": true},
-        "dropout_op": null,
-        "dropout_op_kwargs": null,
-        "nonlin": "torch.nn.LeakyReLU",
-        "nonlin_kwargs": {"inplace": true}
-    })
-    .as_object()
-    .cloned()
-    .unwrap();
-    if let Some(e) = extra.as_object() {
-        for (k, v) in e {
-            m.insert(k.clone(), v.clone());
-        }
-    }
-    m
+    let kernels = json!(vec![vec![3; dim]; features.len()]);
+    crate::test_util::with_extra(
+        crate::test_util::plan_kwargs(dim, features, strides, kernels),
+        &extra,
+    )
 }
 
 fn spec(kw: Map<String, Value>) -> plans::ArchitectureSpec {

@@ -11,31 +11,8 @@ fn plan_kwargs(
     kernels: Value,
     strides: Value,
 ) -> Map<String, Value> {
-    let n = features.len();
-    let norm = if conv_op.ends_with("3d") {
-        "torch.nn.modules.instancenorm.InstanceNorm3d"
-    } else {
-        "torch.nn.modules.instancenorm.InstanceNorm2d"
-    };
-    json!({
-        "n_stages": n,
-        "features_per_stage": features,
-        "conv_op": conv_op,
-        "kernel_sizes": kernels,
-        "strides": strides,
-        "n_conv_per_stage": vec![2; n],
-        "n_conv_per_stage_decoder": vec![2; n - 1],
-        "conv_bias": true,
-        "norm_op": norm,
-        "norm_op_kwargs": {"eps": 1e-05, "affine": true},
-        "dropout_op": null,
-        "dropout_op_kwargs": null,
-        "nonlin": "torch.nn.LeakyReLU",
-        "nonlin_kwargs": {"inplace": true}
-    })
-    .as_object()
-    .unwrap()
-    .clone()
+    let dim = if conv_op.ends_with("3d") { 3 } else { 2 };
+    crate::test_util::plan_kwargs(dim, features, strides, kernels)
 }
 
 fn with(mut m: Map<String, Value>, extra: Value) -> Map<String, Value> {

@@ -8,37 +8,7 @@ use std::path::PathBuf;
 const PATH: &str = "architecture.arch_kwargs";
 
 fn plan(dim: usize, features: &[usize], strides: Value, kernels: Value) -> Map<String, Value> {
-    let n = features.len();
-    let (conv, norm) = if dim == 2 {
-        (
-            "torch.nn.modules.conv.Conv2d",
-            "torch.nn.modules.instancenorm.InstanceNorm2d",
-        )
-    } else {
-        (
-            "torch.nn.modules.conv.Conv3d",
-            "torch.nn.modules.instancenorm.InstanceNorm3d",
-        )
-    };
-    json!({
-        "n_stages": n,
-        "features_per_stage": features,
-        "conv_op": conv,
-        "kernel_sizes": kernels,
-        "strides": strides,
-        "n_conv_per_stage": vec![2; n],
-        "n_conv_per_stage_decoder": vec![2; n - 1],
-        "conv_bias": true,
-        "norm_op": norm,
-        "norm_op_kwargs": {"eps": 1e-5, "affine": true},
-        "dropout_op": null,
-        "dropout_op_kwargs": null,
-        "nonlin": "torch.nn.LeakyReLU",
-        "nonlin_kwargs": {"inplace": true}
-    })
-    .as_object()
-    .unwrap()
-    .clone()
+    crate::test_util::plan_kwargs(dim, features, strides, kernels)
 }
 
 fn io(cin: usize, classes: usize, ds: bool) -> NetworkIo {

@@ -438,17 +438,13 @@ fn fit_preset(
     gpu_memory_target: Option<f64>,
     write: bool,
 ) -> Result<Option<String>> {
-    let Some(network) = &config.network_override else {
+    if config.network_override.is_none() {
         return Ok(None);
-    };
+    }
     let (mut plans, cfg) = Plans::load_configuration(plans_path, configuration)?;
     let ds = DatasetJson::load(&folder.join("dataset.json"))?;
     let registry = architectures::registry::Registry::default();
-    let mut spec = cfg.architecture.clone();
-    spec.network_class_name = registry.get(network)?.name().to_string();
-    for (k, v) in &config.network_kwargs {
-        spec.arch_kwargs.insert(k.clone(), v.clone());
-    }
+    let spec = config.network_spec(&cfg.architecture, &registry)?;
     let io = architectures::registry::NetworkIo {
         in_channels: architectures::import::num_input_channels(&cfg, &ds),
         num_classes: ds.num_segmentation_heads(),
@@ -591,12 +587,7 @@ fn show_network(paths: &NnUnetPaths, a: &cli::ShowNetworkArgs) -> Result<()> {
     if let Some(tr) = &a.trainer {
         let config = trainer::presets::get(tr)?;
         deep_supervision = config.enable_deep_supervision;
-        if let Some(net) = &config.network_override {
-            spec.network_class_name = registry.get(net)?.name().to_string();
-        }
-        for (k, v) in &config.network_kwargs {
-            spec.arch_kwargs.insert(k.clone(), v.clone());
-        }
+        spec = config.network_spec(&cfg.architecture, &registry)?;
         fit_preset(
             &folder.join(format!("{}.json", a.plans)),
             &folder,

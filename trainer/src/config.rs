@@ -139,6 +139,24 @@ impl TrainerConfig {
         Ok(())
     }
 
+    /// The network this configuration trains: `base` (the plans' architecture) with
+    /// `network_override` resolved through `registry` (an unknown name is an error listing the
+    /// known ones) and `network_kwargs` merged over its `arch_kwargs`.
+    pub fn network_spec(
+        &self,
+        base: &plans::ArchitectureSpec,
+        registry: &architectures::registry::Registry,
+    ) -> Result<plans::ArchitectureSpec, architectures::registry::ArchError> {
+        let mut spec = base.clone();
+        if let Some(name) = &self.network_override {
+            spec.network_class_name = registry.get(name)?.name().to_string();
+        }
+        for (k, v) in &self.network_kwargs {
+            spec.arch_kwargs.insert(k.clone(), v.clone());
+        }
+        Ok(spec)
+    }
+
     /// The mirroring axes for a network with `spatial_dims` spatial axes (nnU-Net's
     /// `configure_rotation_dummyDA_mirroring_and_inital_patch_size`: all axes by default).
     pub fn resolved_mirror_axes(&self, spatial_dims: usize) -> Vec<usize> {

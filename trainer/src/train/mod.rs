@@ -212,14 +212,8 @@ fn prepare(req: &TrainRequest) -> Result<Setup, TrainError> {
     let plans_path = pre.join(format!("{}.json", req.plans_name));
     let (plans, cfg) = plans::Plans::load_configuration(&plans_path, &req.configuration)?;
     let ds_json = plans::DatasetJson::load(&pre.join("dataset.json"))?;
-    let mut spec = cfg.architecture.clone();
-    if let Some(name) = &req.config.network_override {
-        // resolve now so an unknown name fails before anything is written
-        spec.network_class_name = req.registry.get(name)?.name().to_string();
-    }
-    for (k, v) in &req.config.network_kwargs {
-        spec.arch_kwargs.insert(k.clone(), v.clone());
-    }
+    // resolved now so an unknown network name fails before anything is written
+    let spec = req.config.network_spec(&cfg.architecture, &req.registry)?;
     let io = NetworkIo {
         in_channels: architectures::import::num_input_channels(&cfg, &ds_json),
         num_classes: ds_json.num_segmentation_heads(),

@@ -52,4 +52,4 @@ export CARGO_TARGET_DIR="$tdir"
 start=$(date +%s)
 cmd="${NNSEG_CHECK_CMD:-check}"   # or clippy: NNSEG_CHECK_CMD=clippy scripts/check_cuda.sh -- -D warnings
 cargo "$cmd" --workspace --all-targets --features cuda "$@"
-echo "[check_cuda] cargo $cmd --features cuda ok in $(( $(date +%s) - start )) s (target dir $tdir)" >&2
+echo "[check_cuda] cargo $cmd --features cuda${*:+ $*} ok in $(( $(date +%s) - start )) s (target dir $tdir)" >&2

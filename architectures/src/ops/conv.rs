@@ -2,13 +2,19 @@
 //!
 //! CPU f32/f64 tensors go through custom ops ([`super::kernels`]) whose backward passes call the
 //! same custom ops (input gradient = transposed-conv kernel, weight gradient = filter kernel), so
-//! training is fast and double backward works too. Other devices / dtypes use
-//! [`conv_composite`] / [`conv_transpose_composite`], which are built from Candle ops with correct
-//! gradients (Candle's `conv2d` is only called with zero padding and exactly tiled inputs, which
-//! sidesteps its transposed-conv `output_padding` bug in backward).
+//! training is fast and double backward works too. With the `cudnn` feature, CUDA f32/f16/bf16
+//! tensors run the same custom ops on cuDNN (`cuda_fwd`, see `super::cudnn`; bias via
+//! `broadcast_add`). Other devices / dtypes (and CUDA when cuDNN is not built in or failed to
+//! initialise) use [`conv_composite`] / [`conv_transpose_composite`], which are built from Candle
+//! ops with correct gradients (Candle's `conv2d` is only called with zero padding and exactly
+//! tiled inputs, which sidesteps its transposed-conv `output_padding` bug in backward).
 
+#[cfg(feature = "cudnn")]
+use super::cudnn::{self, ConvGeom};
 use super::kernels::{self, Elem, Geom};
 use super::{channel_view, per_axis, spatial_dims};
+#[cfg(feature = "cudnn")]
+use candle_core::CudaStorage;
 use candle_core::{
     bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType,
 };
@@ -184,6 +190,31 @@ impl Spec {
             d: pad3(&self.d, 1),
         }
     }
+
+    /// Geometry for the cuDNN path (true number of spatial axes).
+    #[cfg(feature = "cudnn")]
+    fn cudnn_geom(
+        &self,
+        n: usize,
+        cin: usize,
+        cout: usize,
+        inp: &[usize],
+        out: &[usize],
+        k: &[usize],
+    ) -> ConvGeom {
+        ConvGeom {
+            n,
+            cin,
+            cout,
+            groups: self.groups,
+            inp: inp.to_vec(),
+            out: out.to_vec(),
+            k: k.to_vec(),
+            s: self.s.clone(),
+            p: self.p.clone(),
+            d: self.d.clone(),
+        }
+    }
 }
 
 fn check_conv_shapes(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, groups: usize) -> Result<()> {
@@ -206,8 +237,35 @@ fn check_conv_shapes(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, groups: usiz
     Ok(())
 }
 
-fn use_kernels(x: &Tensor) -> bool {
-    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
+/// Which implementation a convolution on `x` runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Path {
+    /// custom ops with the CPU kernels (CPU f32/f64)
+    Cpu,
+    /// the same custom ops on cuDNN (CUDA f32/f16/bf16, feature `cudnn`, cuDNN initialised)
+    #[cfg_attr(not(feature = "cudnn"), allow(dead_code))]
+    Cudnn,
+    /// Candle-op composites (everything else)
+    Composite,
+}
+
+fn path(x: &Tensor) -> Path {
+    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+        return Path::Cpu;
+    }
+    #[cfg(feature = "cudnn")]
+    if cudnn::usable(x) {
+        return Path::Cudnn;
+    }
+    Path::Composite
+}
+
+/// `y + bias` over the channel axis (the cuDNN path adds bias with Candle ops).
+fn add_bias(y: Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    match bias {
+        Some(b) => y.broadcast_add(&channel_view(&b.to_dtype(y.dtype())?, y.rank())?),
+        None => Ok(y),
+    }
 }
 
 /// N-d convolution (cross-correlation, PyTorch semantics): `x (N, C_in, *sp)`,
@@ -224,15 +282,16 @@ pub fn conv(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, opts: &ConvOpts) -> R
         "conv",
     )?;
     spec.out_size(&x.dims()[2..], &w.dims()[2..], "conv")?;
-    if !use_kernels(x) {
+    let path = path(x);
+    if path == Path::Composite {
         return conv_composite(x, w, bias, opts);
     }
     let x = x.contiguous()?;
     let w = w.to_dtype(x.dtype())?.contiguous()?;
     let op = ConvFwdOp { spec };
     match bias {
-        Some(b) => x.apply_op3(&w, &b.to_dtype(x.dtype())?.contiguous()?, op),
-        None => x.apply_op2(&w, op),
+        Some(b) if path == Path::Cpu => x.apply_op3(&w, &b.to_dtype(x.dtype())?.contiguous()?, op),
+        _ => add_bias(x.apply_op2(&w, op)?, bias),
     }
 }
 
@@ -296,7 +355,8 @@ pub fn conv_transpose(
     opts: &ConvTransposeOpts,
 ) -> Result<Tensor> {
     let (spec, out) = conv_transpose_out(x, w, bias, opts)?;
-    if !use_kernels(x) {
+    let path = path(x);
+    if path == Path::Composite {
         return conv_transpose_composite(x, w, bias, opts);
     }
     let x = x.contiguous()?;
@@ -306,14 +366,14 @@ pub fn conv_transpose(
         in_spatial: out,
     };
     match bias {
-        Some(b) => x.apply_op3(&w, &b.to_dtype(x.dtype())?.contiguous()?, op),
-        None => x.apply_op2(&w, op),
+        Some(b) if path == Path::Cpu => x.apply_op3(&w, &b.to_dtype(x.dtype())?.contiguous()?, op),
+        _ => add_bias(x.apply_op2(&w, op)?, bias),
     }
 }
 
 /// Weight gradient of [`conv`] on its own: `x (N, C_in, *sp)` and the output gradient
-/// `dy (N, C_out, *out)` give `dL/dw (C_out, C_in/groups, *kernel)`. On CPU this is the fast
-/// kernel the backward pass uses; elsewhere it runs Candle's autograd through
+/// `dy (N, C_out, *out)` give `dL/dw (C_out, C_in/groups, *kernel)`. On CPU (and on CUDA with
+/// cuDNN) this is the op the backward pass uses; elsewhere it runs Candle's autograd through
 /// [`conv_composite`].
 pub fn conv_weight_grad(
     x: &Tensor,
@@ -346,7 +406,7 @@ pub fn conv_weight_grad(
             opts.groups
         );
     }
-    if use_kernels(x) {
+    if path(x) != Path::Composite {
         let x = x.contiguous()?;
         let dy = dy.to_dtype(x.dtype())?.contiguous()?;
         return x.apply_op2(&dy, ConvFilterOp { spec, k });
@@ -390,7 +450,7 @@ pub fn conv_input_grad(
     if dy.dims()[2..] != out[..] {
         bail!("conv_input_grad: dy {:?} does not match input size {input_spatial:?} (expected spatial {out:?})", dy.dims());
     }
-    if use_kernels(dy) {
+    if path(dy) != Path::Composite {
         let dy = dy.contiguous()?;
         let w = w.to_dtype(dy.dtype())?.contiguous()?;
         return dy.apply_op2(
@@ -555,6 +615,22 @@ impl CustomOp2 for ConvFwdOp {
         let st = dispatch_float!(s1, "conv", |T| self.run::<T>(s1, l1, s2, l2, None));
         Ok((st, Shape::from(shape)))
     }
+    #[cfg(feature = "cudnn")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (_, shape) = self.geom(l1, l2)?;
+        let (xd, wd) = (l1.dims(), l2.dims());
+        let g = self
+            .spec
+            .cudnn_geom(xd[0], xd[1], wd[0], &xd[2..], &shape[2..], &wd[2..]);
+        let st = cudnn::conv_fwd(s1, l1, s2, l2, &g)?;
+        Ok((st, Shape::from(shape)))
+    }
     fn bwd(
         &self,
         x: &Tensor,
@@ -685,6 +761,22 @@ impl CustomOp2 for ConvDataOp {
             .run::<T>(s1, l1, s2, l2, None));
         Ok((st, Shape::from(shape)))
     }
+    #[cfg(feature = "cudnn")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (_, shape) = self.geom(l1, l2)?;
+        let (dd, wd) = (l1.dims(), l2.dims());
+        let g = self
+            .spec
+            .cudnn_geom(dd[0], shape[1], wd[0], &shape[2..], &dd[2..], &wd[2..]);
+        let st = cudnn::conv_bwd_data(s1, l1, s2, l2, &g)?;
+        Ok((st, Shape::from(shape)))
+    }
     fn bwd(
         &self,
         dy: &Tensor,
@@ -773,6 +865,22 @@ impl CustomOp2 for ConvFilterOp {
             let dy = cpu_slice::<T>(s2, l2, "conv weight grad")?;
             Ok::<_, candle_core::Error>(kernels::conv_bwd_filter(x, dy, &g))
         });
+        Ok((st, Shape::from(shape)))
+    }
+    #[cfg(feature = "cudnn")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (_, shape) = self.geom(l1, l2)?;
+        let (xd, dd) = (l1.dims(), l2.dims());
+        let g = self
+            .spec
+            .cudnn_geom(xd[0], xd[1], dd[1], &xd[2..], &dd[2..], &self.k);
+        let st = cudnn::conv_bwd_filter(s1, l1, s2, l2, &g)?;
         Ok((st, Shape::from(shape)))
     }
     fn bwd(

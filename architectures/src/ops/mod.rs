@@ -11,7 +11,9 @@
 //! a bounded per-thread workspace, see `kernels`), and fused instance norm / leaky ReLU. On other
 //! devices or dtypes the same functions compose Candle ops (convolutions from Candle's `conv2d`
 //! with zero padding and exact tiling, `index_select`, `matmul` and reshapes), so the API runs on
-//! CUDA; the custom ops are never handed non-CPU tensors.
+//! CUDA. With the `cudnn` feature, CUDA f32/f16/bf16 convolutions (forward, both gradients,
+//! transposed) run the convolution custom ops on cuDNN instead (see `cudnn`); the other custom
+//! ops are never handed non-CPU tensors.
 //!
 //! Performance note for callers: Candle allocates a fresh buffer per op and glibc returns large
 //! buffers to the OS, so big feature maps pay page faults on every op. Training binaries should
@@ -20,6 +22,8 @@
 
 mod act;
 mod conv;
+#[cfg(feature = "cudnn")]
+mod cudnn;
 mod fused;
 mod interp;
 mod kernels;
@@ -35,6 +39,8 @@ pub use conv::{
     conv_weight_grad,
 };
 pub use conv::{ConvOpts, ConvTransposeOpts};
+#[cfg(feature = "cudnn")]
+pub use cudnn::{cudnn_allow_tf32, cudnn_available, set_cudnn_allow_tf32, CUDNN_MAX_WORKSPACE};
 pub use interp::{interpolate, pixel_shuffle, pixel_unshuffle, InterpMode, InterpSize};
 pub use norm::{
     batch_norm, grn, group_norm, instance_norm, layer_norm_cf, BatchNormState, NormAffine,

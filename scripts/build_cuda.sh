@@ -17,14 +17,17 @@
 #  3. Builds with CUDA_COMPUTE_CAP (default 90 = sm_90a, H100/H200 only; use 80 for PTX any
 #     Ampere-or-newer GPU can JIT).
 # A compile check without any toolkit (CI): scripts/check_cuda.sh.
-# Env: CUDA_ROOT, CUDA_COMPUTE_CAP, NNSEG_CUDA_DIR, NNSEG_CUDA_FEATURES (default "cuda"; a cudnn
-# feature would also need cuDNN 9 at link time), CARGO_TARGET_DIR, CARGO_PROFILE (default release).
+#  With NNSEG_CUDA_FEATURES=cudnn it also fetches cuDNN 9 (nvidia-cudnn-cu13, pinned, ~900 MB)
+#  into the same folder and links against it (any cuDNN 9.x works at run time: soname libcudnn.so.9).
+# Env: CUDA_ROOT, CUDA_COMPUTE_CAP, NNSEG_CUDA_DIR, NNSEG_CUDA_FEATURES (default "cuda", or
+# "cudnn"), CARGO_TARGET_DIR, CARGO_PROFILE (default release).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
 
 TOOLKIT_VERSION="13.0.2"
 TOOLKIT_SPEC="cuda-toolkit[nvcc,crt,nvvm,cccl,cudart,cublas,curand,nvrtc]==${TOOLKIT_VERSION}"
+CUDNN_VERSION="9.13.0.50"
 CUDA_DIR="${NNSEG_CUDA_DIR:-$ROOT/.cuda}"
 FEATURES="${NNSEG_CUDA_FEATURES:-cuda}"
 PROFILE="${CARGO_PROFILE:-release}"
@@ -35,7 +38,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --env) mode=env ;;
         --) shift; cargo_extra=("$@"); break ;;
-        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
         *) echo "build_cuda.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -107,6 +110,32 @@ print(p[0] if p else "")')"
     mv "$stubdir/libcuda.so.tmp" "$stubdir/libcuda.so"
     log "stub exports $n symbols"
 fi
+
+# ---- 2b. cuDNN for the cudnn feature ------------------------------------------------------------
+case ",$FEATURES," in
+*,cudnn,*)
+    if [ "$own" = 1 ]; then
+        cudnn_site="$CUDA_DIR/cudnn-site"
+        cmarker="$CUDA_DIR/.installed-cudnn-$CUDNN_VERSION"
+        if [ ! -f "$cmarker" ]; then
+            log "fetching nvidia-cudnn-cu13==$CUDNN_VERSION from PyPI into $cudnn_site"
+            py="${PYTHON:-python3}"
+            "$py" -m pip --version >/dev/null 2>&1 || py="$CUDA_DIR/venv/bin/python"
+            rm -rf "$cudnn_site"
+            "$py" -m pip install --disable-pip-version-check --no-warn-script-location -q --no-deps \
+                --target "$cudnn_site" "nvidia-cudnn-cu13==$CUDNN_VERSION"
+            touch "$cmarker"
+        fi
+        cudnn_so="$(find "$cudnn_site" -name 'libcudnn.so.9' | head -n1)"
+        [ -n "$cudnn_so" ] || { echo "build_cuda.sh: no libcudnn.so.9 under $cudnn_site (delete $cmarker and retry)" >&2; exit 1; }
+        cudnn_lib="$(dirname "$cudnn_so")"
+        # the linker looks in the toolkit's lib dir: an unversioned link to cuDNN there
+        [ -e "$libdir/libcudnn.so" ] || ln -s "$cudnn_so" "$libdir/libcudnn.so"
+        export LD_LIBRARY_PATH="$cudnn_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    else
+        log "cudnn feature with CUDA_ROOT=$CUDA_ROOT: cuDNN 9 (libcudnn.so) must be on the linker path"
+    fi ;;
+esac
 
 # ---- 3. environment + cargo --------------------------------------------------------------------
 export CUDA_ROOT CUDA_HOME="$CUDA_ROOT" CUDA_PATH="$CUDA_ROOT"

@@ -289,6 +289,21 @@ unsafe fn mm<T: Elem>(
     );
 }
 
+thread_local! {
+    /// Per-thread im2col / tile workspace, kept across kernel calls so that it is allocated (and
+    /// zero-filled) once per thread instead of once per call and rayon split.
+    static WORKSPACE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f(ws)` with this thread's workspace (a fresh one if it is already in use further up the
+/// stack, e.g. when rayon runs another item on this thread while an outer item waits).
+fn with_workspace<R>(f: impl FnOnce(&mut Vec<u8>) -> R) -> R {
+    WORKSPACE.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut ws) => f(&mut ws),
+        Err(_) => f(&mut Vec::new()),
+    })
+}
+
 fn run_items<F>(items: usize, outer: bool, f: F)
 where
     F: Fn(usize, &mut Vec<u8>) + Sync + Send,
@@ -296,12 +311,13 @@ where
     if outer {
         (0..items)
             .into_par_iter()
-            .for_each_init(Vec::<u8>::new, |ws, i| f(i, ws));
+            .for_each(|i| with_workspace(|ws| f(i, ws)));
     } else {
-        let mut ws = Vec::new();
-        for i in 0..items {
-            f(i, &mut ws);
-        }
+        with_workspace(|ws| {
+            for i in 0..items {
+                f(i, ws);
+            }
+        });
     }
 }
 
@@ -317,8 +333,191 @@ fn workspace<T: Elem>(ws: &mut Vec<u8>, len: usize) -> &mut [T] {
     &mut mid[..len]
 }
 
+/// Largest tolerated `(padded positions / output positions - 1) * output channels per group` for
+/// the implicit-GEMM path. The padded grid computes (and discards) outputs on the padding rows
+/// and columns; im2col instead copies every input `ktot` times, which costs about as much as
+/// `40 / cog` of the GEMM (measured, AVX-512). Below the limit the wasted multiply-adds cost less
+/// than the copies they replace.
+const IMPLICIT_WASTE_LIMIT: f64 = 24.0;
+
+/// Upper bound of the implicit-GEMM output tile (output channels x positions), in bytes: the tile
+/// and the input rows it reads stay in L2 across all taps.
+const IMPLICIT_TILE_BYTES: usize = 512 << 10;
+
+/// A stride-1 convolution evaluated on the zero-padded input grid ("implicit GEMM").
+///
+/// With the input zero-padded to `pdims = inp + 2 p` and flattened, output position `o` (at flat
+/// padded index `F(o)`) reads tap `t` at `F(o) + off[t]` with one fixed `off[t]` per tap, so
+/// `y[:, F(o)] = sum_t W_t x_pad[:, F(o) + off_t]`: one GEMM per tap straight from the padded
+/// input, no im2col copy. Positions of the flat range that fall on padding columns/rows are
+/// computed and dropped when the tile is copied out.
+struct Implicit {
+    pdims: [usize; 3],
+    ptot: usize,
+    /// flat padded positions from the first to the last output (inclusive)
+    len: usize,
+    /// flat offset of every tap, in the weight's flattened kernel order
+    offs: Vec<usize>,
+}
+
+impl Implicit {
+    /// The plan when `g` is a stride-1 convolution with a kernel (or padding) and the padded grid
+    /// wastes little work; `None` selects the im2col path.
+    fn plan(g: &Geom) -> Option<Self> {
+        if g.s != [1, 1, 1] || (g.ktot() == 1 && g.p == [0, 0, 0]) || g.out_sp() == 0 {
+            return None;
+        }
+        let pdims: [usize; 3] = std::array::from_fn(|a| g.inp[a] + 2 * g.p[a]);
+        let [o0, o1, o2] = g.out;
+        let len = ((o0 - 1) * pdims[1] + o1 - 1) * pdims[2] + o2;
+        let waste = len as f64 / g.out_sp() as f64 - 1.0;
+        if waste * g.cog() as f64 > IMPLICIT_WASTE_LIMIT {
+            return None;
+        }
+        let mut offs = Vec::with_capacity(g.ktot());
+        for k0 in 0..g.k[0] {
+            for k1 in 0..g.k[1] {
+                for k2 in 0..g.k[2] {
+                    offs.push((k0 * g.d[0] * pdims[1] + k1 * g.d[1]) * pdims[2] + k2 * g.d[2]);
+                }
+            }
+        }
+        Some(Implicit {
+            pdims,
+            ptot: pdims.iter().product(),
+            len,
+            offs,
+        })
+    }
+}
+
+/// Zero-pads `planes` contiguous planes of spatial size `dims` by `lo` before and after each axis.
+fn pad_planes<T: Elem>(src: &[T], planes: usize, dims: [usize; 3], lo: [usize; 3]) -> Vec<T> {
+    let pd: [usize; 3] = std::array::from_fn(|a| dims[a] + 2 * lo[a]);
+    let (sp, ptot) = (dims.iter().product::<usize>(), pd.iter().product::<usize>());
+    let mut out = vec![T::ZERO; planes * ptot];
+    if sp == 0 {
+        return out;
+    }
+    out.par_chunks_mut(ptot)
+        .zip(src.par_chunks(sp))
+        .for_each(|(dst, s)| {
+            for i0 in 0..dims[0] {
+                for i1 in 0..dims[1] {
+                    let so = (i0 * dims[1] + i1) * dims[2];
+                    let d = ((i0 + lo[0]) * pd[1] + i1 + lo[1]) * pd[2] + lo[2];
+                    dst[d..d + dims[2]].copy_from_slice(&s[so..so + dims[2]]);
+                }
+            }
+        });
+    out
+}
+
+/// [`conv_fwd`] through [`Implicit`]: per `(image, tile)` one accumulating GEMM per tap into an
+/// L2-sized tile, then a copy of the tile's valid positions (plus bias) into `y`.
+fn conv_fwd_implicit<T: Elem>(
+    x: &[T],
+    w: &[T],
+    bias: Option<&[T]>,
+    g: &Geom,
+    plan: &Implicit,
+) -> Vec<T> {
+    let (out_sp, ktot) = (g.out_sp(), g.ktot());
+    let (cig, cog) = (g.cig(), g.cog());
+    let [_, pd1, pd2] = plan.pdims;
+    let xp = pad_planes(x, g.n * g.cin, g.inp, g.p);
+    // Per-tap weight matrices: wt[gi][t] is cog x cig, row-major.
+    let mut wt = vec![T::ZERO; g.cout * cig * ktot];
+    for gi in 0..g.groups {
+        for co in 0..cog {
+            for ci in 0..cig {
+                for t in 0..ktot {
+                    wt[((gi * ktot + t) * cog + co) * cig + ci] =
+                        w[((gi * cog + co) * cig + ci) * ktot + t];
+                }
+            }
+        }
+    }
+    let lc = (IMPLICIT_TILE_BYTES / std::mem::size_of::<T>() / (cog + cig).max(1))
+        .max(256)
+        .min(plan.len.max(1));
+    let nchunks = plan.len.div_ceil(lc);
+    let mut y = vec![T::ZERO; g.n * g.cout * out_sp];
+    let yp = SendPtr(y.as_mut_ptr());
+    let items = g.n * nchunks;
+    let outer = outer_parallel(items);
+    let par = gemm_par(outer);
+    let [_, o1, o2] = g.out;
+    run_items(items, outer, |item, ws| {
+        let b = item / nchunks;
+        let s0 = (item % nchunks) * lc;
+        let l = lc.min(plan.len - s0);
+        let tile = workspace::<T>(ws, cog * l);
+        for gi in 0..g.groups {
+            let xs = &xp[(b * g.cin + gi * cig) * plan.ptot..];
+            for (t, &off) in plan.offs.iter().enumerate() {
+                // SAFETY: rows of `xs` are `ptot` long and `s0 + off + l <= ptot` for every tap
+                // (the last output reads at most the last padded element); `tile` is cog x l.
+                unsafe {
+                    mm(
+                        cog,
+                        l,
+                        cig,
+                        tile.as_mut_ptr(),
+                        l,
+                        1,
+                        t > 0,
+                        wt[(gi * ktot + t) * cog * cig..].as_ptr(),
+                        cig,
+                        1,
+                        xs[s0 + off..].as_ptr(),
+                        plan.ptot,
+                        1,
+                        par,
+                    );
+                }
+            }
+            for co in 0..cog {
+                let c = gi * cog + co;
+                let bv = bias.map_or(T::ZERO, |bs| bs[c]);
+                let trow = &tile[co * l..(co + 1) * l];
+                let mut q = s0;
+                while q < s0 + l {
+                    let (row, col) = (q / pd2, q % pd2);
+                    let (i0, i1) = (row / pd1, row % pd1);
+                    if i1 < o1 && col < o2 {
+                        let e = (s0 + l).min(row * pd2 + o2);
+                        // SAFETY: tiles of one image cover disjoint flat ranges, so they write
+                        // disjoint output positions; the index is a valid output position.
+                        let dst = unsafe {
+                            std::slice::from_raw_parts_mut(
+                                yp.get()
+                                    .add((b * g.cout + c) * out_sp + (i0 * o1 + i1) * o2 + col),
+                                e - q,
+                            )
+                        };
+                        for (d, &v) in dst.iter_mut().zip(&trow[q - s0..e - s0]) {
+                            *d = v + bv;
+                        }
+                    }
+                    q = (row + 1) * pd2;
+                }
+            }
+        }
+    });
+    y
+}
+
 /// Convolution forward: `x (n, cin, inp)`, `w (cout, cin/groups, k)`, optional `bias (cout)`.
 pub(crate) fn conv_fwd<T: Elem>(x: &[T], w: &[T], bias: Option<&[T]>, g: &Geom) -> Vec<T> {
+    match Implicit::plan(g) {
+        Some(plan) => conv_fwd_implicit(x, w, bias, g, &plan),
+        None => conv_fwd_im2col(x, w, bias, g),
+    }
+}
+
+/// [`conv_fwd`] on blocked im2col (any stride).
+fn conv_fwd_im2col<T: Elem>(x: &[T], w: &[T], bias: Option<&[T]>, g: &Geom) -> Vec<T> {
     let (in_sp, out_sp) = (g.in_sp(), g.out_sp());
     let (cig, cog) = (g.cig(), g.cog());
     let kc = cig * g.ktot();
@@ -405,45 +604,47 @@ pub(crate) fn conv_bwd_filter<T: Elem>(x: &[T], dy: &[T], g: &Geom) -> Vec<T> {
     let par = gemm_par(outer);
     let work = |part: usize| -> Vec<T> {
         let mut acc = vec![T::ZERO; wlen];
-        let mut ws = Vec::new();
         let (i0, i1) = (items * part / parts, items * (part + 1) / parts);
-        for item in i0..i1 {
-            let b = item / nchunks;
-            let r0 = (item % nchunks) * rpc;
-            let r1 = (r0 + rpc).min(total_rows);
-            let pc = (r1 - r0) * row_len;
-            let col = workspace::<T>(&mut ws, if identity { 0 } else { kc * pc });
-            for gi in 0..g.groups {
-                let xs = &x[(b * g.cin + gi * cig) * in_sp..(b * g.cin + (gi + 1) * cig) * in_sp];
-                let (rhs, rhs_cs) = if identity {
-                    (xs[r0 * row_len..].as_ptr(), in_sp)
-                } else {
-                    im2col(xs, g.inp, cig, &ax, r0, r1, col);
-                    (col.as_ptr(), pc)
-                };
-                // SAFETY: in-bounds pointers; `acc` is owned by this part. The accumulator is
-                // column-major per group ([kc][cog]) so that gemm streams the im2col rows
-                // directly instead of transposing them while packing.
-                unsafe {
-                    mm(
-                        cog,
-                        kc,
-                        pc,
-                        acc[gi * cog * kc..].as_mut_ptr(),
-                        1,
-                        cog,
-                        true,
-                        dy[(b * g.cout + gi * cog) * out_sp + r0 * row_len..].as_ptr(),
-                        out_sp,
-                        1,
-                        rhs,
-                        1,
-                        rhs_cs,
-                        par,
-                    );
+        with_workspace(|ws| {
+            for item in i0..i1 {
+                let b = item / nchunks;
+                let r0 = (item % nchunks) * rpc;
+                let r1 = (r0 + rpc).min(total_rows);
+                let pc = (r1 - r0) * row_len;
+                let col = workspace::<T>(ws, if identity { 0 } else { kc * pc });
+                for gi in 0..g.groups {
+                    let xs =
+                        &x[(b * g.cin + gi * cig) * in_sp..(b * g.cin + (gi + 1) * cig) * in_sp];
+                    let (rhs, rhs_cs) = if identity {
+                        (xs[r0 * row_len..].as_ptr(), in_sp)
+                    } else {
+                        im2col(xs, g.inp, cig, &ax, r0, r1, col);
+                        (col.as_ptr(), pc)
+                    };
+                    // SAFETY: in-bounds pointers; `acc` is owned by this part. The accumulator is
+                    // column-major per group ([kc][cog]) so that gemm streams the im2col rows
+                    // directly instead of transposing them while packing.
+                    unsafe {
+                        mm(
+                            cog,
+                            kc,
+                            pc,
+                            acc[gi * cog * kc..].as_mut_ptr(),
+                            1,
+                            cog,
+                            true,
+                            dy[(b * g.cout + gi * cog) * out_sp + r0 * row_len..].as_ptr(),
+                            out_sp,
+                            1,
+                            rhs,
+                            1,
+                            rhs_cs,
+                            par,
+                        );
+                    }
                 }
             }
-        }
+        });
         acc
     };
     let partials: Vec<Vec<T>> = if parts > 1 {
@@ -451,29 +652,36 @@ pub(crate) fn conv_bwd_filter<T: Elem>(x: &[T], dy: &[T], g: &Geom) -> Vec<T> {
     } else {
         vec![work(0)]
     };
-    let mut it = partials.into_iter();
-    let mut acc = it.next().unwrap_or_else(|| vec![T::ZERO; wlen]);
-    for p in it {
-        for (a, b) in acc.iter_mut().zip(p) {
-            *a += b;
-        }
-    }
-    // [g][kc][cog] -> [g * cog + co][kc]
+    // Sum the parts and transpose [g][kc][cog] -> [g * cog + co][kc], parallel over output rows.
     let mut dw = vec![T::ZERO; wlen];
-    for gi in 0..g.groups {
-        let a = &acc[gi * cog * kc..(gi + 1) * cog * kc];
-        for r in 0..kc {
-            for co in 0..cog {
-                dw[(gi * cog + co) * kc + r] = a[r * cog + co];
+    dw.par_chunks_mut(kc).enumerate().for_each(|(row, out)| {
+        let (gi, co) = (row / cog, row % cog);
+        for (r, o) in out.iter_mut().enumerate() {
+            let idx = gi * cog * kc + r * cog + co;
+            let mut v = partials[0][idx];
+            for p in &partials[1..] {
+                v += p[idx];
             }
+            *o = v;
         }
-    }
+    });
     dw
 }
 
 /// Input gradient (the transposed convolution): `dy (n, cout, out)`, `w (cout, cin/groups, k)`
 /// -> `dx (n, cin, inp)`, optionally initialised with a per-channel `bias (cin)`.
 pub(crate) fn conv_bwd_data<T: Elem>(dy: &[T], w: &[T], bias: Option<&[T]>, g: &Geom) -> Vec<T> {
+    let (in_sp, out_sp) = (g.in_sp(), g.out_sp());
+    let (cig, cog) = (g.cig(), g.cog());
+    let ktot = g.ktot();
+    if let Some(dx) = conv_bwd_data_implicit(dy, w, bias, g) {
+        return dx;
+    }
+    conv_bwd_data_phases(dy, w, bias, g)
+}
+
+/// [`conv_bwd_data`] in phase-gather form on blocked im2col (any stride).
+fn conv_bwd_data_phases<T: Elem>(dy: &[T], w: &[T], bias: Option<&[T]>, g: &Geom) -> Vec<T> {
     let (in_sp, out_sp) = (g.in_sp(), g.out_sp());
     let (cig, cog) = (g.cig(), g.cog());
     let ktot = g.ktot();
@@ -645,6 +853,47 @@ pub(crate) fn conv_bwd_data<T: Elem>(dy: &[T], w: &[T], bias: Option<&[T]>, g: &
         }
     });
     dx
+}
+
+/// [`conv_bwd_data`] of a stride-1 convolution as the forward convolution of `dy` with the
+/// flipped, transposed kernel and padding `d (k - 1) - p`, through [`Implicit`] (`None` when that
+/// padding would be negative or the padded grid wastes too much).
+fn conv_bwd_data_implicit<T: Elem>(
+    dy: &[T],
+    w: &[T],
+    bias: Option<&[T]>,
+    g: &Geom,
+) -> Option<Vec<T>> {
+    if g.s != [1, 1, 1] || (0..3).any(|a| g.p[a] > g.d[a] * (g.k[a] - 1)) {
+        return None;
+    }
+    let t = Geom {
+        n: g.n,
+        cin: g.cout,
+        cout: g.cin,
+        groups: g.groups,
+        inp: g.out,
+        out: g.inp,
+        k: g.k,
+        s: [1, 1, 1],
+        p: std::array::from_fn(|a| g.d[a] * (g.k[a] - 1) - g.p[a]),
+        d: g.d,
+    };
+    let plan = Implicit::plan(&t)?;
+    let (cig, cog, ktot) = (g.cig(), g.cog(), g.ktot());
+    // w (cout, cig, k) -> wf (cin, cog, k) with the kernel reversed along every axis.
+    let mut wf = vec![T::ZERO; w.len()];
+    for gi in 0..g.groups {
+        for co in 0..cog {
+            for ci in 0..cig {
+                for k in 0..ktot {
+                    wf[((gi * cig + ci) * cog + co) * ktot + (ktot - 1 - k)] =
+                        w[((gi * cog + co) * cig + ci) * ktot + k];
+                }
+            }
+        }
+    }
+    Some(conv_fwd_implicit(dy, &wf, bias, &t, &plan))
 }
 
 /// [`conv_bwd_data`] when kernel == stride, no padding/dilation and an exact tiling (the U-Net
@@ -839,6 +1088,49 @@ mod tests {
             assert!((lhs - dot(&dx, &x)).abs() < 1e-10, "{g:?} data adjoint");
             assert!((lhs - dot(&dw, &w)).abs() < 1e-10, "{g:?} filter adjoint");
         }
+    }
+
+    /// The implicit-GEMM path (stride 1) agrees with the im2col path, forward and input gradient,
+    /// including dilation, asymmetric kernels, groups, 1-voxel axes and padding larger than the
+    /// kernel reach (where the input gradient keeps the phase path).
+    #[test]
+    fn implicit_gemm_matches_im2col() {
+        let cases = [
+            geom([1, 9, 11], [1, 3, 3], [1, 1, 1], [0, 1, 1], [1, 1, 1]),
+            geom([5, 6, 7], [3, 3, 3], [1, 1, 1], [1, 1, 1], [1, 1, 1]),
+            geom([5, 6, 7], [3, 3, 3], [1, 1, 1], [2, 2, 2], [2, 2, 2]),
+            geom([4, 5, 6], [3, 1, 3], [1, 1, 1], [1, 0, 1], [1, 1, 1]),
+            geom([4, 5, 6], [2, 3, 1], [1, 1, 1], [0, 1, 0], [1, 1, 1]),
+            geom([3, 3, 3], [3, 3, 3], [1, 1, 1], [3, 3, 3], [1, 1, 1]),
+            geom([1, 1, 9], [1, 1, 3], [1, 1, 1], [0, 0, 1], [1, 1, 1]),
+            geom([3, 4, 5], [1, 1, 1], [1, 1, 1], [1, 1, 1], [1, 1, 1]),
+        ];
+        let mut used = 0;
+        for g in cases {
+            let x = seq(g.n * g.cin * g.in_sp(), 4);
+            let w = seq(g.cout * g.cig() * g.ktot(), 5);
+            let bias = seq(g.cout, 6);
+            let dy = seq(g.n * g.cout * g.out_sp(), 7);
+            let dbias = seq(g.cin, 8);
+            if let Some(plan) = Implicit::plan(&g) {
+                used += 1;
+                let a = conv_fwd_implicit(&x, &w, Some(&bias), &g, &plan);
+                let b = conv_fwd_im2col(&x, &w, Some(&bias), &g);
+                assert_eq!(a.len(), b.len());
+                for (u, v) in a.iter().zip(&b) {
+                    assert!((u - v).abs() < 1e-12, "{g:?} fwd: {u} vs {v}");
+                }
+            }
+            if let Some(a) = conv_bwd_data_implicit(&dy, &w, Some(&dbias), &g) {
+                used += 1;
+                let b = conv_bwd_data_phases(&dy, &w, Some(&dbias), &g);
+                assert_eq!(a.len(), b.len());
+                for (u, v) in a.iter().zip(&b) {
+                    assert!((u - v).abs() < 1e-12, "{g:?} data: {u} vs {v}");
+                }
+            }
+        }
+        assert!(used >= 12, "implicit path taken only {used} times");
     }
 
     /// Timing breakdown of the three kernels (run with

@@ -652,19 +652,32 @@ pub(crate) fn conv_bwd_filter<T: Elem>(x: &[T], dy: &[T], g: &Geom) -> Vec<T> {
     } else {
         vec![work(0)]
     };
-    // Sum the parts and transpose [g][kc][cog] -> [g * cog + co][kc], parallel over output rows.
+    // Sum the parts and transpose [g][kc][cog] -> [g * cog + co][kc] in 32 x 32 tiles (a plain
+    // strided transpose misses the cache on every element once cog * 4 bytes exceeds a line),
+    // parallel over blocks of 32 output rows.
+    const TB: usize = 32;
     let mut dw = vec![T::ZERO; wlen];
-    dw.par_chunks_mut(kc).enumerate().for_each(|(row, out)| {
-        let (gi, co) = (row / cog, row % cog);
-        for (r, o) in out.iter_mut().enumerate() {
-            let idx = gi * cog * kc + r * cog + co;
-            let mut v = partials[0][idx];
-            for p in &partials[1..] {
-                v += p[idx];
+    dw.par_chunks_mut(TB * kc)
+        .enumerate()
+        .for_each(|(blk, out)| {
+            let row0 = blk * TB;
+            let rows = out.len() / kc.max(1);
+            for r0 in (0..kc).step_by(TB) {
+                let r1 = (r0 + TB).min(kc);
+                for i in 0..rows {
+                    let (gi, co) = ((row0 + i) / cog, (row0 + i) % cog);
+                    let base = gi * cog * kc + co;
+                    for r in r0..r1 {
+                        let idx = base + r * cog;
+                        let mut v = partials[0][idx];
+                        for p in &partials[1..] {
+                            v += p[idx];
+                        }
+                        out[i * kc + r] = v;
+                    }
+                }
             }
-            *o = v;
-        }
-    });
+        });
     dw
 }
 

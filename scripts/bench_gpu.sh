@@ -11,7 +11,8 @@
 #    Nesterov step, DC+CE loss with deep supervision, grad clipping), iterations/s and peak memory:
 #      3d_fullres: patch 128x128x128, batch 2, features 32,64,128,256,320,320
 #      2d:         patch 512x512, batch 12, features 32,64,128,256,512,512,512
-#    nnseg side: `nnseg bench_train --config <cfg> --device cuda --json` (fp32).
+#    nnseg side: `nnseg bench_train --config <cfg> --device cuda --json` (bf16 mixed precision:
+#    `--amp auto` is on for CUDA; the JSON's `precision` says which).
 #    PyTorch side (if `import torch` works and sees a GPU): scripts/bench_torch_unet.py, the same
 #    network and step in plain torch with AMP, as nnU-Net trains.
 # 3. A table with the step-time ratio nnseg / PyTorch.
@@ -118,7 +119,7 @@ elif [ "$do_torch" = 1 ]; then
 fi
 
 for cfg in $configs; do
-    echo "== $cfg: nnseg (fp32)"
+    echo "== $cfg: nnseg (--amp auto: bf16)"
     start_poll "$out/smi_nnseg_$cfg.txt"
     timeout "$tmo" scripts/run_cuda.sh bench_train --config "$cfg" --device cuda \
         --iters "$iters" --warmup "$warmup" --json >"$out/nnseg_$cfg.json" 2>"$out/nnseg_$cfg.log"

@@ -125,6 +125,10 @@ pub struct BenchTrainArgs {
     /// of PlainConvUNet.
     #[arg(long = "tr")]
     pub trainer: Option<String>,
+    /// bf16 mixed precision (f32 master weights, loss in f32): auto (on for CUDA, off on
+    /// the CPU), on or off.
+    #[arg(long = "amp", default_value = "auto", value_name = "auto|on|off")]
+    pub amp: trainer::Amp,
 }
 
 #[derive(Args, Debug)]
@@ -271,6 +275,11 @@ pub struct TrainArgs {
     /// Seed for network initialisation and data loading.
     #[arg(long = "seed")]
     pub seed: Option<u64>,
+    /// bf16 mixed precision (f32 master weights, loss in f32): auto (on for CUDA, off on
+    /// the CPU), on or off.
+    /// [default: auto]
+    #[arg(long = "amp", value_name = "auto|on|off")]
+    pub amp: Option<trainer::Amp>,
     /// nnseg extension: override the preset's number of epochs.
     #[arg(long = "num_epochs")]
     pub num_epochs: Option<usize>,
@@ -387,6 +396,10 @@ pub struct PredictArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long = "device", default_value = "cpu")]
     pub device: String,
+    /// bf16 inference (logits accumulated in f32): auto (on for CUDA, off on the CPU), on or
+    /// off.
+    #[arg(long = "amp", default_value = "auto", value_name = "auto|on|off")]
+    pub amp: trainer::Amp,
     /// Preprocessing / export workers.
     #[arg(long = "npp", default_value_t = 3)]
     pub npp: usize,

@@ -287,6 +287,9 @@ fn train(paths: &NnUnetPaths, a: &cli::TrainArgs) -> Result<()> {
     if let Some(seed) = a.seed {
         config.seed = seed;
     }
+    if let Some(amp) = a.amp {
+        config.amp = amp;
+    }
     if let Some(n) = a.num_epochs {
         config.num_epochs = n;
     }
@@ -376,6 +379,7 @@ fn predict(paths: &NnUnetPaths, a: &cli::PredictArgs) -> Result<()> {
     req.disable_tta = a.disable_tta;
     req.save_probabilities = a.save_probabilities;
     req.num_workers = a.npp.max(1);
+    req.amp = a.amp;
     req.prev_stage_predictions = a.prev_stage_predictions.clone();
     let t = Instant::now();
     let report = trainer::predict::predict_from_raw_folder(&req)?;
@@ -570,6 +574,7 @@ fn bench_train(a: &cli::BenchTrainArgs) -> Result<()> {
     o.num_classes = a.num_classes;
     o.iters = a.iters;
     o.warmup = a.warmup;
+    o.amp = a.amp;
     let device = pick_device(&a.device)?;
     let r = trainer::bench::bench_train(&o, &device)
         .with_context(|| format!("bench_train {}", a.config))?;
@@ -577,9 +582,12 @@ fn bench_train(a: &cli::BenchTrainArgs) -> Result<()> {
         println!("{}", serde_json::to_string(&r)?);
     } else {
         println!(
-            "{} ({}) on {}: patch {:?} batch {} features {:?}, {} params: {:.3} s/step (median of {}; min {:.3}; fwd {:.3}, bwd {:.3}, clip+step {:.3}), loss {:.4}",
-            r.config, r.network, r.device, r.patch, r.batch_size, r.features, r.params,
-            r.step_s_median, r.iters, r.step_s_min, r.fwd_s, r.bwd_s, r.opt_s, r.loss
+            "{} ({}) on {}, {}: patch {:?} batch {} features {:?}, {} params: {:.3} s/step (median of {}; min {:.3}; fwd {:.3}, bwd {:.3}, clip+step {:.3}), loss {:.4}{}",
+            r.config, r.network, r.device, r.precision, r.patch, r.batch_size, r.features, r.params,
+            r.step_s_median, r.iters, r.step_s_min, r.fwd_s, r.bwd_s, r.opt_s, r.loss,
+            r.peak_gpu_memory_bytes
+                .map(|b| format!(", peak GPU memory {:.2} GiB", b as f64 / (1u64 << 30) as f64))
+                .unwrap_or_default()
         );
     }
     Ok(())

@@ -3,6 +3,7 @@
 //! data — the number to compare with PyTorch nnU-Net on the same device
 //! (`scripts/bench_gpu.sh`, `scripts/bench_train_cpu.sh`).
 
+use crate::amp::{forward_autocast, Amp};
 use crate::loss::{deep_supervision_weights, DcAndCeLoss, DeepSupervisionLoss, LossOptions};
 use crate::optim::{clip_grad_norm, SgdNesterov, SgdOptions};
 use architectures::registry::{NetworkIo, Registry};
@@ -31,6 +32,8 @@ pub struct BenchTrainOptions {
     /// Another registry network instead of PlainConvUNet: (name, `arch_kwargs` merged over the
     /// plan's), e.g. from a trainer preset.
     pub network: Option<(String, serde_json::Map<String, serde_json::Value>)>,
+    /// bf16 mixed precision (`auto`: on CUDA); see [`crate::amp`].
+    pub amp: Amp,
 }
 
 impl BenchTrainOptions {
@@ -55,6 +58,7 @@ impl BenchTrainOptions {
             warmup: 5,
             seed: 12345,
             network: None,
+            amp: Amp::Auto,
         })
     }
 }
@@ -78,6 +82,12 @@ pub struct BenchTrainResult {
     pub bwd_s: f64,
     pub opt_s: f64,
     pub loss: f64,
+    /// Dtype of the forward pass (`f32`, or `bf16` with mixed precision).
+    pub precision: &'static str,
+    /// Peak bytes of the CUDA allocator pool over the timed steps (CUDA builds; see
+    /// `crate::gpu_memory`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_gpu_memory_bytes: Option<u64>,
 }
 
 fn sync(d: &Device) -> candle_core::Result<()> {
@@ -174,8 +184,12 @@ pub fn bench_train(
         let t = Tensor::rand(0f32, o.num_classes as f32, ts, device)?.floor()?;
         targets.push(t);
     }
+    let dtype = o.amp.compute_dtype(device);
     // networks other than nnU-Net's may have fewer decoder outputs
-    let n_out = net.forward(&x, false)?.len().min(targets.len());
+    let n_out = net
+        .forward(&x.to_dtype(dtype)?, false)?
+        .len()
+        .min(targets.len());
     targets.truncate(n_out);
     let loss = DeepSupervisionLoss::new(
         Box::new(DcAndCeLoss::new(LossOptions {
@@ -187,9 +201,13 @@ pub fn bench_train(
     let (mut steps, mut fwd, mut bwd, mut optt) = (vec![], 0.0, 0.0, 0.0);
     let mut last = 0.0;
     for it in 0..o.warmup + o.iters {
+        #[cfg(feature = "cuda")]
+        if it == o.warmup {
+            crate::gpu_memory::take_peak(device); // resets the high-water mark
+        }
         sync(device)?;
         let t0 = Instant::now();
-        let out = net.forward_full(&x, true)?.seg;
+        let out = forward_autocast(net.as_ref(), &x, true, dtype)?.seg;
         let l = loss.loss_ds(&out, &targets)?;
         sync(device)?;
         let t1 = Instant::now();
@@ -208,6 +226,10 @@ pub fn bench_train(
             optt += (t3 - t2).as_secs_f64();
         }
     }
+    #[cfg(feature = "cuda")]
+    let peak = crate::gpu_memory::take_peak(device).map(|m| m.used());
+    #[cfg(not(feature = "cuda"))]
+    let peak = None;
     let k = steps.len() as f64;
     let mut sorted = steps.clone();
     sorted.sort_by(|a, b| a.total_cmp(b));
@@ -229,6 +251,8 @@ pub fn bench_train(
         bwd_s: bwd / k,
         opt_s: optt / k,
         loss: last,
+        precision: dtype.as_str(),
+        peak_gpu_memory_bytes: peak,
     })
 }
 
@@ -252,6 +276,9 @@ mod tests {
         assert!(r.step_s_median > 0.0 && r.loss.is_finite());
         assert!(r.fwd_s + r.bwd_s + r.opt_s <= r.step_s_median * 2.0 + 1e-3);
         assert!(r.params > 0);
+        assert_eq!((r.precision, r.peak_gpu_memory_bytes), ("f32", None));
+        let r = bench_train(&BenchTrainOptions { amp: Amp::On, ..o }, &Device::Cpu).unwrap();
+        assert!(r.precision == "bf16" && r.loss.is_finite());
         assert!(BenchTrainOptions::preset("3d_fullres").is_some());
         assert!(BenchTrainOptions::preset("3d_lowres").is_none());
     }

@@ -56,6 +56,8 @@ pub struct TrainerConfig {
     pub seed: u64,
     /// Data-loading worker threads (`None`: automatic).
     pub num_workers: Option<usize>,
+    /// bf16 mixed precision (`auto`: on for CUDA, off on the CPU); see [`crate::amp`].
+    pub amp: crate::amp::Amp,
 }
 
 impl Default for TrainerConfig {
@@ -81,6 +83,7 @@ impl Default for TrainerConfig {
             growth: crate::growth::GrowthOptions::default(),
             seed: 12345,
             num_workers: None,
+            amp: crate::amp::Amp::Auto,
         }
     }
 }
@@ -196,6 +199,7 @@ mod tests {
             mirror_axes: Some(vec![0, 1]),
             network_override: Some("KiUNet".into()),
             batch_size: Some(3),
+            amp: crate::amp::Amp::Off,
             ..Default::default()
         };
         let s = serde_json::to_string(&c).unwrap();
@@ -204,6 +208,9 @@ mod tests {
         let partial: TrainerConfig = serde_json::from_str(r#"{"num_epochs": 5}"#).unwrap();
         assert_eq!(partial.num_epochs, 5);
         assert_eq!(partial.num_iterations_per_epoch, 250);
+        assert_eq!(partial.amp, crate::amp::Amp::Auto);
+        let on: TrainerConfig = serde_json::from_str(r#"{"amp": "on"}"#).unwrap();
+        assert_eq!(on.amp, crate::amp::Amp::On);
         let typo = serde_json::from_str::<TrainerConfig>(r#"{"num_epoch": 5}"#);
         assert!(typo.unwrap_err().to_string().contains("num_epoch"));
     }

@@ -4,11 +4,14 @@
 //! - [`train::train`]: the epoch loop writing nnU-Net's results layout;
 //! - [`checkpoint`], [`logging`], [`progress`]: checkpoints, training log, `progress.png`.
 
+pub mod amp;
 pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod evaluation;
+#[cfg(feature = "cuda")]
+pub mod gpu_memory;
 pub mod growth;
 pub mod logging;
 pub mod loss;
@@ -18,6 +21,7 @@ pub mod presets;
 pub mod progress;
 pub mod train;
 
+pub use amp::Amp;
 pub use checkpoint::{Checkpoint, CheckpointKind};
 pub use config::TrainerConfig;
 pub use data::Fold;

@@ -147,22 +147,26 @@ impl Grn {
         })
     }
 
+    /// Half-precision inputs are normalised in f32 (as the norms in `crate::ops`).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let (n, c) = (dims[0], dims[1]);
-        let v: usize = dims[2..].iter().product();
-        let xr = x.contiguous()?.reshape((n * c, 1, v))?;
-        let ss = xr.matmul(&xr.t()?)?.reshape((n, c))?;
-        let g = (ss + EPS)?.sqrt()?;
-        let nx = g.broadcast_div(&(g.mean_keepdim(1)? + EPS)?)?;
-        let factor = (nx.broadcast_mul(&self.gamma.unsqueeze(0)?)? + 1.0)?;
-        let mut fshape = vec![n, c];
-        fshape.extend(std::iter::repeat_n(1, dims.len() - 2));
-        let y = x.broadcast_mul(&factor.reshape(fshape)?)?;
-        match &self.beta {
-            Some(b) => y.broadcast_add(&ops_channel_view(b, dims.len())?),
-            None => Ok(y),
-        }
+        ops::in_f32(x, |x| {
+            let dims = x.dims().to_vec();
+            let (n, c) = (dims[0], dims[1]);
+            let v: usize = dims[2..].iter().product();
+            let xr = x.contiguous()?.reshape((n * c, 1, v))?;
+            let ss = xr.matmul(&xr.t()?)?.reshape((n, c))?;
+            let g = (ss + EPS)?.sqrt()?;
+            let nx = g.broadcast_div(&(g.mean_keepdim(1)? + EPS)?)?;
+            let gamma = self.gamma.to_dtype(x.dtype())?;
+            let factor = (nx.broadcast_mul(&gamma.unsqueeze(0)?)? + 1.0)?;
+            let mut fshape = vec![n, c];
+            fshape.extend(std::iter::repeat_n(1, dims.len() - 2));
+            let y = x.broadcast_mul(&factor.reshape(fshape)?)?;
+            match &self.beta {
+                Some(b) => y.broadcast_add(&ops_channel_view(&b.to_dtype(x.dtype())?, dims.len())?),
+                None => Ok(y),
+            }
+        })
     }
 
     pub fn params(&self) -> u64 {
@@ -256,7 +260,7 @@ impl CnxBlock {
             } else {
                 g.clone()
             };
-            h = h.broadcast_mul(&ops_channel_view(&g, h.rank())?)?;
+            h = h.broadcast_mul(&ops_channel_view(&g.to_dtype(h.dtype())?, h.rank())?)?;
         }
         match self.form {
             BlockForm::Seed => Ok(h),

@@ -260,6 +260,24 @@ fn path(x: &Tensor) -> Path {
     Path::Composite
 }
 
+/// CPU half precision (f16/bf16): no fast kernels here and no bf16 gemm in Candle's CPU
+/// `conv2d`, so `f` (a convolution) runs in f32 on half-rounded operands and its result is
+/// rounded back — half operands, f32 accumulation, half result, as cuDNN computes it.
+fn cpu_half_via_f32(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    f: impl FnOnce(&Tensor, &Tensor, Option<&Tensor>) -> Result<Tensor>,
+) -> Result<Option<Tensor>> {
+    let half = x.dtype();
+    if !(x.device().is_cpu() && matches!(half, DType::F16 | DType::BF16)) {
+        return Ok(None);
+    }
+    let f32 = |t: &Tensor| t.to_dtype(half)?.to_dtype(DType::F32);
+    let b = bias.map(f32).transpose()?;
+    f(&f32(x)?, &f32(w)?, b.as_ref())?.to_dtype(half).map(Some)
+}
+
 /// `y + bias` over the channel axis (the cuDNN path adds bias with Candle ops).
 fn add_bias(y: Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     match bias {
@@ -282,6 +300,9 @@ pub fn conv(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, opts: &ConvOpts) -> R
         "conv",
     )?;
     spec.out_size(&x.dims()[2..], &w.dims()[2..], "conv")?;
+    if let Some(y) = cpu_half_via_f32(x, w, bias, |x, w, b| conv(x, w, b, opts))? {
+        return Ok(y);
+    }
     let path = path(x);
     if path == Path::Composite {
         return conv_composite(x, w, bias, opts);
@@ -355,6 +376,9 @@ pub fn conv_transpose(
     opts: &ConvTransposeOpts,
 ) -> Result<Tensor> {
     let (spec, out) = conv_transpose_out(x, w, bias, opts)?;
+    if let Some(y) = cpu_half_via_f32(x, w, bias, |x, w, b| conv_transpose(x, w, b, opts))? {
+        return Ok(y);
+    }
     let path = path(x);
     if path == Path::Composite {
         return conv_transpose_composite(x, w, bias, opts);
@@ -976,6 +1000,8 @@ pub fn conv_composite(
 ) -> Result<Tensor> {
     let nd = spatial_dims(x, "conv")?;
     check_conv_shapes(x, w, bias, opts.groups)?;
+    // mixed precision: the (f32) weight is used in the input's dtype
+    let w = &w.to_dtype(x.dtype())?;
     let spec = Spec::new(
         nd,
         &opts.stride,
@@ -1038,10 +1064,7 @@ pub fn conv_composite(
             }
         }
     };
-    match bias {
-        Some(b) => y.broadcast_add(&channel_view(b, y.rank())?),
-        None => Ok(y),
-    }
+    add_bias(y, bias)
 }
 
 /// [`conv_transpose`] built from Candle ops only (any device). kernel == stride without padding
@@ -1054,6 +1077,7 @@ pub fn conv_transpose_composite(
     opts: &ConvTransposeOpts,
 ) -> Result<Tensor> {
     let (spec, out) = conv_transpose_out(x, w, bias, opts)?;
+    let w = &w.to_dtype(x.dtype())?;
     let nd = spec.nd;
     let k: Vec<usize> = w.dims()[2..].to_vec();
     let op = per_axis(&opts.output_padding, nd, 0, "conv_transpose output_padding")?;
@@ -1111,8 +1135,5 @@ pub fn conv_transpose_composite(
         let o = ConvOpts::new().dilation(spec.d.clone()).groups(g);
         conv_composite(&xs, &wt, None, &o)?
     };
-    match bias {
-        Some(b) => y.broadcast_add(&channel_view(b, y.rank())?),
-        None => Ok(y),
-    }
+    add_bias(y, bias)
 }

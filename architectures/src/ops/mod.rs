@@ -42,6 +42,7 @@ pub use conv::{ConvOpts, ConvTransposeOpts};
 #[cfg(feature = "cudnn")]
 pub use cudnn::{cudnn_allow_tf32, cudnn_available, set_cudnn_allow_tf32, CUDNN_MAX_WORKSPACE};
 pub use interp::{interpolate, pixel_shuffle, pixel_unshuffle, InterpMode, InterpSize};
+pub(crate) use norm::in_f32;
 pub use norm::{
     batch_norm, grn, group_norm, instance_norm, layer_norm_cf, BatchNormState, NormAffine,
 };

@@ -1,6 +1,8 @@
 //! Normalisation layers for channels-first N-d tensors, composed from Candle ops whose
 //! gradients are correct (Candle's fused LayerNorm / rms_norm drop gradients silently).
 //! All use the biased variance for normalisation; gradients flow through the statistics.
+//! Half-precision (bf16/f16) inputs are normalised in f32 — statistics, normalisation and the
+//! affine transform — and the result is cast back (as PyTorch's autocast runs norms in f32).
 
 use super::{channel_view, spatial_dims};
 use candle_core::{bail, DType, Result, Tensor};
@@ -32,7 +34,7 @@ impl<'a> NormAffine<'a> {
                     w.elem_count()
                 );
             }
-            y = y.broadcast_mul(&channel_view(w, rank)?)?;
+            y = y.broadcast_mul(&channel_view(&w.to_dtype(y.dtype())?, rank)?)?;
         }
         if let Some(b) = self.bias {
             if b.elem_count() != c {
@@ -41,9 +43,17 @@ impl<'a> NormAffine<'a> {
                     b.elem_count()
                 );
             }
-            y = y.broadcast_add(&channel_view(b, rank)?)?;
+            y = y.broadcast_add(&channel_view(&b.to_dtype(y.dtype())?, rank)?)?;
         }
         Ok(y)
+    }
+}
+
+/// `f(x)` computed in f32 when `x` is half precision (f16/bf16), cast back to `x`'s dtype.
+pub(crate) fn in_f32(x: &Tensor, f: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    match x.dtype() {
+        DType::F16 | DType::BF16 => f(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype()),
+        _ => f(x),
     }
 }
 
@@ -60,6 +70,9 @@ fn normalize_over(t: &Tensor, d: usize, eps: f64) -> Result<Tensor> {
 /// On CPU (f32/f64) this is one fused, parallel kernel with a hand-written backward pass.
 pub fn instance_norm(x: &Tensor, affine: NormAffine, eps: f64) -> Result<Tensor> {
     spatial_dims(x, "instance_norm")?;
+    if matches!(x.dtype(), DType::F16 | DType::BF16) {
+        return in_f32(x, |x| instance_norm(x, affine, eps));
+    }
     if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
         let c = x.dim(1)?;
         let w = match affine.weight {
@@ -95,16 +108,17 @@ pub fn group_norm(x: &Tensor, groups: usize, affine: NormAffine, eps: f64) -> Re
     if groups == 0 || c % groups != 0 {
         bail!("group_norm: {c} channels not divisible into {groups} groups");
     }
-    let y = normalize_over(&x.reshape((n, groups, ()))?, 2, eps)?.reshape(x.dims())?;
-    affine.apply(y)
+    in_f32(x, |x| {
+        let y = normalize_over(&x.reshape((n, groups, ()))?, 2, eps)?.reshape(x.dims())?;
+        affine.apply(y)
+    })
 }
 
 /// ConvNeXt `LayerNorm(data_format="channels_first")`: normalises over the channel axis at every
 /// `(n, position)`.
 pub fn layer_norm_cf(x: &Tensor, affine: NormAffine, eps: f64) -> Result<Tensor> {
     spatial_dims(x, "layer_norm_cf")?;
-    let y = normalize_over(x, 1, eps)?;
-    affine.apply(y)
+    in_f32(x, |x| affine.apply(normalize_over(x, 1, eps)?))
 }
 
 /// Running statistics and hyper-parameters of a batch norm layer.
@@ -138,11 +152,21 @@ pub fn batch_norm(
     training: bool,
 ) -> Result<Tensor> {
     spatial_dims(x, "batch_norm")?;
-    let rank = x.rank();
     let c = x.dim(1)?;
     if state.running_mean.elem_count() != c || state.running_var.elem_count() != c {
         bail!("batch_norm: running statistics do not have {c} channels");
     }
+    in_f32(x, |x| batch_norm_f(x, affine, state, training))
+}
+
+fn batch_norm_f(
+    x: &Tensor,
+    affine: NormAffine,
+    state: &mut BatchNormState,
+    training: bool,
+) -> Result<Tensor> {
+    let rank = x.rank();
+    let c = x.dim(1)?;
     let y = if training {
         let dims: Vec<usize> = (0..rank).filter(|&d| d != 1).collect();
         let count = x.elem_count() / c.max(1);
@@ -175,10 +199,13 @@ pub fn grn(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor
     let nd = spatial_dims(x, "grn")?;
     let rank = x.rank();
     let sp: Vec<usize> = (2..2 + nd).collect();
-    let gx = x.sqr()?.sum_keepdim(sp)?.sqrt()?;
-    let nx = gx.broadcast_div(&(gx.mean_keepdim(1)? + eps)?)?;
-    let xn = x.broadcast_mul(&nx)?;
-    xn.broadcast_mul(&channel_view(gamma, rank)?)?
-        .broadcast_add(&channel_view(beta, rank)?)?
-        + x
+    in_f32(x, |x| {
+        let gx = x.sqr()?.sum_keepdim(sp)?.sqrt()?;
+        let nx = gx.broadcast_div(&(gx.mean_keepdim(1)? + eps)?)?;
+        let xn = x.broadcast_mul(&nx)?;
+        let (gamma, beta) = (gamma.to_dtype(x.dtype())?, beta.to_dtype(x.dtype())?);
+        xn.broadcast_mul(&channel_view(&gamma, rank)?)?
+            .broadcast_add(&channel_view(&beta, rank)?)?
+            + x
+    })
 }

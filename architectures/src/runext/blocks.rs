@@ -84,9 +84,13 @@ impl Linear {
         Ok(Linear { weight, bias })
     }
 
-    /// `x (B, in)` → `(B, out)`.
+    /// `x (B, in)` → `(B, out)`, in `x`'s dtype (mixed precision: f32 weights cast).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        x.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)
+        let (w, b) = (
+            self.weight.to_dtype(x.dtype())?,
+            self.bias.to_dtype(x.dtype())?,
+        );
+        x.matmul(&w.t()?)?.broadcast_add(&b)
     }
 
     pub fn params(&self) -> u64 {

@@ -9,6 +9,7 @@
 pub mod export;
 pub mod sliding;
 
+use crate::amp::Amp;
 use crate::checkpoint::{Checkpoint, CheckpointError};
 use crate::data::Fold;
 use architectures::registry::{ArchError, NetworkIo, Registry, SegNetwork};
@@ -86,6 +87,8 @@ pub struct CandleTileNetwork {
     pub network: Box<dyn SegNetwork>,
     pub device: Device,
     pub input_channels: usize,
+    /// Dtype of the forward pass (bf16 with mixed precision); logits come back as f32.
+    pub compute_dtype: DType,
 }
 
 impl TileNetwork for CandleTileNetwork {
@@ -104,7 +107,9 @@ impl TileNetwork for CandleTileNetwork {
         let mut shape = vec![1usize];
         shape.extend_from_slice(tile.shape());
         let values: Vec<f32> = tile.iter().copied().collect();
-        let x = Tensor::from_vec(values, shape, &self.device).map_err(ctx)?;
+        let x = Tensor::from_vec(values, shape, &self.device)
+            .and_then(|x| x.to_dtype(self.compute_dtype))
+            .map_err(ctx)?;
         let outputs = self.network.forward(&x, false).map_err(ctx)?;
         let out = outputs
             .into_iter()
@@ -149,10 +154,11 @@ pub fn configuration_from_model_folder(model_folder: &Path) -> Result<String, Pr
 }
 
 /// Loads one fold's checkpoint and builds its network for inference (deep supervision off,
-/// weights as constants).
+/// weights as constants, forward pass in `amp`'s dtype on `device`).
 pub fn load_fold_network(
     checkpoint_path: &Path,
     device: &Device,
+    amp: Amp,
     registry: &Registry,
     base_spec: &plans::ArchitectureSpec,
 ) -> Result<(CandleTileNetwork, Vec<usize>), PredictError> {
@@ -181,6 +187,7 @@ pub fn load_fold_network(
             network,
             device: device.clone(),
             input_channels: meta.input_channels,
+            compute_dtype: amp.compute_dtype(device),
         },
         ck.meta.inference_allowed_mirroring_axes.clone(),
     ))
@@ -207,12 +214,14 @@ pub struct Predictor {
 
 impl Predictor {
     /// Loads `model_folder/{plans.json, dataset.json}` and, for each fold,
-    /// `model_folder/fold_{f}/{checkpoint_name}` (see [`checkpoint_file_name`]).
+    /// `model_folder/fold_{f}/{checkpoint_name}` (see [`checkpoint_file_name`]), run on
+    /// `device` in `amp`'s precision.
     pub fn from_model_folder(
         model_folder: &Path,
         folds: &[Fold],
         checkpoint_name: &str,
         device: &Device,
+        amp: Amp,
         registry: &Registry,
     ) -> Result<Self, PredictError> {
         if folds.is_empty() {
@@ -234,7 +243,7 @@ impl Predictor {
                     path.display()
                 )));
             }
-            let (net, axes) = load_fold_network(&path, device, registry, &cfg.architecture)?;
+            let (net, axes) = load_fold_network(&path, device, amp, registry, &cfg.architecture)?;
             let expected = architectures::import::num_input_channels(&cfg, &ds);
             if net.input_channels != expected {
                 return Err(PredictError::Config(format!(
@@ -487,6 +496,8 @@ pub struct PredictRequest {
     /// Threads for preprocessing / resampling.
     pub num_workers: usize,
     pub device: Device,
+    /// bf16 mixed precision of the network's forward pass (`--amp`; `auto`: on CUDA).
+    pub amp: Amp,
     pub registry: Registry,
     /// Cascade stages: the folder with the previous stage's predictions of the same cases
     /// (`-prev_stage_predictions`, files `{case}{ending}`).
@@ -513,6 +524,7 @@ impl PredictRequest {
             save_probabilities: false,
             num_workers: 3,
             device,
+            amp: Amp::Auto,
             registry: Registry::default(),
             prev_stage_predictions: None,
         }
@@ -544,6 +556,7 @@ pub fn predict_from_raw_folder(req: &PredictRequest) -> Result<PredictReport, Pr
         &req.folds,
         &req.checkpoint_name,
         &req.device,
+        req.amp,
         &req.registry,
     )?;
     predictor.step_size = req.step_size;
@@ -846,10 +859,17 @@ pub fn validate_fold(
     save_probabilities: bool,
     num_workers: usize,
     device: &Device,
+    amp: Amp,
     registry: &Registry,
 ) -> Result<FoldValidation, PredictError> {
-    let predictor =
-        Predictor::from_model_folder(model_folder, &[fold], checkpoint_name, device, registry)?;
+    let predictor = Predictor::from_model_folder(
+        model_folder,
+        &[fold],
+        checkpoint_name,
+        device,
+        amp,
+        registry,
+    )?;
     let data_folder = preprocessed_dataset_folder.join(&predictor.configuration.data_identifier);
     let fold_folder = model_folder.join(format!("fold_{fold}"));
     let pool = rayon::ThreadPoolBuilder::new()

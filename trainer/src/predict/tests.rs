@@ -661,6 +661,7 @@ fn random_network_through_the_real_checkpoint_path() {
         &[Fold::Index(0)],
         "checkpoint_final",
         &Device::Cpu,
+        Amp::Off,
         &Registry::default(),
     )
     .unwrap();
@@ -669,6 +670,7 @@ fn random_network_through_the_real_checkpoint_path() {
         &[Fold::Index(1)],
         "checkpoint_final.pth",
         &Device::Cpu,
+        Amp::Off,
         &Registry::default(),
     )
     .unwrap();
@@ -677,6 +679,7 @@ fn random_network_through_the_real_checkpoint_path() {
         &[Fold::Index(0), Fold::Index(1)],
         "checkpoint_final",
         &Device::Cpu,
+        Amp::Off,
         &Registry::default(),
     )
     .unwrap();
@@ -688,6 +691,22 @@ fn random_network_through_the_real_checkpoint_path() {
     let lb = both.predict_logits(data.view()).unwrap();
     let mean = (&l0 + &l1).mapv(|v| v / 2.0);
     assert_close(&lb, &mean, 1e-4);
+    // bf16 inference (`--amp on`): logits within bf16 rounding of the f32 ones
+    let p0_bf16 = Predictor::from_model_folder(
+        &model,
+        &[Fold::Index(0)],
+        "checkpoint_final",
+        &Device::Cpu,
+        Amp::On,
+        &Registry::default(),
+    )
+    .unwrap();
+    let l0_bf16 = p0_bf16.predict_logits(data.view()).unwrap();
+    let rel = (&l0_bf16 - &l0).mapv(|v| v * v).sum().sqrt() / l0.mapv(|v| v * v).sum().sqrt();
+    assert!(
+        rel > 0.0 && rel < 2e-2,
+        "bf16 vs f32 logits: relative error {rel}"
+    );
     assert!(
         (&l0 - &l1).iter().any(|v| v.abs() > 1e-4),
         "the folds differ"
@@ -699,6 +718,7 @@ fn random_network_through_the_real_checkpoint_path() {
         &[Fold::Index(3)],
         "checkpoint_final",
         &Device::Cpu,
+        Amp::Off,
         &Registry::default(),
     )
     .err()
@@ -826,6 +846,7 @@ fn bench_sliding_window_3d_random_net() {
         network,
         device: Device::Cpu,
         input_channels: 1,
+        compute_dtype: DType::F32,
     };
     let data = ramp_data((1, 64, 64, 64));
     for mirror in [None, Some(vec![0, 1, 2])] {

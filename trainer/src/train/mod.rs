@@ -13,7 +13,11 @@
 //! ```
 
 pub mod metrics;
+mod oom;
 
+pub use oom::{is_out_of_memory, OutOfMemoryError};
+
+use crate::amp::forward_autocast;
 use crate::checkpoint::{
     find_resume_checkpoint, Checkpoint, CheckpointError, CheckpointKind, CheckpointMeta,
     NetworkMeta, CHECKPOINT_FORMAT,
@@ -25,7 +29,7 @@ use crate::loss::{self, DcAndBceLoss, DcAndCeLoss, DeepSupervisionLoss, LossOpti
 use crate::optim::{poly_lr, OptimError, SgdNesterov, SgdOptions};
 use crate::progress::{plot_progress, ProgressError};
 use architectures::registry::{ArchError, NetworkIo, Registry};
-use candle_core::{Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
 use metrics::DiceCounts;
 use serde_json::json;
@@ -171,6 +175,9 @@ pub enum TrainError {
     Resume { path: PathBuf, message: String },
     #[error("{0}")]
     Setup(String),
+    /// A device allocation failed in a training step (see [`OutOfMemoryError`]).
+    #[error(transparent)]
+    OutOfMemory(Box<OutOfMemoryError>),
 }
 
 trait Ctx<T> {
@@ -390,6 +397,22 @@ pub fn train(req: &TrainRequest) -> Result<TrainSummary, TrainError> {
         return validation_only(req);
     }
     let setup = prepare(req)?;
+    let oom = oom::OomInfo {
+        dataset: req.dataset_name.clone(),
+        configuration: req.configuration.clone(),
+        plans_file: req
+            .preprocessed_dataset_folder
+            .join(format!("{}.json", req.plans_name)),
+        network: setup.spec.network_class_name.clone(),
+        patch_size: setup.cfg.patch_size.clone(),
+        batch_size: setup.batch_size,
+        bf16: req.config.amp.compute_dtype(&req.device) != DType::F32,
+    };
+    train_prepared(req, setup).map_err(|e| oom.classify(e))
+}
+
+/// [`train`] after [`prepare`].
+fn train_prepared(req: &TrainRequest, setup: Setup) -> Result<TrainSummary, TrainError> {
     let cfgt = &req.config;
     let device = &req.device;
 
@@ -449,6 +472,7 @@ pub fn train(req: &TrainRequest) -> Result<TrainSummary, TrainError> {
         },
     );
     let mut clip_vars: Vec<Var> = vars.iter().map(|(_, v)| v.clone()).collect();
+    let compute_dtype = cfgt.amp.compute_dtype(device);
     let growth = if cfgt.growth.enabled() {
         if network.as_growable().is_none() {
             return Err(TrainError::Setup(format!(
@@ -466,7 +490,7 @@ pub fn train(req: &TrainRequest) -> Result<TrainSummary, TrainError> {
     if setup.io.deep_supervision {
         // Networks other than nnU-Net's may have fewer decoder resolutions than the plan has
         // strides: train on the first k deep-supervision scales (one probe forward pass).
-        let n_out = probe_output_count(network.as_ref(), &setup, device)?;
+        let n_out = probe_output_count(network.as_ref(), &setup, device, compute_dtype)?;
         if n_out == 0 || n_out > setup.ds_scales.len() {
             return Err(TrainError::Setup(format!(
                 "network {} returns {n_out} output(s) with deep supervision on; the plan's \
@@ -619,6 +643,7 @@ pub fn train(req: &TrainRequest) -> Result<TrainSummary, TrainError> {
         "configuration_manager": setup.cfg.to_json(),
         "fold": req.fold.to_string(),
         "device": format!("{:?}", device.location()),
+        "compute_dtype": compute_dtype.as_str(),
         "network_class_name": setup.spec.network_class_name,
         "num_input_channels": setup.io.in_channels,
         "num_segmentation_heads": setup.io.num_classes,
@@ -685,6 +710,8 @@ pub fn train(req: &TrainRequest) -> Result<TrainSummary, TrainError> {
         say("progress.png: blue = train loss, red = val loss, green dashed = pseudo dice, green solid = EMA pseudo dice (right axis); then epoch time [s]; then learning rate")?;
     }
 
+    say(&crate::amp::describe(compute_dtype))?;
+
     let fg_count = setup
         .labels
         .regions
@@ -694,6 +721,8 @@ pub fn train(req: &TrainRequest) -> Result<TrainSummary, TrainError> {
     let mut iter_time = 0.0f64;
     let mut wait_time = 0.0f64;
     let mut iters = 0usize;
+    #[cfg(feature = "cuda")]
+    let mut gpu_peak = 0u64;
     for epoch in start_epoch..cfgt.num_epochs {
         let epoch_start = now_seconds();
         let lr = poly_lr(cfgt.initial_lr, epoch, cfgt.num_epochs, cfgt.poly_exponent);
@@ -716,8 +745,7 @@ pub fn train(req: &TrainRequest) -> Result<TrainSummary, TrainError> {
                 .ok_or_else(|| TrainError::Setup("the training data loader stopped".into()))??;
             let waited = t0.elapsed().as_secs_f64();
             let (x, targets) = to_tensors(batch, device)?;
-            let out = network
-                .forward_full(&x, true)
+            let out = forward_autocast(network.as_ref(), &x, true, compute_dtype)
                 .ctx(|| format!("epoch {epoch}, iteration {it}: forward"))?;
             let outputs = out.seg;
             check_outputs(&outputs, &targets)?;
@@ -728,7 +756,7 @@ pub fn train(req: &TrainRequest) -> Result<TrainSummary, TrainError> {
                 let bce = class_presence_loss(cl, &targets[0], &setup.labels, fg_count)
                     .ctx(|| format!("epoch {epoch}, iteration {it}: classification loss"))?;
                 class_losses.push(
-                    bce.to_dtype(candle_core::DType::F64)
+                    bce.to_dtype(DType::F64)
                         .and_then(|t| t.to_scalar::<f64>())
                         .ctx(|| format!("epoch {epoch}, iteration {it}: loss value"))?,
                 );
@@ -744,7 +772,7 @@ pub fn train(req: &TrainRequest) -> Result<TrainSummary, TrainError> {
                 .step(&grads)
                 .ctx(|| format!("epoch {epoch}, iteration {it}: optimizer step"))?;
             let lv = l
-                .to_dtype(candle_core::DType::F64)
+                .to_dtype(DType::F64)
                 .and_then(|t| t.to_scalar::<f64>())
                 .ctx(|| format!("epoch {epoch}, iteration {it}: loss value"))?;
             train_losses.push(lv);
@@ -764,13 +792,13 @@ pub fn train(req: &TrainRequest) -> Result<TrainSummary, TrainError> {
                 .next()
                 .ok_or_else(|| TrainError::Setup("the validation data loader stopped".into()))??;
             let (x, targets) = to_tensors(batch, device)?;
-            let outputs = network
-                .forward(&x, false)
-                .ctx(|| format!("epoch {epoch}, validation iteration {it}: forward"))?;
+            let outputs = forward_autocast(network.as_ref(), &x, false, compute_dtype)
+                .ctx(|| format!("epoch {epoch}, validation iteration {it}: forward"))?
+                .seg;
             check_outputs(&outputs, &targets)?;
             let l = ds_loss
                 .loss_ds(&outputs, &targets)
-                .and_then(|l| l.to_dtype(candle_core::DType::F64))
+                .and_then(|l| l.to_dtype(DType::F64))
                 .and_then(|l| l.to_scalar::<f64>())
                 .ctx(|| format!("epoch {epoch}, validation iteration {it}: loss"))?;
             val_losses.push(l);
@@ -826,6 +854,11 @@ pub fn train(req: &TrainRequest) -> Result<TrainSummary, TrainError> {
             epoch_wait / n_it,
             epoch_step / n_it
         ))?;
+        #[cfg(feature = "cuda")]
+        if let Some(m) = crate::gpu_memory::take_peak(device) {
+            gpu_peak = gpu_peak.max(m.used());
+            say(&m.log_line(gpu_peak))?;
+        }
         let done = epoch + 1;
         // growth happens at the end of an epoch, before its checkpoints, so every checkpoint
         // records the widths its weights have
@@ -948,6 +981,7 @@ fn final_validation(
         req.export_npz,
         num_workers,
         &req.device,
+        req.config.amp,
         &req.registry,
     )
     .map_err(Box::new)?;
@@ -1029,15 +1063,15 @@ fn probe_output_count(
     network: &dyn architectures::registry::SegNetwork,
     setup: &Setup,
     device: &Device,
+    compute_dtype: DType,
 ) -> Result<usize, TrainError> {
     let mut shape = vec![1, setup.io.in_channels];
     shape.extend(&setup.cfg.patch_size);
-    let x = Tensor::zeros(shape, candle_core::DType::F32, device)
-        .ctx(|| "deep-supervision probe".to_string())?;
-    let out = network
-        .forward(&x, false)
+    let x =
+        Tensor::zeros(shape, DType::F32, device).ctx(|| "deep-supervision probe".to_string())?;
+    let out = forward_autocast(network, &x, false, compute_dtype)
         .ctx(|| "deep-supervision probe: forward".to_string())?;
-    Ok(out.len())
+    Ok(out.seg.len())
 }
 
 /// BCE of an image-level classification head against "which foreground classes (or regions)

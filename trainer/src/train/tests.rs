@@ -659,3 +659,25 @@ fn growable_unet_grows_during_training_and_resumes() {
     let e = train(&bad).unwrap_err().to_string();
     assert!(e.contains("cannot grow"), "{e}");
 }
+
+/// `"amp": "on"` trains in bf16 on the CPU: the log and debug.json name the precision, the
+/// losses are finite and the checkpoint's weights are f32.
+#[test]
+fn bf16_mixed_precision_trains_with_f32_checkpoints() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pre = make_dataset(tmp.path());
+    let mut r = quick_request(tmp.path(), &pre, 1, "nnUNetTrainer_amp");
+    r.config.amp = crate::amp::Amp::On;
+    let s = train(&r).unwrap();
+    assert!(s.logging.train_losses[0].is_finite());
+    let log = std::fs::read_to_string(&s.log_file).unwrap();
+    assert!(log.contains("precision: bf16 mixed precision"), "{log}");
+    let debug: Value =
+        serde_json::from_slice(&std::fs::read(s.fold_folder.join("debug.json")).unwrap()).unwrap();
+    assert_eq!(debug["compute_dtype"], "bf16");
+    let ck = Checkpoint::load(&s.final_checkpoint, &Device::Cpu).unwrap();
+    assert!(ck
+        .network_weights
+        .values()
+        .all(|t| t.dtype() == candle_core::DType::F32));
+}

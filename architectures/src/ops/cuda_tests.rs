@@ -416,6 +416,15 @@ fn cuda_pool_interp_norm_act_match_cpu() {
         &[vec![3], vec![3]],
         &|x, p| instance_norm(x, NormAffine::new(Some(&p[0]), Some(&p[1])), 1e-5),
     );
+    check(
+        "instance_norm_leaky_relu 3d affine",
+        &[2, 3, 4, 5, 6],
+        &[vec![3], vec![3]],
+        &|x, p| {
+            let affine = NormAffine::new(Some(&p[0]), Some(&p[1]));
+            instance_norm_leaky_relu(x, affine, 1e-5, 0.01)
+        },
+    );
     check("leaky_relu", &[2, 3, 4, 5], &[], &|x, _| {
         leaky_relu(x, 0.01)
     });

@@ -8,7 +8,7 @@
 //!
 //! CPU f32/f64 tensors use custom ops: convolution / transposed convolution on blocked im2col +
 //! AVX-512 `gemm` (forward, input gradient and weight gradient, each parallel with rayon and with
-//! a bounded per-thread workspace, see `kernels`), and fused instance norm / leaky ReLU. On other
+//! a bounded per-thread workspace, see `kernels`), and fused instance norm (+ leaky ReLU). On other
 //! devices or dtypes the same functions compose Candle ops (convolutions from Candle's `conv2d`
 //! with zero padding and exact tiling, `index_select`, `matmul` and reshapes), so the API runs on
 //! CUDA. With the `cudnn` feature, CUDA f32/f16/bf16 convolutions (forward, both gradients,
@@ -44,7 +44,8 @@ pub use cudnn::{cudnn_allow_tf32, cudnn_available, set_cudnn_allow_tf32, CUDNN_M
 pub use interp::{interpolate, pixel_shuffle, pixel_unshuffle, InterpMode, InterpSize};
 pub(crate) use norm::in_f32;
 pub use norm::{
-    batch_norm, grn, group_norm, instance_norm, layer_norm_cf, BatchNormState, NormAffine,
+    batch_norm, grn, group_norm, instance_norm, instance_norm_leaky_relu, layer_norm_cf,
+    BatchNormState, NormAffine,
 };
 pub use pool::{adaptive_avg_pool_1, avg_pool, max_pool, PoolOpts};
 

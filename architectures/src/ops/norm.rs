@@ -73,24 +73,65 @@ pub fn instance_norm(x: &Tensor, affine: NormAffine, eps: f64) -> Result<Tensor>
     if matches!(x.dtype(), DType::F16 | DType::BF16) {
         return in_f32(x, |x| instance_norm(x, affine, eps));
     }
-    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
-        let c = x.dim(1)?;
-        let w = match affine.weight {
-            Some(w) => w.to_dtype(x.dtype())?.flatten_all()?.contiguous()?,
-            None => Tensor::ones(c, x.dtype(), x.device())?,
-        };
-        let b = match affine.bias {
-            Some(b) => b.to_dtype(x.dtype())?.flatten_all()?.contiguous()?,
-            None => Tensor::zeros(c, x.dtype(), x.device())?,
-        };
-        if w.elem_count() != c || b.elem_count() != c {
-            bail!("instance_norm: affine parameters must have {c} elements");
-        }
-        return x
-            .contiguous()?
-            .apply_op3(&w, &b, super::fused::InstanceNormOp { eps });
+    if let Some(y) = instance_norm_act_cpu(x, affine, eps, 1.0)? {
+        return Ok(y);
     }
     instance_norm_composite(x, affine, eps)
+}
+
+/// [`instance_norm`] followed by [`leaky_relu`](super::leaky_relu) with `slope` (0 gives a
+/// ReLU): nnU-Net's `norm -> nonlin` pair.
+/// On CPU (f32/f64) this is one fused kernel that stores only `x` for the backward pass (the
+/// normalised pre-activation is recomputed), saving a feature map per layer and two passes
+/// over it; elsewhere the two ops are composed.
+pub fn instance_norm_leaky_relu(
+    x: &Tensor,
+    affine: NormAffine,
+    eps: f64,
+    slope: f64,
+) -> Result<Tensor> {
+    spatial_dims(x, "instance_norm_leaky_relu")?;
+    if matches!(x.dtype(), DType::F16 | DType::BF16) {
+        return in_f32(x, |x| instance_norm_leaky_relu(x, affine, eps, slope));
+    }
+    if let Some(y) = instance_norm_act_cpu(x, affine, eps, slope)? {
+        return Ok(y);
+    }
+    let y = instance_norm_composite(x, affine, eps)?;
+    if slope == 0.0 {
+        y.relu()
+    } else {
+        super::leaky_relu(&y, slope)
+    }
+}
+
+/// The fused CPU kernel of instance norm + leaky ReLU (slope 1: no activation), or `None` when
+/// `x` is not an f32/f64 CPU tensor.
+fn instance_norm_act_cpu(
+    x: &Tensor,
+    affine: NormAffine,
+    eps: f64,
+    slope: f64,
+) -> Result<Option<Tensor>> {
+    if !(x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)) {
+        return Ok(None);
+    }
+    let c = x.dim(1)?;
+    let w = match affine.weight {
+        Some(w) => w.to_dtype(x.dtype())?.flatten_all()?.contiguous()?,
+        None => Tensor::ones(c, x.dtype(), x.device())?,
+    };
+    let b = match affine.bias {
+        Some(b) => b.to_dtype(x.dtype())?.flatten_all()?.contiguous()?,
+        None => Tensor::zeros(c, x.dtype(), x.device())?,
+    };
+    if w.elem_count() != c || b.elem_count() != c {
+        bail!("instance_norm: affine parameters must have {c} elements");
+    }
+    let y = x
+        .contiguous()?
+        .apply_op3(&w, &b, super::fused::NormActOp::new(eps, slope))?;
+    Ok(Some(y))
 }
 
 /// [`instance_norm`] composed from Candle ops (any device).

@@ -497,6 +497,158 @@ fn other_ops_finite_difference() {
     assert!(d < 1e-12, "fused vs composite instance norm differ by {d}");
 }
 
+/// max |a - b| (f64).
+fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
+/// Output and gradients w.r.t. `(x, w, b)` of `sum(f(x, w, b) * r)` for a fixed random `r`
+/// (zeros for an input `f` does not use).
+fn value_and_grads<F>(x: &Tensor, w: &Tensor, b: &Tensor, f: F) -> [Tensor; 4]
+where
+    F: Fn(&Tensor, &Tensor, &Tensor) -> candle_core::Result<Tensor>,
+{
+    let vars = [x, w, b].map(|t| Var::from_tensor(t).unwrap());
+    let y = f(
+        vars[0].as_tensor(),
+        vars[1].as_tensor(),
+        vars[2].as_tensor(),
+    )
+    .unwrap();
+    let r = rand64(y.dims(), 77).to_dtype(y.dtype()).unwrap();
+    let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    // no gradient (an unused input): zeros
+    let g = |i: usize| match grads.get(vars[i].as_tensor()) {
+        Some(g) => g.clone(),
+        None => vars[i].zeros_like().unwrap(),
+    };
+    [y, g(0), g(1), g(2)]
+}
+
+#[test]
+fn fused_instance_norm_leaky_relu_matches_composition() {
+    // 3D, 2D, a deep-stage row (6x7x7 = 294), rows of one element, a row of several blocks
+    // whose length is not a multiple of the lane count, and one row
+    let shapes: [&[usize]; 6] = [
+        &[2, 3, 5, 6, 7],
+        &[2, 4, 9, 11],
+        &[2, 5, 6, 7, 7],
+        &[3, 2, 1, 1, 1],
+        &[1, 3, 73, 71],
+        &[1, 1, 4, 5],
+    ];
+    for (si, shape) in shapes.iter().enumerate() {
+        let c = shape[1];
+        let x = rand64(shape, 100 + si as u64);
+        let w = (rand64(&[c], 200 + si as u64) * 2.0).unwrap();
+        let b = (rand64(&[c], 300 + si as u64) * 0.5).unwrap();
+        for slope in [0.01, 0.0] {
+            for affine in [true, false] {
+                let aff = |w: &Tensor, b: &Tensor| {
+                    if affine {
+                        (Some(w.clone()), Some(b.clone()))
+                    } else {
+                        (None, None)
+                    }
+                };
+                let fused = value_and_grads(&x, &w, &b, |x, w, b| {
+                    let (w, b) = aff(w, b);
+                    instance_norm_leaky_relu(
+                        x,
+                        NormAffine::new(w.as_ref(), b.as_ref()),
+                        1e-5,
+                        slope,
+                    )
+                });
+                let comp = value_and_grads(&x, &w, &b, |x, w, b| {
+                    let (w, b) = aff(w, b);
+                    let y = norm::instance_norm_composite(
+                        x,
+                        NormAffine::new(w.as_ref(), b.as_ref()),
+                        1e-5,
+                    )?;
+                    act::leaky_relu_composite(&y, slope)
+                });
+                for (i, what) in ["y", "dx", "dw", "db"].iter().enumerate() {
+                    let d = max_diff(&fused[i], &comp[i]);
+                    assert!(
+                        d < 1e-10,
+                        "{shape:?} slope {slope} affine {affine}: {what} differs by {d}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn fused_instance_norm_leaky_relu_finite_difference() {
+    let x = rand64(&[2, 4, 5, 6, 7], 41);
+    let w = rand64(&[4], 42);
+    let b = rand64(&[4], 43);
+    for slope in [0.01, 0.0, 0.3] {
+        fd_check(
+            &[x.clone(), w.clone(), b.clone()],
+            |t| {
+                let affine = NormAffine::new(Some(&t[1]), Some(&t[2]));
+                instance_norm_leaky_relu(&t[0], affine, 1e-5, slope)
+            },
+            &format!("instance_norm_leaky_relu slope {slope}"),
+        );
+    }
+    let x2 = rand64(&[2, 3, 9, 8], 44);
+    fd_check(
+        std::slice::from_ref(&x2),
+        |t| instance_norm_leaky_relu(&t[0], NormAffine::none(), 1e-5, 0.01),
+        "instance_norm_leaky_relu 2D non-affine",
+    );
+}
+
+#[test]
+fn fused_kernels_f32_match_f64() {
+    // f32 kernels (f32 lanes, f64 folds) against the f64 composition, with a large row mean
+    // (variance of `x - x[0]`) and rows longer than a block
+    let x = ((rand64(&[2, 3, 24, 56, 56], 51) * 3.0).unwrap() + 50.0).unwrap();
+    let w = rand64(&[3], 52);
+    let b = rand64(&[3], 53);
+    let f32s = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+    let fused = value_and_grads(&f32s(&x), &f32s(&w), &f32s(&b), |x, w, b| {
+        instance_norm_leaky_relu(x, NormAffine::new(Some(w), Some(b)), 1e-5, 0.01)
+    });
+    let comp = value_and_grads(&x, &w, &b, |x, w, b| {
+        let y = norm::instance_norm_composite(x, NormAffine::new(Some(w), Some(b)), 1e-5)?;
+        act::leaky_relu_composite(&y, 0.01)
+    });
+    for (i, what) in ["y", "dx", "dw", "db"].iter().enumerate() {
+        crate::test_util::assert_close(&fused[i], &comp[i], what);
+    }
+    // standalone leaky ReLU over several chunks (the last one partial), values and gradient
+    let lx = rand64(&[1, 1, 3, 100, 331], 54);
+    for t in [lx.clone(), f32s(&lx)] {
+        let v = Var::from_tensor(&t).unwrap();
+        let y = leaky_relu(v.as_tensor(), 0.1).unwrap();
+        assert_eq!(
+            max_diff(&y, &act::leaky_relu_composite(&t, 0.1).unwrap()),
+            0.0
+        );
+        let r = rand64(y.dims(), 55).to_dtype(t.dtype()).unwrap();
+        let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let want = t
+            .ge(0.0)
+            .unwrap()
+            .where_cond(&r, &(&r * 0.1).unwrap())
+            .unwrap();
+        assert_eq!(max_diff(g.get(v.as_tensor()).unwrap(), &want), 0.0);
+    }
+}
+
 #[test]
 fn pad_modes_values() {
     let x = Tensor::new(&[[[1f32, 2., 3.]]], &Device::Cpu).unwrap();
@@ -737,4 +889,63 @@ fn conv3d_peak_memory() {
         x.elem_count() as f64 * 4.0 / 1048576.0
     );
     assert!(peak < 1024 * 1024, "peak RSS {peak} kB >= 1 GB");
+}
+
+/// Fused instance norm + leaky ReLU against the two separate kernels, forward and backward, on
+/// f32 feature maps of a 3D and a 2D plan (`cargo test --release -p architectures --
+/// --ignored fused_norm_act_timings --nocapture`).
+#[test]
+#[ignore = "benchmark: slow, run with --release -- --ignored --nocapture"]
+fn fused_norm_act_timings() {
+    use candle_core::{CustomOp1, CustomOp3};
+    use fused::{LeakyReluOp, NormActOp};
+    let shapes: [&[usize]; 3] = [&[2, 32, 24, 56, 56], &[2, 320, 6, 7, 7], &[2, 32, 112, 128]];
+    for shape in shapes {
+        let c = shape[1];
+        let x = rand64(shape, 1).to_dtype(DType::F32).unwrap();
+        let g = rand64(shape, 2).to_dtype(DType::F32).unwrap();
+        let w = Tensor::ones(c, DType::F32, &Device::Cpu).unwrap();
+        let b = Tensor::zeros(c, DType::F32, &Device::Cpu).unwrap();
+        // median and min over 15 runs, seconds
+        let time = |f: &dyn Fn()| {
+            f();
+            let mut t: Vec<f64> = (0..15)
+                .map(|_| {
+                    let s = std::time::Instant::now();
+                    f();
+                    s.elapsed().as_secs_f64()
+                })
+                .collect();
+            t.sort_by(f64::total_cmp);
+            (t[7] * 1e3, t[0] * 1e3)
+        };
+        let fused_f = time(&|| {
+            x.apply_op3_no_bwd(&w, &b, &NormActOp::new(1e-5, 0.01))
+                .unwrap();
+        });
+        let fused_b = time(&|| {
+            let op = NormActOp::new(1e-5, 0.01);
+            let y = x.apply_op3_no_bwd(&w, &b, &op).unwrap();
+            op.bwd(&x, &w, &b, &y, &g).unwrap();
+        });
+        let sep_f = time(&|| {
+            let n = x
+                .apply_op3_no_bwd(&w, &b, &NormActOp::new(1e-5, 1.0))
+                .unwrap();
+            n.apply_op1_no_bwd(&LeakyReluOp { slope: 0.01 }).unwrap();
+        });
+        let sep_b = time(&|| {
+            let op = NormActOp::new(1e-5, 1.0);
+            let n = x.apply_op3_no_bwd(&w, &b, &op).unwrap();
+            let act = LeakyReluOp { slope: 0.01 };
+            let y = n.apply_op1_no_bwd(&act).unwrap();
+            let gn = act.bwd(&n, &y, &g).unwrap().unwrap();
+            op.bwd(&x, &w, &b, &n, &gn).unwrap();
+        });
+        println!(
+            "{shape:?}: fused fwd {:.2} ms (min {:.2}), fwd+bwd {:.2} (min {:.2}); \
+             separate fwd {:.2} (min {:.2}), fwd+bwd {:.2} (min {:.2})",
+            fused_f.0, fused_f.1, fused_b.0, fused_b.1, sep_f.0, sep_f.1, sep_b.0, sep_b.1
+        );
+    }
 }

@@ -352,6 +352,12 @@ impl ConvDropoutNormNonlin {
         if let Some(d) = &self.dropout {
             y = apply_dropout(d, &y, train)?;
         }
+        if let (Some(Norm::Instance { weight, bias, eps }), Some(slope)) =
+            (&self.norm, self.fused_slope())
+        {
+            let affine = NormAffine::new(weight.as_ref(), bias.as_ref());
+            return ops::instance_norm_leaky_relu(&y, affine, *eps, slope);
+        }
         match (&self.norm, &self.nonlin) {
             (Some(n), Some(a)) if self.nonlin_first => n.forward(&apply_nonlin(a, &y)?, train),
             (norm, nonlin) => {
@@ -370,11 +376,28 @@ impl ConvDropoutNormNonlin {
         self.conv.params() + self.norm.as_ref().map_or(0, Norm::params)
     }
 
-    /// Tensors kept for backward (conv, dropout, norm and nonlin outputs).
+    /// The slope of the leaky ReLU (0 for ReLU) when the layer ends in instance norm → (leaky)
+    /// ReLU, which runs as one fused op ([`ops::instance_norm_leaky_relu`]).
+    fn fused_slope(&self) -> Option<f64> {
+        match (&self.norm, &self.nonlin) {
+            _ if self.nonlin_first => None,
+            (Some(Norm::Instance { .. }), Some(Nonlin::LeakyRelu { negative_slope })) => {
+                Some(*negative_slope)
+            }
+            (Some(Norm::Instance { .. }), Some(Nonlin::Relu)) => Some(0.0),
+            _ => None,
+        }
+    }
+
+    /// Tensors kept for backward (conv, dropout, norm and nonlin outputs; a fused instance norm
+    /// + leaky ReLU keeps only its output, it recomputes the normalised values from its input).
     fn stored(&self) -> usize {
-        1 + usize::from(self.dropout.is_some())
-            + usize::from(self.norm.is_some())
-            + usize::from(self.nonlin.is_some())
+        let norm_act = if self.fused_slope().is_some() {
+            1
+        } else {
+            usize::from(self.norm.is_some()) + usize::from(self.nonlin.is_some())
+        };
+        1 + usize::from(self.dropout.is_some()) + norm_act
     }
 
     pub fn describe(&self) -> String {
@@ -675,4 +698,94 @@ pub fn check_input(x: &Tensor, dim: ConvDim, channels: usize, net: &str) -> Resu
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::GeluKind;
+    use candle_core::{DType, Device};
+    use candle_nn::VarMap;
+
+    fn layer(
+        norm: NormKind,
+        nonlin: Nonlin,
+        nonlin_first: bool,
+    ) -> (ConvDropoutNormNonlin, VarMap) {
+        let opts = ConvBlockOptions {
+            dim: ConvDim::D3,
+            conv_bias: true,
+            norm: Some(NormOptions {
+                kind: norm,
+                eps: 1e-5,
+                affine: true,
+                momentum: 0.1,
+            }),
+            dropout: None,
+            nonlin: Some(nonlin),
+            nonlin_first,
+        };
+        let vm = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F64, &Device::Cpu);
+        let spec = ConvSpec::new(2, 3, &[1, 3, 3], &[1, 1, 1]);
+        let l = ConvDropoutNormNonlin::new(&spec, &opts, LayerSwitches::full(&opts), vb).unwrap();
+        (l, vm)
+    }
+
+    #[test]
+    fn instance_norm_leaky_relu_is_fused_and_unchanged() {
+        let x = Tensor::randn(0f64, 1.0, (2, 2, 3, 5, 4), &Device::Cpu).unwrap();
+        let leaky = Nonlin::LeakyRelu {
+            negative_slope: 0.01,
+        };
+        let cases = [
+            (NormKind::Instance, leaky, false, Some(0.01)),
+            (NormKind::Instance, Nonlin::Relu, false, Some(0.0)),
+            (NormKind::Instance, leaky, true, None),
+            (NormKind::Batch, leaky, false, None),
+            (NormKind::Instance, Nonlin::Gelu(GeluKind::Erf), false, None),
+        ];
+        for (norm, nonlin, first, slope) in cases {
+            let (l, vm) = layer(norm, nonlin, first);
+            assert_eq!(l.fused_slope(), slope, "{norm:?} {nonlin:?} first {first}");
+            // conv output + (fused pair | norm output + nonlin output)
+            let stored = if slope.is_some() { 2 } else { 3 };
+            assert_eq!(l.stored(), stored);
+            // the layer against its parts applied one by one, values and gradients
+            let run = |fused: bool| {
+                let c = l.conv.forward(&x).unwrap();
+                let y = if fused {
+                    l.forward(&x, true).unwrap()
+                } else if first {
+                    let a = apply_nonlin(&nonlin, &c).unwrap();
+                    l.norm.as_ref().unwrap().forward(&a, true).unwrap()
+                } else {
+                    let n = l.norm.as_ref().unwrap().forward(&c, true).unwrap();
+                    apply_nonlin(&nonlin, &n).unwrap()
+                };
+                let g = (&y * &y).unwrap().sum_all().unwrap().backward().unwrap();
+                let mut grads: Vec<Tensor> = vm
+                    .all_vars()
+                    .iter()
+                    .filter_map(|v| g.get(v.as_tensor()).cloned())
+                    .collect();
+                grads.push(y);
+                grads
+            };
+            for (a, b) in run(true).iter().zip(run(false)) {
+                let d = (a - &b)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap();
+                assert!(
+                    d < 1e-10,
+                    "{norm:?} {nonlin:?} first {first}: differs by {d}"
+                );
+            }
+        }
+    }
 }

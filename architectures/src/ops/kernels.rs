@@ -684,9 +684,6 @@ pub(crate) fn conv_bwd_filter<T: Elem>(x: &[T], dy: &[T], g: &Geom) -> Vec<T> {
 /// Input gradient (the transposed convolution): `dy (n, cout, out)`, `w (cout, cin/groups, k)`
 /// -> `dx (n, cin, inp)`, optionally initialised with a per-channel `bias (cin)`.
 pub(crate) fn conv_bwd_data<T: Elem>(dy: &[T], w: &[T], bias: Option<&[T]>, g: &Geom) -> Vec<T> {
-    let (in_sp, out_sp) = (g.in_sp(), g.out_sp());
-    let (cig, cog) = (g.cig(), g.cog());
-    let ktot = g.ktot();
     if let Some(dx) = conv_bwd_data_implicit(dy, w, bias, g) {
         return dx;
     }

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Epoch time of `nnseg train` vs nnU-Net v2's `nnUNetv2_train` on the demo datasets, same machine,
+# same plans (both plan them), same epoch shape: 2 epochs of 10 training + 2 validation
+# iterations, CPU. The two run alternately ROUNDS times (default 3) so that machine noise hits
+# both; the table shows every epoch time and the median of the second epochs (the first one
+# includes start-up work on both sides).
+#
+#   NNUNET_PY=/path/to/venv/bin scripts/bench_train_vs_nnunet.sh        # venv with nnunetv2
+#   ROUNDS=5 NNUNET_PY=... scripts/bench_train_vs_nnunet.sh
+#
+# nnU-Net has no command-line switch for the iterations per epoch, so the script drops a
+# two-line trainer subclass (nnUNetTrainer_nnsegBench) into nnU-Net's variants folder for the
+# duration of the run and removes it on exit. nnU-Net's final validation is skipped in that
+# trainer; nnseg's runs (it is part of `nnseg train`), so nnseg's total wall time includes it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+: "${NNUNET_PY:?set NNUNET_PY to the bin folder of a venv with nnunetv2 installed}"
+rounds="${ROUNDS:-3}"
+work="$(mktemp -d)"
+variants="$("$NNUNET_PY/python" -c 'import nnunetv2, os; print(os.path.join(os.path.dirname(nnunetv2.__file__), "training", "nnUNetTrainer", "variants"))')"
+trainer_py="$variants/nnUNetTrainer_nnsegBench.py"
+trap 'rm -rf "$work" "$trainer_py"' EXIT
+cat >"$trainer_py" <<'PY'
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+
+class nnUNetTrainer_nnsegBench(nnUNetTrainer):
+    """Written by nnseg's scripts/bench_train_vs_nnunet.sh and removed when it exits."""
+
+    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 2
+        self.num_iterations_per_epoch = 10
+        self.num_val_iterations_per_epoch = 2
+
+    def perform_actual_validation(self, save_probabilities=False):
+        pass
+PY
+cargo build --release --bin nnseg >/dev/null
+bin="$PWD/target/release/nnseg"
+export nnUNet_raw="$work/raw"
+mkdir -p "$nnUNet_raw"
+"$bin" make_demo_dataset >/dev/null
+NNUNET_PREP="$work/pre_py" NNSEG_PREP="$work/pre"
+nnUNet_preprocessed="$NNSEG_PREP" "$bin" plan_and_preprocess 990 991 >/dev/null 2>&1
+nnUNet_preprocessed="$NNUNET_PREP" "$NNUNET_PY/nnUNetv2_plan_and_preprocess" -d 990 991 >/dev/null 2>&1
+
+epochs() { grep -E "Epoch time" "$1" | sed -E 's/.*Epoch time: ([0-9.]+) s.*/\1/' | tr '\n' ' '; }
+for r in $(seq 1 "$rounds"); do
+  for c in "990 3d_fullres" "991 2d"; do
+    tag="${c// /_}"
+    rm -rf "$work/res" "$work/res_py"
+    nnUNet_preprocessed="$NNSEG_PREP" nnUNet_results="$work/res" "$bin" train $c 0 \
+      --num_epochs 2 --num_iterations_per_epoch 10 --num_val_iterations_per_epoch 2 \
+      >"$work/nnseg_${tag}_$r.log" 2>&1
+    nnUNet_preprocessed="$NNUNET_PREP" nnUNet_results="$work/res_py" \
+      "$NNUNET_PY/nnUNetv2_train" $c 0 -tr nnUNetTrainer_nnsegBench -device cpu \
+      >"$work/nnunet_${tag}_$r.log" 2>&1
+    echo "round $r $c: nnseg epochs [ $(epochs "$work/nnseg_${tag}_$r.log")] s, nnU-Net epochs [ $(epochs "$work/nnunet_${tag}_$r.log")] s"
+  done
+done
+python3 - "$work" "$rounds" <<'PY'
+import glob, re, statistics, sys
+work, rounds = sys.argv[1], int(sys.argv[2])
+def second(path):
+    t = re.findall(r"Epoch time: ([0-9.]+) s", open(path).read())
+    return float(t[1]) if len(t) > 1 else float("nan")
+print("\n| configuration | nnseg epoch 2 (median) | nnU-Net epoch 2 (median) | ratio |")
+print("|---|---|---|---|")
+for tag in ("990_3d_fullres", "991_2d"):
+    a = statistics.median(second(f"{work}/nnseg_{tag}_{r}.log") for r in range(1, rounds + 1))
+    b = statistics.median(second(f"{work}/nnunet_{tag}_{r}.log") for r in range(1, rounds + 1))
+    print(f"| {tag} | {a:.2f} s | {b:.2f} s | {a / b:.2f} |")
+PY

@@ -335,9 +335,9 @@ fn workspace<T: Elem>(ws: &mut Vec<u8>, len: usize) -> &mut [T] {
 
 /// Largest tolerated `(padded positions / output positions - 1) * output channels per group` for
 /// the implicit-GEMM path. The padded grid computes (and discards) outputs on the padding rows
-/// and columns; im2col instead copies every input `ktot` times, which costs about as much as
-/// `40 / cog` of the GEMM (measured, AVX-512). Below the limit the wasted multiply-adds cost less
-/// than the copies they replace.
+/// and columns; im2col instead copies every input `ktot` times, which costs roughly `40 / cog` of
+/// the GEMM (an estimate from copy vs FMA throughput on AVX-512; the limit was then checked on the
+/// demo plans). Below the limit the wasted multiply-adds cost less than the copies they replace.
 const IMPLICIT_WASTE_LIMIT: f64 = 24.0;
 
 /// Upper bound of the implicit-GEMM output tile (output channels x positions), in bytes: the tile

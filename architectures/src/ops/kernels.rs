@@ -1067,6 +1067,13 @@ mod tests {
         a.iter().zip(b).map(|(x, y)| x * y).sum()
     }
 
+    fn assert_all_close(a: &[f64], b: &[f64], tol: f64, what: &str) {
+        assert_eq!(a.len(), b.len(), "{what}: lengths");
+        for (u, v) in a.iter().zip(b) {
+            assert!((u - v).abs() < tol, "{what}: {u} vs {v}");
+        }
+    }
+
     /// Forward matches a naive loop; the input and weight gradients are the exact adjoints
     /// (<dy, conv(x, w)> == <bwd_data(dy, w), x> == <bwd_filter(x, dy), w>).
     #[test]
@@ -1088,10 +1095,7 @@ mod tests {
             let w = seq(g.cout * g.cig() * g.ktot(), 2);
             let dy = seq(g.n * g.cout * g.out_sp(), 3);
             let y = conv_fwd(&x, &w, None, &g);
-            let yr = naive_fwd(&x, &w, &g);
-            for (a, b) in y.iter().zip(&yr) {
-                assert!((a - b).abs() < 1e-12, "{g:?}: {a} vs {b}");
-            }
+            assert_all_close(&y, &naive_fwd(&x, &w, &g), 1e-12, &format!("{g:?}"));
             let lhs = dot(&dy, &y);
             let dx = conv_bwd_data(&dy, &w, None, &g);
             let dw = conv_bwd_filter(&x, &dy, &g);
@@ -1126,18 +1130,12 @@ mod tests {
                 used += 1;
                 let a = conv_fwd_implicit(&x, &w, Some(&bias), &g, &plan);
                 let b = conv_fwd_im2col(&x, &w, Some(&bias), &g);
-                assert_eq!(a.len(), b.len());
-                for (u, v) in a.iter().zip(&b) {
-                    assert!((u - v).abs() < 1e-12, "{g:?} fwd: {u} vs {v}");
-                }
+                assert_all_close(&a, &b, 1e-12, &format!("{g:?} fwd"));
             }
             if let Some(a) = conv_bwd_data_implicit(&dy, &w, Some(&dbias), &g) {
                 used += 1;
                 let b = conv_bwd_data_phases(&dy, &w, Some(&dbias), &g);
-                assert_eq!(a.len(), b.len());
-                for (u, v) in a.iter().zip(&b) {
-                    assert!((u - v).abs() < 1e-12, "{g:?} data: {u} vs {v}");
-                }
+                assert_all_close(&a, &b, 1e-12, &format!("{g:?} data"));
             }
         }
         assert!(used >= 12, "implicit path taken only {used} times");

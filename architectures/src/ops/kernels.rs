@@ -13,6 +13,11 @@
 //! multiply-adds on the zeros a "zero-stuffed" formulation would create. When kernel == stride
 //! (the U-Net decoder's transposed convolution) each phase has exactly one tap at offset 0 and the
 //! GEMM reads the source tensor directly, without any im2col copy.
+//!
+//! Two stride-1 forms shrink or remove the im2col copy: [`RowPlan`] gathers only the taps of the
+//! inner axes and turns the taps of the outer axis into row offsets (forward, weight gradient and
+//! the stride-1 input gradient as a flipped forward), and [`Implicit`] reads every tap straight
+//! from a zero-padded copy of the input where no row plan applies.
 
 use rayon::prelude::*;
 
@@ -510,10 +515,211 @@ fn conv_fwd_implicit<T: Elem>(
 
 /// Convolution forward: `x (n, cin, inp)`, `w (cout, cin/groups, k)`, optional `bias (cout)`.
 pub(crate) fn conv_fwd<T: Elem>(x: &[T], w: &[T], bias: Option<&[T]>, g: &Geom) -> Vec<T> {
+    if let Some(plan) = RowPlan::new::<T>(g) {
+        return conv_fwd_rows(x, w, bias, g, &plan);
+    }
     match Implicit::plan(g) {
         Some(plan) => conv_fwd_implicit(x, w, bias, g, &plan),
         None => conv_fwd_im2col(x, w, bias, g),
     }
+}
+
+/// Smallest GEMM width (output positions per work item) for which [`RowPlan`] is used.
+const ROWS_MIN_POSITIONS: usize = 128;
+
+/// A convolution with stride 1 along one outer axis (`axis`, 0 or 1; the axes before it are
+/// trivial: kernel 1, stride 1, no padding) whose taps along that axis become *row offsets*: the
+/// other taps are gathered by [`im2col`] on the grid of zero-padded rows along `axis`, and tap
+/// `j` of `axis` is one accumulating GEMM that reads that buffer `j * dilation` rows further on.
+/// The copy shrinks by the kernel size along `axis` (3x for a 3x3x3 kernel), with no wasted
+/// multiply-adds: every GEMM column is a real output position.
+struct RowPlan {
+    /// im2col description of the remaining taps; along `axis` it reads padded row `v` from
+    /// input row `v - p`
+    ax: [AxisGather; 3],
+    /// im2col grid rows per row along `axis` (`out[1]` for axis 0, 1 for axis 1)
+    m: usize,
+    taps: usize,
+    dil: usize,
+    /// independent slabs (`out[0]` for axis 1, else 1), output rows per slab (`out[axis]`) and
+    /// padded rows per slab (`inp[axis] + 2 p[axis]`)
+    outer: usize,
+    rows: usize,
+    vrows: usize,
+    /// output positions per row along `axis`
+    row_len: usize,
+    /// taps gathered per row offset: `ktot / taps`
+    kin: usize,
+    /// output rows per work item and items per slab
+    rpc: usize,
+    nchunks: usize,
+}
+
+impl RowPlan {
+    /// The plan for `g`, if it applies and its GEMMs are wide enough to beat im2col.
+    fn new<T>(g: &Geom) -> Option<Self> {
+        // Below ~128 positions per GEMM (the deepest, smallest levels) the split GEMMs lose to
+        // one im2col GEMM over all taps.
+        Self::build::<T>(g).filter(|p| p.rpc * p.row_len >= ROWS_MIN_POSITIONS)
+    }
+
+    /// The plan for `g` whenever it applies.
+    fn build<T>(g: &Geom) -> Option<Self> {
+        let axis = if g.s[0] == 1 && g.k[0] > 1 {
+            0
+        } else if g.k[0] == 1 && g.p[0] == 0 && g.s[0] == 1 && g.s[1] == 1 && g.k[1] > 1 {
+            1
+        } else {
+            return None;
+        };
+        if g.out_sp() == 0 {
+            return None;
+        }
+        let mut ax = fwd_axes(g);
+        ax[axis] = AxisGather {
+            grid: g.inp[axis] + 2 * g.p[axis],
+            pos_stride: 1,
+            offsets: vec![-(g.p[axis] as isize)],
+            kidx: vec![0],
+            src_len: g.inp[axis],
+        };
+        let (taps, dil) = (g.k[axis], g.d[axis]);
+        let span = (taps - 1) * dil;
+        let row_len = if axis == 0 {
+            g.out[1] * g.out[2]
+        } else {
+            g.out[2]
+        };
+        let kin = g.ktot() / taps;
+        let rows = g.out[axis];
+        let per_row = (g.cig() * kin * row_len).max(1);
+        // Rows per item: within the workspace budget, but at least 2 * span (else the overlap
+        // re-gathers most rows), and small enough for two items per thread when that is possible.
+        let slabs = g.n * if axis == 0 { 1 } else { g.out[0] };
+        let want_items = 2 * rayon::current_num_threads();
+        let par_cap = rows / want_items.div_ceil(slabs.max(1)).max(1);
+        let rpc = (COL_BUDGET_BYTES / std::mem::size_of::<T>() / per_row)
+            .saturating_sub(span)
+            .max(2 * span)
+            .min(par_cap)
+            .clamp(1, rows);
+        Some(RowPlan {
+            ax,
+            m: if axis == 0 { g.out[1] } else { 1 },
+            taps,
+            dil,
+            outer: if axis == 0 { 1 } else { g.out[0] },
+            rows,
+            vrows: g.inp[axis] + 2 * g.p[axis],
+            row_len,
+            kin,
+            rpc,
+            nchunks: rows.div_ceil(rpc),
+        })
+    }
+
+    fn items(&self, n: usize) -> usize {
+        n * self.outer * self.nchunks
+    }
+
+    fn span(&self) -> usize {
+        (self.taps - 1) * self.dil
+    }
+
+    /// `(image, slab, first output row, output rows)` of work item `item`.
+    fn item(&self, item: usize) -> (usize, usize, usize, usize) {
+        let per_image = self.outer * self.nchunks;
+        let (b, rem) = (item / per_image, item % per_image);
+        let (o, c) = (rem / self.nchunks, rem % self.nchunks);
+        let h0 = c * self.rpc;
+        (b, o, h0, self.rpc.min(self.rows - h0))
+    }
+
+    /// im2col of the padded rows item `(o, h0, nr)` reads, into `col` (`cig * kin` rows of
+    /// `(nr + span) * row_len` positions).
+    fn gather<T: Elem>(&self, src: &[T], g: &Geom, o: usize, h0: usize, nr: usize, col: &mut [T]) {
+        let v0 = o * self.vrows + h0;
+        let v1 = v0 + nr + self.span();
+        im2col(src, g.inp, g.cig(), &self.ax, v0 * self.m, v1 * self.m, col);
+    }
+
+    /// Flattened kernel tap of row offset `j` and gathered tap `t`.
+    fn tap(&self, j: usize, t: usize) -> usize {
+        j * self.kin + t
+    }
+}
+
+/// [`conv_fwd`] through a [`RowPlan`].
+fn conv_fwd_rows<T: Elem>(
+    x: &[T],
+    w: &[T],
+    bias: Option<&[T]>,
+    g: &Geom,
+    plan: &RowPlan,
+) -> Vec<T> {
+    let (in_sp, out_sp) = (g.in_sp(), g.out_sp());
+    let (cig, cog, ktot) = (g.cig(), g.cog(), g.ktot());
+    let (taps, kin) = (plan.taps, plan.kin);
+    let kc = cig * kin;
+    // Per-row-offset weight matrices: wj[gi][j] is cog x (cig * kin), row-major.
+    let mut wj = vec![T::ZERO; w.len()];
+    for gi in 0..g.groups {
+        for j in 0..taps {
+            for co in 0..cog {
+                let dst = &mut wj[((gi * taps + j) * cog + co) * kc..][..kc];
+                for ci in 0..cig {
+                    let src = &w[((gi * cog + co) * cig + ci) * ktot + plan.tap(j, 0)..][..kin];
+                    dst[ci * kin..(ci + 1) * kin].copy_from_slice(src);
+                }
+            }
+        }
+    }
+    let mut y = vec![T::ZERO; g.n * g.cout * out_sp];
+    let yp = SendPtr(y.as_mut_ptr());
+    let items = plan.items(g.n);
+    let outer = outer_parallel(items);
+    let par = gemm_par(outer);
+    run_items(items, outer, |item, ws| {
+        let (b, o, h0, nr) = plan.item(item);
+        let cols = (nr + plan.span()) * plan.row_len;
+        let n = nr * plan.row_len;
+        let col = workspace::<T>(ws, kc * cols);
+        for gi in 0..g.groups {
+            let xs = &x[(b * g.cin + gi * cig) * in_sp..(b * g.cin + (gi + 1) * cig) * in_sp];
+            plan.gather(xs, g, o, h0, nr, col);
+            // SAFETY: items write disjoint output rows; all indices are in bounds.
+            unsafe {
+                let dst = yp
+                    .get()
+                    .add((b * g.cout + gi * cog) * out_sp + (o * plan.rows + h0) * plan.row_len);
+                if let Some(bias) = bias {
+                    for co in 0..cog {
+                        std::slice::from_raw_parts_mut(dst.add(co * out_sp), n)
+                            .fill(bias[gi * cog + co]);
+                    }
+                }
+                for j in 0..taps {
+                    mm(
+                        cog,
+                        n,
+                        kc,
+                        dst,
+                        out_sp,
+                        1,
+                        bias.is_some() || j > 0,
+                        wj[(gi * taps + j) * cog * kc..].as_ptr(),
+                        kc,
+                        1,
+                        col[j * plan.dil * plan.row_len..].as_ptr(),
+                        cols,
+                        1,
+                        par,
+                    );
+                }
+            }
+        }
+    });
+    y
 }
 
 /// [`conv_fwd`] on blocked im2col (any stride).
@@ -584,79 +790,55 @@ fn conv_fwd_im2col<T: Elem>(x: &[T], w: &[T], bias: Option<&[T]>, g: &Geom) -> V
 
 /// Weight gradient: `x (n, cin, inp)`, `dy (n, cout, out)` -> `dw (cout, cin/groups, k)`.
 pub(crate) fn conv_bwd_filter<T: Elem>(x: &[T], dy: &[T], g: &Geom) -> Vec<T> {
-    let (in_sp, out_sp) = (g.in_sp(), g.out_sp());
-    let (cig, cog) = (g.cig(), g.cog());
-    let kc = cig * g.ktot();
-    let wlen = g.cout * kc;
-    let ax = fwd_axes(g);
-    let identity = ax.iter().all(AxisGather::is_identity);
-    let total_rows = g.out[0] * g.out[1];
-    let row_len = g.out[2];
-    let rpc = rows_per_chunk::<T>(if identity { 0 } else { kc }, row_len, total_rows);
-    let nchunks = total_rows.div_ceil(rpc);
-    let items = g.n * nchunks;
-    if items == 0 || wlen == 0 {
-        return vec![T::ZERO; wlen];
+    if g.cout * g.cig() * g.ktot() == 0 {
+        return vec![T::ZERO; g.cout * g.cig() * g.ktot()];
     }
-    let nt = rayon::current_num_threads().max(1);
+    if let Some(plan) = RowPlan::new::<T>(g) {
+        return conv_bwd_filter_rows(x, dy, g, &plan);
+    }
+    conv_bwd_filter_im2col(x, dy, g)
+}
+
+/// Runs weight-gradient work items `0..items`: `f(item, acc, ws, par)` adds item's contribution
+/// to the accumulator `acc` (`wlen` long). Outer-parallel runs give each thread its own
+/// accumulator over a contiguous range of items; the accumulators are returned unsummed.
+fn filter_parts<T: Elem, F>(items: usize, wlen: usize, f: F) -> Vec<Vec<T>>
+where
+    F: Fn(usize, &mut [T], &mut Vec<u8>, gemm::Parallelism) + Sync + Send,
+{
     let outer = outer_parallel(items);
-    let parts = if outer { nt.min(items) } else { 1 };
+    let parts = if outer {
+        rayon::current_num_threads().max(1).min(items)
+    } else {
+        1
+    };
     let par = gemm_par(outer);
     let work = |part: usize| -> Vec<T> {
         let mut acc = vec![T::ZERO; wlen];
         let (i0, i1) = (items * part / parts, items * (part + 1) / parts);
         with_workspace(|ws| {
             for item in i0..i1 {
-                let b = item / nchunks;
-                let r0 = (item % nchunks) * rpc;
-                let r1 = (r0 + rpc).min(total_rows);
-                let pc = (r1 - r0) * row_len;
-                let col = workspace::<T>(ws, if identity { 0 } else { kc * pc });
-                for gi in 0..g.groups {
-                    let xs =
-                        &x[(b * g.cin + gi * cig) * in_sp..(b * g.cin + (gi + 1) * cig) * in_sp];
-                    let (rhs, rhs_cs) = if identity {
-                        (xs[r0 * row_len..].as_ptr(), in_sp)
-                    } else {
-                        im2col(xs, g.inp, cig, &ax, r0, r1, col);
-                        (col.as_ptr(), pc)
-                    };
-                    // SAFETY: in-bounds pointers; `acc` is owned by this part. The accumulator is
-                    // column-major per group ([kc][cog]) so that gemm streams the im2col rows
-                    // directly instead of transposing them while packing.
-                    unsafe {
-                        mm(
-                            cog,
-                            kc,
-                            pc,
-                            acc[gi * cog * kc..].as_mut_ptr(),
-                            1,
-                            cog,
-                            true,
-                            dy[(b * g.cout + gi * cog) * out_sp + r0 * row_len..].as_ptr(),
-                            out_sp,
-                            1,
-                            rhs,
-                            1,
-                            rhs_cs,
-                            par,
-                        );
-                    }
-                }
+                f(item, &mut acc, ws, par);
             }
         });
         acc
     };
-    let partials: Vec<Vec<T>> = if parts > 1 {
+    if parts > 1 {
         (0..parts).into_par_iter().map(work).collect()
     } else {
         vec![work(0)]
-    };
-    // Sum the parts and transpose [g][kc][cog] -> [g * cog + co][kc] in 32 x 32 tiles (a plain
-    // strided transpose misses the cache on every element once cog * 4 bytes exceeds a line),
-    // parallel over blocks of 32 output rows.
+    }
+}
+
+/// Sums the accumulators of [`filter_parts`] and lays them out as `dw (cout, cig * ktot)`. Per
+/// group an accumulator is column-major (`kc` rows of `cog`, so that gemm streams the im2col rows
+/// directly instead of transposing them while packing), with `dw` column `r` stored in row
+/// `row_of[r]`. The transpose goes in 32 x 32 tiles (a plain strided transpose misses the cache
+/// on every element once `cog * 4` bytes exceeds a line), parallel over blocks of output rows.
+fn filter_reduce<T: Elem>(partials: &[Vec<T>], g: &Geom, row_of: &[usize]) -> Vec<T> {
     const TB: usize = 32;
-    let mut dw = vec![T::ZERO; wlen];
+    let (cog, kc) = (g.cog(), row_of.len());
+    let mut dw = vec![T::ZERO; g.cout * kc];
     dw.par_chunks_mut(TB * kc)
         .enumerate()
         .for_each(|(blk, out)| {
@@ -668,7 +850,7 @@ pub(crate) fn conv_bwd_filter<T: Elem>(x: &[T], dy: &[T], g: &Geom) -> Vec<T> {
                     let (gi, co) = ((row0 + i) / cog, (row0 + i) % cog);
                     let base = gi * cog * kc + co;
                     for r in r0..r1 {
-                        let idx = base + r * cog;
+                        let idx = base + row_of[r] * cog;
                         let mut v = partials[0][idx];
                         for p in &partials[1..] {
                             v += p[idx];
@@ -681,10 +863,116 @@ pub(crate) fn conv_bwd_filter<T: Elem>(x: &[T], dy: &[T], g: &Geom) -> Vec<T> {
     dw
 }
 
+/// [`conv_bwd_filter`] on blocked im2col (any geometry).
+fn conv_bwd_filter_im2col<T: Elem>(x: &[T], dy: &[T], g: &Geom) -> Vec<T> {
+    let (in_sp, out_sp) = (g.in_sp(), g.out_sp());
+    let (cig, cog) = (g.cig(), g.cog());
+    let kc = cig * g.ktot();
+    let ax = fwd_axes(g);
+    let identity = ax.iter().all(AxisGather::is_identity);
+    let total_rows = g.out[0] * g.out[1];
+    let row_len = g.out[2];
+    let rpc = rows_per_chunk::<T>(if identity { 0 } else { kc }, row_len, total_rows);
+    let nchunks = total_rows.div_ceil(rpc);
+    let items = g.n * nchunks;
+    let partials = filter_parts(items, g.cout * kc, |item, acc: &mut [T], ws, par| {
+        let b = item / nchunks;
+        let r0 = (item % nchunks) * rpc;
+        let r1 = (r0 + rpc).min(total_rows);
+        let pc = (r1 - r0) * row_len;
+        let col = workspace::<T>(ws, if identity { 0 } else { kc * pc });
+        for gi in 0..g.groups {
+            let xs = &x[(b * g.cin + gi * cig) * in_sp..(b * g.cin + (gi + 1) * cig) * in_sp];
+            let (rhs, rhs_cs) = if identity {
+                (xs[r0 * row_len..].as_ptr(), in_sp)
+            } else {
+                im2col(xs, g.inp, cig, &ax, r0, r1, col);
+                (col.as_ptr(), pc)
+            };
+            // SAFETY: in-bounds pointers; `acc` is owned by this part.
+            unsafe {
+                mm(
+                    cog,
+                    kc,
+                    pc,
+                    acc[gi * cog * kc..].as_mut_ptr(),
+                    1,
+                    cog,
+                    true,
+                    dy[(b * g.cout + gi * cog) * out_sp + r0 * row_len..].as_ptr(),
+                    out_sp,
+                    1,
+                    rhs,
+                    1,
+                    rhs_cs,
+                    par,
+                );
+            }
+        }
+    });
+    let row_of: Vec<usize> = (0..kc).collect();
+    filter_reduce(&partials, g, &row_of)
+}
+
+/// [`conv_bwd_filter`] through a [`RowPlan`]: per row offset `j` one GEMM of the output gradient
+/// rows with the gathered rows `j * dilation` further on, into accumulator block `j`.
+fn conv_bwd_filter_rows<T: Elem>(x: &[T], dy: &[T], g: &Geom, plan: &RowPlan) -> Vec<T> {
+    let (in_sp, out_sp) = (g.in_sp(), g.out_sp());
+    let (cig, cog, ktot) = (g.cig(), g.cog(), g.ktot());
+    let (taps, kin) = (plan.taps, plan.kin);
+    let kc = cig * kin;
+    let partials = filter_parts(
+        plan.items(g.n),
+        g.cout * cig * ktot,
+        |item, acc: &mut [T], ws, par| {
+            let (b, o, h0, nr) = plan.item(item);
+            let cols = (nr + plan.span()) * plan.row_len;
+            let col = workspace::<T>(ws, kc * cols);
+            for gi in 0..g.groups {
+                let xs = &x[(b * g.cin + gi * cig) * in_sp..(b * g.cin + (gi + 1) * cig) * in_sp];
+                plan.gather(xs, g, o, h0, nr, col);
+                let dys =
+                    &dy[(b * g.cout + gi * cog) * out_sp + (o * plan.rows + h0) * plan.row_len..];
+                for j in 0..taps {
+                    // SAFETY: in-bounds pointers; `acc` is owned by this part.
+                    unsafe {
+                        mm(
+                            cog,
+                            kc,
+                            nr * plan.row_len,
+                            acc[(gi * taps + j) * kc * cog..].as_mut_ptr(),
+                            1,
+                            cog,
+                            true,
+                            dys.as_ptr(),
+                            out_sp,
+                            1,
+                            col[j * plan.dil * plan.row_len..].as_ptr(),
+                            1,
+                            cols,
+                            par,
+                        );
+                    }
+                }
+            }
+        },
+    );
+    // dw column ci * ktot + tap(j, t) lives in accumulator row j * kc + ci * kin + t.
+    let mut row_of = vec![0; cig * ktot];
+    for ci in 0..cig {
+        for j in 0..taps {
+            for t in 0..kin {
+                row_of[ci * ktot + plan.tap(j, t)] = j * kc + ci * kin + t;
+            }
+        }
+    }
+    filter_reduce(&partials, g, &row_of)
+}
+
 /// Input gradient (the transposed convolution): `dy (n, cout, out)`, `w (cout, cin/groups, k)`
 /// -> `dx (n, cin, inp)`, optionally initialised with a per-channel `bias (cin)`.
 pub(crate) fn conv_bwd_data<T: Elem>(dy: &[T], w: &[T], bias: Option<&[T]>, g: &Geom) -> Vec<T> {
-    if let Some(dx) = conv_bwd_data_implicit(dy, w, bias, g) {
+    if let Some(dx) = conv_bwd_data_as_fwd(dy, w, bias, g) {
         return dx;
     }
     conv_bwd_data_phases(dy, w, bias, g)
@@ -866,9 +1154,9 @@ fn conv_bwd_data_phases<T: Elem>(dy: &[T], w: &[T], bias: Option<&[T]>, g: &Geom
 }
 
 /// [`conv_bwd_data`] of a stride-1 convolution as the forward convolution of `dy` with the
-/// flipped, transposed kernel and padding `d (k - 1) - p`, through [`Implicit`] (`None` when that
-/// padding would be negative or the padded grid wastes too much).
-fn conv_bwd_data_implicit<T: Elem>(
+/// flipped, transposed kernel and padding `d (k - 1) - p`, through [`Implicit`] or a [`RowPlan`]
+/// (`None` when that padding would be negative or neither applies).
+fn conv_bwd_data_as_fwd<T: Elem>(
     dy: &[T],
     w: &[T],
     bias: Option<&[T]>,
@@ -889,7 +1177,9 @@ fn conv_bwd_data_implicit<T: Elem>(
         p: std::array::from_fn(|a| g.d[a] * (g.k[a] - 1) - g.p[a]),
         d: g.d,
     };
-    let plan = Implicit::plan(&t)?;
+    if Implicit::plan(&t).is_none() && RowPlan::new::<T>(&t).is_none() {
+        return None;
+    }
     let (cig, cog, ktot) = (g.cig(), g.cog(), g.ktot());
     // w (cout, cig, k) -> wf (cin, cog, k) with the kernel reversed along every axis.
     let mut wf = vec![T::ZERO; w.len()];
@@ -903,7 +1193,7 @@ fn conv_bwd_data_implicit<T: Elem>(
             }
         }
     }
-    Some(conv_fwd_implicit(dy, &wf, bias, &t, &plan))
+    Some(conv_fwd(dy, &wf, bias, &t))
 }
 
 /// [`conv_bwd_data`] when kernel == stride, no padding/dilation and an exact tiling (the U-Net
@@ -1132,13 +1422,64 @@ mod tests {
                 let b = conv_fwd_im2col(&x, &w, Some(&bias), &g);
                 assert_all_close(&a, &b, 1e-12, &format!("{g:?} fwd"));
             }
-            if let Some(a) = conv_bwd_data_implicit(&dy, &w, Some(&dbias), &g) {
+            if let Some(a) = conv_bwd_data_as_fwd(&dy, &w, Some(&dbias), &g) {
                 used += 1;
                 let b = conv_bwd_data_phases(&dy, &w, Some(&dbias), &g);
                 assert_all_close(&a, &b, 1e-12, &format!("{g:?} data"));
             }
         }
         assert!(used >= 12, "implicit path taken only {used} times");
+    }
+
+    /// The row-offset path ([`RowPlan`], along axis 0 or 1) agrees with the im2col path for the
+    /// forward pass, the weight gradient and the input gradient (as a flipped forward), with
+    /// strides and dilation on the gathered axes, groups, padding beyond the kernel reach and
+    /// chunks smaller than an axis (a tiny workspace budget is forced through `rpc`).
+    #[test]
+    fn row_plan_matches_im2col() {
+        let cases = [
+            geom([5, 6, 7], [3, 3, 3], [1, 1, 1], [1, 1, 1], [1, 1, 1]),
+            geom([5, 6, 7], [3, 3, 3], [1, 2, 2], [1, 1, 1], [1, 1, 1]),
+            geom([6, 5, 7], [3, 2, 3], [1, 2, 1], [2, 0, 1], [2, 1, 2]),
+            geom([4, 5, 6], [2, 1, 3], [1, 1, 1], [0, 0, 1], [1, 1, 1]),
+            geom([1, 9, 11], [1, 3, 3], [1, 1, 1], [0, 1, 1], [1, 1, 1]),
+            geom([3, 9, 11], [1, 3, 3], [1, 1, 2], [0, 1, 1], [1, 2, 1]),
+            geom([2, 7, 5], [1, 3, 1], [1, 1, 1], [0, 3, 0], [1, 1, 1]),
+            geom([3, 3, 3], [3, 3, 3], [1, 1, 1], [3, 3, 3], [1, 1, 1]),
+            // large enough for `RowPlan::new`, so the input gradient also takes the row path
+            geom([6, 16, 16], [3, 3, 3], [1, 1, 1], [1, 1, 1], [1, 1, 1]),
+            geom([1, 24, 24], [1, 3, 3], [1, 1, 1], [0, 1, 1], [1, 1, 1]),
+        ];
+        let mut used = 0;
+        for g in cases {
+            let Some(mut plan) = RowPlan::build::<f64>(&g) else {
+                continue;
+            };
+            let x = seq(g.n * g.cin * g.in_sp(), 11);
+            let w = seq(g.cout * g.cig() * g.ktot(), 12);
+            let bias = seq(g.cout, 13);
+            let dy = seq(g.n * g.cout * g.out_sp(), 14);
+            let dbias = seq(g.cin, 15);
+            for rpc in [plan.rpc, 1, 2] {
+                plan.rpc = rpc.min(plan.rows);
+                plan.nchunks = plan.rows.div_ceil(plan.rpc);
+                let what = format!("{g:?} rows/row {} rpc {}", plan.m, plan.rpc);
+                let a = conv_fwd_rows(&x, &w, Some(&bias), &g, &plan);
+                let b = conv_fwd_im2col(&x, &w, Some(&bias), &g);
+                assert_all_close(&a, &b, 1e-12, &format!("{what} fwd"));
+                let a = conv_bwd_filter_rows(&x, &dy, &g, &plan);
+                let b = conv_bwd_filter_im2col(&x, &dy, &g);
+                assert_all_close(&a, &b, 1e-12, &format!("{what} filter"));
+            }
+            used += 1;
+            if let Some(a) = conv_bwd_data_as_fwd(&dy, &w, Some(&dbias), &g) {
+                let b = conv_bwd_data_phases(&dy, &w, Some(&dbias), &g);
+                assert_all_close(&a, &b, 1e-12, &format!("{g:?} data"));
+            }
+        }
+        let large = geom([6, 16, 16], [3, 3, 3], [1, 1, 1], [1, 1, 1], [1, 1, 1]);
+        assert!(RowPlan::new::<f64>(&large).is_some());
+        assert_eq!(used, 10, "row plan taken only {used} times");
     }
 
     /// Timing breakdown of the three kernels (run with

@@ -674,8 +674,8 @@ fn conv_fwd_rows<T: Elem>(
             }
         }
     }
-    let mut y = vec![T::ZERO; g.n * g.cout * out_sp];
-    let yp = SendPtr(y.as_mut_ptr());
+    let mut y = Uninit::<T>::new(g.n * g.cout * out_sp);
+    let yp = SendPtr(y.ptr());
     let items = plan.items(g.n);
     let outer = outer_parallel(items);
     let par = gemm_par(outer);
@@ -687,15 +687,15 @@ fn conv_fwd_rows<T: Elem>(
         for gi in 0..g.groups {
             let xs = &x[(b * g.cin + gi * cig) * in_sp..(b * g.cin + (gi + 1) * cig) * in_sp];
             plan.gather(xs, g, o, h0, nr, col);
-            // SAFETY: items write disjoint output rows; all indices are in bounds.
+            // SAFETY: items write disjoint output rows; all indices are in bounds. Tap 0 (or the
+            // bias fill) writes every position of the rows before the others add to it.
             unsafe {
                 let dst = yp
                     .get()
                     .add((b * g.cout + gi * cog) * out_sp + (o * plan.rows + h0) * plan.row_len);
                 if let Some(bias) = bias {
                     for co in 0..cog {
-                        std::slice::from_raw_parts_mut(dst.add(co * out_sp), n)
-                            .fill(bias[gi * cog + co]);
+                        fill_raw(dst.add(co * out_sp), n, bias[gi * cog + co]);
                     }
                 }
                 for j in 0..taps {
@@ -719,7 +719,8 @@ fn conv_fwd_rows<T: Elem>(
             }
         }
     });
-    y
+    // SAFETY: the items cover every (image, channel, position).
+    unsafe { y.assume_init() }
 }
 
 /// [`conv_fwd`] on blocked im2col (any stride).
@@ -733,11 +734,11 @@ fn conv_fwd_im2col<T: Elem>(x: &[T], w: &[T], bias: Option<&[T]>, g: &Geom) -> V
     let row_len = g.out[2];
     let rpc = rows_per_chunk::<T>(if identity { 0 } else { kc }, row_len, total_rows);
     let nchunks = total_rows.div_ceil(rpc);
-    let mut y = vec![T::ZERO; g.n * g.cout * out_sp];
-    if y.is_empty() {
-        return y;
+    if g.n * g.cout * out_sp == 0 {
+        return Vec::new();
     }
-    let yp = SendPtr(y.as_mut_ptr());
+    let mut y = Uninit::<T>::new(g.n * g.cout * out_sp);
+    let yp = SendPtr(y.ptr());
     let items = g.n * nchunks;
     let outer = outer_parallel(items);
     let par = gemm_par(outer);
@@ -755,15 +756,15 @@ fn conv_fwd_im2col<T: Elem>(x: &[T], w: &[T], bias: Option<&[T]>, g: &Geom) -> V
                 im2col(xs, g.inp, cig, &ax, r0, r1, col);
                 (col.as_ptr(), pc)
             };
-            // SAFETY: chunks write disjoint rows of y; all indices are in bounds by construction.
+            // SAFETY: chunks write disjoint rows of y (the GEMM overwrites them, or adds to the bias
+            // fill); all indices are in bounds by construction.
             unsafe {
                 let dst = yp
                     .get()
                     .add((b * g.cout + gi * cog) * out_sp + r0 * row_len);
                 if let Some(bias) = bias {
                     for co in 0..cog {
-                        std::slice::from_raw_parts_mut(dst.add(co * out_sp), pc)
-                            .fill(bias[gi * cog + co]);
+                        fill_raw(dst.add(co * out_sp), pc, bias[gi * cog + co]);
                     }
                 }
                 mm(
@@ -785,7 +786,8 @@ fn conv_fwd_im2col<T: Elem>(x: &[T], w: &[T], bias: Option<&[T]>, g: &Geom) -> V
             }
         }
     });
-    y
+    // SAFETY: the chunks cover every (image, channel, position).
+    unsafe { y.assume_init() }
 }
 
 /// Weight gradient: `x (n, cin, inp)`, `dy (n, cout, out)` -> `dw (cout, cin/groups, k)`.
@@ -799,13 +801,18 @@ pub(crate) fn conv_bwd_filter<T: Elem>(x: &[T], dy: &[T], g: &Geom) -> Vec<T> {
     conv_bwd_filter_im2col(x, dy, g)
 }
 
-/// Runs weight-gradient work items `0..items`: `f(item, acc, ws, par)` adds item's contribution
-/// to the accumulator `acc` (`wlen` long). Outer-parallel runs give each thread its own
-/// accumulator over a contiguous range of items; the accumulators are returned unsummed.
+/// Runs weight-gradient work items `0..items`: `f(item, acc, first, ws, par)` adds item's
+/// contribution to the accumulator `acc` (`wlen` elements), or, when `first`, overwrites every
+/// element of it (the accumulators are not zero-filled: for the deep levels that fill was as
+/// large as the gradient itself). Outer-parallel runs give each thread its own accumulator over a
+/// contiguous range of items; the accumulators are returned unsummed.
 fn filter_parts<T: Elem, F>(items: usize, wlen: usize, f: F) -> Vec<Vec<T>>
 where
-    F: Fn(usize, &mut [T], &mut Vec<u8>, gemm::Parallelism) + Sync + Send,
+    F: Fn(usize, *mut T, bool, &mut Vec<u8>, gemm::Parallelism) + Sync + Send,
 {
+    if items == 0 {
+        return vec![vec![T::ZERO; wlen]];
+    }
     let outer = outer_parallel(items);
     let parts = if outer {
         rayon::current_num_threads().max(1).min(items)
@@ -814,19 +821,57 @@ where
     };
     let par = gemm_par(outer);
     let work = |part: usize| -> Vec<T> {
-        let mut acc = vec![T::ZERO; wlen];
+        let mut acc = Uninit::<T>::new(wlen);
         let (i0, i1) = (items * part / parts, items * (part + 1) / parts);
         with_workspace(|ws| {
             for item in i0..i1 {
-                f(item, &mut acc, ws, par);
+                f(item, acc.ptr(), item == i0, ws, par);
             }
         });
-        acc
+        // SAFETY: every part has at least one item (parts <= items), and its first item wrote
+        // every element.
+        unsafe { acc.assume_init() }
     };
     if parts > 1 {
         (0..parts).into_par_iter().map(work).collect()
     } else {
         vec![work(0)]
+    }
+}
+
+/// Writes `v` to `len` elements from `dst` (possibly uninitialised memory).
+///
+/// # Safety
+/// `dst` must be valid for `len` writes.
+unsafe fn fill_raw<T: Copy>(dst: *mut T, len: usize, v: T) {
+    for i in 0..len {
+        dst.add(i).write(v);
+    }
+}
+
+/// A kernel output buffer that is written completely, through raw pointers, before it is read,
+/// so it skips the zero-fill of `vec![0; len]`.
+struct Uninit<T> {
+    buf: Vec<std::mem::MaybeUninit<T>>,
+}
+
+impl<T: Elem> Uninit<T> {
+    fn new(len: usize) -> Self {
+        let mut buf = Vec::with_capacity(len);
+        // SAFETY: `MaybeUninit` needs no initialisation.
+        unsafe { buf.set_len(len) };
+        Uninit { buf }
+    }
+
+    fn ptr(&mut self) -> *mut T {
+        self.buf.as_mut_ptr().cast()
+    }
+
+    /// # Safety
+    /// Every element must have been written.
+    unsafe fn assume_init(self) -> Vec<T> {
+        let mut buf = std::mem::ManuallyDrop::new(self.buf);
+        Vec::from_raw_parts(buf.as_mut_ptr().cast(), buf.len(), buf.capacity())
     }
 }
 
@@ -875,7 +920,7 @@ fn conv_bwd_filter_im2col<T: Elem>(x: &[T], dy: &[T], g: &Geom) -> Vec<T> {
     let rpc = rows_per_chunk::<T>(if identity { 0 } else { kc }, row_len, total_rows);
     let nchunks = total_rows.div_ceil(rpc);
     let items = g.n * nchunks;
-    let partials = filter_parts(items, g.cout * kc, |item, acc: &mut [T], ws, par| {
+    let partials = filter_parts(items, g.cout * kc, |item, acc: *mut T, first, ws, par| {
         let b = item / nchunks;
         let r0 = (item % nchunks) * rpc;
         let r1 = (r0 + rpc).min(total_rows);
@@ -889,16 +934,16 @@ fn conv_bwd_filter_im2col<T: Elem>(x: &[T], dy: &[T], g: &Geom) -> Vec<T> {
                 im2col(xs, g.inp, cig, &ax, r0, r1, col);
                 (col.as_ptr(), pc)
             };
-            // SAFETY: in-bounds pointers; `acc` is owned by this part.
+            // SAFETY: in-bounds pointers; `acc` (cout * kc) is owned by this part.
             unsafe {
                 mm(
                     cog,
                     kc,
                     pc,
-                    acc[gi * cog * kc..].as_mut_ptr(),
+                    acc.add(gi * cog * kc),
                     1,
                     cog,
-                    true,
+                    !first,
                     dy[(b * g.cout + gi * cog) * out_sp + r0 * row_len..].as_ptr(),
                     out_sp,
                     1,
@@ -924,7 +969,7 @@ fn conv_bwd_filter_rows<T: Elem>(x: &[T], dy: &[T], g: &Geom, plan: &RowPlan) ->
     let partials = filter_parts(
         plan.items(g.n),
         g.cout * cig * ktot,
-        |item, acc: &mut [T], ws, par| {
+        |item, acc: *mut T, first, ws, par| {
             let (b, o, h0, nr) = plan.item(item);
             let cols = (nr + plan.span()) * plan.row_len;
             let col = workspace::<T>(ws, kc * cols);
@@ -934,16 +979,16 @@ fn conv_bwd_filter_rows<T: Elem>(x: &[T], dy: &[T], g: &Geom, plan: &RowPlan) ->
                 let dys =
                     &dy[(b * g.cout + gi * cog) * out_sp + (o * plan.rows + h0) * plan.row_len..];
                 for j in 0..taps {
-                    // SAFETY: in-bounds pointers; `acc` is owned by this part.
+                    // SAFETY: in-bounds pointers; `acc` (cout * kc) is owned by this part.
                     unsafe {
                         mm(
                             cog,
                             kc,
                             nr * plan.row_len,
-                            acc[(gi * taps + j) * kc * cog..].as_mut_ptr(),
+                            acc.add((gi * taps + j) * kc * cog),
                             1,
                             cog,
-                            true,
+                            !first,
                             dys.as_ptr(),
                             out_sp,
                             1,

@@ -145,36 +145,22 @@ impl SgdNesterov {
 
     /// One optimizer step with the gradients in `grads`.
     pub fn step(&mut self, grads: &GradStore) -> candle_core::Result<()> {
-        let SgdOptions {
-            lr,
-            momentum,
-            weight_decay,
-            nesterov,
-        } = self.opts;
         for (name, var) in &self.vars {
             let Some(g) = grads.get(var.as_tensor()) else {
                 continue;
             };
-            let p = var.as_tensor().detach();
-            let g = g.detach().to_dtype(p.dtype())?;
-            let mut d = if weight_decay != 0.0 {
-                (p.affine(weight_decay, 0.0)? + g)?
-            } else {
-                g
+            let old = self.buffers.get(name);
+            let buf = match fused_step(var.as_tensor(), g, old, &self.opts)? {
+                Some(buf) => buf,
+                None => {
+                    let (p, buf) = tensor_step(var.as_tensor(), g, old, &self.opts)?;
+                    var.set(&p)?;
+                    buf
+                }
             };
-            if momentum != 0.0 {
-                let buf = match self.buffers.get(name) {
-                    Some(b) if b.dims() == d.dims() => (b.affine(momentum, 0.0)? + &d)?,
-                    _ => d.clone(),
-                };
-                d = if nesterov {
-                    (d + buf.affine(momentum, 0.0)?)?
-                } else {
-                    buf.clone()
-                };
+            if self.opts.momentum != 0.0 {
                 self.buffers.insert(name.clone(), buf);
             }
-            var.set(&(p - d.affine(lr, 0.0)?)?)?;
         }
         Ok(())
     }
@@ -263,6 +249,208 @@ pub fn poly_lr(initial_lr: f64, epoch: usize, max_epochs: usize, exponent: f64) 
     initial_lr * frac.powf(exponent)
 }
 
+/// One SGD step of parameter `p` with tensor ops (any device and dtype): the new parameter and
+/// the new momentum buffer (`buf` is the old one; ignored without momentum).
+fn tensor_step(
+    p: &Tensor,
+    g: &Tensor,
+    buf: Option<&Tensor>,
+    opts: &SgdOptions,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let SgdOptions {
+        lr,
+        momentum,
+        weight_decay,
+        nesterov,
+    } = *opts;
+    let p = p.detach();
+    let g = g.detach().to_dtype(p.dtype())?;
+    let mut d = if weight_decay != 0.0 {
+        (p.affine(weight_decay, 0.0)? + g)?
+    } else {
+        g
+    };
+    let mut new_buf = d.clone();
+    if momentum != 0.0 {
+        new_buf = match buf {
+            Some(b) if b.dims() == d.dims() => (b.affine(momentum, 0.0)? + &d)?,
+            _ => d.clone(),
+        };
+        d = if nesterov {
+            (d + new_buf.affine(momentum, 0.0)?)?
+        } else {
+            new_buf.clone()
+        };
+    }
+    Ok(((p - d.affine(lr, 0.0)?)?, new_buf))
+}
+
+/// One SGD step of a contiguous CPU f32/f64 parameter in a single pass over `p`, `g` and the
+/// momentum buffer (in place on `p`; the new buffer is returned). It evaluates exactly the
+/// expressions of [`SgdNesterov::step`]'s tensor path, in the same order and precision, so the
+/// results are bit-identical; that path takes about eight full passes with a fresh tensor each.
+/// `None` (nothing done) for other devices, dtypes or layouts, and without momentum.
+fn fused_step(
+    p: &Tensor,
+    g: &Tensor,
+    buf: Option<&Tensor>,
+    opts: &SgdOptions,
+) -> candle_core::Result<Option<Tensor>> {
+    let buf = buf.filter(|b| b.dims() == p.dims());
+    let plain =
+        |t: &Tensor| t.device().is_cpu() && t.dtype() == p.dtype() && t.layout().is_contiguous();
+    if opts.momentum == 0.0
+        || !matches!(p.dtype(), DType::F32 | DType::F64)
+        || !plain(p)
+        || !plain(g)
+        || g.dims() != p.dims()
+        || !buf.is_none_or(plain)
+    {
+        return Ok(None);
+    }
+    let op = SgdStepOp {
+        opts: opts.clone(),
+        has_buf: buf.is_some(),
+        new_buf: std::sync::Mutex::new(None),
+    };
+    p.inplace_op3(g, buf.unwrap_or(g), &op)?;
+    let new_buf = op
+        .new_buf
+        .into_inner()
+        .map_err(|_| candle_core::Error::Msg("sgd step: poisoned buffer".into()))?
+        .ok_or_else(|| candle_core::Error::Msg("sgd step: no buffer written".into()))?;
+    Ok(Some(new_buf.reshape(p.dims())?))
+}
+
+/// The in-place op behind [`fused_step`]: `dst` is the parameter, the sources are the gradient
+/// and the old momentum buffer (the gradient again when there is none yet).
+struct SgdStepOp {
+    opts: SgdOptions,
+    has_buf: bool,
+    new_buf: std::sync::Mutex<Option<Tensor>>,
+}
+
+trait SgdFloat: candle_core::WithDType + Copy + Send + Sync {
+    fn step_one(p: &mut Self, g: Self, b: Option<Self>, o: &SgdOptions) -> Self;
+}
+
+macro_rules! sgd_float {
+    ($t:ty) => {
+        impl SgdFloat for $t {
+            #[inline]
+            fn step_one(p: &mut $t, g: $t, b: Option<$t>, o: &SgdOptions) -> $t {
+                // Candle's `affine(mul, add)` is `v * mul + add` in the tensor's precision.
+                let aff = |v: $t, mul: f64| v * (mul as $t) + (0.0 as $t);
+                let mut d = if o.weight_decay != 0.0 {
+                    aff(*p, o.weight_decay) + g
+                } else {
+                    g
+                };
+                let buf = match b {
+                    Some(b) => aff(b, o.momentum) + d,
+                    None => d,
+                };
+                d = if o.nesterov {
+                    d + aff(buf, o.momentum)
+                } else {
+                    buf
+                };
+                *p -= aff(d, o.lr);
+                buf
+            }
+        }
+    };
+}
+sgd_float!(f32);
+sgd_float!(f64);
+
+impl SgdStepOp {
+    fn run<T: SgdFloat>(&self, p: &mut [T], g: &[T], b: &[T]) -> Vec<T> {
+        use rayon::prelude::*;
+        const CHUNK: usize = 1 << 14;
+        let mut out = vec![T::from_f64(0.0); p.len()];
+        p.par_chunks_mut(CHUNK)
+            .zip(out.par_chunks_mut(CHUNK))
+            .enumerate()
+            .for_each(|(c, (pc, oc))| {
+                let o = c * CHUNK;
+                for (i, (pv, ov)) in pc.iter_mut().zip(oc.iter_mut()).enumerate() {
+                    let bv = self.has_buf.then(|| b[o + i]);
+                    *ov = T::step_one(pv, g[o + i], bv, &self.opts);
+                }
+            });
+        out
+    }
+}
+
+impl candle_core::InplaceOp3 for SgdStepOp {
+    fn name(&self) -> &'static str {
+        "sgd-nesterov-step"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dst: &mut candle_core::CpuStorage,
+        dst_l: &candle_core::Layout,
+        gs: &candle_core::CpuStorage,
+        gl: &candle_core::Layout,
+        bs: &candle_core::CpuStorage,
+        bl: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        use candle_core::CpuStorage as S;
+        fn span(l: &candle_core::Layout) -> candle_core::Result<std::ops::Range<usize>> {
+            l.contiguous_offsets().map(|(a, b)| a..b).ok_or_else(|| {
+                candle_core::Error::Msg("sgd step: operand is not contiguous".into())
+            })
+        }
+        let (rp, rg, rb) = (span(dst_l)?, span(gl)?, span(bl)?);
+        let new = match (dst, gs, bs) {
+            (S::F32(p), S::F32(g), S::F32(b)) => {
+                let v = self.run(&mut p[rp], &g[rg], &b[rb]);
+                let n = v.len();
+                Tensor::from_vec(v, n, &candle_core::Device::Cpu)?
+            }
+            (S::F64(p), S::F64(g), S::F64(b)) => {
+                let v = self.run(&mut p[rp], &g[rg], &b[rb]);
+                let n = v.len();
+                Tensor::from_vec(v, n, &candle_core::Device::Cpu)?
+            }
+            _ => candle_core::bail!("sgd step: unsupported dtype"),
+        };
+        *self
+            .new_buf
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("sgd step: poisoned buffer".into()))? = Some(new);
+        Ok(())
+    }
+}
+
+/// Sum of squares of a gradient: one parallel pass with f64 accumulation over fixed chunks (so
+/// the result does not depend on the thread count) for contiguous CPU f32/f64 tensors, tensor
+/// ops otherwise.
+fn sum_of_squares(t: &Tensor) -> candle_core::Result<f64> {
+    use candle_core::{CpuStorage, Storage};
+    use rayon::prelude::*;
+    fn par_sum<T: Copy + Sync>(v: &[T], f: impl Fn(T) -> f64 + Sync) -> f64 {
+        let parts: Vec<f64> = v
+            .par_chunks(1 << 14)
+            .map(|c| c.iter().map(|&x| f(x) * f(x)).sum::<f64>())
+            .collect();
+        parts.iter().sum()
+    }
+    {
+        let (storage, layout) = t.storage_and_layout();
+        if let (Storage::Cpu(cpu), Some((a, b))) = (&*storage, layout.contiguous_offsets()) {
+            match cpu {
+                CpuStorage::F32(v) => return Ok(par_sum(&v[a..b], f64::from)),
+                CpuStorage::F64(v) => return Ok(par_sum(&v[a..b], |x| x)),
+                _ => {}
+            }
+        }
+    }
+    t.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()
+}
+
 /// `torch.nn.utils.clip_grad_norm_(params, max_norm)` (L2): computes the global norm of all
 /// gradients of `vars` present in `grads`, scales them by `min(max_norm/(total + 1e-6), 1)`
 /// in place, and returns the total norm (before clipping).
@@ -271,19 +459,18 @@ pub fn clip_grad_norm(
     grads: &mut GradStore,
     max_norm: f64,
 ) -> candle_core::Result<f64> {
-    let mut partials = Vec::new();
+    let mut sum = 0.0;
+    let mut any = false;
     for v in vars {
         if let Some(g) = grads.get(v.as_tensor()) {
-            partials.push(g.sqr()?.sum_all()?.to_dtype(DType::F64)?);
+            sum += sum_of_squares(g)?;
+            any = true;
         }
     }
-    if partials.is_empty() {
+    if !any {
         return Ok(0.0);
     }
-    let total = Tensor::stack(&partials, 0)?
-        .sum_all()?
-        .to_scalar::<f64>()?
-        .sqrt();
+    let total = sum.sqrt();
     let coef = max_norm / (total + 1e-6);
     if coef < 1.0 {
         for v in vars {
@@ -363,6 +550,46 @@ mod tests {
                     rel,
                     &format!("momentum_buffer_{t} {dt:?}"),
                 );
+            }
+        }
+    }
+
+    /// The single-pass CPU step gives bit-identical parameters and buffers to the tensor-op
+    /// step, with and without a previous buffer, Nesterov and weight decay, in f32 and f64.
+    #[test]
+    fn fused_sgd_step_is_bit_identical() {
+        let n = 40_000; // more than one parallel chunk
+        for dt in [DType::F32, DType::F64] {
+            let mk = |seed: u64| {
+                Tensor::rand(-1f32, 1f32, n, &Device::Cpu)
+                    .unwrap()
+                    .affine(1.0 + seed as f64, 0.0)
+                    .unwrap()
+                    .to_dtype(dt)
+                    .unwrap()
+            };
+            let (p, g, b) = (mk(0), mk(1), mk(2));
+            for (nesterov, wd, with_buf) in [
+                (true, 3e-5, true),
+                (true, 3e-5, false),
+                (false, 0.0, true),
+                (true, 0.0, false),
+            ] {
+                let opts = SgdOptions {
+                    lr: 0.0037,
+                    momentum: 0.99,
+                    weight_decay: wd,
+                    nesterov,
+                };
+                let buf = with_buf.then_some(&b);
+                let (want_p, want_b) = tensor_step(&p, &g, buf, &opts).unwrap();
+                let got_p = p.copy().unwrap();
+                let got_b = fused_step(&got_p, &g, buf, &opts)
+                    .unwrap()
+                    .expect("fused path");
+                let what = format!("{dt:?} nesterov {nesterov} wd {wd} buf {with_buf}");
+                assert_eq!(flat(&got_p), flat(&want_p), "{what}: parameter");
+                assert_eq!(flat(&got_b), flat(&want_b), "{what}: buffer");
             }
         }
     }

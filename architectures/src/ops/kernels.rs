@@ -516,7 +516,10 @@ fn conv_fwd_implicit<T: Elem>(
 /// Convolution forward: `x (n, cin, inp)`, `w (cout, cin/groups, k)`, optional `bias (cout)`.
 pub(crate) fn conv_fwd<T: Elem>(x: &[T], w: &[T], bias: Option<&[T]>, g: &Geom) -> Vec<T> {
     if let Some(plan) = RowPlan::new::<T>(g) {
-        return conv_fwd_rows(x, w, bias, g, &plan);
+        match Implicit::plan(g) {
+            Some(imp) if plan.oversized::<T>(g) => return conv_fwd_implicit(x, w, bias, g, &imp),
+            _ => return conv_fwd_rows(x, w, bias, g, &plan),
+        }
     }
     match Implicit::plan(g) {
         Some(plan) => conv_fwd_implicit(x, w, bias, g, &plan),
@@ -561,6 +564,15 @@ impl RowPlan {
         // Below ~128 positions per GEMM (the deepest, smallest levels) the split GEMMs lose to
         // one im2col GEMM over all taps.
         Self::build::<T>(g).filter(|p| p.rpc * p.row_len >= ROWS_MIN_POSITIONS)
+    }
+
+    /// Whether even the fewest rows per item overflow the workspace budget twice over (e.g. 32
+    /// channels x 64^2 planes of a 3x3x3 kernel: 28 MB). The forward pass then prefers
+    /// [`Implicit`] where that applies (the buffer streams through memory instead of cache:
+    /// 125 against 250 GFLOP/s for that example).
+    fn oversized<T>(&self, g: &Geom) -> bool {
+        let col = g.cig() * self.kin * (self.rpc + self.span()) * self.row_len;
+        col * std::mem::size_of::<T>() > 2 * COL_BUDGET_BYTES
     }
 
     /// The plan for `g` whenever it applies.

@@ -735,45 +735,99 @@ fn conv_fwd_rows<T: Elem>(
     unsafe { y.assume_init() }
 }
 
+/// The blocked-im2col chunking shared by [`conv_fwd_im2col`] and [`conv_bwd_filter_im2col`]:
+/// work item `item` is one image and a range of output grid rows (whole rows of `out[2]`
+/// positions, as many as fit [`COL_BUDGET_BYTES`]); per group its GEMM operand is the gathered
+/// `kc x positions` matrix, or the input itself when the gather is the identity.
+struct Im2colPlan {
+    ax: [AxisGather; 3],
+    identity: bool,
+    kc: usize,
+    row_len: usize,
+    total_rows: usize,
+    rpc: usize,
+    nchunks: usize,
+}
+
+impl Im2colPlan {
+    fn new<T>(g: &Geom) -> Self {
+        let kc = g.cig() * g.ktot();
+        let ax = fwd_axes(g);
+        let identity = ax.iter().all(AxisGather::is_identity);
+        let total_rows = g.out[0] * g.out[1];
+        let row_len = g.out[2];
+        let rpc = rows_per_chunk::<T>(if identity { 0 } else { kc }, row_len, total_rows);
+        Im2colPlan {
+            ax,
+            identity,
+            kc,
+            row_len,
+            total_rows,
+            rpc,
+            nchunks: total_rows.div_ceil(rpc),
+        }
+    }
+
+    fn items(&self, n: usize) -> usize {
+        n * self.nchunks
+    }
+
+    /// `(image, first grid row, rows)` of work item `item`.
+    fn item(&self, item: usize) -> (usize, usize, usize) {
+        let r0 = (item % self.nchunks) * self.rpc;
+        (item / self.nchunks, r0, self.rpc.min(self.total_rows - r0))
+    }
+
+    /// Group `gi`'s operand for rows `[r0, r0 + nr)` of image `b`: a pointer to `kc` rows of
+    /// `nr * row_len` contiguous positions, and the stride between those rows. `ws` holds the
+    /// gathered copy when one is needed.
+    #[allow(clippy::too_many_arguments)]
+    fn operand<T: Elem>(
+        &self,
+        x: &[T],
+        g: &Geom,
+        b: usize,
+        gi: usize,
+        r0: usize,
+        nr: usize,
+        ws: &mut Vec<u8>,
+    ) -> (*const T, usize) {
+        let (in_sp, cig) = (g.in_sp(), g.cig());
+        let xs = &x[(b * g.cin + gi * cig) * in_sp..(b * g.cin + (gi + 1) * cig) * in_sp];
+        if self.identity {
+            return (xs[r0 * self.row_len..].as_ptr(), in_sp);
+        }
+        let pc = nr * self.row_len;
+        let col = workspace::<T>(ws, self.kc * pc);
+        im2col(xs, g.inp, cig, &self.ax, r0, r0 + nr, col);
+        (col.as_ptr(), pc)
+    }
+}
+
 /// [`conv_fwd`] on blocked im2col (any stride).
 fn conv_fwd_im2col<T: Elem>(x: &[T], w: &[T], bias: Option<&[T]>, g: &Geom) -> Vec<T> {
-    let (in_sp, out_sp) = (g.in_sp(), g.out_sp());
-    let (cig, cog) = (g.cig(), g.cog());
-    let kc = cig * g.ktot();
-    let ax = fwd_axes(g);
-    let identity = ax.iter().all(AxisGather::is_identity);
-    let total_rows = g.out[0] * g.out[1];
-    let row_len = g.out[2];
-    let rpc = rows_per_chunk::<T>(if identity { 0 } else { kc }, row_len, total_rows);
-    let nchunks = total_rows.div_ceil(rpc);
+    let (out_sp, cog) = (g.out_sp(), g.cog());
     if g.n * g.cout * out_sp == 0 {
         return Vec::new();
     }
+    let plan = Im2colPlan::new::<T>(g);
+    let kc = plan.kc;
     let mut y = Uninit::<T>::new(g.n * g.cout * out_sp);
     let yp = SendPtr(y.ptr());
-    let items = g.n * nchunks;
+    let items = plan.items(g.n);
     let outer = outer_parallel(items);
     let par = gemm_par(outer);
     run_items(items, outer, |item, ws| {
-        let b = item / nchunks;
-        let r0 = (item % nchunks) * rpc;
-        let r1 = (r0 + rpc).min(total_rows);
-        let pc = (r1 - r0) * row_len;
-        let col = workspace::<T>(ws, if identity { 0 } else { kc * pc });
+        let (b, r0, nr) = plan.item(item);
+        let pc = nr * plan.row_len;
         for gi in 0..g.groups {
-            let xs = &x[(b * g.cin + gi * cig) * in_sp..(b * g.cin + (gi + 1) * cig) * in_sp];
-            let (rhs, rhs_rs) = if identity {
-                (xs[r0 * row_len..].as_ptr(), in_sp)
-            } else {
-                im2col(xs, g.inp, cig, &ax, r0, r1, col);
-                (col.as_ptr(), pc)
-            };
+            let (rhs, rhs_rs) = plan.operand(x, g, b, gi, r0, nr, ws);
             // SAFETY: chunks write disjoint rows of y (the GEMM overwrites them, or adds to the bias
             // fill); all indices are in bounds by construction.
             unsafe {
                 let dst = yp
                     .get()
-                    .add((b * g.cout + gi * cog) * out_sp + r0 * row_len);
+                    .add((b * g.cout + gi * cog) * out_sp + r0 * plan.row_len);
                 if let Some(bias) = bias {
                     for co in 0..cog {
                         fill_raw(dst.add(co * out_sp), pc, bias[gi * cog + co]);
@@ -922,51 +976,38 @@ fn filter_reduce<T: Elem>(partials: &[Vec<T>], g: &Geom, row_of: &[usize]) -> Ve
 
 /// [`conv_bwd_filter`] on blocked im2col (any geometry).
 fn conv_bwd_filter_im2col<T: Elem>(x: &[T], dy: &[T], g: &Geom) -> Vec<T> {
-    let (in_sp, out_sp) = (g.in_sp(), g.out_sp());
-    let (cig, cog) = (g.cig(), g.cog());
-    let kc = cig * g.ktot();
-    let ax = fwd_axes(g);
-    let identity = ax.iter().all(AxisGather::is_identity);
-    let total_rows = g.out[0] * g.out[1];
-    let row_len = g.out[2];
-    let rpc = rows_per_chunk::<T>(if identity { 0 } else { kc }, row_len, total_rows);
-    let nchunks = total_rows.div_ceil(rpc);
-    let items = g.n * nchunks;
-    let partials = filter_parts(items, g.cout * kc, |item, acc: *mut T, first, ws, par| {
-        let b = item / nchunks;
-        let r0 = (item % nchunks) * rpc;
-        let r1 = (r0 + rpc).min(total_rows);
-        let pc = (r1 - r0) * row_len;
-        let col = workspace::<T>(ws, if identity { 0 } else { kc * pc });
-        for gi in 0..g.groups {
-            let xs = &x[(b * g.cin + gi * cig) * in_sp..(b * g.cin + (gi + 1) * cig) * in_sp];
-            let (rhs, rhs_cs) = if identity {
-                (xs[r0 * row_len..].as_ptr(), in_sp)
-            } else {
-                im2col(xs, g.inp, cig, &ax, r0, r1, col);
-                (col.as_ptr(), pc)
-            };
-            // SAFETY: in-bounds pointers; `acc` (cout * kc) is owned by this part.
-            unsafe {
-                mm(
-                    cog,
-                    kc,
-                    pc,
-                    acc.add(gi * cog * kc),
-                    1,
-                    cog,
-                    !first,
-                    dy[(b * g.cout + gi * cog) * out_sp + r0 * row_len..].as_ptr(),
-                    out_sp,
-                    1,
-                    rhs,
-                    1,
-                    rhs_cs,
-                    par,
-                );
+    let (out_sp, cog) = (g.out_sp(), g.cog());
+    let plan = Im2colPlan::new::<T>(g);
+    let kc = plan.kc;
+    let partials = filter_parts(
+        plan.items(g.n),
+        g.cout * kc,
+        |item, acc: *mut T, first, ws, par| {
+            let (b, r0, nr) = plan.item(item);
+            for gi in 0..g.groups {
+                let (rhs, rhs_cs) = plan.operand(x, g, b, gi, r0, nr, ws);
+                // SAFETY: in-bounds pointers; `acc` (cout * kc) is owned by this part.
+                unsafe {
+                    mm(
+                        cog,
+                        kc,
+                        nr * plan.row_len,
+                        acc.add(gi * cog * kc),
+                        1,
+                        cog,
+                        !first,
+                        dy[(b * g.cout + gi * cog) * out_sp + r0 * plan.row_len..].as_ptr(),
+                        out_sp,
+                        1,
+                        rhs,
+                        1,
+                        rhs_cs,
+                        par,
+                    );
+                }
             }
-        }
-    });
+        },
+    );
     let row_of: Vec<usize> = (0..kc).collect();
     filter_reduce(&partials, g, &row_of)
 }

@@ -435,6 +435,48 @@ mod tests {
         assert_eq!(names.len(), n, "duplicate preset names");
     }
 
+    /// No family leaves an op graph on its weight gradients: the gradients stay in the
+    /// `GradStore` until the optimizer step, and a graph there would keep upstream gradients
+    /// (whole feature maps) alive that long.
+    #[test]
+    fn weight_gradients_carry_no_graph() {
+        let r = Registry::default();
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1., (1, 1, 16, 16, 16), &dev).unwrap();
+        let mut bad = vec![];
+        for (arch, preset) in r.presets() {
+            let mut s = spec(
+                &arch,
+                json!({
+                    "n_stages": 3, "features_per_stage": [4, 8, 16],
+                    "conv_op": "torch.nn.modules.conv.Conv3d", "kernel_sizes": 3,
+                    "strides": [1, 2, 2], "n_conv_per_stage": 2, "n_conv_per_stage_decoder": 2,
+                    "conv_bias": true, "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
+                    "norm_op_kwargs": {"eps": 1e-5, "affine": true},
+                    "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": true}
+                }),
+            );
+            s.arch_kwargs.extend(preset.kwargs.clone());
+            let io = NetworkIo {
+                in_channels: 1,
+                num_classes: 2,
+                deep_supervision: true,
+            };
+            let (varmap, net) = r.build_initialized(&s, &io, 0, &dev).unwrap();
+            let mut loss = Tensor::zeros((), DType::F32, &dev).unwrap();
+            for o in net.forward(&x, true).unwrap() {
+                loss = (loss + o.sqr().unwrap().sum_all().unwrap()).unwrap();
+            }
+            let g = loss.backward().unwrap();
+            for (name, v) in varmap.data().lock().unwrap().iter() {
+                if g.get(v.as_tensor()).is_some_and(|t| t.track_op()) {
+                    bad.push(format!("{} / {name}", preset.name));
+                }
+            }
+        }
+        assert!(bad.is_empty(), "gradients with a graph: {bad:?}");
+    }
+
     #[test]
     fn estimate_goes_through_the_registry() {
         let r = Registry::default();

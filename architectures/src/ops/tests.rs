@@ -421,6 +421,32 @@ fn conv_groups_dilation_and_double_backward() {
     );
 }
 
+/// Gradients out of the custom convolution ops are plain values. A weight's gradient stays in the
+/// `GradStore` until the optimizer step; with an op graph it would keep the layer's upstream
+/// gradient alive that long (3.9 GB at nnU-Net's 3d_fullres plan size).
+#[test]
+fn conv_gradients_carry_no_graph() {
+    let x = rand64(&[1, 2, 4, 5, 6], 41);
+    let (w1, b1) = (rand64(&[3, 2, 3, 3, 3], 42), rand64(&[3], 43));
+    let (w2, b2) = (rand64(&[3, 2, 2, 2, 2], 44), rand64(&[2], 45));
+    let vars = [w1, b1, w2, b2].map(|t| Var::from_tensor(&t).unwrap());
+    let y = conv(
+        &x,
+        vars[0].as_tensor(),
+        Some(vars[1].as_tensor()),
+        &ConvOpts::new().padding([1, 1, 1]),
+    )
+    .unwrap();
+    let t = ConvTransposeOpts::new().stride([2, 2, 2]);
+    let z = conv_transpose(&y, vars[2].as_tensor(), Some(vars[3].as_tensor()), &t).unwrap();
+    let g = z.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+    for (i, v) in vars.iter().enumerate() {
+        assert!(!g.get(v.as_tensor()).unwrap().track_op(), "gradient {i}");
+    }
+    // the network input needs no gradient, and none is computed
+    assert!(g.get(&x).is_none());
+}
+
 #[test]
 fn other_ops_finite_difference() {
     let x = rand64(&[2, 4, 5, 6, 7], 21);

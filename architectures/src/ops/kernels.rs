@@ -1598,15 +1598,31 @@ mod tests {
     #[test]
     #[ignore = "benchmark: slow, run with --release -- --ignored --nocapture"]
     fn kernel_timings() {
+        // (name, input, kernel, stride, padding, channels in, out); the "demo" rows are layers of
+        // the demo plans (batch 2 there, 1 here).
+        #[rustfmt::skip]
         let cases = [
-            ("2d 256^2", [1, 256, 256], [1, 3, 3], [1, 1, 1], [0, 1, 1]),
-            ("3d 64^3", [64, 64, 64], [3, 3, 3], [1, 1, 1], [1, 1, 1]),
-            ("3d s122", [16, 128, 128], [1, 3, 3], [1, 2, 2], [0, 1, 1]),
+            ("2d 256^2", [1, 256, 256], [1, 3, 3], [1, 1, 1], [0, 1, 1], 32, 32),
+            ("3d 64^3", [64, 64, 64], [3, 3, 3], [1, 1, 1], [1, 1, 1], 32, 32),
+            ("3d s122", [16, 128, 128], [1, 3, 3], [1, 2, 2], [0, 1, 1], 32, 32),
+            ("demo l0", [24, 56, 56], [1, 3, 3], [1, 1, 1], [0, 1, 1], 32, 32),
+            ("demo l1", [24, 28, 28], [1, 3, 3], [1, 1, 1], [0, 1, 1], 64, 64),
+            ("demo l2", [24, 14, 14], [3, 3, 3], [1, 1, 1], [1, 1, 1], 128, 128),
+            ("demo l2 dec", [24, 14, 14], [3, 3, 3], [1, 1, 1], [1, 1, 1], 256, 128),
+            ("demo l3", [12, 7, 7], [3, 3, 3], [1, 1, 1], [1, 1, 1], 256, 256),
+            ("2d demo l0", [1, 112, 128], [1, 3, 3], [1, 1, 1], [0, 1, 1], 32, 32),
+            ("2d demo l1", [1, 56, 64], [1, 3, 3], [1, 1, 1], [0, 1, 1], 64, 64),
+            ("2d demo l2", [1, 28, 32], [1, 3, 3], [1, 1, 1], [0, 1, 1], 128, 128),
+            ("2d demo l3", [1, 14, 16], [1, 3, 3], [1, 1, 1], [0, 1, 1], 256, 256),
+            ("demo l1 s122", [24, 56, 56], [1, 3, 3], [1, 2, 2], [0, 1, 1], 32, 64),
+            ("demo l2 s122", [24, 28, 28], [3, 3, 3], [1, 2, 2], [1, 1, 1], 64, 128),
+            ("demo l3 s222", [24, 14, 14], [3, 3, 3], [2, 2, 2], [1, 1, 1], 128, 256),
+            ("demo l4 s211", [12, 7, 7], [3, 3, 3], [2, 1, 1], [1, 1, 1], 256, 320),
         ];
-        for (name, inp, k, s, p) in cases {
+        for (name, inp, k, s, p, cin, cout) in cases {
             let mut g = geom(inp, k, s, p, [1, 1, 1]);
-            g.cin = 32;
-            g.cout = 32;
+            g.cin = cin;
+            g.cout = cout;
             g.groups = 1;
             let x: Vec<f32> = seq(g.n * g.cin * g.in_sp(), 1)
                 .iter()
@@ -1623,9 +1639,13 @@ mod tests {
             let flops = 2.0 * (g.n * g.cout * g.out_sp() * g.cig() * g.ktot()) as f64;
             let time = |f: &dyn Fn() -> Vec<f32>| {
                 let _ = f();
-                let t = std::time::Instant::now();
-                let _ = f();
-                t.elapsed().as_secs_f64()
+                (0..5)
+                    .map(|_| {
+                        let t = std::time::Instant::now();
+                        let _ = f();
+                        t.elapsed().as_secs_f64()
+                    })
+                    .fold(f64::MAX, f64::min)
             };
             let a = time(&|| conv_fwd(&x, &w, None, &g));
             let b = time(&|| conv_bwd_data(&dy, &w, None, &g));

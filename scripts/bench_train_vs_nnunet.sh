@@ -96,7 +96,8 @@ for r in $(seq 1 "$rounds"); do
       /usr/bin/time -f "peak RSS %M KB" -o "$work/rss_nnunet_${tag}_$r" \
       "$NNUNET_PY/nnUNetv2_train" $c 0 -tr nnUNetTrainer_nnsegBench -device cpu \
       >"$work/nnunet_${tag}_$r.log" 2>&1
-    echo "round $r $c: nnseg epochs [ $(epochs "$work/nnseg_${tag}_$r.log")] s, $(cat "$work/rss_nnseg_${tag}_$r");" \
+    split="$(grep -E "Per training iteration" "$work/nnseg_${tag}_$r.log" | tail -1 | sed -E 's/.*iteration: //')"
+    echo "round $r $c: nnseg epochs [ $(epochs "$work/nnseg_${tag}_$r.log")] s ($split), $(cat "$work/rss_nnseg_${tag}_$r");" \
       "nnU-Net epochs [ $(epochs "$work/nnunet_${tag}_$r.log")] s, $(cat "$work/rss_nnunet_${tag}_$r") (main process)"
   done
 done

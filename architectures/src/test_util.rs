@@ -1,27 +1,29 @@
-//! Helpers shared by the tests that compare against the PyTorch fixtures in
-//! `../shared/fixtures/` (next to the repository, as CI lays it out).
+//! Helpers shared by the tests that compare against the PyTorch fixtures in the workspace's
+//! `tests/fixtures/` (see its README for what each set is and how it was made).
 
 use candle_core::{DType, Tensor};
 use std::path::PathBuf;
 
-/// `shared/fixtures/{kind}` beside the repository (falling back to `/work/shared`).
+/// `tests/fixtures/{kind}` of this workspace; panics (a test failure, never a skip) with the
+/// path when the folder is missing.
 pub(crate) fn fixtures_dir(kind: &str) -> PathBuf {
-    let rel = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/fixtures")
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
         .join(kind);
-    if rel.is_dir() {
-        rel
-    } else {
-        PathBuf::from("/work/shared/fixtures").join(kind)
-    }
+    assert!(
+        dir.is_dir(),
+        "fixture folder {} is missing: it is part of the repository (tests/fixtures/{kind})",
+        dir.display()
+    );
+    dir
 }
 
-/// A fixture file; panics with both searched places if it is missing.
+/// A fixture file; panics with its path if it is missing.
 pub(crate) fn fixture(kind: &str, name: &str) -> PathBuf {
     let p = fixtures_dir(kind).join(name);
     assert!(
         p.exists(),
-        "fixture {kind}/{name} not found ({}); the fixtures live in ../shared/fixtures",
+        "fixture {kind}/{name} not found ({}): it is part of the repository",
         p.display()
     );
     p

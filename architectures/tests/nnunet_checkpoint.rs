@@ -1,4 +1,4 @@
-//! Import of real nnU-Net v2 checkpoints (shared/fixtures/nnunet_checkpoint): keys, parameter
+//! Import of real nnU-Net v2 checkpoints (the workspace's tests/fixtures/nnunet_checkpoint): keys, parameter
 //! counts, and forward parity with PyTorch to 1e-4 for every deep-supervision output.
 
 use architectures::import::{import_nnunet_model, ImportedModel, MODEL_METADATA, MODEL_WEIGHTS};
@@ -8,14 +8,11 @@ use candle_nn::VarBuilder;
 use serde_json::Value;
 use std::path::PathBuf;
 
+/// The workspace's `tests/fixtures/nnunet_checkpoint` (a missing folder fails the test).
 fn fixture_root() -> PathBuf {
-    let rel =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/nnunet_checkpoint");
-    if rel.exists() {
-        rel
-    } else {
-        PathBuf::from("/work/shared/fixtures/nnunet_checkpoint")
-    }
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/nnunet_checkpoint");
+    assert!(dir.is_dir(), "fixture folder {} is missing", dir.display());
+    dir
 }
 
 struct Fixture {

@@ -506,14 +506,12 @@ fn builds_from_plans_json() {
     let dir = std::env::temp_dir().join(format!("nnseg-arch-plans-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     // the fixture's real plans file, plus a ResEnc configuration inheriting from it
-    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/fixtures/nnunet_checkpoint/Dataset991_Fixture3D/nnUNetTrainer__nnUNetPlans__3d_fullres/plans.json");
-    let fixture = if fixture.exists() {
-        fixture
-    } else {
-        std::path::PathBuf::from("/work/shared/fixtures/nnunet_checkpoint/Dataset991_Fixture3D/nnUNetTrainer__nnUNetPlans__3d_fullres/plans.json")
-    };
-    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&fixture).unwrap()).unwrap();
+    let fixture = fixtures().join(
+        "nnunet_checkpoint/Dataset991_Fixture3D/nnUNetTrainer__nnUNetPlans__3d_fullres/plans.json",
+    );
+    let text = std::fs::read_to_string(&fixture)
+        .unwrap_or_else(|e| panic!("fixture {}: {e}", fixture.display()));
+    let mut v: Value = serde_json::from_str(&text).unwrap();
     let mut resenc = v["configurations"]["3d_fullres"]["architecture"].clone();
     resenc["network_class_name"] =
         json!("dynamic_network_architectures.architectures.unet.ResidualEncoderUNet");
@@ -626,13 +624,7 @@ fn summary_of_large_networks_without_allocating() {
 /// Every configuration of real nnU-Net plans files parses, builds (shape only) and estimates.
 #[test]
 fn real_nnunet_plans_build() {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/reference/nnunet_examples");
-    let root = if root.exists() {
-        root
-    } else {
-        std::path::PathBuf::from("/work/shared/reference/nnunet_examples")
-    };
+    let root = fixtures().join("nnunet_examples");
     let r = Registry::default();
     let mut n = 0;
     for f in [
@@ -665,4 +657,11 @@ fn real_nnunet_plans_build() {
         }
     }
     assert!(n >= 4, "{n} configurations");
+}
+
+/// The workspace's `tests/fixtures` (part of the repository; a missing folder fails the test).
+fn fixtures() -> std::path::PathBuf {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
+    assert!(dir.is_dir(), "fixture folder {} is missing", dir.display());
+    dir
 }

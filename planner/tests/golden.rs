@@ -1,5 +1,5 @@
 //! Golden tests: planning must reproduce plans files written by nnU-Net 2.8.1
-//! (`/work/shared/reference/nnunet_examples`, copied to `tests/data`).
+//! (the workspace's `tests/fixtures/nnunet_examples`).
 
 use std::path::PathBuf;
 
@@ -9,12 +9,14 @@ use serde_json::{json, Value};
 
 fn data(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data")
+        .join("../tests/fixtures/nnunet_examples")
         .join(name)
 }
 
 fn read(name: &str) -> Value {
-    let text = std::fs::read_to_string(data(name)).unwrap();
+    let p = data(name);
+    let text =
+        std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("fixture {}: {e}", p.display()));
     serde_json::from_str(&text).unwrap()
 }
 

@@ -482,7 +482,7 @@ mod tests {
 
     fn fixture(name: &str) -> HashMap<String, Tensor> {
         let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../../shared/fixtures/ops")
+            .join("../tests/fixtures/ops")
             .join(format!("{name}.safetensors"));
         candle_core::safetensors::load(&p, &Device::Cpu)
             .unwrap_or_else(|e| panic!("loading {}: {e}", p.display()))

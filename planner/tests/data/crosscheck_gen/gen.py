@@ -1,4 +1,4 @@
-import json, random, sys
+import json, os, random, sys
 import numpy as np
 sys.argv = sys.argv[:1]
 import harness
@@ -53,5 +53,6 @@ for k in range(60):
     out.append({'name': name, 'planner': planner, 'gpu': gpu, 'dataset_json': dj, 'fingerprint': fp, 'expected': exp})
     cfgs = exp['configurations']
     print(k, planner, gpu, list(cfgs), {c: (cfgs[c].get('patch_size'), cfgs[c].get('batch_size')) for c in cfgs if 'patch_size' in cfgs[c]})
-json.dump(out, open('/work/main/planner/tests/data/crosscheck_nnunet281.json', 'w'))
+json.dump(out, open(os.path.join(os.path.dirname(os.path.abspath(__file__)), '..',
+                                  'crosscheck_nnunet281.json'), 'w'))
 print(len(out))

@@ -173,7 +173,8 @@ def run(name, dataset_json, fingerprint, planner, gpu=None):
 
 if __name__ == '__main__':
     # sanity: reproduce the two reference files
-    ref = '/work/shared/reference/nnunet_examples/'
+    ref = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                       '..', '..', '..', '..', 'tests', 'fixtures', 'nnunet_examples') + os.sep
     fp = load_json(ref + 'example_dataset_fingerprint_Dataset501.json')
     dj = {'channel_names': {'0': 'CT'}, 'labels': {'background': 0, 'a': 1, 'b': 2}, 'numTraining': 12,
           'file_ending': '.nii.gz'}

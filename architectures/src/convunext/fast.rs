@@ -552,7 +552,12 @@ mod tests {
                     gf.get(v.as_tensor()).unwrap(),
                     gs.get(v.as_tensor()).unwrap(),
                 );
-                assert!(max_diff(a, c) < 2e-3, "{xs:?}: {}", max_diff(a, c));
+                // relative to the gradient's size: the weight/bias gradients are sums of up to
+                // 30000 unseeded random terms (~170 in size), where f32 summation order alone
+                // moves the result by a few 1e-3
+                let scale = max_diff(c, &c.zeros_like().unwrap()).max(1.0);
+                let rel = max_diff(a, c) / scale;
+                assert!(rel < 1e-4, "{xs:?}: {} (scale {scale})", max_diff(a, c));
             }
         }
     }

@@ -4,9 +4,11 @@
 #   scripts/bench_gpu.sh                         # ops + 3d_fullres + 2d, 20 timed steps each
 #   scripts/bench_gpu.sh --configs 2d --iters 10 --skip-ops
 #   scripts/bench_gpu.sh --compile               # PyTorch side with torch.compile (nnU-Net default)
+#   scripts/bench_gpu.sh --torch-bf16            # PyTorch autocast bf16 (nnseg's precision) instead of fp16
 #
 # 1. Op benchmarks: the conv bench (`cargo bench --bench conv`) on the GPU (NNSEG_BENCH_DEVICE=cuda,
-#    NNSEG_BENCH_QUICK=1). Uses $NNSEG_BENCH_CONV_BIN, or builds it with cargo when cargo is here.
+#    NNSEG_BENCH_QUICK=1). Uses $NNSEG_BENCH_CONV_BIN, or builds it with cargo when cargo is here
+#    (features $NNSEG_CUDA_FEATURES, default cudnn as scripts/build_cuda.sh).
 # 2. Training step of nnU-Net's PlainConvUNet at its typical plans (forward + backward + SGD
 #    Nesterov step, DC+CE loss with deep supervision, grad clipping), iterations/s and peak memory:
 #      3d_fullres: patch 128x128x128, batch 2, features 32,64,128,256,320,320
@@ -22,7 +24,7 @@
 #      PYTHON (with torch; default python3), NNSEG_BENCH_OUT (default bench_gpu_out/<UTC time>),
 #      NNSEG_BENCH_TIMEOUT (seconds per run, default 900), CUDA_VISIBLE_DEVICES.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 here="$PWD"
 
 configs="3d_fullres 2d"
@@ -31,6 +33,7 @@ warmup=5
 do_ops=1
 do_torch=1
 compile=""
+amp_dtype=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --configs) configs="$2"; shift ;;
@@ -39,7 +42,8 @@ while [ $# -gt 0 ]; do
         --skip-ops) do_ops=0 ;;
         --skip-torch) do_torch=0 ;;
         --compile) compile="--compile" ;;
-        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+        --torch-bf16) amp_dtype=(--amp-dtype bf16) ;;
+        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
         *) echo "bench_gpu.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -93,9 +97,10 @@ EOF
 if [ "$do_ops" = 1 ]; then
     conv_bin="${NNSEG_BENCH_CONV_BIN:-}"
     if [ -z "$conv_bin" ] && command -v cargo >/dev/null 2>&1; then
-        echo "== building the conv bench with --features cuda"
+        feats="${NNSEG_CUDA_FEATURES:-cudnn}"
+        echo "== building the conv bench with --features $feats"
         eval "$(scripts/build_cuda.sh --env)"
-        conv_bin="$(cargo bench --features cuda --bench conv --no-run --message-format=json 2>"$out/conv_build.log" \
+        conv_bin="$(cargo bench --features "$feats" --bench conv --no-run --message-format=json 2>"$out/conv_build.log" \
             | "$py" -c 'import json,sys
 exe=[json.loads(l).get("executable") for l in sys.stdin if l.startswith("{")]
 exe=[e for e in exe if e]
@@ -136,7 +141,7 @@ for cfg in $configs; do
         echo "== $cfg: PyTorch (AMP${compile:+, compile})"
         start_poll "$out/smi_torch_$cfg.txt"
         timeout "$tmo" "$py" scripts/bench_torch_unet.py --config "$cfg" --iters "$iters" --warmup "$warmup" \
-            $compile >"$out/torch_$cfg.json" 2>"$out/torch_$cfg.log"
+            $compile ${amp_dtype[@]+"${amp_dtype[@]}"} >"$out/torch_$cfg.json" 2>"$out/torch_$cfg.log"
         rc=$?
         stop_poll
         if [ $rc -ne 0 ]; then

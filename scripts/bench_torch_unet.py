@@ -10,7 +10,8 @@ step are written out here the way nnU-Net v2 builds them for its default trainer
     + CE, DeepSupervisionWrapper weights 1/2^i, last 0, normalised.
   - SGD(lr 1e-2, momentum 0.99, nesterov, weight_decay 3e-5), AMP (autocast fp16 + GradScaler),
     clip_grad_norm_(12), cudnn.benchmark = True. --compile adds torch.compile (nnU-Net's default
-    on Linux + CUDA).
+    on Linux + CUDA). --amp-dtype bf16: autocast(bfloat16) without a GradScaler (bf16 has f32's
+    range), the precision nnseg's --amp uses (scripts/gpu_acceptance.sh compares at bf16).
 
 Prints one JSON line. `--table a.json b.json ...` instead prints a side-by-side table of result
 files written by this script and by `nnseg bench_train --json`.
@@ -117,7 +118,8 @@ def run(a):
         net = torch.compile(net)
     opt = torch.optim.SGD(net.parameters(), 1e-2, weight_decay=3e-5, momentum=0.99, nesterov=True)
     amp = a.amp and dev.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda") if amp else None
+    amp_dtype = torch.bfloat16 if a.amp_dtype == "bf16" else torch.float16
+    scaler = torch.amp.GradScaler("cuda") if amp and amp_dtype == torch.float16 else None
 
     # deep supervision: one output per decoder stage; weights 1/2^i, last 0, normalised
     nout = nst - 1
@@ -148,13 +150,13 @@ def run(a):
 
     def step():
         opt.zero_grad(set_to_none=True)
-        with torch.autocast(dev.type, enabled=amp):
+        with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp):
             outs = net(x)
             loss = 0
             for wi, o, t in zip(w, outs, targets):
                 if wi != 0:
                     loss = loss + wi * (ce(o, t[:, 0].long()) + dice(o, t))
-        if amp:
+        if scaler is not None:
             scaler.scale(loss).backward()
             scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(net.parameters(), 12)
@@ -186,6 +188,7 @@ def run(a):
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "amp": amp,
+        "amp_dtype": a.amp_dtype if amp else None,
         "compile": a.compile,
         "patch": p["patch"],
         "batch_size": p["batch"],
@@ -226,7 +229,8 @@ def table(files):
             peak = r.get("peak_mem_mib") or r.get("nvidia_smi_peak_mib")
             notes = []
             if side == "pytorch":
-                notes.append(("AMP" if r.get("amp") else "fp32") + (" compile" if r.get("compile") else ""))
+                notes.append((f"AMP {r.get('amp_dtype') or 'fp16'}" if r.get("amp") else "fp32")
+                             + (" compile" if r.get("compile") else ""))
             if r.get("nvidia_smi_peak_mib"):
                 notes.append(f"nvidia-smi peak {r['nvidia_smi_peak_mib']:.0f} MiB")
             print(f"{cfg:<11} {side:<8} {pb:<20} {r['iters_per_s']:>7.2f} {r['step_s_median']:>7.3f} "
@@ -251,6 +255,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--no-amp", dest="amp", action="store_false")
+    ap.add_argument("--amp-dtype", dest="amp_dtype", choices=["fp16", "bf16"], default="fp16",
+                    help="autocast dtype (fp16 with GradScaler, as nnU-Net; bf16 without)")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--table", nargs="+", metavar="JSON", help="print a comparison table and exit")
     a = ap.parse_args()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Builds the CUDA binary of nnseg (`--features cuda`) on a plain Linux machine: no GPU, no NVIDIA
-# driver and no CUDA install needed. Idempotent: a second run only re-runs cargo.
+# Builds the CUDA binary of nnseg (`--features cudnn` by default) on a plain Linux machine: no GPU,
+# no NVIDIA driver and no CUDA install needed. Idempotent: a second run only re-runs cargo.
 #
 #   scripts/build_cuda.sh                 # -> ${CARGO_TARGET_DIR:-target}/release/nnseg
 #   scripts/build_cuda.sh --env           # print the exports (eval "$(scripts/build_cuda.sh --env)")
@@ -16,11 +16,14 @@
 #     time. The stub is never put on LD_LIBRARY_PATH.
 #  3. Builds with CUDA_COMPUTE_CAP (default 90 = sm_90a, H100/H200 only; use 80 for PTX any
 #     Ampere-or-newer GPU can JIT).
-# A compile check without any toolkit (CI): scripts/check_cuda.sh.
-#  With NNSEG_CUDA_FEATURES=cudnn it also fetches cuDNN 9 (nvidia-cudnn-cu13, pinned, ~900 MB)
-#  into the same folder and links against it (any cuDNN 9.x works at run time: soname libcudnn.so.9).
-# Env: CUDA_ROOT, CUDA_COMPUTE_CAP, NNSEG_CUDA_DIR, NNSEG_CUDA_FEATURES (default "cuda", or
-# "cudnn"), CARGO_TARGET_DIR, CARGO_PROFILE (default release).
+#  The default feature set is "cudnn" (convolutions on cuDNN 9): it also fetches cuDNN
+#  (nvidia-cudnn-cu13, pinned, ~900 MB) into the same folder and links against it (any cuDNN 9.x
+#  works at run time: soname libcudnn.so.9). NNSEG_CUDA_FEATURES=cuda builds without cuDNN (the
+#  composite convolution path, the fallback).
+# A compile check without any toolkit (CI): scripts/check_cuda.sh. A carry-over bundle for a GPU
+# machine (stripped, compressed, with the acceptance script): scripts/gpu_bundle.sh.
+# Env: CUDA_ROOT, CUDA_COMPUTE_CAP, NNSEG_CUDA_DIR, NNSEG_CUDA_FEATURES (default "cudnn", or
+# "cuda"), CARGO_TARGET_DIR, CARGO_PROFILE (default release).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
@@ -29,16 +32,16 @@ TOOLKIT_VERSION="13.0.2"
 TOOLKIT_SPEC="cuda-toolkit[nvcc,crt,nvvm,cccl,cudart,cublas,curand,nvrtc]==${TOOLKIT_VERSION}"
 CUDNN_VERSION="9.13.0.50"
 CUDA_DIR="${NNSEG_CUDA_DIR:-$ROOT/.cuda}"
-FEATURES="${NNSEG_CUDA_FEATURES:-cuda}"
+FEATURES="${NNSEG_CUDA_FEATURES:-cudnn}"
 PROFILE="${CARGO_PROFILE:-release}"
 
 mode=build
 cargo_extra=()
 while [ $# -gt 0 ]; do
     case "$1" in
-        --env) mode=env ;;
+        --env) mode="env" ;;
         --) shift; cargo_extra=("$@"); break ;;
-        -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
         *) echo "build_cuda.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -69,7 +72,7 @@ else
             --target "$site" "$TOOLKIT_SPEC"
         touch "$marker"
     fi
-    CUDA_ROOT="$(ls -d "$site"/nvidia/cu13 2>/dev/null | head -n1)"
+    CUDA_ROOT="$site/nvidia/cu13"
     [ -x "$CUDA_ROOT/bin/nvcc" ] || { echo "build_cuda.sh: no nvcc under $site/nvidia/cu13 (delete $CUDA_DIR and retry)" >&2; exit 1; }
 fi
 
@@ -79,7 +82,7 @@ libdir="$CUDA_ROOT/lib"
 # unversioned names for -lcudart -lcublas -lcublasLt -lcurand -lnvrtc (wheels ship only .so.N;
 # an installed toolkit has them, and lib64/stubs/libcuda.so, already)
 for f in "$libdir"/lib*.so.*; do
-    [ "$own" = 1 ] && [ -e "$f" ] || continue
+    if [ "$own" != 1 ] || [ ! -e "$f" ]; then continue; fi
     base="${f##*/}"; stem="${base%%.so.*}"
     case "$stem" in libnvrtc-builtins*|*.alt) continue ;; esac
     [ -e "$libdir/$stem.so" ] || ln -s "$base" "$libdir/$stem.so"

@@ -17,7 +17,7 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 verbose="${NNSEG_RUN_CUDA_VERBOSE:-0}"
-say() { [ "$verbose" = 1 ] && echo "[run_cuda] $*" >&2 || true; }
+say() { if [ "$verbose" = 1 ]; then echo "[run_cuda] $*" >&2; fi; }
 
 # ---- the binary ------------------------------------------------------------------------------
 bin="${NNSEG_BIN:-}"

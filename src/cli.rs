@@ -86,6 +86,24 @@ pub enum Command {
     /// One PNG per training case: label outlines over a slice of the image (nnUNetv2_plot_overlay_pngs).
     #[command(name = "plot_overlay_pngs")]
     PlotOverlayPngs(OverlayArgs),
+    /// Self-check of this build on a device: build and device info, every op against a
+    /// reference (f32 and bf16), one forward + backward pass of every network preset.
+    /// Exit code 0: all passed, 1: a check failed, 2: device or library unavailable.
+    #[command(name = "doctor")]
+    Doctor(DoctorArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct DoctorArgs {
+    /// cpu, cuda or cuda:N.
+    #[arg(long = "device", default_value = "cpu")]
+    pub device: String,
+    /// Print one JSON object instead of the table.
+    #[arg(long = "json")]
+    pub json: bool,
+    /// Only the op checks (skip the networks' forward + backward passes).
+    #[arg(long = "no_networks")]
+    pub no_networks: bool,
 }
 
 #[derive(Args, Debug)]

@@ -134,6 +134,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::ShowNetwork(a) => show_network(&paths, &a)?,
         Command::BenchTrain(a) => bench_train(&a)?,
+        Command::Doctor(a) => std::process::exit(doctor(&a)),
         Command::PlotOverlayPngs(a) => {
             let id = datasets::parse_dataset_id(&a.dataset)?;
             let ds = open_raw(&paths, id)?;
@@ -251,6 +252,62 @@ fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `nnseg doctor`: opens the device, runs the checks, prints the table or one JSON object;
+/// returns the exit code (0 passed, 1 a check failed, 2 device or library unavailable).
+fn doctor(a: &cli::DoctorArgs) -> i32 {
+    use trainer::doctor::{render_text, run_doctor, DoctorOptions, DoctorReport};
+    let report = match pick_device(&a.device) {
+        Ok(device) => {
+            let opts = DoctorOptions {
+                networks: !a.no_networks,
+                ..DoctorOptions::default()
+            };
+            run_doctor(&device, &opts)
+        }
+        Err(e) => DoctorReport::unavailable(&a.device, doctor_device_error(&a.device, &e)),
+    };
+    if a.json {
+        match serde_json::to_string(&report) {
+            Ok(s) => println!("{s}"),
+            Err(e) => {
+                eprintln!("error: cannot serialise the doctor report: {e}");
+                return 1;
+            }
+        }
+        if let Some(e) = &report.error {
+            eprintln!("error: {e}");
+        }
+    } else if !report.device.available {
+        // nothing ran: the one-line reason is the whole output
+        eprintln!(
+            "error: {}",
+            report.error.as_deref().unwrap_or("device unavailable")
+        );
+    } else {
+        // the text ends with the error line, if any
+        print!("{}", render_text(&report));
+    }
+    report.exit_code()
+}
+
+/// One line naming what is missing when `doctor` cannot open `requested`.
+fn doctor_device_error(requested: &str, e: &anyhow::Error) -> String {
+    let wants_cuda = requested.trim().to_ascii_lowercase().starts_with("cuda");
+    if wants_cuda && !cfg!(feature = "cuda") {
+        return format!(
+            "device {requested} unavailable: this nnseg build has no CUDA support (built without \
+             the `cuda` feature; build the CUDA binary with scripts/build_cuda.sh)"
+        );
+    }
+    if wants_cuda {
+        return format!(
+            "device {requested} unavailable: no usable NVIDIA GPU or driver ({})",
+            e.root_cause()
+        );
+    }
+    format!("device {requested} unavailable: {}", error_chain(e))
 }
 
 /// `cpu`, `cuda` or `cuda:N`; the device is chosen here, never in the libraries.

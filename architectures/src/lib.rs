@@ -1,5 +1,6 @@
 //! Networks and the N-d operations they are built from.
 pub mod convunext;
+pub mod doctor;
 pub mod growable;
 pub mod import;
 pub mod kiunet;

@@ -9,6 +9,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod doctor;
 pub mod evaluation;
 #[cfg(feature = "cuda")]
 pub mod gpu_memory;

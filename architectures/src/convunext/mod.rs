@@ -77,7 +77,7 @@
 //! follows `expansion_level0`, `dw_kernel` does not matter, and deep supervision adds its heads.
 
 mod config;
-mod fast;
+pub(crate) mod fast;
 mod net;
 #[cfg(test)]
 mod tests;

@@ -30,6 +30,7 @@ mod kernels;
 mod norm;
 mod pool;
 
+pub(crate) use act::leaky_relu_composite;
 pub use act::{
     drop_path, dropout, gelu, leaky_relu, log_softmax_channels, pad, softmax_channels, GeluKind,
     PadMode,
@@ -43,6 +44,7 @@ pub use conv::{ConvOpts, ConvTransposeOpts};
 pub use cudnn::{cudnn_allow_tf32, cudnn_available, set_cudnn_allow_tf32, CUDNN_MAX_WORKSPACE};
 pub use interp::{interpolate, pixel_shuffle, pixel_unshuffle, InterpMode, InterpSize};
 pub(crate) use norm::in_f32;
+pub(crate) use norm::instance_norm_composite;
 pub use norm::{
     batch_norm, grn, group_norm, instance_norm, instance_norm_leaky_relu, layer_norm_cf,
     BatchNormState, NormAffine,

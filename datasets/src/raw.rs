@@ -9,6 +9,7 @@ use plans::DatasetJson;
 
 use crate::error::DatasetError;
 use crate::io::Format;
+use crate::layout::RawDir;
 
 /// One training case: its channel files (in channel order) and its label file, if present.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -47,7 +48,7 @@ impl RawDataset {
                 message: "the dataset folder does not exist".to_string(),
             });
         }
-        let json_path = folder.join("dataset.json");
+        let json_path = RawDir::new(folder).dataset_json();
         if !json_path.is_file() {
             return Err(DatasetError::Layout {
                 folder: folder.to_path_buf(),
@@ -152,9 +153,7 @@ impl RawDataset {
 
     /// Where the label of `identifier` is expected in the imagesTr/labelsTr layout.
     pub fn expected_label_path(&self, identifier: &str) -> PathBuf {
-        self.folder
-            .join("labelsTr")
-            .join(format!("{identifier}{}", self.json.file_ending))
+        RawDir::new(&self.folder).label_file(identifier, &self.json.file_ending)
     }
 }
 
@@ -177,7 +176,8 @@ fn scan_cases(
     json: &DatasetJson,
     format: Format,
 ) -> Result<(Vec<RawCase>, Vec<String>), DatasetError> {
-    let images_dir = folder.join("imagesTr");
+    let dir = RawDir::new(folder);
+    let images_dir = dir.images_tr();
     if !images_dir.is_dir() {
         return Err(DatasetError::Layout {
             folder: folder.to_path_buf(),
@@ -214,7 +214,6 @@ fn scan_cases(
         }
     }
     let n = json.num_channels();
-    let labels_dir = folder.join("labelsTr");
     let mut cases = Vec::with_capacity(by_case.len());
     for (case, channels) in by_case {
         let rgb_single =
@@ -224,7 +223,7 @@ fn scan_cases(
                 if !channels.contains_key(&c) {
                     problems.push(format!(
                         "case {case}: channel {c} is missing, expected file {}",
-                        images_dir.join(format!("{case}_{c:04}{ending}")).display()
+                        dir.image_file(&case, c as usize, ending).display()
                     ));
                 }
             }
@@ -237,7 +236,7 @@ fn scan_cases(
                 ));
             }
         }
-        let label = labels_dir.join(format!("{case}{ending}"));
+        let label = dir.label_file(&case, ending);
         cases.push(RawCase {
             identifier: case,
             images: channels.into_values().collect(),

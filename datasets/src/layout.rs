@@ -48,6 +48,17 @@ pub fn channel_file_name(case: &str, channel: usize, file_ending: &str) -> Strin
     format!("{case}_{channel:04}{file_ending}")
 }
 
+/// Splits a channel file name `{case}_{CCCC}{ending}` into the case and the channel index
+/// (`None` for any other name: no `_CCCC` with four digits, or an empty case).
+pub fn parse_channel_file_name(file_name: &str, file_ending: &str) -> Option<(String, usize)> {
+    let stem = file_name.strip_suffix(file_ending)?;
+    let (case, digits) = stem.rsplit_once('_')?;
+    if case.is_empty() || digits.len() != 4 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some((case.to_string(), digits.parse().ok()?))
+}
+
 /// The file of a case's segmentation (labels, predictions): `{case}{ending}`.
 pub fn case_file_name(case: &str, file_ending: &str) -> String {
     format!("{case}{file_ending}")
@@ -453,6 +464,36 @@ mod tests {
         );
         let e = ModelDir::at("/res/D/imported").sibling("2d").unwrap_err();
         assert!(e.to_string().contains("/res/D/imported"), "{e}");
+    }
+
+    #[test]
+    fn channel_file_names_round_trip() {
+        assert_eq!(
+            channel_file_name("case_001", 7, ".nii.gz"),
+            "case_001_0007.nii.gz"
+        );
+        assert_eq!(
+            parse_channel_file_name("case_001_0007.nii.gz", ".nii.gz"),
+            Some(("case_001".to_string(), 7))
+        );
+        assert_eq!(
+            parse_channel_file_name("a_0012.png", ".png"),
+            Some(("a".to_string(), 12))
+        );
+        for bad in [
+            "case.nii.gz",
+            "case_00x1.nii.gz",
+            "_0000.nii.gz",
+            "case_00001.nii.gz",
+            "case_0000.png",
+            "é_é123.nii.gz",
+        ] {
+            assert_eq!(parse_channel_file_name(bad, ".nii.gz"), None, "{bad}");
+        }
+        assert_eq!(
+            parse_channel_file_name("é_0001.nii.gz", ".nii.gz"),
+            Some(("é".to_string(), 1))
+        );
     }
 
     #[test]

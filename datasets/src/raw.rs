@@ -9,7 +9,7 @@ use plans::DatasetJson;
 
 use crate::error::DatasetError;
 use crate::io::Format;
-use crate::layout::RawDir;
+use crate::layout::{parse_channel_file_name, RawDir};
 
 /// One training case: its channel files (in channel order) and its label file, if present.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -157,20 +157,6 @@ impl RawDataset {
     }
 }
 
-/// Splits `{case}_{CCCC}{ending}` into the case identifier and the channel index.
-fn split_channel_file(file_name: &str, ending: &str) -> Option<(String, u32)> {
-    let stem = file_name.strip_suffix(ending)?;
-    if stem.len() < 6 {
-        return None;
-    }
-    let (case, suffix) = stem.split_at(stem.len() - 5);
-    let digits = suffix.strip_prefix('_')?;
-    if !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    Some((case.to_string(), digits.parse().ok()?))
-}
-
 fn scan_cases(
     folder: &Path,
     json: &DatasetJson,
@@ -188,7 +174,7 @@ fn scan_cases(
     }
     let ending = json.file_ending.as_str();
     let mut problems = Vec::new();
-    let mut by_case: BTreeMap<String, BTreeMap<u32, PathBuf>> = BTreeMap::new();
+    let mut by_case: BTreeMap<String, BTreeMap<usize, PathBuf>> = BTreeMap::new();
     let entries = fs::read_dir(&images_dir).map_err(|e| DatasetError::io(&images_dir, e))?;
     for entry in entries {
         let entry = entry.map_err(|e| DatasetError::io(&images_dir, e))?;
@@ -203,7 +189,7 @@ fn scan_cases(
         if file_name.starts_with('.') || !file_name.ends_with(ending) || !entry.path().is_file() {
             continue;
         }
-        match split_channel_file(file_name, ending) {
+        match parse_channel_file_name(file_name, ending) {
             Some((case, channel)) => {
                 by_case.entry(case).or_default().insert(channel, entry.path());
             }
@@ -219,17 +205,17 @@ fn scan_cases(
         let rgb_single =
             single_file_rgb_allowed(format, n, channels.len()) && channels.contains_key(&0);
         if !rgb_single {
-            for c in 0..n as u32 {
+            for c in 0..n {
                 if !channels.contains_key(&c) {
                     problems.push(format!(
                         "case {case}: channel {c} is missing, expected file {}",
-                        dir.image_file(&case, c as usize, ending).display()
+                        dir.image_file(&case, c, ending).display()
                     ));
                 }
             }
         }
         for (&c, p) in &channels {
-            if c as usize >= n {
+            if c >= n {
                 problems.push(format!(
                     "case {case}: {} is channel {c}, but dataset.json declares {n} channel(s) in channel_names",
                     p.display()
@@ -361,21 +347,6 @@ mod tests {
             "numTraining": n,
             "file_ending": ".nii.gz"
         })
-    }
-
-    #[test]
-    fn splits_channel_file_names() {
-        assert_eq!(
-            split_channel_file("case_001_0000.nii.gz", ".nii.gz"),
-            Some(("case_001".to_string(), 0))
-        );
-        assert_eq!(
-            split_channel_file("a_0012.png", ".png"),
-            Some(("a".to_string(), 12))
-        );
-        assert_eq!(split_channel_file("case.nii.gz", ".nii.gz"), None);
-        assert_eq!(split_channel_file("case_00x1.nii.gz", ".nii.gz"), None);
-        assert_eq!(split_channel_file("_0000.nii.gz", ".nii.gz"), None);
     }
 
     #[test]

@@ -422,21 +422,14 @@ pub fn find_input_cases(
     for entry in rd {
         let entry = entry.map_err(io_err(folder))?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(stem) = name.strip_suffix(file_ending) else {
-            continue;
-        };
-        if name.starts_with('.') || !entry.path().is_file() {
+        if !name.ends_with(file_ending) || name.starts_with('.') || !entry.path().is_file() {
             continue;
         }
-        let parsed = stem.rsplit_once('_').and_then(|(case, ch)| {
-            (ch.len() == 4 && ch.bytes().all(|b| b.is_ascii_digit()) && !case.is_empty())
-                .then(|| (case.to_string(), ch.parse::<usize>().ok()))
-        });
-        match parsed {
-            Some((case, Some(ch))) => {
+        match datasets::layout::parse_channel_file_name(&name, file_ending) {
+            Some((case, ch)) => {
                 cases.entry(case).or_default().insert(ch, entry.path());
             }
-            _ => {
+            None => {
                 return Err(PredictError::Input(format!(
                     "{}: input files must be named {{case}}_{{XXXX}}{file_ending} (XXXX = 4-digit channel index)",
                     entry.path().display()

@@ -384,6 +384,14 @@ impl PredictionDir {
     pub fn segmentation(&self, case: &str, file_ending: &str) -> PathBuf {
         self.0.join(case_file_name(case, file_ending))
     }
+    /// `{case}.npz`: the softmax probabilities (`--save_probabilities`, `--npz`).
+    pub fn probabilities(&self, case: &str) -> PathBuf {
+        self.0.join(format!("{case}.npz"))
+    }
+    /// `{case}.json`: the case properties saved next to the probabilities.
+    pub fn properties(&self, case: &str) -> PathBuf {
+        self.0.join(format!("{case}.json"))
+    }
 }
 
 /// `fold_folder/validation`.
@@ -524,5 +532,13 @@ mod tests {
             Path::new("/raw/D/labelsTr/c1.png")
         );
         assert_eq!(r.dataset_json(), Path::new("/raw/D/dataset.json"));
+        let o = PredictionDir::new("/out");
+        assert_eq!(
+            o.segmentation("c.1", ".nii.gz"),
+            Path::new("/out/c.1.nii.gz")
+        );
+        assert_eq!(o.probabilities("c.1"), Path::new("/out/c.1.npz"));
+        assert_eq!(o.properties("c.1"), Path::new("/out/c.1.json"));
+        assert_eq!(o.plans_json(), Path::new("/out/plans.json"));
     }
 }

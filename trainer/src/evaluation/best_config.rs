@@ -130,6 +130,7 @@ pub fn accumulate_cv_results(
         std::fs::remove_dir_all(&merged).map_err(io_err("remove", &merged))?;
     }
     std::fs::create_dir_all(&merged).map_err(io_err("create", &merged))?;
+    let out = PredictionDir::new(&merged);
     let mut seen: std::collections::BTreeMap<String, String> = Default::default();
     for f in folds {
         let val = model.folder.validation(f);
@@ -142,6 +143,7 @@ pub fn accumulate_cv_results(
                 ),
             });
         }
+        let val_dir = PredictionDir::new(&val);
         for name in list_files(&val, file_ending)? {
             if let Some(prev) = seen.insert(name.clone(), f.clone()) {
                 return Err(EvalError::Invalid {
@@ -151,15 +153,16 @@ pub fn accumulate_cv_results(
             }
             copy_file(&val.join(&name), &merged.join(&name))?;
             let case = name.strip_suffix(file_ending).unwrap_or(&name);
-            for ext in ["npz", "json"] {
-                let p = val.join(format!("{case}.{ext}"));
-                if p.is_file() {
-                    copy_file(&p, &merged.join(format!("{case}.{ext}")))?;
+            for (src, dst) in [
+                (val_dir.probabilities(case), out.probabilities(case)),
+                (val_dir.properties(case), out.properties(case)),
+            ] {
+                if src.is_file() {
+                    copy_file(&src, &dst)?;
                 }
             }
         }
     }
-    let out = PredictionDir::new(&merged);
     for (src, dst) in [
         (model.folder.dataset_json(), out.dataset_json()),
         (model.folder.plans_json(), out.plans_json()),
@@ -173,11 +176,11 @@ pub fn accumulate_cv_results(
 
 fn has_probabilities(folder: &Path, file_ending: &str) -> Result<bool> {
     let segs = list_files(folder, file_ending)?;
+    let dir = PredictionDir::new(folder);
     Ok(!segs.is_empty()
         && segs.iter().all(|s| {
             let case = s.strip_suffix(file_ending).unwrap_or(s);
-            folder.join(format!("{case}.npz")).is_file()
-                && folder.join(format!("{case}.json")).is_file()
+            dir.probabilities(case).is_file() && dir.properties(case).is_file()
         }))
 }
 

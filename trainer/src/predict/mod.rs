@@ -362,25 +362,25 @@ impl Predictor {
             &props.image_properties,
         )?;
         if let Some(p) = exported.probabilities {
-            let stem = output_stem(output_file, &self.dataset_json.file_ending);
-            write_probabilities(&stem.with_extension("npz"), &p)?;
+            let (dir, case) = output_case(output_file, &self.dataset_json.file_ending);
+            write_probabilities(&dir.probabilities(&case), &p)?;
             let json = serde_json::to_value(props)
                 .map_err(|e| PredictError::Config(format!("case properties: {e}")))?;
-            plans::io::write_json_atomic(&stem.with_extension("json"), &json)?;
+            plans::io::write_json_atomic(&dir.properties(&case), &json)?;
         }
         Ok(())
     }
 }
 
-/// `folder/case` for `folder/case{ending}`.
-fn output_stem(output_file: &Path, ending: &str) -> PathBuf {
+/// The folder and the case of `folder/case{ending}`.
+fn output_case(output_file: &Path, ending: &str) -> (PredictionDir, String) {
     let name = output_file
         .file_name()
         .and_then(|n| n.to_str())
         .unwrap_or_default();
-    let stem = name.strip_suffix(ending).unwrap_or(name);
-    // with_extension on the result must not eat a dot inside the case name
-    output_file.with_file_name(format!("{stem}.x"))
+    let case = name.strip_suffix(ending).unwrap_or(name).to_string();
+    let folder = output_file.parent().unwrap_or_else(|| Path::new(""));
+    (PredictionDir::new(folder), case)
 }
 
 /// Writes `probabilities` into an `.npz` (nnU-Net's `{case}.npz` key), atomically.

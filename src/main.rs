@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use datasets::{NnUnetPaths, RawDataset};
+use datasets::{ModelDir, ModelId, NnUnetPaths, PredictionDir, PreprocessedDir, RawDataset};
 use plans::{DatasetJson, Fingerprint, Plans};
 
 use cli::{Cli, Command, DatasetIds, FingerprintOpts, PathArgs, PlannerOpts, PreprocessOpts};
@@ -157,7 +157,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Train(a) => train(&paths, &a)?,
         Command::Predict(a) => predict(&paths, &a)?,
         Command::Ensemble(a) => {
-            let dj = a.inputs[0].join("dataset.json");
+            let dj = PredictionDir::new(&a.inputs[0]).dataset_json();
             let ds = DatasetJson::load(&dj).with_context(|| {
                 format!(
                     "{} has no dataset.json (was it written by nnseg predict?)",
@@ -184,7 +184,7 @@ fn run(cli: Cli) -> Result<()> {
             let dj = a
                 .dataset_json
                 .clone()
-                .unwrap_or_else(|| a.input.join("dataset.json"));
+                .unwrap_or_else(|| PredictionDir::new(&a.input).dataset_json());
             let ds = DatasetJson::load(&dj)?;
             let n = trainer::evaluation::apply_postprocessing(
                 &a.input,
@@ -193,21 +193,21 @@ fn run(cli: Cli) -> Result<()> {
                 &ds.file_ending,
                 a.np,
             )?;
-            ds.save(&a.output.join("dataset.json"))?;
+            let out = PredictionDir::new(&a.output);
+            ds.save(&out.dataset_json())?;
             if let Some(p) = &a.plans_json {
-                Plans::load(p)?.save(&a.output.join("plans.json"))?;
+                Plans::load(p)?.save(&out.plans_json())?;
             }
             println!("postprocessed {n} cases into {}", a.output.display());
         }
         Command::FindBestConfiguration(a) => find_best(&paths, &a)?,
         Command::ImportNnunetModel(a) => {
             let t = Instant::now();
-            let model =
-                architectures::import::import_nnunet_model(&a.folder, &a.fold, &a.checkpoint)?;
+            let model = trainer::import::import_nnunet_model(&a.folder, &a.fold, &a.checkpoint)?;
             let out = a
                 .output
                 .clone()
-                .unwrap_or_else(|| a.folder.join(format!("fold_{}", a.fold)));
+                .unwrap_or_else(|| ModelDir::at(&a.folder).fold(&a.fold));
             let (weights, meta) = model.save(&out)?;
             println!(
                 "imported {} ({} {}, {} parameters, {} alias keys dropped) in {:.2} s\n  {}\n  {}",
@@ -334,7 +334,7 @@ fn pick_device(s: &str) -> Result<candle_core::Device> {
 fn train(paths: &NnUnetPaths, a: &cli::TrainArgs) -> Result<()> {
     let id = datasets::parse_dataset_id(&a.dataset)?;
     let name = datasets::dataset_name_from_id(paths, id)?;
-    let folder = preprocessed_folder(paths, &name)?;
+    let pre = paths.preprocessed_dir(&name)?;
     let results = paths.results_root()?.to_path_buf();
     let fold: trainer::Fold = a
         .fold
@@ -360,21 +360,17 @@ fn train(paths: &NnUnetPaths, a: &cli::TrainArgs) -> Result<()> {
         config.growth.apply_cli(flag, &values)?;
     }
     let device = pick_device(&a.device)?;
-    let plans_path = folder.join(format!("{}.json", a.plans));
-    let configuration = match fit_preset(
-        &plans_path,
-        &folder,
+    let configuration = fit_preset(
+        &pre,
+        &a.plans,
         &a.configuration,
-        &a.trainer,
-        &config,
+        (&a.trainer, &config),
         a.gpu_memory_target,
         true,
-    )? {
-        Some(fitted) => fitted,
-        None => a.configuration.clone(),
-    };
+    )?
+    .unwrap_or_else(|| a.configuration.clone());
     let mut req = trainer::TrainRequest::new(
-        &folder,
+        pre.path(),
         &results,
         &name,
         &configuration,
@@ -403,14 +399,12 @@ fn train(paths: &NnUnetPaths, a: &cli::TrainArgs) -> Result<()> {
 fn predict(paths: &NnUnetPaths, a: &cli::PredictArgs) -> Result<()> {
     let id = datasets::parse_dataset_id(&a.dataset)?;
     let name = datasets::dataset_name_from_id(paths, id)?;
-    let model = paths
-        .results_root()?
-        .join(&name)
-        .join(format!("{}__{}__{}", a.trainer, a.plans, a.configuration));
-    if !model.is_dir() {
+    let model_id = ModelId::new(&a.trainer, &a.plans, &a.configuration)?;
+    let model = paths.results_dir(&name)?.model(&model_id);
+    if !model.path().is_dir() {
         bail!(
             "no trained model at {} (train it with `nnseg train {id} {} FOLD -tr {} -p {}`)",
-            model.display(),
+            model.path().display(),
             a.configuration,
             a.trainer,
             a.plans
@@ -427,7 +421,7 @@ fn predict(paths: &NnUnetPaths, a: &cli::PredictArgs) -> Result<()> {
     let mut req = trainer::predict::PredictRequest::new(
         &a.input,
         &a.output,
-        &model,
+        model.path(),
         folds,
         pick_device(&a.device)?,
     );
@@ -450,41 +444,27 @@ fn predict(paths: &NnUnetPaths, a: &cli::PredictArgs) -> Result<()> {
 }
 
 fn find_best(paths: &NnUnetPaths, a: &cli::FindBestArgs) -> Result<()> {
-    use trainer::evaluation::{BestConfigOptions, ModelSpec};
+    use trainer::evaluation::BestConfigOptions;
     let id = datasets::parse_dataset_id(&a.dataset)?;
     let name = datasets::dataset_name_from_id(paths, id)?;
-    let results = paths.results_root()?.join(&name);
-    let pre = preprocessed_folder(paths, &name)?;
-    let mut models = Vec::new();
-    for tr in &a.trainers {
-        for p in &a.plans {
-            let plans = Plans::load(&pre.join(format!("{p}.json")))?;
-            for c in &a.configurations {
-                let folder = results.join(format!("{tr}__{p}__{c}"));
-                if !plans.configuration_names().contains(c) || !folder.is_dir() {
-                    tracing::info!("{tr}__{p}__{c}: not trained, skipped");
-                    continue;
-                }
-                let cfg = plans.configuration(c)?;
-                models.push(ModelSpec {
-                    trainer: tr.clone(),
-                    plans: p.clone(),
-                    configuration: c.clone(),
-                    previous_stage: cfg.previous_stage.clone(),
-                    folder,
-                });
-            }
-        }
-    }
+    let results = paths.results_dir(&name)?;
+    let pre = paths.preprocessed_dir(&name)?;
+    let models = trainer::evaluation::find_trained_models(
+        &pre,
+        &results,
+        &a.trainers,
+        &a.plans,
+        &a.configurations,
+    )?;
     let result = trainer::evaluation::find_best_configuration(&BestConfigOptions {
         dataset_name: name.clone(),
-        results_dataset_folder: results.clone(),
-        reference_folder: pre.join("gt_segmentations"),
+        results,
+        reference_folder: pre.gt_segmentations(),
         models,
         folds: a.folds.clone(),
         allow_ensembling: !a.disable_ensembling,
         num_workers: a.np,
-        dataset_json: DatasetJson::load(&pre.join("dataset.json"))?,
+        dataset_json: DatasetJson::load(&pre.dataset_json())?,
     })?;
     for m in &result.messages {
         tracing::info!("{m}");
@@ -499,90 +479,38 @@ fn find_best(paths: &NnUnetPaths, a: &cli::FindBestArgs) -> Result<()> {
     Ok(())
 }
 
-/// For a trainer preset that swaps the network: checks that the network fits the
-/// configuration's patch and batch under the GPU memory budget; if not, writes the fitted
-/// configuration `CONFIG__PRESET` (inheriting from CONFIG) into the plans file and returns its
-/// name (`write == false`: only reports).
+/// For a trainer preset that swaps the network: fits it to the configuration under the GPU
+/// memory budget (see `planner::fit::fit_into_plans`), prints the report and returns the
+/// fitted configuration's name if it had to be fitted (`write`: also written into the plans).
 fn fit_preset(
-    plans_path: &std::path::Path,
-    folder: &std::path::Path,
+    pre: &PreprocessedDir,
+    plans_name: &str,
     configuration: &str,
-    preset: &str,
-    config: &trainer::TrainerConfig,
+    (preset, config): (&str, &trainer::TrainerConfig),
     gpu_memory_target: Option<f64>,
     write: bool,
 ) -> Result<Option<String>> {
     if config.network_override.is_none() {
         return Ok(None);
     }
-    let (mut plans, cfg) = Plans::load_configuration(plans_path, configuration)?;
-    let ds = DatasetJson::load(&folder.join("dataset.json"))?;
     let registry = architectures::registry::Registry::default();
-    let spec = config.network_spec(&cfg.architecture, &registry)?;
-    let io = architectures::registry::NetworkIo {
-        in_channels: architectures::import::num_input_channels(&cfg, &ds),
-        num_classes: ds.num_segmentation_heads(),
-        deep_supervision: config.enable_deep_supervision,
-    };
-    let planner_kind = planner::PlannerKind::from_name(&plans.experiment_planner_used)
-        .unwrap_or(planner::PlannerKind::ExperimentPlanner);
-    let fit = planner::fit::fit_network(
-        &registry,
-        &planner::fit::FitRequest {
-            configuration_name: configuration,
-            configuration: &cfg,
-            network: &spec,
-            preset_kwargs: &config.network_kwargs,
-            io,
-            gpu_memory_target_gb: gpu_memory_target,
-            planner: planner_kind,
+    let resolve = |base: &plans::ArchitectureSpec| config.network_spec(base, &registry);
+    let outcome = planner::fit::fit_into_plans(&planner::fit::FitIntoPlans {
+        registry: &registry,
+        dataset: pre,
+        plans_name,
+        configuration,
+        network: planner::fit::PresetNetwork {
+            name: preset,
+            resolve: &resolve,
+            kwargs: &config.network_kwargs,
+            deep_supervision: config.enable_deep_supervision,
         },
-    )
-    .with_context(|| format!("fitting `-tr {preset}` to configuration `{configuration}`"))?;
-    let budget = format!(
-        "{} GB budget: reference {:.3e} at batch {}",
-        gpu_memory_target.unwrap_or(planner_kind.constants().default_gpu_memory_target_gb),
-        fit.reference,
-        fit.reference_batch_size
-    );
-    if fit.fits_as_is {
-        println!(
-            "{preset}: {} fits `{configuration}` (patch {:?}, batch {}): estimate {:.3e} per sample, {budget}",
-            spec.network_class_name, cfg.patch_size, cfg.batch_size, fit.estimate_original as f64
-        );
-        return Ok(None);
-    }
-    let fitted_name = planner::fit::FittedConfiguration::name(configuration, preset);
-    println!(
-        "{preset}: {} does not fit `{configuration}` (patch {:?}, batch {}): estimate {:.3e} per \
-         sample, {budget}. Fitted configuration `{fitted_name}`: patch {:?}, batch {}, estimate {:.3e}{}",
-        spec.network_class_name,
-        cfg.patch_size,
-        cfg.batch_size,
-        fit.estimate_original as f64,
-        fit.patch_size,
-        fit.batch_size,
-        fit.estimate_fitted as f64,
-        if write {
-            format!(" (written to {})", plans_path.display())
-        } else {
-            String::new()
-        }
-    );
-    if write {
-        let new = fit.to_json(configuration);
-        if plans.configurations.get(&fitted_name) != Some(&new) {
-            if plans.configurations.contains_key(&fitted_name) {
-                tracing::warn!(
-                    "replacing the existing configuration `{fitted_name}` in {}",
-                    plans_path.display()
-                );
-            }
-            plans.configurations.insert(fitted_name.clone(), new);
-            plans.save(plans_path)?;
-        }
-    }
-    Ok(Some(fitted_name))
+        gpu_memory_target_gb: gpu_memory_target,
+        write,
+    })?;
+    println!("{outcome}");
+    Ok(outcome.fitted_name)
 }
 
 fn parse_stages(s: &str, what: &str) -> Result<Vec<Vec<usize>>> {
@@ -653,10 +581,9 @@ fn bench_train(a: &cli::BenchTrainArgs) -> Result<()> {
 fn show_network(paths: &NnUnetPaths, a: &cli::ShowNetworkArgs) -> Result<()> {
     let id = datasets::parse_dataset_id(&a.dataset)?;
     let name = datasets::dataset_name_from_id(paths, id)?;
-    let folder = preprocessed_folder(paths, &name)?;
-    let (plans, cfg) =
-        Plans::load_configuration(&folder.join(format!("{}.json", a.plans)), &a.configuration)?;
-    let ds = DatasetJson::load(&folder.join("dataset.json"))?;
+    let pre = paths.preprocessed_dir(&name)?;
+    let (plans, cfg) = Plans::load_configuration(&pre.plans_file(&a.plans), &a.configuration)?;
+    let ds = DatasetJson::load(&pre.dataset_json())?;
     let in_channels = architectures::import::num_input_channels(&cfg, &ds);
     let patch = a.patch.clone().unwrap_or_else(|| cfg.patch_size.clone());
     let mut spec = cfg.architecture.clone();
@@ -667,11 +594,10 @@ fn show_network(paths: &NnUnetPaths, a: &cli::ShowNetworkArgs) -> Result<()> {
         deep_supervision = config.enable_deep_supervision;
         spec = config.network_spec(&cfg.architecture, &registry)?;
         fit_preset(
-            &folder.join(format!("{}.json", a.plans)),
-            &folder,
+            &pre,
+            &a.plans,
             &a.configuration,
-            tr,
-            &config,
+            (tr, &config),
             a.gpu_memory_target,
             false,
         )?;
@@ -706,10 +632,6 @@ fn ids(ids: &DatasetIds) -> Result<Vec<u32>> {
         .collect()
 }
 
-fn preprocessed_folder(paths: &NnUnetPaths, name: &str) -> Result<PathBuf> {
-    Ok(paths.preprocessed_dataset_folder(name)?)
-}
-
 fn open_raw(paths: &NnUnetPaths, id: u32) -> Result<RawDataset> {
     let folder = paths.raw_dataset_folder(id)?;
     Ok(RawDataset::open(&folder)?)
@@ -718,9 +640,9 @@ fn open_raw(paths: &NnUnetPaths, id: u32) -> Result<RawDataset> {
 /// Extracts (or reuses) the fingerprint and copies dataset.json next to it.
 fn fingerprint_step(paths: &NnUnetPaths, id: u32, opts: &FingerprintOpts) -> Result<()> {
     let ds = open_raw(paths, id)?;
-    let out = preprocessed_folder(paths, &ds.name)?;
-    std::fs::create_dir_all(&out)
-        .with_context(|| format!("cannot create preprocessed folder {}", out.display()))?;
+    let out = paths.preprocessed_dir(&ds.name)?;
+    std::fs::create_dir_all(out.path())
+        .with_context(|| format!("cannot create preprocessed folder {}", out.path().display()))?;
     if opts.verify_dataset_integrity {
         let t = Instant::now();
         let report = datasets::verify::verify_dataset_integrity(&ds, opts.npfp)?;
@@ -734,8 +656,8 @@ fn fingerprint_step(paths: &NnUnetPaths, id: u32, opts: &FingerprintOpts) -> Res
             t.elapsed().as_secs_f64()
         );
     }
-    ds.json.save(&out.join("dataset.json"))?;
-    let fp_path = out.join("dataset_fingerprint.json");
+    ds.json.save(&out.dataset_json())?;
+    let fp_path = out.fingerprint();
     if fp_path.exists() && !opts.clean {
         // Validate the existing file so a corrupt one is reported now, not at planning.
         Fingerprint::load(&fp_path)?;
@@ -785,8 +707,8 @@ fn planner_options(opts: &PlannerOpts) -> Result<planner::PlannerOptions> {
 /// Plans from the stored fingerprint; returns the plans identifier written.
 fn plan_step(paths: &NnUnetPaths, id: u32, opts: &PlannerOpts) -> Result<String> {
     let name = datasets::dataset_name_from_id(paths, id)?;
-    let folder = preprocessed_folder(paths, &name)?;
-    let fp_path = folder.join("dataset_fingerprint.json");
+    let pre = paths.preprocessed_dir(&name)?;
+    let fp_path = pre.fingerprint();
     if !fp_path.exists() {
         bail!(
             "{} not found: run `nnseg extract_fingerprint {id}` first",
@@ -794,14 +716,14 @@ fn plan_step(paths: &NnUnetPaths, id: u32, opts: &PlannerOpts) -> Result<String>
         );
     }
     let fp = Fingerprint::load(&fp_path)?;
-    let dj_path = folder.join("dataset.json");
+    let dj_path = pre.dataset_json();
     let ds_json = if dj_path.exists() {
         DatasetJson::load(&dj_path)?
     } else {
         open_raw(paths, id)?.json
     };
     let plans = planner::plan_experiment(&name, &ds_json, &fp, &planner_options(opts)?)?;
-    let out = folder.join(format!("{}.json", plans.plans_name));
+    let out = pre.plans_file(&plans.plans_name);
     planner::save_plans_merging(&plans, &out)?;
     for cfg_name in plans.configuration_names() {
         let c = plans.configuration(&cfg_name)?;
@@ -828,8 +750,8 @@ fn preprocess_step(
     opts: &PreprocessOpts,
 ) -> Result<()> {
     let ds = open_raw(paths, id)?;
-    let folder = preprocessed_folder(paths, &ds.name)?;
-    let plans_path = folder.join(format!("{plans_name}.json"));
+    let pre = paths.preprocessed_dir(&ds.name)?;
+    let plans_path = pre.plans_file(plans_name);
     let plans = Plans::load(&plans_path)?;
     if !opts.np.is_empty() && opts.np.len() != 1 && opts.np.len() != opts.configurations.len() {
         bail!(
@@ -861,7 +783,7 @@ fn preprocess_step(
             &ds,
             &plans,
             cfg,
-            &folder,
+            &pre,
             &preprocessing::preprocessor::PreprocessOptions {
                 num_workers: np,
                 verbose: false,
@@ -878,7 +800,7 @@ fn preprocess_step(
             secs / report.cases.len().max(1) as f64
         );
     }
-    preprocessing::preprocessor::copy_gt_segmentations(&ds, &folder)?;
+    preprocessing::preprocessor::copy_gt_segmentations(&ds, &pre)?;
     Ok(())
 }
 

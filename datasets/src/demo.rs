@@ -22,6 +22,7 @@ use serde_json::json;
 
 use crate::error::DatasetError;
 use crate::io::{write_image, write_seg, ImageProperties, IDENTITY_DIRECTION};
+use crate::layout::{case_file_name, channel_file_name, RawDir};
 
 pub const DEMO_3D_NAME: &str = "Dataset990_Demo3D";
 pub const DEMO_2D_NAME: &str = "Dataset991_Demo2D";
@@ -50,8 +51,8 @@ fn gauss(rng: &mut ChaCha8Rng) -> f64 {
 }
 
 fn prepare_folders(folder: &Path) -> Result<(PathBuf, PathBuf), DatasetError> {
-    let images = folder.join("imagesTr");
-    let labels = folder.join("labelsTr");
+    let dir = RawDir::new(folder);
+    let (images, labels) = (dir.images_tr(), dir.labels_tr());
     for d in [&images, &labels] {
         fs::create_dir_all(d).map_err(|e| DatasetError::io(d, e))?;
     }
@@ -71,7 +72,7 @@ fn remove_stale(dir: &Path, ending: &str, keep: &[String]) -> Result<(), Dataset
 }
 
 fn write_dataset_json(folder: &Path, v: &serde_json::Value) -> Result<(), DatasetError> {
-    plans::io::write_json_atomic(&folder.join("dataset.json"), v)?;
+    plans::io::write_json_atomic(&RawDir::new(folder).dataset_json(), v)?;
     Ok(())
 }
 
@@ -249,18 +250,21 @@ fn make_demo_3d(raw_root: &Path, seed: u64) -> Result<PathBuf, DatasetError> {
     ids.par_iter().enumerate().try_for_each(|(i, id)| {
         let c = make_case_3d(seed, i);
         write_image(
-            &images.join(format!("{id}_0000{ending}")),
+            &images.join(channel_file_name(id, 0, ending)),
             c.image.view(),
             &c.props,
         )?;
         write_seg(
-            &labels.join(format!("{id}{ending}")),
+            &labels.join(case_file_name(id, ending)),
             c.seg.view(),
             &c.props,
         )
     })?;
-    let keep_img: Vec<String> = ids.iter().map(|id| format!("{id}_0000{ending}")).collect();
-    let keep_lab: Vec<String> = ids.iter().map(|id| format!("{id}{ending}")).collect();
+    let keep_img: Vec<String> = ids
+        .iter()
+        .map(|id| channel_file_name(id, 0, ending))
+        .collect();
+    let keep_lab: Vec<String> = ids.iter().map(|id| case_file_name(id, ending)).collect();
     remove_stale(&images, ending, &keep_img)?;
     remove_stale(&labels, ending, &keep_lab)?;
     write_dataset_json(
@@ -374,14 +378,17 @@ fn make_demo_2d(raw_root: &Path, seed: u64) -> Result<PathBuf, DatasetError> {
     ids.par_iter().enumerate().try_for_each(|(i, id)| {
         let (img, seg) = make_case_2d(seed, i);
         write_image(
-            &images.join(format!("{id}_0000{ending}")),
+            &images.join(channel_file_name(id, 0, ending)),
             img.view(),
             &props,
         )?;
-        write_seg(&labels.join(format!("{id}{ending}")), seg.view(), &props)
+        write_seg(&labels.join(case_file_name(id, ending)), seg.view(), &props)
     })?;
-    let keep_img: Vec<String> = ids.iter().map(|id| format!("{id}_0000{ending}")).collect();
-    let keep_lab: Vec<String> = ids.iter().map(|id| format!("{id}{ending}")).collect();
+    let keep_img: Vec<String> = ids
+        .iter()
+        .map(|id| channel_file_name(id, 0, ending))
+        .collect();
+    let keep_lab: Vec<String> = ids.iter().map(|id| case_file_name(id, ending)).collect();
     remove_stale(&images, ending, &keep_img)?;
     remove_stale(&labels, ending, &keep_lab)?;
     write_dataset_json(

@@ -58,6 +58,20 @@ pub enum DatasetError {
     #[error("{}: {message}", folder.display())]
     Layout { folder: PathBuf, message: String },
 
+    #[error(
+        "{}: a model folder must be named {{trainer}}__{{plans}}__{{configuration}} \
+         (three non-empty parts)",
+        path.display()
+    )]
+    ModelFolderName { path: PathBuf },
+
+    #[error("model {field} name {value:?} {problem}")]
+    ModelIdPart {
+        field: &'static str,
+        value: String,
+        problem: &'static str,
+    },
+
     #[error("{}: cannot read image: {message}", path.display())]
     Read { path: PathBuf, message: String },
 

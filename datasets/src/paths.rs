@@ -4,10 +4,12 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use crate::error::DatasetError;
+use crate::layout::{PreprocessedDir, ResultsDir};
 
 /// The three nnU-Net roots, filled by the binary from flags (`--raw`, `--preprocessed`,
 /// `--results`) or the environment variables `nnUNet_raw`, `nnUNet_preprocessed`,
-/// `nnUNet_results`.
+/// `nnUNet_results` (only the binary reads the environment; [`RAW_VAR`] etc. name them in
+/// errors).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NnUnetPaths {
     pub raw: Option<PathBuf>,
@@ -22,31 +24,7 @@ pub const RAW_FLAG: &str = "--raw";
 pub const PREPROCESSED_FLAG: &str = "--preprocessed";
 pub const RESULTS_FLAG: &str = "--results";
 
-fn env_path(var: &str) -> Option<PathBuf> {
-    std::env::var_os(var)
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-}
-
 impl NnUnetPaths {
-    /// Roots from the environment variables (unset or empty → `None`).
-    pub fn from_env() -> Self {
-        NnUnetPaths {
-            raw: env_path(RAW_VAR),
-            preprocessed: env_path(PREPROCESSED_VAR),
-            results: env_path(RESULTS_VAR),
-        }
-    }
-
-    /// Fills the roots that are `None` from the environment variables.
-    pub fn with_env_fallback(mut self) -> Self {
-        let env = Self::from_env();
-        self.raw = self.raw.or(env.raw);
-        self.preprocessed = self.preprocessed.or(env.preprocessed);
-        self.results = self.results.or(env.results);
-        self
-    }
-
     pub fn raw_root(&self) -> Result<&Path, DatasetError> {
         self.raw.as_deref().ok_or(DatasetError::RootNotSet {
             var: RAW_VAR,
@@ -80,13 +58,13 @@ impl NnUnetPaths {
     }
 
     /// `nnUNet_preprocessed/<name>` (it need not exist yet).
-    pub fn preprocessed_dataset_folder(&self, name: &str) -> Result<PathBuf, DatasetError> {
-        Ok(self.preprocessed_root()?.join(name))
+    pub fn preprocessed_dir(&self, name: &str) -> Result<PreprocessedDir, DatasetError> {
+        Ok(PreprocessedDir::new(self.preprocessed_root()?.join(name)))
     }
 
     /// `nnUNet_results/<name>` (it need not exist yet).
-    pub fn results_dataset_folder(&self, name: &str) -> Result<PathBuf, DatasetError> {
-        Ok(self.results_root()?.join(name))
+    pub fn results_dir(&self, name: &str) -> Result<ResultsDir, DatasetError> {
+        Ok(ResultsDir::new(self.results_root()?.join(name)))
     }
 }
 
@@ -302,17 +280,14 @@ mod tests {
             "nnUNet_raw is not set; set the environment variable or pass --raw"
         );
         let e = paths
-            .preprocessed_dataset_folder("Dataset004_X")
+            .preprocessed_dir("Dataset004_X")
             .unwrap_err()
             .to_string();
         assert!(
             e.contains("nnUNet_preprocessed") && e.contains("--preprocessed"),
             "{e}"
         );
-        let e = paths
-            .results_dataset_folder("Dataset004_X")
-            .unwrap_err()
-            .to_string();
+        let e = paths.results_dir("Dataset004_X").unwrap_err().to_string();
         assert!(
             e.contains("nnUNet_results") && e.contains("--results"),
             "{e}"
@@ -330,11 +305,11 @@ mod tests {
             "{e}"
         );
         assert_eq!(
-            paths.preprocessed_dataset_folder("Dataset009_X").unwrap(),
+            paths.preprocessed_dir("Dataset009_X").unwrap().path(),
             t.path().join("p/Dataset009_X")
         );
         assert_eq!(
-            paths.results_dataset_folder("Dataset009_X").unwrap(),
+            paths.results_dir("Dataset009_X").unwrap().path(),
             t.path().join("r/Dataset009_X")
         );
     }

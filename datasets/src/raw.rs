@@ -9,6 +9,7 @@ use plans::DatasetJson;
 
 use crate::error::DatasetError;
 use crate::io::Format;
+use crate::layout::{parse_channel_file_name, RawDir};
 
 /// One training case: its channel files (in channel order) and its label file, if present.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -47,7 +48,7 @@ impl RawDataset {
                 message: "the dataset folder does not exist".to_string(),
             });
         }
-        let json_path = folder.join("dataset.json");
+        let json_path = RawDir::new(folder).dataset_json();
         if !json_path.is_file() {
             return Err(DatasetError::Layout {
                 folder: folder.to_path_buf(),
@@ -152,24 +153,8 @@ impl RawDataset {
 
     /// Where the label of `identifier` is expected in the imagesTr/labelsTr layout.
     pub fn expected_label_path(&self, identifier: &str) -> PathBuf {
-        self.folder
-            .join("labelsTr")
-            .join(format!("{identifier}{}", self.json.file_ending))
+        RawDir::new(&self.folder).label_file(identifier, &self.json.file_ending)
     }
-}
-
-/// Splits `{case}_{CCCC}{ending}` into the case identifier and the channel index.
-fn split_channel_file(file_name: &str, ending: &str) -> Option<(String, u32)> {
-    let stem = file_name.strip_suffix(ending)?;
-    if stem.len() < 6 {
-        return None;
-    }
-    let (case, suffix) = stem.split_at(stem.len() - 5);
-    let digits = suffix.strip_prefix('_')?;
-    if !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    Some((case.to_string(), digits.parse().ok()?))
 }
 
 fn scan_cases(
@@ -177,7 +162,8 @@ fn scan_cases(
     json: &DatasetJson,
     format: Format,
 ) -> Result<(Vec<RawCase>, Vec<String>), DatasetError> {
-    let images_dir = folder.join("imagesTr");
+    let dir = RawDir::new(folder);
+    let images_dir = dir.images_tr();
     if !images_dir.is_dir() {
         return Err(DatasetError::Layout {
             folder: folder.to_path_buf(),
@@ -188,7 +174,7 @@ fn scan_cases(
     }
     let ending = json.file_ending.as_str();
     let mut problems = Vec::new();
-    let mut by_case: BTreeMap<String, BTreeMap<u32, PathBuf>> = BTreeMap::new();
+    let mut by_case: BTreeMap<String, BTreeMap<usize, PathBuf>> = BTreeMap::new();
     let entries = fs::read_dir(&images_dir).map_err(|e| DatasetError::io(&images_dir, e))?;
     for entry in entries {
         let entry = entry.map_err(|e| DatasetError::io(&images_dir, e))?;
@@ -203,7 +189,7 @@ fn scan_cases(
         if file_name.starts_with('.') || !file_name.ends_with(ending) || !entry.path().is_file() {
             continue;
         }
-        match split_channel_file(file_name, ending) {
+        match parse_channel_file_name(file_name, ending) {
             Some((case, channel)) => {
                 by_case.entry(case).or_default().insert(channel, entry.path());
             }
@@ -214,30 +200,29 @@ fn scan_cases(
         }
     }
     let n = json.num_channels();
-    let labels_dir = folder.join("labelsTr");
     let mut cases = Vec::with_capacity(by_case.len());
     for (case, channels) in by_case {
         let rgb_single =
             single_file_rgb_allowed(format, n, channels.len()) && channels.contains_key(&0);
         if !rgb_single {
-            for c in 0..n as u32 {
+            for c in 0..n {
                 if !channels.contains_key(&c) {
                     problems.push(format!(
                         "case {case}: channel {c} is missing, expected file {}",
-                        images_dir.join(format!("{case}_{c:04}{ending}")).display()
+                        dir.image_file(&case, c, ending).display()
                     ));
                 }
             }
         }
         for (&c, p) in &channels {
-            if c as usize >= n {
+            if c >= n {
                 problems.push(format!(
                     "case {case}: {} is channel {c}, but dataset.json declares {n} channel(s) in channel_names",
                     p.display()
                 ));
             }
         }
-        let label = labels_dir.join(format!("{case}{ending}"));
+        let label = dir.label_file(&case, ending);
         cases.push(RawCase {
             identifier: case,
             images: channels.into_values().collect(),
@@ -362,21 +347,6 @@ mod tests {
             "numTraining": n,
             "file_ending": ".nii.gz"
         })
-    }
-
-    #[test]
-    fn splits_channel_file_names() {
-        assert_eq!(
-            split_channel_file("case_001_0000.nii.gz", ".nii.gz"),
-            Some(("case_001".to_string(), 0))
-        );
-        assert_eq!(
-            split_channel_file("a_0012.png", ".png"),
-            Some(("a".to_string(), 12))
-        );
-        assert_eq!(split_channel_file("case.nii.gz", ".nii.gz"), None);
-        assert_eq!(split_channel_file("case_00x1.nii.gz", ".nii.gz"), None);
-        assert_eq!(split_channel_file("_0000.nii.gz", ".nii.gz"), None);
     }
 
     #[test]

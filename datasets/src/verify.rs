@@ -14,6 +14,7 @@ use rayon::prelude::*;
 
 use crate::error::DatasetError;
 use crate::io::{allclose, read_images_detailed, read_seg};
+use crate::layout::RawDir;
 use crate::raw::{RawCase, RawDataset};
 
 /// Outcome of a successful integrity check (no errors; warnings may be present).
@@ -139,7 +140,8 @@ pub fn verify_dataset_integrity(
 
 /// Label files in labelsTr that belong to no case of imagesTr.
 fn orphan_labels(ds: &RawDataset) -> Vec<String> {
-    let dir = ds.folder.join("labelsTr");
+    let raw = RawDir::new(&ds.folder);
+    let dir = raw.labels_tr();
     let Ok(entries) = std::fs::read_dir(&dir) else {
         return Vec::new();
     };
@@ -153,7 +155,7 @@ fn orphan_labels(ds: &RawDataset) -> Vec<String> {
         .map(|id| {
             format!(
                 "{} has no images in imagesTr and is ignored",
-                dir.join(format!("{id}{ending}")).display()
+                raw.label_file(&id, ending).display()
             )
         })
         .collect();

@@ -31,6 +31,17 @@ pub enum PlannerError {
     /// The 3d_lowres search did not terminate.
     #[error("3d_lowres: spacing search did not converge after {0} iterations")]
     LowresDidNotConverge(usize),
+    /// Fitting a trainer preset's network to a configuration failed.
+    #[error("fitting `-tr {preset}` to configuration `{configuration}`: {source}")]
+    Fit {
+        preset: String,
+        configuration: String,
+        #[source]
+        source: Box<PlannerError>,
+    },
+    /// The preset's network cannot be resolved.
+    #[error(transparent)]
+    Arch(#[from] architectures::registry::ArchError),
     /// Reading or writing a plans file.
     #[error(transparent)]
     Plans(#[from] plans::PlansError),

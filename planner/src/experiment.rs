@@ -6,7 +6,7 @@
 //! `plans` crate.
 
 use crate::arch_memory::{MemoryEstimate, UNetEstimate, UNetTopology};
-use preprocessing::normalization::Normalization;
+use plans::NormalizationScheme;
 use preprocessing::resampling::compute_new_shape;
 use serde_json::{json, Map, Value};
 
@@ -93,7 +93,7 @@ pub struct ConfigurationPlan {
     /// 3d_lowres writes its median shape as Python ints (`round()`), the others as floats.
     pub median_is_integer: bool,
     pub spacing: Vec<f64>,
-    pub normalization_schemes: Vec<String>,
+    pub normalization_schemes: Vec<NormalizationScheme>,
     pub use_mask_for_norm: Vec<bool>,
     pub topology: PoolAndConvProps,
     pub features_per_stage: Vec<usize>,
@@ -237,13 +237,13 @@ impl<'a> Planner<'a> {
         determine_transpose(&self.fullres_target_spacing())
     }
 
-    /// Normalization class names and `use_mask_for_norm` per channel.
-    pub fn normalization(&self) -> (Vec<String>, Vec<bool>) {
-        let schemes: Vec<Normalization> = self
+    /// Normalization schemes and `use_mask_for_norm` per channel.
+    pub fn normalization(&self) -> (Vec<NormalizationScheme>, Vec<bool>) {
+        let schemes: Vec<NormalizationScheme> = self
             .input
             .channel_names
             .iter()
-            .map(|c| Normalization::from_channel_name(c))
+            .map(|c| NormalizationScheme::from_channel_name(c))
             .collect();
         let use_mask = self.input.median_relative_size_after_cropping < 3.0 / 4.0
             || self.input.force_use_mask_for_norm;
@@ -251,13 +251,7 @@ impl<'a> Planner<'a> {
             .iter()
             .map(|s| use_mask && s.leaves_outside_mask_zero())
             .collect();
-        (
-            schemes
-                .iter()
-                .map(|s| s.scheme_name().to_string())
-                .collect(),
-            mask,
-        )
+        (schemes, mask)
     }
 
     fn data_identifier(&self, configuration: &str) -> String {
@@ -923,15 +917,15 @@ mod tests {
         ];
         let opts = PlannerOptions::default();
         let p = Planner::new(&inp, &opts).unwrap();
-        let (names, mask) = p.normalization();
+        let (schemes, mask) = p.normalization();
         assert_eq!(
-            names,
-            [
+            serde_json::to_value(&schemes).unwrap(),
+            json!([
                 "ZScoreNormalization",
                 "CTNormalization",
                 "NoNormalization",
                 "RescaleTo01Normalization"
-            ]
+            ])
         );
         assert_eq!(mask, vec![false; 4]);
         inp.median_relative_size_after_cropping = 0.5;

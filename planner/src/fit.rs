@@ -5,7 +5,8 @@
 //! of telling the user to "use the minimal config on a 24 GB GPU", [`fit_network`] runs nnU-Net's
 //! patch-shrink loop with *that* network's estimate and returns a configuration that fits the
 //! same GPU memory target; the caller writes it into the plans as a new configuration that
-//! inherits from the original (see [`FittedConfiguration::to_json`]).
+//! inherits from the original (see [`FittedConfiguration::to_json`]); [`fit_into_plans`] does
+//! both for a preprocessed dataset's plans file.
 
 use crate::numpy::{argsort_last, round_half_even};
 use crate::presets::PlannerKind;
@@ -14,6 +15,9 @@ use crate::PlannerError;
 use architectures::registry::{NetworkIo, Registry};
 use plans::{ArchitectureSpec, Configuration};
 use serde_json::{json, Map, Value};
+
+mod into_plans;
+pub use into_plans::{fit_into_plans, FitIntoPlans, FitOutcome, PresetNetwork};
 
 /// nnU-Net's `get_pool_and_conv_props(..., max_numpool=999999)`.
 const MAX_NUMPOOL: usize = 999_999;
@@ -265,7 +269,7 @@ pub fn fit_network(
 mod tests {
     use super::*;
 
-    fn demo_cfg() -> Configuration {
+    pub(crate) fn demo_cfg() -> Configuration {
         let v = json!({
             "data_identifier": "nnUNetPlans_3d_fullres",
             "preprocessor_name": "DefaultPreprocessor",
@@ -399,7 +403,7 @@ mod tests {
         assert_eq!(est, r.estimate_fitted);
     }
 
-    fn plans_with(cfg: &Configuration) -> Value {
+    pub(crate) fn plans_with(cfg: &Configuration) -> Value {
         let mut plans = json!({
             "dataset_name": "Dataset001_X", "plans_name": "nnUNetPlans",
             "original_median_spacing_after_transp": [2.5, 0.8, 0.8],

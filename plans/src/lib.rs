@@ -8,16 +8,14 @@ mod error;
 mod fingerprint;
 pub mod io;
 mod json;
+mod normalization;
 mod plans;
 
 pub use dataset_json::{DatasetEntry, DatasetJson, LabelValue, MAX_LABEL_VALUE};
 pub use error::PlansError;
 pub use fingerprint::{Fingerprint, IntensityProperties};
+pub use normalization::{NormalizationScheme, NORMALIZATION_SCHEMES};
 pub use plans::{
-    ArchitectureSpec, Configuration, Plans, ResamplingKwargs, CONFIGURATION_KEYS,
-    NORMALIZATION_SCHEMES, PLANS_KEYS, RESAMPLING_FNS,
+    ArchitectureSpec, Configuration, Plans, ResamplingKwargs, CONFIGURATION_KEYS, PLANS_KEYS,
+    RESAMPLING_FNS,
 };
-
-/// Conventional file names.
-pub const DATASET_JSON: &str = "dataset.json";
-pub const FINGERPRINT_JSON: &str = "dataset_fingerprint.json";

@@ -9,16 +9,7 @@ use serde_json::{Map, Value};
 
 use crate::fingerprint::{intensity_map_from_value, intensity_map_to_json};
 use crate::json::{self as j, child, index};
-use crate::{io, IntensityProperties, PlansError};
-
-/// Normalization scheme names nnU-Net knows (`preprocessing/normalization`).
-pub const NORMALIZATION_SCHEMES: &[&str] = &[
-    "CTNormalization",
-    "ZScoreNormalization",
-    "NoNormalization",
-    "RescaleTo01Normalization",
-    "RGBTo01Normalization",
-];
+use crate::{io, IntensityProperties, NormalizationScheme, PlansError};
 
 /// Resampling function names this implementation provides.
 pub const RESAMPLING_FNS: &[&str] = &["resample_data_or_seg_to_shape"];
@@ -561,7 +552,7 @@ pub struct Configuration {
     pub patch_size: Vec<usize>,
     pub median_image_size_in_voxels: Vec<f64>,
     pub spacing: Vec<f64>,
-    pub normalization_schemes: Vec<String>,
+    pub normalization_schemes: Vec<NormalizationScheme>,
     pub use_mask_for_norm: Vec<bool>,
     pub resampling_fn_data: String,
     pub resampling_fn_seg: String,
@@ -680,7 +671,7 @@ impl Configuration {
                 &loc.key("normalization_schemes"),
                 req("normalization_schemes")?,
                 "a list of normalization scheme names",
-                |p, e| j::as_string(file, p, e),
+                |p, e| NormalizationScheme::from_value(file, p, e),
             )?,
             use_mask_for_norm: j::as_vec(
                 file,
@@ -784,22 +775,6 @@ impl Configuration {
                 ));
             }
         }
-        for (i, s) in self.normalization_schemes.iter().enumerate() {
-            if !NORMALIZATION_SCHEMES.contains(&s.as_str()) {
-                let hint = j::suggest(s, NORMALIZATION_SCHEMES)
-                    .map(|h| format!(" (did you mean `{h}`?)"))
-                    .unwrap_or_default();
-                return Err(j::invalid(
-                    file,
-                    &index(&loc.key("normalization_schemes"), i),
-                    format!("{s:?}"),
-                    format!(
-                        "known normalization schemes: {}{hint}",
-                        j::name_list(NORMALIZATION_SCHEMES)
-                    ),
-                ));
-            }
-        }
         if self.normalization_schemes.is_empty() {
             return Err(j::invalid(
                 file,
@@ -886,7 +861,12 @@ impl Configuration {
         m.insert("spacing".into(), Value::from(self.spacing.clone()));
         m.insert(
             "normalization_schemes".into(),
-            Value::from(self.normalization_schemes.clone()),
+            Value::from(
+                self.normalization_schemes
+                    .iter()
+                    .map(|s| s.name())
+                    .collect::<Vec<_>>(),
+            ),
         );
         m.insert(
             "use_mask_for_norm".into(),

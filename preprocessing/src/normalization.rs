@@ -8,65 +8,8 @@
 use ndarray::{ArrayView3, ArrayViewMut3, ArrayViewMut4, Axis, Zip};
 use rayon::prelude::*;
 
-/// The normalization applied to one input channel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Normalization {
-    /// Clip to the dataset's foreground 0.5/99.5 percentiles, then z-score with the
-    /// dataset's foreground mean/std (from the fingerprint).
-    Ct,
-    /// Per-image z-score, optionally only inside the nonzero mask.
-    ZScore,
-    /// Cast to float, nothing else.
-    NoNorm,
-    /// `(x - min) / (max - min)` per image.
-    RescaleTo01,
-    /// `x / 255`, for 8-bit RGB images.
-    RgbTo01,
-}
-
-impl Normalization {
-    /// All schemes with their nnU-Net class names.
-    pub const ALL: [Normalization; 5] = [
-        Normalization::Ct,
-        Normalization::ZScore,
-        Normalization::NoNorm,
-        Normalization::RescaleTo01,
-        Normalization::RgbTo01,
-    ];
-
-    /// nnU-Net's mapping from a `channel_names` value (case-insensitive) to a scheme;
-    /// anything unknown is z-score, as in nnU-Net.
-    pub fn from_channel_name(name: &str) -> Self {
-        match name.to_ascii_lowercase().as_str() {
-            "ct" => Normalization::Ct,
-            "nonorm" => Normalization::NoNorm,
-            "rescale_to_0_1" => Normalization::RescaleTo01,
-            "rgb_to_0_1" => Normalization::RgbTo01,
-            _ => Normalization::ZScore,
-        }
-    }
-
-    /// Parse the class name stored in plans (`normalization_schemes`).
-    pub fn from_scheme_name(name: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|n| n.scheme_name() == name)
-    }
-
-    /// The class name written into plans.
-    pub fn scheme_name(self) -> &'static str {
-        match self {
-            Normalization::Ct => "CTNormalization",
-            Normalization::ZScore => "ZScoreNormalization",
-            Normalization::NoNorm => "NoNormalization",
-            Normalization::RescaleTo01 => "RescaleTo01Normalization",
-            Normalization::RgbTo01 => "RGBTo01Normalization",
-        }
-    }
-
-    /// nnU-Net's `leaves_pixels_outside_mask_at_zero_if_use_mask_for_norm_is_true`.
-    pub fn leaves_outside_mask_zero(self) -> bool {
-        matches!(self, Normalization::ZScore)
-    }
-}
+/// The scheme names and their parsing live in the plans; this module applies them.
+pub use plans::NormalizationScheme;
 
 /// The dataset-level foreground statistics CT normalization needs (a subset of the
 /// fingerprint's `foreground_intensity_properties_per_channel` entry).
@@ -138,12 +81,6 @@ pub enum NormalizationError {
         /// Entries of `use_mask_for_norm`.
         masks: usize,
     },
-    /// A scheme name in the plans that nnU-Net does not know.
-    #[error(
-        "unknown normalization scheme {0:?} (known: CTNormalization, ZScoreNormalization, \
-         NoNormalization, RescaleTo01Normalization, RGBTo01Normalization)"
-    )]
-    UnknownScheme(String),
 }
 
 /// Sum and count (f64) of the values, optionally only where `seg >= 0`. Deterministic:
@@ -236,16 +173,16 @@ fn par_apply(image: &mut ArrayViewMut3<f32>, f: impl Fn(f32) -> f32 + Sync + Sen
 pub fn normalize_channel(
     mut image: ArrayViewMut3<f32>,
     mask: Option<ArrayView3<i16>>,
-    scheme: Normalization,
+    scheme: NormalizationScheme,
     use_mask_for_norm: bool,
     stats: Option<&ChannelIntensityStats>,
     channel: usize,
 ) -> Result<(), NormalizationError> {
     match scheme {
-        Normalization::Ct => {
+        NormalizationScheme::Ct => {
             let st = stats.ok_or(NormalizationError::MissingIntensityProperties {
                 channel,
-                scheme: scheme.scheme_name(),
+                scheme: scheme.name(),
             })?;
             let lo = st.percentile_00_5 as f32;
             let hi = st.percentile_99_5 as f32;
@@ -254,7 +191,7 @@ pub fn normalize_channel(
             // np.clip(x, lo, hi) = min(max(x, lo), hi) (no panic if lo > hi).
             par_apply(&mut image, |x| (x.max(lo).min(hi) - mean) / div);
         }
-        Normalization::ZScore => {
+        NormalizationScheme::ZScore => {
             if use_mask_for_norm {
                 let mask = mask.ok_or(NormalizationError::MaskRequired { channel })?;
                 if mask.shape() != image.shape() {
@@ -287,8 +224,8 @@ pub fn normalize_channel(
                 par_apply(&mut image, |x| (x - mean) / div);
             }
         }
-        Normalization::NoNorm => {}
-        Normalization::RescaleTo01 => {
+        NormalizationScheme::NoNorm => {}
+        NormalizationScheme::RescaleTo01 => {
             if image.is_empty() {
                 return Ok(());
             }
@@ -299,7 +236,7 @@ pub fn normalize_channel(
             let div = hi.max(1e-8);
             par_apply(&mut image, |x| x / div);
         }
-        Normalization::RgbTo01 => {
+        NormalizationScheme::RgbTo01 => {
             if image.is_empty() {
                 return Ok(());
             }
@@ -324,7 +261,7 @@ pub fn normalize_channel(
 pub fn normalize(
     mut data: ArrayViewMut4<f32>,
     mask: Option<ArrayView3<i16>>,
-    schemes: &[Normalization],
+    schemes: &[NormalizationScheme],
     use_mask_for_norm: &[bool],
     stats: &[Option<ChannelIntensityStats>],
 ) -> Result<(), NormalizationError> {
@@ -349,17 +286,6 @@ pub fn normalize(
     Ok(())
 }
 
-/// Parses the plans' `normalization_schemes` list.
-pub fn parse_schemes(names: &[String]) -> Result<Vec<Normalization>, NormalizationError> {
-    names
-        .iter()
-        .map(|n| {
-            Normalization::from_scheme_name(n)
-                .ok_or_else(|| NormalizationError::UnknownScheme(n.clone()))
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -372,7 +298,15 @@ mod tests {
     #[test]
     fn zscore_whole_image() {
         let mut a = ramp();
-        normalize_channel(a.view_mut(), None, Normalization::ZScore, false, None, 0).unwrap();
+        normalize_channel(
+            a.view_mut(),
+            None,
+            NormalizationScheme::ZScore,
+            false,
+            None,
+            0,
+        )
+        .unwrap();
         let n = a.len() as f64;
         let mean: f64 = a.iter().map(|&v| v as f64).sum::<f64>() / n;
         let var: f64 = a.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
@@ -391,7 +325,7 @@ mod tests {
         normalize_channel(
             a.view_mut(),
             Some(seg.view()),
-            Normalization::ZScore,
+            NormalizationScheme::ZScore,
             true,
             None,
             0,
@@ -406,7 +340,14 @@ mod tests {
         // without a mask -> error
         let mut b = Array3::<f32>::zeros((1, 2, 3));
         assert_eq!(
-            normalize_channel(b.view_mut(), None, Normalization::ZScore, true, None, 2),
+            normalize_channel(
+                b.view_mut(),
+                None,
+                NormalizationScheme::ZScore,
+                true,
+                None,
+                2
+            ),
             Err(NormalizationError::MaskRequired { channel: 2 })
         );
     }
@@ -414,7 +355,15 @@ mod tests {
     #[test]
     fn zscore_constant_image_uses_eps() {
         let mut a = Array3::<f32>::from_elem((2, 2, 2), 3.0);
-        normalize_channel(a.view_mut(), None, Normalization::ZScore, false, None, 0).unwrap();
+        normalize_channel(
+            a.view_mut(),
+            None,
+            NormalizationScheme::ZScore,
+            false,
+            None,
+            0,
+        )
+        .unwrap();
         assert!(a.iter().all(|&v| v == 0.0));
     }
 
@@ -427,10 +376,18 @@ mod tests {
             percentile_00_5: -1000.0,
             percentile_99_5: 1000.0,
         };
-        normalize_channel(a.view_mut(), None, Normalization::Ct, false, Some(&st), 0).unwrap();
+        normalize_channel(
+            a.view_mut(),
+            None,
+            NormalizationScheme::Ct,
+            false,
+            Some(&st),
+            0,
+        )
+        .unwrap();
         assert_eq!(a.as_slice().unwrap(), &[-22.0, -2.0, -1.0, 18.0]);
-        let err =
-            normalize_channel(a.view_mut(), None, Normalization::Ct, false, None, 3).unwrap_err();
+        let err = normalize_channel(a.view_mut(), None, NormalizationScheme::Ct, false, None, 3)
+            .unwrap_err();
         assert!(err
             .to_string()
             .contains("foreground_intensity_properties_per_channel[\"3\"]"));
@@ -442,7 +399,7 @@ mod tests {
         normalize_channel(
             a.view_mut(),
             None,
-            Normalization::RescaleTo01,
+            NormalizationScheme::RescaleTo01,
             false,
             None,
             0,
@@ -450,15 +407,38 @@ mod tests {
         .unwrap();
         assert_eq!(a.as_slice().unwrap(), &[0.0, 0.5, 1.0]);
         let mut b = ndarray::array![[[0.0f32, 51.0, 255.0]]];
-        normalize_channel(b.view_mut(), None, Normalization::RgbTo01, false, None, 0).unwrap();
+        normalize_channel(
+            b.view_mut(),
+            None,
+            NormalizationScheme::RgbTo01,
+            false,
+            None,
+            0,
+        )
+        .unwrap();
         assert_eq!(b.as_slice().unwrap(), &[0.0, 0.2, 1.0]);
         let mut c = ndarray::array![[[0.0f32, 256.0]]];
         assert!(matches!(
-            normalize_channel(c.view_mut(), None, Normalization::RgbTo01, false, None, 1),
+            normalize_channel(
+                c.view_mut(),
+                None,
+                NormalizationScheme::RgbTo01,
+                false,
+                None,
+                1
+            ),
             Err(NormalizationError::RgbOutOfRange { channel: 1, .. })
         ));
         let mut d = ndarray::array![[[1.5f32, -3.0]]];
-        normalize_channel(d.view_mut(), None, Normalization::NoNorm, false, None, 0).unwrap();
+        normalize_channel(
+            d.view_mut(),
+            None,
+            NormalizationScheme::NoNorm,
+            false,
+            None,
+            0,
+        )
+        .unwrap();
         assert_eq!(d.as_slice().unwrap(), &[1.5, -3.0]);
     }
 
@@ -469,8 +449,10 @@ mod tests {
             .assign(&ndarray::array![1.0, 2.0, 3.0]);
         data.slice_mut(ndarray::s![1, 0, 0, ..])
             .assign(&ndarray::array![10.0, 20.0, 30.0]);
-        let schemes =
-            parse_schemes(&["NoNormalization".into(), "RescaleTo01Normalization".into()]).unwrap();
+        let schemes = [
+            NormalizationScheme::NoNorm,
+            NormalizationScheme::RescaleTo01,
+        ];
         normalize(
             data.view_mut(),
             None,
@@ -485,18 +467,5 @@ mod tests {
             normalize(data.view_mut(), None, &schemes[..1], &[false], &[]),
             Err(NormalizationError::ChannelCount { channels: 2, .. })
         ));
-        assert!(parse_schemes(&["Foo".into()]).is_err());
-    }
-
-    #[test]
-    fn names_roundtrip() {
-        for n in Normalization::ALL {
-            assert_eq!(Normalization::from_scheme_name(n.scheme_name()), Some(n));
-        }
-        assert_eq!(Normalization::from_channel_name("CT"), Normalization::Ct);
-        assert_eq!(
-            Normalization::from_channel_name("T2"),
-            Normalization::ZScore
-        );
     }
 }

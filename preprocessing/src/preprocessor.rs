@@ -21,7 +21,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use datasets::io::ImageProperties;
-use datasets::RawDataset;
+use datasets::layout::case_file_name;
+use datasets::{PreprocessedDir, RawDataset};
 use ndarray::{Array4, ArrayView4, Axis};
 use plans::{Configuration, DatasetJson, IntensityProperties, LabelValue, Plans};
 use rand::SeedableRng;
@@ -31,7 +32,7 @@ use rayon::prelude::*;
 use crate::cropping::crop_to_nonzero_checked;
 use crate::error::{worker_pool, PreprocessError};
 use crate::fingerprint::check_nan;
-use crate::normalization::{normalize, parse_schemes, ChannelIntensityStats};
+use crate::normalization::{normalize, ChannelIntensityStats};
 use crate::resampling::{compute_new_shape, resample_data_to_shape, resample_seg_to_shape};
 use crate::storage::{self, class_locations_key, CaseProperties, ClassLocations};
 
@@ -276,7 +277,7 @@ pub fn preprocess_case(
         message,
     };
     let tf = validate_transpose(&plans.transpose_forward)?;
-    let schemes = parse_schemes(&configuration.normalization_schemes)?;
+    let schemes = &configuration.normalization_schemes;
     for (what, name) in [
         ("resampling_fn_data", &configuration.resampling_fn_data),
         ("resampling_fn_seg", &configuration.resampling_fn_seg),
@@ -348,7 +349,7 @@ pub fn preprocess_case(
     normalize(
         cdata.view_mut(),
         Some(cseg.index_axis(Axis(0), 0)),
-        &schemes,
+        schemes,
         &configuration.use_mask_for_norm,
         &stats,
     )?;
@@ -433,7 +434,7 @@ pub fn preprocess_case_files(
 }
 
 /// Preprocesses every training case of `ds` for `configuration` into
-/// `out_root/{data_identifier}/` (the folder is wiped first, as nnU-Net does). Cases run in
+/// `out/{data_identifier}/` (the folder is wiped first, as nnU-Net does). Cases run in
 /// parallel on `num_workers` threads; each case's files are written atomically and all-or-
 /// nothing. After the first failing case no new cases are started; the first error (in
 /// dataset order) is returned, naming the case.
@@ -441,15 +442,14 @@ pub fn preprocess_dataset(
     ds: &RawDataset,
     plans: &Plans,
     configuration: &str,
-    out_root: &Path,
+    out: &PreprocessedDir,
     opts: &PreprocessOptions,
 ) -> Result<PreprocessReport, PreprocessError> {
     let t0 = Instant::now();
     let cfg = plans.configuration(configuration)?;
     // Fail early on plans problems, before wiping anything.
     validate_transpose(&plans.transpose_forward)?;
-    parse_schemes(&cfg.normalization_schemes)?;
-    let out = out_root.join(&cfg.data_identifier);
+    let out = out.data_folder(&cfg.data_identifier);
     if out.exists() {
         fs::remove_dir_all(&out).map_err(PreprocessError::io(&out))?;
     }
@@ -535,18 +535,21 @@ pub fn preprocess_dataset(
     })
 }
 
-/// Copies every case's label to `out_root/gt_segmentations/{case}{file_ending}` (nnU-Net does
+/// Copies every case's label to `out/gt_segmentations/{case}{file_ending}` (nnU-Net does
 /// this after preprocessing, for validation without the raw data). Like nnU-Net's
 /// `copy_file(update=True)` a file is only copied when the target is missing or older than the
 /// source; copies keep the source's modification time and are written atomically. Returns the
 /// number of files copied.
-pub fn copy_gt_segmentations(ds: &RawDataset, out_root: &Path) -> Result<usize, PreprocessError> {
-    let dir = out_root.join("gt_segmentations");
+pub fn copy_gt_segmentations(
+    ds: &RawDataset,
+    out: &PreprocessedDir,
+) -> Result<usize, PreprocessError> {
+    let dir = out.gt_segmentations();
     fs::create_dir_all(&dir).map_err(PreprocessError::io(&dir))?;
     let mut copied = 0;
     for case in &ds.cases {
         let Some(src) = &case.label else { continue };
-        let dst = dir.join(format!("{}{}", case.identifier, ds.json.file_ending));
+        let dst = dir.join(case_file_name(&case.identifier, &ds.json.file_ending));
         let src_meta = fs::metadata(src).map_err(PreprocessError::io(src))?;
         let src_mtime = src_meta.modified().map_err(PreprocessError::io(src))?;
         if let Ok(m) = fs::metadata(&dst) {
@@ -921,7 +924,14 @@ mod tests {
             verbose: false,
             progress: None,
         };
-        let rep = preprocess_dataset(&ds, &plans, "3d_fullres", &out_root, &opts).unwrap();
+        let rep = preprocess_dataset(
+            &ds,
+            &plans,
+            "3d_fullres",
+            &PreprocessedDir::new(&out_root),
+            &opts,
+        )
+        .unwrap();
         assert_eq!(rep.output_folder, data_dir);
         assert!(!data_dir.join("stale.npy").exists());
         let ids: Vec<_> = rep.cases.iter().map(|c| c.identifier.as_str()).collect();
@@ -945,9 +955,15 @@ mod tests {
         assert!(seg.iter().any(|&v| v == -1));
 
         // gt_segmentations: copied once, then up to date
-        assert_eq!(copy_gt_segmentations(&ds, &out_root).unwrap(), 3);
+        assert_eq!(
+            copy_gt_segmentations(&ds, &PreprocessedDir::new(&out_root)).unwrap(),
+            3
+        );
         assert!(out_root.join("gt_segmentations/case_002.nii.gz").is_file());
-        assert_eq!(copy_gt_segmentations(&ds, &out_root).unwrap(), 0);
+        assert_eq!(
+            copy_gt_segmentations(&ds, &PreprocessedDir::new(&out_root)).unwrap(),
+            0
+        );
     }
 
     #[test]
@@ -969,9 +985,15 @@ mod tests {
             verbose: false,
             progress: None,
         };
-        let msg = preprocess_dataset(&ds, &plans, "3d_fullres", &out_root, &opts)
-            .unwrap_err()
-            .to_string();
+        let msg = preprocess_dataset(
+            &ds,
+            &plans,
+            "3d_fullres",
+            &PreprocessedDir::new(&out_root),
+            &opts,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(
             msg.starts_with("case case_001:") && msg.contains("case_001.nii.gz"),
             "{msg}"
@@ -979,7 +1001,14 @@ mod tests {
         let data_dir = out_root.join("nnUNetPlans_3d_fullres");
         assert!(!storage::data_path(&data_dir, "case_001").exists());
         assert!(!storage::properties_path(&data_dir, "case_001").exists());
-        let e = preprocess_dataset(&ds, &plans, "4d_superres", &out_root, &opts).unwrap_err();
+        let e = preprocess_dataset(
+            &ds,
+            &plans,
+            "4d_superres",
+            &PreprocessedDir::new(&out_root),
+            &opts,
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("4d_superres"), "{e}");
     }
 }
@@ -989,7 +1018,7 @@ mod tests {
 mod perf {
     use super::*;
     use crate::cropping::crop_to_nonzero;
-    use crate::normalization::{normalize_channel, Normalization};
+    use crate::normalization::{normalize_channel, NormalizationScheme};
 
     #[test]
     #[ignore = "benchmark: slow, run with --release -- --ignored --nocapture"]
@@ -1030,7 +1059,7 @@ mod perf {
         normalize_channel(
             d.index_axis_mut(Axis(0), 0),
             Some(s.index_axis(Axis(0), 0)),
-            Normalization::ZScore,
+            NormalizationScheme::ZScore,
             true,
             None,
             0,

@@ -2,7 +2,8 @@
 //!
 //! - [`config::TrainerConfig`] and [`presets`]: hyper-parameters and the `-tr` names;
 //! - [`train::train`]: the epoch loop writing nnU-Net's results layout;
-//! - [`checkpoint`], [`logging`], [`progress`]: checkpoints, training log, `progress.png`.
+//! - [`checkpoint`], [`logging`], [`progress`]: checkpoints, training log, `progress.png`;
+//! - [`import`]: reading trained nnU-Net v2 models (`.pth` checkpoints) into nnseg's format.
 
 pub mod amp;
 pub mod bench;
@@ -14,6 +15,7 @@ pub mod evaluation;
 #[cfg(feature = "cuda")]
 pub mod gpu_memory;
 pub mod growth;
+pub mod import;
 pub mod logging;
 pub mod loss;
 pub mod optim;

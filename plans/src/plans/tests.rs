@@ -101,7 +101,7 @@ fn typed_values_of_dataset501() {
     assert_eq!(c.patch_size, vec![32, 112, 96]);
     assert_eq!(c.median_image_size_in_voxels, vec![30.0, 97.0, 93.5]);
     assert_eq!(c.spacing, vec![3.0, 0.800000011920929, 0.800000011920929]);
-    assert_eq!(c.normalization_schemes, vec!["CTNormalization"]);
+    assert_eq!(c.normalization_schemes, vec![NormalizationScheme::Ct]);
     assert_eq!(c.resampling_fn_data_kwargs, ResamplingKwargs::data());
     assert_eq!(c.resampling_fn_seg_kwargs, ResamplingKwargs::seg());
     assert_eq!(

@@ -25,14 +25,8 @@ pub struct PrevStage {
     pub foreground_labels: Vec<i64>,
 }
 
-/// nnU-Net's folder of next-stage inputs written by the previous stage's final validation:
-/// `model_folder/predicted_next_stage/{next_stage}`.
-pub fn next_stage_folder(model_folder: &Path, next_stage: &str) -> PathBuf {
-    model_folder.join("predicted_next_stage").join(next_stage)
-}
-
-/// The file of one case in a [`next_stage_folder`] (int16 `(1, z, y, x)` `.npy`, in the next
-/// stage's preprocessed geometry).
+/// The file of one case in a folder of next-stage inputs (`datasets::ModelDir::next_stage`;
+/// int16 `(1, z, y, x)` `.npy`, in the next stage's preprocessed geometry).
 pub fn prev_stage_file(folder: &Path, case: &str) -> PathBuf {
     folder.join(format!("{case}.npy"))
 }

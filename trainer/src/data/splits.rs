@@ -5,12 +5,11 @@
 
 use std::path::{Path, PathBuf};
 
+use datasets::PreprocessedDir;
 use serde::{Deserialize, Serialize};
 
 use super::DataError;
 
-/// File name of the splits file.
-pub const SPLITS_FILE: &str = "splits_final.json";
 /// nnU-Net's KFold seed.
 pub const SPLIT_SEED: u32 = 12345;
 /// Number of folds nnU-Net creates.
@@ -211,7 +210,7 @@ pub fn load_or_create_splits_with(
     raw_copy: Option<&Path>,
     case_ids: &[String],
 ) -> Result<Vec<Split>, DataError> {
-    let path: PathBuf = preprocessed_dataset_folder.join(SPLITS_FILE);
+    let path: PathBuf = PreprocessedDir::new(preprocessed_dataset_folder).splits();
     if path.is_file() {
         return load_splits(&path);
     }
@@ -361,26 +360,26 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = load_or_create_splits(dir.path(), &ids(7)).unwrap();
         assert_eq!(s.len(), 5);
-        let text = std::fs::read_to_string(dir.path().join(SPLITS_FILE)).unwrap();
+        let text = std::fs::read_to_string(PreprocessedDir::new(dir.path()).splits()).unwrap();
         assert!(text.contains("\"train\""), "{text}");
         // an edited file is respected
         let custom = vec![Split {
             train: vec!["case_000".into()],
             val: vec!["case_001".into()],
         }];
-        plans::io::write_json_atomic(&dir.path().join(SPLITS_FILE), &custom).unwrap();
+        plans::io::write_json_atomic(&PreprocessedDir::new(dir.path()).splits(), &custom).unwrap();
         assert_eq!(load_or_create_splits(dir.path(), &ids(7)).unwrap(), custom);
         // unknown case in the file is reported
         let err = select_fold(&custom, Fold::Index(0), &ids(1)).unwrap_err();
         assert!(err.to_string().contains("case_001"), "{err}");
         // raw copy used when the preprocessed folder has none
         let d2 = tempfile::tempdir().unwrap();
-        let raw = dir.path().join(SPLITS_FILE);
+        let raw = PreprocessedDir::new(dir.path()).splits();
         let got = load_or_create_splits_with(d2.path(), Some(&raw), &ids(7)).unwrap();
         assert_eq!(got, custom);
-        assert!(d2.path().join(SPLITS_FILE).is_file());
+        assert!(PreprocessedDir::new(d2.path()).splits().is_file());
         // malformed file
-        std::fs::write(d2.path().join(SPLITS_FILE), b"{\"a\": 1}").unwrap();
+        std::fs::write(PreprocessedDir::new(d2.path()).splits(), b"{\"a\": 1}").unwrap();
         assert!(load_or_create_splits(d2.path(), &ids(7)).is_err());
     }
 }

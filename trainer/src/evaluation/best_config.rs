@@ -12,6 +12,9 @@
 
 use std::path::{Path, PathBuf};
 
+use datasets::layout::{ensemble_name, PredictionDir};
+use datasets::{ModelDir, ModelId, PreprocessedDir, ResultsDir};
+
 use super::ensemble::{ensemble_folders, EnsembleOptions};
 use super::evaluate::{evaluate_folder, EvaluateOptions};
 use super::json::{write_json_nan_atomic, Json};
@@ -21,21 +24,52 @@ use super::{io_err, list_files, EvalError, Result};
 /// One trained model (`{trainer}__{plans}__{configuration}` folder).
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelSpec {
-    pub trainer: String,
-    pub plans: String,
-    pub configuration: String,
+    pub id: ModelId,
     /// The configuration's `previous_stage` (e.g. `3d_lowres` for `3d_cascade_fullres`); its
     /// prediction must run first and be passed with `-prev_stage_predictions`.
     pub previous_stage: Option<String>,
     /// `nnUNet_results/DatasetXXX_Name/{trainer}__{plans}__{configuration}`.
-    pub folder: PathBuf,
+    pub folder: ModelDir,
 }
 
 impl ModelSpec {
     /// `{trainer}__{plans}__{configuration}`.
     pub fn identifier(&self) -> String {
-        format!("{}__{}__{}", self.trainer, self.plans, self.configuration)
+        self.id.to_string()
     }
+}
+
+/// The trained models among `trainers × plans × configurations` (nnU-Net's loop order): the
+/// plans come from `pre/{plans}.json`; a configuration not in the plans or without a model
+/// folder in `results` is skipped with a log message.
+pub fn find_trained_models(
+    pre: &PreprocessedDir,
+    results: &ResultsDir,
+    trainers: &[String],
+    plans_names: &[String],
+    configurations: &[String],
+) -> Result<Vec<ModelSpec>> {
+    let mut models = Vec::new();
+    for tr in trainers {
+        for p in plans_names {
+            let plans = plans::Plans::load(&pre.plans_file(p))?;
+            let names = plans.configuration_names();
+            for c in configurations {
+                let id = ModelId::new(tr.as_str(), p.as_str(), c.as_str())?;
+                let folder = results.model(&id);
+                if !names.contains(c) || !folder.path().is_dir() {
+                    tracing::info!("{id}: not trained, skipped");
+                    continue;
+                }
+                models.push(ModelSpec {
+                    previous_stage: plans.configuration(c)?.previous_stage,
+                    id,
+                    folder,
+                });
+            }
+        }
+    }
+    Ok(models)
 }
 
 /// Options of [`find_best_configuration`].
@@ -45,7 +79,7 @@ pub struct BestConfigOptions {
     pub dataset_name: String,
     /// `nnUNet_results/DatasetXXX_Name`: receives `ensembles/`, `inference_information.json`,
     /// `inference_instructions.txt`.
-    pub results_dataset_folder: PathBuf,
+    pub results: ResultsDir,
     /// Ground truth: `nnUNet_preprocessed/DatasetXXX/gt_segmentations` (nnU-Net's choice).
     pub reference_folder: PathBuf,
     pub models: Vec<ModelSpec>,
@@ -74,10 +108,6 @@ pub struct BestConfigResult {
     pub instructions: String,
 }
 
-fn folds_str(folds: &[String]) -> String {
-    folds.join("_")
-}
-
 fn copy_file(src: &Path, dst: &Path) -> Result<()> {
     let bytes = std::fs::read(src).map_err(io_err("read", src))?;
     plans::io::write_atomic(dst, &bytes)?;
@@ -94,17 +124,16 @@ pub fn accumulate_cv_results(
     folds: &[String],
     file_ending: &str,
 ) -> Result<PathBuf> {
-    let merged = model
-        .folder
-        .join(format!("crossval_results_folds_{}", folds_str(folds)));
+    let merged = model.folder.crossval_results(folds);
     // start fresh (nnU-Net overwrites): stale cases from other folds must not be evaluated
     if merged.is_dir() {
         std::fs::remove_dir_all(&merged).map_err(io_err("remove", &merged))?;
     }
     std::fs::create_dir_all(&merged).map_err(io_err("create", &merged))?;
+    let out = PredictionDir::new(&merged);
     let mut seen: std::collections::BTreeMap<String, String> = Default::default();
     for f in folds {
-        let val = model.folder.join(format!("fold_{f}")).join("validation");
+        let val = model.folder.validation(f);
         if !val.is_dir() {
             return Err(EvalError::Invalid {
                 path: val,
@@ -114,6 +143,7 @@ pub fn accumulate_cv_results(
                 ),
             });
         }
+        let val_dir = PredictionDir::new(&val);
         for name in list_files(&val, file_ending)? {
             if let Some(prev) = seen.insert(name.clone(), f.clone()) {
                 return Err(EvalError::Invalid {
@@ -123,18 +153,22 @@ pub fn accumulate_cv_results(
             }
             copy_file(&val.join(&name), &merged.join(&name))?;
             let case = name.strip_suffix(file_ending).unwrap_or(&name);
-            for ext in ["npz", "json"] {
-                let p = val.join(format!("{case}.{ext}"));
-                if p.is_file() {
-                    copy_file(&p, &merged.join(format!("{case}.{ext}")))?;
+            for (src, dst) in [
+                (val_dir.probabilities(case), out.probabilities(case)),
+                (val_dir.properties(case), out.properties(case)),
+            ] {
+                if src.is_file() {
+                    copy_file(&src, &dst)?;
                 }
             }
         }
     }
-    for name in ["dataset.json", "plans.json"] {
-        let src = model.folder.join(name);
+    for (src, dst) in [
+        (model.folder.dataset_json(), out.dataset_json()),
+        (model.folder.plans_json(), out.plans_json()),
+    ] {
         if src.is_file() {
-            copy_file(&src, &merged.join(name))?;
+            copy_file(&src, &dst)?;
         }
     }
     Ok(merged)
@@ -142,11 +176,11 @@ pub fn accumulate_cv_results(
 
 fn has_probabilities(folder: &Path, file_ending: &str) -> Result<bool> {
     let segs = list_files(folder, file_ending)?;
+    let dir = PredictionDir::new(folder);
     Ok(!segs.is_empty()
         && segs.iter().all(|s| {
             let case = s.strip_suffix(file_ending).unwrap_or(s);
-            folder.join(format!("{case}.npz")).is_file()
-                && folder.join(format!("{case}.json")).is_file()
+            dir.probabilities(case).is_file() && dir.properties(case).is_file()
         }))
 }
 
@@ -164,15 +198,16 @@ fn predict_cmds(
         let lowres_out = format!("{output}_{p}");
         out.push(format!(
             "nnseg predict -d {dataset} -i INPUT_FOLDER -o {lowres_out} -f {f} -tr {} -c {p} -p {}",
-            m.trainer, m.plans
+            m.id.trainer(),
+            m.id.plans()
         ));
         prev = format!(" -prev_stage_predictions {lowres_out}");
     }
     out.push(format!(
         "nnseg predict -d {dataset} -i INPUT_FOLDER -o {output} -f {f} -tr {} -c {} -p {}{prev}{}",
-        m.trainer,
-        m.configuration,
-        m.plans,
+        m.id.trainer(),
+        m.id.configuration(),
+        m.id.plans(),
         if save_probs {
             " --save_probabilities"
         } else {
@@ -194,7 +229,6 @@ pub fn find_best_configuration(opts: &BestConfigOptions) -> Result<BestConfigRes
     // nnU-Net's compute_metrics_on_folder defaults to chill=True here: with a subset of folds
     // only the cases those folds validated are evaluated.
     eval.chill = true;
-    let fs = folds_str(&opts.folds);
     let mut all: Vec<(String, PathBuf, f64, Vec<ModelSpec>)> = Vec::new();
     let mut messages = Vec::new();
     for m in &opts.models {
@@ -208,7 +242,7 @@ pub fn find_best_configuration(opts: &BestConfigOptions) -> Result<BestConfigRes
         for i in 0..singles.len() {
             for j in i + 1..singles.len() {
                 let (a, b) = (&singles[i], &singles[j]);
-                let id = format!("ensemble___{}___{}___{fs}", a.0, b.0);
+                let id = ensemble_name(&a.0, &b.0, &opts.folds);
                 let mut missing = Vec::new();
                 for x in [a, b] {
                     if !has_probabilities(&x.1, &ds.file_ending)? {
@@ -224,7 +258,7 @@ pub fn find_best_configuration(opts: &BestConfigOptions) -> Result<BestConfigRes
                     messages.push(msg);
                     continue;
                 }
-                let out = opts.results_dataset_folder.join("ensembles").join(&id);
+                let out = opts.results.ensemble(&id);
                 if out.is_dir() {
                     std::fs::remove_dir_all(&out).map_err(io_err("remove", &out))?;
                 }
@@ -257,7 +291,7 @@ pub fn find_best_configuration(opts: &BestConfigOptions) -> Result<BestConfigRes
     let pp_file = source.join("postprocessing.json");
     let post = super::evaluate::load_summary(&source.join("postprocessed").join("summary.json"))?
         .foreground_dice();
-    let plans_file = selected[0].folder.join("plans.json");
+    let plans_file = selected[0].folder.plans_json();
 
     // instructions
     let mut lines = vec!["***Run inference like this:***".to_string(), String::new()];
@@ -304,12 +338,9 @@ pub fn find_best_configuration(opts: &BestConfigOptions) -> Result<BestConfigRes
         plans_file.display()
     ));
     let instructions = lines.join("\n") + "\n";
-    std::fs::create_dir_all(&opts.results_dataset_folder)
-        .map_err(io_err("create", &opts.results_dataset_folder))?;
+    std::fs::create_dir_all(opts.results.path()).map_err(io_err("create", opts.results.path()))?;
     plans::io::write_atomic(
-        &opts
-            .results_dataset_folder
-            .join("inference_instructions.txt"),
+        &opts.results.inference_instructions(),
         instructions.as_bytes(),
     )?;
 
@@ -320,7 +351,7 @@ pub fn find_best_configuration(opts: &BestConfigOptions) -> Result<BestConfigRes
             Json::Arr(
                 opts.models
                     .iter()
-                    .map(|m| Json::Str(m.configuration.clone()))
+                    .map(|m| Json::Str(m.id.configuration().to_string()))
                     .collect(),
             ),
         ),
@@ -369,9 +400,9 @@ pub fn find_best_configuration(opts: &BestConfigOptions) -> Result<BestConfigRes
                             .iter()
                             .map(|m| {
                                 Json::obj([
-                                    ("configuration", Json::Str(m.configuration.clone())),
-                                    ("trainer", Json::Str(m.trainer.clone())),
-                                    ("plans_identifier", Json::Str(m.plans.clone())),
+                                    ("configuration", Json::Str(m.id.configuration().to_string())),
+                                    ("trainer", Json::Str(m.id.trainer().to_string())),
+                                    ("plans_identifier", Json::Str(m.id.plans().to_string())),
                                 ])
                             })
                             .collect(),
@@ -380,13 +411,7 @@ pub fn find_best_configuration(opts: &BestConfigOptions) -> Result<BestConfigRes
             ]),
         ),
     ]);
-    write_json_nan_atomic(
-        &opts
-            .results_dataset_folder
-            .join("inference_information.json"),
-        &info,
-        false,
-    )?;
+    write_json_nan_atomic(&opts.results.inference_information(), &info, false)?;
     Ok(BestConfigResult {
         all_results: all
             .iter()
@@ -437,19 +462,20 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let gt = t.path().join("gt");
         std::fs::create_dir_all(&gt).unwrap();
-        let results = t.path().join("Dataset001_X");
+        let results = ResultsDir::new(t.path().join("Dataset001_X"));
         let cases: [(&str, &str, [i16; 6]); 4] = [
             ("c0", "0", [1, 1, 0, 0, 0, 0]),
             ("c1", "0", [0, 1, 1, 0, 0, 0]),
             ("c2", "1", [0, 0, 1, 1, 0, 0]),
             ("c3", "1", [0, 0, 0, 1, 1, 0]),
         ];
-        let mk = |cfg: &str, prev: Option<&str>| ModelSpec {
-            trainer: "nnUNetTrainer".into(),
-            plans: "nnUNetPlans".into(),
-            configuration: cfg.into(),
-            previous_stage: prev.map(str::to_string),
-            folder: results.join(format!("nnUNetTrainer__nnUNetPlans__{cfg}")),
+        let mk = |cfg: &str, prev: Option<&str>| {
+            let id = ModelId::new("nnUNetTrainer", "nnUNetPlans", cfg).unwrap();
+            ModelSpec {
+                previous_stage: prev.map(str::to_string),
+                folder: results.model(&id),
+                id,
+            }
         };
         let a = mk("3d_fullres", None);
         let b = mk("3d_cascade_fullres", Some("3d_lowres"));
@@ -458,7 +484,7 @@ mod tests {
             let mut wrong = r;
             wrong[5] = 1;
             for (m, pred, conf) in [(&a, wrong, 0.6f32), (&b, r, 0.9)] {
-                let val = m.folder.join(format!("fold_{fold}/validation"));
+                let val = m.folder.validation(fold);
                 std::fs::create_dir_all(&val).unwrap();
                 seg(&val.join(format!("{case}.nii.gz")), &pred);
                 if with_npz {
@@ -472,7 +498,7 @@ mod tests {
         .unwrap();
         let opts = BestConfigOptions {
             dataset_name: "Dataset001_X".into(),
-            results_dataset_folder: results,
+            results,
             reference_folder: gt,
             models: vec![a, b],
             folds: vec!["0".into(), "1".into()],
@@ -493,20 +519,20 @@ mod tests {
         assert_eq!(r.best, "nnUNetTrainer__nnUNetPlans__3d_cascade_fullres");
         assert_eq!(r.score_pre_pp, 1.0);
         assert!(r.all_results[0].2 < 1.0);
-        let merged = s.opts.models[1].folder.join("crossval_results_folds_0_1");
+        let merged = s.opts.models[1]
+            .folder
+            .path()
+            .join("crossval_results_folds_0_1");
         assert!(merged.join("c3.nii.gz").is_file() && merged.join("summary.json").is_file());
         assert!(merged.join("postprocessed/summary.json").is_file());
         let ens = s
             .opts
-            .results_dataset_folder
+            .results
+            .path()
             .join("ensembles/ensemble___nnUNetTrainer__nnUNetPlans__3d_fullres___nnUNetTrainer__nnUNetPlans__3d_cascade_fullres___0_1");
         assert!(ens.join("c0.nii.gz").is_file());
-        let txt = std::fs::read_to_string(
-            s.opts
-                .results_dataset_folder
-                .join("inference_instructions.txt"),
-        )
-        .unwrap();
+        let txt = std::fs::read_to_string(s.opts.results.path().join("inference_instructions.txt"))
+            .unwrap();
         let low = txt.find("-c 3d_lowres").expect("lowres step");
         let casc = txt.find("-c 3d_cascade_fullres").expect("cascade step");
         assert!(low < casc, "{txt}");
@@ -516,9 +542,7 @@ mod tests {
         );
         assert!(txt.contains("nnseg apply_postprocessing -i OUTPUT_FOLDER -o OUTPUT_FOLDER_PP"));
         let info = crate::evaluation::json::read_json_with_nan(
-            &s.opts
-                .results_dataset_folder
-                .join("inference_information.json"),
+            &s.opts.results.path().join("inference_information.json"),
         )
         .unwrap();
         assert_eq!(
@@ -532,22 +556,17 @@ mod tests {
     fn ensemble_skipped_without_probabilities_and_pp_helps_a() {
         let mut s = setup(false);
         s.opts.models.truncate(1);
+        let id = s.opts.models[0].id.with_configuration("2d").unwrap();
         s.opts.models.push(ModelSpec {
-            configuration: "2d".into(),
-            folder: s
-                .opts
-                .results_dataset_folder
-                .join("nnUNetTrainer__nnUNetPlans__2d"),
+            folder: s.opts.results.model(&id),
+            id,
             ..s.opts.models[0].clone()
         });
         // the "2d" model predicts exactly like A: copy A's validation folders
         let src = s.opts.models[0].folder.clone();
         let dst = s.opts.models[1].folder.clone();
         for f in ["0", "1"] {
-            let (sv, dv) = (
-                src.join(format!("fold_{f}/validation")),
-                dst.join(format!("fold_{f}/validation")),
-            );
+            let (sv, dv) = (src.validation(f), dst.validation(f));
             std::fs::create_dir_all(&dv).unwrap();
             for e in std::fs::read_dir(&sv).unwrap() {
                 let e = e.unwrap();

@@ -13,6 +13,8 @@ use ndarray_npy::{NpzReader, NpzWriter};
 use rayon::prelude::*;
 use serde_json::Value;
 
+use datasets::PredictionDir;
+
 use super::{io_err, list_files, pool, EvalError, Result};
 
 /// Key of the reader geometry in a `{case}.json` properties file.
@@ -254,11 +256,14 @@ pub fn ensemble_folders(
             Ok(())
         })
     })?;
-    for name in ["dataset.json", "plans.json"] {
-        let src = first.join(name);
-        if src.is_file() {
-            let bytes = std::fs::read(&src).map_err(io_err("read", &src))?;
-            plans::io::write_atomic(&output_folder.join(name), &bytes)?;
+    let (src, dst) = (PredictionDir::new(first), PredictionDir::new(output_folder));
+    for (from, to) in [
+        (src.dataset_json(), dst.dataset_json()),
+        (src.plans_json(), dst.plans_json()),
+    ] {
+        if from.is_file() {
+            let bytes = std::fs::read(&from).map_err(io_err("read", &from))?;
+            plans::io::write_atomic(&to, &bytes)?;
         }
     }
     Ok(cases.len())

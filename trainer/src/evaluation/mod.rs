@@ -21,7 +21,9 @@ pub mod postprocess;
 
 use std::path::PathBuf;
 
-pub use best_config::{find_best_configuration, BestConfigOptions, BestConfigResult, ModelSpec};
+pub use best_config::{
+    find_best_configuration, find_trained_models, BestConfigOptions, BestConfigResult, ModelSpec,
+};
 pub use ensemble::{
     ensemble_folders, load_probabilities, probabilities_to_segmentation, save_probabilities,
     EnsembleOptions, IMAGE_PROPERTIES_KEY,

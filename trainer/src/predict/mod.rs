@@ -14,6 +14,8 @@ use crate::checkpoint::{Checkpoint, CheckpointError};
 use crate::data::Fold;
 use architectures::registry::{ArchError, NetworkIo, Registry, SegNetwork};
 use candle_core::{DType, Device, Tensor};
+use datasets::layout::validation_folder;
+use datasets::{ModelDir, PredictionDir, PreprocessedDir};
 use ndarray::{Array4, ArrayD, ArrayView4, ArrayViewD, IxDyn};
 use plans::{Configuration, DatasetJson, Plans};
 use preprocessing::storage::CaseProperties;
@@ -139,18 +141,7 @@ pub fn checkpoint_file_name(checkpoint_name: &str) -> String {
 
 /// The configuration name of a model folder `{trainer}__{plans}__{configuration}`.
 pub fn configuration_from_model_folder(model_folder: &Path) -> Result<String, PredictError> {
-    let name = model_folder
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or_default();
-    let parts: Vec<&str> = name.splitn(3, "__").collect();
-    match parts.as_slice() {
-        [_, _, cfg] if !cfg.is_empty() => Ok(cfg.to_string()),
-        _ => Err(PredictError::Config(format!(
-            "{}: a model folder must be named {{trainer}}__{{plans}}__{{configuration}}",
-            model_folder.display()
-        ))),
-    }
+    Ok(ModelDir::at(model_folder).id()?.configuration().to_string())
 }
 
 /// Loads one fold's checkpoint and builds its network for inference (deep supervision off,
@@ -227,15 +218,14 @@ impl Predictor {
         if folds.is_empty() {
             return Err(PredictError::Config("no folds given".into()));
         }
-        let cfg_name = configuration_from_model_folder(model_folder)?;
-        let (plans, cfg) = Plans::load_configuration(&model_folder.join("plans.json"), &cfg_name)?;
-        let ds = DatasetJson::load(&model_folder.join("dataset.json"))?;
+        let model = ModelDir::at(model_folder);
+        let cfg_name = model.id()?.configuration().to_string();
+        let (plans, cfg) = Plans::load_configuration(&model.plans_json(), &cfg_name)?;
+        let ds = DatasetJson::load(&model.dataset_json())?;
         let mut networks: Vec<Box<dyn TileNetwork>> = vec![];
         let mut mirror_axes = None;
         for fold in folds {
-            let path = model_folder
-                .join(format!("fold_{fold}"))
-                .join(checkpoint_file_name(checkpoint_name));
+            let path = model.fold(fold).join(checkpoint_file_name(checkpoint_name));
             if !path.is_file() {
                 return Err(PredictError::Config(format!(
                     "{}: checkpoint not found (fold {fold} was not trained, or use \
@@ -372,25 +362,25 @@ impl Predictor {
             &props.image_properties,
         )?;
         if let Some(p) = exported.probabilities {
-            let stem = output_stem(output_file, &self.dataset_json.file_ending);
-            write_probabilities(&stem.with_extension("npz"), &p)?;
+            let (dir, case) = output_case(output_file, &self.dataset_json.file_ending);
+            write_probabilities(&dir.probabilities(&case), &p)?;
             let json = serde_json::to_value(props)
                 .map_err(|e| PredictError::Config(format!("case properties: {e}")))?;
-            plans::io::write_json_atomic(&stem.with_extension("json"), &json)?;
+            plans::io::write_json_atomic(&dir.properties(&case), &json)?;
         }
         Ok(())
     }
 }
 
-/// `folder/case` for `folder/case{ending}`.
-fn output_stem(output_file: &Path, ending: &str) -> PathBuf {
+/// The folder and the case of `folder/case{ending}`.
+fn output_case(output_file: &Path, ending: &str) -> (PredictionDir, String) {
     let name = output_file
         .file_name()
         .and_then(|n| n.to_str())
         .unwrap_or_default();
-    let stem = name.strip_suffix(ending).unwrap_or(name);
-    // with_extension on the result must not eat a dot inside the case name
-    output_file.with_file_name(format!("{stem}.x"))
+    let case = name.strip_suffix(ending).unwrap_or(name).to_string();
+    let folder = output_file.parent().unwrap_or_else(|| Path::new(""));
+    (PredictionDir::new(folder), case)
 }
 
 /// Writes `probabilities` into an `.npz` (nnU-Net's `{case}.npz` key), atomically.
@@ -432,21 +422,14 @@ pub fn find_input_cases(
     for entry in rd {
         let entry = entry.map_err(io_err(folder))?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(stem) = name.strip_suffix(file_ending) else {
-            continue;
-        };
-        if name.starts_with('.') || !entry.path().is_file() {
+        if !name.ends_with(file_ending) || name.starts_with('.') || !entry.path().is_file() {
             continue;
         }
-        let parsed = stem.rsplit_once('_').and_then(|(case, ch)| {
-            (ch.len() == 4 && ch.bytes().all(|b| b.is_ascii_digit()) && !case.is_empty())
-                .then(|| (case.to_string(), ch.parse::<usize>().ok()))
-        });
-        match parsed {
-            Some((case, Some(ch))) => {
+        match datasets::layout::parse_channel_file_name(&name, file_ending) {
+            Some((case, ch)) => {
                 cases.entry(case).or_default().insert(ch, entry.path());
             }
-            _ => {
+            None => {
                 return Err(PredictError::Input(format!(
                     "{}: input files must be named {{case}}_{{XXXX}}{file_ending} (XXXX = 4-digit channel index)",
                     entry.path().display()
@@ -568,14 +551,12 @@ pub fn predict_from_raw_folder(req: &PredictRequest) -> Result<PredictReport, Pr
         predictor.dataset_json.num_channels(),
     )?;
     std::fs::create_dir_all(&req.output_folder).map_err(io_err(&req.output_folder))?;
-    copy_file(
-        &req.model_folder.join("dataset.json"),
-        &req.output_folder.join("dataset.json"),
-    )?;
-    copy_file(
-        &req.model_folder.join("plans.json"),
-        &req.output_folder.join("plans.json"),
-    )?;
+    let (model, output) = (
+        ModelDir::at(&req.model_folder),
+        PredictionDir::new(&req.output_folder),
+    );
+    copy_file(&model.dataset_json(), &output.dataset_json())?;
+    copy_file(&model.plans_json(), &output.plans_json())?;
     let args = serde_json::json!({
         "list_of_lists_or_source_folder": req.input_folder.display().to_string(),
         "output_folder_or_list_of_truncated_output_files": req.output_folder.display().to_string(),
@@ -588,10 +569,7 @@ pub fn predict_from_raw_folder(req: &PredictRequest) -> Result<PredictReport, Pr
         "num_processes_preprocessing": req.num_workers,
         "device": format!("{:?}", req.device.location()),
     });
-    plans::io::write_json_atomic(
-        &req.output_folder.join("predict_from_raw_data_args.json"),
-        &args,
-    )?;
+    plans::io::write_json_atomic(&output.predict_args(), &args)?;
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(req.num_workers.max(1))
         .build()
@@ -603,14 +581,12 @@ pub fn predict_from_raw_folder(req: &PredictRequest) -> Result<PredictReport, Pr
     pool.install(|| -> Result<(), PredictError> {
         for case in &cases {
             let t0 = std::time::Instant::now();
-            let out = req
-                .output_folder
-                .join(format!("{}{ending}", case.identifier));
+            let out = output.segmentation(&case.identifier, &ending);
             (|| -> Result<(), PredictError> {
                 let prev_file = match (&predictor.prev_stage_labels, &req.prev_stage_predictions) {
                     (None, _) => None,
                     (Some(_), Some(folder)) => {
-                        let f = folder.join(format!("{}{ending}", case.identifier));
+                        let f = PredictionDir::new(folder).segmentation(&case.identifier, &ending);
                         if !f.is_file() {
                             return Err(PredictError::Input(format!(
                                 "{}: the previous stage's prediction of this case is missing \
@@ -704,7 +680,8 @@ pub fn predict_preprocessed_case(
         let mapped = preprocessing::storage::MappedCase::open(preprocessed_data_folder, case)?;
         let data = mapped.data()?;
         let props = preprocessing::storage::load_case_properties(preprocessed_data_folder, case)?;
-        let out = output_folder.join(format!("{case}{}", predictor.dataset_json.file_ending));
+        let out = PredictionDir::new(output_folder)
+            .segmentation(case, &predictor.dataset_json.file_ending);
         let logits = match (&predictor.prev_stage_labels, &cascade.prev_stage_folder) {
             (Some(fg), Some(folder)) => {
                 let path = crate::data::cascade::prev_stage_file(folder, case);
@@ -793,7 +770,7 @@ pub fn run_final_validation(
     save_probabilities: bool,
     cascade: &CascadeIo,
 ) -> Result<Vec<PathBuf>, PredictError> {
-    let out = fold_folder.join("validation");
+    let out = validation_folder(fold_folder);
     std::fs::create_dir_all(&out).map_err(io_err(&out))?;
     validation_cases
         .iter()
@@ -817,21 +794,7 @@ pub fn prev_stage_folder(
     previous_stage: &str,
     configuration: &str,
 ) -> Result<PathBuf, PredictError> {
-    let name = model_folder
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or_default();
-    let parts: Vec<&str> = name.splitn(3, "__").collect();
-    match (parts.as_slice(), model_folder.parent()) {
-        ([trainer, plans, _], Some(parent)) => Ok(crate::data::cascade::next_stage_folder(
-            &parent.join(format!("{trainer}__{plans}__{previous_stage}")),
-            configuration,
-        )),
-        _ => Err(PredictError::Config(format!(
-            "{}: a model folder must be named {{trainer}}__{{plans}}__{{configuration}}",
-            model_folder.display()
-        ))),
-    }
+    Ok(ModelDir::at(model_folder).prev_stage_outputs(previous_stage, configuration)?)
 }
 
 /// What [`validate_fold`] produced.
@@ -870,8 +833,12 @@ pub fn validate_fold(
         amp,
         registry,
     )?;
-    let data_folder = preprocessed_dataset_folder.join(&predictor.configuration.data_identifier);
-    let fold_folder = model_folder.join(format!("fold_{fold}"));
+    let (model, pre) = (
+        ModelDir::at(model_folder),
+        PreprocessedDir::new(preprocessed_dataset_folder),
+    );
+    let data_folder = pre.data_folder(&predictor.configuration.data_identifier);
+    let fold_folder = model.fold(fold);
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(num_workers.max(1))
         .build()
@@ -889,12 +856,12 @@ pub fn validate_fold(
     if let Some(next) = &cfg.next_stage {
         match predictor.plans.configuration(next) {
             Ok(next_cfg) => {
-                let folder = preprocessed_dataset_folder.join(&next_cfg.data_identifier);
+                let folder = pre.data_folder(&next_cfg.data_identifier);
                 if folder.is_dir() {
                     cascade.next_stage = Some(NextStageExport {
                         configuration: next_cfg,
                         preprocessed_data_folder: folder,
-                        output_folder: crate::data::cascade::next_stage_folder(model_folder, next),
+                        output_folder: model.next_stage(next),
                     });
                 } else {
                     tracing::warn!(
@@ -917,7 +884,7 @@ pub fn validate_fold(
             &cascade,
         )
     })?;
-    let gt = preprocessed_dataset_folder.join("gt_segmentations");
+    let gt = pre.gt_segmentations();
     let summary = if gt.is_dir() {
         let mut opts = crate::evaluation::EvaluateOptions::from_dataset_json(
             &predictor.dataset_json,
@@ -927,7 +894,7 @@ pub fn validate_fold(
         opts.chill = true;
         Some(crate::evaluation::evaluate_folder(
             &gt,
-            &fold_folder.join("validation"),
+            &validation_folder(&fold_folder),
             &opts,
         )?)
     } else {

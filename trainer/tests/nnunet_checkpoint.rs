@@ -1,12 +1,15 @@
 //! Import of real nnU-Net v2 checkpoints (the workspace's tests/fixtures/nnunet_checkpoint): keys, parameter
 //! counts, and forward parity with PyTorch to 1e-4 for every deep-supervision output.
 
-use architectures::import::{import_nnunet_model, ImportedModel, MODEL_METADATA, MODEL_WEIGHTS};
 use architectures::registry::{ArchError, NetworkIo, Registry};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use serde_json::Value;
 use std::path::PathBuf;
+use trainer::import::{
+    import_nnunet_model, import_nnunet_model_with, ImportError, ImportedModel, MODEL_METADATA,
+    MODEL_WEIGHTS,
+};
 
 /// The workspace's `tests/fixtures/nnunet_checkpoint` (a missing folder fails the test).
 fn fixture_root() -> PathBuf {
@@ -186,8 +189,37 @@ fn import_errors_name_the_problem() {
     );
     // missing fold
     let e = import_nnunet_model(&fx.model_dir, "3", "checkpoint_final.pth").unwrap_err();
-    assert!(matches!(e, ArchError::Io { .. }), "{e}");
+    assert!(matches!(e, ImportError::Io { .. }), "{e}");
     assert!(e.to_string().contains("fold_3"), "{e}");
+
+    // a folder not named {trainer}__{plans}__{configuration}: an error naming it, unless the
+    // configuration is given
+    let renamed = std::env::temp_dir()
+        .join(format!("nnseg-import-renamed-{}", std::process::id()))
+        .join("imported");
+    std::fs::create_dir_all(renamed.join("fold_0")).unwrap();
+    for f in ["plans.json", "dataset.json", "fold_0/checkpoint_final.pth"] {
+        std::fs::copy(fx.model_dir.join(f), renamed.join(f)).unwrap();
+    }
+    let e = import_nnunet_model(&renamed, "0", "checkpoint_final.pth").unwrap_err();
+    assert!(matches!(e, ImportError::Layout(_)), "{e}");
+    assert!(
+        e.to_string().contains(&renamed.display().to_string()),
+        "{e}"
+    );
+    let m = import_nnunet_model_with(
+        &Registry::default(),
+        &renamed,
+        "fold_0",
+        "checkpoint_final.pth",
+        Some("3d_fullres"),
+    )
+    .unwrap();
+    assert_eq!(
+        (m.fold.as_str(), m.configuration_name.as_str()),
+        ("0", "3d_fullres")
+    );
+    std::fs::remove_dir_all(renamed.parent().unwrap()).ok();
 
     // plans that describe a different network than the checkpoint: a copy of the folder with
     // features [4, 8, 16, 64]
@@ -238,7 +270,8 @@ fn import_errors_name_the_problem() {
     assert!(
         matches!(
             e,
-            ArchError::ShapeMismatch { .. } | ArchError::UnexpectedWeights { .. }
+            ImportError::Arch(ArchError::ShapeMismatch { .. })
+                | ImportError::Arch(ArchError::UnexpectedWeights { .. })
         ),
         "{e}"
     );

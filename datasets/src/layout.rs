@@ -1,0 +1,544 @@
+//! nnU-Net's folder and file names: the only code that builds or parses them.
+//!
+//! ```text
+//! nnUNet_raw/DatasetXXX_Name/                        RawDir
+//!     dataset.json  imagesTr/{case}_{CCCC}{ending}  labelsTr/{case}{ending}  [splits_final.json]
+//! nnUNet_preprocessed/DatasetXXX_Name/               PreprocessedDir
+//!     {plans}.json  dataset.json  dataset_fingerprint.json  splits_final.json
+//!     gt_segmentations/  {data_identifier}/
+//! nnUNet_results/DatasetXXX_Name/                    ResultsDir
+//!     {trainer}__{plans}__{configuration}/           ModelDir (named by ModelId)
+//!         plans.json  dataset.json  dataset_fingerprint.json
+//!         fold_{f}/  fold_{f}/validation/
+//!         predicted_next_stage/{configuration}/
+//!         crossval_results_folds_{f1}_{f2}.../
+//!     ensembles/ensemble___{model}___{model}___{folds}/
+//!     inference_instructions.txt  inference_information.json
+//! predictions (PredictionDir): {case}{ending}  [{case}.npz {case}.json]  dataset.json  plans.json
+//! ```
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use crate::error::DatasetError;
+
+/// `dataset.json` (raw, preprocessed and model folders, prediction outputs).
+pub const DATASET_JSON: &str = "dataset.json";
+/// `dataset_fingerprint.json` (preprocessed and model folders).
+pub const FINGERPRINT_JSON: &str = "dataset_fingerprint.json";
+/// `splits_final.json` (preprocessed folder; optionally the raw folder).
+pub const SPLITS_JSON: &str = "splits_final.json";
+/// `plans.json`: the plans as copied into a model folder or a prediction output.
+pub const PLANS_JSON: &str = "plans.json";
+/// The ground-truth copy of the training labels in the preprocessed folder.
+pub const GT_SEGMENTATIONS: &str = "gt_segmentations";
+/// The training images of a raw dataset.
+pub const IMAGES_TR: &str = "imagesTr";
+/// The training labels of a raw dataset.
+pub const LABELS_TR: &str = "labelsTr";
+
+/// Separator of the three parts of a model folder name.
+const MODEL_SEP: &str = "__";
+/// Separator of the parts of an ensemble name.
+const ENSEMBLE_SEP: &str = "___";
+
+/// The file of one image channel of a case: `{case}_{CCCC}{ending}`.
+pub fn channel_file_name(case: &str, channel: usize, file_ending: &str) -> String {
+    format!("{case}_{channel:04}{file_ending}")
+}
+
+/// Splits a channel file name `{case}_{CCCC}{ending}` into the case and the channel index
+/// (`None` for any other name: no `_CCCC` with four digits, or an empty case).
+pub fn parse_channel_file_name(file_name: &str, file_ending: &str) -> Option<(String, usize)> {
+    let stem = file_name.strip_suffix(file_ending)?;
+    let (case, digits) = stem.rsplit_once('_')?;
+    if case.is_empty() || digits.len() != 4 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some((case.to_string(), digits.parse().ok()?))
+}
+
+/// The file of a case's segmentation (labels, predictions): `{case}{ending}`.
+pub fn case_file_name(case: &str, file_ending: &str) -> String {
+    format!("{case}{file_ending}")
+}
+
+/// `{plans_name}.json` in a preprocessed folder.
+pub fn plans_file_name(plans_name: &str) -> String {
+    format!("{plans_name}.json")
+}
+
+/// A raw dataset folder `nnUNet_raw/DatasetXXX_Name`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RawDir(PathBuf);
+
+impl RawDir {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        RawDir(path.into())
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+    pub fn dataset_json(&self) -> PathBuf {
+        self.0.join(DATASET_JSON)
+    }
+    pub fn images_tr(&self) -> PathBuf {
+        self.0.join(IMAGES_TR)
+    }
+    pub fn labels_tr(&self) -> PathBuf {
+        self.0.join(LABELS_TR)
+    }
+    /// `imagesTr/{case}_{CCCC}{ending}`.
+    pub fn image_file(&self, case: &str, channel: usize, file_ending: &str) -> PathBuf {
+        self.images_tr()
+            .join(channel_file_name(case, channel, file_ending))
+    }
+    /// `labelsTr/{case}{ending}`.
+    pub fn label_file(&self, case: &str, file_ending: &str) -> PathBuf {
+        self.labels_tr().join(case_file_name(case, file_ending))
+    }
+    /// A user-provided `splits_final.json` that preprocessing copies (as nnU-Net does).
+    pub fn splits(&self) -> PathBuf {
+        self.0.join(SPLITS_JSON)
+    }
+}
+
+/// A preprocessed dataset folder `nnUNet_preprocessed/DatasetXXX_Name`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PreprocessedDir(PathBuf);
+
+impl PreprocessedDir {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        PreprocessedDir(path.into())
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+    /// `{plans_name}.json` (e.g. `nnUNetPlans.json`).
+    pub fn plans_file(&self, plans_name: &str) -> PathBuf {
+        self.0.join(plans_file_name(plans_name))
+    }
+    pub fn dataset_json(&self) -> PathBuf {
+        self.0.join(DATASET_JSON)
+    }
+    pub fn fingerprint(&self) -> PathBuf {
+        self.0.join(FINGERPRINT_JSON)
+    }
+    pub fn splits(&self) -> PathBuf {
+        self.0.join(SPLITS_JSON)
+    }
+    pub fn gt_segmentations(&self) -> PathBuf {
+        self.0.join(GT_SEGMENTATIONS)
+    }
+    /// The preprocessed cases of a configuration: `{data_identifier}/` (e.g.
+    /// `nnUNetPlans_3d_fullres`).
+    pub fn data_folder(&self, data_identifier: &str) -> PathBuf {
+        self.0.join(data_identifier)
+    }
+}
+
+/// The results folder of one dataset, `nnUNet_results/DatasetXXX_Name`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResultsDir(PathBuf);
+
+impl ResultsDir {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        ResultsDir(path.into())
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+    /// The folder of a trained model.
+    pub fn model(&self, id: &ModelId) -> ModelDir {
+        ModelDir::new(&self.0, id)
+    }
+    /// `ensembles/{name}` (see [`ensemble_name`]).
+    pub fn ensemble(&self, name: &str) -> PathBuf {
+        self.0.join("ensembles").join(name)
+    }
+    pub fn inference_instructions(&self) -> PathBuf {
+        self.0.join("inference_instructions.txt")
+    }
+    pub fn inference_information(&self) -> PathBuf {
+        self.0.join("inference_information.json")
+    }
+}
+
+/// nnU-Net's name of the ensemble of two models over `folds`:
+/// `ensemble___{a}___{b}___{f1_f2...}`.
+pub fn ensemble_name(a: &str, b: &str, folds: &[String]) -> String {
+    let s = ENSEMBLE_SEP;
+    format!("ensemble{s}{a}{s}{b}{s}{}", folds.join("_"))
+}
+
+/// The identity of a trained model, `{trainer}__{plans}__{configuration}` as a folder name.
+///
+/// Trainer and plans names must be non-empty and free of `__`; the configuration must be
+/// non-empty and may contain `__` (a fitted configuration such as `3d_fullres__kiunet_minimal`),
+/// so that formatting and parsing round-trip.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ModelId {
+    trainer: String,
+    plans: String,
+    configuration: String,
+}
+
+impl ModelId {
+    /// Checks the three names (see the type's documentation); the error names the field.
+    pub fn new(
+        trainer: impl Into<String>,
+        plans: impl Into<String>,
+        configuration: impl Into<String>,
+    ) -> Result<Self, DatasetError> {
+        let id = ModelId {
+            trainer: trainer.into(),
+            plans: plans.into(),
+            configuration: configuration.into(),
+        };
+        for (field, value, allow_sep) in [
+            ("trainer", &id.trainer, false),
+            ("plans", &id.plans, false),
+            ("configuration", &id.configuration, true),
+        ] {
+            let problem = if value.is_empty() {
+                Some("must not be empty")
+            } else if !allow_sep && value.contains(MODEL_SEP) {
+                Some("must not contain `__` (it separates the parts of a model folder name)")
+            } else {
+                None
+            };
+            if let Some(problem) = problem {
+                return Err(DatasetError::ModelIdPart {
+                    field,
+                    value: value.clone(),
+                    problem,
+                });
+            }
+        }
+        Ok(id)
+    }
+
+    /// Parses a folder name `{trainer}__{plans}__{configuration}`.
+    pub fn parse(name: &str) -> Result<Self, DatasetError> {
+        let bad = || DatasetError::ModelFolderName {
+            path: PathBuf::from(name),
+        };
+        let mut parts = name.splitn(3, MODEL_SEP);
+        match (parts.next(), parts.next(), parts.next()) {
+            (Some(t), Some(p), Some(c)) => Self::new(t, p, c).map_err(|_| bad()),
+            _ => Err(bad()),
+        }
+    }
+
+    /// The id of the model folder `folder` (its last component); the error names the path.
+    pub fn from_folder(folder: &Path) -> Result<Self, DatasetError> {
+        let name = folder.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        Self::parse(name).map_err(|_| DatasetError::ModelFolderName {
+            path: folder.to_path_buf(),
+        })
+    }
+
+    pub fn trainer(&self) -> &str {
+        &self.trainer
+    }
+    pub fn plans(&self) -> &str {
+        &self.plans
+    }
+    pub fn configuration(&self) -> &str {
+        &self.configuration
+    }
+
+    /// The same trainer and plans with another configuration (a cascade's other stage).
+    pub fn with_configuration(&self, configuration: &str) -> Result<Self, DatasetError> {
+        Self::new(self.trainer.clone(), self.plans.clone(), configuration)
+    }
+}
+
+impl fmt::Display for ModelId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = MODEL_SEP;
+        write!(
+            f,
+            "{}{s}{}{s}{}",
+            self.trainer, self.plans, self.configuration
+        )
+    }
+}
+
+impl FromStr for ModelId {
+    type Err = DatasetError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::parse(s)
+    }
+}
+
+/// A trained model's folder, normally
+/// `nnUNet_results/DatasetXXX_Name/{trainer}__{plans}__{configuration}`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModelDir(PathBuf);
+
+impl ModelDir {
+    /// `results_dataset_folder/{id}`.
+    pub fn new(results_dataset_folder: &Path, id: &ModelId) -> Self {
+        ModelDir(results_dataset_folder.join(id.to_string()))
+    }
+
+    /// A model folder given by path (e.g. on the command line). Its name is only parsed when
+    /// [`ModelDir::id`] is asked for, so an imported folder may be named otherwise.
+    pub fn at(path: impl Into<PathBuf>) -> Self {
+        ModelDir(path.into())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// The id in the folder's name; a name that is not `{trainer}__{plans}__{configuration}`
+    /// is an error naming the path.
+    pub fn id(&self) -> Result<ModelId, DatasetError> {
+        ModelId::from_folder(&self.0)
+    }
+
+    /// The dataset's results folder holding this model.
+    pub fn results_dir(&self) -> ResultsDir {
+        ResultsDir::new(self.0.parent().unwrap_or_else(|| Path::new("")))
+    }
+
+    /// `plans.json` (copied from the preprocessed folder at training start).
+    pub fn plans_json(&self) -> PathBuf {
+        self.0.join(PLANS_JSON)
+    }
+    pub fn dataset_json(&self) -> PathBuf {
+        self.0.join(DATASET_JSON)
+    }
+    pub fn fingerprint(&self) -> PathBuf {
+        self.0.join(FINGERPRINT_JSON)
+    }
+
+    /// `fold_{fold}`; `fold` is `0`, `all`, ... (a leading `fold_` is accepted too).
+    pub fn fold(&self, fold: impl fmt::Display) -> PathBuf {
+        let f = fold.to_string();
+        let f = f.strip_prefix("fold_").unwrap_or(&f);
+        self.0.join(format!("fold_{f}"))
+    }
+    /// `fold_{fold}/validation`.
+    pub fn validation(&self, fold: impl fmt::Display) -> PathBuf {
+        validation_folder(&self.fold(fold))
+    }
+
+    /// The inputs this model (a cascade's first stage) writes for the next stage during its
+    /// final validation: `predicted_next_stage/{next_configuration}`.
+    pub fn next_stage(&self, next_configuration: &str) -> PathBuf {
+        self.0.join("predicted_next_stage").join(next_configuration)
+    }
+
+    /// The folder of the same trainer and plans with another configuration, next to this one.
+    pub fn sibling(&self, configuration: &str) -> Result<ModelDir, DatasetError> {
+        let id = self.id()?.with_configuration(configuration)?;
+        Ok(self.results_dir().model(&id))
+    }
+
+    /// For a cascade stage whose previous stage is `previous_stage`: the folder that stage
+    /// wrote for `configuration` (this model's),
+    /// `{trainer}__{plans}__{previous_stage}/predicted_next_stage/{configuration}`.
+    pub fn prev_stage_outputs(
+        &self,
+        previous_stage: &str,
+        configuration: &str,
+    ) -> Result<PathBuf, DatasetError> {
+        Ok(self.sibling(previous_stage)?.next_stage(configuration))
+    }
+
+    /// nnU-Net's merged fold validations, `crossval_results_folds_{f1_f2...}`.
+    pub fn crossval_results(&self, folds: &[String]) -> PathBuf {
+        self.0
+            .join(format!("crossval_results_folds_{}", folds.join("_")))
+    }
+}
+
+/// A folder of predictions (`nnseg predict -o`, a fold's `validation/`, an ensemble): one
+/// `{case}{ending}` per case (with `{case}.npz` + `{case}.json` probabilities when saved), plus
+/// the `dataset.json` and `plans.json` they were made with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PredictionDir(PathBuf);
+
+impl PredictionDir {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        PredictionDir(path.into())
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+    pub fn dataset_json(&self) -> PathBuf {
+        self.0.join(DATASET_JSON)
+    }
+    pub fn plans_json(&self) -> PathBuf {
+        self.0.join(PLANS_JSON)
+    }
+    /// `predict_from_raw_data_args.json`: the arguments of `nnseg predict`.
+    pub fn predict_args(&self) -> PathBuf {
+        self.0.join("predict_from_raw_data_args.json")
+    }
+    /// `{case}{ending}`.
+    pub fn segmentation(&self, case: &str, file_ending: &str) -> PathBuf {
+        self.0.join(case_file_name(case, file_ending))
+    }
+    /// `{case}.npz`: the softmax probabilities (`--save_probabilities`, `--npz`).
+    pub fn probabilities(&self, case: &str) -> PathBuf {
+        self.0.join(format!("{case}.npz"))
+    }
+    /// `{case}.json`: the case properties saved next to the probabilities.
+    pub fn properties(&self, case: &str) -> PathBuf {
+        self.0.join(format!("{case}.json"))
+    }
+}
+
+/// `fold_folder/validation`.
+pub fn validation_folder(fold_folder: &Path) -> PathBuf {
+    fold_folder.join("validation")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_id_round_trips() {
+        let id = ModelId::new("nnUNetTrainer", "nnUNetPlans", "3d_fullres").unwrap();
+        assert_eq!(id.to_string(), "nnUNetTrainer__nnUNetPlans__3d_fullres");
+        assert_eq!(ModelId::parse(&id.to_string()).unwrap(), id);
+        // a fitted configuration keeps its `__`
+        let fitted = ModelId::new("kiunet_minimal", "nnUNetPlans", "2d__kiunet_minimal").unwrap();
+        let parsed: ModelId = fitted.to_string().parse().unwrap();
+        assert_eq!(parsed, fitted);
+        assert_eq!(parsed.configuration(), "2d__kiunet_minimal");
+        assert_eq!(parsed.trainer(), "kiunet_minimal");
+        assert_eq!(parsed.plans(), "nnUNetPlans");
+        let low = id.with_configuration("3d_lowres").unwrap();
+        assert_eq!(low.to_string(), "nnUNetTrainer__nnUNetPlans__3d_lowres");
+    }
+
+    #[test]
+    fn bad_model_names_are_errors_naming_the_path() {
+        for bad in ["fold_0", "a__b", "__b__c", "a____c", "a__b__", ""] {
+            let e = ModelId::parse(bad).unwrap_err();
+            assert!(
+                matches!(e, DatasetError::ModelFolderName { .. }),
+                "{bad}: {e}"
+            );
+        }
+        let e = ModelId::from_folder(Path::new("/r/Dataset001_X/fold_0"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("/r/Dataset001_X/fold_0"), "{e}");
+        assert!(e.contains("{trainer}__{plans}__{configuration}"), "{e}");
+        let e = ModelId::new("my__trainer", "p", "c")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("trainer") && e.contains("my__trainer"), "{e}");
+        let e = ModelId::new("t", "", "c").unwrap_err().to_string();
+        assert!(e.contains("plans") && e.contains("empty"), "{e}");
+    }
+
+    #[test]
+    fn model_dir_paths() {
+        let id = ModelId::new("T", "P", "3d_cascade_fullres").unwrap();
+        let m = ResultsDir::new("/res/D").model(&id);
+        assert_eq!(m.path(), Path::new("/res/D/T__P__3d_cascade_fullres"));
+        assert_eq!(ModelDir::at(m.path()).id().unwrap(), id);
+        assert_eq!(m.fold(0), m.path().join("fold_0"));
+        assert_eq!(m.fold("fold_all"), m.path().join("fold_all"));
+        assert_eq!(m.validation("all"), m.path().join("fold_all/validation"));
+        assert_eq!(m.plans_json(), m.path().join("plans.json"));
+        assert_eq!(m.dataset_json(), m.path().join("dataset.json"));
+        assert_eq!(m.fingerprint(), m.path().join("dataset_fingerprint.json"));
+        assert_eq!(
+            m.prev_stage_outputs("3d_lowres", "3d_cascade_fullres")
+                .unwrap(),
+            Path::new("/res/D/T__P__3d_lowres/predicted_next_stage/3d_cascade_fullres")
+        );
+        assert_eq!(
+            m.crossval_results(&["0".into(), "1".into()]),
+            m.path().join("crossval_results_folds_0_1")
+        );
+        assert_eq!(
+            ensemble_name("A__p__c", "B__p__c", &["0".into(), "1".into()]),
+            "ensemble___A__p__c___B__p__c___0_1"
+        );
+        assert_eq!(
+            m.results_dir().ensemble("e"),
+            Path::new("/res/D/ensembles/e")
+        );
+        let e = ModelDir::at("/res/D/imported").sibling("2d").unwrap_err();
+        assert!(e.to_string().contains("/res/D/imported"), "{e}");
+    }
+
+    #[test]
+    fn channel_file_names_round_trip() {
+        assert_eq!(
+            channel_file_name("case_001", 7, ".nii.gz"),
+            "case_001_0007.nii.gz"
+        );
+        assert_eq!(
+            parse_channel_file_name("case_001_0007.nii.gz", ".nii.gz"),
+            Some(("case_001".to_string(), 7))
+        );
+        assert_eq!(
+            parse_channel_file_name("a_0012.png", ".png"),
+            Some(("a".to_string(), 12))
+        );
+        for bad in [
+            "case.nii.gz",
+            "case_00x1.nii.gz",
+            "_0000.nii.gz",
+            "case_00001.nii.gz",
+            "case_0000.png",
+            "é_é123.nii.gz",
+        ] {
+            assert_eq!(parse_channel_file_name(bad, ".nii.gz"), None, "{bad}");
+        }
+        assert_eq!(
+            parse_channel_file_name("é_0001.nii.gz", ".nii.gz"),
+            Some(("é".to_string(), 1))
+        );
+    }
+
+    #[test]
+    fn dataset_dirs() {
+        let p = PreprocessedDir::new("/pre/D");
+        assert_eq!(
+            p.plans_file("nnUNetPlans"),
+            Path::new("/pre/D/nnUNetPlans.json")
+        );
+        assert_eq!(p.dataset_json(), Path::new("/pre/D/dataset.json"));
+        assert_eq!(
+            p.fingerprint(),
+            Path::new("/pre/D/dataset_fingerprint.json")
+        );
+        assert_eq!(p.splits(), Path::new("/pre/D/splits_final.json"));
+        assert_eq!(p.gt_segmentations(), Path::new("/pre/D/gt_segmentations"));
+        assert_eq!(
+            p.data_folder("nnUNetPlans_2d"),
+            Path::new("/pre/D/nnUNetPlans_2d")
+        );
+        let r = RawDir::new("/raw/D");
+        assert_eq!(
+            r.image_file("c1", 1, ".nii.gz"),
+            Path::new("/raw/D/imagesTr/c1_0001.nii.gz")
+        );
+        assert_eq!(
+            r.label_file("c1", ".png"),
+            Path::new("/raw/D/labelsTr/c1.png")
+        );
+        assert_eq!(r.dataset_json(), Path::new("/raw/D/dataset.json"));
+        let o = PredictionDir::new("/out");
+        assert_eq!(
+            o.segmentation("c.1", ".nii.gz"),
+            Path::new("/out/c.1.nii.gz")
+        );
+        assert_eq!(o.probabilities("c.1"), Path::new("/out/c.1.npz"));
+        assert_eq!(o.properties("c.1"), Path::new("/out/c.1.json"));
+        assert_eq!(o.plans_json(), Path::new("/out/plans.json"));
+    }
+}

@@ -383,14 +383,10 @@ fn evaluate(c: &OpCheck, side: &Side, inp: &Inputs) -> Result<Vec<(String, Tenso
     let where_ = format!("{:?} {}", side.device.location(), side.dtype.as_str());
     match catch_unwind(AssertUnwindSafe(|| evaluate_inner(c, side, inp))) {
         Ok(r) => r.map_err(|e| format!("on {where_}: {e}")),
-        Err(p) => {
-            let msg = p
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "unknown panic".into());
-            Err(format!("on {where_}: panicked: {msg}"))
-        }
+        Err(p) => Err(format!(
+            "on {where_}: panicked: {}",
+            panic_message(p.as_ref())
+        )),
     }
 }
 
@@ -465,6 +461,15 @@ fn compare_all(
         }
     }
     Ok(worst)
+}
+
+/// The text of a caught panic's payload (`String` or `&str`), or "unknown panic".
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "unknown panic".into())
 }
 
 /// `max |got - want| / max |want|` (f64 tensors); infinite for non-finite values.

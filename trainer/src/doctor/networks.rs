@@ -5,7 +5,7 @@
 use crate::amp::{forward_autocast, Amp};
 use crate::loss::LossOptions;
 use crate::loss::{bce_with_logits, deep_supervision_weights, DcAndCeLoss, DeepSupervisionLoss};
-use architectures::doctor::host_uniform;
+use architectures::doctor::{host_uniform, panic_message};
 use architectures::registry::{NetworkIo, Registry};
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
@@ -156,14 +156,7 @@ pub fn run_network(case: &NetworkCase, device: &Device, seed: u64) -> NetworkRes
     match outcome {
         Ok(Ok(())) => r.passed = true,
         Ok(Err(e)) => r.error = Some(e),
-        Err(p) => {
-            let msg = p
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "unknown panic".into());
-            r.error = Some(format!("panicked: {msg}"));
-        }
+        Err(p) => r.error = Some(format!("panicked: {}", panic_message(p.as_ref()))),
     }
     r
 }

@@ -600,7 +600,6 @@ fn show_network(paths: &NnUnetPaths, a: &cli::ShowNetworkArgs) -> Result<()> {
     let (plans, cfg) =
         Plans::load_configuration(&folder.join(format!("{}.json", a.plans)), &a.configuration)?;
     let ds = DatasetJson::load(&folder.join("dataset.json"))?;
-    let in_channels = architectures::import::num_input_channels(&cfg, &ds);
     let patch = a.patch.clone().unwrap_or_else(|| cfg.patch_size.clone());
     let mut spec = cfg.architecture.clone();
     let registry = architectures::registry::Registry::default();
@@ -619,11 +618,7 @@ fn show_network(paths: &NnUnetPaths, a: &cli::ShowNetworkArgs) -> Result<()> {
             false,
         )?;
     }
-    let io = architectures::registry::NetworkIo {
-        in_channels,
-        num_classes: ds.num_segmentation_heads(),
-        deep_supervision,
-    };
+    let io = architectures::network::NetworkIo::for_configuration(&cfg, &ds, deep_supervision);
     let summary = architectures::summary::network_summary_with(
         &registry,
         &spec,

@@ -2,8 +2,10 @@
 pub mod convunext;
 pub mod growable;
 pub mod import;
+pub mod init;
 pub mod kiunet;
 pub mod memory;
+pub mod network;
 pub mod ops;
 pub mod preact_resunet;
 pub mod registry;

@@ -18,8 +18,9 @@
 //! back with zeros in the new slices ([`SgdNesterov::grow_var`]).
 
 use crate::optim::{OptimError, SgdNesterov};
-use architectures::growable::{GrowRequest, GrowthMethod};
-use architectures::registry::{ArchError, SegNetwork};
+use architectures::growable::{as_growable, GrowRequest, GrowthMethod};
+use architectures::init::is_buffer_name;
+use architectures::network::{ArchError, SegNetwork};
 use candle_core::Tensor;
 use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
@@ -295,7 +296,7 @@ impl GrowthReport {
 fn trainable_count(varmap: &VarMap) -> usize {
     let data = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
     data.iter()
-        .filter(|(n, _)| !(n.ends_with("running_mean") || n.ends_with("running_var")))
+        .filter(|(n, _)| !is_buffer_name(n))
         .map(|(_, v)| v.elem_count())
         .sum()
 }
@@ -317,9 +318,7 @@ pub fn apply_growth(
         return Err(bad("n_new_per_growth", "must be at least 1"));
     }
     let params_before = trainable_count(varmap);
-    let g = net
-        .as_growable()
-        .ok_or_else(|| GrowthError::NotGrowable("this network".into()))?;
+    let g = as_growable(net).ok_or_else(|| GrowthError::NotGrowable("this network".into()))?;
     let mut convs = vec![];
     for l in layers {
         for c in g.resolve_layer(l)? {

@@ -85,10 +85,10 @@ mod tests;
 pub use config::{BlockForm, BlockVersion, ConvUNextConfig, Variant, OWN_KEYS, VARIANTS};
 pub use net::{CConv, CnxBlock, ConvUNext, DsHead, Grn, LayerNormCf};
 
+use crate::init::ShapeRecorder;
 use crate::memory::MemoryEstimate;
-use crate::registry::{
+use crate::network::{
     ArchError, ArchPreset, Architecture, CandleContext, LayerRow, NetworkIo, SegNetwork,
-    ShapeRecorder,
 };
 use crate::unet::blocks::check_input;
 use crate::unet::options::ConvDim;

@@ -3,8 +3,9 @@
 //! `heads.{i}.{0,1,3}`, `final`).
 
 use super::config::{BlockForm, BlockVersion, ConvUNextConfig};
+use crate::init::he_normal_std;
+use crate::network::LayerRow;
 use crate::ops::{self, ConvOpts, GeluKind, InterpMode, InterpSize, PoolOpts};
-use crate::registry::{he_normal_std, LayerRow};
 use crate::unet::blocks::HE_NEG_SLOPE;
 use candle_core::{Result, Tensor};
 use candle_nn::{Init, VarBuilder};

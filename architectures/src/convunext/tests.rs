@@ -1,6 +1,7 @@
 use super::*;
+use crate::init::count_trainable;
 use crate::memory::{plain_conv_unet_feature_map_size, UNetTopology};
-use crate::registry::{count_trainable, Registry};
+use crate::registry::Registry;
 use candle_nn::VarMap;
 use serde_json::json;
 use std::path::PathBuf;
@@ -30,7 +31,7 @@ fn plan(
     )
 }
 
-fn shape_only(cfg: &ConvUNextConfig) -> (u64, ConvUNext, Vec<crate::registry::ParamInfo>) {
+fn shape_only(cfg: &ConvUNextConfig) -> (u64, ConvUNext, Vec<crate::init::ParamInfo>) {
     let rec = ShapeRecorder::new();
     let vb = VarBuilder::from_backend(Box::new(rec.clone()), DType::F32, Device::Cpu);
     let net = ConvUNext::new(cfg, vb).unwrap();
@@ -169,7 +170,7 @@ fn block_parameter_formulas() {
 #[test]
 fn init_values_follow_the_form() {
     let vm = VarMap::new();
-    let vb = crate::registry::seeded_init_backend(&vm, 1, DType::F32, &Device::Cpu);
+    let vb = crate::init::seeded_init_backend(&vm, 1, DType::F32, &Device::Cpu);
     let p = CnxBlock::new(
         4,
         4,
@@ -295,7 +296,7 @@ fn shape_grid_2d_3d_anisotropic_ds_on_off() {
         for ds in [true, false] {
             let cfg = ConvUNextConfig::from_kwargs(&kw, KW, &io(2, 3, ds)).unwrap();
             let vm = VarMap::new();
-            let vb = crate::registry::seeded_init_backend(&vm, 7, DType::F32, &dev);
+            let vb = crate::init::seeded_init_backend(&vm, 7, DType::F32, &dev);
             let net = ConvUNext::new(&cfg, vb).unwrap();
             let mut xs = vec![2, 2];
             xs.extend(&patch);
@@ -392,7 +393,7 @@ fn gradients_reach_every_parameter() {
     ] {
         let cfg = ConvUNextConfig::from_kwargs(&kw, KW, &io(2, 3, true)).unwrap();
         let vm = VarMap::new();
-        let vb = crate::registry::seeded_init_backend(&vm, 3, DType::F32, &dev);
+        let vb = crate::init::seeded_init_backend(&vm, 3, DType::F32, &dev);
         let net = ConvUNext::new(&cfg, vb).unwrap();
         // move every parameter off its (often zero / bound) init so no gradient is masked
         for (name, var) in vm.data().lock().unwrap().iter() {
@@ -660,7 +661,7 @@ fn time_train_step_demo_3d() {
         kw.insert("expansion_level0".into(), json!(e0));
         let cfg = ConvUNextConfig::from_kwargs(&kw, KW, &io(1, 3, true)).unwrap();
         let vm = VarMap::new();
-        let vb = crate::registry::seeded_init_backend(&vm, 3, DType::F32, &dev);
+        let vb = crate::init::seeded_init_backend(&vm, 3, DType::F32, &dev);
         let net = ConvUNext::new(&cfg, vb).unwrap();
         let x = Tensor::randn(0f32, 1., (2, 1, 24, 56, 56), &dev).unwrap();
         for _ in 0..2 {

@@ -2,8 +2,9 @@
 
 use super::net::{width_map, ConvLayer, GrowableUNet, Probe};
 use super::{GrowOutcome, GrowRequest, Growable, GrowthMethod, LossFn, ParamChange};
+use crate::init::he_normal_std;
+use crate::network::{ArchError, CandleContext, SegNetwork};
 use crate::ops::{self, PadMode};
-use crate::registry::{he_normal_std, ArchError, CandleContext, SegNetwork};
 use crate::unet::options::invalid;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var, D};

@@ -63,10 +63,10 @@ mod net;
 #[cfg(test)]
 mod tests;
 
-pub use net::{GrowableConfig, GrowableUNet};
+pub use net::{GrowableConfig, GrowableUNet, GROWN_WIDTHS_KEY};
 
 use crate::memory::MemoryEstimate;
-use crate::registry::{ArchError, ArchPreset, Architecture, NetworkIo, SegNetwork};
+use crate::network::{ArchError, ArchPreset, Architecture, NetworkIo, SegNetwork};
 use candle_core::{Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use serde_json::{json, Map, Value};
@@ -190,6 +190,19 @@ pub trait Growable {
     fn grown_kwargs(&self) -> Map<String, Value>;
 }
 
+/// The growth ability of `network`, if it has one (a [`GrowableUNet`]).
+pub fn as_growable(network: &mut dyn SegNetwork) -> Option<&mut dyn Growable> {
+    let any: &mut dyn std::any::Any = network;
+    any.downcast_mut::<GrowableUNet>()
+        .map(|n| n as &mut dyn Growable)
+}
+
+/// Whether `network` can grow (see [`as_growable`]).
+pub fn is_growable(network: &dyn SegNetwork) -> bool {
+    let any: &dyn std::any::Any = network;
+    any.is::<GrowableUNet>()
+}
+
 /// Registry entry of [`GrowableUNet`].
 #[derive(Debug, Clone, Copy)]
 pub struct GrowableUNetArchitecture;
@@ -230,7 +243,7 @@ impl Architecture for GrowableUNetArchitecture {
                           upsampling) whose convs can gain filters during training \
                           (--grow-every / --grow-layers / --grow-method)"
                 .into(),
-            kwargs: json!({ "grown_widths": {} })
+            kwargs: json!({ GROWN_WIDTHS_KEY: {} })
                 .as_object()
                 .cloned()
                 .unwrap_or_default(),

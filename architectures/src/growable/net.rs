@@ -1,8 +1,9 @@
 //! The network, its configuration and its activation estimate.
 
+use crate::init::he_normal_std;
 use crate::memory::MemoryEstimate;
+use crate::network::{ArchError, CandleContext, LayerRow, NetworkIo, SegNetwork};
 use crate::ops::{self, ConvOpts, InterpMode, InterpSize, NormAffine, PoolOpts};
-use crate::registry::{he_normal_std, ArchError, CandleContext, LayerRow, NetworkIo, SegNetwork};
 use crate::unet::blocks::{apply_dropout, apply_nonlin, check_input};
 use crate::unet::options::{invalid, NormKind, UNetConfig};
 use candle_core::{Result, Tensor, Var};
@@ -588,10 +589,6 @@ impl SegNetwork for GrowableUNet {
             conv_row(&mut rows, self.head_index() + i, 0, " (head)");
         }
         rows
-    }
-
-    fn as_growable(&mut self) -> Option<&mut dyn crate::growable::Growable> {
-        Some(self)
     }
 }
 

@@ -18,7 +18,7 @@
 use super::config::{DecoderCrfb, KiUNetConfig, PoolType};
 use super::net::{conv_first, vox};
 use crate::memory::MemoryEstimate;
-use crate::registry::LayerRow;
+use crate::network::LayerRow;
 use crate::unet::blocks::conv_out_size;
 
 fn axes(v: &[usize]) -> String {

@@ -66,7 +66,7 @@ pub use estimate::KiUNetEstimate;
 pub use net::KiUNet;
 
 use crate::memory::MemoryEstimate;
-use crate::registry::{ArchError, ArchPreset, Architecture, CandleContext, NetworkIo, SegNetwork};
+use crate::network::{ArchError, ArchPreset, Architecture, CandleContext, NetworkIo, SegNetwork};
 use candle_nn::VarBuilder;
 use serde_json::{json, Map, Value};
 use std::sync::Arc;

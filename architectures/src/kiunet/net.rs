@@ -1,8 +1,9 @@
 //! The KiU-Net network: building blocks with the seed's state_dict names and the forward pass.
 
 use super::config::{DecoderCrfb, KiNetSizing, KiUNetConfig, PoolType};
+use crate::init::he_normal_std;
+use crate::network::{LayerRow, SegNetwork};
 use crate::ops::{self, ConvOpts, InterpMode, InterpSize, PoolOpts};
-use crate::registry::{he_normal_std, LayerRow, SegNetwork};
 use crate::unet::blocks::{apply_dropout, apply_nonlin, check_input, conv_out_size, Norm};
 use crate::unet::blocks::{TransposedConv, HE_NEG_SLOPE};
 use crate::unet::options::{ConvBlockOptions, DropoutOptions, Nonlin};

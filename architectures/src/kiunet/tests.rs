@@ -1,5 +1,7 @@
 use super::*;
-use crate::registry::{count_trainable, Registry, ShapeRecorder, KWARGS_PATH};
+use crate::init::{count_trainable, ShapeRecorder};
+use crate::network::KWARGS_PATH;
+use crate::registry::Registry;
 use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 use std::path::PathBuf;

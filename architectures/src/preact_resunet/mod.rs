@@ -71,7 +71,7 @@ mod tests;
 use self::blocks::{ConvNeXtBlock, Down, PConv, PreActRes};
 pub use self::config::{Downsample, PreActConfig};
 use crate::memory::MemoryEstimate;
-use crate::registry::{
+use crate::network::{
     ArchError, ArchPreset, Architecture, CandleContext, LayerRow, NetworkIo, SegNetwork,
 };
 use crate::unet::blocks::{check_input, TransposedConv};

@@ -1,6 +1,7 @@
 use super::blocks::PreActRes;
 use super::*;
-use crate::registry::{LayerRow, Registry};
+use crate::network::LayerRow;
+use crate::registry::Registry;
 use crate::unet::options::{NormKind, NormOptions};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
@@ -87,7 +88,7 @@ fn seed_2d_parameter_count_by_hand() {
     let r = Registry::default();
     let s = spec(seed_2d());
     let params = r.parameters(&s, &io(1, 2, false)).unwrap();
-    let total = crate::registry::count_trainable(&params);
+    let total = crate::init::count_trainable(&params);
     assert_eq!(total, 2_092_456);
     let without_ds: u64 = params
         .iter()
@@ -253,7 +254,7 @@ fn identity_or_projection_shortcut() {
     };
     for (cin, cout) in [(3usize, 3usize), (3, 5)] {
         let vm = VarMap::new();
-        let vb = crate::registry::seeded_init_backend(&vm, 1, DType::F32, &dev);
+        let vb = crate::init::seeded_init_backend(&vm, 1, DType::F32, &dev);
         let blk = PreActRes::new(cin, cout, &[3, 3], &norm, act, None, vb).unwrap();
         assert_eq!(blk.skip.is_some(), cin != cout);
         {

@@ -1,11 +1,14 @@
 //! End-to-end training on a tiny synthetic 2D dataset.
 
+use super::hooks::class_presence_loss;
 use super::*;
+use crate::data::LabelInfo;
+use candle_core::Tensor;
 use datasets::io::ImageProperties;
 use ndarray::Array4;
 use preprocessing::storage::{save_case, CaseProperties};
-use serde_json::Value;
-use std::collections::BTreeMap;
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, HashMap};
 
 const DATASET: &str = "Dataset999_Tiny";
 

@@ -299,9 +299,8 @@ fn train(paths: &NnUnetPaths, a: &cli::TrainArgs) -> Result<()> {
     if let Some(n) = a.num_val_iterations_per_epoch {
         config.num_val_iterations_per_epoch = n;
     }
-    for (flag, values) in a.growth_flags() {
-        config.growth.apply_cli(flag, &values)?;
-    }
+    config.growth = a.growth_options(config.growth);
+    config.growth.validate()?;
     let device = pick_device(&a.device)?;
     let plans_path = folder.join(format!("{}.json", a.plans));
     let configuration = match fit_preset(

@@ -638,7 +638,7 @@ fn growable_unet_grows_during_training_and_resumes() {
     r.config.network_kwargs = p.network_kwargs;
     r.config.growth.every = Some(1);
     r.config.growth.layers = vec!["bottleneck".into(), "up_1".into()];
-    r.config.growth.method = "split".into();
+    r.config.growth.method = crate::growth::GrowthMethodName::Split;
     let s = train(&r).unwrap();
     let log = std::fs::read_to_string(&s.log_file).unwrap();
     assert_eq!(log.matches("Network growth (split)").count(), 2, "{log}");

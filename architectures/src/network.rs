@@ -134,9 +134,10 @@ pub trait SegNetwork: Any + Send + Sync {
     /// with it on, one per decoder stage (nnU-Net's order: full, 1/2, 1/4, ...). `train`
     /// switches dropout and batch-norm statistics.
     fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Vec<Tensor>>;
-    /// Turns the extra low-resolution outputs on or off. Turning them on only works for a
-    /// network built with deep supervision (whose heads exist); nnU-Net's own U-Nets always
-    /// build their heads.
+    /// Turns the extra low-resolution outputs on or off. nnU-Net's own U-Nets always build
+    /// their heads; the other families build them only with deep supervision
+    /// ([`NetworkIo::deep_supervision`]), so turning the outputs on works only for a network
+    /// built with it (otherwise it stays off).
     fn set_deep_supervision(&mut self, on: bool);
     fn deep_supervision(&self) -> bool;
     /// Spatial dimensionality (2 or 3).

@@ -196,6 +196,7 @@ mod tests {
     use super::*;
     use candle_core::Tensor;
     use serde_json::{json, Value};
+    use std::collections::HashMap;
 
     fn spec(name: &str, kwargs: Value) -> plans::ArchitectureSpec {
         plans::ArchitectureSpec {
@@ -312,6 +313,93 @@ mod tests {
             }
         }
         assert!(bad.is_empty(), "gradients with a graph: {bad:?}");
+    }
+
+    /// Deep-supervision heads exist only with deep supervision in the research families
+    /// (nnU-Net's U-Nets always build theirs): the network without deep supervision has the
+    /// parameters of the one with it minus its low-resolution heads, gives one output, and
+    /// loads from the weights trained with deep supervision (the heads' are not read).
+    #[test]
+    fn deep_supervision_heads_only_where_deep_supervision_is_on() {
+        let r = Registry::default();
+        let dev = Device::Cpu;
+        let base = json!({
+            "n_stages": 3, "features_per_stage": [4, 8, 16],
+            "conv_op": "torch.nn.modules.conv.Conv2d", "kernel_sizes": 3,
+            "strides": [1, 2, 2], "n_conv_per_stage": 2, "n_conv_per_stage_decoder": 2,
+            "conv_bias": true, "norm_op": "torch.nn.modules.instancenorm.InstanceNorm2d",
+            "norm_op_kwargs": {"eps": 1e-5, "affine": true},
+            "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": true}
+        });
+        let mut cases = vec![(
+            "PlainConvUNet".to_string(),
+            "plain".to_string(),
+            spec("PlainConvUNet", base.clone()),
+        )];
+        for (arch, preset) in r.presets() {
+            let mut s = spec(&arch, base.clone());
+            s.arch_kwargs.extend(preset.kwargs.clone());
+            cases.push((arch, preset.name, s));
+        }
+        let io = |ds| NetworkIo {
+            in_channels: 1,
+            num_classes: 3,
+            deep_supervision: ds,
+        };
+        let x = Tensor::randn(0f32, 1., (1, 1, 32, 32), &dev).unwrap();
+        for (arch, name, s) in cases {
+            let on = r.parameters(&s, &io(true)).unwrap();
+            let off = r.parameters(&s, &io(false)).unwrap();
+            let extra: Vec<&str> = on
+                .iter()
+                .filter(|p| !off.iter().any(|q| q.name == p.name && q.shape == p.shape))
+                .map(|p| p.name.as_str())
+                .collect();
+            assert_eq!(
+                on.len() - off.len(),
+                extra.len(),
+                "{name}: DS off has its own weights"
+            );
+            let head = |n: &&str| {
+                [
+                    "deep_supervision_heads.",
+                    "ds_heads.",
+                    "heads.",
+                    "seg_layers.",
+                ]
+                .iter()
+                .any(|h| n.contains(h))
+            };
+            assert!(extra.iter().all(head), "{name}: {extra:?}");
+            let nnunet = arch.ends_with("PlainConvUNet") || arch.ends_with("ResidualEncoderUNet");
+            let fused = name.starts_with("uiunet"); // every side head feeds the fused output
+            if nnunet || fused {
+                assert!(extra.is_empty(), "{name}: {extra:?}");
+            }
+            let with_heads = ["kiunet", "runext", "convunext_tiny", "preact_resunet"];
+            if with_heads.contains(&name.as_str()) || name == "growable_unet" {
+                assert!(!extra.is_empty(), "{name}: no deep-supervision heads");
+            }
+            // the DS-off network from the DS-on weights = the DS-on network with DS off
+            let (varmap, mut net_on) = r.build_initialized(&s, &io(true), 1, &dev).unwrap();
+            let weights: HashMap<String, Tensor> = varmap
+                .data()
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+                .collect();
+            let vb = VarBuilder::from_tensors(weights, DType::F32, &dev);
+            let net_off = r.build(&s, &io(false), vb).unwrap();
+            net_on.set_deep_supervision(false);
+            let (a, b) = (
+                net_on.forward(&x, false).unwrap(),
+                net_off.forward(&x, false).unwrap(),
+            );
+            assert_eq!((a.len(), b.len()), (1, 1), "{name}");
+            let d = (&a[0] - &b[0]).unwrap().abs().unwrap().max_all().unwrap();
+            assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0, "{name}");
+        }
     }
 
     #[test]

@@ -106,6 +106,31 @@ fn fixture_residual_v2_matches_pytorch() {
         }
         assert!(worst <= 0.0, "output.{i} exceeds tolerance by {worst}");
     }
+    // without deep supervision the seed builds no heads: its parameters minus `heads.*`, and
+    // the network loads from the weights trained with heads (theirs are not read)
+    let heads: u64 = keys
+        .iter()
+        .filter(|(k, _)| k.starts_with("heads."))
+        .map(|(_, v)| {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d.as_u64().unwrap())
+                .product::<u64>()
+        })
+        .sum();
+    assert!(heads > 0);
+    let off = fixture_cfg(false);
+    let (count_off, _, params_off) = shape_only(&off);
+    assert_eq!(count_off, 140_611 - heads);
+    assert!(params_off.iter().all(|p| !p.name.starts_with("heads.")));
+    let vb = VarBuilder::from_tensors(tensors.clone(), DType::F32, &dev);
+    let net = ConvUNext::new(&off, vb).unwrap();
+    let outs = SegNetwork::forward(&net, &input, false).unwrap();
+    assert_eq!(outs.len(), 1);
+    let (g, w) = (&outs[0], &tensors["output.0"]);
+    let d = (g - w).unwrap().abs().unwrap().max_all().unwrap();
+    assert!(d.to_scalar::<f32>().unwrap() < 1e-4);
     // the same weights in the seed form (no residual) give different outputs
     let mut seed = cfg.clone();
     seed.form = BlockForm::Seed;

@@ -256,9 +256,9 @@ impl GrowableUNet {
                 offset: 0,
                 path: Path::Upsampled,
             }];
-            if b >= n {
+            if let Some(li) = b.checked_sub(n).and_then(|j| self.ds_head_index(j)) {
                 v.push(Consumer {
-                    li: self.ds_head_index(b - n),
+                    li,
                     offset: 0,
                     path: Path::Direct,
                 });

@@ -13,8 +13,9 @@
 //!   (t = 0) → `features[0]` (fastMRI's `2C → C/2`, last `2c → c`). Transposed convolutions are
 //!   not offered (they would have to grow too).
 //! - Head `conv2.{0,1,2}`: 1×1 convs C→max(C/2,1)→classes→classes with bias, no activation.
-//!   Deep-supervision heads `ds_heads.{j}` (1×1, C→classes) on `up_j`'s output for j < n-2;
-//!   outputs in nnU-Net order (full resolution first), at most n-1.
+//!   With deep supervision, heads `ds_heads.{j}` (1×1, C→classes) on `up_j`'s output for
+//!   j < n-2 (not built without it: the seed has none); outputs in nnU-Net order (full
+//!   resolution first), at most n-1.
 //! - The seed's form "chans 32, 4 pools" is `features_per_stage = [32,64,128,256,256]`,
 //!   `strides = [1,2,2,2,2]`. Norm/nonlin/dropout/conv_bias come from the plan (InstanceNorm
 //!   affine or not, or no norm; BatchNorm is rejected because growth would also have to extend

@@ -585,3 +585,42 @@ fn bad_kwargs_name_their_json_path() {
         .to_string();
     assert!(e.contains("bottleneck.conv1"), "{e}");
 }
+
+/// Without deep supervision there are no `ds_heads` (the seed has none), so growing an
+/// `up_j.conv2` widens only the next decoder block, and the function is kept.
+#[test]
+fn without_deep_supervision_no_heads_and_growth_skips_them() {
+    let io_off = NetworkIo {
+        deep_supervision: false,
+        ..IO
+    };
+    let r = Registry::default();
+    let on = r.parameters(&spec(&kwargs_2d(false)), &IO).unwrap();
+    let off = r.parameters(&spec(&kwargs_2d(false)), &io_off).unwrap();
+    assert!(on.iter().any(|p| p.name.starts_with("ds_heads.")));
+    assert!(off.iter().all(|p| !p.name.starts_with("ds_heads.")));
+    assert_eq!(on.len() - off.len(), 2, "one head: weight + bias");
+    let vm = VarMap::new();
+    let vb = crate::init::seeded_init_backend(&vm, 4, DType::F32, &Device::Cpu);
+    let mut net = r.build(&spec(&kwargs_2d(false)), &io_off, vb).unwrap();
+    let x = input(&[2, 2, 8, 12], 1);
+    let before = net.forward(&x, false).unwrap();
+    assert_eq!(before.len(), 1);
+    let req = GrowRequest {
+        layer: "up_0.conv2".into(),
+        method: GrowthMethod::SampleSelect { n_candidates: 3 },
+        n_new: 1,
+        seed: 2,
+    };
+    let mut loss = mse_loss(x.clone());
+    let out = as_growable(net.as_mut())
+        .unwrap()
+        .grow(&req, &vm, &mut loss)
+        .unwrap();
+    assert!(out.changes.iter().all(|c| !c.name.starts_with("ds_heads")));
+    assert!(max_abs_diff(&before, &net.forward(&x, false).unwrap()) <= 1e-5);
+    // turning deep supervision on needs heads that were built
+    net.set_deep_supervision(true);
+    assert!(!net.deep_supervision());
+    assert_eq!(net.forward(&x, false).unwrap().len(), 1);
+}

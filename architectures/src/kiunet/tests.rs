@@ -103,6 +103,23 @@ fn fixture_kiunet2d_f4_matches_seed() {
         r.parameter_count(&s_off, &io).unwrap(),
         meta["params"].as_u64().unwrap() - unused
     );
+    // without deep supervision the seed builds no `unet_deep_supervision_heads`
+    let heads: u64 = keys
+        .iter()
+        .filter(|(k, _)| k.starts_with("unet_deep_supervision_heads."))
+        .map(|(_, v)| {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d.as_u64().unwrap())
+                .product::<u64>()
+        })
+        .sum();
+    assert!(heads > 0);
+    assert_eq!(
+        r.parameter_count(&s, &self::io(1, 2, false)).unwrap(),
+        meta["params"].as_u64().unwrap() - heads
+    );
     // forward
     let dev = Device::Cpu;
     let tensors = candle_core::safetensors::load(&st_path, &dev).unwrap();

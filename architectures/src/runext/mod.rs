@@ -36,8 +36,9 @@
 //! - `block_norm`: `"plan"` (default), `"batch"` (the seed's BatchNorm, eps 1e-5, momentum
 //!   0.1), `"instance"` (affine InstanceNorm) or `"none"`;
 //! - `block_nonlin`: `"plan"` (default), `"relu"` (the seed) or `"leaky_relu"` (slope 1e-2);
-//! - `deep_supervision_heads` (bool, default true): build the low-resolution heads (the seed has
-//!   none; without them deep supervision yields only the full-resolution output).
+//! - `deep_supervision_heads` (bool, default true): build the low-resolution heads when deep
+//!   supervision is on (the seed has none; without them deep supervision yields only the
+//!   full-resolution output). Without deep supervision no such head is built.
 //!
 //! The seed's exact form (fixture `dynamic_runext_b8_d4`): a 2D plan with strides 2, kernels 3,
 //! `base_channels`, `block_norm: "batch"`, `block_nonlin: "relu"`, `deep_supervision_heads:

@@ -123,7 +123,8 @@ impl DynamicRUNext {
             vb.pp("outc"),
         )?;
         let mut ds_heads = vec![];
-        if cfg.ds_heads {
+        // low-resolution heads only where deep supervision is on (the seed has none)
+        if cfg.ds_heads && cfg.deep_supervision {
             for (l, &fl) in f.iter().enumerate().skip(1) {
                 ds_heads.push(Conv::new(
                     &ConvSpec::new(fl, cfg.num_classes, &ones, &ones),
@@ -246,8 +247,8 @@ impl SegNetwork for DynamicRUNext {
     }
 
     fn set_deep_supervision(&mut self, on: bool) {
-        self.deep_supervision = on;
-        self.config.deep_supervision = on;
+        // the config keeps what was built; outputs need built heads
+        self.deep_supervision = on && self.config.deep_supervision;
     }
 
     fn deep_supervision(&self) -> bool {

@@ -240,6 +240,14 @@ pub enum TrainError {
         missing: Vec<String>,
         unexpected: Vec<String>,
     },
+    #[error(
+        "{}: the checkpoint has weights the network does not build without deep supervision \
+         ({}): it was written when deep-supervision heads were always built; predict from it \
+         (inference ignores them) or train this fold anew",
+        path.display(),
+        names.join(", ")
+    )]
+    UnbuiltHeads { path: PathBuf, names: Vec<String> },
     #[error("{}: weight `{name}` has shape {found:?}, the network expects {expected:?}", path.display())]
     WeightShape {
         path: PathBuf,

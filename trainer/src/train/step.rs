@@ -260,6 +260,13 @@ impl Learner {
             .cloned()
             .collect();
         unexpected.sort();
+        if missing.is_empty() && !unexpected.is_empty() && !self.network.deep_supervision() {
+            // written when every network built its deep-supervision heads
+            return Err(TrainError::UnbuiltHeads {
+                path: path.to_path_buf(),
+                names: unexpected,
+            });
+        }
         if !missing.is_empty() || !unexpected.is_empty() {
             return Err(TrainError::WeightNames {
                 path: path.to_path_buf(),

@@ -323,10 +323,10 @@ pub struct TrainArgs {
     pub grow_layers: Vec<String>,
     /// Per-epoch growth schedule: EPOCH:LAYER entries, e.g. 10:bottleneck 20:down_3.
     #[arg(long = "grow-schedule", num_args = 1..)]
-    pub grow_schedule: Vec<String>,
+    pub grow_schedule: Vec<trainer::growth::ScheduleEntry>,
     /// split, sample_select (default) or gradmax.
     #[arg(long = "grow-method")]
-    pub grow_method: Option<String>,
+    pub grow_method: Option<trainer::growth::GrowthMethodName>,
     /// Candidates scored per new filter (sample_select).
     #[arg(long = "n-candidates")]
     pub n_candidates: Option<usize>,
@@ -339,40 +339,34 @@ pub struct TrainArgs {
 }
 
 impl TrainArgs {
-    /// The growth flags as (flag, values) pairs for `GrowthOptions::apply_cli`.
-    pub fn growth_flags(&self) -> Vec<(&'static str, Vec<String>)> {
-        let one = |v: Option<String>| v.map(|x| vec![x]);
-        let mut out = vec![];
-        for (flag, vals) in [
-            ("--grow-every", one(self.grow_every.map(|v| v.to_string()))),
-            (
-                "--grow-on-plateau",
-                one(self.grow_on_plateau.map(|v| v.to_string())),
-            ),
-            (
-                "--grow-layers",
-                (!self.grow_layers.is_empty()).then(|| self.grow_layers.clone()),
-            ),
-            (
-                "--grow-schedule",
-                (!self.grow_schedule.is_empty()).then(|| self.grow_schedule.clone()),
-            ),
-            ("--grow-method", one(self.grow_method.clone())),
-            (
-                "--n-candidates",
-                one(self.n_candidates.map(|v| v.to_string())),
-            ),
-            ("--grow-n-new", one(self.grow_n_new.map(|v| v.to_string()))),
-            (
-                "--split-noise",
-                one(self.split_noise.map(|v| v.to_string())),
-            ),
-        ] {
-            if let Some(v) = vals {
-                out.push((flag, v));
-            }
+    /// `base` (the preset's growth options) with the growth flags applied.
+    pub fn growth_options(
+        &self,
+        mut base: trainer::growth::GrowthOptions,
+    ) -> trainer::growth::GrowthOptions {
+        if let Some(n) = self.grow_every {
+            base.every = Some(n);
         }
-        out
+        if let Some(p) = self.grow_on_plateau {
+            base.on_plateau = Some(p);
+        }
+        if !self.grow_layers.is_empty() {
+            base.layers = self.grow_layers.clone();
+        }
+        base.add_schedule(&self.grow_schedule);
+        if let Some(m) = self.grow_method {
+            base.method = m;
+        }
+        if let Some(n) = self.n_candidates {
+            base.n_candidates = n;
+        }
+        if let Some(n) = self.grow_n_new {
+            base.n_new_per_growth = n;
+        }
+        if let Some(x) = self.split_noise {
+            base.split_noise = x;
+        }
+        base
     }
 }
 
@@ -632,5 +626,58 @@ mod tests {
             Command::PlanExperiment(a) => assert_eq!(a.ids.all(), vec!["Dataset990_Demo3D"]),
             other => panic!("wrong command {other:?}"),
         }
+    }
+
+    #[test]
+    fn growth_flags_become_typed_growth_options() {
+        let cli = parse(&[
+            "nnseg",
+            "train",
+            "990",
+            "2d",
+            "0",
+            "-tr",
+            "growable_unet",
+            "--grow-every",
+            "3",
+            "--grow-layers",
+            "bottleneck",
+            "down_1",
+            "--grow-schedule",
+            "10:up_0.conv2",
+            "--grow-method",
+            "gradmax",
+        ]);
+        let Command::Train(a) = cli.command else {
+            panic!("not train")
+        };
+        let o = a.growth_options(trainer::growth::GrowthOptions::default());
+        assert_eq!(o.every, Some(3));
+        assert_eq!(o.layers, vec!["bottleneck", "down_1"]);
+        assert_eq!(o.schedule[&10], vec!["up_0.conv2"]);
+        assert_eq!(o.method, trainer::growth::GrowthMethodName::Gradmax);
+        assert_eq!(o.n_candidates, 10, "unset flags keep the preset's values");
+        let bad = [
+            "nnseg",
+            "train",
+            "990",
+            "2d",
+            "0",
+            "--grow-method",
+            "firefly",
+        ];
+        let e = Cli::try_parse_from(normalize_args(bad.iter().map(|s| s.to_string())));
+        assert!(e.unwrap_err().to_string().contains("firefly"));
+        let bad = [
+            "nnseg",
+            "train",
+            "990",
+            "2d",
+            "0",
+            "--grow-schedule",
+            "x:bottleneck",
+        ];
+        let e = Cli::try_parse_from(normalize_args(bad.iter().map(|s| s.to_string())));
+        assert!(e.unwrap_err().to_string().contains("x:bottleneck"));
     }
 }

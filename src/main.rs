@@ -356,9 +356,8 @@ fn train(paths: &NnUnetPaths, a: &cli::TrainArgs) -> Result<()> {
     if let Some(n) = a.num_val_iterations_per_epoch {
         config.num_val_iterations_per_epoch = n;
     }
-    for (flag, values) in a.growth_flags() {
-        config.growth.apply_cli(flag, &values)?;
-    }
+    config.growth = a.growth_options(config.growth);
+    config.growth.validate()?;
     let device = pick_device(&a.device)?;
     let configuration = fit_preset(
         &pre,
@@ -584,7 +583,6 @@ fn show_network(paths: &NnUnetPaths, a: &cli::ShowNetworkArgs) -> Result<()> {
     let pre = paths.preprocessed_dir(&name)?;
     let (plans, cfg) = Plans::load_configuration(&pre.plans_file(&a.plans), &a.configuration)?;
     let ds = DatasetJson::load(&pre.dataset_json())?;
-    let in_channels = architectures::import::num_input_channels(&cfg, &ds);
     let patch = a.patch.clone().unwrap_or_else(|| cfg.patch_size.clone());
     let mut spec = cfg.architecture.clone();
     let registry = architectures::registry::Registry::default();
@@ -602,11 +600,7 @@ fn show_network(paths: &NnUnetPaths, a: &cli::ShowNetworkArgs) -> Result<()> {
             false,
         )?;
     }
-    let io = architectures::registry::NetworkIo {
-        in_channels,
-        num_classes: ds.num_segmentation_heads(),
-        deep_supervision,
-    };
+    let io = architectures::network::NetworkIo::for_configuration(&cfg, &ds, deep_supervision);
     let summary = architectures::summary::network_summary_with(
         &registry,
         &spec,

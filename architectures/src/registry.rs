@@ -14,172 +14,20 @@
 //! # Ok(()) }
 //! ```
 
-mod init;
-
-pub use init::{he_normal_std, seeded_init_backend, ParamInfo, SeededInit, ShapeRecorder};
+// The vocabulary and the weight backends, re-exported so `architectures::registry::*` keeps
+// working for the users of the registry.
+pub use crate::init::{
+    count_trainable, he_normal_std, seeded_init_backend, ParamInfo, SeededInit, ShapeRecorder,
+};
+pub(crate) use crate::network::CandleContext;
+pub use crate::network::{
+    ArchError, ArchPreset, Architecture, LayerRow, NetworkIo, SegNetwork, KWARGS_PATH,
+};
 
 use crate::memory::MemoryEstimate;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use candle_nn::{VarBuilder, VarMap};
-use serde_json::{Map, Value};
-use std::path::PathBuf;
 use std::sync::Arc;
-
-/// Errors of the registry, the network constructors and the checkpoint importer.
-#[derive(Debug, thiserror::Error)]
-pub enum ArchError {
-    #[error("unknown architecture `{name}`; known: {}", known.join(", "))]
-    UnknownArchitecture { name: String, known: Vec<String> },
-    #[error("architecture name `{0}` is registered twice")]
-    DuplicateName(String),
-    #[error("{path}: {message}")]
-    InvalidOption { path: String, message: String },
-    #[error("{context}: {source}")]
-    Candle {
-        context: String,
-        #[source]
-        source: candle_core::Error,
-    },
-    #[error("{}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error(transparent)]
-    Plans(#[from] plans::PlansError),
-    #[error("{}: missing weight `{key}` (expected shape {expected:?})", file.display())]
-    MissingWeight {
-        file: PathBuf,
-        key: String,
-        expected: Vec<usize>,
-    },
-    #[error("{}: weight `{key}` has shape {found:?}, the network expects {expected:?}", file.display())]
-    ShapeMismatch {
-        file: PathBuf,
-        key: String,
-        expected: Vec<usize>,
-        found: Vec<usize>,
-    },
-    #[error("{}: {} weight(s) the network does not have: {}", file.display(), keys.len(), keys.join(", "))]
-    UnexpectedWeights { file: PathBuf, keys: Vec<String> },
-    #[error("{}: {message}", file.display())]
-    Checkpoint { file: PathBuf, message: String },
-}
-
-/// Attaches a context string to candle errors.
-pub(crate) trait CandleContext<T> {
-    fn ctx(self, context: impl FnOnce() -> String) -> Result<T, ArchError>;
-}
-
-impl<T> CandleContext<T> for candle_core::Result<T> {
-    fn ctx(self, context: impl FnOnce() -> String) -> Result<T, ArchError> {
-        self.map_err(|source| ArchError::Candle {
-            context: context(),
-            source,
-        })
-    }
-}
-
-/// What nnU-Net passes to a network constructor besides `arch_kwargs`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct NetworkIo {
-    pub in_channels: usize,
-    /// Number of segmentation heads (labels incl. background, or regions).
-    pub num_classes: usize,
-    pub deep_supervision: bool,
-}
-
-/// One row of a layer table (see [`crate::summary`]).
-#[derive(Debug, Clone, PartialEq)]
-pub struct LayerRow {
-    /// state_dict prefix of the layer (`encoder.stages.0.0.convs.0`).
-    pub name: String,
-    /// Human-readable description (`Conv3d 1→32 k[1,3,3] s[1,1,1] + InstanceNorm + LeakyReLU`).
-    pub kind: String,
-    /// Output shape without the batch axis: `(C, *spatial)`.
-    pub output_shape: Vec<usize>,
-    /// Parameters owned by this layer (running statistics excluded).
-    pub params: u64,
-    /// Number of activation tensors of `output_shape` this layer keeps for backward (conv,
-    /// norm and nonlinearity outputs count separately).
-    pub stored_activations: usize,
-}
-
-/// A segmentation network: input `(N, C, *spatial)` → logits.
-pub trait SegNetwork: Send + Sync {
-    /// Logits, full resolution first. With deep supervision off there is exactly one output;
-    /// with it on, one per decoder stage (nnU-Net's order: full, 1/2, 1/4, ...). `train`
-    /// switches dropout and batch-norm statistics.
-    fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Vec<Tensor>>;
-    /// Turns the extra low-resolution outputs on or off (the heads always exist).
-    fn set_deep_supervision(&mut self, on: bool);
-    fn deep_supervision(&self) -> bool;
-    /// Spatial dimensionality (2 or 3).
-    fn spatial_dims(&self) -> usize;
-    /// The layer table for one sample of spatial size `patch` (no tensors are computed).
-    fn layers(&self, patch: &[usize]) -> Vec<LayerRow>;
-    /// Segmentation logits plus the auxiliary outputs some networks have (RUNext's
-    /// classification head). The trainer calls this; prediction uses [`SegNetwork::forward`].
-    fn forward_full(&self, x: &Tensor, train: bool) -> candle_core::Result<NetOutput> {
-        Ok(NetOutput {
-            seg: self.forward(x, train)?,
-            class_logits: None,
-        })
-    }
-    /// Networks that can widen their layers while training (see [`crate::growable`]).
-    fn as_growable(&mut self) -> Option<&mut dyn crate::growable::Growable> {
-        None
-    }
-}
-
-/// Everything a forward pass produces.
-#[derive(Debug, Clone)]
-pub struct NetOutput {
-    /// Segmentation logits, as [`SegNetwork::forward`] returns them.
-    pub seg: Vec<Tensor>,
-    /// `(N, n_classes)` logits of an image-level multi-label classification head (before the
-    /// sigmoid), trained with BCE against "which foreground classes are in the patch".
-    pub class_logits: Option<Tensor>,
-}
-
-/// A named set of `arch_kwargs` overrides an architecture offers as a trainer preset
-/// (`-tr kiunet_minimal`): the trainer swaps the plans' network for this architecture and
-/// merges `kwargs` over the plans' `arch_kwargs`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ArchPreset {
-    pub name: String,
-    pub description: String,
-    pub kwargs: Map<String, Value>,
-}
-
-/// A family of networks that can be built from `arch_kwargs`.
-pub trait Architecture: Send + Sync {
-    /// The canonical `network_class_name` (nnU-Net's dotted Python path).
-    fn name(&self) -> &str;
-    /// Other accepted names (short names).
-    fn aliases(&self) -> Vec<String>;
-    /// Builds the network, reading (or creating) its weights through `vb`. `kwargs_path` is the
-    /// JSON path of `arch_kwargs` used in error messages.
-    fn build(
-        &self,
-        kwargs: &Map<String, Value>,
-        kwargs_path: &str,
-        io: &NetworkIo,
-        vb: VarBuilder,
-    ) -> Result<Box<dyn SegNetwork>, ArchError>;
-    /// nnU-Net's activation estimate (`compute_conv_feature_map_size`) for this network.
-    fn estimator(
-        &self,
-        kwargs: &Map<String, Value>,
-        kwargs_path: &str,
-        io: &NetworkIo,
-    ) -> Result<Box<dyn MemoryEstimate>, ArchError>;
-    /// Trainer presets this architecture offers (none by default).
-    fn presets(&self) -> Vec<ArchPreset> {
-        vec![]
-    }
-}
 
 /// Maps architecture names to their [`Architecture`].
 #[derive(Clone)]
@@ -216,9 +64,6 @@ impl std::fmt::Debug for Registry {
             .finish()
     }
 }
-
-/// JSON path of `arch_kwargs` in a configuration.
-pub const KWARGS_PATH: &str = crate::unet::options::ARCH_KWARGS_PATH;
 
 impl Registry {
     /// A registry that knows nothing.
@@ -346,19 +191,12 @@ impl Registry {
     }
 }
 
-/// Sum of the element counts of the trainable entries.
-pub fn count_trainable(params: &[ParamInfo]) -> u64 {
-    params
-        .iter()
-        .filter(|p| p.trainable())
-        .map(|p| p.shape.iter().product::<usize>() as u64)
-        .sum()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use candle_core::Tensor;
+    use serde_json::{json, Value};
+    use std::collections::HashMap;
 
     fn spec(name: &str, kwargs: Value) -> plans::ArchitectureSpec {
         plans::ArchitectureSpec {
@@ -475,6 +313,93 @@ mod tests {
             }
         }
         assert!(bad.is_empty(), "gradients with a graph: {bad:?}");
+    }
+
+    /// Deep-supervision heads exist only with deep supervision in the research families
+    /// (nnU-Net's U-Nets always build theirs): the network without deep supervision has the
+    /// parameters of the one with it minus its low-resolution heads, gives one output, and
+    /// loads from the weights trained with deep supervision (the heads' are not read).
+    #[test]
+    fn deep_supervision_heads_only_where_deep_supervision_is_on() {
+        let r = Registry::default();
+        let dev = Device::Cpu;
+        let base = json!({
+            "n_stages": 3, "features_per_stage": [4, 8, 16],
+            "conv_op": "torch.nn.modules.conv.Conv2d", "kernel_sizes": 3,
+            "strides": [1, 2, 2], "n_conv_per_stage": 2, "n_conv_per_stage_decoder": 2,
+            "conv_bias": true, "norm_op": "torch.nn.modules.instancenorm.InstanceNorm2d",
+            "norm_op_kwargs": {"eps": 1e-5, "affine": true},
+            "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": true}
+        });
+        let mut cases = vec![(
+            "PlainConvUNet".to_string(),
+            "plain".to_string(),
+            spec("PlainConvUNet", base.clone()),
+        )];
+        for (arch, preset) in r.presets() {
+            let mut s = spec(&arch, base.clone());
+            s.arch_kwargs.extend(preset.kwargs.clone());
+            cases.push((arch, preset.name, s));
+        }
+        let io = |ds| NetworkIo {
+            in_channels: 1,
+            num_classes: 3,
+            deep_supervision: ds,
+        };
+        let x = Tensor::randn(0f32, 1., (1, 1, 32, 32), &dev).unwrap();
+        for (arch, name, s) in cases {
+            let on = r.parameters(&s, &io(true)).unwrap();
+            let off = r.parameters(&s, &io(false)).unwrap();
+            let extra: Vec<&str> = on
+                .iter()
+                .filter(|p| !off.iter().any(|q| q.name == p.name && q.shape == p.shape))
+                .map(|p| p.name.as_str())
+                .collect();
+            assert_eq!(
+                on.len() - off.len(),
+                extra.len(),
+                "{name}: DS off has its own weights"
+            );
+            let head = |n: &&str| {
+                [
+                    "deep_supervision_heads.",
+                    "ds_heads.",
+                    "heads.",
+                    "seg_layers.",
+                ]
+                .iter()
+                .any(|h| n.contains(h))
+            };
+            assert!(extra.iter().all(head), "{name}: {extra:?}");
+            let nnunet = arch.ends_with("PlainConvUNet") || arch.ends_with("ResidualEncoderUNet");
+            let fused = name.starts_with("uiunet"); // every side head feeds the fused output
+            if nnunet || fused {
+                assert!(extra.is_empty(), "{name}: {extra:?}");
+            }
+            let with_heads = ["kiunet", "runext", "convunext_tiny", "preact_resunet"];
+            if with_heads.contains(&name.as_str()) || name == "growable_unet" {
+                assert!(!extra.is_empty(), "{name}: no deep-supervision heads");
+            }
+            // the DS-off network from the DS-on weights = the DS-on network with DS off
+            let (varmap, mut net_on) = r.build_initialized(&s, &io(true), 1, &dev).unwrap();
+            let weights: HashMap<String, Tensor> = varmap
+                .data()
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+                .collect();
+            let vb = VarBuilder::from_tensors(weights, DType::F32, &dev);
+            let net_off = r.build(&s, &io(false), vb).unwrap();
+            net_on.set_deep_supervision(false);
+            let (a, b) = (
+                net_on.forward(&x, false).unwrap(),
+                net_off.forward(&x, false).unwrap(),
+            );
+            assert_eq!((a.len(), b.len()), (1, 1), "{name}");
+            let d = (&a[0] - &b[0]).unwrap().abs().unwrap().max_all().unwrap();
+            assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0, "{name}");
+        }
     }
 
     #[test]

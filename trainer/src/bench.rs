@@ -1,13 +1,19 @@
 //! `nnseg bench_train`: seconds per training step (forward, deep-supervision DC+CE loss,
 //! backward, gradient clipping, SGD Nesterov) of a PlainConvUNet at a given plan, on random
 //! data — the number to compare with PyTorch nnU-Net on the same device
-//! (`scripts/bench_gpu.sh`, `scripts/bench_train_cpu.sh`).
+//! (`scripts/bench_gpu.sh`, `scripts/bench_train_cpu.sh`). The step is the trainer's
+//! ([`crate::train::step::Learner`]) with nnU-Net's default hyper-parameters
+//! ([`TrainerConfig::default`]).
 
-use crate::amp::{forward_autocast, Amp};
-use crate::loss::{deep_supervision_weights, DcAndCeLoss, DeepSupervisionLoss, LossOptions};
-use crate::optim::{clip_grad_norm, SgdNesterov, SgdOptions};
-use architectures::registry::{NetworkIo, Registry};
-use candle_core::{DType, Device, Tensor, Var};
+use crate::amp::Amp;
+use crate::config::TrainerConfig;
+use crate::loss::LossOptions;
+use crate::train::hooks::Hooks;
+use crate::train::step::{nnunet_loss, probe_output_count, Learner, StepAt};
+use crate::train::TrainError;
+use architectures::network::NetworkIo;
+use architectures::registry::Registry;
+use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 use serde_json::json;
 use std::time::Instant;
@@ -94,6 +100,95 @@ fn sync(d: &Device) -> candle_core::Result<()> {
     d.synchronize()
 }
 
+/// The candle error of a failed bench step, as `bench_train` reports them.
+fn bench_err(e: TrainError) -> candle_core::Error {
+    match e {
+        TrainError::Candle { source, .. } => source,
+        e => candle_core::Error::Msg(e.to_string()),
+    }
+}
+
+/// PlainConvUNet `arch_kwargs` of a bench plan.
+fn plain_unet_spec(o: &BenchTrainOptions, strides: &[Vec<usize>]) -> plans::ArchitectureSpec {
+    let (dim, n) = (o.patch.len(), o.features.len());
+    let kernels = o.kernels.clone().unwrap_or_else(|| vec![vec![3; dim]; n]);
+    let conv = if dim == 3 { "Conv3d" } else { "Conv2d" };
+    let norm = if dim == 3 {
+        "InstanceNorm3d"
+    } else {
+        "InstanceNorm2d"
+    };
+    plans::ArchitectureSpec {
+        network_class_name: "PlainConvUNet".into(),
+        arch_kwargs: json!({
+            "n_stages": n, "features_per_stage": o.features, "conv_op": format!("torch.nn.modules.conv.{conv}"),
+            "kernel_sizes": kernels, "strides": strides, "n_conv_per_stage": vec![2; n],
+            "n_conv_per_stage_decoder": vec![2; n - 1], "conv_bias": true,
+            "norm_op": format!("torch.nn.modules.instancenorm.{norm}"),
+            "norm_op_kwargs": {"eps": 1e-5, "affine": true}, "dropout_op": null, "dropout_op_kwargs": null,
+            "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": true}
+        })
+        .as_object()
+        .cloned()
+        .unwrap_or_default(),
+        kw_requires_import: vec![],
+    }
+}
+
+/// Random input and random labels at every deep-supervision resolution.
+fn random_batch(
+    o: &BenchTrainOptions,
+    strides: &[Vec<usize>],
+    device: &Device,
+) -> candle_core::Result<(Tensor, Vec<Tensor>)> {
+    let mut xs = vec![o.batch_size, o.in_channels];
+    xs.extend(&o.patch);
+    let x = Tensor::randn(0f32, 1.0, xs, device)?;
+    let mut targets = vec![];
+    let mut size = o.patch.clone();
+    for s in strides.iter().take(o.features.len() - 1) {
+        for (a, st) in size.iter_mut().zip(s) {
+            *a /= st;
+        }
+        let mut ts = vec![o.batch_size, 1];
+        ts.extend(&size);
+        let t = Tensor::rand(0f32, o.num_classes as f32, ts, device)?.floor()?;
+        targets.push(t);
+    }
+    Ok((x, targets))
+}
+
+/// The network of `o` and its learner (nnU-Net's optimizer settings and DC+CE loss); the
+/// targets are cut to the network's number of outputs.
+fn bench_learner(
+    o: &BenchTrainOptions,
+    spec: &plans::ArchitectureSpec,
+    targets: &mut Vec<Tensor>,
+    device: &Device,
+) -> Result<Learner, TrainError> {
+    let io = NetworkIo {
+        in_channels: o.in_channels,
+        num_classes: o.num_classes,
+        deep_supervision: true,
+    };
+    let (varmap, net) = Registry::default().build_initialized(spec, &io, o.seed, device)?;
+    let config = TrainerConfig {
+        amp: o.amp,
+        ..TrainerConfig::default()
+    };
+    let dtype = config.amp.compute_dtype(device);
+    // networks other than nnU-Net's may have fewer decoder outputs
+    let n_out = probe_output_count(net.as_ref(), o.in_channels, &o.patch, device, dtype)?
+        .min(targets.len());
+    targets.truncate(n_out);
+    let options = LossOptions {
+        batch_dice: true,
+        ..LossOptions::default()
+    };
+    let loss = nnunet_loss(options, false, n_out);
+    Ok(Learner::new(net, varmap, loss, &config, device))
+}
+
 /// Builds the network and times `iters` steps after `warmup` untimed ones.
 pub fn bench_train(
     o: &BenchTrainOptions,
@@ -111,30 +206,9 @@ pub fn bench_train(
             .map(|s| vec![if s == 0 { 1 } else { 2 }; dim])
             .collect()
     });
-    let kernels = o.kernels.clone().unwrap_or_else(|| vec![vec![3; dim]; n]);
-    let conv = if dim == 3 { "Conv3d" } else { "Conv2d" };
-    let norm = if dim == 3 {
-        "InstanceNorm3d"
-    } else {
-        "InstanceNorm2d"
-    };
-    let mut spec = plans::ArchitectureSpec {
-        network_class_name: "PlainConvUNet".into(),
-        arch_kwargs: json!({
-            "n_stages": n, "features_per_stage": o.features, "conv_op": format!("torch.nn.modules.conv.{conv}"),
-            "kernel_sizes": kernels, "strides": strides, "n_conv_per_stage": vec![2; n],
-            "n_conv_per_stage_decoder": vec![2; n - 1], "conv_bias": true,
-            "norm_op": format!("torch.nn.modules.instancenorm.{norm}"),
-            "norm_op_kwargs": {"eps": 1e-5, "affine": true}, "dropout_op": null, "dropout_op_kwargs": null,
-            "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": true}
-        })
-        .as_object()
-        .cloned()
-        .unwrap_or_default(),
-        kw_requires_import: vec![],
-    };
-    let registry = Registry::default();
+    let mut spec = plain_unet_spec(o, &strides);
     if let Some((name, kw)) = &o.network {
+        let registry = Registry::default();
         spec.network_class_name = registry
             .get(name)
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?
@@ -144,94 +218,11 @@ pub fn bench_train(
             spec.arch_kwargs.insert(k.clone(), v.clone());
         }
     }
-    let io = NetworkIo {
-        in_channels: o.in_channels,
-        num_classes: o.num_classes,
-        deep_supervision: true,
-    };
-    let (varmap, net) = registry
-        .build_initialized(&spec, &io, o.seed, device)
-        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-    let vars: Vec<(String, Var)> = {
-        let data = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
-        let mut v: Vec<_> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        v.sort_by(|a, b| a.0.cmp(&b.0));
-        v
-    };
-    let params: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
-    let clip: Vec<Var> = vars.iter().map(|(_, v)| v.clone()).collect();
-    let mut opt = SgdNesterov::new(
-        vars,
-        SgdOptions {
-            lr: 1e-2,
-            momentum: 0.99,
-            weight_decay: 3e-5,
-            nesterov: true,
-        },
-    );
-    let mut xs = vec![o.batch_size, o.in_channels];
-    xs.extend(&o.patch);
-    let x = Tensor::randn(0f32, 1.0, xs, device)?;
-    // random labels at every deep-supervision resolution
-    let mut targets = vec![];
-    let mut size = o.patch.clone();
-    for s in strides.iter().take(n - 1) {
-        for (a, st) in size.iter_mut().zip(s) {
-            *a /= st;
-        }
-        let mut ts = vec![o.batch_size, 1];
-        ts.extend(&size);
-        let t = Tensor::rand(0f32, o.num_classes as f32, ts, device)?.floor()?;
-        targets.push(t);
-    }
-    let dtype = o.amp.compute_dtype(device);
-    // networks other than nnU-Net's may have fewer decoder outputs
-    let n_out = net
-        .forward(&x.to_dtype(dtype)?, false)?
-        .len()
-        .min(targets.len());
-    targets.truncate(n_out);
-    let loss = DeepSupervisionLoss::new(
-        Box::new(DcAndCeLoss::new(LossOptions {
-            batch_dice: true,
-            ..LossOptions::default()
-        })),
-        deep_supervision_weights(n_out),
-    );
-    let (mut steps, mut fwd, mut bwd, mut optt) = (vec![], 0.0, 0.0, 0.0);
-    let mut last = 0.0;
-    for it in 0..o.warmup + o.iters {
-        #[cfg(feature = "cuda")]
-        if it == o.warmup {
-            crate::gpu_memory::take_peak(device); // resets the high-water mark
-        }
-        sync(device)?;
-        let t0 = Instant::now();
-        let out = forward_autocast(net.as_ref(), &x, true, dtype)?.seg;
-        let l = loss.loss_ds(&out, &targets)?;
-        sync(device)?;
-        let t1 = Instant::now();
-        let mut g = l.backward()?;
-        sync(device)?;
-        let t2 = Instant::now();
-        clip_grad_norm(&clip, &mut g, 12.0)?;
-        opt.step(&g)?;
-        last = l.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        sync(device)?;
-        let t3 = Instant::now();
-        if it >= o.warmup {
-            steps.push((t3 - t0).as_secs_f64());
-            fwd += (t1 - t0).as_secs_f64();
-            bwd += (t2 - t1).as_secs_f64();
-            optt += (t3 - t2).as_secs_f64();
-        }
-    }
-    #[cfg(feature = "cuda")]
-    let peak = crate::gpu_memory::take_peak(device).map(|m| m.used());
-    #[cfg(not(feature = "cuda"))]
-    let peak = None;
-    let k = steps.len() as f64;
-    let mut sorted = steps.clone();
+    let (x, mut targets) = random_batch(o, &strides, device)?;
+    let mut learner = bench_learner(o, &spec, &mut targets, device).map_err(bench_err)?;
+    let timing = time_steps(o, &mut learner, &x, &targets, device)?;
+    let k = timing.steps.len() as f64;
+    let mut sorted = timing.steps.clone();
     sorted.sort_by(|a, b| a.total_cmp(b));
     let median = sorted[sorted.len() / 2];
     Ok(BenchTrainResult {
@@ -242,18 +233,72 @@ pub fn bench_train(
         patch: o.patch.clone(),
         batch_size: o.batch_size,
         features: o.features.clone(),
-        params,
+        params: learner.trainable_parameters(),
         iters: o.iters,
         step_s_median: median,
         step_s_min: sorted[0],
         iters_per_s: 1.0 / median,
-        fwd_s: fwd / k,
-        bwd_s: bwd / k,
-        opt_s: optt / k,
-        loss: last,
-        precision: dtype.as_str(),
-        peak_gpu_memory_bytes: peak,
+        fwd_s: timing.fwd / k,
+        bwd_s: timing.bwd / k,
+        opt_s: timing.opt / k,
+        loss: timing.last_loss,
+        precision: learner.compute_dtype.as_str(),
+        peak_gpu_memory_bytes: timing.peak,
     })
+}
+
+/// Step times (forward + loss, backward, clipping + optimizer) of the timed iterations.
+#[derive(Debug, Default)]
+struct StepTiming {
+    steps: Vec<f64>,
+    fwd: f64,
+    bwd: f64,
+    opt: f64,
+    last_loss: f64,
+    peak: Option<u64>,
+}
+
+fn time_steps(
+    o: &BenchTrainOptions,
+    learner: &mut Learner,
+    x: &Tensor,
+    targets: &[Tensor],
+    device: &Device,
+) -> candle_core::Result<StepTiming> {
+    let mut t = StepTiming::default();
+    let mut hooks = Hooks::none();
+    for it in 0..o.warmup + o.iters {
+        #[cfg(feature = "cuda")]
+        if it == o.warmup {
+            crate::gpu_memory::take_peak(device); // resets the high-water mark
+        }
+        let at = StepAt::train(0, it);
+        sync(device)?;
+        let t0 = Instant::now();
+        let l = learner
+            .forward_loss(x, targets, &mut hooks, at)
+            .map_err(bench_err)?;
+        sync(device)?;
+        let t1 = Instant::now();
+        let mut g = learner.backward(&l, at).map_err(bench_err)?;
+        sync(device)?;
+        let t2 = Instant::now();
+        learner.apply_gradients(&mut g, at).map_err(bench_err)?;
+        t.last_loss = l.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        sync(device)?;
+        let t3 = Instant::now();
+        if it >= o.warmup {
+            t.steps.push((t3 - t0).as_secs_f64());
+            t.fwd += (t1 - t0).as_secs_f64();
+            t.bwd += (t2 - t1).as_secs_f64();
+            t.opt += (t3 - t2).as_secs_f64();
+        }
+    }
+    #[cfg(feature = "cuda")]
+    {
+        t.peak = crate::gpu_memory::take_peak(device).map(|m| m.used());
+    }
+    Ok(t)
 }
 
 #[cfg(test)]

@@ -149,7 +149,7 @@ impl TrainerConfig {
         &self,
         base: &plans::ArchitectureSpec,
         registry: &architectures::registry::Registry,
-    ) -> Result<plans::ArchitectureSpec, architectures::registry::ArchError> {
+    ) -> Result<plans::ArchitectureSpec, architectures::network::ArchError> {
         let mut spec = base.clone();
         if let Some(name) = &self.network_override {
             spec.network_class_name = registry.get(name)?.name().to_string();

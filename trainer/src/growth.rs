@@ -1,25 +1,17 @@
 //! Growing a network while it trains (issue 8): when to grow ([`GrowthSchedule`]) and how to
 //! apply a growth to the network, its `VarMap` and the optimizer ([`apply_growth`]).
 //!
-//! Wiring into the epoch loop (after the validation of epoch `epoch`):
-//! ```text
-//! let due = schedule.due(epoch, &logging.val_losses);
-//! if !due.is_empty() {
-//!     // a fixed training batch (x, targets) and the normal loss
-//!     let mut loss = |net: &dyn SegNetwork| ds_loss.loss_ds(&net.forward(&x, true)?, &targets);
-//!     let report = apply_growth(network.as_mut(), &varmap, &mut optimizer, &due, &opts,
-//!                               seed ^ epoch as u64, &mut loss)?;
-//!     say(&report.log_line())?;
-//!     clip_vars = optimizer.vars().iter().map(|(_, v)| v.clone()).collect();
-//!     // checkpoints: merge report.grown_kwargs into the saved arch_kwargs
-//! }
-//! ```
+//! The training loop calls it through [`crate::train::hooks::GrowthHook`] after an epoch's
+//! validation, with a fixed training batch and the normal loss; checkpoints then record the
+//! grown widths ([`GrowthReport::grown_kwargs`]).
+//!
 //! The optimizer keeps its momentum: every parameter that changed shape gets its old buffer
 //! back with zeros in the new slices ([`SgdNesterov::grow_var`]).
 
 use crate::optim::{OptimError, SgdNesterov};
-use architectures::growable::{GrowRequest, GrowthMethod};
-use architectures::registry::{ArchError, SegNetwork};
+use architectures::growable::{as_growable, GrowRequest, GrowthMethod};
+use architectures::init::is_buffer_name;
+use architectures::network::{ArchError, SegNetwork};
 use candle_core::Tensor;
 use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
@@ -45,8 +37,80 @@ fn bad(option: &str, message: impl Into<String>) -> GrowthError {
     }
 }
 
-/// When and how to grow. Serialised with the trainer configuration; the CLI flags map to the
-/// fields (see [`GrowthOptions::apply_cli`]).
+/// The growth method by name (`--grow-method split|sample_select|gradmax`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GrowthMethodName {
+    /// Duplicate the filter(s) with the largest gradient norm.
+    Split,
+    /// Keep the best of `n_candidates` random filters.
+    #[default]
+    #[serde(alias = "sample-select")]
+    SampleSelect,
+    /// Outgoing weights from the top singular vectors of the bridging gradient.
+    #[serde(alias = "grad_max")]
+    Gradmax,
+}
+
+impl GrowthMethodName {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GrowthMethodName::Split => "split",
+            GrowthMethodName::SampleSelect => "sample_select",
+            GrowthMethodName::Gradmax => "gradmax",
+        }
+    }
+}
+
+impl std::fmt::Display for GrowthMethodName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for GrowthMethodName {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "split" => Ok(GrowthMethodName::Split),
+            "sample_select" | "sample-select" => Ok(GrowthMethodName::SampleSelect),
+            "gradmax" | "grad_max" => Ok(GrowthMethodName::Gradmax),
+            other => Err(format!(
+                "unknown growth method `{other}`; known: split, sample_select, gradmax"
+            )),
+        }
+    }
+}
+
+/// One `--grow-schedule` entry: grow `layer` after (0-based) epoch `epoch` (`10:bottleneck`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScheduleEntry {
+    pub epoch: usize,
+    pub layer: String,
+}
+
+impl std::str::FromStr for ScheduleEntry {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (e, l) = s
+            .split_once(':')
+            .ok_or_else(|| format!("expects EPOCH:LAYER, got `{s}`"))?;
+        let epoch = e
+            .trim()
+            .parse()
+            .map_err(|_| format!("bad epoch in `{s}` (EPOCH:LAYER)"))?;
+        if l.trim().is_empty() {
+            return Err(format!("no layer in `{s}` (EPOCH:LAYER)"));
+        }
+        Ok(ScheduleEntry {
+            epoch,
+            layer: l.trim().to_string(),
+        })
+    }
+}
+
+/// When and how to grow. Serialised with the trainer configuration; `nnseg train`'s growth
+/// flags set the fields.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct GrowthOptions {
@@ -61,7 +125,7 @@ pub struct GrowthOptions {
     /// to grow), in addition to `every` / `on_plateau`.
     pub schedule: BTreeMap<usize, Vec<String>>,
     /// `--grow-method split|sample_select|gradmax`
-    pub method: String,
+    pub method: GrowthMethodName,
     /// `--n-candidates N` (sample_select)
     pub n_candidates: usize,
     /// `--grow-n-new N`: filters added per conv and growth
@@ -77,7 +141,7 @@ impl Default for GrowthOptions {
             on_plateau: None,
             layers: vec!["bottleneck".into()],
             schedule: BTreeMap::new(),
-            method: "sample_select".into(),
+            method: GrowthMethodName::SampleSelect,
             n_candidates: 10,
             n_new_per_growth: 1,
             split_noise: 0.01,
@@ -86,46 +150,37 @@ impl Default for GrowthOptions {
 }
 
 impl GrowthOptions {
-    /// The CLI flags [`GrowthOptions::apply_cli`] understands.
-    pub const CLI_FLAGS: &'static [&'static str] = &[
-        "--grow-every",
-        "--grow-on-plateau",
-        "--grow-layers",
-        "--grow-schedule",
-        "--grow-method",
-        "--n-candidates",
-        "--grow-n-new",
-        "--split-noise",
-    ];
-
     /// Whether any trigger is configured.
     pub fn enabled(&self) -> bool {
         self.every.is_some() || self.on_plateau.is_some() || !self.schedule.is_empty()
     }
 
-    /// The growth method with its settings.
-    pub fn growth_method(&self) -> Result<GrowthMethod, GrowthError> {
-        let m = GrowthMethod::from_name(&self.method, self.n_candidates).ok_or_else(|| {
-            bad(
-                "method",
-                format!(
-                    "unknown `{}`; known: split, sample_select, gradmax",
-                    self.method
-                ),
-            )
-        })?;
-        Ok(match m {
-            GrowthMethod::Split { incoming_noise, .. } => GrowthMethod::Split {
-                noise: self.split_noise,
-                incoming_noise,
-            },
-            other => other,
-        })
+    /// Adds schedule entries.
+    pub fn add_schedule(&mut self, entries: &[ScheduleEntry]) {
+        for e in entries {
+            self.schedule
+                .entry(e.epoch)
+                .or_default()
+                .push(e.layer.clone());
+        }
     }
 
-    /// Checks values (method name, positive counts).
+    /// The growth method with its settings.
+    pub fn growth_method(&self) -> GrowthMethod {
+        match self.method {
+            GrowthMethodName::Split => GrowthMethod::Split {
+                noise: self.split_noise,
+                incoming_noise: 0.0,
+            },
+            GrowthMethodName::SampleSelect => GrowthMethod::SampleSelect {
+                n_candidates: self.n_candidates.max(1),
+            },
+            GrowthMethodName::Gradmax => GrowthMethod::GradMax { scale: 1.0 },
+        }
+    }
+
+    /// Checks values (positive counts, a layer to grow, the split noise).
     pub fn validate(&self) -> Result<(), GrowthError> {
-        self.growth_method()?;
         if self.every == Some(0) {
             return Err(bad("every", "must be at least 1"));
         }
@@ -145,55 +200,6 @@ impl GrowthOptions {
             return Err(bad("split_noise", "must be in [0, 0.5)"));
         }
         Ok(())
-    }
-
-    /// Applies one CLI flag with its values (`--grow-layers bottleneck down_3`). Returns
-    /// `false` if the flag is not a growth flag.
-    pub fn apply_cli(&mut self, flag: &str, values: &[String]) -> Result<bool, GrowthError> {
-        let one = |values: &[String]| -> Result<String, GrowthError> {
-            match values {
-                [v] => Ok(v.clone()),
-                _ => Err(bad(flag, format!("expects one value, got {values:?}"))),
-            }
-        };
-        let int = |values: &[String]| -> Result<usize, GrowthError> {
-            let v = one(values)?;
-            v.parse::<usize>()
-                .map_err(|_| bad(flag, format!("expects a non-negative integer, got `{v}`")))
-        };
-        match flag {
-            "--grow-every" => self.every = Some(int(values)?),
-            "--grow-on-plateau" => self.on_plateau = Some(int(values)?),
-            "--grow-layers" => {
-                if values.is_empty() {
-                    return Err(bad(flag, "expects at least one layer"));
-                }
-                self.layers = values.to_vec();
-            }
-            "--grow-schedule" => {
-                for v in values {
-                    let (e, l) = v
-                        .split_once(':')
-                        .ok_or_else(|| bad(flag, format!("expects EPOCH:LAYER, got `{v}`")))?;
-                    let e: usize = e
-                        .parse()
-                        .map_err(|_| bad(flag, format!("bad epoch in `{v}`")))?;
-                    self.schedule.entry(e).or_default().push(l.to_string());
-                }
-            }
-            "--grow-method" => self.method = one(values)?,
-            "--n-candidates" => self.n_candidates = int(values)?,
-            "--grow-n-new" => self.n_new_per_growth = int(values)?,
-            "--split-noise" => {
-                let v = one(values)?;
-                self.split_noise = v
-                    .parse()
-                    .map_err(|_| bad(flag, format!("expects a number, got `{v}`")))?;
-            }
-            _ => return Ok(false),
-        }
-        self.validate()?;
-        Ok(true)
     }
 }
 
@@ -295,7 +301,7 @@ impl GrowthReport {
 fn trainable_count(varmap: &VarMap) -> usize {
     let data = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
     data.iter()
-        .filter(|(n, _)| !(n.ends_with("running_mean") || n.ends_with("running_var")))
+        .filter(|(n, _)| !is_buffer_name(n))
         .map(|(_, v)| v.elem_count())
         .sum()
 }
@@ -312,14 +318,12 @@ pub fn apply_growth(
     seed: u64,
     loss: &mut dyn FnMut(&dyn SegNetwork) -> candle_core::Result<Tensor>,
 ) -> Result<GrowthReport, GrowthError> {
-    let method = opts.growth_method()?;
+    let method = opts.growth_method();
     if opts.n_new_per_growth == 0 {
         return Err(bad("n_new_per_growth", "must be at least 1"));
     }
     let params_before = trainable_count(varmap);
-    let g = net
-        .as_growable()
-        .ok_or_else(|| GrowthError::NotGrowable("this network".into()))?;
+    let g = as_growable(net).ok_or_else(|| GrowthError::NotGrowable("this network".into()))?;
     let mut convs = vec![];
     for l in layers {
         for c in g.resolve_layer(l)? {
@@ -499,7 +503,7 @@ mod tests {
                 if s == step {
                     let before = loss_value(net.as_ref(), &x, &y);
                     let opts = GrowthOptions {
-                        method: method.into(),
+                        method: method.parse().unwrap(),
                         n_candidates: 4,
                         n_new_per_growth: 2,
                         ..GrowthOptions::default()
@@ -566,37 +570,39 @@ mod tests {
     }
 
     #[test]
-    fn cli_flags_and_serde() {
+    fn typed_options_and_serde() {
         let mut o = GrowthOptions::default();
         assert!(!o.enabled());
-        let a = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        assert!(o.apply_cli("--grow-every", &a(&["10"])).unwrap());
-        assert!(o
-            .apply_cli("--grow-layers", &a(&["bottleneck", "down_3"]))
-            .unwrap());
-        assert!(o.apply_cli("--grow-method", &a(&["split"])).unwrap());
-        assert!(o.apply_cli("--n-candidates", &a(&["20"])).unwrap());
-        assert!(o
-            .apply_cli("--grow-schedule", &a(&["10:bottleneck", "20:down_3"]))
-            .unwrap());
-        assert!(!o.apply_cli("--lr", &a(&["1"])).unwrap());
+        o.every = Some(10);
+        o.layers = vec!["bottleneck".into(), "down_3".into()];
+        o.method = "split".parse().unwrap();
+        o.n_candidates = 20;
+        let entries: Vec<ScheduleEntry> = ["10:bottleneck", "20:down_3"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        o.add_schedule(&entries);
+        o.validate().unwrap();
         assert!(o.enabled());
-        assert_eq!(o.every, Some(10));
-        assert_eq!(o.layers, vec!["bottleneck", "down_3"]);
         assert_eq!(o.schedule[&20], vec!["down_3"]);
-        assert!(matches!(
-            o.growth_method().unwrap(),
-            GrowthMethod::Split { .. }
-        ));
-        let back: GrowthOptions =
-            serde_json::from_str(&serde_json::to_string(&o).unwrap()).unwrap();
+        assert!(matches!(o.growth_method(), GrowthMethod::Split { .. }));
+        let text = serde_json::to_string(&o).unwrap();
+        assert!(text.contains(r#""method":"split""#), "{text}");
+        let back: GrowthOptions = serde_json::from_str(&text).unwrap();
         assert_eq!(back, o);
         let partial: GrowthOptions = serde_json::from_str(r#"{"every": 5}"#).unwrap();
         assert_eq!(partial.layers, vec!["bottleneck"]);
-        let e = o.apply_cli("--grow-method", &a(&["firefly"])).unwrap_err();
-        assert!(e.to_string().contains("firefly"), "{e}");
-        let e = o.apply_cli("--grow-every", &a(&["x"])).unwrap_err();
-        assert!(e.to_string().contains("--grow-every"), "{e}");
+        assert_eq!(partial.method, GrowthMethodName::SampleSelect);
+        let e = "firefly".parse::<GrowthMethodName>().unwrap_err();
+        assert!(e.contains("firefly") && e.contains("gradmax"), "{e}");
+        assert!(serde_json::from_str::<GrowthOptions>(r#"{"method": "firefly"}"#).is_err());
+        assert!("x:bottleneck".parse::<ScheduleEntry>().is_err());
+        assert!("10".parse::<ScheduleEntry>().is_err());
+        let bad = GrowthOptions {
+            every: Some(0),
+            ..GrowthOptions::default()
+        };
+        assert!(bad.validate().unwrap_err().to_string().contains("every"));
     }
 
     #[test]
@@ -612,7 +618,7 @@ mod tests {
         let old_state = opt.state();
         let mut loss = |n: &dyn SegNetwork| ce.loss(&n.forward(&x, true)?[0], &y);
         let opts = GrowthOptions {
-            method: "gradmax".into(),
+            method: GrowthMethodName::Gradmax,
             ..GrowthOptions::default()
         };
         let r = apply_growth(

@@ -1,7 +1,7 @@
 //! ConvUNext options: a normal nnU-Net `arch_kwargs` (PlainConvUNet or ResidualEncoderUNet plan)
 //! plus the ConvUNext keys documented in [`super`]. Every error names its JSON path.
 
-use crate::registry::{ArchError, NetworkIo};
+use crate::network::{ArchError, NetworkIo};
 use crate::unet::options::{invalid, UNetConfig};
 use serde_json::{Map, Value};
 

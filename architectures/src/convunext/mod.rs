@@ -15,7 +15,9 @@
 //! - `final`: 1×1 conv to the classes (logits). Deep-supervision heads `heads.{i}` on decoder
 //!   levels `depth-1 ..= 1`: Conv1×1(F→F/2) → GRN → GELU → Conv1×1(→classes). Outputs with deep
 //!   supervision: `[full, 1/strides[1], …]` (`depth` outputs, nnU-Net order); the heads are
-//!   always built (so checkpoints load with deep supervision on or off).
+//!   built only with deep supervision (as the seed), so a network without it has exactly the
+//!   seed's parameters; a checkpoint trained with heads still loads for inference (its head
+//!   weights are not read).
 //! - Block: depthwise k×k conv → LayerNorm → 1×1 (C→E·C) → GELU (exact erf) → GRN (V2 only) →
 //!   1×1 (E·C→C), then per `block_form`:
 //!   - `"paper"` (default, facebookresearch ConvNeXt-V2): `x + DropPath(block(x))`, GRN γ = β = 0
@@ -85,10 +87,10 @@ mod tests;
 pub use config::{BlockForm, BlockVersion, ConvUNextConfig, Variant, OWN_KEYS, VARIANTS};
 pub use net::{CConv, CnxBlock, ConvUNext, DsHead, Grn, LayerNormCf};
 
+use crate::init::ShapeRecorder;
 use crate::memory::MemoryEstimate;
-use crate::registry::{
+use crate::network::{
     ArchError, ArchPreset, Architecture, CandleContext, LayerRow, NetworkIo, SegNetwork,
-    ShapeRecorder,
 };
 use crate::unet::blocks::check_input;
 use crate::unet::options::ConvDim;
@@ -114,10 +116,10 @@ impl SegNetwork for ConvUNext {
         ConvUNext::forward(self, x, train)
     }
     fn set_deep_supervision(&mut self, on: bool) {
-        self.config.deep_supervision = on;
+        self.set_deep_supervision_outputs(on);
     }
     fn deep_supervision(&self) -> bool {
-        self.config.deep_supervision
+        self.deep_supervision_outputs()
     }
     fn spatial_dims(&self) -> usize {
         self.config.dim

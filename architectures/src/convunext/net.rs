@@ -3,8 +3,9 @@
 //! `heads.{i}.{0,1,3}`, `final`).
 
 use super::config::{BlockForm, BlockVersion, ConvUNextConfig};
+use crate::init::he_normal_std;
+use crate::network::LayerRow;
 use crate::ops::{self, ConvOpts, GeluKind, InterpMode, InterpSize, PoolOpts};
-use crate::registry::{he_normal_std, LayerRow};
 use crate::unet::blocks::HE_NEG_SLOPE;
 use candle_core::{Result, Tensor};
 use candle_nn::{Init, VarBuilder};
@@ -356,9 +357,12 @@ pub struct ConvUNext {
     /// decoder stage `i` works at level `depth - 1 - i`.
     pub dec_adjust: Vec<CConv>,
     pub dec: Vec<Vec<CnxBlock>>,
-    /// `heads[i]` on decoder stage `i` (`i < depth - 1`, i.e. levels `depth-1 ..= 1`).
+    /// `heads[i]` on decoder stage `i` (`i < depth - 1`, i.e. levels `depth-1 ..= 1`); built
+    /// only with deep supervision.
     pub heads: Vec<DsHead>,
     pub final_conv: CConv,
+    /// The heads' outputs are returned (deep supervision on and heads built).
+    ds_outputs: bool,
 }
 
 impl ConvUNext {
@@ -434,7 +438,7 @@ impl ConvUNext {
                 .map(|b| block(f[l], l, b, vb.pp("dec").pp(i).pp(b)))
                 .collect::<Result<Vec<_>>>()?;
             dec.push(blocks);
-            if l >= 1 {
+            if l >= 1 && cfg.deep_supervision {
                 heads.push(DsHead::new(
                     f[l],
                     cfg.num_classes,
@@ -458,7 +462,19 @@ impl ConvUNext {
             dec,
             heads,
             final_conv,
+            ds_outputs: cfg.deep_supervision,
         })
+    }
+
+    /// Whether the deep-supervision outputs are returned.
+    pub fn deep_supervision_outputs(&self) -> bool {
+        self.ds_outputs
+    }
+
+    /// Turns the deep-supervision outputs on or off; on needs the heads (a network built with
+    /// deep supervision).
+    pub fn set_deep_supervision_outputs(&mut self, on: bool) {
+        self.ds_outputs = on && !self.heads.is_empty();
     }
 
     fn pool(&self, x: &Tensor, l: usize) -> Result<Tensor> {
@@ -489,7 +505,7 @@ impl ConvUNext {
         for b in &self.bottleneck {
             h = b.forward(&h, train)?;
         }
-        let ds = self.config.deep_supervision;
+        let ds = self.ds_outputs;
         let mut aux = vec![];
         for i in 0..d {
             let l = d - 1 - i;
@@ -619,11 +635,10 @@ impl ConvUNext {
             for (b, blk) in self.dec[i].iter().enumerate() {
                 rows.push(blk.row(format!("dec.{i}.{b}"), &sizes[l]));
             }
-            if l == 0 {
+            let Some(h) = self.heads.get(i).filter(|_| l >= 1) else {
                 continue;
-            }
-            let h = &self.heads[i];
-            if cfg.deep_supervision {
+            };
+            if self.ds_outputs {
                 let mid = h.conv1.cout();
                 rows.push(row(
                     format!("heads.{i}.0"),

@@ -1,6 +1,7 @@
 use super::*;
+use crate::init::count_trainable;
 use crate::memory::{plain_conv_unet_feature_map_size, UNetTopology};
-use crate::registry::{count_trainable, Registry};
+use crate::registry::Registry;
 use candle_nn::VarMap;
 use serde_json::json;
 use std::path::PathBuf;
@@ -30,7 +31,7 @@ fn plan(
     )
 }
 
-fn shape_only(cfg: &ConvUNextConfig) -> (u64, ConvUNext, Vec<crate::registry::ParamInfo>) {
+fn shape_only(cfg: &ConvUNextConfig) -> (u64, ConvUNext, Vec<crate::init::ParamInfo>) {
     let rec = ShapeRecorder::new();
     let vb = VarBuilder::from_backend(Box::new(rec.clone()), DType::F32, Device::Cpu);
     let net = ConvUNext::new(cfg, vb).unwrap();
@@ -105,6 +106,31 @@ fn fixture_residual_v2_matches_pytorch() {
         }
         assert!(worst <= 0.0, "output.{i} exceeds tolerance by {worst}");
     }
+    // without deep supervision the seed builds no heads: its parameters minus `heads.*`, and
+    // the network loads from the weights trained with heads (theirs are not read)
+    let heads: u64 = keys
+        .iter()
+        .filter(|(k, _)| k.starts_with("heads."))
+        .map(|(_, v)| {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d.as_u64().unwrap())
+                .product::<u64>()
+        })
+        .sum();
+    assert!(heads > 0);
+    let off = fixture_cfg(false);
+    let (count_off, _, params_off) = shape_only(&off);
+    assert_eq!(count_off, 140_611 - heads);
+    assert!(params_off.iter().all(|p| !p.name.starts_with("heads.")));
+    let vb = VarBuilder::from_tensors(tensors.clone(), DType::F32, &dev);
+    let net = ConvUNext::new(&off, vb).unwrap();
+    let outs = SegNetwork::forward(&net, &input, false).unwrap();
+    assert_eq!(outs.len(), 1);
+    let (g, w) = (&outs[0], &tensors["output.0"]);
+    let d = (g - w).unwrap().abs().unwrap().max_all().unwrap();
+    assert!(d.to_scalar::<f32>().unwrap() < 1e-4);
     // the same weights in the seed form (no residual) give different outputs
     let mut seed = cfg.clone();
     seed.form = BlockForm::Seed;
@@ -169,7 +195,7 @@ fn block_parameter_formulas() {
 #[test]
 fn init_values_follow_the_form() {
     let vm = VarMap::new();
-    let vb = crate::registry::seeded_init_backend(&vm, 1, DType::F32, &Device::Cpu);
+    let vb = crate::init::seeded_init_backend(&vm, 1, DType::F32, &Device::Cpu);
     let p = CnxBlock::new(
         4,
         4,
@@ -295,7 +321,7 @@ fn shape_grid_2d_3d_anisotropic_ds_on_off() {
         for ds in [true, false] {
             let cfg = ConvUNextConfig::from_kwargs(&kw, KW, &io(2, 3, ds)).unwrap();
             let vm = VarMap::new();
-            let vb = crate::registry::seeded_init_backend(&vm, 7, DType::F32, &dev);
+            let vb = crate::init::seeded_init_backend(&vm, 7, DType::F32, &dev);
             let net = ConvUNext::new(&cfg, vb).unwrap();
             let mut xs = vec![2, 2];
             xs.extend(&patch);
@@ -392,7 +418,7 @@ fn gradients_reach_every_parameter() {
     ] {
         let cfg = ConvUNextConfig::from_kwargs(&kw, KW, &io(2, 3, true)).unwrap();
         let vm = VarMap::new();
-        let vb = crate::registry::seeded_init_backend(&vm, 3, DType::F32, &dev);
+        let vb = crate::init::seeded_init_backend(&vm, 3, DType::F32, &dev);
         let net = ConvUNext::new(&cfg, vb).unwrap();
         // move every parameter off its (often zero / bound) init so no gradient is masked
         for (name, var) in vm.data().lock().unwrap().iter() {
@@ -660,7 +686,7 @@ fn time_train_step_demo_3d() {
         kw.insert("expansion_level0".into(), json!(e0));
         let cfg = ConvUNextConfig::from_kwargs(&kw, KW, &io(1, 3, true)).unwrap();
         let vm = VarMap::new();
-        let vb = crate::registry::seeded_init_backend(&vm, 3, DType::F32, &dev);
+        let vb = crate::init::seeded_init_backend(&vm, 3, DType::F32, &dev);
         let net = ConvUNext::new(&cfg, vb).unwrap();
         let x = Tensor::randn(0f32, 1., (2, 1, 24, 56, 56), &dev).unwrap();
         for _ in 0..2 {

@@ -2,8 +2,9 @@
 
 use super::net::{width_map, ConvLayer, GrowableUNet, Probe};
 use super::{GrowOutcome, GrowRequest, Growable, GrowthMethod, LossFn, ParamChange};
+use crate::init::he_normal_std;
+use crate::network::{ArchError, CandleContext, SegNetwork};
 use crate::ops::{self, PadMode};
-use crate::registry::{he_normal_std, ArchError, CandleContext, SegNetwork};
 use crate::unet::options::invalid;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var, D};
@@ -255,9 +256,9 @@ impl GrowableUNet {
                 offset: 0,
                 path: Path::Upsampled,
             }];
-            if b >= n {
+            if let Some(li) = b.checked_sub(n).and_then(|j| self.ds_head_index(j)) {
                 v.push(Consumer {
-                    li: self.ds_head_index(b - n),
+                    li,
                     offset: 0,
                     path: Path::Direct,
                 });

@@ -13,8 +13,9 @@
 //!   (t = 0) → `features[0]` (fastMRI's `2C → C/2`, last `2c → c`). Transposed convolutions are
 //!   not offered (they would have to grow too).
 //! - Head `conv2.{0,1,2}`: 1×1 convs C→max(C/2,1)→classes→classes with bias, no activation.
-//!   Deep-supervision heads `ds_heads.{j}` (1×1, C→classes) on `up_j`'s output for j < n-2;
-//!   outputs in nnU-Net order (full resolution first), at most n-1.
+//!   With deep supervision, heads `ds_heads.{j}` (1×1, C→classes) on `up_j`'s output for
+//!   j < n-2 (not built without it: the seed has none); outputs in nnU-Net order (full
+//!   resolution first), at most n-1.
 //! - The seed's form "chans 32, 4 pools" is `features_per_stage = [32,64,128,256,256]`,
 //!   `strides = [1,2,2,2,2]`. Norm/nonlin/dropout/conv_bias come from the plan (InstanceNorm
 //!   affine or not, or no norm; BatchNorm is rejected because growth would also have to extend
@@ -63,10 +64,10 @@ mod net;
 #[cfg(test)]
 mod tests;
 
-pub use net::{GrowableConfig, GrowableUNet};
+pub use net::{GrowableConfig, GrowableUNet, GROWN_WIDTHS_KEY};
 
 use crate::memory::MemoryEstimate;
-use crate::registry::{ArchError, ArchPreset, Architecture, NetworkIo, SegNetwork};
+use crate::network::{ArchError, ArchPreset, Architecture, NetworkIo, SegNetwork};
 use candle_core::{Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use serde_json::{json, Map, Value};
@@ -190,6 +191,19 @@ pub trait Growable {
     fn grown_kwargs(&self) -> Map<String, Value>;
 }
 
+/// The growth ability of `network`, if it has one (a [`GrowableUNet`]).
+pub fn as_growable(network: &mut dyn SegNetwork) -> Option<&mut dyn Growable> {
+    let any: &mut dyn std::any::Any = network;
+    any.downcast_mut::<GrowableUNet>()
+        .map(|n| n as &mut dyn Growable)
+}
+
+/// Whether `network` can grow (see [`as_growable`]).
+pub fn is_growable(network: &dyn SegNetwork) -> bool {
+    let any: &dyn std::any::Any = network;
+    any.is::<GrowableUNet>()
+}
+
 /// Registry entry of [`GrowableUNet`].
 #[derive(Debug, Clone, Copy)]
 pub struct GrowableUNetArchitecture;
@@ -230,7 +244,7 @@ impl Architecture for GrowableUNetArchitecture {
                           upsampling) whose convs can gain filters during training \
                           (--grow-every / --grow-layers / --grow-method)"
                 .into(),
-            kwargs: json!({ "grown_widths": {} })
+            kwargs: json!({ GROWN_WIDTHS_KEY: {} })
                 .as_object()
                 .cloned()
                 .unwrap_or_default(),

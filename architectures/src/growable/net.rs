@@ -1,8 +1,9 @@
 //! The network, its configuration and its activation estimate.
 
+use crate::init::he_normal_std;
 use crate::memory::MemoryEstimate;
+use crate::network::{ArchError, CandleContext, LayerRow, NetworkIo, SegNetwork};
 use crate::ops::{self, ConvOpts, InterpMode, InterpSize, NormAffine, PoolOpts};
-use crate::registry::{he_normal_std, ArchError, CandleContext, LayerRow, NetworkIo, SegNetwork};
 use crate::unet::blocks::{apply_dropout, apply_nonlin, check_input};
 use crate::unet::options::{invalid, NormKind, UNetConfig};
 use candle_core::{Result, Tensor, Var};
@@ -277,8 +278,11 @@ pub(crate) struct Probe {
 pub struct GrowableUNet {
     pub(crate) cfg: GrowableConfig,
     /// conv1/conv2 of every block (index 2b, 2b+1), then head conv2.{0,1,2}, then ds_heads
+    /// (built only with deep supervision, `cfg.unet.deep_supervision`)
     pub(crate) layers: Vec<ConvLayer>,
     pub(crate) probe: Mutex<Option<Probe>>,
+    /// The deep-supervision heads' outputs are returned.
+    ds_outputs: bool,
 }
 
 fn conv_layer(
@@ -369,7 +373,13 @@ impl GrowableUNet {
             l.post = false;
             layers.push(l);
         }
-        for j in 0..n.saturating_sub(2) {
+        // the seed has no deep-supervision heads: built only where deep supervision is on
+        let n_ds = if cfg.unet.deep_supervision {
+            n.saturating_sub(2)
+        } else {
+            0
+        };
+        for j in 0..n_ds {
             let ci = cfg.widths[n + j][1];
             let mut l = conv_layer(&vb, &format!("ds_heads.{j}"), None, ci, k, &ones, true)?;
             l.post = false;
@@ -379,6 +389,7 @@ impl GrowableUNet {
             cfg: cfg.clone(),
             layers,
             probe: Mutex::new(None),
+            ds_outputs: cfg.unet.deep_supervision,
         })
     }
 
@@ -389,8 +400,10 @@ impl GrowableUNet {
     pub(crate) fn head_index(&self) -> usize {
         2 * self.cfg.n_blocks()
     }
-    pub(crate) fn ds_head_index(&self, j: usize) -> usize {
-        self.head_index() + 3 + j
+    /// Layer index of deep-supervision head `j`, if the heads were built.
+    pub(crate) fn ds_head_index(&self, j: usize) -> Option<usize> {
+        let li = self.head_index() + 3 + j;
+        (li < self.layers.len()).then_some(li)
     }
 
     /// conv (+ probes) → [dropout → norm → nonlin].
@@ -493,8 +506,9 @@ impl SegNetwork for GrowableUNet {
             let up = Self::upsample(&y, &skip.dims()[2..])?;
             let cat = Tensor::cat(&[&up, skip], 1)?;
             y = self.block_forward(n + j, &cat, train)?;
-            if self.cfg.unet.deep_supervision && j + 2 < n {
-                ds.push(self.layer_forward(self.ds_head_index(j), &y, false)?);
+            match self.ds_head_index(j) {
+                Some(li) if self.ds_outputs => ds.push(self.layer_forward(li, &y, false)?),
+                _ => {}
             }
         }
         let mut outs = vec![self.head_forward(&y)?];
@@ -503,10 +517,11 @@ impl SegNetwork for GrowableUNet {
     }
 
     fn set_deep_supervision(&mut self, on: bool) {
-        self.cfg.unet.deep_supervision = on;
+        // outputs of heads that were built (the config keeps what was built)
+        self.ds_outputs = on && self.cfg.unet.deep_supervision;
     }
     fn deep_supervision(&self) -> bool {
-        self.cfg.unet.deep_supervision
+        self.ds_outputs
     }
     fn spatial_dims(&self) -> usize {
         self.cfg.unet.dim().n()
@@ -575,23 +590,14 @@ impl SegNetwork for GrowableUNet {
                     stored_activations: 1,
                 });
             }
-            if b >= n && b - n + 2 < n {
-                conv_row(
-                    &mut rows,
-                    self.ds_head_index(b - n),
-                    s,
-                    " (deep-supervision head)",
-                );
+            if let Some(li) = b.checked_sub(n).and_then(|j| self.ds_head_index(j)) {
+                conv_row(&mut rows, li, s, " (deep-supervision head)");
             }
         }
         for i in 0..3 {
             conv_row(&mut rows, self.head_index() + i, 0, " (head)");
         }
         rows
-    }
-
-    fn as_growable(&mut self) -> Option<&mut dyn crate::growable::Growable> {
-        Some(self)
     }
 }
 

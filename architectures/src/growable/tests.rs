@@ -1,5 +1,6 @@
 use super::*;
-use crate::registry::{NetworkIo, Registry};
+use crate::network::NetworkIo;
+use crate::registry::Registry;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use serde_json::json;
@@ -171,7 +172,7 @@ fn every_growth_keeps_the_function_and_follows_the_parameter_rule() {
         let (_, probe_net) = build(&kwargs_2d(affine), 0);
         let layers = {
             let mut b = probe_net;
-            b.as_growable().unwrap().growable_layers()
+            as_growable(b.as_mut()).unwrap().growable_layers()
         };
         assert_eq!(layers.len(), 10);
         for layer in &layers {
@@ -186,7 +187,7 @@ fn every_growth_keeps_the_function_and_follows_the_parameter_rule() {
                     n_new: 1,
                     seed: 5,
                 };
-                let g = net.as_growable().unwrap();
+                let g = as_growable(net.as_mut()).unwrap();
                 let out = g.grow(&req, &vm, &mut loss).unwrap();
                 let after = net.forward(&x, false).unwrap();
                 let d = max_abs_diff(&before, &after);
@@ -231,8 +232,7 @@ fn skip_consumer_gets_the_slice_at_c_up_plus_index() {
         n_new: 1,
         seed: 1,
     };
-    let out = net
-        .as_growable()
+    let out = as_growable(net.as_mut())
         .unwrap()
         .grow(&req, &vm, &mut loss)
         .unwrap();
@@ -264,8 +264,7 @@ fn sample_select_scores_are_nonzero_and_argmax_is_kept() {
         n_new: 2,
         seed: 9,
     };
-    let out = net
-        .as_growable()
+    let out = as_growable(net.as_mut())
         .unwrap()
         .grow(&req, &vm, &mut loss)
         .unwrap();
@@ -326,8 +325,7 @@ fn gradmax_zero_incoming_and_larger_gradient_than_random_outgoing() {
             n_new: 1,
             seed: 2,
         };
-        let out = net
-            .as_growable()
+        let out = as_growable(net.as_mut())
             .unwrap()
             .grow(&req, &vm, &mut loss)
             .unwrap();
@@ -433,7 +431,7 @@ fn rebuild_from_grown_kwargs_and_weights_reproduces_outputs() {
             ),
             ("up_1.conv2", methods()[0].clone()),
         ] {
-            let g = net.as_growable().unwrap();
+            let g = as_growable(net.as_mut()).unwrap();
             for l in g.resolve_layer(layer).unwrap() {
                 let req = GrowRequest {
                     layer: l,
@@ -444,7 +442,7 @@ fn rebuild_from_grown_kwargs_and_weights_reproduces_outputs() {
                 g.grow(&req, &vm, &mut loss).unwrap();
             }
         }
-        let grown = net.as_growable().unwrap().grown_kwargs();
+        let grown = as_growable(net.as_mut()).unwrap().grown_kwargs();
         let out = net.forward(&x, false).unwrap();
         let d = max_abs_diff(&before, &out);
         assert!(
@@ -580,11 +578,49 @@ fn bad_kwargs_name_their_json_path() {
         n_new: 1,
         seed: 0,
     };
-    let e = net
-        .as_growable()
+    let e = as_growable(net.as_mut())
         .unwrap()
         .grow(&req, &vm, &mut loss)
         .unwrap_err()
         .to_string();
     assert!(e.contains("bottleneck.conv1"), "{e}");
+}
+
+/// Without deep supervision there are no `ds_heads` (the seed has none), so growing an
+/// `up_j.conv2` widens only the next decoder block, and the function is kept.
+#[test]
+fn without_deep_supervision_no_heads_and_growth_skips_them() {
+    let io_off = NetworkIo {
+        deep_supervision: false,
+        ..IO
+    };
+    let r = Registry::default();
+    let on = r.parameters(&spec(&kwargs_2d(false)), &IO).unwrap();
+    let off = r.parameters(&spec(&kwargs_2d(false)), &io_off).unwrap();
+    assert!(on.iter().any(|p| p.name.starts_with("ds_heads.")));
+    assert!(off.iter().all(|p| !p.name.starts_with("ds_heads.")));
+    assert_eq!(on.len() - off.len(), 2, "one head: weight + bias");
+    let vm = VarMap::new();
+    let vb = crate::init::seeded_init_backend(&vm, 4, DType::F32, &Device::Cpu);
+    let mut net = r.build(&spec(&kwargs_2d(false)), &io_off, vb).unwrap();
+    let x = input(&[2, 2, 8, 12], 1);
+    let before = net.forward(&x, false).unwrap();
+    assert_eq!(before.len(), 1);
+    let req = GrowRequest {
+        layer: "up_0.conv2".into(),
+        method: GrowthMethod::SampleSelect { n_candidates: 3 },
+        n_new: 1,
+        seed: 2,
+    };
+    let mut loss = mse_loss(x.clone());
+    let out = as_growable(net.as_mut())
+        .unwrap()
+        .grow(&req, &vm, &mut loss)
+        .unwrap();
+    assert!(out.changes.iter().all(|c| !c.name.starts_with("ds_heads")));
+    assert!(max_abs_diff(&before, &net.forward(&x, false).unwrap()) <= 1e-5);
+    // turning deep supervision on needs heads that were built
+    net.set_deep_supervision(true);
+    assert!(!net.deep_supervision());
+    assert_eq!(net.forward(&x, false).unwrap().len(), 1);
 }

@@ -1,7 +1,7 @@
 //! Options of [`super::KiUNet`]: a PlainConvUNet `arch_kwargs` object plus the KiU-Net keys
 //! documented in the module doc of [`super`].
 
-use crate::registry::ArchError;
+use crate::network::ArchError;
 use crate::unet::options::{invalid, EncoderKind, Kwargs, UNetConfig};
 use serde_json::{Map, Value};
 

@@ -18,7 +18,7 @@
 use super::config::{DecoderCrfb, KiUNetConfig, PoolType};
 use super::net::{conv_first, vox};
 use crate::memory::MemoryEstimate;
-use crate::registry::LayerRow;
+use crate::network::LayerRow;
 use crate::unet::blocks::conv_out_size;
 
 fn axes(v: &[usize]) -> String {
@@ -209,8 +209,14 @@ impl Walker<'_> {
 
 /// The layer rows of a KiU-Net for one sample of spatial size `patch`, each with its element
 /// count in halves of nnU-Net's currency (see the module doc).
-#[allow(clippy::needless_range_loop)] // stage-indexed parallel lists
 pub fn walk(cfg: &KiUNetConfig, patch: &[usize]) -> Vec<(LayerRow, u64)> {
+    walk_with(cfg, patch, cfg.base.deep_supervision)
+}
+
+/// [`walk`] of a network whose deep-supervision heads (built when
+/// `cfg.base.deep_supervision`) give outputs only when `ds_outputs`.
+#[allow(clippy::needless_range_loop)] // stage-indexed parallel lists
+pub fn walk_with(cfg: &KiUNetConfig, patch: &[usize], ds_outputs: bool) -> Vec<(LayerRow, u64)> {
     let n = cfg.n_stages();
     let dim = cfg.dim();
     let b = &cfg.base;
@@ -362,10 +368,10 @@ pub fn walk(cfg: &KiUNetConfig, patch: &[usize]) -> Vec<(LayerRow, u64)> {
             ),
             DecoderCrfb::Off => {}
         }
-        if j + 2 < n {
+        if j + 2 < n && b.deep_supervision {
             let head = format!("unet_deep_supervision_heads.{j}");
             let p = Walker::pointwise_params(f[s], b.num_classes);
-            if b.deep_supervision {
+            if ds_outputs {
                 wk.push(
                     head,
                     format!(

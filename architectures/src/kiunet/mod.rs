@@ -27,7 +27,8 @@
 //! - **Skips** are taken after the CRFB (as in the original KiU-Net).
 //! - **Output**: `(unet_seg_head(u) + resize(kinet_seg_head(k))) / 2`. Deep supervision: U-Net
 //!   heads on decoder stages 1..n-2, nnU-Net order (full resolution first), `n_stages - 1`
-//!   outputs. The heads always exist (as nnU-Net's); deep supervision only selects outputs.
+//!   outputs. The heads are built only with deep supervision (the seed has none without it),
+//!   so the network without it has exactly the seed's parameters.
 //! - Ki-Net widths default to a quarter of the U-Net widths (at least 2).
 //!
 //! # KiU-Net keys in `arch_kwargs` (all optional; standard PlainConvUNet keys are required)
@@ -66,7 +67,7 @@ pub use estimate::KiUNetEstimate;
 pub use net::KiUNet;
 
 use crate::memory::MemoryEstimate;
-use crate::registry::{ArchError, ArchPreset, Architecture, CandleContext, NetworkIo, SegNetwork};
+use crate::network::{ArchError, ArchPreset, Architecture, CandleContext, NetworkIo, SegNetwork};
 use candle_nn::VarBuilder;
 use serde_json::{json, Map, Value};
 use std::sync::Arc;

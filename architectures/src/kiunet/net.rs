@@ -1,8 +1,9 @@
 //! The KiU-Net network: building blocks with the seed's state_dict names and the forward pass.
 
 use super::config::{DecoderCrfb, KiNetSizing, KiUNetConfig, PoolType};
+use crate::init::he_normal_std;
+use crate::network::{LayerRow, SegNetwork};
 use crate::ops::{self, ConvOpts, InterpMode, InterpSize, PoolOpts};
-use crate::registry::{he_normal_std, LayerRow, SegNetwork};
 use crate::unet::blocks::{apply_dropout, apply_nonlin, check_input, conv_out_size, Norm};
 use crate::unet::blocks::{TransposedConv, HE_NEG_SLOPE};
 use crate::unet::options::{ConvBlockOptions, DropoutOptions, Nonlin};
@@ -518,7 +519,9 @@ impl KiUNet {
         let nc = b.num_classes;
         let unet_seg_head = KConv::pointwise(f[0], nc, dim, vb.pp("unet_seg_head"))?;
         let kinet_seg_head = KConv::pointwise(w[0], nc, dim, vb.pp("kinet_seg_head"))?;
-        let ds_heads = (0..n - 2)
+        // the heads exist only with deep supervision (the seed builds none without it)
+        let n_heads = if b.deep_supervision { n - 2 } else { 0 };
+        let ds_heads = (0..n_heads)
             .map(|j| {
                 KConv::pointwise(
                     f[n - 2 - j],
@@ -604,8 +607,8 @@ impl SegNetwork for KiUNet {
         self.forward_impl(x, train)
     }
     fn set_deep_supervision(&mut self, on: bool) {
-        self.deep_supervision = on;
-        self.config.base.deep_supervision = on;
+        // outputs of heads that were built; without them only the full resolution
+        self.deep_supervision = on && self.config.base.deep_supervision;
     }
     fn deep_supervision(&self) -> bool {
         self.deep_supervision
@@ -614,9 +617,7 @@ impl SegNetwork for KiUNet {
         self.config.dim()
     }
     fn layers(&self, patch: &[usize]) -> Vec<LayerRow> {
-        let mut cfg = self.config.clone();
-        cfg.base.deep_supervision = self.deep_supervision;
-        super::estimate::walk(&cfg, patch)
+        super::estimate::walk_with(&self.config, patch, self.deep_supervision)
             .into_iter()
             .map(|(r, _)| r)
             .collect()

@@ -1,5 +1,7 @@
 use super::*;
-use crate::registry::{count_trainable, Registry, ShapeRecorder, KWARGS_PATH};
+use crate::init::{count_trainable, ShapeRecorder};
+use crate::network::KWARGS_PATH;
+use crate::registry::Registry;
 use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 use std::path::PathBuf;
@@ -100,6 +102,23 @@ fn fixture_kiunet2d_f4_matches_seed() {
     assert_eq!(
         r.parameter_count(&s_off, &io).unwrap(),
         meta["params"].as_u64().unwrap() - unused
+    );
+    // without deep supervision the seed builds no `unet_deep_supervision_heads`
+    let heads: u64 = keys
+        .iter()
+        .filter(|(k, _)| k.starts_with("unet_deep_supervision_heads."))
+        .map(|(_, v)| {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d.as_u64().unwrap())
+                .product::<u64>()
+        })
+        .sum();
+    assert!(heads > 0);
+    assert_eq!(
+        r.parameter_count(&s, &self::io(1, 2, false)).unwrap(),
+        meta["params"].as_u64().unwrap() - heads
     );
     // forward
     let dev = Device::Cpu;

@@ -3,8 +3,9 @@
 //! encoder's down-sampling step.
 
 use super::config::Downsample;
+use crate::init::he_normal_std;
+use crate::network::LayerRow;
 use crate::ops::{self, ConvOpts, GeluKind, PoolOpts};
-use crate::registry::{he_normal_std, LayerRow};
 use crate::unet::blocks::{apply_dropout, apply_nonlin, Norm};
 use crate::unet::options::{DropoutOptions, Nonlin, NormOptions};
 use candle_core::{Result, Tensor};

@@ -1,7 +1,7 @@
 //! `arch_kwargs` → [`PreActConfig`]: the standard nnU-Net plan keys plus this family's own
 //! options (see the module documentation of [`super`]).
 
-use crate::registry::{ArchError, NetworkIo};
+use crate::network::{ArchError, NetworkIo};
 use crate::unet::options::{
     invalid, ConvDim, DropoutOptions, Kwargs, Nonlin, NormKind, NormOptions,
 };

@@ -16,11 +16,12 @@
 //!   strides[s], C_s→C_{s-1}, bias)` → `cat[up, skip]` → `n_blocks_per_stage_decoder` PreActRes
 //!   blocks (the first `2C→C` with projection) → 1×1 segmentation head (bias, no final
 //!   norm/activation). Deep supervision: one head per decoder stage, outputs full resolution
-//!   first, `n_stages - 1` of them; the heads always exist.
+//!   first, `n_stages - 1` of them; without deep supervision only the full-resolution head is
+//!   built (as the seed).
 //!
 //! With the seed's 2D configuration (1 input channel, `[32, 64, 128, 256]`, 2 classes,
-//! max-pool, 3×3 kernels) the network has 2,092,068 parameters (+388 for the two
-//! low-resolution deep-supervision heads), the reference's "≈2.1M".
+//! max-pool, 3×3 kernels) the network has 2,092,068 parameters without deep supervision, the
+//! reference's "≈2.1M" (deep supervision adds the two low-resolution heads, +388).
 //!
 //! # `arch_kwargs`
 //! The standard nnU-Net keys of a `PlainConvUNet` / `ResidualEncoderUNet` plan are accepted:
@@ -71,7 +72,7 @@ mod tests;
 use self::blocks::{ConvNeXtBlock, Down, PConv, PreActRes};
 pub use self::config::{Downsample, PreActConfig};
 use crate::memory::MemoryEstimate;
-use crate::registry::{
+use crate::network::{
     ArchError, ArchPreset, Architecture, CandleContext, LayerRow, NetworkIo, SegNetwork,
 };
 use crate::unet::blocks::{check_input, TransposedConv};
@@ -86,7 +87,9 @@ pub const PREACT_RESUNET: &str = "nnseg.architectures.PreActResUNet";
 /// The pre-activation residual U-Net. state_dict names:
 /// `encoder.stages.{s}.down.*` (conv down-sampling only), `encoder.stages.{s}.blocks.{b}.*`,
 /// `encoder.stages.{n-1}.convnext.*`, `decoder.transpconvs.{i}.*`,
-/// `decoder.stages.{i}.blocks.{b}.*`, `decoder.seg_layers.{i}.*` (`i = 0` at the bottleneck).
+/// `decoder.stages.{i}.blocks.{b}.*`, `decoder.seg_layers.{i}.*` (`i = 0` at the bottleneck;
+/// without deep supervision only the full-resolution `seg_layers.{n-2}` is built, as the seed's
+/// single head).
 #[derive(Debug)]
 pub struct PreActResUNet {
     pub config: PreActConfig,
@@ -95,7 +98,10 @@ pub struct PreActResUNet {
     convnext: Option<ConvNeXtBlock>,
     transpconvs: Vec<TransposedConv>,
     dec_blocks: Vec<Vec<PreActRes>>,
-    seg_layers: Vec<PConv>,
+    /// One head per decoder stage; the low-resolution ones only with deep supervision.
+    seg_layers: Vec<Option<PConv>>,
+    /// The low-resolution heads' outputs are returned.
+    ds_outputs: bool,
 }
 
 fn is_ones(v: &[usize]) -> bool {
@@ -193,14 +199,19 @@ impl PreActResUNet {
                 )?);
             }
             dec_blocks.push(blocks);
-            seg_layers.push(PConv::same(
-                c,
-                cfg.num_classes,
-                &ones,
-                1,
-                true,
-                vdec.pp("seg_layers").pp(i),
-            )?);
+            let head = cfg.deep_supervision || i == n - 2;
+            seg_layers.push(if head {
+                Some(PConv::same(
+                    c,
+                    cfg.num_classes,
+                    &ones,
+                    1,
+                    true,
+                    vdec.pp("seg_layers").pp(i),
+                )?)
+            } else {
+                None
+            });
         }
         Ok(PreActResUNet {
             config: cfg.clone(),
@@ -210,6 +221,7 @@ impl PreActResUNet {
             transpconvs,
             dec_blocks,
             seg_layers,
+            ds_outputs: cfg.deep_supervision,
         })
     }
 
@@ -226,7 +238,12 @@ impl PreActResUNet {
                 .map(TransposedConv::params)
                 .sum::<u64>()
             + blocks(&self.dec_blocks)
-            + self.seg_layers.iter().map(PConv::params).sum::<u64>()
+            + self
+                .seg_layers
+                .iter()
+                .flatten()
+                .map(PConv::params)
+                .sum::<u64>()
     }
 }
 
@@ -267,8 +284,9 @@ impl SegNetwork for PreActResUNet {
             for b in &self.dec_blocks[i] {
                 h = b.forward(&h, train)?;
             }
-            if cfg.deep_supervision || i == n - 2 {
-                outs.push(self.seg_layers[i].forward(&h)?);
+            match &self.seg_layers[i] {
+                Some(head) if self.ds_outputs || i == n - 2 => outs.push(head.forward(&h)?),
+                _ => {}
             }
             lres = h;
         }
@@ -277,11 +295,12 @@ impl SegNetwork for PreActResUNet {
     }
 
     fn set_deep_supervision(&mut self, on: bool) {
-        self.config.deep_supervision = on;
+        // outputs of heads that were built (the config keeps what was built)
+        self.ds_outputs = on && self.config.deep_supervision;
     }
 
     fn deep_supervision(&self) -> bool {
-        self.config.deep_supervision
+        self.ds_outputs
     }
 
     fn spatial_dims(&self) -> usize {
@@ -327,21 +346,28 @@ impl SegNetwork for PreActResUNet {
             for (b, blk) in self.dec_blocks[i].iter().enumerate() {
                 h = blk.layer_rows(&format!("decoder.stages.{i}.blocks.{b}"), &h, &mut rows);
             }
-            if cfg.deep_supervision || i == n - 2 {
-                let mut o = vec![cfg.num_classes];
-                o.extend(&h[1..]);
-                rows.push(LayerRow {
-                    name: format!("decoder.seg_layers.{i}"),
-                    kind: format!("{} (segmentation head)", self.seg_layers[i].describe()),
-                    output_shape: o,
-                    params: self.seg_layers[i].params(),
-                    stored_activations: 1,
-                });
+            match &self.seg_layers[i] {
+                Some(head) if self.ds_outputs || i == n - 2 => {
+                    let mut o = vec![cfg.num_classes];
+                    o.extend(&h[1..]);
+                    rows.push(LayerRow {
+                        name: format!("decoder.seg_layers.{i}"),
+                        kind: format!("{} (segmentation head)", head.describe()),
+                        output_shape: o,
+                        params: head.params(),
+                        stored_activations: 1,
+                    });
+                }
+                _ => {}
             }
             lres = h;
         }
-        if !cfg.deep_supervision {
-            let unused: u64 = self.seg_layers[..n - 2].iter().map(PConv::params).sum();
+        if !self.ds_outputs {
+            let unused: u64 = self.seg_layers[..n - 2]
+                .iter()
+                .flatten()
+                .map(PConv::params)
+                .sum();
             if unused > 0 {
                 rows.push(LayerRow {
                     name: "decoder.seg_layers (low-res)".into(),

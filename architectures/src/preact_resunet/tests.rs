@@ -1,6 +1,7 @@
 use super::blocks::PreActRes;
 use super::*;
-use crate::registry::{LayerRow, Registry};
+use crate::network::LayerRow;
+use crate::registry::Registry;
 use crate::unet::options::{NormKind, NormOptions};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
@@ -83,30 +84,32 @@ fn seed_2d_parameter_count_by_hand() {
     // up 64→32 (8,192+32) + PreActRes(64→32) 128+18,432+64+9,216+2,048 = 8,224+29,888  =    38,112
     // head 1×1 32→2 + bias                                                              =        66
     // total                                                                             = 2,092,068
-    // plus the deep-supervision heads 128→2 (258) and 64→2 (130), which always exist: 2,092,456
+    // deep supervision adds the heads 128→2 (258) and 64→2 (130):                  2,092,456
     let r = Registry::default();
     let s = spec(seed_2d());
+    // without deep supervision the network is exactly the seed's (no low-resolution heads)
     let params = r.parameters(&s, &io(1, 2, false)).unwrap();
-    let total = crate::registry::count_trainable(&params);
-    assert_eq!(total, 2_092_456);
-    let without_ds: u64 = params
-        .iter()
-        .filter(|p| p.trainable())
-        .filter(|p| {
-            !p.name.starts_with("decoder.seg_layers.0.")
-                && !p.name.starts_with("decoder.seg_layers.1.")
-        })
-        .map(|p| p.shape.iter().product::<usize>() as u64)
-        .sum();
-    assert_eq!(without_ds, 2_092_068);
-    // BN running statistics exist but are buffers
+    assert_eq!(crate::init::count_trainable(&params), 2_092_068);
     assert!(params
+        .iter()
+        .all(|p| !p.name.starts_with("decoder.seg_layers.0.")
+            && !p.name.starts_with("decoder.seg_layers.1.")));
+    assert!(params
+        .iter()
+        .any(|p| p.name == "decoder.seg_layers.2.weight"));
+    let with_ds = r.parameters(&s, &io(1, 2, true)).unwrap();
+    assert_eq!(crate::init::count_trainable(&with_ds), 2_092_456);
+    // BN running statistics exist but are buffers
+    assert!(with_ds
         .iter()
         .any(|p| p.name == "encoder.stages.0.blocks.0.norm1.running_var" && !p.trainable()));
     // the network's own count and the layer table agree
     let (_, net) = r.shape_only(&s, &io(1, 2, true)).unwrap();
     let rows: u64 = net.layers(&[256, 256]).iter().map(|r| r.params).sum();
     assert_eq!(rows, 2_092_456);
+    let (_, net) = r.shape_only(&s, &io(1, 2, false)).unwrap();
+    let rows: u64 = net.layers(&[256, 256]).iter().map(|r| r.params).sum();
+    assert_eq!(rows, 2_092_068);
 }
 
 fn out_shapes(outs: &[Tensor]) -> Vec<Vec<usize>> {
@@ -253,7 +256,7 @@ fn identity_or_projection_shortcut() {
     };
     for (cin, cout) in [(3usize, 3usize), (3, 5)] {
         let vm = VarMap::new();
-        let vb = crate::registry::seeded_init_backend(&vm, 1, DType::F32, &dev);
+        let vb = crate::init::seeded_init_backend(&vm, 1, DType::F32, &dev);
         let blk = PreActRes::new(cin, cout, &[3, 3], &norm, act, None, vb).unwrap();
         assert_eq!(blk.skip.is_some(), cin != cout);
         {

@@ -2,8 +2,9 @@
 //! `ResidualBlock` (`conv.block.{0,1,3,4}`, `skip`, `bn`), `DynamicConv` (`convs.{k}`, `fc`,
 //! `bn`), `PixelShuffleUp` (`conv`, `bn`) and a small `Linear`.
 
+use crate::init::he_normal_std;
+use crate::network::LayerRow;
 use crate::ops::{self, ConvOpts};
-use crate::registry::{he_normal_std, LayerRow};
 use crate::unet::blocks::{apply_nonlin, Conv, ConvSpec, Norm, HE_NEG_SLOPE};
 use crate::unet::options::{Nonlin, NormOptions};
 use candle_core::{Result, Tensor};

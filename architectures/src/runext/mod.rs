@@ -36,8 +36,9 @@
 //! - `block_norm`: `"plan"` (default), `"batch"` (the seed's BatchNorm, eps 1e-5, momentum
 //!   0.1), `"instance"` (affine InstanceNorm) or `"none"`;
 //! - `block_nonlin`: `"plan"` (default), `"relu"` (the seed) or `"leaky_relu"` (slope 1e-2);
-//! - `deep_supervision_heads` (bool, default true): build the low-resolution heads (the seed has
-//!   none; without them deep supervision yields only the full-resolution output).
+//! - `deep_supervision_heads` (bool, default true): build the low-resolution heads when deep
+//!   supervision is on (the seed has none; without them deep supervision yields only the
+//!   full-resolution output). Without deep supervision no such head is built.
 //!
 //! The seed's exact form (fixture `dynamic_runext_b8_d4`): a 2D plan with strides 2, kernels 3,
 //! `base_channels`, `block_norm: "batch"`, `block_nonlin: "relu"`, `deep_supervision_heads:
@@ -56,9 +57,37 @@ pub use blocks::{
 };
 pub use net::{DynamicRUNext, DynamicResDown, DynamicResUp};
 
+/// One forward pass of a network with an image-level classification head.
+#[derive(Debug, Clone)]
+pub struct SegAndClassLogits {
+    /// Segmentation logits, as [`SegNetwork::forward`] returns them.
+    pub seg: Vec<Tensor>,
+    /// `(N, n_cls)` logits of the multi-label head (before the sigmoid), to be trained with
+    /// BCE against "which foreground classes are in the patch".
+    pub class_logits: Tensor,
+}
+
+/// A RUNext ability: an image-level multi-label classification head next to the
+/// segmentation (reached through [`as_class_head`]).
+pub trait ClassHead {
+    /// Number of class logits (`num_cls`, by default the foreground classes).
+    fn num_class_outputs(&self) -> usize;
+    /// Segmentation and class logits of one forward pass.
+    fn forward_with_class(&self, x: &Tensor, train: bool)
+        -> candle_core::Result<SegAndClassLogits>;
+}
+
+/// The classification head of `network`, if it has one (a RUNext).
+pub fn as_class_head(network: &dyn SegNetwork) -> Option<&dyn ClassHead> {
+    let any: &dyn std::any::Any = network;
+    any.downcast_ref::<DynamicRUNext>()
+        .map(|n| n as &dyn ClassHead)
+}
+
 use crate::memory::MemoryEstimate;
-use crate::registry::{ArchError, ArchPreset, Architecture, CandleContext, NetworkIo, SegNetwork};
+use crate::network::{ArchError, ArchPreset, Architecture, CandleContext, NetworkIo, SegNetwork};
 use crate::unet::options::{invalid, ConvDim, Nonlin, NormKind, NormOptions, UNetConfig};
+use candle_core::Tensor;
 use candle_nn::VarBuilder;
 use serde_json::{json, Map, Value};
 use std::sync::Arc;
@@ -449,6 +478,6 @@ impl Architecture for RUNextArchitecture {
 }
 
 /// The architectures this module registers.
-pub fn architectures() -> Vec<Arc<dyn crate::registry::Architecture>> {
+pub fn architectures() -> Vec<Arc<dyn crate::network::Architecture>> {
     vec![Arc::new(RUNextArchitecture)]
 }

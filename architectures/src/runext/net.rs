@@ -2,8 +2,9 @@
 
 use super::blocks::{DynamicConv, Linear, PixelShuffleUp, ResidualBlock};
 use super::RUNextConfig;
+use super::{ClassHead, SegAndClassLogits};
+use crate::network::{LayerRow, SegNetwork};
 use crate::ops::{self, PadMode, PoolOpts};
-use crate::registry::{LayerRow, NetOutput, SegNetwork};
 use crate::unet::blocks::{apply_dropout, check_input, Conv, ConvSpec};
 use crate::unet::options::DropoutOptions;
 use candle_core::{Result, Tensor};
@@ -122,7 +123,8 @@ impl DynamicRUNext {
             vb.pp("outc"),
         )?;
         let mut ds_heads = vec![];
-        if cfg.ds_heads {
+        // low-resolution heads only where deep supervision is on (the seed has none)
+        if cfg.ds_heads && cfg.deep_supervision {
             for (l, &fl) in f.iter().enumerate().skip(1) {
                 ds_heads.push(Conv::new(
                     &ConvSpec::new(fl, cfg.num_classes, &ones, &ones),
@@ -152,7 +154,12 @@ impl DynamicRUNext {
     }
 
     /// Segmentation logits (full resolution first) and, if `with_class`, the class logits.
-    fn run(&self, x: &Tensor, train: bool, with_class: bool) -> Result<NetOutput> {
+    fn run(
+        &self,
+        x: &Tensor,
+        train: bool,
+        with_class: bool,
+    ) -> Result<(Vec<Tensor>, Option<Tensor>)> {
         let dim = self.config.conv_dim();
         check_input(x, dim, self.config.in_channels, "DynamicRUNext")?;
         let mut skips = Vec::with_capacity(self.depth());
@@ -208,7 +215,7 @@ impl DynamicRUNext {
             }
         }
         seg.reverse();
-        Ok(NetOutput { seg, class_logits })
+        Ok((seg, class_logits))
     }
 
     /// Parameters of the segmentation heads not used without deep supervision.
@@ -221,18 +228,27 @@ impl DynamicRUNext {
     }
 }
 
-impl SegNetwork for DynamicRUNext {
-    fn forward(&self, x: &Tensor, train: bool) -> Result<Vec<Tensor>> {
-        Ok(self.run(x, train, false)?.seg)
+impl ClassHead for DynamicRUNext {
+    fn num_class_outputs(&self) -> usize {
+        self.config.n_cls
     }
 
-    fn forward_full(&self, x: &Tensor, train: bool) -> Result<NetOutput> {
-        self.run(x, train, true)
+    fn forward_with_class(&self, x: &Tensor, train: bool) -> Result<SegAndClassLogits> {
+        match self.run(x, train, true)? {
+            (seg, Some(class_logits)) => Ok(SegAndClassLogits { seg, class_logits }),
+            (_, None) => candle_core::bail!("DynamicRUNext: the class head produced no logits"),
+        }
+    }
+}
+
+impl SegNetwork for DynamicRUNext {
+    fn forward(&self, x: &Tensor, train: bool) -> Result<Vec<Tensor>> {
+        Ok(self.run(x, train, false)?.0)
     }
 
     fn set_deep_supervision(&mut self, on: bool) {
-        self.deep_supervision = on;
-        self.config.deep_supervision = on;
+        // the config keeps what was built; outputs need built heads
+        self.deep_supervision = on && self.config.deep_supervision;
     }
 
     fn deep_supervision(&self) -> bool {

@@ -1,6 +1,6 @@
 use super::*;
+use crate::init::{count_trainable, seeded_init_backend, ShapeRecorder};
 use crate::memory::{plain_conv_unet_feature_map_size, UNetTopology};
-use crate::registry::{count_trainable, seeded_init_backend, ShapeRecorder};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use std::path::PathBuf;
@@ -84,10 +84,13 @@ fn fixture_dynamic_runext_b8_d4_matches_pytorch() {
 
     let vb = VarBuilder::from_tensors(tensors.clone(), DType::F32, &Device::Cpu);
     let net = RUNextArchitecture.build(&kw, PATH, &io, vb).unwrap();
-    let out = net.forward_full(&tensors["input"], false).unwrap();
+    let out = as_class_head(net.as_ref())
+        .unwrap()
+        .forward_with_class(&tensors["input"], false)
+        .unwrap();
     assert_eq!(out.seg.len(), 1);
     assert_close(&out.seg[0], &tensors["output.0"], "seg logits");
-    let probs = candle_nn::ops::sigmoid(&out.class_logits.unwrap()).unwrap();
+    let probs = candle_nn::ops::sigmoid(&out.class_logits).unwrap();
     assert_close(&probs, &tensors["output.1"], "class probabilities");
     // forward returns the same segmentation without the class head
     let seg = net.forward(&tensors["input"], false).unwrap();
@@ -210,7 +213,10 @@ fn shapes_2d_3d_anisotropic_with_and_without_deep_supervision() {
             let mut shape = vec![2, 2];
             shape.extend(&patch);
             let x = Tensor::randn(0f32, 1f32, shape, &Device::Cpu).unwrap();
-            let out = net.forward_full(&x, false).unwrap();
+            let out = as_class_head(net.as_ref())
+                .unwrap()
+                .forward_with_class(&x, false)
+                .unwrap();
             let n_dec = strides.len() - 1;
             assert_eq!(out.seg.len(), if ds { n_dec } else { 1 });
             let mut size = patch.clone();
@@ -225,7 +231,7 @@ fn shapes_2d_3d_anisotropic_with_and_without_deep_supervision() {
                     .collect();
             }
             // default: num_classes - 1 foreground classes
-            assert_eq!(out.class_logits.unwrap().dims(), &[2, 2]);
+            assert_eq!(out.class_logits.dims(), &[2, 2]);
             assert_eq!(net.forward(&x, false).unwrap().len(), out.seg.len());
             // layer table: same parameter total as the built network
             let rows = net.layers(&patch);
@@ -249,13 +255,19 @@ fn set_deep_supervision_toggles_outputs_and_num_cls_overrides() {
     assert!(!net.deep_supervision());
     assert_eq!(net.forward(&x, false).unwrap().len(), 1);
     // 2 classes → 1 foreground class; num_cls overrides
-    let out = net.forward_full(&x, false).unwrap();
-    assert_eq!(out.class_logits.unwrap().dims(), &[1, 1]);
+    let out = as_class_head(net.as_ref())
+        .unwrap()
+        .forward_with_class(&x, false)
+        .unwrap();
+    assert_eq!(out.class_logits.dims(), &[1, 1]);
     let mut kw2 = kw.clone();
     kw2.insert("num_cls".into(), json!(5));
     let (_vm, net2) = build(&kw2, &io(1, 2, true), 3);
-    let out = net2.forward_full(&x, false).unwrap();
-    assert_eq!(out.class_logits.unwrap().dims(), &[1, 5]);
+    let out = as_class_head(net2.as_ref())
+        .unwrap()
+        .forward_with_class(&x, false)
+        .unwrap();
+    assert_eq!(out.class_logits.dims(), &[1, 5]);
 }
 
 #[test]
@@ -280,8 +292,11 @@ fn gradients_reach_every_parameter() {
         let mut shape = vec![2, 1];
         shape.extend(&patch);
         let x = Tensor::randn(0f32, 1f32, shape, &Device::Cpu).unwrap();
-        let out = net.forward_full(&x, true).unwrap();
-        let mut loss = out.class_logits.unwrap().sqr().unwrap().sum_all().unwrap();
+        let out = as_class_head(net.as_ref())
+            .unwrap()
+            .forward_with_class(&x, true)
+            .unwrap();
+        let mut loss = out.class_logits.sqr().unwrap().sum_all().unwrap();
         for (i, s) in out.seg.iter().enumerate() {
             // weight each output differently so no gradient cancels by symmetry
             let w = Tensor::randn(0f32, 1f32, s.dims(), &Device::Cpu).unwrap();

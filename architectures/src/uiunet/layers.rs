@@ -2,10 +2,11 @@
 //! RSU-LF) and the interactive cross-attention fusion (IC-A, `AsymBiChaFuseReduce`), N-d.
 //!
 //! Every block can add its rows to a [`Walk`], which is both the layer table
-//! ([`crate::registry::SegNetwork::layers`]) and the activation estimate.
+//! ([`crate::network::SegNetwork::layers`]) and the activation estimate.
 
+use crate::init::he_normal_std;
+use crate::network::LayerRow;
 use crate::ops::{self, ConvOpts, InterpMode, InterpSize, PoolOpts};
-use crate::registry::{he_normal_std, LayerRow};
 use crate::unet::blocks::{apply_dropout, apply_nonlin, Norm, HE_NEG_SLOPE};
 use crate::unet::options::{ConvBlockOptions, DropoutOptions, Nonlin};
 use candle_core::{Result, Tensor};

@@ -50,10 +50,10 @@ mod layers;
 mod tests;
 
 use self::layers::{effective_pool, pool, pooled_size, resize, DConv, Ica, Rsu, RsuSpec, Walk};
+use crate::init::ShapeRecorder;
 use crate::memory::MemoryEstimate;
-use crate::registry::{
+use crate::network::{
     ArchError, ArchPreset, Architecture, CandleContext, LayerRow, NetworkIo, SegNetwork,
-    ShapeRecorder,
 };
 use crate::unet::blocks::check_input;
 use crate::unet::options::{invalid, ConvBlockOptions, ConvDim, UNetConfig};

@@ -2,8 +2,9 @@
 //! strides, deep supervision on/off), gradients, activation estimate vs reference §3, errors.
 
 use super::*;
+use crate::init::count_trainable;
 use crate::memory::{plain_conv_unet_feature_map_size, UNetTopology};
-use crate::registry::{count_trainable, Registry};
+use crate::registry::Registry;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use serde_json::{json, Map, Value};

@@ -6,8 +6,9 @@
 //! zero biases, norm weight 1 and bias 0).
 
 use super::options::{ConvBlockOptions, ConvDim, DropoutOptions, Nonlin, NormKind, NormOptions};
+use crate::init::he_normal_std;
+use crate::network::LayerRow;
 use crate::ops::{self, ConvOpts, ConvTransposeOpts, NormAffine, PoolOpts};
-use crate::registry::{he_normal_std, LayerRow};
 use candle_core::{Result, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
 use std::sync::Mutex;

@@ -8,7 +8,7 @@ pub mod options;
 use self::blocks::{check_input, BasicBlockD, Conv, ConvSpec, StackedConvBlocks, TransposedConv};
 use self::options::{EncoderKind, UNetConfig};
 use crate::memory::{MemoryEstimate, UNetEstimate, UNetVariant};
-use crate::registry::{ArchError, Architecture, CandleContext, LayerRow, NetworkIo, SegNetwork};
+use crate::network::{ArchError, Architecture, CandleContext, LayerRow, NetworkIo, SegNetwork};
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 use serde_json::{Map, Value};
@@ -380,7 +380,7 @@ impl ResidualEncoderUNet {
     }
 }
 
-impl<E: UNetEncoder> SegNetwork for UNet<E> {
+impl<E: UNetEncoder + 'static> SegNetwork for UNet<E> {
     fn forward(&self, x: &Tensor, train: bool) -> Result<Vec<Tensor>> {
         check_input(
             x,

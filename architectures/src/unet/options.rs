@@ -4,13 +4,13 @@
 //! Every error names the JSON path of the bad value, e.g.
 //! `architecture.arch_kwargs.kernel_sizes[2]`.
 
+use crate::network::ArchError;
 use crate::ops::GeluKind;
-use crate::registry::ArchError;
 use serde_json::{Map, Value};
 use std::collections::BTreeSet;
 
 /// Default JSON path prefix of `arch_kwargs` inside a configuration.
-pub const ARCH_KWARGS_PATH: &str = "architecture.arch_kwargs";
+pub const ARCH_KWARGS_PATH: &str = crate::network::KWARGS_PATH;
 
 /// Number of spatial dimensions, from `conv_op` (`torch.nn.modules.conv.Conv3d` → 3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

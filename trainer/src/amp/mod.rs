@@ -10,7 +10,7 @@
 //! `torch.autocast(dtype=torch.bfloat16)` per op, without a loss scaler (bf16 has f32's
 //! exponent range).
 
-use architectures::registry::{NetOutput, SegNetwork};
+use architectures::network::SegNetwork;
 use candle_core::{DType, Device, Result, Tensor};
 use serde::{Deserialize, Serialize};
 
@@ -62,20 +62,28 @@ pub fn describe(dtype: DType) -> String {
     }
 }
 
-/// `network.forward_full(x, train)` with the forward pass in `dtype`: `x` is cast to `dtype`
-/// and every output back to f32. With `dtype` f32 this is the plain forward pass.
+/// `network.forward(x, train)` with the forward pass in `dtype`: `x` is cast to `dtype` and
+/// every output back to f32. With `dtype` f32 this is the plain forward pass.
 pub fn forward_autocast(
     network: &dyn SegNetwork,
     x: &Tensor,
     train: bool,
     dtype: DType,
-) -> Result<NetOutput> {
-    let out = network.forward_full(&x.to_dtype(dtype)?, train)?;
-    let f32 = |t: Tensor| t.to_dtype(DType::F32);
-    Ok(NetOutput {
-        seg: out.seg.into_iter().map(f32).collect::<Result<_>>()?,
-        class_logits: out.class_logits.map(f32).transpose()?,
-    })
+) -> Result<Vec<Tensor>> {
+    autocast(x, dtype, |x| network.forward(x, train))
+}
+
+/// Runs `forward` on `x` cast to `dtype` and casts its outputs back to f32 (for forward
+/// passes other than [`SegNetwork::forward`], e.g. with auxiliary outputs).
+pub fn autocast(
+    x: &Tensor,
+    dtype: DType,
+    forward: impl FnOnce(&Tensor) -> Result<Vec<Tensor>>,
+) -> Result<Vec<Tensor>> {
+    forward(&x.to_dtype(dtype)?)?
+        .into_iter()
+        .map(|t| t.to_dtype(DType::F32))
+        .collect()
 }
 
 #[cfg(test)]

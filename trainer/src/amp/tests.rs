@@ -90,8 +90,8 @@ fn bf16_forward_is_close_to_f32() {
     let (x, _) = batch();
     let want = forward_autocast(net.as_ref(), &x, false, DType::F32).unwrap();
     let got = forward_autocast(net.as_ref(), &x, false, DType::BF16).unwrap();
-    assert_eq!(got.seg.len(), want.seg.len());
-    for (g, w) in got.seg.iter().zip(&want.seg) {
+    assert_eq!(got.len(), want.len());
+    for (g, w) in got.iter().zip(&want) {
         assert_eq!(g.dtype(), DType::F32);
         assert_eq!(g.dims(), w.dims());
         let e = rel_err(w, g);
@@ -128,7 +128,7 @@ fn bf16_training_keeps_f32_master_weights_and_learns() {
     let mut losses = vec![];
     for step in 0..10 {
         let out = forward_autocast(net.as_ref(), &x, true, DType::BF16).unwrap();
-        let l = loss.loss_ds(&out.seg, &targets).unwrap();
+        let l = loss.loss_ds(&out, &targets).unwrap();
         assert_eq!(l.dtype(), DType::F32);
         let mut g = l.backward().unwrap();
         if step == 0 {
@@ -181,11 +181,15 @@ fn every_preset_network_runs_in_bf16() {
             .unwrap_or_else(|e| panic!("{name}: {e}"));
         let out = forward_autocast(net.as_ref(), &x, true, DType::BF16)
             .unwrap_or_else(|e| panic!("{name}: bf16 forward: {e}"));
-        let mut total = out.seg[0].sqr().unwrap().mean_all().unwrap();
-        if let Some(c) = &out.class_logits {
+        let mut total = out[0].sqr().unwrap().mean_all().unwrap();
+        if let Some(head) = architectures::runext::as_class_head(net.as_ref()) {
+            let c = head
+                .forward_with_class(&x.to_dtype(DType::BF16).unwrap(), true)
+                .and_then(|o| o.class_logits.to_dtype(DType::F32))
+                .unwrap_or_else(|e| panic!("{name}: bf16 class head: {e}"));
             total = (total + c.sqr().unwrap().mean_all().unwrap()).unwrap();
         }
-        assert!(out.seg.iter().all(|t| t.dtype() == DType::F32), "{name}");
+        assert!(out.iter().all(|t| t.dtype() == DType::F32), "{name}");
         let g = total
             .backward()
             .unwrap_or_else(|e| panic!("{name}: backward: {e}"));

@@ -2,11 +2,12 @@
 //! PlainConvUNet and ResidualEncoderUNet and every registry preset (`kiunet_minimal`,
 //! `convunext_tiny`, ...), each in 2D and 3D, built by the registry as training builds them.
 
-use crate::amp::{forward_autocast, Amp};
+use crate::amp::{autocast, forward_autocast, Amp};
 use crate::loss::LossOptions;
 use crate::loss::{bce_with_logits, deep_supervision_weights, DcAndCeLoss, DeepSupervisionLoss};
 use architectures::doctor::{host_uniform, panic_message};
 use architectures::registry::{NetworkIo, Registry};
+use architectures::runext::as_class_head;
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 use serde_json::{json, Map, Value};
@@ -195,15 +196,31 @@ fn forward_backward(
     let x = host_uniform(&xs, seed)
         .and_then(|t| t.to_device(device))
         .map_err(e("input"))?;
-    let out = forward_autocast(net.as_ref(), &x, true, dtype).map_err(e("forward"))?;
+    let (seg, class_logits) = match as_class_head(net.as_ref()) {
+        Some(head) => {
+            let mut outs = autocast(&x, dtype, |x| {
+                let o = head.forward_with_class(x, true)?;
+                let mut v = o.seg;
+                v.push(o.class_logits);
+                Ok(v)
+            })
+            .map_err(e("forward"))?;
+            let class_logits = outs.pop();
+            (outs, class_logits)
+        }
+        None => {
+            let seg = forward_autocast(net.as_ref(), &x, true, dtype).map_err(e("forward"))?;
+            (seg, None)
+        }
+    };
     let mut want = vec![BATCH, CLASSES];
     want.extend(&case.patch);
-    match out.seg.first() {
+    match seg.first() {
         Some(y) if y.dims() == want.as_slice() => {}
         Some(y) => return Err(format!("output shape {:?}, expected {want:?}", y.dims())),
         None => return Err("the network returned no output".into()),
     }
-    let loss = training_loss(&out.seg, out.class_logits.as_ref()).map_err(e("loss"))?;
+    let loss = training_loss(&seg, class_logits.as_ref()).map_err(e("loss"))?;
     let value = loss
         .to_dtype(DType::F64)
         .and_then(|l| l.to_scalar::<f64>())

@@ -12,7 +12,8 @@ pub mod sliding;
 use crate::amp::Amp;
 use crate::checkpoint::{Checkpoint, CheckpointError};
 use crate::data::Fold;
-use architectures::registry::{ArchError, NetworkIo, Registry, SegNetwork};
+use architectures::network::{ArchError, NetworkIo, SegNetwork};
+use architectures::registry::Registry;
 use candle_core::{DType, Device, Tensor};
 use datasets::layout::validation_folder;
 use datasets::{ModelDir, PredictionDir, PreprocessedDir};
@@ -234,7 +235,7 @@ impl Predictor {
                 )));
             }
             let (net, axes) = load_fold_network(&path, device, amp, registry, &cfg.architecture)?;
-            let expected = architectures::import::num_input_channels(&cfg, &ds);
+            let expected = NetworkIo::input_channels(&cfg, &ds);
             if net.input_channels != expected {
                 return Err(PredictError::Config(format!(
                     "{}: the network takes {} input channel(s) but configuration `{cfg_name}` \

@@ -1,11 +1,14 @@
 //! End-to-end training on a tiny synthetic 2D dataset.
 
+use super::hooks::class_presence_loss;
 use super::*;
+use crate::data::LabelInfo;
+use candle_core::Tensor;
 use datasets::io::ImageProperties;
 use ndarray::Array4;
 use preprocessing::storage::{save_case, CaseProperties};
-use serde_json::Value;
-use std::collections::BTreeMap;
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, HashMap};
 
 const DATASET: &str = "Dataset999_Tiny";
 
@@ -635,7 +638,7 @@ fn growable_unet_grows_during_training_and_resumes() {
     r.config.network_kwargs = p.network_kwargs;
     r.config.growth.every = Some(1);
     r.config.growth.layers = vec!["bottleneck".into(), "up_1".into()];
-    r.config.growth.method = "split".into();
+    r.config.growth.method = crate::growth::GrowthMethodName::Split;
     let s = train(&r).unwrap();
     let log = std::fs::read_to_string(&s.log_file).unwrap();
     assert_eq!(log.matches("Network growth (split)").count(), 2, "{log}");
@@ -680,4 +683,43 @@ fn bf16_mixed_precision_trains_with_f32_checkpoints() {
         .network_weights
         .values()
         .all(|t| t.dtype() == candle_core::DType::F32));
+}
+
+/// `nnUNetTrainerNoDeepSupervision` with a research network: the network has no
+/// deep-supervision heads (checkpoints hold none), `--c` resumes it, and a checkpoint written
+/// when the heads were always built is a clear error on resume.
+#[test]
+fn no_deep_supervision_builds_no_heads_and_old_checkpoints_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pre = make_dataset(tmp.path());
+    let mut r = quick_request(tmp.path(), &pre, 1, "preact_noDS");
+    let p = crate::presets::Presets::default()
+        .get("preact_resunet")
+        .unwrap();
+    r.config.network_override = p.network_override;
+    r.config.network_kwargs = p.network_kwargs;
+    r.config.enable_deep_supervision = false;
+    let s = train(&r).unwrap();
+    let ck = Checkpoint::load(&s.final_checkpoint, &Device::Cpu).unwrap();
+    assert!(!ck.meta.network.enable_deep_supervision);
+    assert!(ck
+        .network_weights
+        .contains_key("decoder.seg_layers.1.weight"));
+    assert!(!ck
+        .network_weights
+        .contains_key("decoder.seg_layers.0.weight"));
+    // resume: same network
+    let mut again = r.clone();
+    again.continue_training = true;
+    again.config.num_epochs = 2;
+    assert_eq!(train(&again).unwrap().start_epoch, 1);
+    // a checkpoint with the low-resolution head of an older nnseg
+    let mut old = Checkpoint::load(&s.final_checkpoint, &Device::Cpu).unwrap();
+    let w = Tensor::zeros((3, 8, 1, 1), DType::F32, &Device::Cpu).unwrap();
+    old.network_weights
+        .insert("decoder.seg_layers.0.weight".into(), w);
+    old.save(&s.final_checkpoint).unwrap();
+    let e = train(&again).unwrap_err();
+    assert!(matches!(e, TrainError::UnbuiltHeads { .. }), "{e}");
+    assert!(e.to_string().contains("decoder.seg_layers.0.weight"), "{e}");
 }

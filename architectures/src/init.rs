@@ -1,4 +1,5 @@
-//! Weight backends for [`candle_nn::VarBuilder`]:
+//! Weight initialisation: nnU-Net's initialisers ([`he_normal_std`]) and the weight backends
+//! for [`candle_nn::VarBuilder`]:
 //! - [`SeededInit`] creates every requested weight in a `VarMap` from its init hint with a
 //!   seeded ChaCha generator (independent of candle's global RNG; each tensor's stream depends
 //!   only on the seed and its name, so construction order does not matter);
@@ -232,6 +233,15 @@ impl SimpleBackend for ShapeRecorder {
             .map(|v| v.iter().any(|p| p.name == name))
             .unwrap_or(false)
     }
+}
+
+/// Sum of the element counts of the trainable entries.
+pub fn count_trainable(params: &[ParamInfo]) -> u64 {
+    params
+        .iter()
+        .filter(|p| p.trainable())
+        .map(|p| p.shape.iter().product::<usize>() as u64)
+        .sum()
 }
 
 #[cfg(test)]

@@ -395,6 +395,11 @@ impl PredictionDir {
 }
 
 /// `fold_folder/validation`.
+/// The advisory lock file `train` holds in a fold folder while it writes there (nnseg's own).
+pub fn fold_lock_file(fold_folder: &Path) -> PathBuf {
+    fold_folder.join(".nnseg_train.lock")
+}
+
 pub fn validation_folder(fold_folder: &Path) -> PathBuf {
     fold_folder.join("validation")
 }

@@ -11,6 +11,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod evaluation;
+pub mod fold_lock;
 #[cfg(feature = "cuda")]
 pub mod gpu_memory;
 pub mod growth;

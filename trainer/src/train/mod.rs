@@ -155,6 +155,8 @@ pub enum TrainError {
     Optim(#[from] OptimError),
     #[error(transparent)]
     Progress(#[from] ProgressError),
+    #[error(transparent)]
+    FoldLock(#[from] crate::fold_lock::FoldLockError),
     #[error("final validation: {0}")]
     Predict(#[from] Box<crate::predict::PredictError>),
     #[error("{}: {source}", path.display())]
@@ -420,6 +422,8 @@ fn train_prepared(req: &TrainRequest, setup: Setup) -> Result<TrainSummary, Trai
     let model_folder = req.model_folder();
     let fold_folder = req.fold_folder();
     std::fs::create_dir_all(&fold_folder).map_err(io_err(&fold_folder))?;
+    // one writer per fold, held until training returns
+    let _fold_lock = crate::fold_lock::FoldLock::acquire(&fold_folder)?;
     let pre = &req.preprocessed_dataset_folder;
     copy_json(
         &pre.join(format!("{}.json", req.plans_name)),

@@ -392,9 +392,39 @@ impl PredictionDir {
     pub fn properties(&self, case: &str) -> PathBuf {
         self.0.join(format!("{case}.json"))
     }
+    /// Present while a predict or ensemble run writes into the folder (and after one that
+    /// failed or was interrupted): the folder is not a finished result.
+    pub fn incomplete_marker(&self) -> PathBuf {
+        self.0.join(INCOMPLETE_MARKER)
+    }
+}
+
+/// File name of [`PredictionDir::incomplete_marker`].
+pub const INCOMPLETE_MARKER: &str = "nnseg_prediction_incomplete.txt";
+
+/// The writer's pid in the name of a temp file of nnseg's atomic writers (all hidden):
+/// `.nnseg-tmp-{pid}-{n}{ending}` (datasets::io), `.{name}.tmp-{pid}-{n}`
+/// (preprocessing::storage) and `.{name}.tmp.{pid}.{n}` (plans::io); `None` for other names.
+pub fn temp_file_pid(file_name: &str) -> Option<u32> {
+    if !file_name.starts_with('.') {
+        return None;
+    }
+    let at = file_name.rfind("tmp")?;
+    let rest = file_name[at + 3..].strip_prefix(['-', '.'])?;
+    let digits: &str = &rest[..rest.find(|c: char| !c.is_ascii_digit())?];
+    let after = &rest[digits.len()..];
+    if !(after.starts_with('-') || after.starts_with('.')) {
+        return None;
+    }
+    digits.parse().ok()
 }
 
 /// `fold_folder/validation`.
+/// The advisory lock file `train` holds in a fold folder while it writes there (nnseg's own).
+pub fn fold_lock_file(fold_folder: &Path) -> PathBuf {
+    fold_folder.join(".nnseg_train.lock")
+}
+
 pub fn validation_folder(fold_folder: &Path) -> PathBuf {
     fold_folder.join("validation")
 }
@@ -472,6 +502,20 @@ mod tests {
         );
         let e = ModelDir::at("/res/D/imported").sibling("2d").unwrap_err();
         assert!(e.to_string().contains("/res/D/imported"), "{e}");
+    }
+
+    #[test]
+    fn temp_file_names_give_the_writer_pid() {
+        assert_eq!(temp_file_pid(".nnseg-tmp-123-4.nii.gz"), Some(123));
+        assert_eq!(temp_file_pid(".a.npz.tmp-77-0"), Some(77));
+        assert_eq!(temp_file_pid(".a.json.tmp.9.1"), Some(9));
+        for other in ["a.nii.gz", ".hidden", "tmp-1-2", ".x.tmp-a-1", ".x.tmp-12"] {
+            assert_eq!(temp_file_pid(other), None, "{other}");
+        }
+        assert_eq!(
+            PredictionDir::new("/o").incomplete_marker(),
+            Path::new("/o/nnseg_prediction_incomplete.txt")
+        );
     }
 
     #[test]

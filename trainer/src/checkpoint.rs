@@ -4,12 +4,20 @@
 //! `trainer_name`, `inference_allowed_mirroring_axes`).
 //!
 //! One file per checkpoint makes the write atomic: it is written to a temp file in the same
-//! folder and renamed, so a crash leaves either the previous checkpoint or the new one.
+//! folder and renamed, so a crash leaves either the previous checkpoint or the new one. The
+//! file is created like every other output (mode 0666 minus the umask).
+//!
+//! Every checkpoint carries a SHA-256 of its metadata JSON and tensor data in the header
+//! ([`CHECKSUM_KEY`], see [`checksum`]); [`Checkpoint::load`] recomputes it and refuses a file
+//! whose bytes changed ([`CheckpointError::Checksum`]). Checkpoints written before checksums
+//! existed have no such key: they load with a warning.
 
 use crate::config::TrainerConfig;
 use crate::logging::TrainingLog;
 use candle_core::{Device, Tensor};
+use safetensors::tensor::View;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
@@ -17,6 +25,8 @@ use std::path::{Path, PathBuf};
 pub const CHECKPOINT_FORMAT: &str = "nnseg-checkpoint-v1";
 /// Header metadata key holding the JSON.
 pub const METADATA_KEY: &str = "nnseg_checkpoint";
+/// Header metadata key holding the hex SHA-256 of the checkpoint's content (see [`checksum`]).
+pub const CHECKSUM_KEY: &str = "nnseg_sha256";
 /// Tensor-name prefix of the network weights.
 pub const NETWORK_PREFIX: &str = "network_weights/";
 /// Tensor-name prefix of the optimizer state.
@@ -90,8 +100,10 @@ pub struct Checkpoint {
 /// Checkpoint I/O errors; all name the file.
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
-    #[error("{}: {source}", path.display())]
+    #[error("{action} {}: {source}", path.display())]
     Io {
+        /// `reading`, `writing` or `renaming to`.
+        action: &'static str,
         path: PathBuf,
         #[source]
         source: std::io::Error,
@@ -104,6 +116,77 @@ pub enum CheckpointError {
         #[source]
         source: candle_core::Error,
     },
+    #[error(
+        "{}: checksum mismatch, the file is corrupted (header says sha256 {expected}, \
+         content hashes to {actual}); restore it from a backup or retrain",
+        path.display()
+    )]
+    Checksum {
+        path: PathBuf,
+        expected: String,
+        actual: String,
+    },
+}
+
+/// SHA-256 (lower-case hex) of a checkpoint's content: the metadata JSON, then each tensor in
+/// name order (name, dtype, shape, raw little-endian bytes), every field length-prefixed.
+pub fn checksum<'a, V: View + 'a>(
+    meta_json: &str,
+    tensors: impl IntoIterator<Item = (&'a str, &'a V)>,
+) -> String {
+    fn field(h: &mut Sha256, bytes: &[u8]) {
+        h.update((bytes.len() as u64).to_le_bytes());
+        h.update(bytes);
+    }
+    let mut h = Sha256::new();
+    field(&mut h, meta_json.as_bytes());
+    for (name, t) in tensors {
+        field(&mut h, name.as_bytes());
+        field(&mut h, format!("{:?}", t.dtype()).as_bytes());
+        h.update((t.shape().len() as u64).to_le_bytes());
+        for d in t.shape() {
+            h.update((*d as u64).to_le_bytes());
+        }
+        field(&mut h, &t.data());
+    }
+    h.finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<String>()
+}
+
+/// Checks the stored [`CHECKSUM_KEY`] against the file's content; a file without one (written
+/// before checksums existed) is accepted with a warning.
+fn verify_checksum(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
+    let fmt = |message: String| CheckpointError::Format {
+        path: path.to_path_buf(),
+        message,
+    };
+    let st = safetensors::SafeTensors::deserialize(bytes)
+        .map_err(|e| fmt(format!("not a safetensors file: {e}")))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
+        .map_err(|e| fmt(format!("not a safetensors file: {e}")))?;
+    let meta = header.metadata().clone().unwrap_or_default();
+    let Some(expected) = meta.get(CHECKSUM_KEY) else {
+        tracing::warn!(
+            "{}: checkpoint has no checksum (written before nnseg stored one); \
+             its integrity cannot be verified",
+            path.display()
+        );
+        return Ok(());
+    };
+    let json = meta.get(METADATA_KEY).map(String::as_str).unwrap_or("");
+    let mut views = st.tensors();
+    views.sort_by(|a, b| a.0.cmp(&b.0));
+    let actual = checksum(json, views.iter().map(|(k, v)| (k.as_str(), v)));
+    if &actual != expected {
+        return Err(CheckpointError::Checksum {
+            path: path.to_path_buf(),
+            expected: expected.clone(),
+            actual,
+        });
+    }
+    Ok(())
 }
 
 impl Checkpoint {
@@ -137,11 +220,24 @@ impl Checkpoint {
             .and_then(|f| f.to_str())
             .unwrap_or("checkpoint");
         let tmp = dir.join(format!(".{fname}.tmp{}", std::process::id()));
-        let metadata = HashMap::from([(METADATA_KEY.to_string(), json)]);
-        let res = safetensors::serialize_to_file(contiguous, Some(metadata), &tmp)
-            .map_err(|e| fmt(format!("writing {}: {e}", tmp.display())))
+        let sum = checksum(&json, contiguous.iter().map(|(k, t)| (k.as_str(), t)));
+        let metadata = HashMap::from([
+            (METADATA_KEY.to_string(), json),
+            (CHECKSUM_KEY.to_string(), sum),
+        ]);
+        // serialize in memory and create the file ourselves: safetensors' own writer goes
+        // through a private (0600) temp file, unlike every other output
+        let bytes = safetensors::serialize(contiguous, Some(metadata))
+            .map_err(|e| fmt(format!("serializing: {e}")))?;
+        let res = write_synced(&tmp, &bytes)
+            .map_err(|source| CheckpointError::Io {
+                action: "writing",
+                path: tmp.clone(),
+                source,
+            })
             .and_then(|()| {
                 std::fs::rename(&tmp, path).map_err(|source| CheckpointError::Io {
+                    action: "renaming to",
                     path: path.to_path_buf(),
                     source,
                 })
@@ -155,19 +251,22 @@ impl Checkpoint {
     /// Reads only the metadata (the header) of a checkpoint.
     pub fn load_meta(path: &Path) -> Result<CheckpointMeta, CheckpointError> {
         let bytes = std::fs::read(path).map_err(|source| CheckpointError::Io {
+            action: "reading",
             path: path.to_path_buf(),
             source,
         })?;
         meta_from_bytes(path, &bytes)
     }
 
-    /// Reads a checkpoint; tensors are placed on `device`.
+    /// Reads a checkpoint and verifies its checksum; tensors are placed on `device`.
     pub fn load(path: &Path, device: &Device) -> Result<Self, CheckpointError> {
         let bytes = std::fs::read(path).map_err(|source| CheckpointError::Io {
+            action: "reading",
             path: path.to_path_buf(),
             source,
         })?;
         let meta = meta_from_bytes(path, &bytes)?;
+        verify_checksum(path, &bytes)?;
         let all = candle_core::safetensors::load_buffer(&bytes, device).map_err(|source| {
             CheckpointError::Candle {
                 path: path.to_path_buf(),
@@ -194,6 +293,14 @@ impl Checkpoint {
             optimizer_state,
         })
     }
+}
+
+/// Creates `path` (mode 0666 minus the umask), writes `bytes` and syncs them to disk.
+fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
 }
 
 fn meta_from_bytes(path: &Path, bytes: &[u8]) -> Result<CheckpointMeta, CheckpointError> {
@@ -351,5 +458,56 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("not an nnseg checkpoint"), "{e}");
+    }
+
+    /// Regression (issue 19): flipped bytes in the weights used to load silently.
+    #[test]
+    fn flipped_weight_bytes_are_refused_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(CheckpointKind::Final.file_name());
+        sample(&Device::Cpu).save(&path).unwrap();
+        let mut bytes = std::fs::read(&path).unwrap();
+        // the tensor data is the tail of the file: flip bytes in it
+        let n = bytes.len();
+        for b in &mut bytes[n - 20..n - 4] {
+            *b ^= 0xff;
+        }
+        std::fs::write(&path, &bytes).unwrap();
+        let e = Checkpoint::load(&path, &Device::Cpu).unwrap_err();
+        assert!(matches!(e, CheckpointError::Checksum { .. }), "{e}");
+        let msg = e.to_string();
+        assert!(msg.contains("checkpoint_final.safetensors"), "{msg}");
+        assert!(msg.contains("checksum mismatch"), "{msg}");
+    }
+
+    #[test]
+    fn checkpoints_without_a_checksum_still_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let ck = sample(&Device::Cpu);
+        let path = dir.path().join("old.safetensors");
+        // as written before checksums: only the metadata key
+        let json = serde_json::to_string(&ck.meta).unwrap();
+        let tensors: Vec<(String, Tensor)> = ck
+            .network_weights
+            .iter()
+            .map(|(k, t)| (format!("{NETWORK_PREFIX}{k}"), t.clone()))
+            .collect();
+        let metadata = HashMap::from([(METADATA_KEY.to_string(), json)]);
+        safetensors::serialize_to_file(tensors, Some(metadata), &path).unwrap();
+        let back = Checkpoint::load(&path, &Device::Cpu).unwrap();
+        assert_eq!(back.meta.current_epoch, ck.meta.current_epoch);
+        assert_eq!(back.meta.network, ck.meta.network);
+    }
+
+    #[test]
+    fn checkpoint_files_get_the_same_mode_as_other_outputs() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(CheckpointKind::Latest.file_name());
+        sample(&Device::Cpu).save(&path).unwrap();
+        let other = dir.path().join("other.json");
+        std::fs::write(&other, b"{}").unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), mode(&other));
     }
 }

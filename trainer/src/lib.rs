@@ -12,6 +12,7 @@ pub mod config;
 pub mod data;
 pub mod doctor;
 pub mod evaluation;
+pub mod fold_lock;
 #[cfg(feature = "cuda")]
 pub mod gpu_memory;
 pub mod growth;

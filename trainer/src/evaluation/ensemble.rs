@@ -177,6 +177,9 @@ pub fn ensemble_folders(
     let first = input_folders
         .first()
         .ok_or_else(|| EvalError::Config("ensembling needs at least one input folder".into()))?;
+    for f in input_folders {
+        crate::predict::outputs::ensure_complete(f)?;
+    }
     let cases = cases_of(first)?;
     if cases.is_empty() {
         return Err(EvalError::NoCases {
@@ -209,6 +212,8 @@ pub fn ensemble_folders(
         }
     }
     std::fs::create_dir_all(output_folder).map_err(io_err("create", output_folder))?;
+    let marker =
+        crate::predict::outputs::begin(&PredictionDir::new(output_folder), "nnseg ensemble")?;
     pool(opts.num_workers)?.install(|| {
         cases.par_iter().try_for_each(|case| -> Result<()> {
             let mut sum: Option<(Array4<f32>, Value)> = None;
@@ -245,14 +250,15 @@ pub fn ensemble_folders(
                 &opts.labels,
                 opts.regions_class_order.as_deref(),
             );
+            // one unit per case: probabilities first, the segmentation last
+            if opts.save_probabilities {
+                save_probabilities(&output_folder.join(format!("{case}.npz")), &s, &props)?;
+            }
             datasets::io::write_seg(
                 &output_folder.join(format!("{case}{}", opts.file_ending)),
                 seg.view(),
                 &geometry,
             )?;
-            if opts.save_probabilities {
-                save_probabilities(&output_folder.join(format!("{case}.npz")), &s, &props)?;
-            }
             Ok(())
         })
     })?;
@@ -266,6 +272,7 @@ pub fn ensemble_folders(
             plans::io::write_atomic(&to, &bytes)?;
         }
     }
+    marker.finish()?;
     Ok(cases.len())
 }
 

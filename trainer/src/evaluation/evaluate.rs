@@ -443,6 +443,8 @@ pub fn evaluate_folder(
     prediction_folder: &Path,
     opts: &EvaluateOptions,
 ) -> Result<Summary> {
+    // a folder whose predict/ensemble run did not finish is not a result
+    crate::predict::outputs::ensure_complete(prediction_folder)?;
     let pairs = pair_files(
         reference_folder,
         prediction_folder,

@@ -40,6 +40,8 @@ pub use postprocess::{
 /// Errors of evaluation, ensembling and postprocessing; all name the file or folder involved.
 #[derive(Debug, thiserror::Error)]
 pub enum EvalError {
+    #[error(transparent)]
+    Output(#[from] crate::predict::outputs::OutputError),
     #[error("{action} {path}: {source}")]
     Io {
         action: &'static str,

@@ -7,6 +7,7 @@
 //!   [`run_final_validation`] predicts a fold's validation cases from the preprocessed data.
 
 pub mod export;
+pub mod outputs;
 pub mod sliding;
 
 use crate::amp::Amp;
@@ -51,8 +52,12 @@ pub enum PredictError {
         #[source]
         source: candle_core::Error,
     },
-    #[error("{}: {source}", path.display())]
+    #[error(transparent)]
+    Output(#[from] outputs::OutputError),
+    #[error("{action} {}: {source}", path.display())]
     Io {
+        /// `reading`, `listing`, `creating`, ...
+        action: &'static str,
         path: PathBuf,
         #[source]
         source: std::io::Error,
@@ -71,8 +76,12 @@ pub enum PredictError {
     Config(String),
 }
 
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> PredictError + '_ {
+fn io_err<'a>(
+    action: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> PredictError + 'a {
     move |source| PredictError::Io {
+        action,
         path: path.to_path_buf(),
         source,
     }
@@ -357,11 +366,8 @@ impl Predictor {
             &self.labels,
             save_probabilities,
         )?;
-        datasets::io::write_seg(
-            output_file,
-            exported.segmentation.view(),
-            &props.image_properties,
-        )?;
+        // one unit per case: probabilities and properties first, the segmentation last, each
+        // renamed from a temp name, so a segmentation on disk always has its companions
         if let Some(p) = exported.probabilities {
             let (dir, case) = output_case(output_file, &self.dataset_json.file_ending);
             write_probabilities(&dir.probabilities(&case), &p)?;
@@ -369,6 +375,11 @@ impl Predictor {
                 .map_err(|e| PredictError::Config(format!("case properties: {e}")))?;
             plans::io::write_json_atomic(&dir.properties(&case), &json)?;
         }
+        datasets::io::write_seg(
+            output_file,
+            exported.segmentation.view(),
+            &props.image_properties,
+        )?;
         Ok(())
     }
 }
@@ -419,9 +430,9 @@ pub fn find_input_cases(
 ) -> Result<Vec<InputCase>, PredictError> {
     use std::collections::BTreeMap;
     let mut cases: BTreeMap<String, BTreeMap<usize, PathBuf>> = BTreeMap::new();
-    let rd = std::fs::read_dir(folder).map_err(io_err(folder))?;
+    let rd = std::fs::read_dir(folder).map_err(io_err("listing", folder))?;
     for entry in rd {
-        let entry = entry.map_err(io_err(folder))?;
+        let entry = entry.map_err(io_err("listing", folder))?;
         let name = entry.file_name().to_string_lossy().into_owned();
         if !name.ends_with(file_ending) || name.starts_with('.') || !entry.path().is_file() {
             continue;
@@ -525,7 +536,7 @@ pub struct PredictReport {
 }
 
 fn copy_file(src: &Path, dst: &Path) -> Result<(), PredictError> {
-    let bytes = std::fs::read(src).map_err(io_err(src))?;
+    let bytes = std::fs::read(src).map_err(io_err("reading", src))?;
     plans::io::write_atomic(dst, &bytes)?;
     Ok(())
 }
@@ -551,11 +562,12 @@ pub fn predict_from_raw_folder(req: &PredictRequest) -> Result<PredictReport, Pr
         &ending,
         predictor.dataset_json.num_channels(),
     )?;
-    std::fs::create_dir_all(&req.output_folder).map_err(io_err(&req.output_folder))?;
+    std::fs::create_dir_all(&req.output_folder).map_err(io_err("creating", &req.output_folder))?;
     let (model, output) = (
         ModelDir::at(&req.model_folder),
         PredictionDir::new(&req.output_folder),
     );
+    let marker = outputs::begin(&output, "nnseg predict")?;
     copy_file(&model.dataset_json(), &output.dataset_json())?;
     copy_file(&model.plans_json(), &output.plans_json())?;
     let args = serde_json::json!({
@@ -641,6 +653,7 @@ pub fn predict_from_raw_folder(req: &PredictRequest) -> Result<PredictReport, Pr
         }
         Ok(())
     })?;
+    marker.finish()?;
     Ok(report)
 }
 
@@ -752,7 +765,8 @@ fn export_next_stage(
     predictor.labels.apply_nonlin(&mut probs);
     let seg = predictor.labels.to_segmentation(&probs);
     let seg = seg.insert_axis(ndarray::Axis(0));
-    std::fs::create_dir_all(&next.output_folder).map_err(io_err(&next.output_folder))?;
+    std::fs::create_dir_all(&next.output_folder)
+        .map_err(io_err("creating", &next.output_folder))?;
     preprocessing::storage::write_npy_atomic(
         &crate::data::cascade::prev_stage_file(&next.output_folder, case),
         &seg,
@@ -772,7 +786,8 @@ pub fn run_final_validation(
     cascade: &CascadeIo,
 ) -> Result<Vec<PathBuf>, PredictError> {
     let out = validation_folder(fold_folder);
-    std::fs::create_dir_all(&out).map_err(io_err(&out))?;
+    std::fs::create_dir_all(&out).map_err(io_err("creating", &out))?;
+    let marker = outputs::begin(&PredictionDir::new(&out), "the final validation")?;
     validation_cases
         .iter()
         .map(|c| {
@@ -785,7 +800,11 @@ pub fn run_final_validation(
                 cascade,
             )
         })
-        .collect()
+        .collect::<Result<Vec<_>, _>>()
+        .and_then(|written| {
+            marker.finish()?;
+            Ok(written)
+        })
 }
 
 /// `{results}/{dataset}/{trainer}__{plans}__{previous_stage}/predicted_next_stage/{configuration}`

@@ -730,6 +730,71 @@ fn random_network_through_the_real_checkpoint_path() {
     assert!(e.contains("case c2"), "{e}");
 }
 
+/// Regression (issue 19): a run that failed in the middle of a case left that case's
+/// segmentation without its probabilities, and nothing told the folder from a finished one.
+#[test]
+fn a_failed_prediction_leaves_no_half_case_and_a_marker() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("D").join("nnUNetTrainer__nnUNetPlans__2d");
+    let pv = plans_value(
+        [0, 1, 2],
+        vec![(
+            "2d",
+            configuration(&[8, 8], &[1.0, 1.0], "ZScoreNormalization"),
+        )],
+    );
+    std::fs::create_dir_all(&model).unwrap();
+    plans::io::write_json_atomic(&model.join("plans.json"), &pv).unwrap();
+    three_labels().save(&model.join("dataset.json")).unwrap();
+    save_random_checkpoint(&model.join("fold_0"), &plans_from(&pv), 1);
+    let input = tmp.path().join("in");
+    std::fs::create_dir_all(&input).unwrap();
+    let props = ImageProperties::with_spacing([1.0, 1.0, 1.0]);
+    for i in 0..2 {
+        let img = Array3::from_shape_fn((1, 6, 7), |(_, y, x)| ((y * 3 + x) % 5) as f32);
+        datasets::io::write_image(&input.join(format!("c{i}_0000.nii.gz")), img.view(), &props)
+            .unwrap();
+    }
+    let out = tmp.path().join("out");
+    let mut req = PredictRequest::new(&input, &out, &model, vec![Fold::Index(0)], Device::Cpu);
+    req.save_probabilities = true;
+    req.num_workers = 1;
+    // the probabilities of c1 cannot be written (a folder is in the way)
+    std::fs::create_dir_all(out.join("c1.npz").join("x")).unwrap();
+    let e = predict_from_raw_folder(&req).unwrap_err().to_string();
+    assert!(e.contains("case c1"), "{e}");
+    assert!(out.join("c0.nii.gz").is_file() && out.join("c0.npz").is_file());
+    assert!(
+        !out.join("c1.nii.gz").exists(),
+        "a segmentation without its probabilities"
+    );
+    let dir = PredictionDir::new(&out);
+    assert!(dir.incomplete_marker().is_file());
+    let opts = crate::evaluation::ensemble::EnsembleOptions::from_dataset_json(&three_labels(), 1);
+    let e = crate::evaluation::ensemble::ensemble_folders(
+        std::slice::from_ref(&out),
+        &tmp.path().join("ens"),
+        &opts,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("did not finish"), "{e}");
+
+    // a rerun cleans the stale temp files of the failed run and finishes the folder
+    std::fs::remove_dir_all(out.join("c1.npz")).unwrap();
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let dead = child.id();
+    child.wait().unwrap();
+    let stale = out.join(format!(".nnseg-tmp-{dead}-3.nii.gz"));
+    std::fs::write(&stale, b"half").unwrap();
+    predict_from_raw_folder(&req).unwrap();
+    assert!(!stale.exists());
+    assert!(!dir.incomplete_marker().exists());
+    for f in ["c1.nii.gz", "c1.npz", "c1.json"] {
+        assert!(out.join(f).is_file(), "{f}");
+    }
+}
+
 // ---------------------------------------------------------------- final validation in train()
 
 #[test]

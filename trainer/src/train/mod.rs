@@ -162,6 +162,9 @@ pub enum TrainError {
     Optim(#[from] OptimError),
     #[error(transparent)]
     Progress(#[from] ProgressError),
+    /// Another training holds this fold.
+    #[error(transparent)]
+    FoldLock(#[from] crate::fold_lock::FoldLockError),
     /// Invalid growth options, or a network that cannot grow.
     #[error(transparent)]
     Growth(Box<GrowthError>),

@@ -15,6 +15,7 @@ use super::step::{nnunet_loss, probe_output_count, to_tensors, Learner, StepAt};
 use super::{final_validation, io_err, TrainError, TrainRequest, TrainSummary};
 use crate::checkpoint::{find_resume_checkpoint, Checkpoint, CheckpointKind, NetworkMeta};
 use crate::data::{self, BackgroundLoader, LoaderOptions, PreprocessedDataset, Split};
+use crate::fold_lock::FoldLock;
 use crate::logging::{now_seconds, TrainingLog};
 use crate::loss::LossOptions;
 use crate::optim::poly_lr;
@@ -68,13 +69,17 @@ pub(super) struct Session<'r> {
     timing: Timing,
     #[cfg(feature = "cuda")]
     gpu_peak: u64,
+    /// Released when the session ends.
+    _fold_lock: FoldLock,
 }
 
-/// Creates the fold folder and copies the JSON files nnU-Net copies at `on_train_start`.
-fn open_folders(req: &TrainRequest, setup: &Setup) -> Result<PathBuf, TrainError> {
+/// Creates the fold folder, takes its lock (one writer per fold, held as long as the returned
+/// guard lives) and copies the JSON files nnU-Net copies at `on_train_start`.
+fn open_folders(req: &TrainRequest, setup: &Setup) -> Result<(PathBuf, FoldLock), TrainError> {
     let model_folder = req.model_folder();
     let fold_folder = req.fold_folder();
     std::fs::create_dir_all(&fold_folder).map_err(io_err(&fold_folder))?;
+    let lock = FoldLock::acquire(&fold_folder)?;
     let pre = &req.preprocessed_dataset_folder;
     copy_json(&setup.plans_file, &model_folder.join("plans.json"))?;
     copy_json(
@@ -85,7 +90,7 @@ fn open_folders(req: &TrainRequest, setup: &Setup) -> Result<PathBuf, TrainError
     if fp.is_file() {
         copy_json(&fp, &model_folder.join("dataset_fingerprint.json"))?;
     }
-    Ok(fold_folder)
+    Ok((fold_folder, lock))
 }
 
 fn copy_json(src: &Path, dst: &Path) -> Result<(), TrainError> {
@@ -262,7 +267,7 @@ impl<'r> Session<'r> {
     /// nnU-Net's `on_train_start` (see the module documentation).
     pub fn open(req: &'r TrainRequest, mut setup: Setup) -> Result<Self, TrainError> {
         let mut hooks = Hooks::for_config(&req.config, &setup.labels)?;
-        let fold_folder = open_folders(req, &setup)?;
+        let (fold_folder, fold_lock) = open_folders(req, &setup)?;
         let mut log = RunLog::create(&fold_folder, req.echo_log)?;
         let resume = find_resume(req, &fold_folder)?;
         let resumed_meta = resume.as_ref().map(|r| &r.checkpoint.meta.network);
@@ -307,6 +312,7 @@ impl<'r> Session<'r> {
             timing: Timing::default(),
             #[cfg(feature = "cuda")]
             gpu_peak: 0,
+            _fold_lock: fold_lock,
         };
         session.write_debug_json()?;
         session.log_start()?;

@@ -399,6 +399,32 @@ fn setup_errors_are_clear() {
     assert!(!tmp.path().join("nnUNet_results").exists());
 }
 
+/// Regression (issue 19): a second training of a fold that is being trained used to start
+/// and overwrite the first one's checkpoints; now it fails at once naming the holder.
+#[test]
+fn a_fold_being_trained_refuses_a_second_training() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pre = make_dataset(tmp.path());
+    let r = quick_request(tmp.path(), &pre, 1, "nnUNetTrainer");
+    let held = crate::fold_lock::FoldLock::acquire(&r.fold_folder()).unwrap();
+    let e = train(&r).unwrap_err();
+    let msg = e.to_string();
+    assert!(matches!(e, TrainError::FoldLock(_)), "{msg}");
+    assert!(
+        msg.contains(&format!("pid {}", std::process::id())),
+        "{msg}"
+    );
+    assert!(!r
+        .fold_folder()
+        .join("checkpoint_final.safetensors")
+        .exists());
+    drop(held);
+    let s = train(&r).unwrap();
+    assert!(s.final_checkpoint.is_file());
+    // the lock is gone once training returned
+    assert!(!datasets::layout::fold_lock_file(&r.fold_folder()).exists());
+}
+
 /// A fast request for the resume / configuration tests: 2 iterations of batch 2 per epoch,
 /// no intermediate checkpoints.
 fn quick_request(root: &Path, pre: &Path, epochs: usize, name: &str) -> TrainRequest {

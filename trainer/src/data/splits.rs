@@ -181,8 +181,33 @@ fn sorted(ids: &[String]) -> Vec<String> {
     v
 }
 
-/// Reads a splits file (`[{"train": [...], "val": [...]}, ...]`).
+/// Reads a splits file (`[{"train": [...], "val": [...]}, ...]`); a fold whose training
+/// and validation cases overlap is an error naming the fold and the cases.
 pub fn load_splits(path: &Path) -> Result<Vec<Split>, DataError> {
+    let splits = parse_splits(path)?;
+    for (k, s) in splits.iter().enumerate() {
+        let val: std::collections::BTreeSet<&String> = s.val.iter().collect();
+        let both: Vec<&str> = s
+            .train
+            .iter()
+            .filter(|c| val.contains(c))
+            .map(String::as_str)
+            .collect();
+        if !both.is_empty() {
+            return Err(DataError::Splits {
+                path: path.to_path_buf(),
+                message: format!(
+                    "fold {k}: {} case(s) are in both train and val: {}",
+                    both.len(),
+                    both.join(", ")
+                ),
+            });
+        }
+    }
+    Ok(splits)
+}
+
+fn parse_splits(path: &Path) -> Result<Vec<Split>, DataError> {
     let value = plans::io::read_json_file(path).map_err(|e| DataError::Splits {
         path: path.to_path_buf(),
         message: e.to_string(),

@@ -555,6 +555,7 @@ fn train_prepared(req: &TrainRequest, setup: Setup) -> Result<TrainSummary, Trai
 
     // data
     let data_folder = pre.join(&setup.cfg.data_identifier);
+    data::require_complete(&data_folder, &setup.plans, &req.configuration)?;
     let dataset = Arc::new(match &setup.cfg.previous_stage {
         None => PreprocessedDataset::open(&data_folder)?,
         Some(prev) => PreprocessedDataset::open_with_prev_stage(

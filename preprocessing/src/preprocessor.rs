@@ -960,6 +960,59 @@ mod tests {
         assert!(msg.contains("case_001") && msg.contains("NaN"), "{msg}");
     }
 
+    /// Issue 19: labels {0, 1, 3} (declared, or present but undeclared) and a zero pixdim
+    /// passed the fingerprint and preprocessing silently.
+    #[test]
+    fn fingerprint_checks_labels_and_voxel_sizes_always() {
+        let fp = |folder: &Path| {
+            let ds = RawDataset::open(folder).unwrap();
+            crate::fingerprint::extract_fingerprint_with_budget(&ds, 1, 100)
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let folder = write_raw(dir.path(), 2, &[5.0]);
+        fp(&folder).unwrap();
+        // declared non-consecutive labels
+        let json_path = folder.join("dataset.json");
+        let good = fs::read_to_string(&json_path).unwrap();
+        let mut j: Value = serde_json::from_str(&good).unwrap();
+        j["labels"] = json!({"background": 0, "a": 1, "b": 3});
+        fs::write(&json_path, j.to_string()).unwrap();
+        let e = fp(&folder).unwrap_err().to_string();
+        assert!(
+            e.contains("dataset.json") && e.contains("consecutive"),
+            "{e}"
+        );
+        fs::write(&json_path, &good).unwrap();
+        // a label file with a value not declared in dataset.json
+        let props = ImageProperties::with_spacing([2.0, 1.0, 1.0]);
+        let mut seg = Array3::<i16>::zeros((6, 8, 10));
+        seg.slice_mut(s![2..4, 2..5, 3..6]).fill(1);
+        seg[[3, 3, 3]] = 3;
+        let lbl = folder.join("labelsTr/case_001.nii.gz");
+        datasets::io::write_seg(&lbl, seg.view(), &props).unwrap();
+        let e = fp(&folder).unwrap_err().to_string();
+        assert!(
+            e.contains("case_001") && e.contains("[3]") && e.contains("not declared"),
+            "{e}"
+        );
+        seg[[3, 3, 3]] = 1;
+        datasets::io::write_seg(&lbl, seg.view(), &props).unwrap();
+        fp(&folder).unwrap();
+        // a zero voxel size along an axis with several voxels
+        let mut img = Array3::<f32>::zeros((6, 8, 10));
+        img.slice_mut(s![1..5, 1..7, 2..9]).fill(1.0);
+        let zero = ImageProperties::with_spacing([0.0, 1.0, 1.0]);
+        datasets::io::write_image(
+            &folder.join("imagesTr/case_001_0000.nii.gz"),
+            img.view(),
+            &zero,
+        )
+        .unwrap();
+        datasets::io::write_seg(&lbl, seg.view(), &zero).unwrap();
+        let e = fp(&folder).unwrap_err().to_string();
+        assert!(e.contains("case_001") && e.contains("pixdim[3]"), "{e}");
+    }
+
     #[test]
     fn preprocess_dataset_writes_all_cases_and_wipes_old_files() {
         let dir = tempfile::tempdir().unwrap();

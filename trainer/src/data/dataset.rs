@@ -22,6 +22,14 @@ pub fn require_complete(
     plans: &plans::Plans,
     configuration: &str,
 ) -> Result<(), DataError> {
+    let cfg = plans
+        .configuration(configuration)
+        .map_err(|e| DataError::Preprocessed(e.into()))?;
+    datasets::layout::check_name(
+        &format!("configuration {configuration:?}: data_identifier"),
+        &cfg.data_identifier,
+    )
+    .map_err(|e| DataError::Preprocessed(e.into()))?;
     if data_folder.is_dir() && preprocessing::CompletionRecord::read(data_folder)?.is_none() {
         tracing::warn!(
             "{} has no completion record (preprocessed by an older nnseg or by hand), so \

@@ -86,11 +86,31 @@ fn fnv1a(bytes: &[u8]) -> String {
     format!("{h:016x}")
 }
 
-/// Hash of what preprocessing reads from the plans: the resolved configuration, the
-/// transpose and the intensity statistics (normalization).
+/// The configuration keys that change the preprocessed data. Configurations sharing a data
+/// folder (e.g. `3d_cascade_fullres` inheriting `3d_fullres`) differ only in other keys
+/// (patch size, batch size, architecture, stages).
+const PREPROCESSING_KEYS: [&str; 9] = [
+    "data_identifier",
+    "preprocessor_name",
+    "spacing",
+    "normalization_schemes",
+    "use_mask_for_norm",
+    "resampling_fn_data",
+    "resampling_fn_seg",
+    "resampling_fn_data_kwargs",
+    "resampling_fn_seg_kwargs",
+];
+
+/// Hash of what preprocessing reads from the plans: the configuration's
+/// [`PREPROCESSING_KEYS`], the transpose and the intensity statistics (normalization).
 pub fn plans_hash(plans: &Plans, cfg: &Configuration) -> String {
+    let cfg_json = cfg.to_json();
+    let keys: serde_json::Map<String, serde_json::Value> = PREPROCESSING_KEYS
+        .iter()
+        .map(|k| (k.to_string(), cfg_json.get(*k).cloned().unwrap_or_default()))
+        .collect();
     let v = serde_json::json!({
-        "configuration": cfg,
+        "configuration": keys,
         "transpose_forward": plans.transpose_forward,
         "intensity": plans.foreground_intensity_properties_per_channel,
     });
@@ -244,9 +264,10 @@ pub fn verify_complete(
     let mut problems = Vec::new();
     if rec.plans_hash != plans_hash(plans, &cfg) || rec.data_identifier != cfg.data_identifier {
         problems.push(format!(
-            "the plans ({} configuration {configuration}) changed since the folder was \
-             preprocessed",
-            plans.plans_name
+            "the preprocessing settings of {} configuration {configuration} (spacing, \
+             normalization, resampling, transpose or intensity statistics) differ from those \
+             the folder was preprocessed with (configuration {})",
+            plans.plans_name, rec.configuration
         ));
     }
     problems.extend(folder_problems(data_folder, &rec)?);

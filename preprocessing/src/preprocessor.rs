@@ -1159,7 +1159,13 @@ mod tests {
         let e = crate::verify_complete(&data_dir, &edited, "3d_fullres")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("plans") && e.contains("changed"), "{e}");
+        assert!(
+            e.contains("preprocessing settings") && e.contains("differ"),
+            "{e}"
+        );
+        // a configuration that only changes training keys shares the folder
+        let bs = plans_with(|v| set_cfg(v, "3d_fullres", "batch_size", json!(7)));
+        crate::verify_complete(&data_dir, &bs, "3d_fullres").unwrap();
 
         // a changed raw file: stale, naming the case
         let lbl = folder.join("labelsTr/case_002.nii.gz");

@@ -39,7 +39,18 @@ fn train_refuses_a_partial_preprocessed_folder() {
         let f = data.join(format!("{case}{suffix}"));
         let saved = std::fs::read(&f).unwrap();
         std::fs::remove_file(&f).unwrap();
-        let err = env.fails(&["train", "991", "2d", "0", "--tr", "nnUNetTrainer_1epoch"]);
+        let err = env.fails(&[
+            "train",
+            "991",
+            "2d",
+            "0",
+            "--tr",
+            "nnUNetTrainer_1epoch",
+            "--num_iterations_per_epoch",
+            "1",
+            "--num_val_iterations_per_epoch",
+            "1",
+        ]);
         assert!(
             err.contains(&format!("case {case}")) && err.contains("nnseg preprocess"),
             "{suffix}: {err}"

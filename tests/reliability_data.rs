@@ -35,7 +35,7 @@ fn train_refuses_a_partial_preprocessed_folder() {
     let data = env.pre.join(DATA_2D);
     assert!(data.join("nnseg_complete.json").is_file());
     let case = first_case(&data);
-    for suffix in ["_seg.npy", ".npy"] {
+    for suffix in [".npy", "_seg.npy"] {
         let f = data.join(format!("{case}{suffix}"));
         let saved = std::fs::read(&f).unwrap();
         std::fs::remove_file(&f).unwrap();

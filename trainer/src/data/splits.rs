@@ -407,4 +407,25 @@ mod tests {
         std::fs::write(PreprocessedDir::new(d2.path()).splits(), b"{\"a\": 1}").unwrap();
         assert!(load_or_create_splits(d2.path(), &ids(7)).is_err());
     }
+
+    /// Issue 19: a split whose train and validation sets overlap is an error naming them.
+    #[test]
+    fn overlapping_train_and_val_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let bad = vec![
+            Split {
+                train: vec!["case_000".into()],
+                val: vec!["case_001".into()],
+            },
+            Split {
+                train: vec!["case_000".into(), "case_001".into()],
+                val: vec!["case_001".into()],
+            },
+        ];
+        plans::io::write_json_atomic(&PreprocessedDir::new(dir.path()).splits(), &bad).unwrap();
+        let e = load_or_create_splits(dir.path(), &ids(2))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("fold 1") && e.contains("case_001"), "{e}");
+    }
 }

@@ -368,6 +368,8 @@ fn train(paths: &NnUnetPaths, a: &cli::TrainArgs) -> Result<()> {
         true,
     )?
     .unwrap_or_else(|| a.configuration.clone());
+    // -tr, -p and the configuration become the model folder's name: refuse unsafe ones
+    ModelId::new(&a.trainer, &a.plans, &configuration)?;
     let mut req = trainer::TrainRequest::new(
         pre.path(),
         &results,

@@ -114,7 +114,9 @@ fn demo_datasets_plan_and_preprocess() {
                 "{name} {cfg_name}: {} seg files",
                 segs.len()
             );
-            assert_eq!(files_with_suffix(&dir, ".json").len(), n_cases);
+            // one {case}.json per case plus the completion record
+            assert_eq!(files_with_suffix(&dir, ".json").len(), n_cases + 1);
+            assert!(dir.join("nnseg_complete.json").is_file());
             for seg in segs {
                 let img = PathBuf::from(seg.to_string_lossy().replace("_seg.npy", ".npy"));
                 let (dt, shape) = npy_shape(&img);

@@ -72,6 +72,13 @@ pub enum DatasetError {
         problem: &'static str,
     },
 
+    #[error("{what} {value:?} cannot be used as a file or folder name: it {problem}")]
+    UnsafeName {
+        what: String,
+        value: String,
+        problem: &'static str,
+    },
+
     #[error("{}: cannot read image: {message}", path.display())]
     Read { path: PathBuf, message: String },
 

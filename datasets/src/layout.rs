@@ -38,10 +38,52 @@ pub const IMAGES_TR: &str = "imagesTr";
 /// The training labels of a raw dataset.
 pub const LABELS_TR: &str = "labelsTr";
 
+/// The completion record of a configuration's preprocessed data folder, written last (see
+/// `preprocessing::completion`): `{data_identifier}/nnseg_complete.json`.
+pub const COMPLETION_RECORD: &str = "nnseg_complete.json";
+
 /// Separator of the three parts of a model folder name.
 const MODEL_SEP: &str = "__";
 /// Separator of the parts of an ensemble name.
 const ENSEMBLE_SEP: &str = "___";
+
+/// Why `name` cannot be used as one path component of nnseg's outputs (`None`: it can).
+///
+/// A name that becomes a file or folder name (case identifier, dataset, configuration,
+/// trainer, plans and data identifier) must be non-empty, must not be `.`/`..` or start with
+/// `.` (hidden files are skipped when a folder is listed), and must not contain a path
+/// separator (`/`, `\\`), a drive colon (`:`) or a control character, so that it can never
+/// name a path outside the folder it is joined to.
+pub fn unsafe_name_problem(name: &str) -> Option<&'static str> {
+    if name.is_empty() {
+        Some("must not be empty")
+    } else if name == "." || name == ".." {
+        Some("must not be `.` or `..`")
+    } else if name.contains(['/', '\\']) {
+        Some("must not contain a path separator (`/` or `\\`)")
+    } else if name.contains(':') {
+        Some("must not contain `:`")
+    } else if name.chars().any(char::is_control) {
+        Some("must not contain control characters")
+    } else if name.starts_with('.') {
+        Some("must not start with `.` (hidden files are not listed)")
+    } else {
+        None
+    }
+}
+
+/// Checks a name that becomes a path component (see [`unsafe_name_problem`]); the error
+/// names `what` (e.g. `dataset.json "dataset" key`, `configuration`).
+pub fn check_name(what: &str, name: &str) -> Result<(), DatasetError> {
+    match unsafe_name_problem(name) {
+        None => Ok(()),
+        Some(problem) => Err(DatasetError::UnsafeName {
+            what: what.to_string(),
+            value: name.to_string(),
+            problem,
+        }),
+    }
+}
 
 /// The file of one image channel of a case: `{case}_{CCCC}{ending}`.
 pub fn channel_file_name(case: &str, channel: usize, file_ending: &str) -> String {
@@ -132,9 +174,23 @@ impl PreprocessedDir {
         self.0.join(GT_SEGMENTATIONS)
     }
     /// The preprocessed cases of a configuration: `{data_identifier}/` (e.g.
-    /// `nnUNetPlans_3d_fullres`).
+    /// `nnUNetPlans_3d_fullres`). Check the identifier with [`check_name`] first.
     pub fn data_folder(&self, data_identifier: &str) -> PathBuf {
         self.0.join(data_identifier)
+    }
+    /// A data folder being rebuilt: `.{data_identifier}.partial/` (renamed to
+    /// `{data_identifier}/` once complete).
+    pub fn partial_data_folder(&self, data_identifier: &str) -> PathBuf {
+        self.0.join(format!(".{data_identifier}.partial"))
+    }
+    /// Where the previous data folder is parked while a rebuilt one is swapped in:
+    /// `.{data_identifier}.old/`.
+    pub fn old_data_folder(&self, data_identifier: &str) -> PathBuf {
+        self.0.join(format!(".{data_identifier}.old"))
+    }
+    /// `{data_folder}/nnseg_complete.json` (see [`COMPLETION_RECORD`]).
+    pub fn completion_record(data_folder: &Path) -> PathBuf {
+        data_folder.join(COMPLETION_RECORD)
     }
 }
 
@@ -201,8 +257,8 @@ impl ModelId {
             ("plans", &id.plans, false),
             ("configuration", &id.configuration, true),
         ] {
-            let problem = if value.is_empty() {
-                Some("must not be empty")
+            let problem = if let Some(p) = unsafe_name_problem(value) {
+                Some(p)
             } else if !allow_sep && value.contains(MODEL_SEP) {
                 Some("must not contain `__` (it separates the parts of a model folder name)")
             } else {
@@ -469,6 +525,32 @@ mod tests {
         assert!(e.contains("trainer") && e.contains("my__trainer"), "{e}");
         let e = ModelId::new("t", "", "c").unwrap_err().to_string();
         assert!(e.contains("plans") && e.contains("empty"), "{e}");
+    }
+
+    #[test]
+    fn names_that_become_paths_are_checked() {
+        for ok in [
+            "case_001",
+            "a.b",
+            "BraTS-GLI-0001-000",
+            "é",
+            "3d_fullres__x",
+        ] {
+            assert!(check_name("case", ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "", ".", "..", "../x", "a/b", "a\\b", "/abs", "C:x", ".hidden", "a\tb",
+        ] {
+            let e = check_name("configuration", bad).unwrap_err().to_string();
+            assert!(
+                e.contains("configuration") && e.contains(&format!("{bad:?}")),
+                "{e}"
+            );
+        }
+        let e = ModelId::new("../t", "p", "c").unwrap_err().to_string();
+        assert!(e.contains("trainer") && e.contains("separator"), "{e}");
+        assert!(ModelId::new("t", "p", "../../c").is_err());
+        assert!(ModelId::parse("t__p__..").is_err());
     }
 
     #[test]

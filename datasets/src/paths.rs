@@ -167,6 +167,7 @@ pub fn dataset_name_from_arg(paths: &NnUnetPaths, arg: &str) -> Result<String, D
     let t = arg.trim();
     if t.starts_with("Dataset") && t.contains('_') {
         parse_dataset_id(t)?;
+        crate::layout::check_name("dataset name", t)?;
         return Ok(t.to_string());
     }
     dataset_name_from_id(paths, parse_dataset_id(t)?)
@@ -200,6 +201,13 @@ mod tests {
             );
             assert!(e.to_string().contains("Dataset004_Hippocampus"), "{e}");
         }
+        let paths = NnUnetPaths::default();
+        let e = dataset_name_from_arg(&paths, "Dataset004_X/../../Dataset005_Y").unwrap_err();
+        assert!(matches!(e, DatasetError::UnsafeName { .. }), "{e}");
+        assert_eq!(
+            dataset_name_from_arg(&paths, "Dataset004_Hippo").unwrap(),
+            "Dataset004_Hippo"
+        );
     }
 
     #[test]

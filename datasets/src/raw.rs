@@ -9,7 +9,7 @@ use plans::DatasetJson;
 
 use crate::error::DatasetError;
 use crate::io::Format;
-use crate::layout::{parse_channel_file_name, RawDir};
+use crate::layout::{parse_channel_file_name, unsafe_name_problem, RawDir};
 
 /// One training case: its channel files (in channel order) and its label file, if present.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -202,6 +202,13 @@ fn scan_cases(
     let n = json.num_channels();
     let mut cases = Vec::with_capacity(by_case.len());
     for (case, channels) in by_case {
+        if let Some(problem) = unsafe_name_problem(&case) {
+            problems.push(format!(
+                "case identifier {case:?} (from {}) cannot be used: it {problem}",
+                images_dir.display()
+            ));
+            continue;
+        }
         let rgb_single =
             single_file_rgb_allowed(format, n, channels.len()) && channels.contains_key(&0);
         if !rgb_single {
@@ -289,6 +296,13 @@ fn explicit_cases(
     let mut problems = Vec::new();
     let mut cases = Vec::with_capacity(map.len());
     for (case, entry) in map {
+        if let Some(problem) = unsafe_name_problem(case) {
+            problems.push(format!(
+                "dataset.json \"dataset\" key {case:?} cannot be a case identifier: it {problem} \
+                 (case identifiers become file names of nnseg's outputs)"
+            ));
+            continue;
+        }
         let images: Vec<PathBuf> = entry.images.iter().map(|p| resolve(folder, p)).collect();
         if images.len() != n && !single_file_rgb_allowed(format, n, images.len()) {
             problems.push(format!(
@@ -450,6 +464,44 @@ mod tests {
         assert!(
             e.contains("case z1: image file") && e.contains("z1_t2.nii.gz does not exist"),
             "{e}"
+        );
+    }
+
+    /// Issue 19: a `dataset` map key such as `../../Dataset991_Demo2D/dataset` made
+    /// preprocessing write outside the dataset's folders.
+    #[test]
+    fn dataset_map_keys_that_escape_folders_are_errors_naming_the_key() {
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path().join("Dataset007_Escape");
+        touch(&d.join("imgs/a_t1.nii.gz"));
+        touch(&d.join("imgs/a_t2.nii.gz"));
+        for bad in [
+            "../../Dataset991_Demo2D/dataset",
+            "/abs/case",
+            "..",
+            ".hidden",
+            "a\nb",
+        ] {
+            let mut j = two_channel_json(1);
+            j["dataset"] = serde_json::json!({
+                bad: {"images": ["imgs/a_t1.nii.gz", "imgs/a_t2.nii.gz"]}
+            });
+            write_json(&d, j);
+            let e = RawDataset::open(&d).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("{bad:?}")) && e.contains("\"dataset\" key"),
+                "{bad}: {e}"
+            );
+        }
+        // The files themselves may live anywhere (nnU-Net allows it).
+        let mut j = two_channel_json(1);
+        j["dataset"] = serde_json::json!({
+            "ok.case-1": {"images": ["../Dataset007_Escape/imgs/a_t1.nii.gz", "imgs/a_t2.nii.gz"]}
+        });
+        write_json(&d, j);
+        assert_eq!(
+            RawDataset::open(&d).unwrap().identifiers(),
+            vec!["ok.case-1"]
         );
     }
 

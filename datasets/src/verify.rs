@@ -40,14 +40,57 @@ struct CaseResult {
 
 /// The label values that may occur in label files: all labels (regions flattened) plus the
 /// ignore label, sorted.
-fn expected_labels(ds: &RawDataset) -> Vec<i64> {
-    let mut v = ds.json.all_labels();
-    if let Some(ig) = ds.json.ignore_label() {
+pub fn expected_label_values(json: &plans::DatasetJson) -> Vec<i64> {
+    let mut v = json.all_labels();
+    if let Some(ig) = json.ignore_label() {
         v.push(ig);
     }
     v.sort_unstable();
     v.dedup();
     v
+}
+
+fn expected_labels(ds: &RawDataset) -> Vec<i64> {
+    expected_label_values(&ds.json)
+}
+
+/// Problems of the labels declared in dataset.json: they must start with background = 0 and
+/// be consecutive (0, 1, 2, ...). Cheap (dataset.json only): checked always by the
+/// fingerprint, and by `--verify_dataset_integrity`.
+pub fn declared_label_problems(json: &plans::DatasetJson) -> Vec<String> {
+    let expected = expected_label_values(json);
+    let mut errors = Vec::new();
+    if expected.first() != Some(&0) {
+        errors.push(format!(
+            "dataset.json labels must start with background = 0, found label values {expected:?}"
+        ));
+    }
+    let gaps: Vec<String> = expected
+        .windows(2)
+        .filter(|w| w[1] != w[0] + 1)
+        .map(|w| format!("{} after {}", w[1], w[0]))
+        .collect();
+    if !gaps.is_empty() {
+        errors.push(format!(
+            "dataset.json labels must be consecutive (0, 1, 2, ...): found {expected:?} ({})",
+            gaps.join(", ")
+        ));
+    }
+    errors
+}
+
+/// The distinct values of a label array, sorted.
+pub fn label_values<'a>(seg: impl IntoIterator<Item = &'a i16>) -> Vec<i64> {
+    let mut present = vec![false; 1 << 16];
+    for &v in seg {
+        present[(v as i32 - i16::MIN as i32) as usize] = true;
+    }
+    present
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| **p)
+        .map(|(i, _)| i as i64 + i16::MIN as i64)
+        .collect()
 }
 
 /// Checks the dataset and returns a report, or an error listing every problem found. Cases are
@@ -69,22 +112,7 @@ pub fn verify_dataset_integrity(
     }
 
     let expected = expected_labels(ds);
-    if expected.first() != Some(&0) {
-        errors.push(format!(
-            "dataset.json labels must start with background = 0, found label values {expected:?}"
-        ));
-    }
-    let gaps: Vec<String> = expected
-        .windows(2)
-        .filter(|w| w[1] != w[0] + 1)
-        .map(|w| format!("{} after {}", w[1], w[0]))
-        .collect();
-    if !gaps.is_empty() {
-        errors.push(format!(
-            "dataset.json labels must be consecutive (0, 1, 2, ...): found {expected:?} ({})",
-            gaps.join(", ")
-        ));
-    }
+    errors.extend(declared_label_problems(json));
 
     for c in ds.cases_without_label() {
         let where_ = if json.dataset.is_some() {
@@ -251,16 +279,7 @@ fn check_case(ds: &RawDataset, case: &RawCase, expected: &[i64]) -> CaseResult {
     }
 
     // label values present in the file
-    let mut present = vec![false; 1 << 16];
-    for &v in seg.iter() {
-        present[(v as i32 - i16::MIN as i32) as usize] = true;
-    }
-    let found: Vec<i64> = present
-        .iter()
-        .enumerate()
-        .filter(|(_, p)| **p)
-        .map(|(i, _)| i as i64 + i16::MIN as i64)
-        .collect();
+    let found = label_values(seg.iter());
     let unexpected: Vec<i64> = found
         .iter()
         .copied()

@@ -88,6 +88,21 @@ pub enum PreprocessError {
         #[source]
         source: std::io::Error,
     },
+    /// A preprocessed data folder is incomplete or stale (see `completion`).
+    #[error(
+        "{} cannot be used: {} problem(s):{}\nrun `{fix}` to rebuild it",
+        folder.display(),
+        problems.len(),
+        first_problems(problems)
+    )]
+    Incomplete {
+        /// The data folder.
+        folder: PathBuf,
+        /// Missing or changed cases, changed plans.
+        problems: Vec<String>,
+        /// The command that rebuilds the folder.
+        fix: String,
+    },
     /// The worker pool could not be created.
     #[error("cannot start a pool of {threads} worker threads: {message}")]
     ThreadPool {
@@ -96,6 +111,20 @@ pub enum PreprocessError {
         /// Cause.
         message: String,
     },
+}
+
+/// The first 20 problems as an indented list (and how many more there are).
+fn first_problems(problems: &[String]) -> String {
+    const SHOWN: usize = 20;
+    let mut s: String = problems
+        .iter()
+        .take(SHOWN)
+        .map(|p| format!("\n  - {p}"))
+        .collect();
+    if problems.len() > SHOWN {
+        s.push_str(&format!("\n  ... and {} more", problems.len() - SHOWN));
+    }
+    s
 }
 
 impl PreprocessError {

@@ -93,6 +93,15 @@ fn fingerprint_impl(
             ds.folder.display()
         )));
     }
+    let problems = datasets::verify::declared_label_problems(&ds.json);
+    if !problems.is_empty() {
+        return Err(PreprocessError::Invalid(format!(
+            "{}: {}",
+            datasets::RawDir::new(&ds.folder).dataset_json().display(),
+            problems.join("; ")
+        )));
+    }
+    let expected = datasets::verify::expected_label_values(&ds.json);
     let num_channels = ds.json.num_channels();
     let per_case = (total_samples / n_cases as u64) as usize;
     let mut buffers: Vec<Vec<f32>> = (0..num_channels)
@@ -121,8 +130,14 @@ fn fingerprint_impl(
             .par_iter()
             .zip(per_case_chunks.into_par_iter())
             .map(|(case, mut chunks)| {
-                let r = analyze_case(&case.images, case.label.as_ref(), num_channels, &mut chunks)
-                    .map_err(|e| e.in_case(&case.identifier));
+                let r = analyze_case(
+                    &case.images,
+                    case.label.as_ref(),
+                    num_channels,
+                    &expected,
+                    &mut chunks,
+                )
+                .map_err(|e| e.in_case(&case.identifier));
                 if let Some(p) = progress {
                     p.case_done(&case.identifier);
                 }
@@ -172,15 +187,33 @@ fn fingerprint_impl(
 
 /// nnU-Net's `analyze_case` for one case: reads the files, crops and writes
 /// `chunks[c].len()` samples per channel into `chunks` (nothing if no foreground).
+///
+/// Always checked (the arrays are read anyway): the channel count, NaN, the shapes of image
+/// and label, label values outside `expected_labels` (dataset.json's labels plus the ignore
+/// label) and zero or non-finite voxel sizes in a NIfTI header (the reader would silently
+/// use 1.0, which changes the plans).
 pub fn analyze_case(
     images: &[PathBuf],
     label: Option<&PathBuf>,
     num_channels: usize,
+    expected_labels: &[i64],
     chunks: &mut [&mut [f32]],
 ) -> Result<CaseFingerprint, PreprocessError> {
     let label = label.ok_or(PreprocessError::MissingLabel)?;
     let (data, props) = datasets::io::read_images(images)?;
+    check_voxel_sizes(&props, data.shape(), images)?;
     let (seg, _) = datasets::io::read_seg(label)?;
+    let unexpected: Vec<i64> = datasets::verify::label_values(seg.iter())
+        .into_iter()
+        .filter(|v| expected_labels.binary_search(v).is_err())
+        .collect();
+    if !unexpected.is_empty() {
+        return Err(PreprocessError::Invalid(format!(
+            "{} contains label value(s) {unexpected:?} not declared in dataset.json labels \
+             (declared: {expected_labels:?})",
+            label.display()
+        )));
+    }
     if data.dim().0 != num_channels {
         return Err(PreprocessError::Invalid(format!(
             "{} has {} channel(s) but dataset.json channel_names lists {}",
@@ -204,6 +237,46 @@ pub fn analyze_case(
     let mut fp = case_fingerprint_from_arrays(data.view(), seg.view(), chunks);
     fp.spacing = props.spacing;
     Ok(fp)
+}
+
+/// Errors if the NIfTI header of the images has a zero or non-finite voxel size (pixdim)
+/// along an axis with more than one voxel; along a single-voxel axis (a 2D slice) the
+/// reader's 1.0 is kept and a warning names the value used.
+fn check_voxel_sizes(
+    props: &datasets::io::ImageProperties,
+    shape: &[usize],
+    images: &[PathBuf],
+) -> Result<(), PreprocessError> {
+    let Some(g) = &props.nifti else {
+        return Ok(());
+    };
+    let file = images.first().cloned().unwrap_or_default();
+    // pixdim is (x, y, z); shape is (c, z, y, x)
+    for (axis, (&p, &n)) in g
+        .pixdim
+        .iter()
+        .zip([shape[3], shape[2], shape[1]].iter())
+        .enumerate()
+    {
+        if p != 0.0 && p.is_finite() {
+            continue;
+        }
+        let name = ["x", "y", "z"][axis];
+        if n > 1 {
+            return Err(PreprocessError::Invalid(format!(
+                "{}: the NIfTI header's voxel size (pixdim[{}]) along {name} is {p}; \
+                 fix the header (nnseg would otherwise use 1.0 and plan with it)",
+                file.display(),
+                axis + 1
+            )));
+        }
+        tracing::warn!(
+            "{}: voxel size (pixdim[{}]) along the single-voxel axis {name} is {p}; using 1.0",
+            file.display(),
+            axis + 1
+        );
+    }
+    Ok(())
 }
 
 /// Errors if any channel contains NaN, naming that channel's file.

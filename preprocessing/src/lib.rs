@@ -1,6 +1,7 @@
 //! Cropping, normalization, resampling, fingerprint extraction and the
 //! per-case preprocessor (nnU-Net v2 `DefaultPreprocessor`), plus the on-disk format of
 //! preprocessed cases.
+pub mod completion;
 pub mod cropping;
 pub mod error;
 pub mod fingerprint;
@@ -9,6 +10,7 @@ pub mod preprocessor;
 pub mod resampling;
 pub mod storage;
 
+pub use completion::{verify_complete, CompletionRecord};
 pub use error::PreprocessError;
 pub use fingerprint::extract_fingerprint;
 pub use preprocessor::{

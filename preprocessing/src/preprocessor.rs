@@ -29,6 +29,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
+use crate::completion::CompletionRecord;
 use crate::cropping::crop_to_nonzero_checked;
 use crate::error::{worker_pool, PreprocessError};
 use crate::fingerprint::check_nan;
@@ -434,10 +435,13 @@ pub fn preprocess_case_files(
 }
 
 /// Preprocesses every training case of `ds` for `configuration` into
-/// `out/{data_identifier}/` (the folder is wiped first, as nnU-Net does). Cases run in
-/// parallel on `num_workers` threads; each case's files are written atomically and all-or-
-/// nothing. After the first failing case no new cases are started; the first error (in
-/// dataset order) is returned, naming the case.
+/// `out/{data_identifier}/`. The cases are written into a fresh
+/// `.{data_identifier}.partial/` folder; once all are saved the completion record
+/// ([`crate::completion`]) is written last, atomically, and the folder is swapped in for the
+/// old one (which is kept until then, so an interrupted or failed re-run never loses good
+/// data). Cases run in parallel on `num_workers` threads; each case's files are written
+/// atomically and all-or-nothing. After the first failing case no new cases are started; the
+/// first error (in dataset order) is returned, naming the case.
 pub fn preprocess_dataset(
     ds: &RawDataset,
     plans: &Plans,
@@ -447,14 +451,66 @@ pub fn preprocess_dataset(
 ) -> Result<PreprocessReport, PreprocessError> {
     let t0 = Instant::now();
     let cfg = plans.configuration(configuration)?;
-    // Fail early on plans problems, before wiping anything.
+    // Fail early on plans problems, before touching anything.
     validate_transpose(&plans.transpose_forward)?;
-    let out = out.data_folder(&cfg.data_identifier);
-    if out.exists() {
-        fs::remove_dir_all(&out).map_err(PreprocessError::io(&out))?;
+    datasets::layout::check_name(
+        &format!("configuration {configuration:?}: data_identifier"),
+        &cfg.data_identifier,
+    )?;
+    let partial = out.partial_data_folder(&cfg.data_identifier);
+    if partial.exists() {
+        fs::remove_dir_all(&partial).map_err(PreprocessError::io(&partial))?;
     }
-    fs::create_dir_all(&out).map_err(PreprocessError::io(&out))?;
+    fs::create_dir_all(&partial).map_err(PreprocessError::io(&partial))?;
+    let built = preprocess_cases(ds, plans, &cfg, &partial, opts).and_then(|cases| {
+        CompletionRecord::build(ds, plans, configuration, &cfg, &partial)?.write(&partial)?;
+        Ok(cases)
+    });
+    let cases = match built {
+        Ok(cases) => cases,
+        Err(e) => {
+            let _ = fs::remove_dir_all(&partial);
+            return Err(e);
+        }
+    };
+    let folder = out.data_folder(&cfg.data_identifier);
+    swap_in(
+        &partial,
+        &folder,
+        &out.old_data_folder(&cfg.data_identifier),
+    )?;
+    Ok(PreprocessReport {
+        configuration: configuration.to_string(),
+        output_folder: folder,
+        cases,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}
 
+/// Replaces `folder` by `partial`: the old folder is renamed to `old` first and removed
+/// after the swap (a crash in between leaves the complete old data in `old`).
+fn swap_in(partial: &Path, folder: &Path, old: &Path) -> Result<(), PreprocessError> {
+    if old.exists() {
+        fs::remove_dir_all(old).map_err(PreprocessError::io(old))?;
+    }
+    if folder.exists() {
+        fs::rename(folder, old).map_err(PreprocessError::io(folder))?;
+    }
+    fs::rename(partial, folder).map_err(PreprocessError::io(partial))?;
+    if old.exists() {
+        fs::remove_dir_all(old).map_err(PreprocessError::io(old))?;
+    }
+    Ok(())
+}
+
+/// Preprocesses and saves every case of `ds` into `folder` (see [`preprocess_dataset`]).
+fn preprocess_cases(
+    ds: &RawDataset,
+    plans: &Plans,
+    cfg: &Configuration,
+    folder: &Path,
+    opts: &PreprocessOptions,
+) -> Result<Vec<CaseReport>, PreprocessError> {
     let failed = AtomicBool::new(false);
     let pool = worker_pool(opts.num_workers)?;
     let results: Vec<Option<Result<CaseReport, PreprocessError>>> = pool.install(|| {
@@ -469,9 +525,9 @@ pub fn preprocess_dataset(
                 let r = (|| {
                     let label = case.label.as_deref().ok_or(PreprocessError::MissingLabel)?;
                     let pc =
-                        preprocess_case_files(&case.images, Some(label), plans, &cfg, &ds.json)?;
+                        preprocess_case_files(&case.images, Some(label), plans, cfg, &ds.json)?;
                     storage::save_case(
-                        &out,
+                        folder,
                         &case.identifier,
                         pc.data.view(),
                         pc.seg.as_ref().map(|s| s.view()),
@@ -527,12 +583,7 @@ pub fn preprocess_dataset(
     if let Some(e) = first_err {
         return Err(e);
     }
-    Ok(PreprocessReport {
-        configuration: configuration.to_string(),
-        output_folder: out,
-        cases,
-        seconds: t0.elapsed().as_secs_f64(),
-    })
+    Ok(cases)
 }
 
 /// Copies every case's label to `out/gt_segmentations/{case}{file_ending}` (nnU-Net does
@@ -909,6 +960,59 @@ mod tests {
         assert!(msg.contains("case_001") && msg.contains("NaN"), "{msg}");
     }
 
+    /// Issue 19: labels {0, 1, 3} (declared, or present but undeclared) and a zero pixdim
+    /// passed the fingerprint and preprocessing silently.
+    #[test]
+    fn fingerprint_checks_labels_and_voxel_sizes_always() {
+        let fp = |folder: &Path| {
+            let ds = RawDataset::open(folder).unwrap();
+            crate::fingerprint::extract_fingerprint_with_budget(&ds, 1, 100)
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let folder = write_raw(dir.path(), 2, &[5.0]);
+        fp(&folder).unwrap();
+        // declared non-consecutive labels
+        let json_path = folder.join("dataset.json");
+        let good = fs::read_to_string(&json_path).unwrap();
+        let mut j: Value = serde_json::from_str(&good).unwrap();
+        j["labels"] = json!({"background": 0, "a": 1, "b": 3});
+        fs::write(&json_path, j.to_string()).unwrap();
+        let e = fp(&folder).unwrap_err().to_string();
+        assert!(
+            e.contains("dataset.json") && e.contains("consecutive"),
+            "{e}"
+        );
+        fs::write(&json_path, &good).unwrap();
+        // a label file with a value not declared in dataset.json
+        let props = ImageProperties::with_spacing([2.0, 1.0, 1.0]);
+        let mut seg = Array3::<i16>::zeros((6, 8, 10));
+        seg.slice_mut(s![2..4, 2..5, 3..6]).fill(1);
+        seg[[3, 3, 3]] = 3;
+        let lbl = folder.join("labelsTr/case_001.nii.gz");
+        datasets::io::write_seg(&lbl, seg.view(), &props).unwrap();
+        let e = fp(&folder).unwrap_err().to_string();
+        assert!(
+            e.contains("case_001") && e.contains("[3]") && e.contains("not declared"),
+            "{e}"
+        );
+        seg[[3, 3, 3]] = 1;
+        datasets::io::write_seg(&lbl, seg.view(), &props).unwrap();
+        fp(&folder).unwrap();
+        // a zero voxel size along an axis with several voxels
+        let mut img = Array3::<f32>::zeros((6, 8, 10));
+        img.slice_mut(s![1..5, 1..7, 2..9]).fill(1.0);
+        let zero = ImageProperties::with_spacing([0.0, 1.0, 1.0]);
+        datasets::io::write_image(
+            &folder.join("imagesTr/case_001_0000.nii.gz"),
+            img.view(),
+            &zero,
+        )
+        .unwrap();
+        datasets::io::write_seg(&lbl, seg.view(), &zero).unwrap();
+        let e = fp(&folder).unwrap_err().to_string();
+        assert!(e.contains("case_001") && e.contains("pixdim[3]"), "{e}");
+    }
+
     #[test]
     fn preprocess_dataset_writes_all_cases_and_wipes_old_files() {
         let dir = tempfile::tempdir().unwrap();
@@ -1010,6 +1114,106 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("4d_superres"), "{e}");
+    }
+
+    fn opts1() -> PreprocessOptions {
+        PreprocessOptions {
+            num_workers: 1,
+            verbose: false,
+            progress: None,
+        }
+    }
+
+    /// Issue 19: a partial preprocess (killed after 11 of 12 cases) was trusted, and a
+    /// re-run deleted the old data folder first.
+    #[test]
+    fn completion_record_refuses_partial_and_stale_folders() {
+        let dir = tempfile::tempdir().unwrap();
+        let folder = write_raw(dir.path(), 3, &[100.0]);
+        let ds = RawDataset::open(&folder).unwrap();
+        let plans = plans_with(|_| {});
+        let pre = PreprocessedDir::new(dir.path().join("pre"));
+        preprocess_dataset(&ds, &plans, "3d_fullres", &pre, &opts1()).unwrap();
+        let data_dir = pre.data_folder("nnUNetPlans_3d_fullres");
+        let rec = crate::verify_complete(&data_dir, &plans, "3d_fullres").unwrap();
+        assert_eq!(rec.case_ids(), vec!["case_000", "case_001", "case_002"]);
+        assert!(!pre.partial_data_folder("nnUNetPlans_3d_fullres").exists());
+
+        // a missing _seg.npy (or .npy / .json) names the case and the fix
+        let seg = storage::seg_path(&data_dir, "case_001");
+        let saved = fs::read(&seg).unwrap();
+        fs::remove_file(&seg).unwrap();
+        let e = crate::verify_complete(&data_dir, &plans, "3d_fullres")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("case case_001") && e.contains("_seg.npy"), "{e}");
+        assert!(
+            e.contains("nnseg preprocess -d") && e.contains("-c 3d_fullres"),
+            "{e}"
+        );
+        fs::write(&seg, saved).unwrap();
+        crate::verify_complete(&data_dir, &plans, "3d_fullres").unwrap();
+
+        // changed plans: stale
+        let edited = plans_with(|v| set_cfg(v, "3d_fullres", "spacing", json!([2.0, 0.5, 0.5])));
+        let e = crate::verify_complete(&data_dir, &edited, "3d_fullres")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("preprocessing settings") && e.contains("differ"),
+            "{e}"
+        );
+        // a configuration that only changes training keys shares the folder
+        let bs = plans_with(|v| set_cfg(v, "3d_fullres", "batch_size", json!(7)));
+        crate::verify_complete(&data_dir, &bs, "3d_fullres").unwrap();
+
+        // a changed raw file: stale, naming the case
+        let lbl = folder.join("labelsTr/case_002.nii.gz");
+        let bytes = fs::read(&lbl).unwrap();
+        fs::write(&lbl, [bytes.as_slice(), b"x"].concat()).unwrap();
+        let e = crate::verify_complete(&data_dir, &plans, "3d_fullres")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("case case_002") && e.contains("changed"), "{e}");
+        fs::write(&lbl, bytes).unwrap();
+
+        // no record (interrupted run, or the old writer): refused
+        fs::remove_file(PreprocessedDir::completion_record(&data_dir)).unwrap();
+        let e = crate::verify_complete(&data_dir, &plans, "3d_fullres")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no completion record"), "{e}");
+    }
+
+    /// Issue 19: "Preprocess also deletes the old data folder first, so an interrupted
+    /// re-run loses cases that were fine."
+    #[test]
+    fn failed_rerun_keeps_the_previous_complete_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let folder = write_raw(dir.path(), 2, &[100.0]);
+        let plans = plans_with(|_| {});
+        let pre = PreprocessedDir::new(dir.path().join("pre"));
+        let ds = RawDataset::open(&folder).unwrap();
+        preprocess_dataset(&ds, &plans, "3d_fullres", &pre, &opts1()).unwrap();
+        datasets::io::write_seg(
+            &folder.join("labelsTr/case_001.nii.gz"),
+            Array3::<i16>::zeros((6, 9, 10)).view(),
+            &ImageProperties::with_spacing([2.0, 1.0, 1.0]),
+        )
+        .unwrap();
+        let ds = RawDataset::open(&folder).unwrap();
+        preprocess_dataset(&ds, &plans, "3d_fullres", &pre, &opts1()).unwrap_err();
+        let data_dir = pre.data_folder("nnUNetPlans_3d_fullres");
+        assert_eq!(
+            storage::list_cases(&data_dir).unwrap(),
+            vec!["case_000", "case_001"]
+        );
+        assert!(!pre.partial_data_folder("nnUNetPlans_3d_fullres").exists());
+        // the kept folder still verifies its files (the raw label changed: stale, named)
+        let e = crate::verify_complete(&data_dir, &plans, "3d_fullres")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("case case_001") && e.contains("raw file"), "{e}");
     }
 }
 

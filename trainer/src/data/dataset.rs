@@ -12,6 +12,36 @@ use super::cascade::{prev_stage_file, PrevStage};
 
 use super::DataError;
 
+/// Refuses a configuration's data folder that is not a complete, current preprocessing of
+/// `configuration` of `plans` (see `preprocessing::completion`): missing or changed cases,
+/// changed plans or raw files, or no folder at all are an error naming the cases and the
+/// command that rebuilds it. A folder without any completion record (written by an nnseg
+/// before the record existed, or by hand) cannot be checked: it is used with a warning.
+pub fn require_complete(
+    data_folder: &Path,
+    plans: &plans::Plans,
+    configuration: &str,
+) -> Result<(), DataError> {
+    let cfg = plans
+        .configuration(configuration)
+        .map_err(|e| DataError::Preprocessed(e.into()))?;
+    datasets::layout::check_name(
+        &format!("configuration {configuration:?}: data_identifier"),
+        &cfg.data_identifier,
+    )
+    .map_err(|e| DataError::Preprocessed(e.into()))?;
+    if data_folder.is_dir() && preprocessing::CompletionRecord::read(data_folder)?.is_none() {
+        tracing::warn!(
+            "{} has no completion record (preprocessed by an older nnseg or by hand), so \
+             missing cases cannot be detected; re-run `nnseg preprocess` to add one",
+            data_folder.display()
+        );
+        return Ok(());
+    }
+    preprocessing::verify_complete(data_folder, plans, configuration)?;
+    Ok(())
+}
+
 /// One case: memory-mapped arrays plus its properties, opened on first use.
 #[derive(Debug)]
 pub struct CaseEntry {

@@ -13,7 +13,7 @@ pub mod splits;
 use std::path::PathBuf;
 
 pub use augment::{ds_scales_from_strides, AugmentationConfig};
-pub use dataset::PreprocessedDataset;
+pub use dataset::{require_complete, PreprocessedDataset};
 pub use loader::{build_batch, BackgroundLoader, HostBatch, LoaderOptions};
 pub use splits::{load_or_create_splits, select_fold, Fold, Split};
 
@@ -68,6 +68,9 @@ pub enum DataError {
         /// What is wrong.
         message: String,
     },
+    /// The preprocessed data folder is incomplete or stale (names the cases and the fix).
+    #[error(transparent)]
+    Preprocessed(#[from] preprocessing::PreprocessError),
     /// Invalid loader options.
     #[error("invalid data loader options: {0}")]
     Options(String),

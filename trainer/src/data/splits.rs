@@ -181,8 +181,33 @@ fn sorted(ids: &[String]) -> Vec<String> {
     v
 }
 
-/// Reads a splits file (`[{"train": [...], "val": [...]}, ...]`).
+/// Reads a splits file (`[{"train": [...], "val": [...]}, ...]`); a fold whose training
+/// and validation cases overlap is an error naming the fold and the cases.
 pub fn load_splits(path: &Path) -> Result<Vec<Split>, DataError> {
+    let splits = parse_splits(path)?;
+    for (k, s) in splits.iter().enumerate() {
+        let val: std::collections::BTreeSet<&String> = s.val.iter().collect();
+        let both: Vec<&str> = s
+            .train
+            .iter()
+            .filter(|c| val.contains(c))
+            .map(String::as_str)
+            .collect();
+        if !both.is_empty() {
+            return Err(DataError::Splits {
+                path: path.to_path_buf(),
+                message: format!(
+                    "fold {k}: {} case(s) are in both train and val: {}",
+                    both.len(),
+                    both.join(", ")
+                ),
+            });
+        }
+    }
+    Ok(splits)
+}
+
+fn parse_splits(path: &Path) -> Result<Vec<Split>, DataError> {
     let value = plans::io::read_json_file(path).map_err(|e| DataError::Splits {
         path: path.to_path_buf(),
         message: e.to_string(),
@@ -381,5 +406,26 @@ mod tests {
         // malformed file
         std::fs::write(PreprocessedDir::new(d2.path()).splits(), b"{\"a\": 1}").unwrap();
         assert!(load_or_create_splits(d2.path(), &ids(7)).is_err());
+    }
+
+    /// Issue 19: a split whose train and validation sets overlap is an error naming them.
+    #[test]
+    fn overlapping_train_and_val_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let bad = vec![
+            Split {
+                train: vec!["case_000".into()],
+                val: vec!["case_001".into()],
+            },
+            Split {
+                train: vec!["case_000".into(), "case_001".into()],
+                val: vec!["case_001".into()],
+            },
+        ];
+        plans::io::write_json_atomic(&PreprocessedDir::new(dir.path()).splits(), &bad).unwrap();
+        let e = load_or_create_splits(dir.path(), &ids(2))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("fold 1") && e.contains("case_001"), "{e}");
     }
 }

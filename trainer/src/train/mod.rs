@@ -379,7 +379,9 @@ fn validation_only(req: &TrainRequest) -> Result<TrainSummary, TrainError> {
     }
     let ck = Checkpoint::load(&final_path, &Device::Cpu)?;
     let pre = &req.preprocessed_dataset_folder;
-    let dataset = PreprocessedDataset::open(&pre.join(&setup.cfg.data_identifier))?;
+    let data_folder = pre.join(&setup.cfg.data_identifier);
+    data::require_complete(&data_folder, &setup.plans, &req.configuration)?;
+    let dataset = PreprocessedDataset::open(&data_folder)?;
     let case_ids = dataset.case_ids().to_vec();
     let splits = data::load_or_create_splits(pre, &case_ids)?;
     let split = data::select_fold(&splits, req.fold, &case_ids)?;

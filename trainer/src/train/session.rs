@@ -173,6 +173,7 @@ fn open_dataset(
 ) -> Result<(Arc<PreprocessedDataset>, Split), TrainError> {
     let pre = &req.preprocessed_dataset_folder;
     let data_folder = pre.join(&setup.cfg.data_identifier);
+    data::require_complete(&data_folder, &setup.plans, &req.configuration)?;
     let dataset = Arc::new(match &setup.cfg.previous_stage {
         None => PreprocessedDataset::open(&data_folder)?,
         Some(prev) => PreprocessedDataset::open_with_prev_stage(

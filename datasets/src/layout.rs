@@ -311,14 +311,20 @@ impl ModelId {
     }
 }
 
+/// The model folder name `{trainer}__{plans}__{configuration}` (unchecked: [`ModelId::new`]
+/// checks the parts).
+pub fn model_folder_name(trainer: &str, plans: &str, configuration: &str) -> String {
+    let s = MODEL_SEP;
+    format!("{trainer}{s}{plans}{s}{configuration}")
+}
+
 impl fmt::Display for ModelId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let s = MODEL_SEP;
-        write!(
-            f,
-            "{}{s}{}{s}{}",
-            self.trainer, self.plans, self.configuration
-        )
+        f.write_str(&model_folder_name(
+            &self.trainer,
+            &self.plans,
+            &self.configuration,
+        ))
     }
 }
 

@@ -110,15 +110,18 @@ impl TrainRequest {
 
     /// `results_root/DatasetXXX/{trainer}__{plans}__{configuration}`.
     pub fn model_folder(&self) -> PathBuf {
-        self.results_root.join(&self.dataset_name).join(format!(
-            "{}__{}__{}",
-            self.trainer_name, self.plans_name, self.configuration
-        ))
+        self.results_root
+            .join(&self.dataset_name)
+            .join(datasets::layout::model_folder_name(
+                &self.trainer_name,
+                &self.plans_name,
+                &self.configuration,
+            ))
     }
 
     /// `model_folder/fold_{f}`.
     pub fn fold_folder(&self) -> PathBuf {
-        self.model_folder().join(format!("fold_{}", self.fold))
+        datasets::layout::ModelDir::at(self.model_folder()).fold(self.fold)
     }
 }
 

@@ -29,7 +29,7 @@ impl Setup {
     pub fn prepare(req: &TrainRequest) -> Result<Setup, TrainError> {
         req.config.validate()?;
         let pre = &req.preprocessed_dataset_folder;
-        let plans_file = pre.join(format!("{}.json", req.plans_name));
+        let plans_file = pre.join(datasets::layout::plans_file_name(&req.plans_name));
         let (plans, cfg) = plans::Plans::load_configuration(&plans_file, &req.configuration)?;
         let ds_json = plans::DatasetJson::load(&pre.join("dataset.json"))?;
         // resolved now so an unknown network name fails before anything is written

@@ -5,6 +5,7 @@ pub mod growable;
 pub mod import;
 pub mod init;
 pub mod kiunet;
+pub mod kwargs;
 pub mod memory;
 pub mod network;
 pub mod ops;

@@ -192,7 +192,7 @@ fn normalize_key(k: &str) -> String {
 
 /// The closest candidate to `key` if it is near enough to be a plausible misspelling:
 /// equal up to case/`-`/`_`, or within edit distance 1 (keys of ≤ 4 chars), 2 (≤ 10 chars) or 3.
-pub(crate) fn suggest<'c>(key: &str, candidates: &[&'c str]) -> Option<&'c str> {
+pub fn suggest<'c>(key: &str, candidates: &[&'c str]) -> Option<&'c str> {
     let nk = normalize_key(key);
     let mut best: Option<(usize, &'c str)> = None;
     for &c in candidates {

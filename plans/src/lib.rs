@@ -14,6 +14,8 @@ mod plans;
 pub use dataset_json::{DatasetEntry, DatasetJson, LabelValue, MAX_LABEL_VALUE};
 pub use error::PlansError;
 pub use fingerprint::{Fingerprint, IntensityProperties};
+/// The did-you-mean rule of every JSON key error (also used for `arch_kwargs`).
+pub use json::suggest as suggest_key;
 pub use normalization::{NormalizationScheme, NORMALIZATION_SCHEMES};
 pub use plans::{
     ArchitectureSpec, Configuration, Plans, ResamplingKwargs, CONFIGURATION_KEYS, PLANS_KEYS,

@@ -1,26 +1,50 @@
 //! ConvUNext options: a normal nnU-Net `arch_kwargs` (PlainConvUNet or ResidualEncoderUNet plan)
 //! plus the ConvUNext keys documented in [`super`]. Every error names its JSON path.
 
+use crate::kwargs::{self, invalid, key_path, Choice, Choices, IntOrList};
 use crate::network::{ArchError, NetworkIo};
-use crate::unet::options::{invalid, UNetConfig};
+use crate::unet::options::{UNetConfig, UNetKwargs};
+use serde::Deserialize;
 use serde_json::{Map, Value};
 
-/// The ConvUNext keys this module reads (everything else goes to the nnU-Net parser, which
-/// rejects unknown keys).
-pub const OWN_KEYS: &[&str] = &[
-    "variant",
-    "depth",
-    "initial_filters",
-    "blocks_per_level",
-    "drop_path_rate",
-    "convnext_version",
-    "block_form",
-    "use_bias",
-    "dw_kernel",
-    "stem_kernel",
-    "expansion",
-    "expansion_level0",
-];
+/// The ConvUNext keys of `arch_kwargs` (see [`super`]), typed.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct ConvUNextKwargs {
+    /// A name of [`VARIANTS`] (defaults for the keys below).
+    pub variant: Option<String>,
+    pub depth: Option<usize>,
+    pub initial_filters: Option<usize>,
+    pub blocks_per_level: Option<usize>,
+    pub drop_path_rate: Option<f64>,
+    pub convnext_version: Option<Choice<BlockVersion>>,
+    pub block_form: Option<Choice<BlockForm>>,
+    pub use_bias: Option<bool>,
+    /// Odd depthwise kernel: one for every axis or one per spatial axis.
+    pub dw_kernel: Option<IntOrList>,
+    /// Odd stem kernel: one for every axis or one per spatial axis.
+    pub stem_kernel: Option<IntOrList>,
+    pub expansion: Option<usize>,
+    pub expansion_level0: Option<usize>,
+}
+
+/// The ConvUNext keys ([`ConvUNextKwargs`]).
+pub fn own_keys() -> &'static [&'static str] {
+    kwargs::keys::<ConvUNextKwargs>()
+}
+
+impl Choices for BlockVersion {
+    const CHOICES: &'static [(&'static str, Self)] =
+        &[("v1", BlockVersion::V1), ("v2", BlockVersion::V2)];
+}
+
+impl Choices for BlockForm {
+    const CHOICES: &'static [(&'static str, Self)] = &[
+        ("paper", BlockForm::Paper),
+        ("residual", BlockForm::Residual),
+        ("seed", BlockForm::Seed),
+    ];
+}
 
 /// ConvNeXt block generation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -180,32 +204,17 @@ impl ConvUNextConfig {
         path: &str,
         io: &NetworkIo,
     ) -> Result<Self, ArchError> {
-        let key = |k: &str| {
-            if path.is_empty() {
-                k.to_string()
-            } else {
-                format!("{path}.{k}")
-            }
-        };
-        // nnU-Net part: everything that is not ours
-        let mut rest = kwargs.clone();
-        let mut own = Map::new();
-        for k in OWN_KEYS {
-            if let Some(v) = rest.remove(*k) {
-                if !v.is_null() {
-                    own.insert((*k).to_string(), v);
-                }
-            }
-        }
-        let residual_plan = rest.contains_key("n_blocks_per_stage");
-        let plan = UNetConfig::from_kwargs(
-            &rest,
-            path,
-            residual_plan,
-            io.in_channels,
-            io.num_classes,
-            io.deep_supervision,
-        )?;
+        let key = |k: &str| key_path(path, k);
+        let residual_plan = kwargs.contains_key("n_blocks_per_stage");
+        let known: Vec<&str> = UNetKwargs::keys(residual_plan)
+            .iter()
+            .chain(own_keys())
+            .copied()
+            .collect();
+        kwargs::reject_unknown(kwargs, path, &known)?;
+        let own: ConvUNextKwargs = kwargs::typed(kwargs, path)?;
+        let plan =
+            UNetConfig::from_typed(&UNetKwargs::parse(kwargs, path)?, path, residual_plan, io)?;
         let dim = plan.dim().n();
         let n_stages = plan.n_stages();
         if n_stages < 2 {
@@ -224,50 +233,9 @@ impl ConvUNextConfig {
             ));
         }
 
-        let variant = match own.get("variant") {
-            None => None,
-            Some(Value::String(s)) => Some(
-                VARIANTS
-                    .iter()
-                    .find(|v| v.name == s.as_str())
-                    .copied()
-                    .ok_or_else(|| {
-                        invalid(
-                            &key("variant"),
-                            format!(
-                                "unknown variant `{s}`; known: {}",
-                                VARIANTS.map(|v| v.name).join(", ")
-                            ),
-                        )
-                    })?,
-            ),
-            Some(v) => {
-                return Err(invalid(
-                    &key("variant"),
-                    format!("expected a variant name string, got {v}"),
-                ))
-            }
-        };
-
-        let depth = match get_usize(&own, "depth", &key)? {
-            Some(d) => d,
-            // a variant deeper than the plan is clipped to the plan's poolings
-            None => variant.map_or(n_stages - 1, |v| v.depth.min(n_stages - 1)),
-        };
-        if depth == 0 {
-            return Err(invalid(&key("depth"), "must be at least 1"));
-        }
-        if depth > n_stages - 1 {
-            return Err(invalid(
-                &key("depth"),
-                format!(
-                    "{depth} poolings, but the plan has only {} strides below full resolution \
-                     (n_stages = {n_stages}); use a smaller depth or a plan with more stages",
-                    n_stages - 1
-                ),
-            ));
-        }
-        let initial_filters = match get_usize(&own, "initial_filters", &key)? {
+        let variant = own.variant(path)?;
+        let depth = own.depth(variant, n_stages, path)?;
+        let initial_filters = match own.initial_filters {
             Some(0) => return Err(invalid(&key("initial_filters"), "must be at least 1")),
             Some(f) => Some(f),
             None => variant.map(|v| v.initial_filters),
@@ -276,62 +244,26 @@ impl ConvUNextConfig {
             Some(f0) => (0..=depth).map(|i| f0 << i).collect(),
             None => plan.features_per_stage[..=depth].to_vec(),
         };
-        let blocks_per_level = match get_usize(&own, "blocks_per_level", &key)? {
+        let blocks_per_level = match own.blocks_per_level {
             Some(0) => return Err(invalid(&key("blocks_per_level"), "must be at least 1")),
             Some(b) => b,
             None => variant.map_or(2, |v| v.blocks_per_level),
         };
-        let drop_path_rate = match own.get("drop_path_rate") {
+        let drop_path_rate = match own.drop_path_rate {
             None => variant.map_or(0.0, |v| v.drop_path_rate),
-            Some(v) => {
-                let p = v.as_f64().ok_or_else(|| {
-                    invalid(
-                        &key("drop_path_rate"),
-                        format!("expected a number, got {v}"),
-                    )
-                })?;
-                if !(0.0..1.0).contains(&p) {
-                    return Err(invalid(
-                        &key("drop_path_rate"),
-                        format!("must be in [0, 1), got {p}"),
-                    ));
-                }
-                p
-            }
-        };
-        let version = match get_str(&own, "convnext_version", &key)? {
-            None | Some("v2") => BlockVersion::V2,
-            Some("v1") => BlockVersion::V1,
-            Some(s) => {
+            Some(p) if (0.0..1.0).contains(&p) => p,
+            Some(p) => {
                 return Err(invalid(
-                    &key("convnext_version"),
-                    format!("expected \"v1\" or \"v2\", got \"{s}\""),
+                    &key("drop_path_rate"),
+                    format!("must be in [0, 1), got {p}"),
                 ))
             }
         };
-        let form = match get_str(&own, "block_form", &key)? {
-            None | Some("paper") => BlockForm::Paper,
-            Some("residual") => BlockForm::Residual,
-            Some("seed") => BlockForm::Seed,
-            Some(s) => {
-                return Err(invalid(
-                    &key("block_form"),
-                    format!("expected \"paper\", \"residual\" or \"seed\", got \"{s}\""),
-                ))
-            }
-        };
-        let use_bias = match own.get("use_bias") {
-            None => true,
-            Some(Value::Bool(b)) => *b,
-            Some(v) => {
-                return Err(invalid(
-                    &key("use_bias"),
-                    format!("expected true or false, got {v}"),
-                ))
-            }
-        };
-        let dw = get_kernel(&own, "dw_kernel", dim, &key)?.unwrap_or(vec![7; dim]);
-        let stem = get_kernel(&own, "stem_kernel", dim, &key)?.unwrap_or(vec![7; dim]);
+        let version = own.convnext_version.map_or(BlockVersion::V2, |c| c.0);
+        let form = own.block_form.map_or(BlockForm::Paper, |c| c.0);
+        let use_bias = own.use_bias.unwrap_or(true);
+        let dw = odd_kernel(&own.dw_kernel, dim, &key("dw_kernel"))?;
+        let stem = odd_kernel(&own.stem_kernel, dim, &key("stem_kernel"))?;
         // clip to the plan's anisotropy: an axis the plan convolves with 1 stays 1
         let clip = |k: &[usize], plan_k: &[usize]| -> Vec<usize> {
             k.iter()
@@ -343,18 +275,7 @@ impl ConvUNextConfig {
             .map(|l| clip(&dw, &plan.kernel_sizes[l]))
             .collect();
         let stem_kernel = clip(&stem, &plan.kernel_sizes[0]);
-        let expansion = get_usize(&own, "expansion", &key)?.unwrap_or(4);
-        if expansion == 0 {
-            return Err(invalid(&key("expansion"), "must be at least 1"));
-        }
-        let expansion_level0 = match get_usize(&own, "expansion_level0", &key)? {
-            Some(0) => return Err(invalid(&key("expansion_level0"), "must be at least 1")),
-            Some(e) => e,
-            None if dim == 3 => 1,
-            None => expansion,
-        };
-        let mut expansions = vec![expansion; depth + 1];
-        expansions[0] = expansion_level0;
+        let expansions = own.expansions(depth, dim, path)?;
         Ok(ConvUNextConfig {
             dim,
             input_channels: io.in_channels,
@@ -375,67 +296,106 @@ impl ConvUNextConfig {
     }
 }
 
-fn get_usize(
-    m: &Map<String, Value>,
-    k: &str,
-    key: &dyn Fn(&str) -> String,
-) -> Result<Option<usize>, ArchError> {
-    match m.get(k) {
-        None => Ok(None),
-        Some(v) => v
-            .as_u64()
-            .map(|u| Some(u as usize))
-            .ok_or_else(|| invalid(&key(k), format!("expected a non-negative integer, got {v}"))),
+impl ConvUNextKwargs {
+    /// The named variant, if any.
+    fn variant(&self, path: &str) -> Result<Option<Variant>, ArchError> {
+        let Some(s) = &self.variant else {
+            return Ok(None);
+        };
+        VARIANTS
+            .iter()
+            .find(|v| v.name == s.as_str())
+            .copied()
+            .map(Some)
+            .ok_or_else(|| {
+                invalid(
+                    &key_path(path, "variant"),
+                    format!(
+                        "unknown variant `{s}`; known: {}",
+                        VARIANTS.map(|v| v.name).join(", ")
+                    ),
+                )
+            })
+    }
+
+    /// Number of poolings: `depth`, else the variant's or the plan's (a variant deeper than
+    /// the plan is clipped to the plan's poolings).
+    fn depth(
+        &self,
+        variant: Option<Variant>,
+        n_stages: usize,
+        path: &str,
+    ) -> Result<usize, ArchError> {
+        let p = key_path(path, "depth");
+        let depth = match self.depth {
+            Some(d) => d,
+            None => variant.map_or(n_stages - 1, |v| v.depth.min(n_stages - 1)),
+        };
+        if depth == 0 {
+            return Err(invalid(&p, "must be at least 1"));
+        }
+        if depth > n_stages - 1 {
+            return Err(invalid(
+                &p,
+                format!(
+                    "{depth} poolings, but the plan has only {} strides below full resolution \
+                     (n_stages = {n_stages}); use a smaller depth or a plan with more stages",
+                    n_stages - 1
+                ),
+            ));
+        }
+        Ok(depth)
+    }
+
+    /// The MLP expansion of each level (`expansion_level0` at full resolution: 1 in 3D).
+    fn expansions(&self, depth: usize, dim: usize, path: &str) -> Result<Vec<usize>, ArchError> {
+        let expansion = self.expansion.unwrap_or(4);
+        if expansion == 0 {
+            return Err(invalid(&key_path(path, "expansion"), "must be at least 1"));
+        }
+        let level0 = match self.expansion_level0 {
+            Some(0) => {
+                return Err(invalid(
+                    &key_path(path, "expansion_level0"),
+                    "must be at least 1",
+                ))
+            }
+            Some(e) => e,
+            None if dim == 3 => 1,
+            None => expansion,
+        };
+        let mut expansions = vec![expansion; depth + 1];
+        expansions[0] = level0;
+        Ok(expansions)
     }
 }
 
-fn get_str<'a>(
-    m: &'a Map<String, Value>,
-    k: &str,
-    key: &dyn Fn(&str) -> String,
-) -> Result<Option<&'a str>, ArchError> {
-    match m.get(k) {
-        None => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s.as_str())),
-        Some(v) => Err(invalid(&key(k), format!("expected a string, got {v}"))),
-    }
-}
-
-/// An odd kernel size: an int (all axes) or a list with one int per spatial axis.
-fn get_kernel(
-    m: &Map<String, Value>,
-    k: &str,
-    dim: usize,
-    key: &dyn Fn(&str) -> String,
-) -> Result<Option<Vec<usize>>, ArchError> {
-    let p = key(k);
-    let one = |v: &Value, path: &str| -> Result<usize, ArchError> {
-        match v.as_u64() {
-            Some(x) if x % 2 == 1 => Ok(x as usize),
-            _ => Err(invalid(
-                path,
-                format!("expected an odd positive integer (\"same\" padding), got {v}"),
-            )),
+/// An odd kernel size (default 7): an int (all axes) or a list with one int per spatial axis.
+fn odd_kernel(v: &Option<IntOrList>, dim: usize, path: &str) -> Result<Vec<usize>, ArchError> {
+    let odd = |x: usize, p: &str| {
+        if x % 2 == 1 {
+            Ok(x)
+        } else {
+            Err(invalid(
+                p,
+                format!("expected an odd positive integer (\"same\" padding), got {x}"),
+            ))
         }
     };
-    match m.get(k) {
-        None => Ok(None),
-        Some(Value::Array(a)) => {
-            if a.len() != dim {
-                return Err(invalid(
-                    &p,
-                    format!(
-                        "has {} entries, expected {dim} (one per spatial axis)",
-                        a.len()
-                    ),
-                ));
-            }
-            a.iter()
-                .enumerate()
-                .map(|(i, v)| one(v, &format!("{p}[{i}]")))
-                .collect::<Result<Vec<_>, _>>()
-                .map(Some)
-        }
-        Some(v) => Ok(Some(vec![one(v, &p)?; dim])),
+    match v {
+        None => Ok(vec![7; dim]),
+        Some(IntOrList::All(x)) => Ok(vec![odd(*x, path)?; dim]),
+        Some(IntOrList::Each(a)) if a.len() != dim => Err(invalid(
+            path,
+            format!(
+                "has {} entries, expected {dim} (one per spatial axis)",
+                a.len()
+            ),
+        )),
+        Some(IntOrList::Each(a)) => a
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| odd(x, &format!("{path}[{i}]")))
+            .collect(),
     }
 }

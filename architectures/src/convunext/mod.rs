@@ -84,7 +84,9 @@ mod net;
 #[cfg(test)]
 mod tests;
 
-pub use config::{BlockForm, BlockVersion, ConvUNextConfig, Variant, OWN_KEYS, VARIANTS};
+pub use config::{
+    own_keys, BlockForm, BlockVersion, ConvUNextConfig, ConvUNextKwargs, Variant, VARIANTS,
+};
 pub use net::{CConv, CnxBlock, ConvUNext, DsHead, Grn, LayerNormCf};
 
 use crate::init::ShapeRecorder;

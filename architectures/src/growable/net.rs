@@ -1,19 +1,30 @@
 //! The network, its configuration and its activation estimate.
 
 use crate::init::he_normal_std;
+use crate::kwargs::{self, invalid};
 use crate::memory::MemoryEstimate;
 use crate::network::{ArchError, CandleContext, LayerRow, NetworkIo, SegNetwork};
 use crate::ops::{self, ConvOpts, InterpMode, InterpSize, NormAffine, PoolOpts};
 use crate::unet::blocks::{apply_dropout, apply_nonlin, check_input};
-use crate::unet::options::{invalid, NormKind, UNetConfig};
+use crate::unet::options::{NormKind, UNetConfig, UNetKwargs};
 use candle_core::{Result, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
+use serde::Deserialize;
 use serde_json::{Map, Value};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
 /// Key of the grown widths in `arch_kwargs`.
 pub const GROWN_WIDTHS_KEY: &str = "grown_widths";
+
+/// The growable U-Net's own `arch_kwargs` key, typed.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct GrowableKwargs {
+    /// `{"down_0": [c1, c2], "bottleneck": [c1, c2], ...}`: the current widths of each block's
+    /// two convs ([`GROWN_WIDTHS_KEY`]).
+    pub grown_widths: Option<BTreeMap<String, [usize; 2]>>,
+}
 
 /// Parsed options: the plan's U-Net options plus the current widths of every block.
 #[derive(Debug, Clone, PartialEq)]
@@ -97,16 +108,14 @@ impl GrowableConfig {
         path: &str,
         io: &NetworkIo,
     ) -> std::result::Result<Self, ArchError> {
-        let mut rest = kwargs.clone();
-        let grown = rest.remove(GROWN_WIDTHS_KEY);
-        let unet = UNetConfig::from_kwargs(
-            &rest,
-            path,
-            false,
-            io.in_channels,
-            io.num_classes,
-            io.deep_supervision,
-        )?;
+        let known: Vec<&str> = UNetKwargs::PLAIN_KEYS
+            .iter()
+            .chain(kwargs::keys::<GrowableKwargs>())
+            .copied()
+            .collect();
+        kwargs::reject_unknown(kwargs, path, &known)?;
+        let own: GrowableKwargs = kwargs::typed(kwargs, path)?;
+        let unet = UNetConfig::from_typed(&UNetKwargs::parse(kwargs, path)?, path, false, io)?;
         let n = unet.n_stages();
         if n < 2 {
             return Err(invalid(
@@ -128,41 +137,22 @@ impl GrowableConfig {
             unet,
         };
         let gpath = format!("{path}.{GROWN_WIDTHS_KEY}");
-        match grown {
-            None | Some(Value::Null) => {}
-            Some(Value::Object(m)) => {
-                for (k, v) in &m {
-                    let kp = format!("{gpath}.{k}");
-                    let Some(b) = cfg.block_index(k) else {
-                        let names: Vec<String> =
-                            (0..cfg.n_blocks()).map(|b| cfg.block_name(b)).collect();
-                        return Err(invalid(
-                            &kp,
-                            format!("unknown block; blocks: {}", names.join(", ")),
-                        ));
-                    };
-                    let arr = v.as_array().filter(|a| a.len() == 2).ok_or_else(|| {
-                        invalid(&kp, format!("expected [conv1, conv2] widths, got {v}"))
-                    })?;
-                    for (i, e) in arr.iter().enumerate() {
-                        match e.as_u64() {
-                            Some(x) if x >= 1 => cfg.widths[b][i] = x as usize,
-                            _ => {
-                                return Err(invalid(
-                                    &format!("{kp}[{i}]"),
-                                    format!("expected a positive integer, got {e}"),
-                                ))
-                            }
-                        }
-                    }
-                }
-            }
-            Some(v) => {
+        for (k, w) in own.grown_widths.iter().flatten() {
+            let kp = format!("{gpath}.{k}");
+            let Some(b) = cfg.block_index(k) else {
+                let names: Vec<String> = (0..cfg.n_blocks()).map(|b| cfg.block_name(b)).collect();
                 return Err(invalid(
-                    &gpath,
-                    format!("expected an object {{\"block\": [c1, c2]}}, got {v}"),
-                ))
+                    &kp,
+                    format!("unknown block; blocks: {}", names.join(", ")),
+                ));
+            };
+            if let Some(i) = w.iter().position(|&x| x == 0) {
+                return Err(invalid(
+                    &format!("{kp}[{i}]"),
+                    "expected a positive integer, got 0",
+                ));
             }
+            cfg.widths[b] = *w;
         }
         Ok(cfg)
     }

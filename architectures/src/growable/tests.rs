@@ -562,6 +562,11 @@ fn bad_kwargs_name_their_json_path() {
         .unwrap()
         .to_string();
     assert!(e.contains("grown_widths.up_0[1]"), "{e}");
+    // the typed option is the key checkpoints record
+    assert_eq!(
+        crate::kwargs::keys::<super::net::GrowableKwargs>(),
+        &[GROWN_WIDTHS_KEY]
+    );
     let mut kw = kwargs_2d(false);
     kw.insert("norm_op".into(), json!("torch.nn.BatchNorm2d"));
     let e = Registry::default()

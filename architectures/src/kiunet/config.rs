@@ -1,25 +1,124 @@
 //! Options of [`super::KiUNet`]: a PlainConvUNet `arch_kwargs` object plus the KiU-Net keys
-//! documented in the module doc of [`super`].
+//! documented in the module doc of [`super`] ([`KiUNetKwargs`], typed with serde).
 
-use crate::network::ArchError;
-use crate::unet::options::{invalid, EncoderKind, Kwargs, UNetConfig};
+use crate::kwargs::{self, invalid, key_path, Choice, Choices};
+use crate::network::{ArchError, NetworkIo};
+use crate::unet::options::{UNetConfig, UNetKwargs};
+use serde::de::{self, Deserializer, SeqAccess, Visitor};
+use serde::Deserialize;
 use serde_json::{Map, Value};
+use std::fmt;
 
-/// The KiU-Net keys this module reads on top of nnU-Net's PlainConvUNet keys.
-pub const KIUNET_KEYS: &[&str] = &[
-    "form",
-    "pool_type",
-    "feature_scale",
-    "kinet_widths",
-    "kinet_min_width",
-    "skip_before_crfb",
-    "decoder_crfb",
-    "kinet_sizing",
-    "kinet_upsample_axes",
-    "kinet_max_scale",
-];
+/// The KiU-Net keys of `arch_kwargs` (besides a PlainConvUNet plan's).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct KiUNetKwargs {
+    /// `"default"` or `"seed"` (the seed's defaults for the keys below).
+    pub form: Option<Choice<Form>>,
+    pub pool_type: Option<Choice<PoolType>>,
+    /// Multiplies the U-Net widths, in (0, 64].
+    pub feature_scale: Option<f64>,
+    pub kinet_widths: Option<KiNetWidths>,
+    /// Smallest width of a fractional Ki-Net width (≥ 1, default 2).
+    pub kinet_min_width: Option<usize>,
+    pub skip_before_crfb: Option<bool>,
+    pub decoder_crfb: Option<DecoderCrfb>,
+    pub kinet_sizing: Option<Choice<KiNetSizing>>,
+    pub kinet_upsample_axes: Option<UpsampleAxes>,
+    /// Largest Ki-Net upsampling factor per axis, 1..=16 (default 2).
+    pub kinet_max_scale: Option<usize>,
+}
 
-/// How the U-Net encoder downsamples (seed `pool_type`).
+/// The KiU-Net keys (see [`KiUNetKwargs`]).
+pub fn kiunet_keys() -> &'static [&'static str] {
+    kwargs::keys::<KiUNetKwargs>()
+}
+
+/// `form`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Form {
+    Default,
+    Seed,
+}
+
+impl Choices for Form {
+    const CHOICES: &'static [(&'static str, Self)] =
+        &[("default", Form::Default), ("seed", Form::Seed)];
+}
+
+/// `kinet_widths`: a name, a fraction of the U-Net widths or one width per stage.
+#[derive(Debug, Clone, PartialEq)]
+pub enum KiNetWidths {
+    Named(String),
+    Fraction(f64),
+    List(Vec<usize>),
+}
+
+impl<'de> Deserialize<'de> for KiNetWidths {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = KiNetWidths;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string, a number or a list of widths")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<KiNetWidths, E> {
+                Ok(KiNetWidths::Named(v.to_string()))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<KiNetWidths, E> {
+                Ok(KiNetWidths::Fraction(v as f64))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<KiNetWidths, E> {
+                Ok(KiNetWidths::Fraction(v as f64))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<KiNetWidths, E> {
+                Ok(KiNetWidths::Fraction(v))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<KiNetWidths, A::Error> {
+                let mut out = vec![];
+                while let Some(x) = seq.next_element::<usize>()? {
+                    out.push(x);
+                }
+                Ok(KiNetWidths::List(out))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// `kinet_upsample_axes`: `"auto"`, `"all"` or one boolean per spatial axis.
+#[derive(Debug, Clone, PartialEq)]
+pub enum UpsampleAxes {
+    Named(String),
+    Each(Vec<bool>),
+}
+
+impl<'de> Deserialize<'de> for UpsampleAxes {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = UpsampleAxes;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("\"auto\", \"all\" or a list of booleans (one per spatial axis)")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<UpsampleAxes, E> {
+                match v {
+                    "auto" | "all" => Ok(UpsampleAxes::Named(v.to_string())),
+                    _ => Err(E::invalid_value(de::Unexpected::Str(v), &self)),
+                }
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<UpsampleAxes, A::Error> {
+                let mut out = vec![];
+                while let Some(x) = seq.next_element::<bool>()? {
+                    out.push(x);
+                }
+                Ok(UpsampleAxes::Each(out))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PoolType {
     /// Strided first conv (nnU-Net).
@@ -73,51 +172,6 @@ pub struct KiUNetConfig {
     pub kinet_max_scale: usize,
 }
 
-fn describe(v: &Value) -> String {
-    let s = v.to_string();
-    if s.len() > 60 {
-        format!("{}...", &s[..57])
-    } else {
-        s
-    }
-}
-
-fn key_path(path: &str, key: &str) -> String {
-    if path.is_empty() {
-        key.to_string()
-    } else {
-        format!("{path}.{key}")
-    }
-}
-
-fn get<'a>(m: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
-    m.get(key).filter(|v| !v.is_null())
-}
-
-fn string_choice<'a>(
-    m: &'a Map<String, Value>,
-    path: &str,
-    key: &str,
-    allowed: &[&str],
-) -> Result<Option<&'a str>, ArchError> {
-    match get(m, key) {
-        None => Ok(None),
-        Some(Value::String(s)) if allowed.contains(&s.as_str()) => Ok(Some(s.as_str())),
-        Some(v) => Err(invalid(
-            &key_path(path, key),
-            format!(
-                "expected one of {}, got {}",
-                allowed
-                    .iter()
-                    .map(|a| format!("\"{a}\""))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                describe(v)
-            ),
-        )),
-    }
-}
-
 impl KiUNetConfig {
     pub fn n_stages(&self) -> usize {
         self.base.n_stages()
@@ -137,31 +191,20 @@ impl KiUNetConfig {
         num_classes: usize,
         deep_supervision: bool,
     ) -> Result<Self, ArchError> {
-        let (own, standard): (Map<String, Value>, Map<String, Value>) = kwargs
+        let known: Vec<&str> = UNetKwargs::PLAIN_KEYS
             .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .partition(|(k, _)| KIUNET_KEYS.contains(&k.as_str()));
-        let mut base = UNetConfig::from_kwargs(
-            &standard,
-            path,
-            false,
-            input_channels,
+            .chain(kiunet_keys())
+            .copied()
+            .collect();
+        kwargs::reject_unknown(kwargs, path, &known)?;
+        let own: KiUNetKwargs = kwargs::typed(kwargs, path)?;
+        let io = NetworkIo {
+            in_channels: input_channels,
             num_classes,
             deep_supervision,
-        )
-        .map_err(|e| match e {
-            ArchError::InvalidOption { path, message }
-                if message.starts_with("unknown argument") =>
-            {
-                ArchError::InvalidOption {
-                    path,
-                    message: format!("{message}; KiU-Net options: {}", KIUNET_KEYS.join(", ")),
-                }
-            }
-            other => other,
-        })?;
+        };
+        let mut base = UNetConfig::from_typed(&UNetKwargs::parse(kwargs, path)?, path, false, &io)?;
         let n = base.n_stages();
-        let dim = base.dim().n();
         if n < 2 {
             return Err(invalid(
                 &key_path(path, "n_stages"),
@@ -169,215 +212,50 @@ impl KiUNetConfig {
             ));
         }
         let n_conv_per_stage = match &base.encoder {
-            EncoderKind::Plain { n_conv_per_stage } => n_conv_per_stage.clone(),
-            EncoderKind::Residual { .. } => {
+            crate::unet::options::EncoderKind::Plain { n_conv_per_stage } => {
+                n_conv_per_stage.clone()
+            }
+            crate::unet::options::EncoderKind::Residual { .. } => {
                 return Err(invalid(path, "KiU-Net needs a plain encoder configuration"))
             }
         };
-
-        let seed_form = string_choice(&own, path, "form", &["default", "seed"])? == Some("seed");
-
-        // feature_scale
-        if let Some(v) = get(&own, "feature_scale") {
-            let p = key_path(path, "feature_scale");
-            let f = v
-                .as_f64()
-                .ok_or_else(|| invalid(&p, format!("expected a number, got {}", describe(v))))?;
+        let seed_form = own.form.map(|c| c.0) == Some(Form::Seed);
+        if let Some(f) = own.feature_scale {
             if !(f.is_finite() && f > 0.0 && f <= 64.0) {
-                return Err(invalid(&p, format!("must be in (0, 64], got {f}")));
+                return Err(invalid(
+                    &key_path(path, "feature_scale"),
+                    format!("must be in (0, 64], got {f}"),
+                ));
             }
             for x in base.features_per_stage.iter_mut() {
                 *x = ((*x as f64 * f).round() as usize).max(1);
             }
         }
-        let feats = base.features_per_stage.clone();
-
-        let pool_type = match string_choice(&own, path, "pool_type", &["conv", "max", "avg"])? {
-            None | Some("conv") => PoolType::Conv,
-            Some("max") => PoolType::Max,
-            _ => PoolType::Avg,
-        };
-
-        // kinet_min_width (applies to fractional widths)
-        let min_width = match get(&own, "kinet_min_width") {
-            None => 2,
-            Some(v) => match v.as_u64() {
-                Some(m) if m >= 1 => m as usize,
-                _ => {
-                    return Err(invalid(
-                        &key_path(path, "kinet_min_width"),
-                        format!("expected an integer >= 1, got {}", describe(v)),
-                    ))
-                }
-            },
-        };
-        let fraction = |x: f64| -> Vec<usize> {
-            feats
-                .iter()
-                .map(|&f| {
-                    ((f as f64 * x).round() as usize)
-                        .max(min_width.min(f))
-                        .max(1)
-                })
-                .collect()
-        };
-        let wp = key_path(path, "kinet_widths");
-        let kinet_widths = match get(&own, "kinet_widths") {
-            None if seed_form => feats.iter().rev().copied().collect(),
-            None => fraction(0.25),
-            Some(Value::String(s)) => match s.as_str() {
-                "reversed" => feats.iter().rev().copied().collect(),
-                "same" => feats.clone(),
-                "quarter" => fraction(0.25),
-                "half" => fraction(0.5),
-                "narrow" => {
-                    let w = ((feats[0] as f64 / 4.0).round() as usize)
-                        .max(min_width)
-                        .max(1);
-                    vec![w; n]
-                }
-                _ => {
-                    return Err(invalid(
-                        &wp,
-                        format!(
-                            "expected \"quarter\", \"half\", \"narrow\", \"same\", \"reversed\", a \
-                             fraction of the U-Net widths or a list of {n} widths, got \"{s}\""
-                        ),
-                    ))
-                }
-            },
-            Some(Value::Number(x)) => {
-                let x = x.as_f64().unwrap_or(f64::NAN);
-                if !(x.is_finite() && x > 0.0 && x <= 4.0) {
-                    return Err(invalid(
-                        &wp,
-                        format!("a fraction of the U-Net widths must be in (0, 4], got {x}"),
-                    ));
-                }
-                fraction(x)
-            }
-            Some(Value::Array(a)) => {
-                if a.len() != n {
-                    return Err(invalid(
-                        &wp,
-                        format!("has {} entries, expected {n} (one per stage)", a.len()),
-                    ));
-                }
-                a.iter()
-                    .enumerate()
-                    .map(|(i, e)| match e.as_u64() {
-                        Some(w) if w >= 1 => Ok(w as usize),
-                        _ => Err(invalid(
-                            &format!("{wp}[{i}]"),
-                            format!("expected an integer >= 1, got {}", describe(e)),
-                        )),
-                    })
-                    .collect::<Result<Vec<_>, _>>()?
-            }
-            Some(v) => {
-                return Err(invalid(
-                    &wp,
-                    format!("expected a string, a number or a list, got {}", describe(v)),
-                ))
-            }
-        };
-
-        let mut kw = Kwargs::new(&own, path);
-        kw.mark_used("form");
-        for k in [
-            "pool_type",
-            "feature_scale",
-            "kinet_widths",
-            "kinet_min_width",
-            "decoder_crfb",
-            "kinet_sizing",
-            "kinet_upsample_axes",
-            "kinet_max_scale",
-        ] {
-            kw.mark_used(k);
-        }
-        let skip_before_crfb = kw.optional_bool("skip_before_crfb", seed_form)?;
-        kw.finish()?;
-
-        let dp = key_path(path, "decoder_crfb");
-        let decoder_crfb = match get(&own, "decoder_crfb") {
-            None if seed_form => DecoderCrfb::Unused,
-            None => DecoderCrfb::On,
-            Some(Value::Bool(true)) => DecoderCrfb::On,
-            Some(Value::Bool(false)) => DecoderCrfb::Off,
-            Some(Value::String(s)) if s == "unused" => DecoderCrfb::Unused,
-            Some(v) => {
-                return Err(invalid(
-                    &dp,
-                    format!("expected true, false or \"unused\", got {}", describe(v)),
-                ))
-            }
-        };
-
-        let kinet_sizing = match string_choice(&own, path, "kinet_sizing", &["mirror", "seed"])? {
+        let kinet_widths = own.widths(&base.features_per_stage, seed_form, path)?;
+        let decoder_crfb = own.decoder_crfb.unwrap_or(if seed_form {
+            DecoderCrfb::Unused
+        } else {
+            DecoderCrfb::On
+        });
+        let kinet_sizing = match own.kinet_sizing {
+            Some(c) => c.0,
             None if seed_form => KiNetSizing::Seed,
-            None | Some("mirror") => KiNetSizing::Mirror,
-            _ => KiNetSizing::Seed,
+            None => KiNetSizing::Mirror,
         };
-
-        let kinet_max_scale = match get(&own, "kinet_max_scale") {
-            None => 2,
-            Some(v) => match v.as_u64() {
-                Some(m) if (1..=16).contains(&m) => m as usize,
-                _ => {
-                    return Err(invalid(
-                        &key_path(path, "kinet_max_scale"),
-                        format!("expected an integer in 1..=16, got {}", describe(v)),
-                    ))
-                }
-            },
-        };
-
-        let ap = key_path(path, "kinet_upsample_axes");
-        let strides = &base.strides;
-        let kinet_upsample_axes = match get(&own, "kinet_upsample_axes") {
-            None => auto_axes(strides, dim),
-            Some(Value::String(s)) if s == "auto" => auto_axes(strides, dim),
-            Some(Value::String(s)) if s == "all" => vec![true; dim],
-            Some(Value::Array(a)) => {
-                if a.len() != dim {
-                    return Err(invalid(
-                        &ap,
-                        format!(
-                            "has {} entries, expected {dim} (one per spatial axis)",
-                            a.len()
-                        ),
-                    ));
-                }
-                a.iter()
-                    .enumerate()
-                    .map(|(i, e)| {
-                        e.as_bool().ok_or_else(|| {
-                            invalid(
-                                &format!("{ap}[{i}]"),
-                                format!("expected true or false, got {}", describe(e)),
-                            )
-                        })
-                    })
-                    .collect::<Result<Vec<_>, _>>()?
-            }
-            Some(v) => {
-                return Err(invalid(
-                    &ap,
-                    format!(
-                        "expected \"auto\", \"all\" or a list of {dim} booleans, got {}",
-                        describe(v)
-                    ),
-                ))
-            }
-        };
-
+        let kinet_max_scale = own.kinet_max_scale.unwrap_or(2);
+        if !(1..=16).contains(&kinet_max_scale) {
+            return Err(invalid(
+                &key_path(path, "kinet_max_scale"),
+                format!("expected an integer in 1..=16, got {kinet_max_scale}"),
+            ));
+        }
+        let kinet_upsample_axes = own.upsample_axes(&base.strides, path)?;
         Ok(KiUNetConfig {
             base,
             n_conv_per_stage,
-            pool_type,
+            pool_type: own.pool_type.map_or(PoolType::Conv, |c| c.0),
             kinet_widths,
-            skip_before_crfb,
+            skip_before_crfb: own.skip_before_crfb.unwrap_or(seed_form),
             decoder_crfb,
             kinet_sizing,
             kinet_upsample_axes,
@@ -422,6 +300,103 @@ impl KiUNetConfig {
     }
 }
 
+impl KiUNetKwargs {
+    /// The Ki-Net widths for the (scaled) U-Net widths `feats`.
+    fn widths(
+        &self,
+        feats: &[usize],
+        seed_form: bool,
+        path: &str,
+    ) -> Result<Vec<usize>, ArchError> {
+        let n = feats.len();
+        let min_width = self.kinet_min_width.unwrap_or(2);
+        if min_width == 0 {
+            return Err(invalid(
+                &key_path(path, "kinet_min_width"),
+                "expected an integer >= 1, got 0",
+            ));
+        }
+        let fraction = |x: f64| -> Vec<usize> {
+            feats
+                .iter()
+                .map(|&f| {
+                    ((f as f64 * x).round() as usize)
+                        .max(min_width.min(f))
+                        .max(1)
+                })
+                .collect()
+        };
+        let wp = key_path(path, "kinet_widths");
+        Ok(match &self.kinet_widths {
+            None if seed_form => feats.iter().rev().copied().collect(),
+            None => fraction(0.25),
+            Some(KiNetWidths::Named(s)) => match s.as_str() {
+                "reversed" => feats.iter().rev().copied().collect(),
+                "same" => feats.to_vec(),
+                "quarter" => fraction(0.25),
+                "half" => fraction(0.5),
+                "narrow" => {
+                    let w = ((feats[0] as f64 / 4.0).round() as usize)
+                        .max(min_width)
+                        .max(1);
+                    vec![w; n]
+                }
+                _ => {
+                    return Err(invalid(
+                        &wp,
+                        format!(
+                            "expected \"quarter\", \"half\", \"narrow\", \"same\", \"reversed\", a \
+                             fraction of the U-Net widths or a list of {n} widths, got \"{s}\""
+                        ),
+                    ))
+                }
+            },
+            Some(KiNetWidths::Fraction(x)) => {
+                if !(x.is_finite() && *x > 0.0 && *x <= 4.0) {
+                    return Err(invalid(
+                        &wp,
+                        format!("a fraction of the U-Net widths must be in (0, 4], got {x}"),
+                    ));
+                }
+                fraction(*x)
+            }
+            Some(KiNetWidths::List(a)) => {
+                if a.len() != n {
+                    return Err(invalid(
+                        &wp,
+                        format!("has {} entries, expected {n} (one per stage)", a.len()),
+                    ));
+                }
+                if let Some(i) = a.iter().position(|&w| w == 0) {
+                    return Err(invalid(
+                        &format!("{wp}[{i}]"),
+                        "expected an integer >= 1, got 0",
+                    ));
+                }
+                a.clone()
+            }
+        })
+    }
+
+    /// The axes the Ki-Net upsamples, for a plan with `strides`.
+    fn upsample_axes(&self, strides: &[Vec<usize>], path: &str) -> Result<Vec<bool>, ArchError> {
+        let dim = strides.first().map_or(0, Vec::len);
+        match &self.kinet_upsample_axes {
+            None => Ok(auto_axes(strides, dim)),
+            Some(UpsampleAxes::Named(s)) if s == "all" => Ok(vec![true; dim]),
+            Some(UpsampleAxes::Named(_)) => Ok(auto_axes(strides, dim)),
+            Some(UpsampleAxes::Each(a)) if a.len() != dim => Err(invalid(
+                &key_path(path, "kinet_upsample_axes"),
+                format!(
+                    "has {} entries, expected {dim} (one per spatial axis)",
+                    a.len()
+                ),
+            )),
+            Some(UpsampleAxes::Each(a)) => Ok(a.clone()),
+        }
+    }
+}
+
 /// Axes the first downsampling stride of the plan reduces (the axes with fine spacing); all
 /// axes if the plan never downsamples.
 fn auto_axes(strides: &[Vec<usize>], dim: usize) -> Vec<bool> {
@@ -431,4 +406,39 @@ fn auto_axes(strides: &[Vec<usize>], dim: usize) -> Vec<bool> {
         .find(|st| st.iter().any(|&x| x > 1))
         .map(|st| st.iter().map(|&x| x > 1).collect())
         .unwrap_or_else(|| vec![true; dim])
+}
+
+impl Choices for PoolType {
+    const CHOICES: &'static [(&'static str, Self)] = &[
+        ("conv", PoolType::Conv),
+        ("max", PoolType::Max),
+        ("avg", PoolType::Avg),
+    ];
+}
+
+impl Choices for KiNetSizing {
+    const CHOICES: &'static [(&'static str, Self)] =
+        &[("mirror", KiNetSizing::Mirror), ("seed", KiNetSizing::Seed)];
+}
+
+impl<'de> Deserialize<'de> for DecoderCrfb {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = DecoderCrfb;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("true, false or \"unused\"")
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<DecoderCrfb, E> {
+                Ok(if v { DecoderCrfb::On } else { DecoderCrfb::Off })
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<DecoderCrfb, E> {
+                match v {
+                    "unused" => Ok(DecoderCrfb::Unused),
+                    _ => Err(E::invalid_value(de::Unexpected::Str(v), &self)),
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
 }

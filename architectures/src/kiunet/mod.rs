@@ -62,7 +62,10 @@ pub mod net;
 #[cfg(test)]
 mod tests;
 
-pub use config::{DecoderCrfb, KiNetSizing, KiUNetConfig, PoolType, KIUNET_KEYS};
+pub use config::{
+    kiunet_keys, DecoderCrfb, Form, KiNetSizing, KiNetWidths, KiUNetConfig, KiUNetKwargs, PoolType,
+    UpsampleAxes,
+};
 pub use estimate::KiUNetEstimate;
 pub use net::KiUNet;
 

@@ -1,11 +1,47 @@
 //! `arch_kwargs` → [`PreActConfig`]: the standard nnU-Net plan keys plus this family's own
 //! options (see the module documentation of [`super`]).
 
+use crate::kwargs::{self, invalid, key_path, Choice, Choices, PerStage};
 use crate::network::{ArchError, NetworkIo};
-use crate::unet::options::{
-    invalid, ConvDim, DropoutOptions, Kwargs, Nonlin, NormKind, NormOptions,
-};
+use crate::unet::options::{ConvDim, DropoutOptions, Nonlin, NormKind, NormOptions, UNetKwargs};
+use serde::Deserialize;
 use serde_json::{Map, Value};
+
+/// This family's own `arch_kwargs` keys (see the module documentation of [`super`]).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct PreActKwargs {
+    /// `"instance"` | `"batch"` (default: the plan's `norm_op` family).
+    pub norm: Option<Choice<NormKind>>,
+    /// `"leaky_relu"` | `"gelu"` (default: the plan's `nonlin`).
+    pub activation: Option<Choice<Activation>>,
+    pub downsample: Option<Choice<Downsample>>,
+    /// Blocks per decoder stage (default 1).
+    pub n_blocks_per_stage_decoder: Option<PerStage>,
+    /// Append the ConvNeXt block to the bottleneck (default true).
+    pub convnext_bottleneck: Option<bool>,
+    /// Odd depthwise kernel of the ConvNeXt block (default 7).
+    pub bottleneck_kernel: Option<usize>,
+}
+
+/// `activation`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    LeakyRelu,
+    Gelu,
+}
+
+impl Choices for Activation {
+    const CHOICES: &'static [(&'static str, Self)] = &[
+        ("leaky_relu", Activation::LeakyRelu),
+        ("gelu", Activation::Gelu),
+    ];
+}
+
+impl Choices for Downsample {
+    const CHOICES: &'static [(&'static str, Self)] =
+        &[("maxpool", Downsample::MaxPool), ("conv", Downsample::Conv)];
+}
 
 /// How the encoder goes down one resolution level.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,7 +114,8 @@ impl PreActConfig {
         p
     }
 
-    /// Parses `arch_kwargs`; `path` is their JSON path (used in errors).
+    /// Parses `arch_kwargs`; `path` is their JSON path (used in errors). Every standard
+    /// U-Net key is accepted (the unused ones are ignored, see the module documentation).
     pub fn from_kwargs(
         kwargs: &Map<String, Value>,
         path: &str,
@@ -93,59 +130,50 @@ impl PreActConfig {
         if io.num_classes == 0 {
             return Err(invalid(path, "the network needs at least one output class"));
         }
-        let mut kw = Kwargs::new(kwargs, path);
-        let dim = kw.conv_dim("conv_op")?;
-        let n = kw.required_usize("n_stages")?;
+        let known: Vec<&str> = kwargs::keys::<UNetKwargs>()
+            .iter()
+            .chain(kwargs::keys::<PreActKwargs>())
+            .copied()
+            .collect();
+        kwargs::reject_unknown(kwargs, path, &known)?;
+        let plan = UNetKwargs::parse(kwargs, path)?;
+        let own: PreActKwargs = kwargs::typed(kwargs, path)?;
+        let dim = plan.conv_dim(path)?;
+        let n = plan.n_stages(path)?;
         if n < 2 {
             return Err(invalid(
-                &kw.key_path("n_stages"),
+                &key_path(path, "n_stages"),
                 "a U-Net needs at least 2 stages",
             ));
         }
-        let features_per_stage = kw.per_stage("features_per_stage", n, true)?;
-        let kernel_sizes = kw.per_stage_axes("kernel_sizes", n, dim.n())?;
+        let features_per_stage =
+            UNetKwargs::per_stage(&plan.features_per_stage, path, "features_per_stage", n, 1)?;
+        let kernel_sizes =
+            UNetKwargs::per_stage_axes(&plan.kernel_sizes, path, "kernel_sizes", n, dim.n())?;
         for (s, k) in kernel_sizes.iter().enumerate() {
             if let Some(a) = k.iter().position(|&k| k % 2 == 0) {
                 return Err(invalid(
-                    &format!("{}[{s}][{a}]", kw.key_path("kernel_sizes")),
+                    &format!("{}[{s}][{a}]", key_path(path, "kernel_sizes")),
                     format!("kernel sizes must be odd (\"same\" padding), got {}", k[a]),
                 ));
             }
         }
-        let strides = kw.per_stage_axes("strides", n, dim.n())?;
-        let n_blocks_per_stage = if present(kwargs, "n_blocks_per_stage") {
-            kw.per_stage("n_blocks_per_stage", n, true)?
-        } else {
-            kw.mark_used("n_blocks_per_stage");
-            vec![1; n]
+        let strides = UNetKwargs::per_stage_axes(&plan.strides, path, "strides", n, dim.n())?;
+        let blocks = |v: &Option<PerStage>, key: &str, count: usize| match v {
+            Some(v) => v.resolve(count, 1, &key_path(path, key)),
+            None => Ok(vec![1; count]),
         };
-        let n_blocks_per_stage_decoder = if present(kwargs, "n_blocks_per_stage_decoder") {
-            kw.per_stage("n_blocks_per_stage_decoder", n - 1, true)?
-        } else {
-            kw.mark_used("n_blocks_per_stage_decoder");
-            vec![1; n - 1]
-        };
-        // Standard nnU-Net keys this design accepts but does not use: every stage is made of
-        // two-conv pre-activation blocks, the convs have no bias and the order is fixed.
-        for k in [
-            "n_conv_per_stage",
-            "n_conv_per_stage_decoder",
-            "deep_supervision",
-            "block",
-            "bottleneck_channels",
-            "stem_channels",
-        ] {
-            kw.mark_used(k);
-        }
-        kw.optional_bool("conv_bias", false)?;
-        kw.optional_bool("nonlin_first", false)?;
-        let plan_norm = kw.norm(dim)?;
-        let dropout = kw.dropout()?;
-        let plan_nonlin = kw.nonlin()?;
-
-        let norm_kind = match choice(&mut kw, kwargs, "norm", &["batch", "instance"])? {
-            Some("batch") => NormKind::Batch,
-            Some(_) => NormKind::Instance,
+        let n_blocks_per_stage = blocks(&plan.n_blocks_per_stage, "n_blocks_per_stage", n)?;
+        let n_blocks_per_stage_decoder = blocks(
+            &own.n_blocks_per_stage_decoder,
+            "n_blocks_per_stage_decoder",
+            n - 1,
+        )?;
+        let plan_norm = plan.norm(dim, path)?;
+        let dropout = plan.dropout(path)?;
+        let plan_nonlin = plan.nonlin(path)?;
+        let norm_kind = match own.norm {
+            Some(c) => c.0,
             None => plan_norm
                 .as_ref()
                 .map_or(NormKind::Instance, |n: &NormOptions| n.kind),
@@ -158,29 +186,22 @@ impl PreActConfig {
         });
         norm.kind = norm_kind;
         norm.affine = true;
-
-        let nonlin = match choice(&mut kw, kwargs, "activation", &["leaky_relu", "gelu"])? {
-            Some("gelu") => Nonlin::Gelu(crate::ops::GeluKind::Erf),
-            Some(_) => Nonlin::LeakyRelu {
+        let nonlin = match own.activation.map(|c| c.0) {
+            Some(Activation::Gelu) => Nonlin::Gelu(crate::ops::GeluKind::Erf),
+            Some(Activation::LeakyRelu) => Nonlin::LeakyRelu {
                 negative_slope: 0.01,
             },
             None => plan_nonlin.unwrap_or(Nonlin::LeakyRelu {
                 negative_slope: 0.01,
             }),
         };
-        let downsample = match choice(&mut kw, kwargs, "downsample", &["maxpool", "conv"])? {
-            Some("conv") => Downsample::Conv,
-            _ => Downsample::MaxPool,
-        };
-        let convnext_bottleneck = kw.optional_bool("convnext_bottleneck", true)?;
-        let bottleneck_kernel = kw.optional_usize("bottleneck_kernel")?.unwrap_or(7);
-        if bottleneck_kernel % 2 == 0 {
+        let bottleneck_kernel = own.bottleneck_kernel.unwrap_or(7);
+        if bottleneck_kernel.is_multiple_of(2) {
             return Err(invalid(
-                &kw.key_path("bottleneck_kernel"),
+                &key_path(path, "bottleneck_kernel"),
                 format!("must be an odd kernel size (\"same\" padding), got {bottleneck_kernel}"),
             ));
         }
-        kw.finish()?;
         Ok(PreActConfig {
             dim,
             input_channels: io.in_channels,
@@ -191,46 +212,12 @@ impl PreActConfig {
             strides,
             n_blocks_per_stage,
             n_blocks_per_stage_decoder,
-            downsample,
+            downsample: own.downsample.map_or(Downsample::MaxPool, |c| c.0),
             norm,
             nonlin,
             dropout,
-            convnext_bottleneck,
+            convnext_bottleneck: own.convnext_bottleneck.unwrap_or(true),
             bottleneck_kernel,
         })
-    }
-}
-
-fn present(m: &Map<String, Value>, key: &str) -> bool {
-    m.get(key).is_some_and(|v| !v.is_null())
-}
-
-/// One of `allowed` (case-insensitive) or absent/null.
-fn choice(
-    kw: &mut Kwargs,
-    m: &Map<String, Value>,
-    key: &str,
-    allowed: &[&'static str],
-) -> Result<Option<&'static str>, ArchError> {
-    kw.mark_used(key);
-    let p = kw.key_path(key);
-    let quoted: Vec<String> = allowed.iter().map(|a| format!("\"{a}\"")).collect();
-    match m.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => allowed
-            .iter()
-            .find(|a| a.eq_ignore_ascii_case(s.trim()))
-            .copied()
-            .map(Some)
-            .ok_or_else(|| {
-                invalid(
-                    &p,
-                    format!("expected one of {}, got \"{s}\"", quoted.join(", ")),
-                )
-            }),
-        Some(v) => Err(invalid(
-            &p,
-            format!("expected one of {}, got {v}", quoted.join(", ")),
-        )),
     }
 }

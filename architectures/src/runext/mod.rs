@@ -84,30 +84,181 @@ pub fn as_class_head(network: &dyn SegNetwork) -> Option<&dyn ClassHead> {
         .map(|n| n as &dyn ClassHead)
 }
 
+use crate::kwargs::{self, invalid, Choice, Choices};
 use crate::memory::MemoryEstimate;
 use crate::network::{ArchError, ArchPreset, Architecture, CandleContext, NetworkIo, SegNetwork};
-use crate::unet::options::{invalid, ConvDim, Nonlin, NormKind, NormOptions, UNetConfig};
+use crate::unet::options::{ConvDim, Nonlin, NormKind, NormOptions, UNetConfig, UNetKwargs};
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
+use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use std::sync::Arc;
 
 /// Canonical `network_class_name`.
 pub const RUNEXT: &str = "nnseg.architectures.RUNext";
 
-/// The keys this module reads besides the standard nnU-Net ones.
-const OWN_KEYS: &[&str] = &[
-    "base_channels",
-    "depth",
-    "feature_scale",
-    "num_cls",
-    "cls_hidden",
-    "k_kernels",
-    "dropout",
-    "block_norm",
-    "block_nonlin",
-    "deep_supervision_heads",
-];
+/// RUNext's own `arch_kwargs` keys (see the module documentation), typed.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct RUNextKwargs {
+    pub base_channels: Option<usize>,
+    pub depth: Option<usize>,
+    pub feature_scale: Option<f64>,
+    pub num_cls: Option<usize>,
+    pub cls_hidden: Option<usize>,
+    pub k_kernels: Option<usize>,
+    pub dropout: Option<f64>,
+    pub block_norm: Option<Choice<BlockNorm>>,
+    pub block_nonlin: Option<Choice<BlockNonlin>>,
+    pub deep_supervision_heads: Option<bool>,
+}
+
+/// `block_norm`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockNorm {
+    Plan,
+    Batch,
+    Instance,
+    None,
+}
+
+impl Choices for BlockNorm {
+    const CHOICES: &'static [(&'static str, Self)] = &[
+        ("plan", BlockNorm::Plan),
+        ("batch", BlockNorm::Batch),
+        ("instance", BlockNorm::Instance),
+        ("none", BlockNorm::None),
+    ];
+}
+
+/// `block_nonlin`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockNonlin {
+    Plan,
+    Relu,
+    LeakyRelu,
+}
+
+impl Choices for BlockNonlin {
+    const CHOICES: &'static [(&'static str, Self)] = &[
+        ("plan", BlockNonlin::Plan),
+        ("relu", BlockNonlin::Relu),
+        ("leaky_relu", BlockNonlin::LeakyRelu),
+    ];
+}
+
+impl RUNextKwargs {
+    /// The encoder widths (`depth` of them): `base_channels · 2^i` or the plan's (doubled past
+    /// its stages), times `feature_scale`.
+    fn features(&self, plan: &UNetConfig, path: &str) -> Result<Vec<usize>, ArchError> {
+        let key = |k: &str| format!("{path}.{k}");
+        let n = plan.n_stages();
+        let depth = match self.depth {
+            Some(0) => return Err(invalid(&key("depth"), "must be at least 1")),
+            Some(d) => d,
+            None if n < 2 => {
+                return Err(invalid(
+                    &key("n_stages"),
+                    "DynamicRUNext needs at least 2 stages (or an explicit `depth`)",
+                ))
+            }
+            None => n - 1,
+        };
+        if self.base_channels == Some(0) {
+            return Err(invalid(&key("base_channels"), "must be at least 1"));
+        }
+        let scale = self.feature_scale.unwrap_or(1.0);
+        if !(scale > 0.0 && scale.is_finite()) {
+            return Err(invalid(
+                &key("feature_scale"),
+                format!("must be a positive number, got {scale}"),
+            ));
+        }
+        let mut features: Vec<usize> = Vec::with_capacity(depth);
+        for i in 0..depth {
+            let f = match self.base_channels {
+                Some(b) => b << i.min(40),
+                None => match plan.features_per_stage.get(i) {
+                    Some(&f) => f,
+                    None => 2 * features[i - 1],
+                },
+            };
+            features.push(f);
+        }
+        Ok(features
+            .iter()
+            .map(|&f| ((f as f64 * scale).round() as usize).max(1))
+            .collect())
+    }
+
+    /// The residual blocks' norm and nonlinearity (`"plan"`: the plan's).
+    fn blocks(&self, plan: &UNetConfig) -> BlockOptions {
+        let norm = |kind| {
+            Some(NormOptions {
+                kind,
+                eps: 1e-5,
+                affine: true,
+                momentum: 0.1,
+            })
+        };
+        BlockOptions {
+            norm: match self.block_norm.map_or(BlockNorm::Plan, |c| c.0) {
+                BlockNorm::Plan => plan.block.norm.clone(),
+                BlockNorm::Batch => norm(NormKind::Batch),
+                BlockNorm::Instance => norm(NormKind::Instance),
+                BlockNorm::None => None,
+            },
+            nonlin: match self.block_nonlin.map_or(BlockNonlin::Plan, |c| c.0) {
+                BlockNonlin::Plan => plan.block.nonlin,
+                BlockNonlin::Relu => Some(Nonlin::Relu),
+                BlockNonlin::LeakyRelu => Some(Nonlin::LeakyRelu {
+                    negative_slope: 1e-2,
+                }),
+            },
+        }
+    }
+}
+
+/// Kernel sizes and pooling strides of the `depth + 1` levels (the plan's, then 3 and 2).
+#[allow(clippy::type_complexity)]
+fn levels(
+    plan: &UNetConfig,
+    depth: usize,
+    path: &str,
+) -> Result<(Vec<Vec<usize>>, Vec<Vec<usize>>), ArchError> {
+    let dim = plan.dim().n();
+    let kernels: Vec<Vec<usize>> = (0..=depth)
+        .map(|l| {
+            plan.kernel_sizes
+                .get(l)
+                .cloned()
+                .unwrap_or_else(|| vec![3; dim])
+        })
+        .collect();
+    let strides: Vec<Vec<usize>> = (0..=depth)
+        .map(|l| plan.strides.get(l).cloned().unwrap_or_else(|| vec![2; dim]))
+        .collect();
+    if let Some((l, k)) = kernels
+        .iter()
+        .enumerate()
+        .find(|(_, k)| k.iter().any(|&v| v % 2 == 0))
+    {
+        return Err(invalid(
+            &format!("{path}.kernel_sizes[{l}]"),
+            format!("DynamicRUNext needs odd kernel sizes (\"same\" padding), got {k:?}"),
+        ));
+    }
+    Ok((kernels, strides))
+}
+
+/// A count option that must be at least 1 (`None`: `default`).
+fn at_least_one(v: Option<usize>, default: usize, path: &str) -> Result<usize, ArchError> {
+    match v {
+        Some(0) => Err(invalid(path, "must be at least 1")),
+        Some(x) => Ok(x),
+        None => Ok(default),
+    }
+}
 
 /// Everything needed to build a [`DynamicRUNext`].
 #[derive(Debug, Clone, PartialEq)]
@@ -151,89 +302,26 @@ impl RUNextConfig {
         io: &NetworkIo,
     ) -> Result<Self, ArchError> {
         let key = |k: &str| format!("{path}.{k}");
-        let standard: Map<String, Value> = kwargs
+        let residual = kwargs.contains_key("n_blocks_per_stage");
+        let known: Vec<&str> = UNetKwargs::keys(residual)
             .iter()
-            .filter(|(k, _)| !OWN_KEYS.contains(&k.as_str()))
-            .map(|(k, v)| (k.clone(), v.clone()))
+            .chain(kwargs::keys::<RUNextKwargs>())
+            .copied()
             .collect();
-        let residual = standard.contains_key("n_blocks_per_stage");
-        let plan = UNetConfig::from_kwargs(
-            &standard,
-            path,
-            residual,
-            io.in_channels,
-            io.num_classes,
-            io.deep_supervision,
-        )?;
+        kwargs::reject_unknown(kwargs, path, &known)?;
+        let own: RUNextKwargs = kwargs::typed(kwargs, path)?;
+        let plan = UNetConfig::from_typed(&UNetKwargs::parse(kwargs, path)?, path, residual, io)?;
         let dim = plan.dim().n();
-        let n = plan.n_stages();
         if plan.strides[0].iter().any(|&s| s != 1) {
             return Err(invalid(
                 &format!("{path}.strides[0]"),
                 "DynamicRUNext keeps full resolution at stage 0; strides[0] must be all ones",
             ));
         }
-        let depth = match opt_usize(kwargs, "depth", &key("depth"))? {
-            Some(0) => return Err(invalid(&key("depth"), "must be at least 1")),
-            Some(d) => d,
-            None => {
-                if n < 2 {
-                    return Err(invalid(
-                        &key("n_stages"),
-                        "DynamicRUNext needs at least 2 stages (or an explicit `depth`)",
-                    ));
-                }
-                n - 1
-            }
-        };
-        let base = opt_usize(kwargs, "base_channels", &key("base_channels"))?;
-        if base == Some(0) {
-            return Err(invalid(&key("base_channels"), "must be at least 1"));
-        }
-        let scale = opt_f64(kwargs, "feature_scale", &key("feature_scale"))?.unwrap_or(1.0);
-        if !(scale > 0.0 && scale.is_finite()) {
-            return Err(invalid(
-                &key("feature_scale"),
-                format!("must be a positive number, got {scale}"),
-            ));
-        }
-        let mut features: Vec<usize> = Vec::with_capacity(depth);
-        for i in 0..depth {
-            let f = match base {
-                Some(b) => b << i.min(40),
-                None => match plan.features_per_stage.get(i) {
-                    Some(&f) => f,
-                    None => 2 * features[i - 1],
-                },
-            };
-            features.push(f);
-        }
-        let features: Vec<usize> = features
-            .iter()
-            .map(|&f| ((f as f64 * scale).round() as usize).max(1))
-            .collect();
+        let features = own.features(&plan, path)?;
+        let depth = features.len();
         let bottleneck = 2 * features[depth - 1];
-        let kernels: Vec<Vec<usize>> = (0..=depth)
-            .map(|l| {
-                plan.kernel_sizes
-                    .get(l)
-                    .cloned()
-                    .unwrap_or_else(|| vec![3; dim])
-            })
-            .collect();
-        let strides: Vec<Vec<usize>> = (0..=depth)
-            .map(|l| plan.strides.get(l).cloned().unwrap_or_else(|| vec![2; dim]))
-            .collect();
-        if let Some((l, k)) = kernels
-            .iter()
-            .enumerate()
-            .find(|(_, k)| k.iter().any(|&v| v % 2 == 0))
-        {
-            return Err(invalid(
-                &format!("{path}.kernel_sizes[{l}]"),
-                format!("DynamicRUNext needs odd kernel sizes (\"same\" padding), got {k:?}"),
-            ));
-        }
+        let (kernels, strides) = levels(&plan, depth, path)?;
         // the up-sampling convs halve the channel count they receive
         for (u, &d_in) in std::iter::once(&bottleneck)
             .chain(features[1..].iter().rev())
@@ -246,73 +334,21 @@ impl RUNextConfig {
                 ));
             }
         }
-        let n_cls = match opt_usize(kwargs, "num_cls", &key("num_cls"))? {
-            Some(0) => return Err(invalid(&key("num_cls"), "must be at least 1")),
-            Some(c) => c,
-            None => io.num_classes.saturating_sub(1).max(1),
-        };
-        let cls_hidden = match opt_usize(kwargs, "cls_hidden", &key("cls_hidden"))? {
-            Some(0) => return Err(invalid(&key("cls_hidden"), "must be at least 1")),
-            Some(c) => c,
-            None => 256,
-        };
-        let k_kernels = match opt_usize(kwargs, "k_kernels", &key("k_kernels"))? {
-            Some(0) => return Err(invalid(&key("k_kernels"), "must be at least 1")),
-            Some(k) => k,
-            None => 4,
-        };
-        let dropout = opt_f64(kwargs, "dropout", &key("dropout"))?.unwrap_or(0.3);
+        let n_cls = at_least_one(
+            own.num_cls,
+            io.num_classes.saturating_sub(1).max(1),
+            &key("num_cls"),
+        )?;
+        let cls_hidden = at_least_one(own.cls_hidden, 256, &key("cls_hidden"))?;
+        let k_kernels = at_least_one(own.k_kernels, 4, &key("k_kernels"))?;
+        let dropout = own.dropout.unwrap_or(0.3);
         if !(0.0..1.0).contains(&dropout) {
             return Err(invalid(
                 &key("dropout"),
                 format!("must be in [0, 1), got {dropout}"),
             ));
         }
-        let norm = match opt_str(kwargs, "block_norm", &key("block_norm"))? {
-            None | Some("plan") => plan.block.norm.clone(),
-            Some("batch") => Some(NormOptions {
-                kind: NormKind::Batch,
-                eps: 1e-5,
-                affine: true,
-                momentum: 0.1,
-            }),
-            Some("instance") => Some(NormOptions {
-                kind: NormKind::Instance,
-                eps: 1e-5,
-                affine: true,
-                momentum: 0.1,
-            }),
-            Some("none") => None,
-            Some(other) => {
-                return Err(invalid(
-                    &key("block_norm"),
-                    format!("unknown `{other}`; allowed: plan, batch, instance, none"),
-                ))
-            }
-        };
-        let nonlin = match opt_str(kwargs, "block_nonlin", &key("block_nonlin"))? {
-            None | Some("plan") => plan.block.nonlin,
-            Some("relu") => Some(Nonlin::Relu),
-            Some("leaky_relu") => Some(Nonlin::LeakyRelu {
-                negative_slope: 1e-2,
-            }),
-            Some(other) => {
-                return Err(invalid(
-                    &key("block_nonlin"),
-                    format!("unknown `{other}`; allowed: plan, relu, leaky_relu"),
-                ))
-            }
-        };
-        let ds_heads = match kwargs.get("deep_supervision_heads") {
-            None | Some(Value::Null) => true,
-            Some(Value::Bool(b)) => *b,
-            Some(v) => {
-                return Err(invalid(
-                    &key("deep_supervision_heads"),
-                    format!("expected true or false, got {v}"),
-                ))
-            }
-        };
+        let ds_heads = own.deep_supervision_heads.unwrap_or(true);
         Ok(RUNextConfig {
             dim,
             in_channels: io.in_channels,
@@ -325,7 +361,7 @@ impl RUNextConfig {
             k_kernels,
             dropout,
             cls_hidden,
-            blocks: BlockOptions { norm, nonlin },
+            blocks: own.blocks(&plan),
             deep_supervision: io.deep_supervision,
             ds_heads,
         })
@@ -344,38 +380,6 @@ impl RUNextConfig {
             out.push(cur.clone());
         }
         out
-    }
-}
-
-fn opt_usize(m: &Map<String, Value>, k: &str, path: &str) -> Result<Option<usize>, ArchError> {
-    match m.get(k) {
-        None | Some(Value::Null) => Ok(None),
-        Some(v) => v
-            .as_u64()
-            .map(|u| Some(u as usize))
-            .ok_or_else(|| invalid(path, format!("expected a non-negative integer, got {v}"))),
-    }
-}
-
-fn opt_f64(m: &Map<String, Value>, k: &str, path: &str) -> Result<Option<f64>, ArchError> {
-    match m.get(k) {
-        None | Some(Value::Null) => Ok(None),
-        Some(v) => v
-            .as_f64()
-            .map(Some)
-            .ok_or_else(|| invalid(path, format!("expected a number, got {v}"))),
-    }
-}
-
-fn opt_str<'a>(
-    m: &'a Map<String, Value>,
-    k: &str,
-    path: &str,
-) -> Result<Option<&'a str>, ArchError> {
-    match m.get(k) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s.as_str())),
-        Some(v) => Err(invalid(path, format!("expected a string, got {v}"))),
     }
 }
 

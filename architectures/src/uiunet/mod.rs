@@ -51,32 +51,104 @@ mod tests;
 
 use self::layers::{effective_pool, pool, pooled_size, resize, DConv, Ica, Rsu, RsuSpec, Walk};
 use crate::init::ShapeRecorder;
+use crate::kwargs::{self, invalid, Choice, Choices, PerStage};
 use crate::memory::MemoryEstimate;
 use crate::network::{
     ArchError, ArchPreset, Architecture, CandleContext, LayerRow, NetworkIo, SegNetwork,
 };
 use crate::unet::blocks::check_input;
-use crate::unet::options::{invalid, ConvBlockOptions, ConvDim, UNetConfig};
+use crate::unet::options::{ConvBlockOptions, ConvDim, UNetConfig, UNetKwargs};
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
+use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use std::sync::Arc;
 
 /// Canonical `network_class_name`.
 pub const UIUNET: &str = "nnseg.architectures.UIUNet";
 
-/// The keys this module adds to `arch_kwargs`.
-pub const OWN_KEYS: &[&str] = &[
-    "feature_scale",
-    "rsu_heights",
-    "rsu_mid_ratio",
-    "rsu_pool",
-    "n_dilated_stages",
-    "ica",
-    "ica_full_res",
-    "ica_reduction",
-    "ds_order",
-];
+/// The keys this module adds to `arch_kwargs` (see the module documentation), typed.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct UiuKwargs {
+    pub feature_scale: Option<f64>,
+    pub rsu_heights: Option<PerStage>,
+    pub rsu_mid_ratio: Option<f64>,
+    pub rsu_pool: Option<Choice<RsuPool>>,
+    pub n_dilated_stages: Option<usize>,
+    pub ica: Option<bool>,
+    pub ica_full_res: Option<bool>,
+    pub ica_reduction: Option<usize>,
+    pub ds_order: Option<Choice<DsOrder>>,
+}
+
+/// The keys this module adds to `arch_kwargs` ([`UiuKwargs`]).
+pub fn own_keys() -> &'static [&'static str] {
+    kwargs::keys::<UiuKwargs>()
+}
+
+impl Choices for RsuPool {
+    const CHOICES: &'static [(&'static str, Self)] = &[
+        ("plan", RsuPool::Plan),
+        ("isotropic", RsuPool::Isotropic),
+        ("seed", RsuPool::Seed),
+    ];
+}
+
+impl Choices for DsOrder {
+    const CHOICES: &'static [(&'static str, Self)] =
+        &[("nnunet", DsOrder::NnUnet), ("seed", DsOrder::Seed)];
+}
+
+/// A number in `(lo, hi]` (`None`: `default`).
+fn in_range(
+    v: Option<f64>,
+    default: f64,
+    lo: f64,
+    hi: f64,
+    path: &str,
+) -> std::result::Result<f64, ArchError> {
+    match v {
+        None => Ok(default),
+        Some(x) if x.is_finite() && x > lo && x <= hi => Ok(x),
+        Some(x) => Err(invalid(
+            path,
+            format!("expected a number in ({lo}, {hi}], got {x}"),
+        )),
+    }
+}
+
+/// `rsu_heights`: one or more heights in 2..=16, extended with the last to `n` stages.
+fn rsu_heights(
+    v: &Option<PerStage>,
+    n: usize,
+    path: &str,
+) -> std::result::Result<Vec<usize>, ArchError> {
+    let ok = |h: usize| (2..=16).contains(&h);
+    let given = match v {
+        None => DEFAULT_HEIGHTS.to_vec(),
+        Some(PerStage::All(h)) if ok(*h) => vec![*h],
+        Some(PerStage::Each(a)) if !a.is_empty() => {
+            if let Some(i) = a.iter().position(|&h| !ok(h)) {
+                return Err(invalid(
+                    &format!("{path}[{i}]"),
+                    format!("expected an integer in 2..=16, got {}", a[i]),
+                ));
+            }
+            a.clone()
+        }
+        Some(_) => {
+            return Err(invalid(
+                path,
+                "expected an integer in 2..=16 or a non-empty list of them",
+            ))
+        }
+    };
+    let last = given[given.len() - 1];
+    Ok((0..n)
+        .map(|i| given.get(i).copied().unwrap_or(last))
+        .collect())
+}
 
 /// Pooling inside the RSUs (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,15 +190,6 @@ pub struct UiuConfig {
 /// Default RSU heights (the `uiunet` preset).
 pub const DEFAULT_HEIGHTS: [usize; 6] = [7, 6, 5, 4, 4, 4];
 
-fn describe(v: &Value) -> String {
-    let s = v.to_string();
-    if s.len() > 60 {
-        format!("{}...", &s[..57])
-    } else {
-        s
-    }
-}
-
 impl UiuConfig {
     pub fn n_stages(&self) -> usize {
         self.features.len()
@@ -136,30 +199,26 @@ impl UiuConfig {
         self.block.dim
     }
 
-    /// Parses `arch_kwargs` (nnU-Net keys + [`OWN_KEYS`]); `path` is the kwargs' JSON path.
+    /// Parses `arch_kwargs` (nnU-Net keys + [`UiuKwargs`]); `path` is the kwargs' JSON path.
     pub fn from_kwargs(
         kwargs: &Map<String, Value>,
         path: &str,
         io: &NetworkIo,
     ) -> std::result::Result<Self, ArchError> {
-        let mut base_kw = kwargs.clone();
-        for k in OWN_KEYS {
-            base_kw.remove(*k);
-        }
         let residual =
-            !base_kw.contains_key("n_conv_per_stage") && base_kw.contains_key("n_blocks_per_stage");
-        if !base_kw.contains_key("n_conv_per_stage_decoder") {
-            // not used by UIU-Net; let ResEnc-style plans without it through
-            base_kw.insert("n_conv_per_stage_decoder".into(), json!(1));
-        }
-        let base = UNetConfig::from_kwargs(
-            &base_kw,
-            path,
-            residual,
-            io.in_channels,
-            io.num_classes,
-            io.deep_supervision,
-        )?;
+            !kwargs.contains_key("n_conv_per_stage") && kwargs.contains_key("n_blocks_per_stage");
+        let known: Vec<&str> = UNetKwargs::keys(residual)
+            .iter()
+            .chain(own_keys())
+            .copied()
+            .collect();
+        kwargs::reject_unknown(kwargs, path, &known)?;
+        let own: UiuKwargs = kwargs::typed(kwargs, path)?;
+        let mut plan = UNetKwargs::parse(kwargs, path)?;
+        // not used by UIU-Net; let ResEnc-style plans without it through
+        plan.n_conv_per_stage_decoder
+            .get_or_insert(PerStage::All(1));
+        let base = UNetConfig::from_typed(&plan, path, residual, io)?;
         let n = base.n_stages();
         let kp = |k: &str| format!("{path}.{k}");
         if n < 2 {
@@ -174,113 +233,31 @@ impl UiuConfig {
                 ),
             ));
         }
-        let get = |k: &str| kwargs.get(k).filter(|v| !v.is_null());
-        let float =
-            |k: &str, default: f64, lo: f64, hi: f64| -> std::result::Result<f64, ArchError> {
-                match get(k) {
-                    None => Ok(default),
-                    Some(v) => match v.as_f64() {
-                        Some(x) if x.is_finite() && x > lo && x <= hi => Ok(x),
-                        _ => Err(invalid(
-                            &kp(k),
-                            format!("expected a number in ({lo}, {hi}], got {}", describe(v)),
-                        )),
-                    },
-                }
-            };
-        let boolean = |k: &str, default: bool| -> std::result::Result<bool, ArchError> {
-            match get(k) {
-                None => Ok(default),
-                Some(Value::Bool(b)) => Ok(*b),
-                Some(v) => Err(invalid(
-                    &kp(k),
-                    format!("expected true or false, got {}", describe(v)),
-                )),
-            }
-        };
-        let uint = |k: &str, default: usize, min: usize| -> std::result::Result<usize, ArchError> {
-            match get(k) {
-                None => Ok(default),
-                Some(v) => match v.as_u64() {
-                    Some(x) if x as usize >= min => Ok(x as usize),
-                    _ => Err(invalid(
-                        &kp(k),
-                        format!("expected an integer >= {min}, got {}", describe(v)),
-                    )),
-                },
-            }
-        };
-        let choice = |k: &str, allowed: &[&str]| -> std::result::Result<Option<usize>, ArchError> {
-            match get(k) {
-                None => Ok(None),
-                Some(Value::String(s)) if allowed.contains(&s.as_str()) => {
-                    Ok(allowed.iter().position(|a| a == s))
-                }
-                Some(v) => Err(invalid(
-                    &kp(k),
-                    format!(
-                        "expected one of {}, got {}",
-                        allowed.join(", "),
-                        describe(v)
-                    ),
-                )),
-            }
-        };
-
-        let scale = float("feature_scale", 1.0, 0.0, 1e3)?;
+        let scale = in_range(own.feature_scale, 1.0, 0.0, 1e3, &kp("feature_scale"))?;
         let features: Vec<usize> = base
             .features_per_stage
             .iter()
             .map(|&f| ((f as f64 * scale).round() as usize).max(1))
             .collect();
-        let heights_in: Vec<usize> = match get("rsu_heights") {
-            None => DEFAULT_HEIGHTS.to_vec(),
-            Some(Value::Array(a)) if !a.is_empty() => a
-                .iter()
-                .enumerate()
-                .map(|(i, e)| match e.as_u64() {
-                    Some(h) if (2..=16).contains(&h) => Ok(h as usize),
-                    _ => Err(invalid(
-                        &format!("{}[{i}]", kp("rsu_heights")),
-                        format!("expected an integer in 2..=16, got {}", describe(e)),
-                    )),
-                })
-                .collect::<std::result::Result<_, _>>()?,
-            Some(v) => match v.as_u64() {
-                Some(h) if (2..=16).contains(&h) => vec![h as usize],
-                _ => Err(invalid(
-                    &kp("rsu_heights"),
-                    format!(
-                        "expected an integer in 2..=16 or a non-empty list of them, got {}",
-                        describe(v)
-                    ),
-                ))?,
-            },
-        };
-        let last = heights_in[heights_in.len() - 1];
-        let rsu_heights: Vec<usize> = (0..n)
-            .map(|i| heights_in.get(i).copied().unwrap_or(last))
-            .collect();
-        let rsu_mid_ratio = float("rsu_mid_ratio", 0.5, 0.0, 4.0)?;
-        let rsu_pool = match choice("rsu_pool", &["plan", "isotropic", "seed"])? {
-            None | Some(0) => RsuPool::Plan,
-            Some(1) => RsuPool::Isotropic,
-            Some(_) => RsuPool::Seed,
-        };
-        let n_dilated = uint("n_dilated_stages", 2, 0)?;
+        let rsu_heights = rsu_heights(&own.rsu_heights, n, &kp("rsu_heights"))?;
+        let rsu_mid_ratio = in_range(own.rsu_mid_ratio, 0.5, 0.0, 4.0, &kp("rsu_mid_ratio"))?;
+        let n_dilated = own.n_dilated_stages.unwrap_or(2);
         if n_dilated > n {
             return Err(invalid(
                 &kp("n_dilated_stages"),
                 format!("at most n_stages = {n}, got {n_dilated}"),
             ));
         }
-        let ica = boolean("ica", true)?;
-        let ica_full_res = boolean("ica_full_res", false)?;
-        let ica_reduction = uint("ica_reduction", 4, 1)?;
-        let ds_order = match choice("ds_order", &["nnunet", "seed"])? {
-            None | Some(0) => DsOrder::NnUnet,
-            Some(_) => DsOrder::Seed,
-        };
+        let ica_reduction = own.ica_reduction.unwrap_or(4);
+        if ica_reduction == 0 {
+            return Err(invalid(
+                &kp("ica_reduction"),
+                "expected an integer >= 1, got 0",
+            ));
+        }
+        let rsu_pool = own.rsu_pool.map_or(RsuPool::Plan, |c| c.0);
+        let ds_order = own.ds_order.map_or(DsOrder::NnUnet, |c| c.0);
+        let (ica, ica_full_res) = (own.ica.unwrap_or(true), own.ica_full_res.unwrap_or(false));
         Ok(UiuConfig {
             input_channels: io.in_channels,
             num_classes: io.num_classes,

@@ -425,7 +425,7 @@ fn bad_kwargs_name_their_json_path() {
     assert!(e.contains("architecture.arch_kwargs.rsu_heights[1]"), "{e}");
     let e = err(json!({"rsu_pool": "anisotropic"}));
     assert!(
-        e.contains("arch_kwargs.rsu_pool") && e.contains("plan, isotropic, seed"),
+        e.contains("arch_kwargs.rsu_pool") && e.contains(r#""plan", "isotropic", "seed""#),
         "{e}"
     );
     let e = err(json!({"feature_scale": -1}));

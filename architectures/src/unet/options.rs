@@ -6,8 +6,8 @@
 
 use crate::network::ArchError;
 use crate::ops::GeluKind;
+use serde::Deserialize;
 use serde_json::{Map, Value};
-use std::collections::BTreeSet;
 
 /// Default JSON path prefix of `arch_kwargs` inside a configuration.
 pub const ARCH_KWARGS_PATH: &str = crate::network::KWARGS_PATH;
@@ -34,6 +34,11 @@ impl ConvDim {
 pub enum NormKind {
     Instance,
     Batch,
+}
+
+impl crate::kwargs::Choices for NormKind {
+    const CHOICES: &'static [(&'static str, Self)] =
+        &[("batch", NormKind::Batch), ("instance", NormKind::Instance)];
 }
 
 /// `norm_op` + `norm_op_kwargs`.
@@ -153,7 +158,8 @@ impl UNetConfig {
     }
 
     /// Parses `arch_kwargs` of a `PlainConvUNet` (`residual == false`) or a
-    /// `ResidualEncoderUNet`. `path` is the JSON path of the kwargs object used in errors.
+    /// `ResidualEncoderUNet`: unknown keys are rejected, then [`UNetConfig::from_typed`].
+    /// `path` is the JSON path of the kwargs object used in errors.
     pub fn from_kwargs(
         kwargs: &Map<String, Value>,
         path: &str,
@@ -162,90 +168,83 @@ impl UNetConfig {
         num_classes: usize,
         deep_supervision: bool,
     ) -> Result<Self, ArchError> {
-        let mut kw = Kwargs::new(kwargs, path);
-        if input_channels == 0 {
+        kwargs::reject_unknown(kwargs, path, UNetKwargs::keys(residual))?;
+        let kw = UNetKwargs::parse(kwargs, path)?;
+        let io = crate::network::NetworkIo {
+            in_channels: input_channels,
+            num_classes,
+            deep_supervision,
+        };
+        Self::from_typed(&kw, path, residual, &io)
+    }
+
+    /// Validates typed U-Net kwargs (`path` is their JSON path, used in errors).
+    pub fn from_typed(
+        kw: &UNetKwargs,
+        path: &str,
+        residual: bool,
+        io: &crate::network::NetworkIo,
+    ) -> Result<Self, ArchError> {
+        if io.in_channels == 0 {
             return Err(invalid(
                 path,
                 "the network needs at least one input channel",
             ));
         }
-        if num_classes == 0 {
+        if io.num_classes == 0 {
             return Err(invalid(path, "the network needs at least one output class"));
         }
-        let dim = kw.conv_dim("conv_op")?;
-        let n = kw.required_usize("n_stages")?;
+        let dim = kw.conv_dim(path)?;
+        let n = kw.n_stages(path)?;
         if n == 0 {
-            return Err(invalid(&kw.key_path("n_stages"), "must be at least 1"));
+            return Err(invalid(&key_path(path, "n_stages"), "must be at least 1"));
         }
-        let features_per_stage = kw.per_stage("features_per_stage", n, true)?;
-        let kernel_sizes = kw.per_stage_axes("kernel_sizes", n, dim.n())?;
-        let strides = kw.per_stage_axes("strides", n, dim.n())?;
+        let stage = |v: &Option<PerStage>, key: &str, count: usize, min: usize| {
+            UNetKwargs::per_stage(v, path, key, count, min)
+        };
+        let axes = |v: &Option<PerStageAxes>, key: &str| {
+            UNetKwargs::per_stage_axes(v, path, key, n, dim.n())
+        };
+        let features_per_stage = stage(&kw.features_per_stage, "features_per_stage", n, 1)?;
+        let kernel_sizes = axes(&kw.kernel_sizes, "kernel_sizes")?;
+        let strides = axes(&kw.strides, "strides")?;
         let encoder = if residual {
-            let n_blocks_per_stage = kw.per_stage("n_blocks_per_stage", n, true)?;
-            let stem_channels = kw.optional_usize("stem_channels")?;
-            if let Some(0) = stem_channels {
-                return Err(invalid(&kw.key_path("stem_channels"), "must be at least 1"));
-            }
-            kw.python_class_or_null("block", &["BasicBlockD"])?;
-            kw.must_be_null("bottleneck_channels")?;
-            EncoderKind::Residual {
-                n_blocks_per_stage,
-                stem_channels,
-            }
+            kw.residual_encoder(path, n)?
         } else {
             EncoderKind::Plain {
-                n_conv_per_stage: kw.per_stage("n_conv_per_stage", n, true)?,
+                n_conv_per_stage: stage(&kw.n_conv_per_stage, "n_conv_per_stage", n, 1)?,
             }
         };
-        let n_conv_per_stage_decoder = kw.per_stage("n_conv_per_stage_decoder", n - 1, false)?;
-        let conv_bias = kw.optional_bool("conv_bias", false)?;
-        let nonlin_first = if residual {
-            false
-        } else {
-            kw.optional_bool("nonlin_first", false)?
+        let n_conv_per_stage_decoder = stage(
+            &kw.n_conv_per_stage_decoder,
+            "n_conv_per_stage_decoder",
+            n - 1,
+            0,
+        )?;
+        let block = ConvBlockOptions {
+            dim,
+            conv_bias: kw.conv_bias.unwrap_or(false),
+            norm: kw.norm(dim, path)?,
+            dropout: kw.dropout(path)?,
+            nonlin: kw.nonlin(path)?,
+            nonlin_first: !residual && kw.nonlin_first.unwrap_or(false),
         };
-        let norm = kw.norm(dim)?;
-        let dropout = kw.dropout()?;
-        let nonlin = kw.nonlin()?;
-        // nnU-Net passes deep_supervision itself; a value in the kwargs is overridden.
-        kw.mark_used("deep_supervision");
-        kw.finish()?;
         Ok(UNetConfig {
-            input_channels,
-            num_classes,
-            deep_supervision,
+            input_channels: io.in_channels,
+            num_classes: io.num_classes,
+            deep_supervision: io.deep_supervision,
             features_per_stage,
             kernel_sizes,
             strides,
             n_conv_per_stage_decoder,
             encoder,
-            block: ConvBlockOptions {
-                dim,
-                conv_bias,
-                norm,
-                dropout,
-                nonlin,
-                nonlin_first,
-            },
+            block,
         })
     }
 }
 
-pub(crate) fn invalid(path: &str, message: impl Into<String>) -> ArchError {
-    ArchError::InvalidOption {
-        path: path.to_string(),
-        message: message.into(),
-    }
-}
-
-fn describe(v: &Value) -> String {
-    let s = v.to_string();
-    if s.len() > 60 {
-        format!("{}...", &s[..57])
-    } else {
-        s
-    }
-}
+pub(crate) use crate::kwargs::invalid;
+use crate::kwargs::{self, describe, key_path, PerStage, PerStageAxes};
 
 /// The class name of a Python class path, if it lives under `torch.nn`
 /// (`torch.nn.modules.conv.Conv3d`, `torch.nn.Conv3d`) or is given bare (`Conv3d`).
@@ -262,259 +261,186 @@ pub fn torch_class_name(s: &str) -> Option<&str> {
     }
 }
 
-/// A cursor over an `arch_kwargs` object that records which keys were read.
-pub(crate) struct Kwargs<'a> {
-    map: &'a Map<String, Value>,
-    path: String,
-    used: BTreeSet<String>,
+/// The standard `arch_kwargs` of dynamic-network-architectures' U-Nets as nnU-Net writes them,
+/// typed (see [`crate::kwargs`]); [`UNetConfig::from_typed`] validates them. Which keys a
+/// network accepts: [`UNetKwargs::PLAIN_KEYS`], [`UNetKwargs::RESIDUAL_KEYS`] (families may
+/// accept more).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct UNetKwargs {
+    pub n_stages: Option<usize>,
+    pub features_per_stage: Option<PerStage>,
+    /// `torch.nn.modules.conv.Conv2d` / `Conv3d`.
+    pub conv_op: Option<String>,
+    pub kernel_sizes: Option<PerStageAxes>,
+    pub strides: Option<PerStageAxes>,
+    pub n_conv_per_stage: Option<PerStage>,
+    pub n_conv_per_stage_decoder: Option<PerStage>,
+    pub conv_bias: Option<bool>,
+    pub norm_op: Option<String>,
+    pub norm_op_kwargs: Option<Map<String, Value>>,
+    pub dropout_op: Option<String>,
+    pub dropout_op_kwargs: Option<Map<String, Value>>,
+    pub nonlin: Option<String>,
+    pub nonlin_kwargs: Option<Map<String, Value>>,
+    /// conv → nonlin → norm (PlainConvUNet).
+    pub nonlin_first: Option<bool>,
+    /// nnU-Net passes deep supervision itself; a value here is accepted and overridden.
+    pub deep_supervision: Option<Value>,
+    /// ResidualEncoderUNet: blocks per encoder stage.
+    pub n_blocks_per_stage: Option<PerStage>,
+    /// ResidualEncoderUNet: stem width (default: `features_per_stage[0]`).
+    pub stem_channels: Option<usize>,
+    /// ResidualEncoderUNet: `BasicBlockD` (or null).
+    pub block: Option<String>,
+    /// ResidualEncoderUNet: only null is supported.
+    pub bottleneck_channels: Option<Value>,
 }
 
-impl<'a> Kwargs<'a> {
-    pub(crate) fn new(map: &'a Map<String, Value>, path: &str) -> Self {
-        Kwargs {
-            map,
-            path: path.to_string(),
-            used: BTreeSet::new(),
+/// Keys of both U-Nets.
+const COMMON_KEYS: [&str; 14] = [
+    "n_stages",
+    "features_per_stage",
+    "conv_op",
+    "kernel_sizes",
+    "strides",
+    "n_conv_per_stage_decoder",
+    "conv_bias",
+    "norm_op",
+    "norm_op_kwargs",
+    "dropout_op",
+    "dropout_op_kwargs",
+    "nonlin",
+    "nonlin_kwargs",
+    "deep_supervision",
+];
+
+const fn concat<const A: usize, const B: usize, const N: usize>(
+    a: [&'static str; A],
+    b: [&'static str; B],
+) -> [&'static str; N] {
+    let mut out = [""; N];
+    let mut i = 0;
+    while i < A {
+        out[i] = a[i];
+        i += 1;
+    }
+    while i < N {
+        out[i] = b[i - A];
+        i += 1;
+    }
+    out
+}
+
+const PLAIN: [&str; 16] = concat(COMMON_KEYS, ["n_conv_per_stage", "nonlin_first"]);
+const RESIDUAL: [&str; 18] = concat(
+    COMMON_KEYS,
+    [
+        "n_blocks_per_stage",
+        "stem_channels",
+        "block",
+        "bottleneck_channels",
+    ],
+);
+
+/// `norm_op_kwargs`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct NormOpKwargs {
+    eps: Option<f64>,
+    affine: Option<bool>,
+    momentum: Option<f64>,
+    track_running_stats: Option<bool>,
+    device: Option<Value>,
+    dtype: Option<Value>,
+}
+
+/// `dropout_op_kwargs`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct DropoutOpKwargs {
+    p: Option<f64>,
+    inplace: Option<Value>,
+}
+
+/// `nonlin_kwargs` (which keys a class accepts: [`nonlin_keys`]).
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct NonlinKwargs {
+    negative_slope: Option<f64>,
+    alpha: Option<f64>,
+    approximate: Option<String>,
+    inplace: Option<Value>,
+}
+
+fn nonlin_keys(name: &str) -> &'static [&'static str] {
+    match name {
+        "LeakyReLU" => &["negative_slope", "inplace"],
+        "ELU" => &["alpha", "inplace"],
+        "GELU" => &["approximate"],
+        "ReLU" | "SiLU" => &["inplace"],
+        _ => &[],
+    }
+}
+
+/// A typed sub-kwargs object (`null` = empty) with only `allowed` keys.
+fn sub_kwargs<T: serde::de::DeserializeOwned + Default>(
+    m: &Option<Map<String, Value>>,
+    path: &str,
+    allowed: &[&str],
+) -> Result<T, ArchError> {
+    match m {
+        None => Ok(T::default()),
+        Some(m) => {
+            kwargs::reject_unknown(m, path, allowed)?;
+            kwargs::typed(m, path)
         }
     }
+}
 
-    pub(crate) fn key_path(&self, key: &str) -> String {
-        if self.path.is_empty() {
-            key.to_string()
+impl UNetKwargs {
+    /// The keys of a PlainConvUNet.
+    pub const PLAIN_KEYS: &'static [&'static str] = &PLAIN;
+    /// The keys of a ResidualEncoderUNet.
+    pub const RESIDUAL_KEYS: &'static [&'static str] = &RESIDUAL;
+
+    /// The keys of the plain or residual U-Net.
+    pub fn keys(residual: bool) -> &'static [&'static str] {
+        if residual {
+            Self::RESIDUAL_KEYS
         } else {
-            format!("{}.{}", self.path, key)
+            Self::PLAIN_KEYS
         }
     }
 
-    pub(crate) fn mark_used(&mut self, key: &str) {
-        self.used.insert(key.to_string());
-    }
-
-    fn get(&mut self, key: &str) -> Option<&'a Value> {
-        self.used.insert(key.to_string());
-        self.map.get(key).filter(|v| !v.is_null())
-    }
-
-    fn as_usize(v: &Value, path: &str) -> Result<usize, ArchError> {
-        v.as_u64().map(|u| u as usize).ok_or_else(|| {
-            invalid(
-                path,
-                format!("expected a non-negative integer, got {}", describe(v)),
-            )
-        })
-    }
-
-    pub(crate) fn required_usize(&mut self, key: &str) -> Result<usize, ArchError> {
-        let p = self.key_path(key);
-        match self.get(key) {
-            Some(v) => Self::as_usize(v, &p),
-            None => Err(invalid(&p, "missing (required)")),
-        }
-    }
-
-    pub(crate) fn optional_usize(&mut self, key: &str) -> Result<Option<usize>, ArchError> {
-        let p = self.key_path(key);
-        self.get(key).map(|v| Self::as_usize(v, &p)).transpose()
-    }
-
-    pub(crate) fn optional_bool(&mut self, key: &str, default: bool) -> Result<bool, ArchError> {
-        let p = self.key_path(key);
-        match self.get(key) {
-            None => Ok(default),
-            Some(Value::Bool(b)) => Ok(*b),
-            Some(v) => Err(invalid(
-                &p,
-                format!("expected true or false, got {}", describe(v)),
-            )),
-        }
-    }
-
-    /// An int (broadcast to `n`) or a list of `n` ints, each >= 1 (or >= 0 if `!positive`).
-    pub(crate) fn per_stage(
-        &mut self,
-        key: &str,
-        n: usize,
-        positive: bool,
-    ) -> Result<Vec<usize>, ArchError> {
-        let p = self.key_path(key);
-        let min = usize::from(positive);
-        let v = self
-            .get(key)
-            .ok_or_else(|| invalid(&p, "missing (required)"))?;
-        let out = match v {
-            Value::Number(_) => vec![Self::as_usize(v, &p)?; n],
-            Value::Array(a) => {
-                if a.len() != n {
-                    return Err(invalid(
-                        &p,
-                        format!("has {} entries, expected {n} (one per stage)", a.len()),
-                    ));
-                }
-                a.iter()
-                    .enumerate()
-                    .map(|(i, e)| Self::as_usize(e, &format!("{p}[{i}]")))
-                    .collect::<Result<Vec<_>, _>>()?
-            }
-            other => {
-                return Err(invalid(
-                    &p,
-                    format!(
-                        "expected an integer or a list of integers, got {}",
-                        describe(other)
-                    ),
-                ))
-            }
-        };
-        if let Some(i) = out.iter().position(|&x| x < min) {
-            let ip = if matches!(v, Value::Array(_)) {
-                format!("{p}[{i}]")
-            } else {
-                p
-            };
-            return Err(invalid(&ip, format!("must be at least {min}")));
-        }
-        Ok(out)
-    }
-
-    /// An int, a list of `n` ints (each broadcast to `dim` axes) or a list of `n` lists of `dim`
-    /// ints; every value >= 1.
-    pub(crate) fn per_stage_axes(
-        &mut self,
-        key: &str,
-        n: usize,
-        dim: usize,
-    ) -> Result<Vec<Vec<usize>>, ArchError> {
-        let p = self.key_path(key);
-        let v = self
-            .get(key)
-            .ok_or_else(|| invalid(&p, "missing (required)"))?;
-        let positive = |x: usize, path: &str| {
-            if x == 0 {
-                Err(invalid(path, "must be at least 1"))
-            } else {
-                Ok(x)
-            }
-        };
-        match v {
-            Value::Number(_) => {
-                let x = positive(Self::as_usize(v, &p)?, &p)?;
-                Ok(vec![vec![x; dim]; n])
-            }
-            Value::Array(a) => {
-                if a.len() != n {
-                    return Err(invalid(
-                        &p,
-                        format!("has {} entries, expected {n} (one per stage)", a.len()),
-                    ));
-                }
-                let mut out = Vec::with_capacity(n);
-                for (i, e) in a.iter().enumerate() {
-                    let ep = format!("{p}[{i}]");
-                    match e {
-                        Value::Number(_) => {
-                            out.push(vec![positive(Self::as_usize(e, &ep)?, &ep)?; dim])
-                        }
-                        Value::Array(axes) => {
-                            if axes.len() != dim {
-                                return Err(invalid(
-                                    &ep,
-                                    format!(
-                                        "has {} entries, expected {dim} (one per spatial axis)",
-                                        axes.len()
-                                    ),
-                                ));
-                            }
-                            let mut st = Vec::with_capacity(dim);
-                            for (j, x) in axes.iter().enumerate() {
-                                let xp = format!("{ep}[{j}]");
-                                st.push(positive(Self::as_usize(x, &xp)?, &xp)?);
-                            }
-                            out.push(st);
-                        }
-                        other => {
-                            return Err(invalid(
-                                &ep,
-                                format!(
-                                    "expected an integer or a list of {dim} integers, got {}",
-                                    describe(other)
-                                ),
-                            ))
-                        }
-                    }
-                }
-                Ok(out)
-            }
-            other => Err(invalid(
-                &p,
-                format!("expected a list, got {}", describe(other)),
-            )),
-        }
-    }
-
-    fn string(&mut self, key: &str) -> Result<Option<&'a str>, ArchError> {
-        let p = self.key_path(key);
-        match self.get(key) {
-            None => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s.as_str())),
-            Some(v) => Err(invalid(
-                &p,
-                format!(
-                    "expected a Python class name string or null, got {}",
-                    describe(v)
-                ),
-            )),
-        }
+    /// Parses the standard keys of `kwargs` (at JSON path `path`), without checking for
+    /// unknown keys.
+    pub fn parse(kwargs: &Map<String, Value>, path: &str) -> Result<Self, ArchError> {
+        kwargs::typed(kwargs, path)
     }
 
     /// A class-name string (any `torch.nn` path or bare name) that must be one of `allowed`.
-    fn python_class_or_null(
-        &mut self,
-        key: &str,
+    fn torch_class<'a>(
+        value: &'a Option<String>,
+        path: &str,
         allowed: &[&str],
     ) -> Result<Option<&'a str>, ArchError> {
-        let p = self.key_path(key);
-        let Some(s) = self.string(key)? else {
-            return Ok(None);
-        };
-        let name = s.rsplit('.').next().unwrap_or(s);
-        if allowed.contains(&name) {
-            Ok(Some(name))
-        } else {
-            Err(invalid(
-                &p,
-                format!("unsupported `{s}`; supported: {}", allowed.join(", ")),
-            ))
-        }
-    }
-
-    fn must_be_null(&mut self, key: &str) -> Result<(), ArchError> {
-        let p = self.key_path(key);
-        match self.get(key) {
-            None => Ok(()),
-            Some(v) => Err(invalid(
-                &p,
-                format!("only null is supported, got {}", describe(v)),
-            )),
-        }
-    }
-
-    fn torch_class(&mut self, key: &str, allowed: &[&str]) -> Result<Option<&'a str>, ArchError> {
-        let p = self.key_path(key);
-        let Some(s) = self.string(key)? else {
+        let Some(s) = value else {
             return Ok(None);
         };
         match torch_class_name(s) {
             Some(name) if allowed.contains(&name) => Ok(Some(name)),
             _ => Err(invalid(
-                &p,
+                path,
                 format!("unsupported `{s}`; supported: {}", allowed.join(", ")),
             )),
         }
     }
 
-    pub(crate) fn conv_dim(&mut self, key: &str) -> Result<ConvDim, ArchError> {
-        let p = self.key_path(key);
-        match self.torch_class(key, &["Conv2d", "Conv3d"])? {
+    /// `conv_op` (required).
+    pub fn conv_dim(&self, path: &str) -> Result<ConvDim, ArchError> {
+        let p = key_path(path, "conv_op");
+        match Self::torch_class(&self.conv_op, &p, &["Conv2d", "Conv3d"])? {
             Some("Conv2d") => Ok(ConvDim::D2),
             Some(_) => Ok(ConvDim::D3),
             None => Err(invalid(
@@ -524,112 +450,100 @@ impl<'a> Kwargs<'a> {
         }
     }
 
-    /// A kwargs dict (`null` → empty) with only `allowed` keys.
-    fn sub_kwargs(&mut self, key: &str, allowed: &[&str]) -> Result<Map<String, Value>, ArchError> {
-        let p = self.key_path(key);
-        let m = match self.get(key) {
-            None => Map::new(),
-            Some(Value::Object(m)) => m.clone(),
-            Some(v) => {
-                return Err(invalid(
-                    &p,
-                    format!("expected an object or null, got {}", describe(v)),
-                ))
-            }
-        };
-        if let Some(k) = m.keys().find(|k| !allowed.contains(&k.as_str())) {
-            return Err(invalid(
-                &format!("{p}.{k}"),
-                format!("unknown argument; allowed: {}", allowed.join(", ")),
-            ));
-        }
-        Ok(m)
+    /// `n_stages` (required).
+    pub fn n_stages(&self, path: &str) -> Result<usize, ArchError> {
+        self.n_stages
+            .ok_or_else(|| invalid(&key_path(path, "n_stages"), "missing (required)"))
     }
 
-    fn f64_in(
-        m: &Map<String, Value>,
-        key: &str,
-        default: f64,
+    /// A required per-stage key (`n` values, each at least `min`).
+    pub fn per_stage(
+        value: &Option<PerStage>,
         path: &str,
-    ) -> Result<f64, ArchError> {
-        match m.get(key) {
-            None | Some(Value::Null) => Ok(default),
-            Some(v) => v.as_f64().ok_or_else(|| {
-                invalid(
-                    &format!("{path}.{key}"),
-                    format!("expected a number, got {}", describe(v)),
-                )
-            }),
-        }
-    }
-
-    fn bool_in(
-        m: &Map<String, Value>,
         key: &str,
-        default: bool,
-        path: &str,
-    ) -> Result<bool, ArchError> {
-        match m.get(key) {
-            None | Some(Value::Null) => Ok(default),
-            Some(Value::Bool(b)) => Ok(*b),
-            Some(v) => Err(invalid(
-                &format!("{path}.{key}"),
-                format!("expected true or false, got {}", describe(v)),
-            )),
+        n: usize,
+        min: usize,
+    ) -> Result<Vec<usize>, ArchError> {
+        let p = key_path(path, key);
+        match value {
+            Some(v) => v.resolve(n, min, &p),
+            None => Err(invalid(&p, "missing (required)")),
         }
     }
 
-    pub(crate) fn norm(&mut self, dim: ConvDim) -> Result<Option<NormOptions>, ArchError> {
+    /// A required per-stage, per-axis key (`n` × `dim` values ≥ 1).
+    pub fn per_stage_axes(
+        value: &Option<PerStageAxes>,
+        path: &str,
+        key: &str,
+        n: usize,
+        dim: usize,
+    ) -> Result<Vec<Vec<usize>>, ArchError> {
+        let p = key_path(path, key);
+        match value {
+            Some(v) => v.resolve(n, dim, &p),
+            None => Err(invalid(&p, "missing (required)")),
+        }
+    }
+
+    /// `strides` for `n_stages` stages of a `dim`-D network (the plan's pooling).
+    pub fn strides(&self, path: &str, dim: usize) -> Result<Vec<Vec<usize>>, ArchError> {
+        Self::per_stage_axes(&self.strides, path, "strides", self.n_stages(path)?, dim)
+    }
+
+    /// The plan's pooling `strides` of a configuration's `arch_kwargs` (errors name
+    /// [`crate::network::KWARGS_PATH`]).
+    pub fn plan_strides(
+        arch_kwargs: &Map<String, Value>,
+        dim: usize,
+    ) -> Result<Vec<Vec<usize>>, ArchError> {
+        let path = crate::network::KWARGS_PATH;
+        Self::parse(arch_kwargs, path)?.strides(path, dim)
+    }
+
+    /// `norm_op` + `norm_op_kwargs`.
+    pub fn norm(&self, dim: ConvDim, path: &str) -> Result<Option<NormOptions>, ArchError> {
         let names = [
             "InstanceNorm2d",
             "InstanceNorm3d",
             "BatchNorm2d",
             "BatchNorm3d",
         ];
-        let op_path = self.key_path("norm_op");
-        let kw_path = self.key_path("norm_op_kwargs");
-        let Some(name) = self.torch_class("norm_op", &names)? else {
-            self.mark_used("norm_op_kwargs");
+        let op_path = key_path(path, "norm_op");
+        let kw_path = key_path(path, "norm_op_kwargs");
+        let Some(name) = Self::torch_class(&self.norm_op, &op_path, &names)? else {
             return Ok(None);
         };
-        let want = format!("{}d", dim.n());
-        if !name.ends_with(&want) {
+        if !name.ends_with(&format!("{}d", dim.n())) {
             return Err(invalid(
                 &op_path,
                 format!("{name} does not match the {}D conv_op", dim.n()),
             ));
         }
-        let m = self.sub_kwargs(
-            "norm_op_kwargs",
-            &[
-                "eps",
-                "affine",
-                "momentum",
-                "track_running_stats",
-                "device",
-                "dtype",
-            ],
-        )?;
+        let allowed = [
+            "eps",
+            "affine",
+            "momentum",
+            "track_running_stats",
+            "device",
+            "dtype",
+        ];
+        let m: NormOpKwargs = sub_kwargs(&self.norm_op_kwargs, &kw_path, &allowed)?;
         let batch = name.starts_with("Batch");
-        let eps = Self::f64_in(&m, "eps", 1e-5, &kw_path)?;
+        let eps = m.eps.unwrap_or(1e-5);
         if eps <= 0.0 {
             return Err(invalid(&format!("{kw_path}.eps"), "must be positive"));
         }
-        let affine = Self::bool_in(&m, "affine", batch, &kw_path)?;
-        let momentum = Self::f64_in(&m, "momentum", 0.1, &kw_path)?;
-        let track = Self::bool_in(&m, "track_running_stats", batch, &kw_path)?;
-        if !batch && track {
-            return Err(invalid(
-                &format!("{kw_path}.track_running_stats"),
-                "InstanceNorm with running statistics is not supported",
-            ));
+        let track = m.track_running_stats.unwrap_or(batch);
+        if batch != track {
+            let message = if batch {
+                "BatchNorm without running statistics is not supported"
+            } else {
+                "InstanceNorm with running statistics is not supported"
+            };
+            return Err(invalid(&format!("{kw_path}.track_running_stats"), message));
         }
-        if batch && !track {
-            return Err(invalid(
-                &format!("{kw_path}.track_running_stats"),
-                "BatchNorm without running statistics is not supported",
-            ));
-        }
+        let _ = (&m.device, &m.dtype);
         Ok(Some(NormOptions {
             kind: if batch {
                 NormKind::Batch
@@ -637,23 +551,23 @@ impl<'a> Kwargs<'a> {
                 NormKind::Instance
             },
             eps,
-            affine,
-            momentum,
+            affine: m.affine.unwrap_or(batch),
+            momentum: m.momentum.unwrap_or(0.1),
         }))
     }
 
-    pub(crate) fn dropout(&mut self) -> Result<Option<DropoutOptions>, ArchError> {
-        let kw_path = self.key_path("dropout_op_kwargs");
-        let Some(name) = self.torch_class(
-            "dropout_op",
-            &["Dropout", "Dropout1d", "Dropout2d", "Dropout3d"],
-        )?
+    /// `dropout_op` + `dropout_op_kwargs`.
+    pub fn dropout(&self, path: &str) -> Result<Option<DropoutOptions>, ArchError> {
+        let kw_path = key_path(path, "dropout_op_kwargs");
+        let names = ["Dropout", "Dropout1d", "Dropout2d", "Dropout3d"];
+        let Some(name) =
+            Self::torch_class(&self.dropout_op, &key_path(path, "dropout_op"), &names)?
         else {
-            self.mark_used("dropout_op_kwargs");
             return Ok(None);
         };
-        let m = self.sub_kwargs("dropout_op_kwargs", &["p", "inplace"])?;
-        let p = Self::f64_in(&m, "p", 0.5, &kw_path)?;
+        let m: DropoutOpKwargs = sub_kwargs(&self.dropout_op_kwargs, &kw_path, &["p", "inplace"])?;
+        let _ = &m.inplace;
+        let p = m.p.unwrap_or(0.5);
         if !(0.0..1.0).contains(&p) {
             return Err(invalid(
                 &format!("{kw_path}.p"),
@@ -666,7 +580,8 @@ impl<'a> Kwargs<'a> {
         }))
     }
 
-    pub(crate) fn nonlin(&mut self) -> Result<Option<Nonlin>, ArchError> {
+    /// `nonlin` + `nonlin_kwargs` (`inplace` is accepted and ignored).
+    pub fn nonlin(&self, path: &str) -> Result<Option<Nonlin>, ArchError> {
         let names = [
             "LeakyReLU",
             "ReLU",
@@ -677,38 +592,30 @@ impl<'a> Kwargs<'a> {
             "Sigmoid",
             "Identity",
         ];
-        let kw_path = self.key_path("nonlin_kwargs");
-        let Some(name) = self.torch_class("nonlin", &names)? else {
-            self.mark_used("nonlin_kwargs");
+        let kw_path = key_path(path, "nonlin_kwargs");
+        let Some(name) = Self::torch_class(&self.nonlin, &key_path(path, "nonlin"), &names)? else {
             return Ok(None);
         };
-        let allowed: &[&str] = match name {
-            "LeakyReLU" => &["negative_slope", "inplace"],
-            "ELU" => &["alpha", "inplace"],
-            "GELU" => &["approximate"],
-            "ReLU" | "SiLU" => &["inplace"],
-            _ => &[],
-        };
-        let m = self.sub_kwargs("nonlin_kwargs", allowed)?;
+        let m: NonlinKwargs = sub_kwargs(&self.nonlin_kwargs, &kw_path, nonlin_keys(name))?;
+        let _ = &m.inplace;
         Ok(Some(match name {
             "LeakyReLU" => Nonlin::LeakyRelu {
-                negative_slope: Self::f64_in(&m, "negative_slope", 0.01, &kw_path)?,
+                negative_slope: m.negative_slope.unwrap_or(0.01),
             },
             "ReLU" => Nonlin::Relu,
-            "GELU" => match m.get("approximate") {
-                None | Some(Value::Null) => Nonlin::Gelu(GeluKind::Erf),
-                Some(Value::String(s)) if s == "none" => Nonlin::Gelu(GeluKind::Erf),
-                Some(Value::String(s)) if s == "tanh" => Nonlin::Gelu(GeluKind::Tanh),
-                Some(v) => {
+            "GELU" => match m.approximate.as_deref() {
+                None | Some("none") => Nonlin::Gelu(GeluKind::Erf),
+                Some("tanh") => Nonlin::Gelu(GeluKind::Tanh),
+                Some(s) => {
                     return Err(invalid(
                         &format!("{kw_path}.approximate"),
-                        format!("expected \"none\" or \"tanh\", got {}", describe(v)),
+                        format!("expected \"none\" or \"tanh\", got \"{s}\""),
                     ))
                 }
             },
             "SiLU" => Nonlin::Silu,
             "ELU" => Nonlin::Elu {
-                alpha: Self::f64_in(&m, "alpha", 1.0, &kw_path)?,
+                alpha: m.alpha.unwrap_or(1.0),
             },
             "Tanh" => Nonlin::Tanh,
             "Sigmoid" => Nonlin::Sigmoid,
@@ -716,17 +623,35 @@ impl<'a> Kwargs<'a> {
         }))
     }
 
-    /// Errors on the first key that was never read.
-    pub(crate) fn finish(self) -> Result<(), ArchError> {
-        if let Some(k) = self.map.keys().find(|k| !self.used.contains(k.as_str())) {
-            let mut known: Vec<&str> = self.used.iter().map(String::as_str).collect();
-            known.sort_unstable();
+    /// The residual encoder's keys: `n_blocks_per_stage`, `stem_channels`, `block`
+    /// (`BasicBlockD` or null), `bottleneck_channels` (null).
+    fn residual_encoder(&self, path: &str, n: usize) -> Result<EncoderKind, ArchError> {
+        let n_blocks_per_stage =
+            Self::per_stage(&self.n_blocks_per_stage, path, "n_blocks_per_stage", n, 1)?;
+        if self.stem_channels == Some(0) {
             return Err(invalid(
-                &self.key_path(k),
-                format!("unknown argument; accepted: {}", known.join(", ")),
+                &key_path(path, "stem_channels"),
+                "must be at least 1",
             ));
         }
-        Ok(())
+        if let Some(s) = &self.block {
+            if s.rsplit('.').next() != Some("BasicBlockD") {
+                return Err(invalid(
+                    &key_path(path, "block"),
+                    format!("unsupported `{s}`; supported: BasicBlockD"),
+                ));
+            }
+        }
+        if let Some(v) = &self.bottleneck_channels {
+            return Err(invalid(
+                &key_path(path, "bottleneck_channels"),
+                format!("only null is supported, got {}", describe(v)),
+            ));
+        }
+        Ok(EncoderKind::Residual {
+            n_blocks_per_stage,
+            stem_channels: self.stem_channels,
+        })
     }
 }
 
@@ -906,6 +831,15 @@ mod tests {
         assert_eq!(c.n_conv_per_stage_decoder, vec![1, 1, 1]);
         // PlainConvUNet kwargs are not ResidualEncoderUNet kwargs
         let e = UNetConfig::from_kwargs(&plain_kwargs(), "x", true, 2, 3, false).unwrap_err();
+        let e = e.to_string();
+        assert!(
+            e.contains("x.n_conv_per_stage: unknown argument") && e.contains("n_blocks_per_stage"),
+            "{e}"
+        );
+        let mut m = plain_kwargs();
+        m.remove("n_conv_per_stage");
+        m.remove("nonlin_first");
+        let e = UNetConfig::from_kwargs(&m, "x", true, 2, 3, false).unwrap_err();
         assert!(
             e.to_string().contains("x.n_blocks_per_stage: missing"),
             "{e}"

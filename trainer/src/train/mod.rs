@@ -211,7 +211,7 @@ pub enum TrainError {
     DeepSupervisionStrides {
         plans_file: PathBuf,
         #[source]
-        source: Box<plans::PlansError>,
+        source: Box<ArchError>,
     },
     #[error(
         "network {network} returns {outputs} output(s) with deep supervision on; the plan's \

@@ -5,6 +5,7 @@
 use super::{TrainError, TrainRequest};
 use crate::data::{self, LabelInfo};
 use architectures::network::NetworkIo;
+use architectures::unet::options::UNetKwargs;
 use std::path::PathBuf;
 
 /// Everything set up before the session opens.
@@ -45,7 +46,7 @@ impl Setup {
             });
         }
         let ds_scales = if deep_supervision {
-            match spec.strides(dim) {
+            match UNetKwargs::plan_strides(&spec.arch_kwargs, dim) {
                 Ok(strides) => data::ds_scales_from_strides(&strides),
                 Err(source) => {
                     return Err(TrainError::DeepSupervisionStrides {

@@ -649,22 +649,12 @@ impl<'a> Planner<'a> {
         Value::Object(plans)
     }
 
-    /// nnU-Net's reader/writer choice from dataset.json (`determine_reader_writer_from_dataset_json`
-    /// without trying to open an example file).
+    /// nnU-Net's reader/writer choice from dataset.json (see [`reader_writer_for`]).
     pub fn image_reader_writer(&self) -> String {
-        if let Some(rw) = &self.input.overwrite_image_reader_writer {
-            if rw != "None" {
-                return rw.clone();
-            }
-        }
-        match self.input.file_ending.to_lowercase().as_str() {
-            ".png" | ".bmp" | ".tif" => "NaturalImage2DIO",
-            ".nii.gz" | ".nrrd" | ".mha" | ".gipl" => "SimpleITKIO",
-            ".tiff" => "Tiff3DIO",
-            ".nii" => "NibabelIO",
-            _ => "SimpleITKIO",
-        }
-        .to_string()
+        reader_writer_for(
+            &self.input.file_ending,
+            self.input.overwrite_image_reader_writer.as_deref(),
+        )
     }
 
     /// One configuration as nnU-Net writes it (same keys, same order).
@@ -844,6 +834,23 @@ fn validate_input(input: &PlanningInput) -> Result<(), PlannerError> {
         return Err(PlannerError::DatasetJson("`numTraining` is 0".into()));
     }
     Ok(())
+}
+
+/// nnU-Net's reader/writer choice from dataset.json (`determine_reader_writer_from_dataset_json`
+/// without trying to open an example file): `overwrite_image_reader_writer` unless it is
+/// `"None"`, else by `file_ending`.
+pub fn reader_writer_for(file_ending: &str, overwrite: Option<&str>) -> String {
+    if let Some(rw) = overwrite.filter(|rw| *rw != "None") {
+        return rw.to_string();
+    }
+    match file_ending.to_lowercase().as_str() {
+        ".png" | ".bmp" | ".tif" => "NaturalImage2DIO",
+        ".nii.gz" | ".nrrd" | ".mha" | ".gipl" => "SimpleITKIO",
+        ".tiff" => "Tiff3DIO",
+        ".nii" => "NibabelIO",
+        _ => "SimpleITKIO",
+    }
+    .to_string()
 }
 
 /// Number of voxels in a configuration's patch.

@@ -6,20 +6,21 @@ use serde_json::json;
 
 /// An anisotropic, rotated-free but shifted geometry, so a lost header shows.
 fn header() -> NiftiHeader {
-    let mut h = NiftiHeader::default();
-    h.sform_code = 1;
-    h.qform_code = 1;
-    h.pixdim = [1.0, 0.7, 0.8, 3.0, 1.0, 0.0, 0.0, 0.0];
-    h.srow_x = [-0.7, 0.0, 0.0, 12.5];
-    h.srow_y = [0.0, -0.8, 0.0, -4.0];
-    h.srow_z = [0.0, 0.0, 3.0, 30.0];
-    h.quatern_b = 0.0;
-    h.quatern_c = 0.0;
-    h.quatern_d = 1.0;
-    h.quatern_x = 12.5;
-    h.quatern_y = -4.0;
-    h.quatern_z = 30.0;
-    h
+    NiftiHeader {
+        sform_code: 1,
+        qform_code: 1,
+        pixdim: [1.0, 0.7, 0.8, 3.0, 1.0, 0.0, 0.0, 0.0],
+        srow_x: [-0.7, 0.0, 0.0, 12.5],
+        srow_y: [0.0, -0.8, 0.0, -4.0],
+        srow_z: [0.0, 0.0, 3.0, 30.0],
+        quatern_b: 0.0,
+        quatern_c: 0.0,
+        quatern_d: 1.0,
+        quatern_x: 12.5,
+        quatern_y: -4.0,
+        quatern_z: 30.0,
+        ..Default::default()
+    }
 }
 
 /// `[x, y, z, t]` test volume: value = 1000 t + 100 z + 10 y + x.

@@ -86,6 +86,17 @@ pub enum Command {
     /// One PNG per training case: label outlines over a slice of the image (nnUNetv2_plot_overlay_pngs).
     #[command(name = "plot_overlay_pngs")]
     PlotOverlayPngs(OverlayArgs),
+    /// Pack a trained model (chosen configurations and folds) into one zip
+    /// (nnUNetv2_export_model_to_zip).
+    #[command(name = "export_model_to_zip")]
+    ExportModelToZip(ExportZipArgs),
+    /// Install a model zip into nnUNet_results (nnUNetv2_install_pretrained_model_from_zip).
+    #[command(name = "install_pretrained_model_from_zip")]
+    InstallPretrainedModelFromZip(InstallZipArgs),
+    /// Download a model zip over HTTP(S) and install it
+    /// (nnUNetv2_download_pretrained_model_by_url).
+    #[command(name = "download_pretrained_model_by_url")]
+    DownloadPretrainedModelByUrl(DownloadArgs),
     /// Convert a Medical Segmentation Decathlon task (TaskXX_Name) into a raw dataset, 4D
     /// images split per channel (nnUNetv2_convert_MSD_dataset).
     #[command(name = "convert_MSD_dataset")]
@@ -102,6 +113,49 @@ pub enum Command {
     /// Exit code 0: all passed, 1: a check failed, 2: device or library unavailable.
     #[command(name = "doctor")]
     Doctor(DoctorArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ExportZipArgs {
+    /// Dataset (id or name).
+    #[arg(short = 'd')]
+    pub dataset: String,
+    /// Output zip file.
+    #[arg(short = 'o')]
+    pub output: PathBuf,
+    #[arg(short = 'c', num_args = 1.., default_values_t = ["3d_lowres".to_string(), "3d_fullres".to_string(), "2d".to_string(), "3d_cascade_fullres".to_string()])]
+    pub configurations: Vec<String>,
+    #[arg(long = "tr", default_value = "nnUNetTrainer")]
+    pub trainer: String,
+    #[arg(short = 'p', default_value = "nnUNetPlans")]
+    pub plans: String,
+    #[arg(short = 'f', num_args = 1.., default_values_t = ["0".to_string(), "1".to_string(), "2".to_string(), "3".to_string(), "4".to_string()])]
+    pub folds: Vec<String>,
+    /// Checkpoints to export; each in whichever format the fold has (nnseg .safetensors,
+    /// nnU-Net .pth).
+    #[arg(long = "chk", num_args = 1.., default_values_t = ["checkpoint_final.pth".to_string()])]
+    pub checkpoints: Vec<String>,
+    /// Skip configurations that were not trained instead of failing.
+    #[arg(long = "not_strict")]
+    pub not_strict: bool,
+    /// Also export the validation predictions (without probabilities).
+    #[arg(long = "exp_cv_preds")]
+    pub exp_cv_preds: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct InstallZipArgs {
+    /// The model zip.
+    pub zip: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct DownloadArgs {
+    /// http:// or https:// address of a model zip.
+    pub url: String,
+    /// Expected SHA-256 of the zip (hex); on a mismatch nothing is installed.
+    #[arg(long = "sha256")]
+    pub sha256: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -570,7 +624,9 @@ pub struct ShowNetworkArgs {
 
 #[derive(Args, Debug)]
 pub struct ImportArgs {
-    /// nnU-Net model folder `{Trainer}__{Plans}__{Configuration}` (holds plans.json, dataset.json, fold_X/).
+    /// nnU-Net model folder `{Trainer}__{Plans}__{Configuration}` (holds plans.json, dataset.json,
+    /// fold_X/), or a zip made by nnU-Net's export_model_to_zip (installed into nnUNet_results,
+    /// then every fold with the checkpoint is imported; -f and -o do not apply).
     pub folder: PathBuf,
     /// Fold to import (0-4 or all).
     #[arg(short = 'f', default_value = "0")]

@@ -115,6 +115,51 @@ fn resolve_paths(args: &PathArgs) -> NnUnetPaths {
 fn run(cli: Cli) -> Result<()> {
     let paths = resolve_paths(&cli.paths);
     match cli.command {
+        Command::ExportModelToZip(a) => {
+            let name = datasets::dataset_name_from_arg(&paths, &a.dataset)?;
+            let req = trainer::sharing::ExportRequest {
+                results: paths.results_dir(&name)?,
+                configurations: a.configurations,
+                trainer: a.trainer,
+                plans: a.plans,
+                folds: a.folds,
+                checkpoints: a.checkpoints,
+                strict: !a.not_strict,
+                export_crossval_predictions: a.exp_cv_preds,
+                output: a.output.clone(),
+            };
+            let s = trainer::sharing::export_model_to_zip(&req)?;
+            println!(
+                "{}: {} ({} files, {:.1} MB) -> {}",
+                name,
+                s.configurations.join(", "),
+                s.files,
+                s.bytes as f64 / 1e6,
+                a.output.display()
+            );
+        }
+        Command::InstallPretrainedModelFromZip(a) => {
+            let installed =
+                trainer::sharing::install_model_from_zip(&a.zip, paths.results_root()?)?;
+            print_installed(&installed);
+        }
+        Command::DownloadPretrainedModelByUrl(a) => {
+            let bar = download_bar();
+            let progress = |done: u64, total: Option<u64>| {
+                if let Some(t) = total {
+                    bar.set_length(t);
+                }
+                bar.set_position(done);
+            };
+            let req = trainer::sharing::DownloadRequest {
+                url: &a.url,
+                sha256: a.sha256.as_deref(),
+                progress: &progress,
+            };
+            let installed = trainer::sharing::download_and_install(&req, paths.results_root()?)?;
+            bar.finish_and_clear();
+            print_installed(&installed);
+        }
         Command::ConvertMsdDataset(a) => {
             let c = datasets::convert::MsdConversion {
                 source: a.input,
@@ -228,6 +273,27 @@ fn run(cli: Cli) -> Result<()> {
             println!("postprocessed {n} cases into {}", a.output.display());
         }
         Command::FindBestConfiguration(a) => find_best(&paths, &a)?,
+        Command::ImportNnunetModel(a) if a.folder.extension().is_some_and(|e| e == "zip") => {
+            let imported = trainer::sharing::import_nnunet_zip(
+                &a.folder,
+                paths.results_root()?,
+                &a.checkpoint,
+            )?;
+            anyhow::ensure!(
+                !imported.is_empty(),
+                "{}: no fold in the zip has {}",
+                a.folder.display(),
+                a.checkpoint
+            );
+            for f in &imported {
+                println!(
+                    "imported {} fold {}\n  {}",
+                    f.model_folder.display(),
+                    f.fold,
+                    f.weights.display()
+                );
+            }
+        }
         Command::ImportNnunetModel(a) => {
             let t = Instant::now();
             let model = trainer::import::import_nnunet_model(&a.folder, &a.fold, &a.checkpoint)?;
@@ -317,6 +383,28 @@ fn doctor(a: &cli::DoctorArgs) -> i32 {
         print!("{}", render_text(&report));
     }
     report.exit_code()
+}
+
+/// A byte progress bar on stderr when it is a terminal.
+fn download_bar() -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(0);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "download [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}, eta {eta}",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar
+}
+
+fn print_installed(installed: &trainer::sharing::Installed) {
+    println!("installed {} files", installed.files);
+    for m in &installed.model_folders {
+        println!("  {}", m.display());
+    }
 }
 
 fn print_converted(done: &datasets::convert::Converted) {

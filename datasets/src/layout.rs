@@ -228,6 +228,24 @@ pub fn ensemble_name(a: &str, b: &str, folds: &[String]) -> String {
     format!("ensemble{s}{a}{s}{b}{s}{}", folds.join("_"))
 }
 
+/// The models and folds of an ensemble folder name made by [`ensemble_name`]
+/// (`ensemble___{model}___{model}___{folds}`); `None` for any other name.
+pub fn parse_ensemble_name(name: &str) -> Option<(Vec<ModelId>, String)> {
+    let s = ENSEMBLE_SEP;
+    let rest = name.strip_prefix("ensemble")?.strip_prefix(s)?;
+    let mut parts: Vec<&str> = rest.split(s).collect();
+    let folds = parts.pop()?.to_string();
+    if parts.len() < 2 {
+        return None;
+    }
+    let ids = parts
+        .into_iter()
+        .map(ModelId::parse)
+        .collect::<Result<Vec<_>, _>>()
+        .ok()?;
+    Some((ids, folds))
+}
+
 /// The identity of a trained model, `{trainer}__{plans}__{configuration}` as a folder name.
 ///
 /// Trainer and plans names must be non-empty and free of `__`; the configuration must be
@@ -672,5 +690,24 @@ mod tests {
         assert_eq!(o.probabilities("c.1"), Path::new("/out/c.1.npz"));
         assert_eq!(o.properties("c.1"), Path::new("/out/c.1.json"));
         assert_eq!(o.plans_json(), Path::new("/out/plans.json"));
+    }
+
+    #[test]
+    fn ensemble_names_round_trip() {
+        let a = "nnUNetTrainer__nnUNetPlans__2d";
+        let b = "nnUNetTrainer__nnUNetPlans__3d_fullres";
+        let folds = vec!["0".to_string(), "1".to_string()];
+        let (ids, f) = parse_ensemble_name(&ensemble_name(a, b, &folds)).unwrap();
+        assert_eq!(ids[0].to_string(), a);
+        assert_eq!(ids[1].configuration(), "3d_fullres");
+        assert_eq!(f, "0_1");
+        for bad in [
+            "ensemble",
+            "ensemble___x",
+            "other___a___b___0",
+            "ensemble___bad___bad___0",
+        ] {
+            assert!(parse_ensemble_name(bad).is_none(), "{bad}");
+        }
     }
 }

@@ -23,6 +23,7 @@ pub mod optim;
 pub mod predict;
 pub mod presets;
 pub mod progress;
+pub mod sharing;
 pub mod train;
 
 pub use amp::Amp;

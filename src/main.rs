@@ -460,12 +460,12 @@ fn find_best(paths: &NnUnetPaths, a: &cli::FindBestArgs) -> Result<()> {
     let result = trainer::evaluation::find_best_configuration(&BestConfigOptions {
         dataset_name: name.clone(),
         results,
-        reference_folder: pre.gt_segmentations(),
         models,
         folds: a.folds.clone(),
         allow_ensembling: !a.disable_ensembling,
         num_workers: a.np,
         dataset_json: DatasetJson::load(&pre.dataset_json())?,
+        preprocessed: pre,
     })?;
     for m in &result.messages {
         tracing::info!("{m}");

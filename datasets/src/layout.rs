@@ -42,6 +42,10 @@ pub const LABELS_TR: &str = "labelsTr";
 /// `preprocessing::completion`): `{data_identifier}/nnseg_complete.json`.
 pub const COMPLETION_RECORD: &str = "nnseg_complete.json";
 
+/// The completion record of `gt_segmentations/` (see `preprocessing::completion`): hidden, so
+/// that listings of the ground truth by file ending (nnseg's and nnU-Net's) never see it.
+pub const GT_COMPLETION_RECORD: &str = ".nnseg_complete.json";
+
 /// Separator of the three parts of a model folder name.
 const MODEL_SEP: &str = "__";
 /// Separator of the parts of an ensemble name.
@@ -191,6 +195,20 @@ impl PreprocessedDir {
     /// `{data_folder}/nnseg_complete.json` (see [`COMPLETION_RECORD`]).
     pub fn completion_record(data_folder: &Path) -> PathBuf {
         data_folder.join(COMPLETION_RECORD)
+    }
+    /// `gt_segmentations/.nnseg_complete.json` (see [`GT_COMPLETION_RECORD`]).
+    pub fn gt_completion_record(&self) -> PathBuf {
+        Self::gt_completion_record_in(&self.gt_segmentations())
+    }
+    /// The completion record of the ground-truth folder `gt` (`gt_segmentations/` or its
+    /// partial copy).
+    pub fn gt_completion_record_in(gt: &Path) -> PathBuf {
+        gt.join(GT_COMPLETION_RECORD)
+    }
+    /// A first copy of the ground truth being made: `.gt_segmentations.partial/` (renamed to
+    /// `gt_segmentations/` once complete).
+    pub fn partial_gt_segmentations(&self) -> PathBuf {
+        self.0.join(format!(".{GT_SEGMENTATIONS}.partial"))
     }
 }
 
@@ -650,6 +668,10 @@ mod tests {
         );
         assert_eq!(p.splits(), Path::new("/pre/D/splits_final.json"));
         assert_eq!(p.gt_segmentations(), Path::new("/pre/D/gt_segmentations"));
+        assert_eq!(
+            p.gt_completion_record(),
+            Path::new("/pre/D/gt_segmentations/.nnseg_complete.json")
+        );
         assert_eq!(
             p.data_folder("nnUNetPlans_2d"),
             Path::new("/pre/D/nnUNetPlans_2d")

@@ -589,14 +589,36 @@ fn preprocess_cases(
 /// Copies every case's label to `out/gt_segmentations/{case}{file_ending}` (nnU-Net does
 /// this after preprocessing, for validation without the raw data). Like nnU-Net's
 /// `copy_file(update=True)` a file is only copied when the target is missing or older than the
-/// source; copies keep the source's modification time and are written atomically. Returns the
-/// number of files copied.
+/// source; copies keep the source's modification time and are written atomically. The
+/// folder's completion record ([`crate::completion::GtRecord`]) is written last; an existing
+/// folder is marked unfinished before the first file is touched, a new one is built as
+/// `.gt_segmentations.partial/` and renamed when complete, so an interrupted copy is never
+/// taken for a complete one. Returns the number of files copied.
 pub fn copy_gt_segmentations(
     ds: &RawDataset,
     out: &PreprocessedDir,
 ) -> Result<usize, PreprocessError> {
+    use crate::completion::GtRecord;
     let dir = out.gt_segmentations();
-    fs::create_dir_all(&dir).map_err(PreprocessError::io(&dir))?;
+    if dir.is_dir() {
+        GtRecord::begin(&dir)?;
+        let copied = copy_labels(ds, &dir)?;
+        GtRecord::finish(&dir, ds)?;
+        return Ok(copied);
+    }
+    let partial = out.partial_gt_segmentations();
+    if partial.exists() {
+        fs::remove_dir_all(&partial).map_err(PreprocessError::io(&partial))?;
+    }
+    fs::create_dir_all(&partial).map_err(PreprocessError::io(&partial))?;
+    let copied = copy_labels(ds, &partial)?;
+    GtRecord::finish(&partial, ds)?;
+    fs::rename(&partial, &dir).map_err(PreprocessError::io(&partial))?;
+    Ok(copied)
+}
+
+/// The copy of [`copy_gt_segmentations`] into `dir`.
+fn copy_labels(ds: &RawDataset, dir: &Path) -> Result<usize, PreprocessError> {
     let mut copied = 0;
     for case in &ds.cases {
         let Some(src) = &case.label else { continue };
@@ -1183,6 +1205,59 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("no completion record"), "{e}");
+    }
+
+    /// Issue 19: the evaluation of validation predictions and find_best_configuration used
+    /// `gt_segmentations/` as it was: an interrupted copy, a missing case or a file changed
+    /// since were evaluated against silently.
+    #[test]
+    fn gt_segmentations_record_refuses_interrupted_missing_and_changed_files() {
+        use crate::completion::{verify_gt_segmentations, GtRecord};
+        let dir = tempfile::tempdir().unwrap();
+        let folder = write_raw(dir.path(), 3, &[100.0]);
+        let ds = RawDataset::open(&folder).unwrap();
+        let pre = PreprocessedDir::new(dir.path().join("pre"));
+        let cases = ["case_000".to_string(), "case_002".to_string()];
+        // nothing copied yet
+        let e = verify_gt_segmentations(&pre, &cases, "FIX").unwrap_err().to_string();
+        assert!(e.contains("does not exist") && e.contains("FIX"), "{e}");
+        copy_gt_segmentations(&ds, &pre).unwrap();
+        verify_gt_segmentations(&pre, &cases, "FIX").unwrap();
+        // the record is hidden: listings by file ending never see it
+        assert!(pre.gt_completion_record().is_file());
+        assert_eq!(fs::read_dir(pre.gt_segmentations()).unwrap().count(), 4);
+
+        // a case the copy did not know
+        let e = verify_gt_segmentations(&pre, &["case_009".into()], "FIX")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("case case_009") && e.contains("no ground truth"), "{e}");
+        // a missing and a changed file, each naming its case
+        let gt1 = pre.gt_segmentations().join("case_001.nii.gz");
+        let gt2 = pre.gt_segmentations().join("case_002.nii.gz");
+        let saved = fs::read(&gt2).unwrap();
+        fs::remove_file(&gt1).unwrap();
+        fs::write(&gt2, [saved.as_slice(), b"x"].concat()).unwrap();
+        let e = verify_gt_segmentations(&pre, &cases, "FIX").unwrap_err().to_string();
+        assert!(
+            e.contains("case case_001") && e.contains("is missing") && e.contains("FIX"),
+            "{e}"
+        );
+        assert!(e.contains("case case_002") && e.contains("changed"), "{e}");
+        // a rerun of the copy repairs both
+        fs::remove_file(&gt2).unwrap();
+        copy_gt_segmentations(&ds, &pre).unwrap();
+        verify_gt_segmentations(&pre, &cases, "FIX").unwrap();
+
+        // an interrupted copy (marked begun, never finished) is refused
+        GtRecord::begin(&pre.gt_segmentations()).unwrap();
+        let e = verify_gt_segmentations(&pre, &cases, "FIX").unwrap_err().to_string();
+        assert!(e.contains("interrupted"), "{e}");
+        // a first copy that did not finish leaves no gt_segmentations/ at all
+        assert!(!pre.partial_gt_segmentations().exists());
+        // no record at all (nnU-Net's or an older nnseg's folder): used as it is
+        fs::remove_file(pre.gt_completion_record()).unwrap();
+        verify_gt_segmentations(&pre, &cases, "FIX").unwrap();
     }
 
     /// Issue 19: "Preprocess also deletes the old data folder first, so an interrupted

@@ -31,6 +31,15 @@ pub fn prev_stage_file(folder: &Path, case: &str) -> PathBuf {
     folder.join(format!("{case}.npy"))
 }
 
+/// The cases of `cases` without a file in the folder of next-stage inputs `folder`.
+pub fn missing_prev_stage_cases(folder: &Path, cases: &[String]) -> Vec<String> {
+    cases
+        .iter()
+        .filter(|c| !prev_stage_file(folder, c).is_file())
+        .cloned()
+        .collect()
+}
+
 /// One-hot `(n_fg, z, y, x)` float encoding of the label map `seg` (`(1, z, y, x)`); labels
 /// not in `fg` (background, -1) are all-zero.
 pub fn one_hot(seg: ArrayView4<i16>, fg: &[i64]) -> Array4<f32> {

@@ -80,8 +80,9 @@ pub struct BestConfigOptions {
     /// `nnUNet_results/DatasetXXX_Name`: receives `ensembles/`, `inference_information.json`,
     /// `inference_instructions.txt`.
     pub results: ResultsDir,
-    /// Ground truth: `nnUNet_preprocessed/DatasetXXX/gt_segmentations` (nnU-Net's choice).
-    pub reference_folder: PathBuf,
+    /// `nnUNet_preprocessed/DatasetXXX`: the ground truth is its `gt_segmentations/`
+    /// (nnU-Net's choice), checked against its completion record before it is used.
+    pub preprocessed: PreprocessedDir,
     pub models: Vec<ModelSpec>,
     /// Fold names, e.g. `["0", "1", "2", "3", "4"]`.
     pub folds: Vec<String>,
@@ -217,6 +218,67 @@ fn predict_cmds(
     out
 }
 
+/// Refuses a model trained with other labels (or file ending) than the preprocessed
+/// `dataset.json` the evaluation uses: its validation would be scored against the wrong
+/// classes.
+fn check_dataset_json(
+    m: &ModelSpec,
+    ds: &plans::DatasetJson,
+    pre: &PreprocessedDir,
+) -> Result<()> {
+    let path = m.folder.dataset_json();
+    if !path.is_file() {
+        return Ok(());
+    }
+    let trained = plans::DatasetJson::load(&path)?;
+    let differs: Vec<&str> = [
+        ("labels", trained.labels != ds.labels),
+        (
+            "regions_class_order",
+            trained.regions_class_order != ds.regions_class_order,
+        ),
+        ("file_ending", trained.file_ending != ds.file_ending),
+    ]
+    .into_iter()
+    .filter_map(|(k, d)| d.then_some(k))
+    .collect();
+    if differs.is_empty() {
+        return Ok(());
+    }
+    Err(EvalError::Invalid {
+        path,
+        message: format!(
+            "{} was trained with other {} than {} (changed since training): retrain it, or \
+             restore the dataset.json it was trained with",
+            m.identifier(),
+            differs.join(", "),
+            pre.dataset_json().display()
+        ),
+    })
+}
+
+/// Refuses an incomplete or changed `gt_segmentations/` (see
+/// `preprocessing::verify_gt_segmentations`) for the cases of `merged`.
+fn check_ground_truth(
+    pre: &PreprocessedDir,
+    dataset_name: &str,
+    m: &ModelSpec,
+    merged: &Path,
+    ds: &plans::DatasetJson,
+) -> Result<()> {
+    let cases: Vec<String> = list_files(merged, &ds.file_ending)?
+        .into_iter()
+        .map(|f| f.strip_suffix(ds.file_ending.as_str()).unwrap_or(&f).to_string())
+        .collect();
+    let fix = preprocessing::completion::fix_command(
+        dataset_name,
+        m.id.plans(),
+        m.id.configuration(),
+    );
+    preprocessing::verify_gt_segmentations(pre, &cases, &fix)?;
+    Ok(())
+}
+
 /// Runs the model selection (see module docs).
 pub fn find_best_configuration(opts: &BestConfigOptions) -> Result<BestConfigResult> {
     if opts.models.is_empty() {
@@ -225,6 +287,10 @@ pub fn find_best_configuration(opts: &BestConfigOptions) -> Result<BestConfigRes
         ));
     }
     let ds = &opts.dataset_json;
+    for m in &opts.models {
+        check_dataset_json(m, ds, &opts.preprocessed)?;
+    }
+    let reference_folder = opts.preprocessed.gt_segmentations();
     let mut eval = EvaluateOptions::from_dataset_json(ds, opts.num_workers);
     // nnU-Net's compute_metrics_on_folder defaults to chill=True here: with a subset of folds
     // only the cases those folds validated are evaluated.
@@ -233,8 +299,9 @@ pub fn find_best_configuration(opts: &BestConfigOptions) -> Result<BestConfigRes
     let mut messages = Vec::new();
     for m in &opts.models {
         let merged = accumulate_cv_results(m, &opts.folds, &ds.file_ending)?;
+        check_ground_truth(&opts.preprocessed, &opts.dataset_name, m, &merged, ds)?;
         eval.output_file = None;
-        let s = evaluate_folder(&opts.reference_folder, &merged, &eval)?;
+        let s = evaluate_folder(&reference_folder, &merged, &eval)?;
         all.push((m.identifier(), merged, s.foreground_dice(), vec![m.clone()]));
     }
     if opts.allow_ensembling {
@@ -265,7 +332,7 @@ pub fn find_best_configuration(opts: &BestConfigOptions) -> Result<BestConfigRes
                 let mut eo = EnsembleOptions::from_dataset_json(ds, opts.num_workers);
                 eo.save_probabilities = false;
                 ensemble_folders(&[a.1.clone(), b.1.clone()], &out, &eo)?;
-                let s = evaluate_folder(&opts.reference_folder, &out, &eval)?;
+                let s = evaluate_folder(&reference_folder, &out, &eval)?;
                 all.push((
                     id,
                     out,
@@ -287,7 +354,7 @@ pub fn find_best_configuration(opts: &BestConfigOptions) -> Result<BestConfigRes
         evaluate: eval.clone(),
         keep_postprocessed: true,
     };
-    determine_postprocessing(&source, &opts.reference_folder, &pp)?;
+    determine_postprocessing(&source, &reference_folder, &pp)?;
     let pp_file = source.join("postprocessing.json");
     let post = super::evaluate::load_summary(&source.join("postprocessed").join("summary.json"))?
         .foreground_dice();
@@ -460,7 +527,8 @@ mod tests {
     /// (a cascade) predicts perfectly.
     fn setup(with_npz: bool) -> Setup {
         let t = tempfile::tempdir().unwrap();
-        let gt = t.path().join("gt");
+        let pre = PreprocessedDir::new(t.path().join("pre"));
+        let gt = pre.gt_segmentations();
         std::fs::create_dir_all(&gt).unwrap();
         let results = ResultsDir::new(t.path().join("Dataset001_X"));
         let cases: [(&str, &str, [i16; 6]); 4] = [
@@ -499,7 +567,7 @@ mod tests {
         let opts = BestConfigOptions {
             dataset_name: "Dataset001_X".into(),
             results,
-            reference_folder: gt,
+            preprocessed: pre,
             models: vec![a, b],
             folds: vec!["0".into(), "1".into()],
             allow_ensembling: true,
@@ -596,5 +664,39 @@ mod tests {
         s.opts.folds.push("2".into());
         let e = find_best_configuration(&s.opts).unwrap_err().to_string();
         assert!(e.contains("fold_2") && e.contains("validation"), "{e}");
+    }
+
+    /// Regression (issue 19): an interrupted copy of gt_segmentations (or a case missing or
+    /// changed in it) was evaluated against silently.
+    #[test]
+    fn an_incomplete_ground_truth_is_refused_naming_the_fix() {
+        let s = setup(false);
+        preprocessing::GtRecord::begin(&s.opts.preprocessed.gt_segmentations()).unwrap();
+        let e = find_best_configuration(&s.opts).unwrap_err().to_string();
+        assert!(
+            e.contains("gt_segmentations")
+                && e.contains("interrupted")
+                && e.contains("nnseg preprocess -d Dataset001_X --plans_name nnUNetPlans -c 3d_fullres"),
+            "{e}"
+        );
+        assert!(!s.opts.results.inference_information().exists());
+    }
+
+    /// Regression (issue 19): a model trained with other labels than the preprocessed
+    /// dataset.json was scored against the wrong classes.
+    #[test]
+    fn a_model_trained_with_other_labels_is_refused() {
+        let s = setup(false);
+        let mut other = s.opts.dataset_json.clone();
+        other.labels.push(("b".into(), plans::LabelValue::Single(2)));
+        std::fs::create_dir_all(s.opts.models[1].folder.path()).unwrap();
+        other
+            .save(&s.opts.models[1].folder.dataset_json())
+            .unwrap();
+        let e = find_best_configuration(&s.opts).unwrap_err().to_string();
+        assert!(
+            e.contains("3d_cascade_fullres") && e.contains("other labels"),
+            "{e}"
+        );
     }
 }

@@ -74,6 +74,9 @@ pub enum PredictError {
     /// Invalid settings, plans or model files.
     #[error("{0}")]
     Config(String),
+    /// Incomplete training data (a cascade's previous-stage segmentations).
+    #[error(transparent)]
+    Data(#[from] crate::data::DataError),
 }
 
 fn io_err<'a>(
@@ -562,6 +565,10 @@ pub fn predict_from_raw_folder(req: &PredictRequest) -> Result<PredictReport, Pr
         &ending,
         predictor.dataset_json.num_channels(),
     )?;
+    if let (Some(_), Some(folder)) = (&predictor.prev_stage_labels, &req.prev_stage_predictions) {
+        // the previous stage's run must have finished: a partial folder is not its result
+        outputs::ensure_complete(folder)?;
+    }
     std::fs::create_dir_all(&req.output_folder).map_err(io_err("creating", &req.output_folder))?;
     let (model, output) = (
         ModelDir::at(&req.model_folder),
@@ -827,6 +834,21 @@ pub struct FoldValidation {
     pub summary: Option<crate::evaluation::Summary>,
 }
 
+/// Refuses to validate from an incomplete or stale data folder, or to evaluate against an
+/// incomplete or changed `gt_segmentations/` (when there is one; without it nothing is
+/// evaluated); the errors name the cases and the command that fixes them.
+fn check_validation_inputs(
+    predictor: &Predictor,
+    pre: &PreprocessedDir,
+    data_folder: &Path,
+    validation_cases: &[String],
+) -> Result<(), PredictError> {
+    let (plans, configuration) = (&predictor.plans, &predictor.configuration_name);
+    preprocessing::completion::require_complete(data_folder, plans, configuration)?;
+    crate::data::require_ground_truth(pre.path(), plans, configuration, validation_cases)?;
+    Ok(())
+}
+
 /// nnU-Net's `perform_actual_validation`: loads `fold_folder/{checkpoint_name}` of the model,
 /// predicts the validation cases from `preprocessed_dataset_folder/{data_identifier}/` into
 /// `fold_folder/validation/` (with `.npz` + `.json` if `save_probabilities`), then evaluates
@@ -858,6 +880,7 @@ pub fn validate_fold(
         PreprocessedDir::new(preprocessed_dataset_folder),
     );
     let data_folder = pre.data_folder(&predictor.configuration.data_identifier);
+    check_validation_inputs(&predictor, &pre, &data_folder, validation_cases)?;
     let fold_folder = model.fold(fold);
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(num_workers.max(1))
@@ -867,17 +890,20 @@ pub fn validate_fold(
     let mut cascade = CascadeIo::default();
     let cfg = &predictor.configuration;
     if let Some(prev) = &cfg.previous_stage {
-        cascade.prev_stage_folder = Some(prev_stage_folder(
-            model_folder,
-            prev,
-            &predictor.configuration_name,
-        )?);
+        let folder = prev_stage_folder(model_folder, prev, &predictor.configuration_name)?;
+        let missing = crate::data::cascade::missing_prev_stage_cases(&folder, validation_cases);
+        if !missing.is_empty() {
+            return Err(crate::data::DataError::PrevStageIncomplete { folder, missing }.into());
+        }
+        cascade.prev_stage_folder = Some(folder);
     }
     if let Some(next) = &cfg.next_stage {
         match predictor.plans.configuration(next) {
             Ok(next_cfg) => {
                 let folder = pre.data_folder(&next_cfg.data_identifier);
                 if folder.is_dir() {
+                    // the next stage's shapes are read from it: it must be complete and current
+                    preprocessing::completion::require_complete(&folder, &predictor.plans, next)?;
                     cascade.next_stage = Some(NextStageExport {
                         configuration: next_cfg,
                         preprocessed_data_folder: folder,

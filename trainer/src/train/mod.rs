@@ -380,6 +380,8 @@ fn validation_only(req: &TrainRequest) -> Result<TrainSummary, TrainError> {
             fold: req.fold,
         });
     }
+    // one writer per fold: --val rewrites the fold's validation/ (held until it returns)
+    let _lock = crate::fold_lock::FoldLock::acquire(&fold_folder)?;
     let ck = Checkpoint::load(&final_path, &Device::Cpu)?;
     let pre = &req.preprocessed_dataset_folder;
     let data_folder = pre.join(&setup.cfg.data_identifier);

@@ -784,6 +784,7 @@ fn preprocess_step(
                 num_workers: np,
                 verbose: false,
                 progress: Some(hook),
+                incremental: opts.incremental,
             },
         );
         bar.finish_and_clear();
@@ -795,6 +796,13 @@ fn preprocess_step(
             report.cases.len(),
             secs / report.cases.len().max(1) as f64
         );
+        if opts.incremental {
+            tracing::info!(
+                "{} {cfg}: --incremental: {} unchanged cases reused",
+                ds.name,
+                report.reused.len()
+            );
+        }
     }
     preprocessing::preprocessor::copy_gt_segmentations(&ds, &pre)?;
     Ok(())

@@ -307,6 +307,54 @@ pub fn require_complete(
     Ok(())
 }
 
+/// `preprocess --incremental`: the cases of `ds` that the complete, current `folder` holds
+/// unchanged (recorded with the same raw files, same size and time, and with every file
+/// present at its recorded size) are linked (or copied) into `partial` and returned; the
+/// rest must be preprocessed. Nothing is reused from a folder without a record or preprocessed
+/// with other settings. (Files are only ever replaced by rename, never rewritten in place, so
+/// the old folder and the new one can share them.)
+pub fn reuse_unchanged_cases(
+    ds: &RawDataset,
+    plans: &Plans,
+    configuration: &str,
+    folder: &Path,
+    partial: &Path,
+) -> Result<Vec<String>, PreprocessError> {
+    let cfg = plans.configuration(configuration)?;
+    let Some(rec) = CompletionRecord::read(folder)? else {
+        return Ok(Vec::new());
+    };
+    if rec.plans_hash != plans_hash(plans, &cfg) || rec.data_identifier != cfg.data_identifier {
+        return Ok(Vec::new());
+    }
+    let mut reused = Vec::new();
+    for case in &ds.cases {
+        let Some(c) = rec.cases.get(&case.identifier) else {
+            continue;
+        };
+        let raw: Vec<_> = case.images.iter().chain(case.label.as_ref()).collect();
+        let unchanged = raw.len() == c.raw.len()
+            && raw
+                .iter()
+                .zip(&c.raw)
+                .all(|(p, s)| FileStamp::of(p).is_ok_and(|now| now == *s));
+        let intact = c.files.iter().all(|(name, &size)| {
+            fs::metadata(folder.join(name)).is_ok_and(|m| m.is_file() && m.len() == size)
+        });
+        if !(unchanged && intact) {
+            continue;
+        }
+        for name in c.files.keys() {
+            let (from, to) = (folder.join(name), partial.join(name));
+            if fs::hard_link(&from, &to).is_err() {
+                fs::copy(&from, &to).map_err(PreprocessError::io(&to))?;
+            }
+        }
+        reused.push(case.identifier.clone());
+    }
+    Ok(reused)
+}
+
 /// The command that rebuilds a configuration's preprocessed data (and `gt_segmentations/`).
 pub fn fix_command(dataset_name: &str, plans_name: &str, configuration: &str) -> String {
     format!("nnseg preprocess -d {dataset_name} --plans_name {plans_name} -c {configuration}")

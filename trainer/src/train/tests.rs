@@ -568,6 +568,13 @@ fn validation_only_redoes_the_final_validation() {
     assert!(!before.is_empty());
     std::fs::remove_dir_all(&val).unwrap();
     req.validation_only = true;
+    // one writer per fold: --val of a fold being trained fails at once, naming the holder
+    let held = crate::fold_lock::FoldLock::acquire(&s.fold_folder).unwrap();
+    let e = train(&req).unwrap_err();
+    assert!(matches!(e, TrainError::FoldLock(_)), "{e}");
+    assert!(e.to_string().contains(&format!("pid {}", std::process::id())), "{e}");
+    assert!(!val.exists());
+    drop(held);
     let v = train(&req).unwrap();
     assert_eq!(v.train_iterations, 0);
     assert_eq!(v.epochs_completed, 1);

@@ -484,7 +484,8 @@ pub const INCOMPLETE_MARKER: &str = "nnseg_prediction_incomplete.txt";
 
 /// The writer's pid in the name of a temp file of nnseg's atomic writers (all hidden):
 /// `.nnseg-tmp-{pid}-{n}{ending}` (datasets::io), `.{name}.tmp-{pid}-{n}`
-/// (preprocessing::storage) and `.{name}.tmp.{pid}.{n}` (plans::io); `None` for other names.
+/// (preprocessing::storage) and `.{name}.tmp.{pid}.{n}` (plans::io, trainer's checkpoints);
+/// `None` for other names.
 pub fn temp_file_pid(file_name: &str) -> Option<u32> {
     if !file_name.starts_with('.') {
         return None;

@@ -80,6 +80,7 @@ fn open_folders(req: &TrainRequest, setup: &Setup) -> Result<(PathBuf, FoldLock)
     let fold_folder = req.fold_folder();
     std::fs::create_dir_all(&fold_folder).map_err(io_err(&fold_folder))?;
     let lock = FoldLock::acquire(&fold_folder)?;
+    remove_stale_temp_files(&[&fold_folder, &model_folder])?;
     let pre = &req.preprocessed_dataset_folder;
     copy_json(&setup.plans_file, &model_folder.join("plans.json"))?;
     copy_json(
@@ -91,6 +92,16 @@ fn open_folders(req: &TrainRequest, setup: &Setup) -> Result<(PathBuf, FoldLock)
         copy_json(&fp, &model_folder.join("dataset_fingerprint.json"))?;
     }
     Ok((fold_folder, lock))
+}
+
+/// Removes the temp files a killed run left in `folders` (checkpoints, debug.json, ...; see
+/// `predict::outputs::remove_stale_temp_files`).
+pub(super) fn remove_stale_temp_files(folders: &[&Path]) -> Result<(), TrainError> {
+    for f in folders {
+        crate::predict::outputs::remove_stale_temp_files(f)
+            .map_err(|e| Box::new(crate::predict::PredictError::from(e)))?;
+    }
+    Ok(())
 }
 
 fn copy_json(src: &Path, dst: &Path) -> Result<(), TrainError> {

@@ -157,6 +157,10 @@ fn run(cli: Cli) -> Result<()> {
         Command::Train(a) => train(&paths, &a)?,
         Command::Predict(a) => predict(&paths, &a)?,
         Command::Ensemble(a) => {
+            // an unfinished input may lack even its dataset.json: name the real problem
+            for input in &a.inputs {
+                trainer::predict::outputs::ensure_complete(input)?;
+            }
             let dj = PredictionDir::new(&a.inputs[0]).dataset_json();
             let ds = DatasetJson::load(&dj).with_context(|| {
                 format!(

@@ -142,7 +142,13 @@ fn demo_datasets_plan_and_preprocess() {
         // every case, plus the hidden completion record
         let visible = std::fs::read_dir(&gt)
             .unwrap()
-            .filter(|e| !e.as_ref().unwrap().file_name().to_string_lossy().starts_with('.'))
+            .filter(|e| {
+                !e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with('.')
+            })
             .count();
         assert_eq!(visible, n_cases);
         assert!(gt.join(".nnseg_complete.json").is_file());

@@ -143,8 +143,14 @@ fn tiny_2d_plans(env: &Env) {
     let kw = c["architecture"]["arch_kwargs"].as_object_mut().unwrap();
     kw.insert("n_stages".into(), serde_json::json!(3));
     kw.insert("features_per_stage".into(), serde_json::json!([4, 8, 16]));
-    kw.insert("kernel_sizes".into(), serde_json::json!([[3, 3], [3, 3], [3, 3]]));
-    kw.insert("strides".into(), serde_json::json!([[1, 1], [2, 2], [2, 2]]));
+    kw.insert(
+        "kernel_sizes".into(),
+        serde_json::json!([[3, 3], [3, 3], [3, 3]]),
+    );
+    kw.insert(
+        "strides".into(),
+        serde_json::json!([[1, 1], [2, 2], [2, 2]]),
+    );
     kw.insert("n_conv_per_stage".into(), serde_json::json!([1, 1, 1]));
     kw.insert("n_conv_per_stage_decoder".into(), serde_json::json!([1, 1]));
     c["patch_size"] = serde_json::json!([32, 32]);
@@ -220,7 +226,10 @@ fn validation_and_find_best_refuse_a_changed_ground_truth() {
     // a missing file
     std::fs::remove_file(&f).unwrap();
     let e = env.fails(&find_best);
-    assert!(e.contains(&format!("case {changed}")) && e.contains("missing"), "{e}");
+    assert!(
+        e.contains(&format!("case {changed}")) && e.contains("missing"),
+        "{e}"
+    );
     env.ok(&["preprocess", "991", "-c", "2d", "-np", "1"]);
 
     // the preprocessed dataset.json now declares other labels than the model was trained with
@@ -234,7 +243,10 @@ fn validation_and_find_best_refuse_a_changed_ground_truth() {
         .insert("extra".into(), serde_json::json!(n));
     std::fs::write(&dj, serde_json::to_string_pretty(&ds).unwrap()).unwrap();
     let e = env.fails(&find_best);
-    assert!(e.contains("other labels") && e.contains("nnUNetTrainer_1epoch"), "{e}");
+    assert!(
+        e.contains("other labels") && e.contains("nnUNetTrainer_1epoch"),
+        "{e}"
+    );
     std::fs::write(&dj, saved).unwrap();
     env.ok(&find_best);
 }

@@ -1240,7 +1240,9 @@ mod tests {
         let pre = PreprocessedDir::new(dir.path().join("pre"));
         let cases = ["case_000".to_string(), "case_002".to_string()];
         // nothing copied yet
-        let e = verify_gt_segmentations(&pre, &cases, "FIX").unwrap_err().to_string();
+        let e = verify_gt_segmentations(&pre, &cases, "FIX")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("does not exist") && e.contains("FIX"), "{e}");
         copy_gt_segmentations(&ds, &pre).unwrap();
         verify_gt_segmentations(&pre, &cases, "FIX").unwrap();
@@ -1252,14 +1254,19 @@ mod tests {
         let e = verify_gt_segmentations(&pre, &["case_009".into()], "FIX")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("case case_009") && e.contains("no ground truth"), "{e}");
+        assert!(
+            e.contains("case case_009") && e.contains("no ground truth"),
+            "{e}"
+        );
         // a missing and a changed file, each naming its case
         let gt1 = pre.gt_segmentations().join("case_001.nii.gz");
         let gt2 = pre.gt_segmentations().join("case_002.nii.gz");
         let saved = fs::read(&gt2).unwrap();
         fs::remove_file(&gt1).unwrap();
         fs::write(&gt2, [saved.as_slice(), b"x"].concat()).unwrap();
-        let e = verify_gt_segmentations(&pre, &cases, "FIX").unwrap_err().to_string();
+        let e = verify_gt_segmentations(&pre, &cases, "FIX")
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("case case_001") && e.contains("is missing") && e.contains("FIX"),
             "{e}"
@@ -1271,7 +1278,9 @@ mod tests {
 
         // an interrupted copy (marked begun, never finished) is refused
         GtRecord::begin(&pre.gt_segmentations()).unwrap();
-        let e = verify_gt_segmentations(&pre, &cases, "FIX").unwrap_err().to_string();
+        let e = verify_gt_segmentations(&pre, &cases, "FIX")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("interrupted"), "{e}");
         // a first copy that did not finish leaves no gt_segmentations/ at all
         assert!(!pre.partial_gt_segmentations().exists());
@@ -1325,7 +1334,10 @@ mod tests {
             v.sort();
             v
         };
-        assert_eq!(files(&data), files(&full.data_folder("nnUNetPlans_3d_fullres")));
+        assert_eq!(
+            files(&data),
+            files(&full.data_folder("nnUNetPlans_3d_fullres"))
+        );
         // other preprocessing settings: nothing is reused
         let edited = plans_with(|v| set_cfg(v, "3d_fullres", "spacing", json!([2.0, 0.5, 0.5])));
         let r = preprocess_dataset(&ds, &edited, "3d_fullres", &pre, &incremental).unwrap();

@@ -98,7 +98,12 @@ pub enum DataError {
 
 /// Up to ten case identifiers, comma-separated, with the number left out.
 fn first_cases(cases: &[String]) -> String {
-    let shown = cases.iter().take(10).cloned().collect::<Vec<_>>().join(", ");
+    let shown = cases
+        .iter()
+        .take(10)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
     match cases.len() {
         n if n > 10 => format!("{shown} and {} more", n - 10),
         _ => shown,

@@ -221,11 +221,7 @@ fn predict_cmds(
 /// Refuses a model trained with other labels (or file ending) than the preprocessed
 /// `dataset.json` the evaluation uses: its validation would be scored against the wrong
 /// classes.
-fn check_dataset_json(
-    m: &ModelSpec,
-    ds: &plans::DatasetJson,
-    pre: &PreprocessedDir,
-) -> Result<()> {
+fn check_dataset_json(m: &ModelSpec, ds: &plans::DatasetJson, pre: &PreprocessedDir) -> Result<()> {
     let path = m.folder.dataset_json();
     if !path.is_file() {
         return Ok(());
@@ -268,13 +264,14 @@ fn check_ground_truth(
 ) -> Result<()> {
     let cases: Vec<String> = list_files(merged, &ds.file_ending)?
         .into_iter()
-        .map(|f| f.strip_suffix(ds.file_ending.as_str()).unwrap_or(&f).to_string())
+        .map(|f| {
+            f.strip_suffix(ds.file_ending.as_str())
+                .unwrap_or(&f)
+                .to_string()
+        })
         .collect();
-    let fix = preprocessing::completion::fix_command(
-        dataset_name,
-        m.id.plans(),
-        m.id.configuration(),
-    );
+    let fix =
+        preprocessing::completion::fix_command(dataset_name, m.id.plans(), m.id.configuration());
     preprocessing::verify_gt_segmentations(pre, &cases, &fix)?;
     Ok(())
 }
@@ -676,7 +673,9 @@ mod tests {
         assert!(
             e.contains("gt_segmentations")
                 && e.contains("interrupted")
-                && e.contains("nnseg preprocess -d Dataset001_X --plans_name nnUNetPlans -c 3d_fullres"),
+                && e.contains(
+                    "nnseg preprocess -d Dataset001_X --plans_name nnUNetPlans -c 3d_fullres"
+                ),
             "{e}"
         );
         assert!(!s.opts.results.inference_information().exists());
@@ -688,11 +687,11 @@ mod tests {
     fn a_model_trained_with_other_labels_is_refused() {
         let s = setup(false);
         let mut other = s.opts.dataset_json.clone();
-        other.labels.push(("b".into(), plans::LabelValue::Single(2)));
-        std::fs::create_dir_all(s.opts.models[1].folder.path()).unwrap();
         other
-            .save(&s.opts.models[1].folder.dataset_json())
-            .unwrap();
+            .labels
+            .push(("b".into(), plans::LabelValue::Single(2)));
+        std::fs::create_dir_all(s.opts.models[1].folder.path()).unwrap();
+        other.save(&s.opts.models[1].folder.dataset_json()).unwrap();
         let e = find_best_configuration(&s.opts).unwrap_err().to_string();
         assert!(
             e.contains("3d_cascade_fullres") && e.contains("other labels"),

@@ -588,7 +588,11 @@ fn validation_only_redoes_the_final_validation() {
     let held = crate::fold_lock::FoldLock::acquire(&s.fold_folder).unwrap();
     let e = train(&req).unwrap_err();
     assert!(matches!(e, TrainError::FoldLock(_)), "{e}");
-    assert!(e.to_string().contains(&format!("pid {}", std::process::id())), "{e}");
+    assert!(
+        e.to_string()
+            .contains(&format!("pid {}", std::process::id())),
+        "{e}"
+    );
     assert!(!val.exists());
     drop(held);
     let v = train(&req).unwrap();

@@ -276,6 +276,138 @@ fn check_ground_truth(
     Ok(())
 }
 
+/// `inference_instructions.txt`: the predict (and ensemble, postprocessing) commands of the
+/// winner.
+fn instructions(
+    opts: &BestConfigOptions,
+    selected: &[ModelSpec],
+    pp_file: &Path,
+    plans_file: &Path,
+) -> String {
+    let mut lines = vec!["***Run inference like this:***".to_string(), String::new()];
+    let ensemble = selected.len() > 1;
+    if ensemble {
+        lines.push("An ensemble won! What a surprise! Run the following commands to run predictions with the ensemble members:".into());
+        lines.push(String::new());
+        for (i, m) in selected.iter().enumerate() {
+            lines.extend(predict_cmds(
+                m,
+                &opts.dataset_name,
+                &opts.folds,
+                &format!("OUTPUT_FOLDER_MODEL_{}", i + 1),
+                true,
+            ));
+        }
+        lines.push(String::new());
+        lines.push("The run ensembling with:".into());
+        lines.push(String::new());
+        lines.push(format!(
+            "nnseg ensemble -i {} -o OUTPUT_FOLDER -np {}",
+            (1..=selected.len())
+                .map(|i| format!("OUTPUT_FOLDER_MODEL_{i}"))
+                .collect::<Vec<_>>()
+                .join(" "),
+            opts.num_workers
+        ));
+    } else {
+        lines.extend(predict_cmds(
+            &selected[0],
+            &opts.dataset_name,
+            &opts.folds,
+            "OUTPUT_FOLDER",
+            false,
+        ));
+    }
+    lines.push(String::new());
+    lines.push("***Once inference is completed, run postprocessing like this:***".into());
+    lines.push(String::new());
+    lines.push(format!(
+        "nnseg apply_postprocessing -i OUTPUT_FOLDER -o OUTPUT_FOLDER_PP -pp_pkl_file {} -np {} -plans_json {}",
+        pp_file.display(),
+        opts.num_workers,
+        plans_file.display()
+    ));
+    lines.join("\n") + "\n"
+}
+
+/// `inference_information.json` (nnU-Net's keys).
+fn information(
+    opts: &BestConfigOptions,
+    all: &[(String, PathBuf, f64, Vec<ModelSpec>)],
+    pp_file: &Path,
+    (score, post): (f64, f64),
+    plans_file: &Path,
+    selected: &[ModelSpec],
+) -> Json {
+    Json::obj([
+        ("dataset_name_or_id", Json::Str(opts.dataset_name.clone())),
+        (
+            "configurations",
+            Json::Arr(
+                opts.models
+                    .iter()
+                    .map(|m| Json::Str(m.id.configuration().to_string()))
+                    .collect(),
+            ),
+        ),
+        (
+            "folds",
+            Json::Arr(
+                opts.folds
+                    .iter()
+                    .map(|f| f.parse::<i64>().map_or(Json::Str(f.clone()), Json::Int))
+                    .collect(),
+            ),
+        ),
+        (
+            "all_results",
+            Json::Obj(
+                all.iter()
+                    .map(|(id, src, s, _)| {
+                        (
+                            id.clone(),
+                            Json::obj([
+                                ("source", Json::Str(src.display().to_string())),
+                                ("result", Json::Float(*s)),
+                            ]),
+                        )
+                    })
+                    .collect(),
+            ),
+        ),
+        (
+            "best_model_or_ensemble",
+            Json::obj([
+                (
+                    "postprocessing_file",
+                    Json::Str(pp_file.display().to_string()),
+                ),
+                ("result_on_crossval_pre_pp", Json::Float(score)),
+                ("result_on_crossval_post_pp", Json::Float(post)),
+                (
+                    "some_plans_file",
+                    Json::Str(plans_file.display().to_string()),
+                ),
+                (
+                    "selected_model_or_models",
+                    Json::Arr(
+                        selected
+                            .iter()
+                            .map(|m| {
+                                Json::obj([
+                                    ("configuration", Json::Str(m.id.configuration().to_string())),
+                                    ("trainer", Json::Str(m.id.trainer().to_string())),
+                                    ("plans_identifier", Json::Str(m.id.plans().to_string())),
+                                ])
+                            })
+                            .collect(),
+                    ),
+                ),
+            ]),
+        ),
+    ])
+}
+
 /// Runs the model selection (see module docs).
 pub fn find_best_configuration(opts: &BestConfigOptions) -> Result<BestConfigResult> {
     if opts.models.is_empty() {
@@ -357,124 +489,14 @@ pub fn find_best_configuration(opts: &BestConfigOptions) -> Result<BestConfigRes
         .foreground_dice();
     let plans_file = selected[0].folder.plans_json();
 
-    // instructions
-    let mut lines = vec!["***Run inference like this:***".to_string(), String::new()];
-    let ensemble = selected.len() > 1;
-    if ensemble {
-        lines.push("An ensemble won! What a surprise! Run the following commands to run predictions with the ensemble members:".into());
-        lines.push(String::new());
-        for (i, m) in selected.iter().enumerate() {
-            lines.extend(predict_cmds(
-                m,
-                &opts.dataset_name,
-                &opts.folds,
-                &format!("OUTPUT_FOLDER_MODEL_{}", i + 1),
-                true,
-            ));
-        }
-        lines.push(String::new());
-        lines.push("The run ensembling with:".into());
-        lines.push(String::new());
-        lines.push(format!(
-            "nnseg ensemble -i {} -o OUTPUT_FOLDER -np {}",
-            (1..=selected.len())
-                .map(|i| format!("OUTPUT_FOLDER_MODEL_{i}"))
-                .collect::<Vec<_>>()
-                .join(" "),
-            opts.num_workers
-        ));
-    } else {
-        lines.extend(predict_cmds(
-            &selected[0],
-            &opts.dataset_name,
-            &opts.folds,
-            "OUTPUT_FOLDER",
-            false,
-        ));
-    }
-    lines.push(String::new());
-    lines.push("***Once inference is completed, run postprocessing like this:***".into());
-    lines.push(String::new());
-    lines.push(format!(
-        "nnseg apply_postprocessing -i OUTPUT_FOLDER -o OUTPUT_FOLDER_PP -pp_pkl_file {} -np {} -plans_json {}",
-        pp_file.display(),
-        opts.num_workers,
-        plans_file.display()
-    ));
-    let instructions = lines.join("\n") + "\n";
+    let instructions = instructions(opts, &selected, &pp_file, &plans_file);
     std::fs::create_dir_all(opts.results.path()).map_err(io_err("create", opts.results.path()))?;
     plans::io::write_atomic(
         &opts.results.inference_instructions(),
         instructions.as_bytes(),
     )?;
 
-    let info = Json::obj([
-        ("dataset_name_or_id", Json::Str(opts.dataset_name.clone())),
-        (
-            "configurations",
-            Json::Arr(
-                opts.models
-                    .iter()
-                    .map(|m| Json::Str(m.id.configuration().to_string()))
-                    .collect(),
-            ),
-        ),
-        (
-            "folds",
-            Json::Arr(
-                opts.folds
-                    .iter()
-                    .map(|f| f.parse::<i64>().map_or(Json::Str(f.clone()), Json::Int))
-                    .collect(),
-            ),
-        ),
-        (
-            "all_results",
-            Json::Obj(
-                all.iter()
-                    .map(|(id, src, s, _)| {
-                        (
-                            id.clone(),
-                            Json::obj([
-                                ("source", Json::Str(src.display().to_string())),
-                                ("result", Json::Float(*s)),
-                            ]),
-                        )
-                    })
-                    .collect(),
-            ),
-        ),
-        (
-            "best_model_or_ensemble",
-            Json::obj([
-                (
-                    "postprocessing_file",
-                    Json::Str(pp_file.display().to_string()),
-                ),
-                ("result_on_crossval_pre_pp", Json::Float(score)),
-                ("result_on_crossval_post_pp", Json::Float(post)),
-                (
-                    "some_plans_file",
-                    Json::Str(plans_file.display().to_string()),
-                ),
-                (
-                    "selected_model_or_models",
-                    Json::Arr(
-                        selected
-                            .iter()
-                            .map(|m| {
-                                Json::obj([
-                                    ("configuration", Json::Str(m.id.configuration().to_string())),
-                                    ("trainer", Json::Str(m.id.trainer().to_string())),
-                                    ("plans_identifier", Json::Str(m.id.plans().to_string())),
-                                ])
-                            })
-                            .collect(),
-                    ),
-                ),
-            ]),
-        ),
-    ]);
+    let info = information(opts, &all, &pp_file, (score, post), &plans_file, &selected);
     write_json_nan_atomic(&opts.results.inference_information(), &info, false)?;
     Ok(BestConfigResult {
         all_results: all

@@ -249,6 +249,17 @@ fn validation_and_find_best_refuse_a_changed_ground_truth() {
     );
     std::fs::write(&dj, saved).unwrap();
     env.ok(&find_best);
+
+    // preprocess killed after the data folder was swapped in but before the ground truth was
+    // copied: the validation used to skip the evaluation with a warning (rc 0)
+    std::fs::remove_dir_all(&gt).unwrap();
+    let e = env.fails(&val_only);
+    assert!(
+        e.contains("gt_segmentations") && e.contains("does not exist") && e.contains(fix),
+        "{e}"
+    );
+    env.ok(&["preprocess", "991", "-c", "2d", "-np", "1"]);
+    env.ok(&val_only);
 }
 
 fn folder_files(dir: &Path) -> Vec<(String, Vec<u8>)> {

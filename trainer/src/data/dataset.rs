@@ -27,8 +27,10 @@ pub fn require_complete(
 
 /// Refuses an incomplete or changed `pre/gt_segmentations/` (an interrupted copy, a missing or
 /// changed file, one of `cases` without ground truth; see
-/// `preprocessing::verify_gt_segmentations`), the reference of the final validation. Without
-/// the folder there is nothing to check (nothing is evaluated).
+/// `preprocessing::verify_gt_segmentations`), the reference of the final validation. nnseg's
+/// `preprocess` copies the ground truth after the data folders, so a missing folder next to a
+/// data folder with a completion record is a preprocess that did not finish; next to a folder
+/// without one (nnU-Net's, or made by hand) there is nothing to check and nothing is evaluated.
 pub fn require_ground_truth(
     pre: &Path,
     plans: &plans::Plans,
@@ -36,7 +38,12 @@ pub fn require_ground_truth(
     cases: &[String],
 ) -> Result<(), DataError> {
     let pre = datasets::PreprocessedDir::new(pre);
-    if !pre.gt_segmentations().is_dir() {
+    let cfg = plans
+        .configuration(configuration)
+        .map_err(|e| DataError::Preprocessed(e.into()))?;
+    let recorded =
+        preprocessing::CompletionRecord::read(&pre.data_folder(&cfg.data_identifier))?.is_some();
+    if !pre.gt_segmentations().is_dir() && !recorded {
         return Ok(());
     }
     let fix = preprocessing::completion::fix_command(

@@ -783,7 +783,8 @@ fn export_next_stage(
 
 /// nnU-Net's `perform_actual_validation` without the evaluation: predicts the validation
 /// cases of a fold from the preprocessed data into `fold_folder/validation/`. The caller
-/// evaluates the folder against `gt_segmentations` afterwards (summary.json).
+/// evaluates the folder against `gt_segmentations` afterwards (summary.json), then finishes
+/// the returned marker: until then the folder is marked unfinished.
 pub fn run_final_validation(
     predictor: &Predictor,
     preprocessed_data_folder: &Path,
@@ -791,7 +792,7 @@ pub fn run_final_validation(
     fold_folder: &Path,
     save_probabilities: bool,
     cascade: &CascadeIo,
-) -> Result<Vec<PathBuf>, PredictError> {
+) -> Result<(Vec<PathBuf>, outputs::RunMarker), PredictError> {
     let out = validation_folder(fold_folder);
     std::fs::create_dir_all(&out).map_err(io_err("creating", &out))?;
     let marker = outputs::begin(&PredictionDir::new(&out), "the final validation")?;
@@ -808,10 +809,7 @@ pub fn run_final_validation(
             )
         })
         .collect::<Result<Vec<_>, _>>()
-        .and_then(|written| {
-            marker.finish()?;
-            Ok(written)
-        })
+        .map(|written| (written, marker))
 }
 
 /// `{results}/{dataset}/{trainer}__{plans}__{previous_stage}/predicted_next_stage/{configuration}`
@@ -920,7 +918,7 @@ pub fn validate_fold(
             Err(e) => tracing::warn!("next stage `{next}`: {e}"),
         }
     }
-    let predictions = pool.install(|| {
+    let (predictions, marker) = pool.install(|| {
         run_final_validation(
             &predictor,
             &data_folder,
@@ -938,7 +936,7 @@ pub fn validate_fold(
         );
         // gt_segmentations holds every training case; only this fold's are predicted
         opts.chill = true;
-        Some(crate::evaluation::evaluate_folder(
+        Some(crate::evaluation::evaluate::evaluate_folder_being_written(
             &gt,
             &validation_folder(&fold_folder),
             &opts,
@@ -946,6 +944,8 @@ pub fn validate_fold(
     } else {
         None
     };
+    // only now, with summary.json written, is the validation folder a finished result
+    marker.finish()?;
     Ok(FoldValidation {
         predictions,
         summary,

@@ -201,11 +201,12 @@ fn open_dataset(
         )?,
     });
     let case_ids = dataset.case_ids().to_vec();
+    // the final validation's reference: refused now (before any splits are made) rather
+    // than after training
+    data::require_ground_truth(pre, &setup.plans, &req.configuration, &case_ids)?;
     let splits = data::load_or_create_splits(pre, &case_ids)?;
     let split = data::select_fold(&splits, req.fold, &case_ids)?;
     dataset.require_prev_stage(&[split.train.as_slice(), split.val.as_slice()].concat())?;
-    // the final validation's reference: refused now rather than after training
-    data::require_ground_truth(pre, &setup.plans, &req.configuration, &split.val)?;
     if split.train.is_empty() || split.val.is_empty() {
         return Err(TrainError::EmptyFold {
             fold: req.fold,

@@ -490,14 +490,17 @@ pub fn temp_file_pid(file_name: &str) -> Option<u32> {
     if !file_name.starts_with('.') {
         return None;
     }
-    let at = file_name.rfind("tmp")?;
-    let rest = file_name[at + 3..].strip_prefix(['-', '.'])?;
-    let digits: &str = &rest[..rest.find(|c: char| !c.is_ascii_digit())?];
-    let after = &rest[digits.len()..];
-    if !(after.starts_with('-') || after.starts_with('.')) {
-        return None;
-    }
-    digits.parse().ok()
+    // the last `tmp` that is followed by `-{pid}-` or `.{pid}.` (the ending may itself be
+    // `.tmp`, as in `.nnseg-tmp-{pid}-{n}.tmp`)
+    file_name.match_indices("tmp").rev().find_map(|(at, _)| {
+        let rest = file_name[at + 3..].strip_prefix(['-', '.'])?;
+        let digits: &str = &rest[..rest.find(|c: char| !c.is_ascii_digit())?];
+        let after = &rest[digits.len()..];
+        if !(after.starts_with('-') || after.starts_with('.')) {
+            return None;
+        }
+        digits.parse().ok()
+    })
 }
 
 /// `fold_folder/validation`.
@@ -616,6 +619,9 @@ mod tests {
         assert_eq!(temp_file_pid(".nnseg-tmp-123-4.nii.gz"), Some(123));
         assert_eq!(temp_file_pid(".a.npz.tmp-77-0"), Some(77));
         assert_eq!(temp_file_pid(".a.json.tmp.9.1"), Some(9));
+        // found by the crash-consistency test: a temp file whose ending is `.tmp`
+        assert_eq!(temp_file_pid(".nnseg-tmp-15085-2.tmp"), Some(15085));
+        assert_eq!(temp_file_pid(".checkpoint_final.safetensors.tmp.31.0"), Some(31));
         for other in ["a.nii.gz", ".hidden", "tmp-1-2", ".x.tmp-a-1", ".x.tmp-12"] {
             assert_eq!(temp_file_pid(other), None, "{other}");
         }

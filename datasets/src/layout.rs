@@ -492,7 +492,7 @@ pub fn temp_file_pid(file_name: &str) -> Option<u32> {
     }
     // the last `tmp` that is followed by `-{pid}-` or `.{pid}.` (the ending may itself be
     // `.tmp`, as in `.nnseg-tmp-{pid}-{n}.tmp`)
-    file_name.match_indices("tmp").rev().find_map(|(at, _)| {
+    file_name.rmatch_indices("tmp").find_map(|(at, _)| {
         let rest = file_name[at + 3..].strip_prefix(['-', '.'])?;
         let digits: &str = &rest[..rest.find(|c: char| !c.is_ascii_digit())?];
         let after = &rest[digits.len()..];

@@ -621,7 +621,10 @@ mod tests {
         assert_eq!(temp_file_pid(".a.json.tmp.9.1"), Some(9));
         // found by the crash-consistency test: a temp file whose ending is `.tmp`
         assert_eq!(temp_file_pid(".nnseg-tmp-15085-2.tmp"), Some(15085));
-        assert_eq!(temp_file_pid(".checkpoint_final.safetensors.tmp.31.0"), Some(31));
+        assert_eq!(
+            temp_file_pid(".checkpoint_final.safetensors.tmp.31.0"),
+            Some(31)
+        );
         for other in ["a.nii.gz", ".hidden", "tmp-1-2", ".x.tmp-a-1", ".x.tmp-12"] {
             assert_eq!(temp_file_pid(other), None, "{other}");
         }

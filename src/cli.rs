@@ -323,6 +323,10 @@ pub struct PreprocessOpts {
     /// Workers per configuration: one number for all, or one per configuration.
     #[arg(long = "np", num_args = 1..)]
     pub np: Vec<usize>,
+    /// Only preprocess the cases that are missing from the existing complete data folder or
+    /// whose raw files changed since; reuse the rest (nnseg only; nnU-Net always redoes all).
+    #[arg(long = "incremental")]
+    pub incremental: bool,
 }
 
 #[derive(Args, Debug)]

@@ -229,6 +229,10 @@ fn run(cli: Cli) -> Result<()> {
         Command::Train(a) => train(&paths, &a)?,
         Command::Predict(a) => predict(&paths, &a)?,
         Command::Ensemble(a) => {
+            // an unfinished input may lack even its dataset.json: name the real problem
+            for input in &a.inputs {
+                trainer::predict::outputs::ensure_complete(input)?;
+            }
             let dj = PredictionDir::new(&a.inputs[0]).dataset_json();
             let ds = DatasetJson::load(&dj).with_context(|| {
                 format!(
@@ -585,12 +589,12 @@ fn find_best(paths: &NnUnetPaths, a: &cli::FindBestArgs) -> Result<()> {
     let result = trainer::evaluation::find_best_configuration(&BestConfigOptions {
         dataset_name: name.clone(),
         results,
-        reference_folder: pre.gt_segmentations(),
         models,
         folds: a.folds.clone(),
         allow_ensembling: !a.disable_ensembling,
         num_workers: a.np,
         dataset_json: DatasetJson::load(&pre.dataset_json())?,
+        preprocessed: pre,
     })?;
     for m in &result.messages {
         tracing::info!("{m}");
@@ -909,6 +913,7 @@ fn preprocess_step(
                 num_workers: np,
                 verbose: false,
                 progress: Some(hook),
+                incremental: opts.incremental,
             },
         );
         bar.finish_and_clear();
@@ -920,6 +925,13 @@ fn preprocess_step(
             report.cases.len(),
             secs / report.cases.len().max(1) as f64
         );
+        if opts.incremental {
+            tracing::info!(
+                "{} {cfg}: --incremental: {} unchanged cases reused",
+                ds.name,
+                report.reused.len()
+            );
+        }
     }
     preprocessing::preprocessor::copy_gt_segmentations(&ds, &pre)?;
     Ok(())

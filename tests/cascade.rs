@@ -83,6 +83,20 @@ fn cascade_trains_and_predicts() {
     let n_next = std::fs::read_dir(&next).unwrap().count();
     assert_eq!(n_next, 10, "{}", next.display());
 
+    // issue 19: a previous stage whose final validation did not finish (a case missing in
+    // predicted_next_stage) is refused before training, naming the case and the fix
+    let one = next.join("demo3d_004.npy");
+    let saved = std::fs::read(&one).unwrap();
+    std::fs::remove_file(&one).unwrap();
+    let mut args = vec!["train", "990", "3d_cascade_fullres", "all"];
+    args.extend(tiny);
+    let e = env.fails(&args);
+    assert!(
+        e.contains("1 case(s) are missing (demo3d_004)") && e.contains("--val"),
+        "{e}"
+    );
+    std::fs::write(&one, saved).unwrap();
+
     // cascade, fold all: 1 image channel + 1 one-hot channel per foreground label
     let mut args = vec!["train", "990", "3d_cascade_fullres", "all"];
     args.extend(tiny);
@@ -139,6 +153,20 @@ fn cascade_trains_and_predicts() {
         "{err}"
     );
     assert!(run(pred("3d_lowres", &lo, &[])).status.success());
+    // issue 19: the previous stage's predictions must come from a finished run
+    let marker = datasets::PredictionDir::new(&lo).incomplete_marker();
+    std::fs::write(&marker, b"interrupted").unwrap();
+    let out = run(pred(
+        "3d_cascade_fullres",
+        &co,
+        &["-prev_stage_predictions", &lo],
+    ));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("nnseg_prediction_incomplete.txt"),
+        "{err}"
+    );
+    std::fs::remove_file(&marker).unwrap();
     let out = run(pred(
         "3d_cascade_fullres",
         &co,

@@ -139,7 +139,19 @@ fn demo_datasets_plan_and_preprocess() {
             }
         }
         let gt = folder.join("gt_segmentations");
-        assert_eq!(std::fs::read_dir(&gt).unwrap().count(), n_cases);
+        // every case, plus the hidden completion record
+        let visible = std::fs::read_dir(&gt)
+            .unwrap()
+            .filter(|e| {
+                !e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with('.')
+            })
+            .count();
+        assert_eq!(visible, n_cases);
+        assert!(gt.join(".nnseg_complete.json").is_file());
     }
 
     // The 3D demo is anisotropic: stage 0 of 3d_fullres must use 1x3x3 kernels.

@@ -1,5 +1,5 @@
 //! End-to-end (issue 19, "nothing half-done is ever trusted"): a fold being trained refuses a
-//! second training, a corrupted checkpoint is refused by predict and `--c`, and a finished
+//! second training (and a `--val` of it), a corrupted checkpoint is refused by predict and `--c`, and a finished
 //! prediction folder carries no incomplete-marker.
 
 mod common;
@@ -58,7 +58,15 @@ fn fold_lock_and_checkpoint_checksum_through_the_binary() {
     let e = run_fails(train(&["--c"]));
     assert!(e.contains("already being trained"), "{e}");
     assert!(e.contains(&format!("pid {}", std::process::id())), "{e}");
+    // --val rewrites the fold's validation: it needs the lock too
+    let validation = fold.join("validation");
+    let before = std::fs::read_dir(&validation).unwrap().count();
+    let e = run_fails(train(&["--val"]));
+    assert!(e.contains("already being trained"), "{e}");
+    assert!(e.contains(&format!("pid {}", std::process::id())), "{e}");
+    assert_eq!(std::fs::read_dir(&validation).unwrap().count(), before);
     drop(held);
+    run_ok(train(&["--val"]));
 
     // predict: a finished folder has no incomplete-marker
     let input = env.res.join("in");

@@ -42,6 +42,10 @@ pub const LABELS_TR: &str = "labelsTr";
 /// `preprocessing::completion`): `{data_identifier}/nnseg_complete.json`.
 pub const COMPLETION_RECORD: &str = "nnseg_complete.json";
 
+/// The completion record of `gt_segmentations/` (see `preprocessing::completion`): hidden, so
+/// that listings of the ground truth by file ending (nnseg's and nnU-Net's) never see it.
+pub const GT_COMPLETION_RECORD: &str = ".nnseg_complete.json";
+
 /// Separator of the three parts of a model folder name.
 const MODEL_SEP: &str = "__";
 /// Separator of the parts of an ensemble name.
@@ -191,6 +195,20 @@ impl PreprocessedDir {
     /// `{data_folder}/nnseg_complete.json` (see [`COMPLETION_RECORD`]).
     pub fn completion_record(data_folder: &Path) -> PathBuf {
         data_folder.join(COMPLETION_RECORD)
+    }
+    /// `gt_segmentations/.nnseg_complete.json` (see [`GT_COMPLETION_RECORD`]).
+    pub fn gt_completion_record(&self) -> PathBuf {
+        Self::gt_completion_record_in(&self.gt_segmentations())
+    }
+    /// The completion record of the ground-truth folder `gt` (`gt_segmentations/` or its
+    /// partial copy).
+    pub fn gt_completion_record_in(gt: &Path) -> PathBuf {
+        gt.join(GT_COMPLETION_RECORD)
+    }
+    /// A first copy of the ground truth being made: `.gt_segmentations.partial/` (renamed to
+    /// `gt_segmentations/` once complete).
+    pub fn partial_gt_segmentations(&self) -> PathBuf {
+        self.0.join(format!(".{GT_SEGMENTATIONS}.partial"))
     }
 }
 
@@ -484,19 +502,23 @@ pub const INCOMPLETE_MARKER: &str = "nnseg_prediction_incomplete.txt";
 
 /// The writer's pid in the name of a temp file of nnseg's atomic writers (all hidden):
 /// `.nnseg-tmp-{pid}-{n}{ending}` (datasets::io), `.{name}.tmp-{pid}-{n}`
-/// (preprocessing::storage) and `.{name}.tmp.{pid}.{n}` (plans::io); `None` for other names.
+/// (preprocessing::storage) and `.{name}.tmp.{pid}.{n}` (plans::io, trainer's checkpoints);
+/// `None` for other names.
 pub fn temp_file_pid(file_name: &str) -> Option<u32> {
     if !file_name.starts_with('.') {
         return None;
     }
-    let at = file_name.rfind("tmp")?;
-    let rest = file_name[at + 3..].strip_prefix(['-', '.'])?;
-    let digits: &str = &rest[..rest.find(|c: char| !c.is_ascii_digit())?];
-    let after = &rest[digits.len()..];
-    if !(after.starts_with('-') || after.starts_with('.')) {
-        return None;
-    }
-    digits.parse().ok()
+    // the last `tmp` that is followed by `-{pid}-` or `.{pid}.` (the ending may itself be
+    // `.tmp`, as in `.nnseg-tmp-{pid}-{n}.tmp`)
+    file_name.rmatch_indices("tmp").find_map(|(at, _)| {
+        let rest = file_name[at + 3..].strip_prefix(['-', '.'])?;
+        let digits: &str = &rest[..rest.find(|c: char| !c.is_ascii_digit())?];
+        let after = &rest[digits.len()..];
+        if !(after.starts_with('-') || after.starts_with('.')) {
+            return None;
+        }
+        digits.parse().ok()
+    })
 }
 
 /// `fold_folder/validation`.
@@ -615,6 +637,12 @@ mod tests {
         assert_eq!(temp_file_pid(".nnseg-tmp-123-4.nii.gz"), Some(123));
         assert_eq!(temp_file_pid(".a.npz.tmp-77-0"), Some(77));
         assert_eq!(temp_file_pid(".a.json.tmp.9.1"), Some(9));
+        // found by the crash-consistency test: a temp file whose ending is `.tmp`
+        assert_eq!(temp_file_pid(".nnseg-tmp-15085-2.tmp"), Some(15085));
+        assert_eq!(
+            temp_file_pid(".checkpoint_final.safetensors.tmp.31.0"),
+            Some(31)
+        );
         for other in ["a.nii.gz", ".hidden", "tmp-1-2", ".x.tmp-a-1", ".x.tmp-12"] {
             assert_eq!(temp_file_pid(other), None, "{other}");
         }
@@ -668,6 +696,10 @@ mod tests {
         );
         assert_eq!(p.splits(), Path::new("/pre/D/splits_final.json"));
         assert_eq!(p.gt_segmentations(), Path::new("/pre/D/gt_segmentations"));
+        assert_eq!(
+            p.gt_completion_record(),
+            Path::new("/pre/D/gt_segmentations/.nnseg_complete.json")
+        );
         assert_eq!(
             p.data_folder("nnUNetPlans_2d"),
             Path::new("/pre/D/nnUNetPlans_2d")

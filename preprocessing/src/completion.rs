@@ -10,6 +10,12 @@
 //! file that changed since, or changed plans are all errors naming the cases and the command
 //! that fixes them. Raw files that no longer exist are not an error (the raw data may be
 //! archived after preprocessing).
+//!
+//! `gt_segmentations/` (shared by all configurations) has its own record, [`GtRecord`]
+//! (`gt_segmentations/.nnseg_complete.json`): marked unfinished before the copy starts and
+//! rewritten with every case's file size and time once it is done, so that the evaluation of
+//! validation predictions and `find_best_configuration` ([`verify_gt_segmentations`]) never
+//! use an interrupted copy, a missing case or a file changed since.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -247,10 +253,7 @@ pub fn verify_complete(
     let incomplete = |problems: Vec<String>| PreprocessError::Incomplete {
         folder: data_folder.to_path_buf(),
         problems,
-        fix: format!(
-            "nnseg preprocess -d {} --plans_name {} -c {configuration}",
-            plans.dataset_name, plans.plans_name
-        ),
+        fix: fix_command(&plans.dataset_name, &plans.plans_name, configuration),
     };
     let Some(rec) = CompletionRecord::read(data_folder)? else {
         let why = if data_folder.is_dir() {
@@ -273,6 +276,225 @@ pub fn verify_complete(
     problems.extend(folder_problems(data_folder, &rec)?);
     if problems.is_empty() {
         Ok(rec)
+    } else {
+        Err(incomplete(problems))
+    }
+}
+
+/// [`verify_complete`] for a folder about to be read (training, validation, the next cascade
+/// stage's shapes), after checking the configuration's `data_identifier` is a safe name. A
+/// folder without any completion record (written by an nnseg before the record existed, by
+/// nnU-Net or by hand) cannot be checked: it is used with a warning.
+pub fn require_complete(
+    data_folder: &Path,
+    plans: &Plans,
+    configuration: &str,
+) -> Result<(), PreprocessError> {
+    let cfg = plans.configuration(configuration)?;
+    datasets::layout::check_name(
+        &format!("configuration {configuration:?}: data_identifier"),
+        &cfg.data_identifier,
+    )?;
+    if data_folder.is_dir() && CompletionRecord::read(data_folder)?.is_none() {
+        tracing::warn!(
+            "{} has no completion record (preprocessed by an older nnseg or by hand), so \
+             missing cases cannot be detected; re-run `nnseg preprocess` to add one",
+            data_folder.display()
+        );
+        return Ok(());
+    }
+    verify_complete(data_folder, plans, configuration)?;
+    Ok(())
+}
+
+/// `preprocess --incremental`: the cases of `ds` that the complete, current `folder` holds
+/// unchanged (recorded with the same raw files, same size and time, and with every file
+/// present at its recorded size) are linked (or copied) into `partial` and returned; the
+/// rest must be preprocessed. Nothing is reused from a folder without a record or preprocessed
+/// with other settings. (Files are only ever replaced by rename, never rewritten in place, so
+/// the old folder and the new one can share them.)
+pub fn reuse_unchanged_cases(
+    ds: &RawDataset,
+    plans: &Plans,
+    configuration: &str,
+    folder: &Path,
+    partial: &Path,
+) -> Result<Vec<String>, PreprocessError> {
+    let cfg = plans.configuration(configuration)?;
+    let Some(rec) = CompletionRecord::read(folder)? else {
+        return Ok(Vec::new());
+    };
+    if rec.plans_hash != plans_hash(plans, &cfg) || rec.data_identifier != cfg.data_identifier {
+        return Ok(Vec::new());
+    }
+    let mut reused = Vec::new();
+    for case in &ds.cases {
+        let Some(c) = rec.cases.get(&case.identifier) else {
+            continue;
+        };
+        let raw: Vec<_> = case.images.iter().chain(case.label.as_ref()).collect();
+        let unchanged = raw.len() == c.raw.len()
+            && raw
+                .iter()
+                .zip(&c.raw)
+                .all(|(p, s)| FileStamp::of(p).is_ok_and(|now| now == *s));
+        let intact = c.files.iter().all(|(name, &size)| {
+            fs::metadata(folder.join(name)).is_ok_and(|m| m.is_file() && m.len() == size)
+        });
+        if !(unchanged && intact) {
+            continue;
+        }
+        for name in c.files.keys() {
+            let (from, to) = (folder.join(name), partial.join(name));
+            if fs::hard_link(&from, &to).is_err() {
+                fs::copy(&from, &to).map_err(PreprocessError::io(&to))?;
+            }
+        }
+        reused.push(case.identifier.clone());
+    }
+    Ok(reused)
+}
+
+/// The command that rebuilds a configuration's preprocessed data (and `gt_segmentations/`).
+pub fn fix_command(dataset_name: &str, plans_name: &str, configuration: &str) -> String {
+    format!("nnseg preprocess -d {dataset_name} --plans_name {plans_name} -c {configuration}")
+}
+
+/// One file of `gt_segmentations/` as the copy left it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GtFile {
+    /// `{case}{file_ending}`.
+    pub file: String,
+    pub size: u64,
+    /// Nanoseconds since the Unix epoch (the raw label's time, which the copy keeps).
+    pub modified_ns: u128,
+}
+
+/// `gt_segmentations/.nnseg_complete.json` (see the module documentation).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GtRecord {
+    pub format: u32,
+    /// False from the start of a copy until it finished.
+    pub complete: bool,
+    /// Case identifier → its file.
+    pub cases: BTreeMap<String, GtFile>,
+}
+
+impl GtRecord {
+    /// Marks the ground-truth folder `gt` as being copied (before the first file is touched).
+    pub fn begin(gt: &Path) -> Result<(), PreprocessError> {
+        GtRecord {
+            format: FORMAT,
+            complete: false,
+            cases: BTreeMap::new(),
+        }
+        .write(gt)
+    }
+
+    /// Records every labelled case of `ds` once its file is in the ground-truth folder `gt`.
+    pub fn finish(gt: &Path, ds: &RawDataset) -> Result<(), PreprocessError> {
+        let mut cases = BTreeMap::new();
+        for case in ds.cases.iter().filter(|c| c.label.is_some()) {
+            let file = datasets::layout::case_file_name(&case.identifier, &ds.json.file_ending);
+            let s = FileStamp::of(&gt.join(&file)).map_err(|e| e.in_case(&case.identifier))?;
+            cases.insert(
+                case.identifier.clone(),
+                GtFile {
+                    file,
+                    size: s.size,
+                    modified_ns: s.modified_ns,
+                },
+            );
+        }
+        GtRecord {
+            format: FORMAT,
+            complete: true,
+            cases,
+        }
+        .write(gt)
+    }
+
+    fn write(&self, gt: &Path) -> Result<(), PreprocessError> {
+        let path = PreprocessedDir::gt_completion_record_in(gt);
+        let bytes = serde_json::to_vec_pretty(self)
+            .map_err(|e| PreprocessError::Invalid(format!("{}: {e}", path.display())))?;
+        storage::write_bytes_atomic(&path, &bytes)
+            .map_err(|e| PreprocessError::Invalid(format!("cannot write {}: {e}", path.display())))
+    }
+
+    /// Reads the record of the ground-truth folder `gt` (`None` when there is none).
+    pub fn read(gt: &Path) -> Result<Option<Self>, PreprocessError> {
+        let path = PreprocessedDir::gt_completion_record_in(gt);
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(PreprocessError::io(&path)(e)),
+        };
+        serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+            PreprocessError::Invalid(format!(
+                "{}: not a completion record ({e}); preprocess again",
+                path.display()
+            ))
+        })
+    }
+}
+
+/// Checks `gt_segmentations/` before it is used as the reference of an evaluation: the copy
+/// finished, every recorded file is there unchanged, and every case of `cases` has one. The
+/// error lists the problems and `fix` (see [`fix_command`]). A folder without any record
+/// (written by nnU-Net, by hand or by an nnseg older than the record) cannot be checked: it is
+/// used with a warning.
+pub fn verify_gt_segmentations(
+    pre: &PreprocessedDir,
+    cases: &[String],
+    fix: &str,
+) -> Result<(), PreprocessError> {
+    let gt = pre.gt_segmentations();
+    let incomplete = |problems: Vec<String>| PreprocessError::Incomplete {
+        folder: gt.clone(),
+        problems,
+        fix: fix.to_string(),
+    };
+    let Some(rec) = GtRecord::read(&gt)? else {
+        if gt.is_dir() {
+            tracing::warn!(
+                "{} has no completion record (copied by nnU-Net, by hand or by an older \
+                 nnseg), so missing or changed cases cannot be detected",
+                gt.display()
+            );
+            return Ok(());
+        }
+        return Err(incomplete(vec![
+            "the folder does not exist: the dataset was not preprocessed".into(),
+        ]));
+    };
+    if !rec.complete {
+        return Err(incomplete(vec![
+            "copying the ground truth was interrupted or failed".into(),
+        ]));
+    }
+    let mut problems = Vec::new();
+    for (case, f) in &rec.cases {
+        let p = gt.join(&f.file);
+        match FileStamp::of(&p) {
+            Err(_) => problems.push(format!("case {case}: {} is missing", p.display())),
+            Ok(now) if now.size != f.size || now.modified_ns != f.modified_ns => {
+                problems.push(format!(
+                    "case {case}: {} changed since preprocessing copied it",
+                    p.display()
+                ))
+            }
+            Ok(_) => {}
+        }
+    }
+    for case in cases.iter().filter(|c| !rec.cases.contains_key(*c)) {
+        problems.push(format!(
+            "case {case}: no ground truth (the case was not in the dataset when it was \
+             preprocessed)"
+        ));
+    }
+    if problems.is_empty() {
+        Ok(())
     } else {
         Err(incomplete(problems))
     }

@@ -10,7 +10,7 @@ pub mod preprocessor;
 pub mod resampling;
 pub mod storage;
 
-pub use completion::{verify_complete, CompletionRecord};
+pub use completion::{verify_complete, verify_gt_segmentations, CompletionRecord, GtRecord};
 pub use error::PreprocessError;
 pub use fingerprint::extract_fingerprint;
 pub use preprocessor::{

@@ -66,6 +66,10 @@ pub struct PreprocessOptions {
     pub verbose: bool,
     /// Called after each case is written.
     pub progress: Option<crate::ProgressHook>,
+    /// Reuse the cases of the existing complete, current data folder whose raw files did not
+    /// change and whose files are intact (see `completion::reuse_unchanged_cases`); only the
+    /// missing and changed cases are preprocessed (`preprocess --incremental`).
+    pub incremental: bool,
 }
 
 impl Default for PreprocessOptions {
@@ -74,6 +78,7 @@ impl Default for PreprocessOptions {
             num_workers: 4,
             verbose: false,
             progress: None,
+            incremental: false,
         }
     }
 }
@@ -112,8 +117,10 @@ pub struct PreprocessReport {
     pub configuration: String,
     /// The folder the cases were written to (`out_root/{data_identifier}`).
     pub output_folder: PathBuf,
-    /// Per case, in dataset order.
+    /// Per preprocessed case, in dataset order.
     pub cases: Vec<CaseReport>,
+    /// The cases taken over unchanged from the previous folder (`incremental`).
+    pub reused: Vec<String>,
     /// Total wall time.
     pub seconds: f64,
 }
@@ -462,18 +469,24 @@ pub fn preprocess_dataset(
         fs::remove_dir_all(&partial).map_err(PreprocessError::io(&partial))?;
     }
     fs::create_dir_all(&partial).map_err(PreprocessError::io(&partial))?;
-    let built = preprocess_cases(ds, plans, &cfg, &partial, opts).and_then(|cases| {
+    let folder = out.data_folder(&cfg.data_identifier);
+    let built = (|| {
+        let reused = if opts.incremental {
+            crate::completion::reuse_unchanged_cases(ds, plans, configuration, &folder, &partial)?
+        } else {
+            Vec::new()
+        };
+        let cases = preprocess_cases(ds, plans, &cfg, &partial, opts, &reused)?;
         CompletionRecord::build(ds, plans, configuration, &cfg, &partial)?.write(&partial)?;
-        Ok(cases)
-    });
-    let cases = match built {
-        Ok(cases) => cases,
+        Ok((cases, reused))
+    })();
+    let (cases, reused) = match built {
+        Ok(built) => built,
         Err(e) => {
             let _ = fs::remove_dir_all(&partial);
             return Err(e);
         }
     };
-    let folder = out.data_folder(&cfg.data_identifier);
     swap_in(
         &partial,
         &folder,
@@ -483,6 +496,7 @@ pub fn preprocess_dataset(
         configuration: configuration.to_string(),
         output_folder: folder,
         cases,
+        reused,
         seconds: t0.elapsed().as_secs_f64(),
     })
 }
@@ -503,13 +517,15 @@ fn swap_in(partial: &Path, folder: &Path, old: &Path) -> Result<(), PreprocessEr
     Ok(())
 }
 
-/// Preprocesses and saves every case of `ds` into `folder` (see [`preprocess_dataset`]).
+/// Preprocesses and saves every case of `ds` but those in `skip` into `folder` (see
+/// [`preprocess_dataset`]).
 fn preprocess_cases(
     ds: &RawDataset,
     plans: &Plans,
     cfg: &Configuration,
     folder: &Path,
     opts: &PreprocessOptions,
+    skip: &[String],
 ) -> Result<Vec<CaseReport>, PreprocessError> {
     let failed = AtomicBool::new(false);
     let pool = worker_pool(opts.num_workers)?;
@@ -517,6 +533,7 @@ fn preprocess_cases(
         ds.cases
             .par_iter()
             .with_max_len(1)
+            .filter(|case| !skip.contains(&case.identifier))
             .map(|case| {
                 if failed.load(Ordering::Relaxed) {
                     return None;
@@ -587,27 +604,50 @@ fn preprocess_cases(
 }
 
 /// Copies every case's label to `out/gt_segmentations/{case}{file_ending}` (nnU-Net does
-/// this after preprocessing, for validation without the raw data). Like nnU-Net's
-/// `copy_file(update=True)` a file is only copied when the target is missing or older than the
-/// source; copies keep the source's modification time and are written atomically. Returns the
-/// number of files copied.
+/// this after preprocessing, for validation without the raw data). Copies keep the source's
+/// modification time and are written atomically; like nnU-Net's `copy_file(update=True)` an
+/// up-to-date copy (same size and time as its source) is not copied again, but unlike it a
+/// copy changed since (newer than its source) is. The
+/// folder's completion record ([`crate::completion::GtRecord`]) is written last; an existing
+/// folder is marked unfinished before the first file is touched, a new one is built as
+/// `.gt_segmentations.partial/` and renamed when complete, so an interrupted copy is never
+/// taken for a complete one. Returns the number of files copied.
 pub fn copy_gt_segmentations(
     ds: &RawDataset,
     out: &PreprocessedDir,
 ) -> Result<usize, PreprocessError> {
+    use crate::completion::GtRecord;
     let dir = out.gt_segmentations();
-    fs::create_dir_all(&dir).map_err(PreprocessError::io(&dir))?;
+    if dir.is_dir() {
+        GtRecord::begin(&dir)?;
+        let copied = copy_labels(ds, &dir)?;
+        GtRecord::finish(&dir, ds)?;
+        return Ok(copied);
+    }
+    let partial = out.partial_gt_segmentations();
+    if partial.exists() {
+        fs::remove_dir_all(&partial).map_err(PreprocessError::io(&partial))?;
+    }
+    fs::create_dir_all(&partial).map_err(PreprocessError::io(&partial))?;
+    let copied = copy_labels(ds, &partial)?;
+    GtRecord::finish(&partial, ds)?;
+    fs::rename(&partial, &dir).map_err(PreprocessError::io(&partial))?;
+    Ok(copied)
+}
+
+/// The copy of [`copy_gt_segmentations`] into `dir`.
+fn copy_labels(ds: &RawDataset, dir: &Path) -> Result<usize, PreprocessError> {
     let mut copied = 0;
     for case in &ds.cases {
         let Some(src) = &case.label else { continue };
         let dst = dir.join(case_file_name(&case.identifier, &ds.json.file_ending));
         let src_meta = fs::metadata(src).map_err(PreprocessError::io(src))?;
         let src_mtime = src_meta.modified().map_err(PreprocessError::io(src))?;
+        // a copy keeps the source's size and time: anything else (an older copy, or a file
+        // changed since, which nnU-Net's update rule would keep) is copied again
         if let Ok(m) = fs::metadata(&dst) {
-            if let Ok(dst_mtime) = m.modified() {
-                if dst_mtime >= src_mtime {
-                    continue;
-                }
+            if m.len() == src_meta.len() && m.modified().ok() == Some(src_mtime) {
+                continue;
             }
         }
         let bytes = fs::read(src).map_err(PreprocessError::io(src))?;
@@ -1027,6 +1067,7 @@ mod tests {
             num_workers: 2,
             verbose: false,
             progress: None,
+            incremental: false,
         };
         let rep = preprocess_dataset(
             &ds,
@@ -1088,6 +1129,7 @@ mod tests {
             num_workers: 1,
             verbose: false,
             progress: None,
+            incremental: false,
         };
         let msg = preprocess_dataset(
             &ds,
@@ -1121,6 +1163,7 @@ mod tests {
             num_workers: 1,
             verbose: false,
             progress: None,
+            incremental: false,
         }
     }
 
@@ -1183,6 +1226,122 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("no completion record"), "{e}");
+    }
+
+    /// Issue 19: the evaluation of validation predictions and find_best_configuration used
+    /// `gt_segmentations/` as it was: an interrupted copy, a missing case or a file changed
+    /// since were evaluated against silently.
+    #[test]
+    fn gt_segmentations_record_refuses_interrupted_missing_and_changed_files() {
+        use crate::completion::{verify_gt_segmentations, GtRecord};
+        let dir = tempfile::tempdir().unwrap();
+        let folder = write_raw(dir.path(), 3, &[100.0]);
+        let ds = RawDataset::open(&folder).unwrap();
+        let pre = PreprocessedDir::new(dir.path().join("pre"));
+        let cases = ["case_000".to_string(), "case_002".to_string()];
+        // nothing copied yet
+        let e = verify_gt_segmentations(&pre, &cases, "FIX")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("does not exist") && e.contains("FIX"), "{e}");
+        copy_gt_segmentations(&ds, &pre).unwrap();
+        verify_gt_segmentations(&pre, &cases, "FIX").unwrap();
+        // the record is hidden: listings by file ending never see it
+        assert!(pre.gt_completion_record().is_file());
+        assert_eq!(fs::read_dir(pre.gt_segmentations()).unwrap().count(), 4);
+
+        // a case the copy did not know
+        let e = verify_gt_segmentations(&pre, &["case_009".into()], "FIX")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("case case_009") && e.contains("no ground truth"),
+            "{e}"
+        );
+        // a missing and a changed file, each naming its case
+        let gt1 = pre.gt_segmentations().join("case_001.nii.gz");
+        let gt2 = pre.gt_segmentations().join("case_002.nii.gz");
+        let saved = fs::read(&gt2).unwrap();
+        fs::remove_file(&gt1).unwrap();
+        fs::write(&gt2, [saved.as_slice(), b"x"].concat()).unwrap();
+        let e = verify_gt_segmentations(&pre, &cases, "FIX")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("case case_001") && e.contains("is missing") && e.contains("FIX"),
+            "{e}"
+        );
+        assert!(e.contains("case case_002") && e.contains("changed"), "{e}");
+        // a rerun of the copy repairs both (the changed file is newer than its source)
+        assert_eq!(copy_gt_segmentations(&ds, &pre).unwrap(), 2);
+        verify_gt_segmentations(&pre, &cases, "FIX").unwrap();
+
+        // an interrupted copy (marked begun, never finished) is refused
+        GtRecord::begin(&pre.gt_segmentations()).unwrap();
+        let e = verify_gt_segmentations(&pre, &cases, "FIX")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("interrupted"), "{e}");
+        // a first copy that did not finish leaves no gt_segmentations/ at all
+        assert!(!pre.partial_gt_segmentations().exists());
+        // no record at all (nnU-Net's or an older nnseg's folder): used as it is
+        fs::remove_file(pre.gt_completion_record()).unwrap();
+        verify_gt_segmentations(&pre, &cases, "FIX").unwrap();
+    }
+
+    /// `--incremental` (issue 19): only the missing and changed cases are preprocessed again;
+    /// the result equals a full run's.
+    #[test]
+    fn incremental_preprocess_redoes_only_missing_and_changed_cases() {
+        let dir = tempfile::tempdir().unwrap();
+        let folder = write_raw(dir.path(), 4, &[100.0]);
+        let plans = plans_with(|_| {});
+        let pre = PreprocessedDir::new(dir.path().join("pre"));
+        let incremental = PreprocessOptions {
+            incremental: true,
+            ..opts1()
+        };
+        let ds = RawDataset::open(&folder).unwrap();
+        // nothing to reuse yet
+        let r = preprocess_dataset(&ds, &plans, "3d_fullres", &pre, &incremental).unwrap();
+        assert_eq!((r.cases.len(), r.reused.len()), (4, 0));
+        let data = pre.data_folder("nnUNetPlans_3d_fullres");
+        // case_001 lost its data, case_002's raw label changed
+        fs::remove_file(storage::data_path(&data, "case_001")).unwrap();
+        let lbl = folder.join("labelsTr/case_002.nii.gz");
+        let (seg, props) = datasets::io::read_seg(&lbl).unwrap();
+        let mut seg = seg.index_axis(Axis(0), 0).to_owned();
+        seg[[2, 2, 3]] = 0;
+        datasets::io::write_seg(&lbl, seg.view(), &props).unwrap();
+        let ds = RawDataset::open(&folder).unwrap();
+        let r = preprocess_dataset(&ds, &plans, "3d_fullres", &pre, &incremental).unwrap();
+        let done: Vec<_> = r.cases.iter().map(|c| c.identifier.as_str()).collect();
+        assert_eq!(done, ["case_001", "case_002"]);
+        assert_eq!(r.reused, ["case_000", "case_003"]);
+        crate::verify_complete(&data, &plans, "3d_fullres").unwrap();
+        // the same files as a full run
+        let full = PreprocessedDir::new(dir.path().join("full"));
+        preprocess_dataset(&ds, &plans, "3d_fullres", &full, &opts1()).unwrap();
+        let files = |d: &Path| {
+            let mut v: Vec<(String, Vec<u8>)> = fs::read_dir(d)
+                .unwrap()
+                .map(|e| {
+                    let p = e.unwrap().path();
+                    let n = p.file_name().unwrap().to_string_lossy().into_owned();
+                    (n, fs::read(&p).unwrap())
+                })
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(
+            files(&data),
+            files(&full.data_folder("nnUNetPlans_3d_fullres"))
+        );
+        // other preprocessing settings: nothing is reused
+        let edited = plans_with(|v| set_cfg(v, "3d_fullres", "spacing", json!([2.0, 0.5, 0.5])));
+        let r = preprocess_dataset(&ds, &edited, "3d_fullres", &pre, &incremental).unwrap();
+        assert_eq!((r.cases.len(), r.reused.len()), (4, 0));
     }
 
     /// Issue 19: "Preprocess also deletes the old data folder first, so an interrupted

@@ -219,7 +219,8 @@ impl Checkpoint {
             .file_name()
             .and_then(|f| f.to_str())
             .unwrap_or("checkpoint");
-        let tmp = dir.join(format!(".{fname}.tmp{}", std::process::id()));
+        // named like plans::io's temp files, so a rerun removes one left by a killed run
+        let tmp = dir.join(format!(".{fname}.tmp.{}.0", std::process::id()));
         let sum = checksum(&json, contiguous.iter().map(|(k, t)| (k.as_str(), t)));
         let metadata = HashMap::from([
             (METADATA_KEY.to_string(), json),

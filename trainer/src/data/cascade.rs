@@ -31,6 +31,16 @@ pub fn prev_stage_file(folder: &Path, case: &str) -> PathBuf {
     folder.join(format!("{case}.npy"))
 }
 
+/// The cases of `cases` without a file in the folder of next-stage inputs `folder` (sorted,
+/// each once).
+pub fn missing_prev_stage_cases(folder: &Path, cases: &[String]) -> Vec<String> {
+    let missing: std::collections::BTreeSet<&String> = cases
+        .iter()
+        .filter(|c| !prev_stage_file(folder, c).is_file())
+        .collect();
+    missing.into_iter().cloned().collect()
+}
+
 /// One-hot `(n_fg, z, y, x)` float encoding of the label map `seg` (`(1, z, y, x)`); labels
 /// not in `fg` (background, -1) are all-zero.
 pub fn one_hot(seg: ArrayView4<i16>, fg: &[i64]) -> Array4<f32> {

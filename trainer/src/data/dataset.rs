@@ -13,32 +13,45 @@ use super::cascade::{prev_stage_file, PrevStage};
 use super::DataError;
 
 /// Refuses a configuration's data folder that is not a complete, current preprocessing of
-/// `configuration` of `plans` (see `preprocessing::completion`): missing or changed cases,
-/// changed plans or raw files, or no folder at all are an error naming the cases and the
-/// command that rebuilds it. A folder without any completion record (written by an nnseg
-/// before the record existed, or by hand) cannot be checked: it is used with a warning.
+/// `configuration` of `plans` (see `preprocessing::completion::require_complete`): missing or
+/// changed cases, changed plans or raw files, or no folder at all are an error naming the
+/// cases and the command that rebuilds it.
 pub fn require_complete(
     data_folder: &Path,
     plans: &plans::Plans,
     configuration: &str,
 ) -> Result<(), DataError> {
+    preprocessing::completion::require_complete(data_folder, plans, configuration)?;
+    Ok(())
+}
+
+/// Refuses an incomplete or changed `pre/gt_segmentations/` (an interrupted copy, a missing or
+/// changed file, one of `cases` without ground truth; see
+/// `preprocessing::verify_gt_segmentations`), the reference of the final validation. nnseg's
+/// `preprocess` copies the ground truth after the data folders, so a missing folder next to a
+/// data folder with a completion record is a preprocess that did not finish; next to a folder
+/// without one (nnU-Net's, or made by hand) there is nothing to check and nothing is evaluated.
+pub fn require_ground_truth(
+    pre: &Path,
+    plans: &plans::Plans,
+    configuration: &str,
+    cases: &[String],
+) -> Result<(), DataError> {
+    let pre = datasets::PreprocessedDir::new(pre);
     let cfg = plans
         .configuration(configuration)
         .map_err(|e| DataError::Preprocessed(e.into()))?;
-    datasets::layout::check_name(
-        &format!("configuration {configuration:?}: data_identifier"),
-        &cfg.data_identifier,
-    )
-    .map_err(|e| DataError::Preprocessed(e.into()))?;
-    if data_folder.is_dir() && preprocessing::CompletionRecord::read(data_folder)?.is_none() {
-        tracing::warn!(
-            "{} has no completion record (preprocessed by an older nnseg or by hand), so \
-             missing cases cannot be detected; re-run `nnseg preprocess` to add one",
-            data_folder.display()
-        );
+    let recorded =
+        preprocessing::CompletionRecord::read(&pre.data_folder(&cfg.data_identifier))?.is_some();
+    if !pre.gt_segmentations().is_dir() && !recorded {
         return Ok(());
     }
-    preprocessing::verify_complete(data_folder, plans, configuration)?;
+    let fix = preprocessing::completion::fix_command(
+        &plans.dataset_name,
+        &plans.plans_name,
+        configuration,
+    );
+    preprocessing::verify_gt_segmentations(&pre, cases, &fix)?;
     Ok(())
 }
 
@@ -85,6 +98,23 @@ impl PreprocessedDataset {
         let mut ds = Self::open(folder)?;
         ds.prev_stage = Some(prev);
         Ok(ds)
+    }
+
+    /// Refuses a cascade stage whose previous stage's segmentations lack some of `cases`
+    /// (the previous stage's final validation of some folds did not run or was interrupted),
+    /// before training starts rather than when the case is first drawn.
+    pub fn require_prev_stage(&self, cases: &[String]) -> Result<(), DataError> {
+        let Some(p) = &self.prev_stage else {
+            return Ok(());
+        };
+        let missing = super::cascade::missing_prev_stage_cases(&p.folder, cases);
+        if missing.is_empty() {
+            return Ok(());
+        }
+        Err(DataError::PrevStageIncomplete {
+            folder: p.folder.clone(),
+            missing,
+        })
     }
 
     /// The folder.

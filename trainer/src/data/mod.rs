@@ -13,7 +13,7 @@ pub mod splits;
 use std::path::PathBuf;
 
 pub use augment::{ds_scales_from_strides, AugmentationConfig};
-pub use dataset::{require_complete, PreprocessedDataset};
+pub use dataset::{require_complete, require_ground_truth, PreprocessedDataset};
 pub use loader::{build_batch, BackgroundLoader, HostBatch, LoaderOptions};
 pub use splits::{load_or_create_splits, select_fold, Fold, Split};
 
@@ -71,6 +71,20 @@ pub enum DataError {
     /// The preprocessed data folder is incomplete or stale (names the cases and the fix).
     #[error(transparent)]
     Preprocessed(#[from] preprocessing::PreprocessError),
+    /// A cascade stage's previous-stage segmentations lack cases.
+    #[error(
+        "{}: the previous stage's segmentations of {} case(s) are missing ({}); train every \
+         fold of the previous stage, or redo the final validation of its folds that did not \
+         finish (`nnseg train DATASET PREVIOUS_STAGE FOLD --val`): it writes this folder",
+        folder.display(),
+        missing.len(),
+        first_cases(missing)
+    )]
+    PrevStageIncomplete {
+        /// `predicted_next_stage/{configuration}` of the previous stage's model.
+        folder: PathBuf,
+        missing: Vec<String>,
+    },
     /// Invalid loader options.
     #[error("invalid data loader options: {0}")]
     Options(String),
@@ -80,6 +94,20 @@ pub enum DataError {
         /// Worker index.
         worker: usize,
     },
+}
+
+/// Up to ten case identifiers, comma-separated, with the number left out.
+fn first_cases(cases: &[String]) -> String {
+    let shown = cases
+        .iter()
+        .take(10)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    match cases.len() {
+        n if n > 10 => format!("{shown} and {} more", n - 10),
+        _ => shown,
+    }
 }
 
 /// What the loader needs to know about the labels (from `dataset.json`).

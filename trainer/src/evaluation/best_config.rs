@@ -80,8 +80,9 @@ pub struct BestConfigOptions {
     /// `nnUNet_results/DatasetXXX_Name`: receives `ensembles/`, `inference_information.json`,
     /// `inference_instructions.txt`.
     pub results: ResultsDir,
-    /// Ground truth: `nnUNet_preprocessed/DatasetXXX/gt_segmentations` (nnU-Net's choice).
-    pub reference_folder: PathBuf,
+    /// `nnUNet_preprocessed/DatasetXXX`: the ground truth is its `gt_segmentations/`
+    /// (nnU-Net's choice), checked against its completion record before it is used.
+    pub preprocessed: PreprocessedDir,
     pub models: Vec<ModelSpec>,
     /// Fold names, e.g. `["0", "1", "2", "3", "4"]`.
     pub folds: Vec<String>,
@@ -217,83 +218,72 @@ fn predict_cmds(
     out
 }
 
-/// Runs the model selection (see module docs).
-pub fn find_best_configuration(opts: &BestConfigOptions) -> Result<BestConfigResult> {
-    if opts.models.is_empty() {
-        return Err(EvalError::Config(
-            "find_best_configuration: no trained models given".into(),
-        ));
+/// Refuses a model trained with other labels (or file ending) than the preprocessed
+/// `dataset.json` the evaluation uses: its validation would be scored against the wrong
+/// classes.
+fn check_dataset_json(m: &ModelSpec, ds: &plans::DatasetJson, pre: &PreprocessedDir) -> Result<()> {
+    let path = m.folder.dataset_json();
+    if !path.is_file() {
+        return Ok(());
     }
-    let ds = &opts.dataset_json;
-    let mut eval = EvaluateOptions::from_dataset_json(ds, opts.num_workers);
-    // nnU-Net's compute_metrics_on_folder defaults to chill=True here: with a subset of folds
-    // only the cases those folds validated are evaluated.
-    eval.chill = true;
-    let mut all: Vec<(String, PathBuf, f64, Vec<ModelSpec>)> = Vec::new();
-    let mut messages = Vec::new();
-    for m in &opts.models {
-        let merged = accumulate_cv_results(m, &opts.folds, &ds.file_ending)?;
-        eval.output_file = None;
-        let s = evaluate_folder(&opts.reference_folder, &merged, &eval)?;
-        all.push((m.identifier(), merged, s.foreground_dice(), vec![m.clone()]));
+    let trained = plans::DatasetJson::load(&path)?;
+    let differs: Vec<&str> = [
+        ("labels", trained.labels != ds.labels),
+        (
+            "regions_class_order",
+            trained.regions_class_order != ds.regions_class_order,
+        ),
+        ("file_ending", trained.file_ending != ds.file_ending),
+    ]
+    .into_iter()
+    .filter_map(|(k, d)| d.then_some(k))
+    .collect();
+    if differs.is_empty() {
+        return Ok(());
     }
-    if opts.allow_ensembling {
-        let singles = all.clone();
-        for i in 0..singles.len() {
-            for j in i + 1..singles.len() {
-                let (a, b) = (&singles[i], &singles[j]);
-                let id = ensemble_name(&a.0, &b.0, &opts.folds);
-                let mut missing = Vec::new();
-                for x in [a, b] {
-                    if !has_probabilities(&x.1, &ds.file_ending)? {
-                        missing.push(x.0.clone());
-                    }
-                }
-                if !missing.is_empty() {
-                    let msg = format!(
-                        "skipping {id}: no validation probabilities for {} (train/validate with --npz to enable ensembling)",
-                        missing.join(", ")
-                    );
-                    tracing::warn!("{msg}");
-                    messages.push(msg);
-                    continue;
-                }
-                let out = opts.results.ensemble(&id);
-                if out.is_dir() {
-                    std::fs::remove_dir_all(&out).map_err(io_err("remove", &out))?;
-                }
-                let mut eo = EnsembleOptions::from_dataset_json(ds, opts.num_workers);
-                eo.save_probabilities = false;
-                ensemble_folders(&[a.1.clone(), b.1.clone()], &out, &eo)?;
-                let s = evaluate_folder(&opts.reference_folder, &out, &eval)?;
-                all.push((
-                    id,
-                    out,
-                    s.foreground_dice(),
-                    vec![a.3[0].clone(), b.3[0].clone()],
-                ));
-            }
-        }
-    }
-    // best: first maximum (NaN never wins)
-    let mut best = 0;
-    for (i, r) in all.iter().enumerate() {
-        if r.2 > all[best].2 || (all[best].2.is_nan() && !r.2.is_nan()) {
-            best = i;
-        }
-    }
-    let (best_id, source, score, selected) = all[best].clone();
-    let pp = PostprocessOptions {
-        evaluate: eval.clone(),
-        keep_postprocessed: true,
-    };
-    determine_postprocessing(&source, &opts.reference_folder, &pp)?;
-    let pp_file = source.join("postprocessing.json");
-    let post = super::evaluate::load_summary(&source.join("postprocessed").join("summary.json"))?
-        .foreground_dice();
-    let plans_file = selected[0].folder.plans_json();
+    Err(EvalError::Invalid {
+        path,
+        message: format!(
+            "{} was trained with other {} than {} (changed since training): retrain it, or \
+             restore the dataset.json it was trained with",
+            m.identifier(),
+            differs.join(", "),
+            pre.dataset_json().display()
+        ),
+    })
+}
 
-    // instructions
+/// Refuses an incomplete or changed `gt_segmentations/` (see
+/// `preprocessing::verify_gt_segmentations`) for the cases of `merged`.
+fn check_ground_truth(
+    pre: &PreprocessedDir,
+    dataset_name: &str,
+    m: &ModelSpec,
+    merged: &Path,
+    ds: &plans::DatasetJson,
+) -> Result<()> {
+    let cases: Vec<String> = list_files(merged, &ds.file_ending)?
+        .into_iter()
+        .map(|f| {
+            f.strip_suffix(ds.file_ending.as_str())
+                .unwrap_or(&f)
+                .to_string()
+        })
+        .collect();
+    let fix =
+        preprocessing::completion::fix_command(dataset_name, m.id.plans(), m.id.configuration());
+    preprocessing::verify_gt_segmentations(pre, &cases, &fix)?;
+    Ok(())
+}
+
+/// `inference_instructions.txt`: the predict (and ensemble, postprocessing) commands of the
+/// winner.
+fn instructions(
+    opts: &BestConfigOptions,
+    selected: &[ModelSpec],
+    pp_file: &Path,
+    plans_file: &Path,
+) -> String {
     let mut lines = vec!["***Run inference like this:***".to_string(), String::new()];
     let ensemble = selected.len() > 1;
     if ensemble {
@@ -337,14 +327,19 @@ pub fn find_best_configuration(opts: &BestConfigOptions) -> Result<BestConfigRes
         opts.num_workers,
         plans_file.display()
     ));
-    let instructions = lines.join("\n") + "\n";
-    std::fs::create_dir_all(opts.results.path()).map_err(io_err("create", opts.results.path()))?;
-    plans::io::write_atomic(
-        &opts.results.inference_instructions(),
-        instructions.as_bytes(),
-    )?;
+    lines.join("\n") + "\n"
+}
 
-    let info = Json::obj([
+/// `inference_information.json` (nnU-Net's keys).
+fn information(
+    opts: &BestConfigOptions,
+    all: &[(String, PathBuf, f64, Vec<ModelSpec>)],
+    pp_file: &Path,
+    (score, post): (f64, f64),
+    plans_file: &Path,
+    selected: &[ModelSpec],
+) -> Json {
+    Json::obj([
         ("dataset_name_or_id", Json::Str(opts.dataset_name.clone())),
         (
             "configurations",
@@ -410,7 +405,98 @@ pub fn find_best_configuration(opts: &BestConfigOptions) -> Result<BestConfigRes
                 ),
             ]),
         ),
-    ]);
+    ])
+}
+
+/// Runs the model selection (see module docs).
+pub fn find_best_configuration(opts: &BestConfigOptions) -> Result<BestConfigResult> {
+    if opts.models.is_empty() {
+        return Err(EvalError::Config(
+            "find_best_configuration: no trained models given".into(),
+        ));
+    }
+    let ds = &opts.dataset_json;
+    for m in &opts.models {
+        check_dataset_json(m, ds, &opts.preprocessed)?;
+    }
+    let reference_folder = opts.preprocessed.gt_segmentations();
+    let mut eval = EvaluateOptions::from_dataset_json(ds, opts.num_workers);
+    // nnU-Net's compute_metrics_on_folder defaults to chill=True here: with a subset of folds
+    // only the cases those folds validated are evaluated.
+    eval.chill = true;
+    let mut all: Vec<(String, PathBuf, f64, Vec<ModelSpec>)> = Vec::new();
+    let mut messages = Vec::new();
+    for m in &opts.models {
+        let merged = accumulate_cv_results(m, &opts.folds, &ds.file_ending)?;
+        check_ground_truth(&opts.preprocessed, &opts.dataset_name, m, &merged, ds)?;
+        eval.output_file = None;
+        let s = evaluate_folder(&reference_folder, &merged, &eval)?;
+        all.push((m.identifier(), merged, s.foreground_dice(), vec![m.clone()]));
+    }
+    if opts.allow_ensembling {
+        let singles = all.clone();
+        for i in 0..singles.len() {
+            for j in i + 1..singles.len() {
+                let (a, b) = (&singles[i], &singles[j]);
+                let id = ensemble_name(&a.0, &b.0, &opts.folds);
+                let mut missing = Vec::new();
+                for x in [a, b] {
+                    if !has_probabilities(&x.1, &ds.file_ending)? {
+                        missing.push(x.0.clone());
+                    }
+                }
+                if !missing.is_empty() {
+                    let msg = format!(
+                        "skipping {id}: no validation probabilities for {} (train/validate with --npz to enable ensembling)",
+                        missing.join(", ")
+                    );
+                    tracing::warn!("{msg}");
+                    messages.push(msg);
+                    continue;
+                }
+                let out = opts.results.ensemble(&id);
+                if out.is_dir() {
+                    std::fs::remove_dir_all(&out).map_err(io_err("remove", &out))?;
+                }
+                let mut eo = EnsembleOptions::from_dataset_json(ds, opts.num_workers);
+                eo.save_probabilities = false;
+                ensemble_folders(&[a.1.clone(), b.1.clone()], &out, &eo)?;
+                let s = evaluate_folder(&reference_folder, &out, &eval)?;
+                all.push((
+                    id,
+                    out,
+                    s.foreground_dice(),
+                    vec![a.3[0].clone(), b.3[0].clone()],
+                ));
+            }
+        }
+    }
+    // best: first maximum (NaN never wins)
+    let mut best = 0;
+    for (i, r) in all.iter().enumerate() {
+        if r.2 > all[best].2 || (all[best].2.is_nan() && !r.2.is_nan()) {
+            best = i;
+        }
+    }
+    let (best_id, source, score, selected) = all[best].clone();
+    let pp = PostprocessOptions {
+        evaluate: eval.clone(),
+        keep_postprocessed: true,
+    };
+    determine_postprocessing(&source, &reference_folder, &pp)?;
+    let pp_file = source.join("postprocessing.json");
+    let post = super::evaluate::load_summary(&source.join("postprocessed").join("summary.json"))?
+        .foreground_dice();
+    let plans_file = selected[0].folder.plans_json();
+
+    let instructions = instructions(opts, &selected, &pp_file, &plans_file);
+    std::fs::create_dir_all(opts.results.path()).map_err(io_err("create", opts.results.path()))?;
+    plans::io::write_atomic(
+        &opts.results.inference_instructions(),
+        instructions.as_bytes(),
+    )?;
+
+    let info = information(opts, &all, &pp_file, (score, post), &plans_file, &selected);
     write_json_nan_atomic(&opts.results.inference_information(), &info, false)?;
     Ok(BestConfigResult {
         all_results: all
@@ -460,7 +546,8 @@ mod tests {
     /// (a cascade) predicts perfectly.
     fn setup(with_npz: bool) -> Setup {
         let t = tempfile::tempdir().unwrap();
-        let gt = t.path().join("gt");
+        let pre = PreprocessedDir::new(t.path().join("pre"));
+        let gt = pre.gt_segmentations();
         std::fs::create_dir_all(&gt).unwrap();
         let results = ResultsDir::new(t.path().join("Dataset001_X"));
         let cases: [(&str, &str, [i16; 6]); 4] = [
@@ -499,7 +586,7 @@ mod tests {
         let opts = BestConfigOptions {
             dataset_name: "Dataset001_X".into(),
             results,
-            reference_folder: gt,
+            preprocessed: pre,
             models: vec![a, b],
             folds: vec!["0".into(), "1".into()],
             allow_ensembling: true,
@@ -596,5 +683,41 @@ mod tests {
         s.opts.folds.push("2".into());
         let e = find_best_configuration(&s.opts).unwrap_err().to_string();
         assert!(e.contains("fold_2") && e.contains("validation"), "{e}");
+    }
+
+    /// Regression (issue 19): an interrupted copy of gt_segmentations (or a case missing or
+    /// changed in it) was evaluated against silently.
+    #[test]
+    fn an_incomplete_ground_truth_is_refused_naming_the_fix() {
+        let s = setup(false);
+        preprocessing::GtRecord::begin(&s.opts.preprocessed.gt_segmentations()).unwrap();
+        let e = find_best_configuration(&s.opts).unwrap_err().to_string();
+        assert!(
+            e.contains("gt_segmentations")
+                && e.contains("interrupted")
+                && e.contains(
+                    "nnseg preprocess -d Dataset001_X --plans_name nnUNetPlans -c 3d_fullres"
+                ),
+            "{e}"
+        );
+        assert!(!s.opts.results.inference_information().exists());
+    }
+
+    /// Regression (issue 19): a model trained with other labels than the preprocessed
+    /// dataset.json was scored against the wrong classes.
+    #[test]
+    fn a_model_trained_with_other_labels_is_refused() {
+        let s = setup(false);
+        let mut other = s.opts.dataset_json.clone();
+        other
+            .labels
+            .push(("b".into(), plans::LabelValue::Single(2)));
+        std::fs::create_dir_all(s.opts.models[1].folder.path()).unwrap();
+        other.save(&s.opts.models[1].folder.dataset_json()).unwrap();
+        let e = find_best_configuration(&s.opts).unwrap_err().to_string();
+        assert!(
+            e.contains("3d_cascade_fullres") && e.contains("other labels"),
+            "{e}"
+        );
     }
 }

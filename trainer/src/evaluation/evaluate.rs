@@ -445,6 +445,16 @@ pub fn evaluate_folder(
 ) -> Result<Summary> {
     // a folder whose predict/ensemble run did not finish is not a result
     crate::predict::outputs::ensure_complete(prediction_folder)?;
+    evaluate_folder_being_written(reference_folder, prediction_folder, opts)
+}
+
+/// [`evaluate_folder`] of a folder the calling run is still writing (still marked unfinished:
+/// the final validation marks it finished only once its `summary.json` is written).
+pub(crate) fn evaluate_folder_being_written(
+    reference_folder: &Path,
+    prediction_folder: &Path,
+    opts: &EvaluateOptions,
+) -> Result<Summary> {
     let pairs = pair_files(
         reference_folder,
         prediction_folder,

@@ -53,6 +53,9 @@ pub enum EvalError {
     Dataset(#[from] datasets::DatasetError),
     #[error(transparent)]
     Plans(#[from] plans::PlansError),
+    /// An incomplete or changed `gt_segmentations/` (names the cases and the fix).
+    #[error(transparent)]
+    Preprocessed(#[from] preprocessing::PreprocessError),
     #[error("{folder}: no files ending with {file_ending:?}")]
     NoCases {
         folder: PathBuf,

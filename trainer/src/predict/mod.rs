@@ -74,6 +74,9 @@ pub enum PredictError {
     /// Invalid settings, plans or model files.
     #[error("{0}")]
     Config(String),
+    /// Incomplete training data (a cascade's previous-stage segmentations).
+    #[error(transparent)]
+    Data(#[from] crate::data::DataError),
 }
 
 fn io_err<'a>(
@@ -562,6 +565,10 @@ pub fn predict_from_raw_folder(req: &PredictRequest) -> Result<PredictReport, Pr
         &ending,
         predictor.dataset_json.num_channels(),
     )?;
+    if let (Some(_), Some(folder)) = (&predictor.prev_stage_labels, &req.prev_stage_predictions) {
+        // the previous stage's run must have finished: a partial folder is not its result
+        outputs::ensure_complete(folder)?;
+    }
     std::fs::create_dir_all(&req.output_folder).map_err(io_err("creating", &req.output_folder))?;
     let (model, output) = (
         ModelDir::at(&req.model_folder),
@@ -776,7 +783,8 @@ fn export_next_stage(
 
 /// nnU-Net's `perform_actual_validation` without the evaluation: predicts the validation
 /// cases of a fold from the preprocessed data into `fold_folder/validation/`. The caller
-/// evaluates the folder against `gt_segmentations` afterwards (summary.json).
+/// evaluates the folder against `gt_segmentations` afterwards (summary.json), then finishes
+/// the returned marker: until then the folder is marked unfinished.
 pub fn run_final_validation(
     predictor: &Predictor,
     preprocessed_data_folder: &Path,
@@ -784,7 +792,7 @@ pub fn run_final_validation(
     fold_folder: &Path,
     save_probabilities: bool,
     cascade: &CascadeIo,
-) -> Result<Vec<PathBuf>, PredictError> {
+) -> Result<(Vec<PathBuf>, outputs::RunMarker), PredictError> {
     let out = validation_folder(fold_folder);
     std::fs::create_dir_all(&out).map_err(io_err("creating", &out))?;
     let marker = outputs::begin(&PredictionDir::new(&out), "the final validation")?;
@@ -801,10 +809,7 @@ pub fn run_final_validation(
             )
         })
         .collect::<Result<Vec<_>, _>>()
-        .and_then(|written| {
-            marker.finish()?;
-            Ok(written)
-        })
+        .map(|written| (written, marker))
 }
 
 /// `{results}/{dataset}/{trainer}__{plans}__{previous_stage}/predicted_next_stage/{configuration}`
@@ -825,6 +830,21 @@ pub struct FoldValidation {
     /// The evaluation against `gt_segmentations` (`validation/summary.json`); `None` when the
     /// preprocessed folder has no `gt_segmentations/` (then nothing was evaluated).
     pub summary: Option<crate::evaluation::Summary>,
+}
+
+/// Refuses to validate from an incomplete or stale data folder, or to evaluate against an
+/// incomplete or changed `gt_segmentations/` (when there is one; without it nothing is
+/// evaluated); the errors name the cases and the command that fixes them.
+fn check_validation_inputs(
+    predictor: &Predictor,
+    pre: &PreprocessedDir,
+    data_folder: &Path,
+    validation_cases: &[String],
+) -> Result<(), PredictError> {
+    let (plans, configuration) = (&predictor.plans, &predictor.configuration_name);
+    preprocessing::completion::require_complete(data_folder, plans, configuration)?;
+    crate::data::require_ground_truth(pre.path(), plans, configuration, validation_cases)?;
+    Ok(())
 }
 
 /// nnU-Net's `perform_actual_validation`: loads `fold_folder/{checkpoint_name}` of the model,
@@ -858,6 +878,7 @@ pub fn validate_fold(
         PreprocessedDir::new(preprocessed_dataset_folder),
     );
     let data_folder = pre.data_folder(&predictor.configuration.data_identifier);
+    check_validation_inputs(&predictor, &pre, &data_folder, validation_cases)?;
     let fold_folder = model.fold(fold);
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(num_workers.max(1))
@@ -867,17 +888,20 @@ pub fn validate_fold(
     let mut cascade = CascadeIo::default();
     let cfg = &predictor.configuration;
     if let Some(prev) = &cfg.previous_stage {
-        cascade.prev_stage_folder = Some(prev_stage_folder(
-            model_folder,
-            prev,
-            &predictor.configuration_name,
-        )?);
+        let folder = prev_stage_folder(model_folder, prev, &predictor.configuration_name)?;
+        let missing = crate::data::cascade::missing_prev_stage_cases(&folder, validation_cases);
+        if !missing.is_empty() {
+            return Err(crate::data::DataError::PrevStageIncomplete { folder, missing }.into());
+        }
+        cascade.prev_stage_folder = Some(folder);
     }
     if let Some(next) = &cfg.next_stage {
         match predictor.plans.configuration(next) {
             Ok(next_cfg) => {
                 let folder = pre.data_folder(&next_cfg.data_identifier);
                 if folder.is_dir() {
+                    // the next stage's shapes are read from it: it must be complete and current
+                    preprocessing::completion::require_complete(&folder, &predictor.plans, next)?;
                     cascade.next_stage = Some(NextStageExport {
                         configuration: next_cfg,
                         preprocessed_data_folder: folder,
@@ -894,7 +918,7 @@ pub fn validate_fold(
             Err(e) => tracing::warn!("next stage `{next}`: {e}"),
         }
     }
-    let predictions = pool.install(|| {
+    let (predictions, marker) = pool.install(|| {
         run_final_validation(
             &predictor,
             &data_folder,
@@ -912,7 +936,7 @@ pub fn validate_fold(
         );
         // gt_segmentations holds every training case; only this fold's are predicted
         opts.chill = true;
-        Some(crate::evaluation::evaluate_folder(
+        Some(crate::evaluation::evaluate::evaluate_folder_being_written(
             &gt,
             &validation_folder(&fold_folder),
             &opts,
@@ -920,6 +944,8 @@ pub fn validate_fold(
     } else {
         None
     };
+    // only now, with summary.json written, is the validation folder a finished result
+    marker.finish()?;
     Ok(FoldValidation {
         predictions,
         summary,

@@ -76,8 +76,10 @@ pub fn ensure_complete(folder: &Path) -> Result<(), OutputError> {
     Ok(())
 }
 
-/// Removes temp files of nnseg's atomic writers whose writer process no longer runs.
-fn remove_stale_temp_files(folder: &Path) -> Result<(), OutputError> {
+/// Removes temp files of nnseg's atomic writers whose writer process no longer runs (left in
+/// `folder` by a killed run; only its own files, so a folder shared with running writers is
+/// safe).
+pub fn remove_stale_temp_files(folder: &Path) -> Result<(), OutputError> {
     let io = |action: &'static str, path: &Path| {
         let path = path.to_path_buf();
         move |source| OutputError::Io {

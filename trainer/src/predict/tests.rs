@@ -878,6 +878,22 @@ fn training_ends_with_final_validation_and_summary() {
     assert!(props.get("image_properties").is_some());
     let log = std::fs::read_to_string(&s.log_file).unwrap();
     assert!(log.contains("Mean Validation Dice:"), "{log}");
+    assert!(!PredictionDir::new(&val).incomplete_marker().exists());
+
+    // Regression (issue 19): the folder was marked finished before its evaluation, so a run
+    // killed (or failing) there left a validation folder without summary.json that looked
+    // complete. An evaluation that fails (here: a ground truth of another shape) now leaves
+    // the folder marked unfinished.
+    datasets::io::write_seg(
+        &gt.join("case_1.nii.gz"),
+        Array3::<i16>::zeros((2, 3, 3)).view(),
+        &props_for([2, 3, 3], [[0, 2], [0, 3], [0, 3]], [2.0, 1.0, 1.0]).image_properties,
+    )
+    .unwrap();
+    req.validation_only = true;
+    let e = train(&req).unwrap_err().to_string();
+    assert!(e.contains("shape"), "{e}");
+    assert!(PredictionDir::new(&val).incomplete_marker().is_file());
 }
 
 /// Timing of a realistic-ish 3-D sliding window on the CPU (run with `--ignored --nocapture`).

@@ -385,6 +385,9 @@ fn validation_only(req: &TrainRequest) -> Result<TrainSummary, TrainError> {
             fold: req.fold,
         });
     }
+    // one writer per fold: --val rewrites the fold's validation/ (held until it returns)
+    let _lock = crate::fold_lock::FoldLock::acquire(&fold_folder)?;
+    session::remove_stale_temp_files(&[&fold_folder])?;
     let ck = Checkpoint::load(&final_path, &Device::Cpu)?;
     let pre = &req.preprocessed_dataset_folder;
     let data_folder = pre.join(&setup.cfg.data_identifier);

@@ -81,8 +81,9 @@ fn open_folders(req: &TrainRequest, setup: &Setup) -> Result<(PathBuf, FoldLock)
     let fold_folder = req.fold_folder();
     std::fs::create_dir_all(&fold_folder).map_err(io_err(&fold_folder))?;
     let lock = FoldLock::acquire(&fold_folder)?;
+    remove_stale_temp_files(&[&fold_folder, &model_folder])?;
     let pre = PreprocessedDir::new(&req.preprocessed_dataset_folder);
-    let model = ModelDir::at(model_folder);
+    let model = ModelDir::at(&model_folder);
     copy_json(&setup.plans_file, &model.plans_json())?;
     copy_json(&pre.dataset_json(), &model.dataset_json())?;
     let fp = pre.fingerprint();
@@ -90,6 +91,16 @@ fn open_folders(req: &TrainRequest, setup: &Setup) -> Result<(PathBuf, FoldLock)
         copy_json(&fp, &model.fingerprint())?;
     }
     Ok((fold_folder, lock))
+}
+
+/// Removes the temp files a killed run left in `folders` (checkpoints, debug.json, ...; see
+/// `predict::outputs::remove_stale_temp_files`).
+pub(super) fn remove_stale_temp_files(folders: &[&Path]) -> Result<(), TrainError> {
+    for f in folders {
+        crate::predict::outputs::remove_stale_temp_files(f)
+            .map_err(|e| Box::new(crate::predict::PredictError::from(e)))?;
+    }
+    Ok(())
 }
 
 fn copy_json(src: &Path, dst: &Path) -> Result<(), TrainError> {
@@ -189,8 +200,12 @@ fn open_dataset(
         )?,
     });
     let case_ids = dataset.case_ids().to_vec();
+    // the final validation's reference: refused now (before any splits are made) rather
+    // than after training
+    data::require_ground_truth(pre, &setup.plans, &req.configuration, &case_ids)?;
     let splits = data::load_or_create_splits(pre, &case_ids)?;
     let split = data::select_fold(&splits, req.fold, &case_ids)?;
+    dataset.require_prev_stage(&[split.train.as_slice(), split.val.as_slice()].concat())?;
     if split.train.is_empty() || split.val.is_empty() {
         return Err(TrainError::EmptyFold {
             fold: req.fold,

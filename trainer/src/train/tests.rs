@@ -419,8 +419,24 @@ fn a_fold_being_trained_refuses_a_second_training() {
         .join("checkpoint_final.safetensors")
         .exists());
     drop(held);
+    // temp files a killed run left (its pid no longer runs) are removed by the next run
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let dead = child.id();
+    child.wait().unwrap();
+    let stale = [
+        r.fold_folder().join(format!(".debug.json.tmp.{dead}.3")),
+        r.fold_folder()
+            .join(format!(".checkpoint_best.safetensors.tmp.{dead}.0")),
+        r.model_folder().join(format!(".plans.json.tmp.{dead}.1")),
+    ];
+    for f in &stale {
+        std::fs::write(f, b"half").unwrap();
+    }
     let s = train(&r).unwrap();
     assert!(s.final_checkpoint.is_file());
+    for f in &stale {
+        assert!(!f.exists(), "{}", f.display());
+    }
     // the lock is gone once training returned
     assert!(!datasets::layout::fold_lock_file(&r.fold_folder()).exists());
 }
@@ -568,6 +584,17 @@ fn validation_only_redoes_the_final_validation() {
     assert!(!before.is_empty());
     std::fs::remove_dir_all(&val).unwrap();
     req.validation_only = true;
+    // one writer per fold: --val of a fold being trained fails at once, naming the holder
+    let held = crate::fold_lock::FoldLock::acquire(&s.fold_folder).unwrap();
+    let e = train(&req).unwrap_err();
+    assert!(matches!(e, TrainError::FoldLock(_)), "{e}");
+    assert!(
+        e.to_string()
+            .contains(&format!("pid {}", std::process::id())),
+        "{e}"
+    );
+    assert!(!val.exists());
+    drop(held);
     let v = train(&req).unwrap();
     assert_eq!(v.train_iterations, 0);
     assert_eq!(v.epochs_completed, 1);

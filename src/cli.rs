@@ -68,6 +68,13 @@ pub enum Command {
     /// Apply a postprocessing.json to a folder of segmentations (nnUNetv2_apply_postprocessing).
     #[command(name = "apply_postprocessing")]
     ApplyPostprocessing(ApplyPpArgs),
+    /// Train a whole cross-validation (configuration × trainer × fold, every 3d_lowres fold
+    /// before 3d_cascade_fullres), then optionally find_best_configuration: on this machine
+    /// (CPU, or one job per GPU with --gpus) or as Slurm job arrays (--launcher slurm).
+    /// Finished folds are skipped, interrupted ones continued. Exit code 1: a job failed
+    /// (they are listed); 75: stopped by a signal, rerun to continue.
+    #[command(name = "cross_validate")]
+    CrossValidate(CrossValidateArgs),
     /// Pick the best configuration / ensemble from cross-validation (nnUNetv2_find_best_configuration).
     #[command(name = "find_best_configuration")]
     FindBestConfiguration(FindBestArgs),
@@ -473,6 +480,94 @@ pub struct ApplyPpArgs {
     /// dataset.json (default: the one in the input folder).
     #[arg(long = "dataset_json")]
     pub dataset_json: Option<PathBuf>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Launcher {
+    Local,
+    Slurm,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Then {
+    #[value(name = "find_best_configuration")]
+    FindBestConfiguration,
+}
+
+#[derive(Args, Debug)]
+pub struct CrossValidateArgs {
+    /// Dataset id (1, 001 or Dataset001_Name).
+    pub dataset: String,
+    /// Configurations (default: those of 2d, 3d_fullres, 3d_lowres, 3d_cascade_fullres the
+    /// plans have).
+    #[arg(short = 'c', num_args = 1..)]
+    pub configurations: Vec<String>,
+    /// Trainer names.
+    #[arg(long = "tr", num_args = 1.., default_values_t = ["nnUNetTrainer".to_string()])]
+    pub trainers: Vec<String>,
+    /// Plans identifier.
+    #[arg(short = 'p', default_value = "nnUNetPlans")]
+    pub plans: String,
+    /// Folds.
+    #[arg(short = 'f', num_args = 1.., default_values_t = ["0".to_string(), "1".to_string(), "2".to_string(), "3".to_string(), "4".to_string()])]
+    pub folds: Vec<String>,
+    /// Where the jobs run.
+    #[arg(long = "launcher", value_enum, default_value = "local")]
+    pub launcher: Launcher,
+    /// What runs after the trainings.
+    #[arg(long = "then", value_enum)]
+    pub then: Option<Then>,
+    /// Local launcher: CUDA devices, one training per device at a time (e.g. 0,1,2,3);
+    /// without, the trainings run on the CPU one after the other.
+    #[arg(long = "gpus", value_delimiter = ',')]
+    pub gpus: Vec<usize>,
+    /// Passed to every training: save softmax outputs of the final validation (needed for
+    /// ensembles in find_best_configuration).
+    #[arg(long = "npz")]
+    pub npz: bool,
+    /// Passed to find_best_configuration.
+    #[arg(long = "disable_ensembling")]
+    pub disable_ensembling: bool,
+    /// Passed to every training.
+    #[arg(long = "num_epochs")]
+    pub num_epochs: Option<usize>,
+    /// Passed to every training.
+    #[arg(long = "num_iterations_per_epoch")]
+    pub num_iterations_per_epoch: Option<usize>,
+    /// Passed to every training.
+    #[arg(long = "num_val_iterations_per_epoch")]
+    pub num_val_iterations_per_epoch: Option<usize>,
+    /// Slurm: write the scripts and print the sbatch commands without submitting.
+    #[arg(long = "dry-run")]
+    pub dry_run: bool,
+    /// Slurm: print each job's state (squeue/sacct and the results folder) of the last
+    /// submission.
+    #[arg(long = "status")]
+    pub status: bool,
+    /// Slurm: one GPU per job (--gres=gpu:1; trainings on --device cuda).
+    #[arg(long = "slurm-gpu")]
+    pub slurm_gpu: bool,
+    /// Slurm: --partition.
+    #[arg(long = "partition")]
+    pub partition: Option<String>,
+    /// Slurm: --account.
+    #[arg(long = "account")]
+    pub account: Option<String>,
+    /// Slurm: --time per job (e.g. 2-00:00:00).
+    #[arg(long = "time")]
+    pub time: Option<String>,
+    /// Slurm: --mem per job (e.g. 32G).
+    #[arg(long = "mem")]
+    pub mem: Option<String>,
+    /// Slurm: --cpus-per-task.
+    #[arg(long = "cpus-per-task")]
+    pub cpus_per_task: Option<usize>,
+    /// Slurm: at most this many jobs of an array at once (--array=0-N%MAX).
+    #[arg(long = "max-parallel")]
+    pub max_parallel: Option<usize>,
+    /// Slurm: seconds between the USR1 warning and the time limit (--signal=B:USR1@GRACE).
+    #[arg(long = "grace", default_value_t = 300)]
+    pub grace: u64,
 }
 
 #[derive(Args, Debug)]

@@ -117,7 +117,7 @@ say "2D demo planned and preprocessed"
 RES="$nnUNet_results/Dataset991_Demo2D"
 MODEL="$RES/nnUNetTrainer__nnUNetPlans__2d"
 CV=(cross_validate 991 -c 2d -f 0 1 --launcher slurm --then find_best_configuration
-    --num_epochs "${EPOCHS:-4}" --num_iterations_per_epoch "${ITERS:-25}"
+    --num_epochs "${EPOCHS:-3}" --num_iterations_per_epoch "${ITERS:-10}"
     --num_val_iterations_per_epoch 2 --cpus-per-task 1 --time 00:30:00 --grace 60)
 "$NNSEG" "${CV[@]}" --dry-run
 "$NNSEG" "${CV[@]}" | tee "$WORK/submit.txt"

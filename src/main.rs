@@ -426,7 +426,7 @@ fn train(paths: &NnUnetPaths, a: &cli::TrainArgs) -> Result<i32> {
 
 /// `nnseg cross_validate`; returns the exit code (1: a job failed, 75: stopped).
 fn cross_validate(paths: &NnUnetPaths, a: &cli::CrossValidateArgs) -> Result<i32> {
-    use trainer::cluster::{self, local, slurm};
+    use trainer::cluster::{self, slurm};
     let id = datasets::parse_dataset_id(&a.dataset)?;
     let name = datasets::dataset_name_from_id(paths, id)?;
     let results = paths.results_dir(&name)?;

@@ -30,15 +30,19 @@ impl Env {
         }
     }
 
-    pub fn nnseg(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_nnseg"))
-            .args(args)
+    /// `nnseg ARGS` with this layout's environment, not started.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_nnseg"));
+        c.args(args)
             .env("nnUNet_raw", &self.raw)
             .env("nnUNet_preprocessed", &self.pre)
             .env("nnUNet_results", &self.res)
-            .env("RUST_LOG", "info")
-            .output()
-            .unwrap()
+            .env("RUST_LOG", "info");
+        c
+    }
+
+    pub fn nnseg(&self, args: &[&str]) -> Output {
+        self.command(args).output().unwrap()
     }
 
     pub fn ok(&self, args: &[&str]) -> String {

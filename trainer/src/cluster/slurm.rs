@@ -185,7 +185,11 @@ pub fn write_scripts(
     o: &SlurmOptions,
 ) -> Result<Vec<LevelScript>, ClusterError> {
     let dir = slurm_dir(results);
-    std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+    // Slurm opens `--output` in the logs folder before the script runs: it must exist
+    let logs = results.cross_validate().join("logs");
+    for d in [&dir, &logs] {
+        std::fs::create_dir_all(d).map_err(io_err(d))?;
+    }
     let levels = plan.levels.len();
     let mut out = Vec::new();
     for (level, jobs) in plan.levels.iter().enumerate() {

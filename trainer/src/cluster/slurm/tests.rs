@@ -129,6 +129,7 @@ fn dry_run_writes_scripts_and_submits_nothing() {
     assert_eq!(scripts.len(), 2);
     assert!(scripts[1].script.ends_with("cross_validate/slurm/level_1.sbatch"));
     assert!(scripts[1].script.is_file());
+    assert!(r.cross_validate().join("logs").is_dir(), "sbatch --output needs it");
     let cmds = submit(&mut scripts, &r, true).unwrap();
     assert_eq!(cmds[1][2], "--dependency=afterok:<level 0>");
     assert!(!record_file(&r).exists());

@@ -433,7 +433,10 @@ fn cross_validate(paths: &NnUnetPaths, a: &cli::CrossValidateArgs) -> Result<i32
     if a.status {
         for s in slurm::status(&results)? {
             let state = s.slurm_state.as_deref().unwrap_or("-");
-            println!("{:<12} {:<11} {:<48} {}", s.slurm_id, state, s.name, s.results_state);
+            println!(
+                "{:<12} {:<11} {:<48} {}",
+                s.slurm_id, state, s.name, s.results_state
+            );
         }
         return Ok(0);
     }
@@ -448,7 +451,10 @@ fn cross_validate(paths: &NnUnetPaths, a: &cli::CrossValidateArgs) -> Result<i32
     for (flag, v) in [
         ("--num_epochs", a.num_epochs),
         ("--num_iterations_per_epoch", a.num_iterations_per_epoch),
-        ("--num_val_iterations_per_epoch", a.num_val_iterations_per_epoch),
+        (
+            "--num_val_iterations_per_epoch",
+            a.num_val_iterations_per_epoch,
+        ),
     ] {
         if let Some(v) = v {
             train_args.extend([flag.to_string(), v.to_string()]);
@@ -507,7 +513,12 @@ fn cross_validate(paths: &NnUnetPaths, a: &cli::CrossValidateArgs) -> Result<i32
             let commands = slurm::submit(&mut scripts, &results, a.dry_run)?;
             for (s, c) in scripts.iter().zip(&commands) {
                 let id = s.job_id.as_deref().unwrap_or("(dry run)");
-                println!("level {}: {} job(s): {}  -> {id}", s.level, s.jobs.len(), c.join(" "));
+                println!(
+                    "level {}: {} job(s): {}  -> {id}",
+                    s.level,
+                    s.jobs.len(),
+                    c.join(" ")
+                );
             }
             Ok(0)
         }

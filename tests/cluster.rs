@@ -51,11 +51,15 @@ fn wait_for_epoch(fold: &Path, epoch: usize) {
     let t = Instant::now();
     let want = format!(": Epoch {epoch}\n");
     while t.elapsed() < Duration::from_secs(300) {
-        let found = std::fs::read_dir(fold).into_iter().flatten().flatten().any(|e| {
-            let name = e.file_name().to_string_lossy().to_string();
-            name.starts_with("training_log_")
-                && std::fs::read_to_string(e.path()).is_ok_and(|s| s.contains(&want))
-        });
+        let found = std::fs::read_dir(fold)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| {
+                let name = e.file_name().to_string_lossy().to_string();
+                name.starts_with("training_log_")
+                    && std::fs::read_to_string(e.path()).is_ok_and(|s| s.contains(&want))
+            });
         if found {
             return;
         }
@@ -151,7 +155,10 @@ fn cross_validate_runs_folds_then_find_best_skips_finished_and_lists_failures() 
         stdout.contains("3 job(s) in 2 level(s); 0 training(s) already finished"),
         "{stdout}"
     );
-    assert!(stderr.contains("[cross_validate] level 2/2: 1 done"), "{stderr}");
+    assert!(
+        stderr.contains("[cross_validate] level 2/2: 1 done"),
+        "{stderr}"
+    );
     let res = env.res.join("Dataset991_Demo2D");
     let model = res.join("nnUNetTrainer__nnUNetPlans__2d");
     for f in ["0", "1"] {
@@ -193,7 +200,13 @@ fn cross_validate_runs_folds_then_find_best_skips_finished_and_lists_failures() 
     );
 
     // the Slurm launcher's dry run writes the scripts and submits nothing
-    let out = cv(&["--launcher", "slurm", "--dry-run", "-tr", "nnUNetTrainer_5epochs"]);
+    let out = cv(&[
+        "--launcher",
+        "slurm",
+        "--dry-run",
+        "-tr",
+        "nnUNetTrainer_5epochs",
+    ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
     assert!(stdout.contains("sbatch --parsable"), "{stdout}");

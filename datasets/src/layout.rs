@@ -226,7 +226,9 @@ impl ResultsDir {
     }
     /// The log of one `cross_validate` job, `cross_validate/logs/{job}.log`.
     pub fn cross_validate_log(&self, job: &str) -> PathBuf {
-        self.cross_validate().join("logs").join(format!("{job}.log"))
+        self.cross_validate()
+            .join("logs")
+            .join(format!("{job}.log"))
     }
 }
 

@@ -318,7 +318,11 @@ mod tests {
         std::fs::write(fold.join("checkpoint_latest.safetensors"), b"x").unwrap();
         let plan = plan_jobs(&c).unwrap();
         assert_eq!(plan.finished.len(), 2);
-        assert_eq!(plan.levels.len(), 1, "the lowres level is empty and dropped");
+        assert_eq!(
+            plan.levels.len(),
+            1,
+            "the lowres level is empty and dropped"
+        );
         assert_eq!(
             names(&plan.levels[0]),
             [

@@ -199,10 +199,13 @@ fn run_level(
         }
         let mut i = 0;
         while i < running.len() {
-            let status = running[i].child.try_wait().map_err(|source| ClusterError::Io {
-                path: results.cross_validate_log(&running[i].job.name),
-                source,
-            })?;
+            let status = running[i]
+                .child
+                .try_wait()
+                .map_err(|source| ClusterError::Io {
+                    path: results.cross_validate_log(&running[i].job.name),
+                    source,
+                })?;
             match status {
                 Some(status) => {
                     let r = running.swap_remove(i);
@@ -315,11 +318,20 @@ mod tests {
         assert_eq!(outcome("after"), Outcome::NotRun);
         assert_eq!(report.failed().len(), 1);
         let log = std::fs::read_to_string(results.cross_validate_log("ok")).unwrap();
-        assert!(log.contains("=== nnseg -c echo hello") && log.contains("hello\n"), "{log}");
+        assert!(
+            log.contains("=== nnseg -c echo hello") && log.contains("hello\n"),
+            "{log}"
+        );
         assert!(!results.cross_validate_log("after").exists());
         let last = seen.last().unwrap();
-        assert_eq!((last.done, last.failed, last.running, last.pending), (1, 2, 0, 0));
-        assert!(seen.iter().all(|p| p.running <= 2), "at most one job per GPU");
+        assert_eq!(
+            (last.done, last.failed, last.running, last.pending),
+            (1, 2, 0, 0)
+        );
+        assert!(
+            seen.iter().all(|p| p.running <= 2),
+            "at most one job per GPU"
+        );
     }
 
     #[test]
@@ -331,14 +343,21 @@ mod tests {
         // each job fails if another one is running
         let script = format!("test ! -e {m} && touch {m} && sleep 0.1 && rm {m}");
         let plan = JobPlan {
-            levels: vec![vec![job("a", &script), job("b", &script), job("c", &script)]],
+            levels: vec![vec![
+                job("a", &script),
+                job("b", &script),
+                job("c", &script),
+            ]],
             finished: vec![],
         };
         let report = run_local(&plan, &results, &opts(vec![]), &mut |p| {
             assert!(p.running <= 1)
         })
         .unwrap();
-        assert!(report.jobs.iter().all(|j| j.outcome == Outcome::Done), "{report:?}");
+        assert!(
+            report.jobs.iter().all(|j| j.outcome == Outcome::Done),
+            "{report:?}"
+        );
     }
 
     #[test]

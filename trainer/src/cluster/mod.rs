@@ -41,9 +41,7 @@ pub enum ClusterError {
     JobId { command: String, output: String },
     #[error("{}: {message}", path.display())]
     Record { path: PathBuf, message: String },
-    #[error(
-        "configuration `{configuration}`: its stages form a cycle through `previous_stage`"
-    )]
+    #[error("configuration `{configuration}`: its stages form a cycle through `previous_stage`")]
     StageCycle { configuration: String },
     #[error(transparent)]
     Name(#[from] datasets::DatasetError),

@@ -104,7 +104,10 @@ fn sbatch_lines(level: usize, jobs: &[Job], results: &ResultsDir, o: &SlurmOptio
     l.extend(opt("account", &o.account));
     l.extend(opt("time", &o.time));
     l.extend(opt("mem", &o.mem));
-    l.extend(opt("cpus-per-task", &o.cpus_per_task.map(|c| c.to_string())));
+    l.extend(opt(
+        "cpus-per-task",
+        &o.cpus_per_task.map(|c| c.to_string()),
+    ));
     if o.gpu {
         l.push("#SBATCH --gres=gpu:1".into());
     }
@@ -371,11 +374,22 @@ pub fn status(results: &ResultsDir) -> Result<Vec<JobState>, ClusterError> {
     let ids: Vec<String> = scripts.iter().filter_map(|s| s.job_id.clone()).collect();
     let query = |argv: &[&str]| {
         let argv: Vec<String> = argv.iter().map(|s| s.to_string()).collect();
-        run_command(&argv).map(|t| parse_states(&t)).unwrap_or_default()
+        run_command(&argv)
+            .map(|t| parse_states(&t))
+            .unwrap_or_default()
     };
     let joined = ids.join(",");
     let live = query(&["squeue", "-h", "-r", "-o", "%i|%T", "-j", &joined]);
-    let past = query(&["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", &joined]);
+    let past = query(&[
+        "sacct",
+        "-n",
+        "-P",
+        "-X",
+        "-o",
+        "JobID,State",
+        "-j",
+        &joined,
+    ]);
     Ok(merge_states(&scripts, &live, &past, results))
 }
 

@@ -453,7 +453,8 @@ impl<'r> Session<'r> {
             mid_epoch: mid.as_ref(),
             ..self.state(epoch)
         };
-        self.saver.save(CheckpointKind::Latest, state, &self.learner)?;
+        self.saver
+            .save(CheckpointKind::Latest, state, &self.learner)?;
         let stopped = Stopped {
             epoch,
             iterations_done: mid.map_or(0, |m| m.iterations_done),

@@ -765,7 +765,10 @@ fn a_requested_stop_saves_mid_epoch_and_resumes_bit_exactly() {
     let stopped = s.stopped.clone().expect("the run reports the stop");
     assert_eq!((stopped.epoch, stopped.iterations_done), (0, 1));
     assert_eq!(s.train_iterations, 1);
-    assert_eq!(stopped.checkpoint, s.fold_folder.join("checkpoint_latest.safetensors"));
+    assert_eq!(
+        stopped.checkpoint,
+        s.fold_folder.join("checkpoint_latest.safetensors")
+    );
     assert!(!s.fold_folder.join("checkpoint_final.safetensors").exists());
     let ck = Checkpoint::load(&stopped.checkpoint, &Device::Cpu).unwrap();
     assert_eq!(ck.meta.current_epoch, 0);
@@ -778,7 +781,10 @@ fn a_requested_stop_saves_mid_epoch_and_resumes_bit_exactly() {
     let resumed = train(&again).unwrap();
     assert!(resumed.stopped.is_none());
     assert_eq!(resumed.start_epoch, 0);
-    assert_eq!(resumed.train_iterations, 3, "1 + 3 = 2 epochs x 2 iterations");
+    assert_eq!(
+        resumed.train_iterations, 3,
+        "1 + 3 = 2 epochs x 2 iterations"
+    );
     let a = Checkpoint::load(&straight.final_checkpoint, &Device::Cpu).unwrap();
     let b = Checkpoint::load(&resumed.final_checkpoint, &Device::Cpu).unwrap();
     assert!(b.meta.mid_epoch.is_none());

@@ -44,7 +44,14 @@ fn a_cpu_script_has_the_array_requeue_and_signal_and_no_gres() {
     ] {
         assert!(lines.contains(&want), "missing `{want}` in\n{text}");
     }
-    for absent in ["--gres", "--partition", "--account", "--time", "--mem", "--cpus"] {
+    for absent in [
+        "--gres",
+        "--partition",
+        "--account",
+        "--time",
+        "--mem",
+        "--cpus",
+    ] {
         assert!(!text.contains(absent), "`{absent}` in\n{text}");
     }
     assert!(text.contains("trap 'kill -TERM $PID 2>/dev/null' USR1 TERM"));
@@ -74,7 +81,10 @@ fn resources_and_gpus_become_sbatch_flags_and_the_device() {
         "#SBATCH --gres=gpu:1",
         "  'train 991 2d 0 -tr nnUNetTrainer --c --device cuda'",
     ] {
-        assert!(text.lines().any(|l| l == want), "missing `{want}` in\n{text}");
+        assert!(
+            text.lines().any(|l| l == want),
+            "missing `{want}` in\n{text}"
+        );
     }
     assert!(text.contains("dependency level 2 of 3"));
 }
@@ -92,9 +102,7 @@ fn arguments_with_spaces_survive_the_script() {
         .nth(1)
         .unwrap()
         .to_string();
-    let script = format!(
-        "ARGS=(\n{line}\n)\neval \"set -- ${{ARGS[0]}}\"\nprintf '%s\\n' \"$@\""
-    );
+    let script = format!("ARGS=(\n{line}\n)\neval \"set -- ${{ARGS[0]}}\"\nprintf '%s\\n' \"$@\"");
     let out = std::process::Command::new("bash")
         .args(["-c", &script])
         .output()
@@ -106,7 +114,12 @@ fn arguments_with_spaces_survive_the_script() {
 fn sbatch_commands_chain_with_afterok() {
     assert_eq!(
         sbatch_command(Path::new("/s/level_1.sbatch"), Some("123")),
-        ["sbatch", "--parsable", "--dependency=afterok:123", "/s/level_1.sbatch"]
+        [
+            "sbatch",
+            "--parsable",
+            "--dependency=afterok:123",
+            "/s/level_1.sbatch"
+        ]
     );
     assert_eq!(
         sbatch_command(Path::new("/s/level_0.sbatch"), None),
@@ -127,9 +140,14 @@ fn dry_run_writes_scripts_and_submits_nothing() {
     };
     let mut scripts = write_scripts(&plan, &r, &opts()).unwrap();
     assert_eq!(scripts.len(), 2);
-    assert!(scripts[1].script.ends_with("cross_validate/slurm/level_1.sbatch"));
+    assert!(scripts[1]
+        .script
+        .ends_with("cross_validate/slurm/level_1.sbatch"));
     assert!(scripts[1].script.is_file());
-    assert!(r.cross_validate().join("logs").is_dir(), "sbatch --output needs it");
+    assert!(
+        r.cross_validate().join("logs").is_dir(),
+        "sbatch --output needs it"
+    );
     let cmds = submit(&mut scripts, &r, true).unwrap();
     assert_eq!(cmds[1][2], "--dependency=afterok:<level 0>");
     assert!(!record_file(&r).exists());

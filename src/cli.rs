@@ -75,6 +75,10 @@ pub enum Command {
     /// (they are listed); 75: stopped by a signal, rerun to continue.
     #[command(name = "cross_validate")]
     CrossValidate(CrossValidateArgs),
+    /// Predict a folder of images with what find_best_configuration recommended
+    /// (inference_information.json): the winning model or ensemble, then its postprocessing.
+    #[command(name = "predict_best_configuration")]
+    PredictBestConfiguration(PredictBestArgs),
     /// Pick the best configuration / ensemble from cross-validation (nnUNetv2_find_best_configuration).
     #[command(name = "find_best_configuration")]
     FindBestConfiguration(FindBestArgs),
@@ -528,6 +532,10 @@ pub struct CrossValidateArgs {
     /// Passed to find_best_configuration.
     #[arg(long = "disable_ensembling")]
     pub disable_ensembling: bool,
+    /// Then predict the images in IN into OUT with what find_best_configuration recommends
+    /// (implies --then find_best_configuration), as `nnseg predict_best_configuration`.
+    #[arg(long = "predict", num_args = 2, value_names = ["IN", "OUT"])]
+    pub predict: Option<Vec<PathBuf>>,
     /// Passed to every training.
     #[arg(long = "num_epochs")]
     pub num_epochs: Option<usize>,
@@ -568,6 +576,25 @@ pub struct CrossValidateArgs {
     /// Slurm: seconds between the USR1 warning and the time limit (--signal=B:USR1@GRACE).
     #[arg(long = "grace", default_value_t = 300)]
     pub grace: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct PredictBestArgs {
+    /// Dataset id.
+    pub dataset: String,
+    /// Input folder with case_XXXX_0000{ending} images.
+    #[arg(short = 'i')]
+    pub input: PathBuf,
+    /// Output folder for the postprocessed segmentations (OUT_model_K and
+    /// OUT_before_postprocessing are written next to it).
+    #[arg(short = 'o')]
+    pub output: PathBuf,
+    /// cpu, cuda or cuda:N.
+    #[arg(long = "device", default_value = "cpu")]
+    pub device: String,
+    /// Preprocessing / export workers.
+    #[arg(long = "npp", default_value_t = 3)]
+    pub npp: usize,
 }
 
 #[derive(Args, Debug)]

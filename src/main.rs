@@ -202,6 +202,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("postprocessed {n} cases into {}", a.output.display());
         }
         Command::FindBestConfiguration(a) => find_best(&paths, &a)?,
+        Command::PredictBestConfiguration(a) => predict_best(&paths, &a)?,
         Command::ImportNnunetModel(a) => {
             let t = Instant::now();
             let model = trainer::import::import_nnunet_model(&a.folder, &a.fold, &a.checkpoint)?;
@@ -477,6 +478,12 @@ fn cross_validate(paths: &NnUnetPaths, a: &cli::CrossValidateArgs) -> Result<i32
         folds: a.folds.clone(),
         train_args,
         find_best,
+        predict: a.predict.as_ref().map(|io| {
+            (
+                PathBuf::from(absolute(&io[0])),
+                PathBuf::from(absolute(&io[1])),
+            )
+        }),
     };
     let plan = cluster::plan_jobs(&cv)?;
     println!(
@@ -624,6 +631,24 @@ fn predict(paths: &NnUnetPaths, a: &cli::PredictArgs) -> Result<()> {
         report.outputs.len(),
         a.output.display(),
         t.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn predict_best(paths: &NnUnetPaths, a: &cli::PredictBestArgs) -> Result<()> {
+    use trainer::cluster::recommended::{predict_recommended, RecommendedPrediction};
+    let id = datasets::parse_dataset_id(&a.dataset)?;
+    let name = datasets::dataset_name_from_id(paths, id)?;
+    let n = predict_recommended(&RecommendedPrediction {
+        results: paths.results_dir(&name)?,
+        input: a.input.clone(),
+        output: a.output.clone(),
+        device: pick_device(&a.device)?,
+        num_workers: a.npp,
+    })?;
+    println!(
+        "predicted and postprocessed {n} cases into {}",
+        a.output.display()
     );
     Ok(())
 }

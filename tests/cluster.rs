@@ -147,12 +147,30 @@ fn cross_validate_runs_folds_then_find_best_skips_finished_and_lists_failures() 
         a.extend(extra);
         env.nnseg(&a)
     };
-    let out = cv(&["--then", "find_best_configuration"]);
+    // two training images as the images to predict
+    let input = env.res.join("to_predict");
+    std::fs::create_dir_all(&input).unwrap();
+    let mut images: Vec<_> = std::fs::read_dir(env.raw.join("Dataset991_Demo2D/imagesTr"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    images.sort();
+    for p in &images[..2] {
+        std::fs::copy(p, input.join(p.file_name().unwrap())).unwrap();
+    }
+    let predicted = env.res.join("predicted");
+    let out = cv(&[
+        "--then",
+        "find_best_configuration",
+        "--predict",
+        input.to_str().unwrap(),
+        predicted.to_str().unwrap(),
+    ]);
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stdout}\n{stderr}");
     assert!(
-        stdout.contains("3 job(s) in 2 level(s); 0 training(s) already finished"),
+        stdout.contains("4 job(s) in 3 level(s); 0 training(s) already finished"),
         "{stdout}"
     );
     assert!(
@@ -179,6 +197,15 @@ fn cross_validate_runs_folds_then_find_best_skips_finished_and_lists_failures() 
         info["best_model_or_ensemble"]["selected_model_or_models"][0]["configuration"],
         "2d"
     );
+
+    // the recommended model (2d) and postprocessing predicted both images
+    let written: Vec<_> = std::fs::read_dir(&predicted)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| !n.ends_with(".json"))
+        .collect();
+    assert_eq!(written.len(), 2, "{written:?}");
+    assert!(env.res.join("predicted_before_postprocessing").is_dir());
 
     // a rerun trains nothing again
     let out = cv(&[]);

@@ -4,6 +4,7 @@ use super::ClusterError;
 use crate::checkpoint::CheckpointKind;
 use datasets::{ModelId, ResultsDir};
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 
 /// nnU-Net's configurations, in the order `cross_validate` trains those the plans have when
 /// none are named.
@@ -56,20 +57,29 @@ pub struct CrossValidation {
     pub train_args: Vec<String>,
     /// Run `find_best_configuration` after the trainings, with these extra flags.
     pub find_best: Option<Vec<String>>,
+    /// Then predict the images of the first folder into the second with the recommended
+    /// model or ensemble and postprocessing (needs `find_best_configuration`: it runs even
+    /// when `find_best` is `None`).
+    pub predict: Option<(PathBuf, PathBuf)>,
 }
 
 /// One job's command.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JobKind {
-    Train { model: ModelId, fold: String },
+    Train {
+        model: ModelId,
+        fold: String,
+    },
     FindBest,
+    /// `predict_best_configuration`.
+    Predict,
 }
 
 /// One `nnseg` invocation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Job {
-    /// Unique and usable as a file name: `{trainer}__{plans}__{configuration}_fold_{f}` or
-    /// `find_best_configuration`.
+    /// Unique and usable as a file name: `{trainer}__{plans}__{configuration}_fold_{f}`,
+    /// `find_best_configuration` or `predict_best_configuration`.
     pub name: String,
     pub kind: JobKind,
     /// The arguments of `nnseg` (a launcher may add `--device`).
@@ -163,7 +173,7 @@ pub fn is_finished(results: &ResultsDir, job: &Job) -> bool {
             .fold(fold)
             .join(CheckpointKind::Final.file_name())
             .is_file(),
-        JobKind::FindBest => false,
+        JobKind::FindBest | JobKind::Predict => false,
     }
 }
 
@@ -190,8 +200,25 @@ pub fn plan_jobs(cv: &CrossValidation) -> Result<JobPlan, ClusterError> {
             }
         }
     }
-    if let Some(extra) = &cv.find_best {
-        plan.levels.push(vec![find_best_job(cv, extra)]);
+    match (&cv.find_best, &cv.predict) {
+        (Some(extra), _) => plan.levels.push(vec![find_best_job(cv, extra)]),
+        (None, Some(_)) => plan.levels.push(vec![find_best_job(cv, &[])]),
+        (None, None) => {}
+    }
+    if let Some((input, output)) = &cv.predict {
+        let args = [
+            "predict_best_configuration".to_string(),
+            cv.dataset.clone(),
+            "-i".into(),
+            input.display().to_string(),
+            "-o".into(),
+            output.display().to_string(),
+        ];
+        plan.levels.push(vec![Job {
+            name: "predict_best_configuration".into(),
+            kind: JobKind::Predict,
+            args: args.to_vec(),
+        }]);
     }
     plan.levels.retain(|l| !l.is_empty());
     Ok(plan)
@@ -215,6 +242,7 @@ mod tests {
             folds: vec!["0".into(), "1".into()],
             train_args: vec!["--npz".into()],
             find_best: None,
+            predict: None,
         }
     }
 
@@ -291,6 +319,21 @@ mod tests {
              -p nnUNetPlans -f 0 1 --disable_ensembling"
         );
         assert_eq!(plan.job_count(), 7);
+    }
+
+    #[test]
+    fn predict_comes_after_find_best_which_it_implies() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut c = cv(tmp.path(), &["2d"]);
+        c.predict = Some(("/in".into(), "/out".into()));
+        let plan = plan_jobs(&c).unwrap();
+        assert_eq!(plan.levels.len(), 3);
+        assert_eq!(names(&plan.levels[1]), ["find_best_configuration"]);
+        assert_eq!(
+            plan.levels[2][0].args.join(" "),
+            "predict_best_configuration 991 -i /in -o /out"
+        );
+        assert_eq!(plan.levels[2][0].kind, JobKind::Predict);
     }
 
     #[test]

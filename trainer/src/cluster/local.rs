@@ -99,10 +99,10 @@ struct Running<'p> {
     gpu: Option<usize>,
 }
 
-/// The command line of `job` on `gpu` (trainings only get a device).
+/// The command line of `job` on `gpu` (trainings and the prediction get a device).
 pub fn job_args(job: &Job, gpu: Option<usize>) -> Vec<String> {
     let mut args = job.args.clone();
-    if let (JobKind::Train { .. }, Some(g)) = (&job.kind, gpu) {
+    if let (JobKind::Train { .. } | JobKind::Predict, Some(g)) = (&job.kind, gpu) {
         args.extend(["--device".to_string(), format!("cuda:{g}")]);
     }
     args

@@ -10,6 +10,7 @@
 
 pub mod jobs;
 pub mod local;
+pub mod recommended;
 pub mod slurm;
 
 pub use jobs::{configurations_from_plans, plan_jobs, CrossValidation, Job, JobKind, JobPlan};
@@ -47,6 +48,10 @@ pub enum ClusterError {
     Name(#[from] datasets::DatasetError),
     #[error(transparent)]
     Plans(#[from] plans::PlansError),
+    #[error(transparent)]
+    Evaluation(#[from] crate::evaluation::EvalError),
+    #[error("prediction: {0}")]
+    Predict(Box<crate::predict::PredictError>),
 }
 
 fn io_err(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> ClusterError + '_ {

@@ -77,7 +77,12 @@ fn quote(s: &str) -> String {
 
 fn task_args(job: &Job, gpu: bool) -> Vec<String> {
     let mut args = job.args.clone();
-    if gpu && matches!(job.kind, super::JobKind::Train { .. }) {
+    if gpu
+        && matches!(
+            job.kind,
+            super::JobKind::Train { .. } | super::JobKind::Predict
+        )
+    {
         args.extend(["--device".to_string(), "cuda".to_string()]);
     }
     args
@@ -336,6 +341,9 @@ pub struct JobState {
 
 /// What the results folder says about a job name.
 fn results_state(results: &ResultsDir, name: &str) -> &'static str {
+    if name == "predict_best_configuration" {
+        return "see its log";
+    }
     if name == "find_best_configuration" {
         return if results.inference_information().is_file() {
             "inference_information.json written"

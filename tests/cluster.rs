@@ -174,7 +174,7 @@ fn cross_validate_runs_folds_then_find_best_skips_finished_and_lists_failures() 
         "{stdout}"
     );
     assert!(
-        stderr.contains("[cross_validate] level 2/2: 1 done"),
+        stderr.contains("[cross_validate] level 3/3: 1 done"),
         "{stderr}"
     );
     let res = env.res.join("Dataset991_Demo2D");

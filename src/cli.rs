@@ -740,6 +740,47 @@ mod tests {
     }
 
     #[test]
+    fn cross_validate_flags() {
+        let cli = parse(&[
+            "nnseg",
+            "cross_validate",
+            "991",
+            "-c",
+            "2d",
+            "3d_fullres",
+            "-f",
+            "0",
+            "1",
+            "--gpus",
+            "0,1",
+            "--then",
+            "find_best_configuration",
+            "--predict",
+            "in",
+            "out",
+            "--launcher",
+            "slurm",
+            "--max-parallel",
+            "4",
+        ]);
+        let Command::CrossValidate(a) = cli.command else {
+            panic!("not cross_validate")
+        };
+        assert_eq!(a.configurations, ["2d", "3d_fullres"]);
+        assert_eq!(a.folds, ["0", "1"]);
+        assert_eq!(a.gpus, [0, 1]);
+        assert_eq!(a.then, Some(Then::FindBestConfiguration));
+        assert_eq!(
+            a.predict,
+            Some(vec![PathBuf::from("in"), PathBuf::from("out")])
+        );
+        assert_eq!(a.launcher, Launcher::Slurm);
+        assert_eq!(a.max_parallel, Some(4));
+        assert_eq!(a.trainers, ["nnUNetTrainer"]);
+        assert_eq!(a.grace, 300);
+    }
+
+    #[test]
     fn positional_id_and_negative_numbers() {
         let v = normalize_args(["nnseg", "-x", "-1", "--raw", "-np"].map(String::from));
         assert_eq!(v, vec!["nnseg", "-x", "-1", "--raw", "--np"]);

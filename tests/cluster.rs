@@ -241,3 +241,54 @@ fn cross_validate_runs_folds_then_find_best_skips_finished_and_lists_failures() 
     assert!(script.contains("#SBATCH --array=0-1\n"), "{script}");
     assert!(!res.join("cross_validate/slurm/submitted.json").exists());
 }
+
+#[test]
+fn cross_validate_stopped_by_sigterm_continues_on_rerun() {
+    let env = prepared();
+    let args = [
+        "cross_validate",
+        "991",
+        "-c",
+        "2d",
+        "-f",
+        "0",
+        "--num_epochs",
+        "2",
+        "--num_iterations_per_epoch",
+        "8",
+        "--num_val_iterations_per_epoch",
+        "1",
+    ];
+    let child = env
+        .command(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let fold = env
+        .res
+        .join("Dataset991_Demo2D/nnUNetTrainer__nnUNetPlans__2d/fold_0");
+    wait_for_epoch(&fold, 1);
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(trainer::STOPPED_EXIT_CODE),
+        "{stderr}"
+    );
+    assert!(stderr.contains("rerun the same command"), "{stderr}");
+    assert!(fold.join("checkpoint_latest.safetensors").is_file());
+
+    env.ok(&args);
+    assert!(fold.join("checkpoint_final.safetensors").is_file());
+    let resumed = std::fs::read_dir(&fold).unwrap().flatten().any(|e| {
+        std::fs::read_to_string(e.path())
+            .is_ok_and(|s| s.contains("Resuming from") && s.contains("checkpoint_latest"))
+    });
+    assert!(resumed, "the rerun did not continue from checkpoint_latest");
+}

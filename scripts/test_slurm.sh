@@ -9,8 +9,9 @@
 #    preemption) and sends fold 1 the time-limit warning (`scancel -b -s USR1`, what
 #    `--signal=B:USR1@GRACE` does); both must stop gracefully, be requeued and resume from
 #    checkpoint_latest;
-#  - checks every fold's checkpoint_final, the resume lines in the training logs and
-#    find_best_configuration's inference_information.json; prints the time taken.
+#  - checks every fold's checkpoint_final, the resume lines in the training logs,
+#    find_best_configuration's inference_information.json and the prediction of two images
+#    with its recommendation (`--predict`, a third job array); prints the time taken.
 # Must run as root (it installs packages and starts the daemons). Usage:
 #   scripts/test_slurm.sh            # builds nnseg with cargo
 #   NNSEG=/path/to/nnseg scripts/test_slurm.sh
@@ -115,8 +116,14 @@ mkdir -p "$nnUNet_raw" "$nnUNet_preprocessed" "$nnUNet_results"
 say "2D demo planned and preprocessed"
 
 RES="$nnUNet_results/Dataset991_Demo2D"
+# two training images to predict with the recommended configuration at the end
+mkdir -p "$WORK/to_predict"
+for f in $(ls "$nnUNet_raw/Dataset991_Demo2D/imagesTr" | head -2); do
+  cp "$nnUNet_raw/Dataset991_Demo2D/imagesTr/$f" "$WORK/to_predict/"
+done
 MODEL="$RES/nnUNetTrainer__nnUNetPlans__2d"
 CV=(cross_validate 991 -c 2d -f 0 1 --launcher slurm --then find_best_configuration
+    --predict "$WORK/to_predict" "$WORK/predicted"
     --num_epochs "${EPOCHS:-3}" --num_iterations_per_epoch "${ITERS:-10}"
     --num_val_iterations_per_epoch 2 --cpus-per-task 1 --time 00:30:00 --grace 60)
 "$NNSEG" "${CV[@]}" --dry-run
@@ -170,4 +177,7 @@ assert 0.0 <= best["result_on_crossval_pre_pp"] <= 1.0, best
 print(f"  find_best_configuration: 2d, cross-validation Dice {best['result_on_crossval_pre_pp']:.4f}")
 PY
 grep -q "COMPLETED\|finished" "$WORK/status.txt" || fail "--status shows nothing finished"
+N=$(ls "$WORK/predicted" | grep -c '\.png$' || true)
+[ "$N" -eq 2 ] || fail "predict_best_configuration wrote $N of 2 segmentations"
+say "predict_best_configuration wrote $N postprocessed segmentations"
 say "PASSED in $(( $(date +%s) - T0 )) s (work folder $WORK)"

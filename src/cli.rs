@@ -68,6 +68,17 @@ pub enum Command {
     /// Apply a postprocessing.json to a folder of segmentations (nnUNetv2_apply_postprocessing).
     #[command(name = "apply_postprocessing")]
     ApplyPostprocessing(ApplyPpArgs),
+    /// Train a whole cross-validation (configuration × trainer × fold, every 3d_lowres fold
+    /// before 3d_cascade_fullres), then optionally find_best_configuration: on this machine
+    /// (CPU, or one job per GPU with --gpus) or as Slurm job arrays (--launcher slurm).
+    /// Finished folds are skipped, interrupted ones continued. Exit code 1: a job failed
+    /// (they are listed); 75: stopped by a signal, rerun to continue.
+    #[command(name = "cross_validate")]
+    CrossValidate(CrossValidateArgs),
+    /// Predict a folder of images with what find_best_configuration recommended
+    /// (inference_information.json): the winning model or ensemble, then its postprocessing.
+    #[command(name = "predict_best_configuration")]
+    PredictBestConfiguration(PredictBestArgs),
     /// Pick the best configuration / ensemble from cross-validation (nnUNetv2_find_best_configuration).
     #[command(name = "find_best_configuration")]
     FindBestConfiguration(FindBestArgs),
@@ -582,6 +593,117 @@ pub struct ApplyPpArgs {
     pub dataset_json: Option<PathBuf>,
 }
 
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Launcher {
+    Local,
+    Slurm,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Then {
+    #[value(name = "find_best_configuration")]
+    FindBestConfiguration,
+}
+
+#[derive(Args, Debug)]
+pub struct CrossValidateArgs {
+    /// Dataset id (1, 001 or Dataset001_Name).
+    pub dataset: String,
+    /// Configurations (default: those of 2d, 3d_fullres, 3d_lowres, 3d_cascade_fullres the
+    /// plans have).
+    #[arg(short = 'c', num_args = 1..)]
+    pub configurations: Vec<String>,
+    /// Trainer names.
+    #[arg(long = "tr", num_args = 1.., default_values_t = ["nnUNetTrainer".to_string()])]
+    pub trainers: Vec<String>,
+    /// Plans identifier.
+    #[arg(short = 'p', default_value = "nnUNetPlans")]
+    pub plans: String,
+    /// Folds.
+    #[arg(short = 'f', num_args = 1.., default_values_t = ["0".to_string(), "1".to_string(), "2".to_string(), "3".to_string(), "4".to_string()])]
+    pub folds: Vec<String>,
+    /// Where the jobs run.
+    #[arg(long = "launcher", value_enum, default_value = "local")]
+    pub launcher: Launcher,
+    /// What runs after the trainings.
+    #[arg(long = "then", value_enum)]
+    pub then: Option<Then>,
+    /// Local launcher: CUDA devices, one training per device at a time (e.g. 0,1,2,3);
+    /// without, the trainings run on the CPU one after the other.
+    #[arg(long = "gpus", value_delimiter = ',')]
+    pub gpus: Vec<usize>,
+    /// Passed to every training: save softmax outputs of the final validation (needed for
+    /// ensembles in find_best_configuration).
+    #[arg(long = "npz")]
+    pub npz: bool,
+    /// Passed to find_best_configuration.
+    #[arg(long = "disable_ensembling")]
+    pub disable_ensembling: bool,
+    /// Then predict the images in IN into OUT with what find_best_configuration recommends
+    /// (implies --then find_best_configuration), as `nnseg predict_best_configuration`.
+    #[arg(long = "predict", num_args = 2, value_names = ["IN", "OUT"])]
+    pub predict: Option<Vec<PathBuf>>,
+    /// Passed to every training.
+    #[arg(long = "num_epochs")]
+    pub num_epochs: Option<usize>,
+    /// Passed to every training.
+    #[arg(long = "num_iterations_per_epoch")]
+    pub num_iterations_per_epoch: Option<usize>,
+    /// Passed to every training.
+    #[arg(long = "num_val_iterations_per_epoch")]
+    pub num_val_iterations_per_epoch: Option<usize>,
+    /// Slurm: write the scripts and print the sbatch commands without submitting.
+    #[arg(long = "dry-run")]
+    pub dry_run: bool,
+    /// Slurm: print each job's state (squeue/sacct and the results folder) of the last
+    /// submission.
+    #[arg(long = "status")]
+    pub status: bool,
+    /// Slurm: one GPU per job (--gres=gpu:1; trainings on --device cuda).
+    #[arg(long = "slurm-gpu")]
+    pub slurm_gpu: bool,
+    /// Slurm: --partition.
+    #[arg(long = "partition")]
+    pub partition: Option<String>,
+    /// Slurm: --account.
+    #[arg(long = "account")]
+    pub account: Option<String>,
+    /// Slurm: --time per job (e.g. 2-00:00:00).
+    #[arg(long = "time")]
+    pub time: Option<String>,
+    /// Slurm: --mem per job (e.g. 32G).
+    #[arg(long = "mem")]
+    pub mem: Option<String>,
+    /// Slurm: --cpus-per-task.
+    #[arg(long = "cpus-per-task")]
+    pub cpus_per_task: Option<usize>,
+    /// Slurm: at most this many jobs of an array at once (--array=0-N%MAX).
+    #[arg(long = "max-parallel")]
+    pub max_parallel: Option<usize>,
+    /// Slurm: seconds between the USR1 warning and the time limit (--signal=B:USR1@GRACE).
+    #[arg(long = "grace", default_value_t = 300)]
+    pub grace: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct PredictBestArgs {
+    /// Dataset id.
+    pub dataset: String,
+    /// Input folder with case_XXXX_0000{ending} images.
+    #[arg(short = 'i')]
+    pub input: PathBuf,
+    /// Output folder for the postprocessed segmentations (OUT_model_K and
+    /// OUT_before_postprocessing are written next to it).
+    #[arg(short = 'o')]
+    pub output: PathBuf,
+    /// cpu, cuda or cuda:N.
+    #[arg(long = "device", default_value = "cpu")]
+    pub device: String,
+    /// Preprocessing / export workers.
+    #[arg(long = "npp", default_value_t = 3)]
+    pub npp: usize,
+}
+
 #[derive(Args, Debug)]
 pub struct FindBestArgs {
     /// Dataset id.
@@ -724,6 +846,47 @@ mod tests {
             }
             other => panic!("wrong command {other:?}"),
         }
+    }
+
+    #[test]
+    fn cross_validate_flags() {
+        let cli = parse(&[
+            "nnseg",
+            "cross_validate",
+            "991",
+            "-c",
+            "2d",
+            "3d_fullres",
+            "-f",
+            "0",
+            "1",
+            "--gpus",
+            "0,1",
+            "--then",
+            "find_best_configuration",
+            "--predict",
+            "in",
+            "out",
+            "--launcher",
+            "slurm",
+            "--max-parallel",
+            "4",
+        ]);
+        let Command::CrossValidate(a) = cli.command else {
+            panic!("not cross_validate")
+        };
+        assert_eq!(a.configurations, ["2d", "3d_fullres"]);
+        assert_eq!(a.folds, ["0", "1"]);
+        assert_eq!(a.gpus, [0, 1]);
+        assert_eq!(a.then, Some(Then::FindBestConfiguration));
+        assert_eq!(
+            a.predict,
+            Some(vec![PathBuf::from("in"), PathBuf::from("out")])
+        );
+        assert_eq!(a.launcher, Launcher::Slurm);
+        assert_eq!(a.max_parallel, Some(4));
+        assert_eq!(a.trainers, ["nnUNetTrainer"]);
+        assert_eq!(a.grace, 300);
     }
 
     #[test]

@@ -226,7 +226,8 @@ fn run(cli: Cli) -> Result<()> {
                 a.output.display()
             );
         }
-        Command::Train(a) => train(&paths, &a)?,
+        Command::Train(a) => exit_unless_zero(train(&paths, &a)?),
+        Command::CrossValidate(a) => exit_unless_zero(cross_validate(&paths, &a)?),
         Command::Predict(a) => predict(&paths, &a)?,
         Command::Ensemble(a) => {
             // an unfinished input may lack even its dataset.json: name the real problem
@@ -298,6 +299,7 @@ fn run(cli: Cli) -> Result<()> {
                 );
             }
         }
+        Command::PredictBestConfiguration(a) => predict_best(&paths, &a)?,
         Command::ImportNnunetModel(a) => {
             let t = Instant::now();
             let model = trainer::import::import_nnunet_model(&a.folder, &a.fold, &a.checkpoint)?;
@@ -460,7 +462,28 @@ fn pick_device(s: &str) -> Result<candle_core::Device> {
     })
 }
 
-fn train(paths: &NnUnetPaths, a: &cli::TrainArgs) -> Result<()> {
+fn exit_unless_zero(code: i32) {
+    if code != 0 {
+        std::process::exit(code);
+    }
+}
+
+/// A stop flag set by SIGTERM, SIGINT and SIGUSR1 (Slurm's warning before the time limit);
+/// a second SIGINT (Ctrl-C) exits at once.
+fn stop_on_signals() -> Result<trainer::StopFlag> {
+    use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
+    let stop = trainer::StopFlag::new();
+    signal_hook::flag::register_conditional_shutdown(SIGINT, 130, stop.shared())
+        .context("cannot install the SIGINT handler")?;
+    for sig in [SIGINT, SIGTERM, SIGUSR1] {
+        signal_hook::flag::register(sig, stop.shared())
+            .with_context(|| format!("cannot install the handler of signal {sig}"))?;
+    }
+    Ok(stop)
+}
+
+/// Returns the exit code: 0, or [`trainer::STOPPED_EXIT_CODE`] after a graceful stop.
+fn train(paths: &NnUnetPaths, a: &cli::TrainArgs) -> Result<i32> {
     let id = datasets::parse_dataset_id(&a.dataset)?;
     let name = datasets::dataset_name_from_id(paths, id)?;
     let pre = paths.preprocessed_dir(&name)?;
@@ -513,7 +536,12 @@ fn train(paths: &NnUnetPaths, a: &cli::TrainArgs) -> Result<()> {
     req.continue_training = a.continue_training;
     req.validation_only = a.validation_only;
     req.export_npz = a.npz;
+    req.stop = stop_on_signals()?;
     let summary = trainer::train(&req)?;
+    if let Some(stopped) = &summary.stopped {
+        eprintln!("{name} {configuration} fold {}: {stopped}", a.fold);
+        return Ok(trainer::STOPPED_EXIT_CODE);
+    }
     tracing::info!(
         "{name} {} fold {}: {} epochs done ({} iterations this run, {:.3} s/iteration); final checkpoint {}",
         configuration,
@@ -523,7 +551,170 @@ fn train(paths: &NnUnetPaths, a: &cli::TrainArgs) -> Result<()> {
         summary.mean_train_iteration_s,
         summary.final_checkpoint.display()
     );
-    Ok(())
+    Ok(0)
+}
+
+/// `nnseg cross_validate`; returns the exit code (1: a job failed, 75: stopped).
+fn cross_validate(paths: &NnUnetPaths, a: &cli::CrossValidateArgs) -> Result<i32> {
+    use trainer::cluster::{self, slurm};
+    let id = datasets::parse_dataset_id(&a.dataset)?;
+    let name = datasets::dataset_name_from_id(paths, id)?;
+    let results = paths.results_dir(&name)?;
+    if a.status {
+        for s in slurm::status(&results)? {
+            let state = s.slurm_state.as_deref().unwrap_or("-");
+            println!(
+                "{:<12} {:<11} {:<48} {}",
+                s.slurm_id, state, s.name, s.results_state
+            );
+        }
+        return Ok(0);
+    }
+    let pre = paths.preprocessed_dir(&name)?;
+    let plans = Plans::load(&pre.plans_file(&a.plans))?;
+    let (configurations, previous_stage) =
+        cluster::configurations_from_plans(&plans, &a.configurations)?;
+    let mut train_args = Vec::new();
+    if a.npz {
+        train_args.push("--npz".to_string());
+    }
+    for (flag, v) in [
+        ("--num_epochs", a.num_epochs),
+        ("--num_iterations_per_epoch", a.num_iterations_per_epoch),
+        (
+            "--num_val_iterations_per_epoch",
+            a.num_val_iterations_per_epoch,
+        ),
+    ] {
+        if let Some(v) = v {
+            train_args.extend([flag.to_string(), v.to_string()]);
+        }
+    }
+    let find_best = a.then.map(|_| {
+        let mut extra = vec![];
+        if a.disable_ensembling {
+            extra.push("--disable_ensembling".to_string());
+        }
+        extra
+    });
+    let cv = cluster::CrossValidation {
+        dataset: a.dataset.clone(),
+        results: results.clone(),
+        configurations,
+        previous_stage,
+        trainers: a.trainers.clone(),
+        plans: a.plans.clone(),
+        folds: a.folds.clone(),
+        train_args,
+        find_best,
+        predict: a.predict.as_ref().map(|io| {
+            (
+                PathBuf::from(absolute(&io[0])),
+                PathBuf::from(absolute(&io[1])),
+            )
+        }),
+    };
+    let plan = cluster::plan_jobs(&cv)?;
+    println!(
+        "{}: {} job(s) in {} level(s); {} training(s) already finished",
+        name,
+        plan.job_count(),
+        plan.levels.len(),
+        plan.finished.len()
+    );
+    let program = std::env::current_exe().context("cannot find the nnseg executable")?;
+    let env: Vec<(String, String)> = [
+        ("nnUNet_raw", &paths.raw),
+        ("nnUNet_preprocessed", &paths.preprocessed),
+        ("nnUNet_results", &paths.results),
+    ]
+    .into_iter()
+    .filter_map(|(k, v)| v.as_ref().map(|p| (k.to_string(), absolute(p))))
+    .collect();
+    match a.launcher {
+        cli::Launcher::Slurm => {
+            let opts = slurm::SlurmOptions {
+                program,
+                env,
+                partition: a.partition.clone(),
+                account: a.account.clone(),
+                time: a.time.clone(),
+                mem: a.mem.clone(),
+                cpus_per_task: a.cpus_per_task,
+                max_parallel: a.max_parallel,
+                gpu: a.slurm_gpu,
+                grace_s: a.grace,
+            };
+            let mut scripts = slurm::write_scripts(&plan, &results, &opts)?;
+            let commands = slurm::submit(&mut scripts, &results, a.dry_run)?;
+            for (s, c) in scripts.iter().zip(&commands) {
+                let id = s.job_id.as_deref().unwrap_or("(dry run)");
+                println!(
+                    "level {}: {} job(s): {}  -> {id}",
+                    s.level,
+                    s.jobs.len(),
+                    c.join(" ")
+                );
+            }
+            Ok(0)
+        }
+        cli::Launcher::Local => run_local(&plan, &results, program, env, &a.gpus),
+    }
+}
+
+fn absolute(p: &std::path::Path) -> String {
+    std::path::absolute(p)
+        .unwrap_or_else(|_| p.to_path_buf())
+        .display()
+        .to_string()
+}
+
+fn run_local(
+    plan: &trainer::cluster::JobPlan,
+    results: &datasets::ResultsDir,
+    program: PathBuf,
+    env: Vec<(String, String)>,
+    gpus: &[usize],
+) -> Result<i32> {
+    use trainer::cluster::local;
+    let opts = local::LocalOptions {
+        program,
+        gpus: gpus.to_vec(),
+        env,
+        stop: stop_on_signals()?,
+        poll: std::time::Duration::from_millis(500),
+    };
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let mut last = None;
+    let report = local::run_local(plan, results, &opts, &mut |p| {
+        if last != Some(*p) {
+            if tty {
+                eprint!("\r\x1b[2K[cross_validate] {p}");
+            } else {
+                eprintln!("[cross_validate] {p}");
+            }
+            last = Some(*p);
+        }
+    })?;
+    if tty {
+        eprintln!();
+    }
+    for j in &report.jobs {
+        println!("{:<60} {:?}  (log: {})", j.name, j.outcome, j.log.display());
+    }
+    let failed = report.failed();
+    if !failed.is_empty() {
+        eprintln!("error: {} job(s) failed:", failed.len());
+        for j in failed {
+            eprintln!("  {} (log: {})", j.name, j.log.display());
+        }
+        return Ok(1);
+    }
+    if !report.stopped().is_empty() || !report.not_run().is_empty() {
+        eprintln!("stopped: rerun the same command to continue");
+        return Ok(trainer::STOPPED_EXIT_CODE);
+    }
+    Ok(0)
 }
 
 fn predict(paths: &NnUnetPaths, a: &cli::PredictArgs) -> Result<()> {
@@ -569,6 +760,24 @@ fn predict(paths: &NnUnetPaths, a: &cli::PredictArgs) -> Result<()> {
         report.outputs.len(),
         a.output.display(),
         t.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn predict_best(paths: &NnUnetPaths, a: &cli::PredictBestArgs) -> Result<()> {
+    use trainer::cluster::recommended::{predict_recommended, RecommendedPrediction};
+    let id = datasets::parse_dataset_id(&a.dataset)?;
+    let name = datasets::dataset_name_from_id(paths, id)?;
+    let n = predict_recommended(&RecommendedPrediction {
+        results: paths.results_dir(&name)?,
+        input: a.input.clone(),
+        output: a.output.clone(),
+        device: pick_device(&a.device)?,
+        num_workers: a.npp,
+    })?;
+    println!(
+        "predicted and postprocessed {n} cases into {}",
+        a.output.display()
     );
     Ok(())
 }

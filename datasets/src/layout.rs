@@ -237,6 +237,17 @@ impl ResultsDir {
     pub fn inference_information(&self) -> PathBuf {
         self.0.join("inference_information.json")
     }
+    /// nnseg's `cross_validate` folder: `logs/{job}.log` per job, the Slurm scripts in
+    /// `slurm/`.
+    pub fn cross_validate(&self) -> PathBuf {
+        self.0.join("cross_validate")
+    }
+    /// The log of one `cross_validate` job, `cross_validate/logs/{job}.log`.
+    pub fn cross_validate_log(&self, job: &str) -> PathBuf {
+        self.cross_validate()
+            .join("logs")
+            .join(format!("{job}.log"))
+    }
 }
 
 /// nnU-Net's name of the ensemble of two models over `folds`:

@@ -85,6 +85,22 @@ pub struct CheckpointMeta {
     pub inference_allowed_mirroring_axes: Vec<usize>,
     pub trainer_config: TrainerConfig,
     pub network: NetworkMeta,
+    /// Set in a `checkpoint_latest` written by a graceful stop in the middle of epoch
+    /// `current_epoch` (see [`crate::train::StopFlag`]); absent at an epoch boundary.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mid_epoch: Option<MidEpoch>,
+}
+
+/// Where in an epoch a graceful stop left training: a resumed run continues with training
+/// iteration `iterations_done` of the epoch, with the losses so far, so the epoch's log and
+/// every weight come out as in an uninterrupted run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MidEpoch {
+    /// Training iterations of the epoch already done (1..=num_iterations_per_epoch).
+    pub iterations_done: usize,
+    /// Their training losses.
+    #[serde(with = "crate::logging::nan_as_null")]
+    pub train_losses: Vec<f64>,
 }
 
 /// A checkpoint in memory.
@@ -370,6 +386,7 @@ mod tests {
                 init_args: json!({"configuration": "3d_fullres", "fold": 0}),
                 inference_allowed_mirroring_axes: vec![0, 1, 2],
                 trainer_config: TrainerConfig::default(),
+                mid_epoch: None,
                 network: NetworkMeta {
                     network_class_name: "PlainConvUNet".into(),
                     arch_kwargs: json!({"n_stages": 3}).as_object().unwrap().clone(),

@@ -8,6 +8,7 @@
 pub mod amp;
 pub mod bench;
 pub mod checkpoint;
+pub mod cluster;
 pub mod config;
 pub mod data;
 pub mod doctor;
@@ -31,4 +32,4 @@ pub use checkpoint::{Checkpoint, CheckpointKind};
 pub use config::TrainerConfig;
 pub use data::Fold;
 pub use presets::Presets;
-pub use train::{train, TrainError, TrainRequest, TrainSummary};
+pub use train::{train, StopFlag, TrainError, TrainRequest, TrainSummary, STOPPED_EXIT_CODE};

@@ -574,6 +574,7 @@ fn save_random_checkpoint(fold_folder: &Path, plans: &Plans, seed: u64) {
             init_args: json!({}),
             inference_allowed_mirroring_axes: vec![0, 1],
             trainer_config: TrainerConfig::default(),
+            mid_epoch: None,
             network: NetworkMeta {
                 network_class_name: cfg.architecture.network_class_name.clone(),
                 arch_kwargs: cfg.architecture.arch_kwargs.clone(),

@@ -8,7 +8,7 @@
 use super::step::Learner;
 use super::{io_err, TrainError};
 use crate::checkpoint::{
-    Checkpoint, CheckpointKind, CheckpointMeta, NetworkMeta, CHECKPOINT_FORMAT,
+    Checkpoint, CheckpointKind, CheckpointMeta, MidEpoch, NetworkMeta, CHECKPOINT_FORMAT,
 };
 use crate::config::TrainerConfig;
 use crate::logging::TrainingLog;
@@ -75,6 +75,8 @@ pub struct TrainingState<'a> {
     pub logging: &'a TrainingLog,
     pub best_ema: Option<f64>,
     pub network: &'a NetworkMeta,
+    /// Set when a graceful stop saves in the middle of epoch `epoch`.
+    pub mid_epoch: Option<&'a MidEpoch>,
 }
 
 /// Writes the checkpoints of one fold.
@@ -145,6 +147,7 @@ impl CheckpointSaver {
                 inference_allowed_mirroring_axes: self.mirror_axes.clone(),
                 trainer_config: self.trainer_config.clone(),
                 network: state.network.clone(),
+                mid_epoch: state.mid_epoch.cloned(),
             },
             network_weights: learner.network_weights(),
             optimizer_state: learner.optimizer.state(),

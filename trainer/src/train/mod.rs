@@ -27,8 +27,10 @@ mod oom;
 mod session;
 mod setup;
 pub mod step;
+pub mod stop;
 
 pub use oom::{is_out_of_memory, OutOfMemoryError};
+pub use stop::{StopFlag, Stopped, STOPPED_EXIT_CODE};
 
 use crate::checkpoint::{Checkpoint, CheckpointError, CheckpointKind};
 use crate::config::{ConfigError, TrainerConfig};
@@ -75,6 +77,8 @@ pub struct TrainRequest {
     pub registry: Registry,
     /// Echo the training log to stdout.
     pub echo_log: bool,
+    /// Graceful stop (see [`stop`]): checked after every training iteration and epoch.
+    pub stop: StopFlag,
 }
 
 impl TrainRequest {
@@ -106,6 +110,7 @@ impl TrainRequest {
             export_npz: false,
             registry: Registry::default(),
             echo_log: true,
+            stop: StopFlag::new(),
         }
     }
 
@@ -147,6 +152,9 @@ pub struct TrainSummary {
     pub mean_step_s: f64,
     /// Number of training iterations run by this call.
     pub train_iterations: usize,
+    /// Set when a requested stop ended training early: `final_checkpoint` is then the
+    /// `checkpoint_latest` to continue from with `--c`.
+    pub stopped: Option<Stopped>,
 }
 
 /// Training errors; each names the file, case or setting involved.
@@ -422,6 +430,7 @@ fn validation_only(req: &TrainRequest) -> Result<TrainSummary, TrainError> {
         mean_data_wait_s: 0.0,
         mean_step_s: 0.0,
         train_iterations: 0,
+        stopped: None,
     })
 }
 

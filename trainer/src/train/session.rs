@@ -12,8 +12,11 @@ use super::hooks::{EpochEnd, Hooks};
 use super::metrics::DiceCounts;
 use super::setup::Setup;
 use super::step::{nnunet_loss, probe_output_count, to_tensors, Learner, StepAt};
+use super::stop::Stopped;
 use super::{final_validation, io_err, TrainError, TrainRequest, TrainSummary};
-use crate::checkpoint::{find_resume_checkpoint, Checkpoint, CheckpointKind, NetworkMeta};
+use crate::checkpoint::{
+    find_resume_checkpoint, Checkpoint, CheckpointKind, MidEpoch, NetworkMeta,
+};
 use crate::data::{self, BackgroundLoader, LoaderOptions, PreprocessedDataset, Split};
 use crate::fold_lock::FoldLock;
 use crate::logging::{now_seconds, TrainingLog};
@@ -66,6 +69,8 @@ pub(super) struct Session<'r> {
     policy: CheckpointPolicy,
     saver: CheckpointSaver,
     start_epoch: usize,
+    /// A resumed graceful stop's partial epoch (`start_epoch`), consumed by its first epoch.
+    resumed_mid_epoch: Option<MidEpoch>,
     data: SessionData,
     timing: Timing,
     #[cfg(feature = "cuda")]
@@ -226,10 +231,14 @@ fn open_dataset(
 /// `2 epochs` on CPU. Nothing else in a step is random for nnU-Net's default networks (no
 /// dropout); a plans file that enables `dropout_op` draws from candle's device RNG, which is
 /// not checkpointed, so such a resumed run is statistically but not bitwise equal.
+///
+/// A run resumed from a graceful stop in the middle of an epoch (`iterations_done` training
+/// iterations into `start_epoch`) starts its training loader that many batches further.
 fn open_data(
     req: &TrainRequest,
     setup: &Setup,
     start_epoch: usize,
+    iterations_done: usize,
 ) -> Result<SessionData, TrainError> {
     let cfg = &req.config;
     let (dataset, split) = open_dataset(req, setup)?;
@@ -246,7 +255,8 @@ fn open_data(
         oversample_foreground_percent: cfg.oversample_foreground_percent,
         ds_scales: setup.ds_scales.clone(),
         seed: cfg.seed,
-        first_batch: (start_epoch as u64) * (cfg.num_iterations_per_epoch as u64),
+        first_batch: (start_epoch as u64) * (cfg.num_iterations_per_epoch as u64)
+            + iterations_done as u64,
         num_workers,
         queue_len: num_workers.max(6),
         augment: cfg.data_augmentation,
@@ -308,11 +318,16 @@ impl<'r> Session<'r> {
             setup.mirror_axes.clone(),
             &req.config,
         );
-        let (logging, best_ema, start_epoch) =
-            apply_resume(req, resume, &mut learner, &network_meta, &mut log)?;
-        let data = open_data(req, &setup, start_epoch)?;
+        let point = apply_resume(req, resume, &mut learner, &network_meta, &mut log)?;
+        let iterations_done = point.mid_epoch.as_ref().map_or(0, |m| m.iterations_done);
+        let start_epoch = point.epoch;
+        let data = open_data(req, &setup, start_epoch, iterations_done)?;
         let mut session = Session {
-            policy: CheckpointPolicy::new(req.config.save_every, req.config.num_epochs, best_ema),
+            policy: CheckpointPolicy::new(
+                req.config.save_every,
+                req.config.num_epochs,
+                point.best_ema,
+            ),
             req,
             setup,
             fold_folder,
@@ -320,9 +335,10 @@ impl<'r> Session<'r> {
             learner,
             hooks,
             network_meta,
-            logging,
+            logging: point.logging,
             saver,
             start_epoch,
+            resumed_mid_epoch: point.mid_epoch,
             data,
             timing: Timing::default(),
             #[cfg(feature = "cuda")]
@@ -385,21 +401,34 @@ impl<'r> Session<'r> {
             .say(&crate::amp::describe(self.learner.compute_dtype))
     }
 
-    /// Runs the remaining epochs, writes `checkpoint_final` and validates the fold.
+    /// Runs the remaining epochs, writes `checkpoint_final` and validates the fold; on a
+    /// requested stop (see [`super::stop`]) writes `checkpoint_latest` and returns early.
     pub fn run(mut self) -> Result<TrainSummary, TrainError> {
         for epoch in self.start_epoch..self.req.config.num_epochs {
-            self.run_epoch(epoch)?;
+            if let Some(stopped) = self.run_epoch(epoch)? {
+                let latest = self.saver.path(CheckpointKind::Latest);
+                return Ok(self.summary(epoch, latest, Some(stopped)));
+            }
         }
         self.finish()
     }
 
-    fn run_epoch(&mut self, epoch: usize) -> Result<(), TrainError> {
+    /// One epoch; `Some` when a stop was requested (the state is saved).
+    fn run_epoch(&mut self, epoch: usize) -> Result<Option<Stopped>, TrainError> {
         let cfg = &self.req.config;
         let start = now_seconds();
         let lr = poly_lr(cfg.initial_lr, epoch, cfg.num_epochs, cfg.poly_exponent);
         self.learner.optimizer.set_lr(lr);
         self.log.say_all(&epoch_log::epoch_start_lines(epoch, lr))?;
-        let mut record = self.train_part(epoch)?;
+        let resumed = self.resumed_mid_epoch.take();
+        let (mut record, stop) = self.train_part(epoch, resumed)?;
+        if stop {
+            let mid = MidEpoch {
+                iterations_done: record.train_losses.len(),
+                train_losses: record.train_losses,
+            };
+            return self.save_stop(epoch, Some(mid)).map(Some);
+        }
         let (val_losses, counts) = self.val_part(epoch)?;
         // on_epoch_end
         record.start = start;
@@ -426,16 +455,46 @@ impl<'r> Session<'r> {
         self.log.say_all(&lines)?;
         self.checkpoints_after_epoch(epoch + 1, ema)?;
         plot_progress(&self.logging, &self.fold_folder.join("progress.png"))?;
-        Ok(())
+        if self.req.stop.is_requested() {
+            return self.save_stop(epoch + 1, None).map(Some);
+        }
+        Ok(None)
     }
 
-    fn train_part(&mut self, epoch: usize) -> Result<EpochRecord, TrainError> {
+    /// Writes `checkpoint_latest` for a graceful stop at `epoch` (`mid`: inside it).
+    fn save_stop(&mut self, epoch: usize, mid: Option<MidEpoch>) -> Result<Stopped, TrainError> {
+        let state = TrainingState {
+            mid_epoch: mid.as_ref(),
+            ..self.state(epoch)
+        };
+        self.saver
+            .save(CheckpointKind::Latest, state, &self.learner)?;
+        let stopped = Stopped {
+            epoch,
+            iterations_done: mid.map_or(0, |m| m.iterations_done),
+            checkpoint: self.saver.path(CheckpointKind::Latest),
+        };
+        self.log.say(&format!("Stop requested: {stopped}"))?;
+        Ok(stopped)
+    }
+
+    /// The training iterations of an epoch (from where a resumed stop left it); `true` with
+    /// the iterations done so far when a stop was requested.
+    fn train_part(
+        &mut self,
+        epoch: usize,
+        resumed: Option<MidEpoch>,
+    ) -> Result<(EpochRecord, bool), TrainError> {
         let n = self.req.config.num_iterations_per_epoch;
+        let (first, train_losses) = match resumed {
+            Some(m) => (m.iterations_done, m.train_losses),
+            None => (0, Vec::with_capacity(n)),
+        };
         let mut record = EpochRecord {
-            train_losses: Vec::with_capacity(n),
+            train_losses,
             ..EpochRecord::default()
         };
-        for it in 0..n {
+        for it in first..n {
             let t0 = Instant::now();
             let batch = self
                 .data
@@ -453,8 +512,11 @@ impl<'r> Session<'r> {
             self.timing.data_wait_s += waited;
             self.timing.step_s += total - waited;
             self.timing.iterations += 1;
+            if self.req.stop.is_requested() {
+                return Ok((record, true));
+            }
         }
-        Ok(record)
+        Ok((record, false))
     }
 
     fn val_part(&mut self, epoch: usize) -> Result<(Vec<f64>, DiceCounts), TrainError> {
@@ -520,6 +582,7 @@ impl<'r> Session<'r> {
             logging: &self.logging,
             best_ema: self.policy.best_ema(),
             network: &self.network_meta,
+            mid_epoch: None,
         }
     }
 
@@ -554,6 +617,16 @@ impl<'r> Session<'r> {
             self.data.num_workers,
             &mut self.log,
         )?;
+        let final_checkpoint = self.saver.path(CheckpointKind::Final);
+        Ok(self.summary(epochs_completed, final_checkpoint, None))
+    }
+
+    fn summary(
+        self,
+        epochs_completed: usize,
+        final_checkpoint: PathBuf,
+        stopped: Option<Stopped>,
+    ) -> TrainSummary {
         let t = &self.timing;
         let per_iter = |s: f64| {
             if t.iterations > 0 {
@@ -562,8 +635,8 @@ impl<'r> Session<'r> {
                 0.0
             }
         };
-        Ok(TrainSummary {
-            final_checkpoint: self.saver.path(CheckpointKind::Final),
+        TrainSummary {
+            final_checkpoint,
             log_file: self.log.path().to_path_buf(),
             fold_folder: self.fold_folder,
             start_epoch: self.start_epoch,
@@ -574,19 +647,28 @@ impl<'r> Session<'r> {
             mean_data_wait_s: per_iter(t.data_wait_s),
             mean_step_s: per_iter(t.step_s),
             train_iterations: t.iterations,
-        })
+            stopped,
+        }
     }
 }
 
+/// Where a run continues: what [`apply_resume`] restored.
+struct ResumePoint {
+    logging: TrainingLog,
+    best_ema: Option<f64>,
+    epoch: usize,
+    mid_epoch: Option<MidEpoch>,
+}
+
 /// Loads a resumed checkpoint into the learner: weights, momentum buffers, the log and the best
-/// EMA. Returns (log, best EMA, start epoch).
+/// EMA, and where in an epoch a graceful stop left off.
 fn apply_resume(
     req: &TrainRequest,
     resume: Option<Resume>,
     learner: &mut Learner,
     network_meta: &NetworkMeta,
     log: &mut RunLog,
-) -> Result<(TrainingLog, Option<f64>, usize), TrainError> {
+) -> Result<ResumePoint, TrainError> {
     let Some(Resume {
         kind,
         checkpoint: ck,
@@ -599,7 +681,12 @@ fn apply_resume(
                  available to continue from. Starting a new training...",
             )?;
         }
-        return Ok((TrainingLog::default(), None, 0));
+        return Ok(ResumePoint {
+            logging: TrainingLog::default(),
+            best_ema: None,
+            epoch: 0,
+            mid_epoch: None,
+        });
     };
     if ck.meta.network != *network_meta {
         return Err(TrainError::NetworkMismatch { path });
@@ -609,10 +696,17 @@ fn apply_resume(
     let start_epoch = ck.meta.current_epoch;
     let mut logging = ck.meta.logging;
     logging.truncate(start_epoch);
+    let mid = ck.meta.mid_epoch;
     log.say(&format!(
-        "Resuming from {} ({:?}) at epoch {start_epoch}",
+        "Resuming from {} ({:?}) at epoch {start_epoch}, training iteration {}",
         path.display(),
-        kind
+        kind,
+        mid.as_ref().map_or(0, |m| m.iterations_done)
     ))?;
-    Ok((logging, ck.meta.best_ema, start_epoch))
+    Ok(ResumePoint {
+        logging,
+        best_ema: ck.meta.best_ema,
+        epoch: start_epoch,
+        mid_epoch: mid,
+    })
 }

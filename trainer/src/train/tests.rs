@@ -776,3 +776,51 @@ fn no_deep_supervision_builds_no_heads_and_old_checkpoints_are_named() {
     assert!(matches!(e, TrainError::UnbuiltHeads { .. }), "{e}");
     assert!(e.to_string().contains("decoder.seg_layers.0.weight"), "{e}");
 }
+
+/// A stop requested before training: the run ends after its first iteration with a mid-epoch
+/// `checkpoint_latest`, and `--c` ends with the weights, momentum and log of a straight run.
+#[test]
+fn a_requested_stop_saves_mid_epoch_and_resumes_bit_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pre = make_dataset(tmp.path());
+    let straight = train(&quick_request(tmp.path(), &pre, 2, "Straight")).unwrap();
+    assert!(straight.stopped.is_none());
+
+    let first = quick_request(tmp.path(), &pre, 2, "Stopped");
+    first.stop.request();
+    let s = train(&first).unwrap();
+    let stopped = s.stopped.clone().expect("the run reports the stop");
+    assert_eq!((stopped.epoch, stopped.iterations_done), (0, 1));
+    assert_eq!(s.train_iterations, 1);
+    assert_eq!(
+        stopped.checkpoint,
+        s.fold_folder.join("checkpoint_latest.safetensors")
+    );
+    assert!(!s.fold_folder.join("checkpoint_final.safetensors").exists());
+    let ck = Checkpoint::load(&stopped.checkpoint, &Device::Cpu).unwrap();
+    assert_eq!(ck.meta.current_epoch, 0);
+    let mid = ck.meta.mid_epoch.expect("mid-epoch state recorded");
+    assert_eq!(mid.iterations_done, 1);
+    assert_eq!(mid.train_losses.len(), 1);
+
+    let mut again = quick_request(tmp.path(), &pre, 2, "Stopped");
+    again.continue_training = true;
+    let resumed = train(&again).unwrap();
+    assert!(resumed.stopped.is_none());
+    assert_eq!(resumed.start_epoch, 0);
+    assert_eq!(
+        resumed.train_iterations, 3,
+        "1 + 3 = 2 epochs x 2 iterations"
+    );
+    let a = Checkpoint::load(&straight.final_checkpoint, &Device::Cpu).unwrap();
+    let b = Checkpoint::load(&resumed.final_checkpoint, &Device::Cpu).unwrap();
+    assert!(b.meta.mid_epoch.is_none());
+    assert_same_tensors(&a.network_weights, &b.network_weights, "weights");
+    assert_same_tensors(&a.optimizer_state, &b.optimizer_state, "momentum buffers");
+    assert_eq!(a.meta.logging.train_losses, b.meta.logging.train_losses);
+    assert_eq!(a.meta.logging.val_losses, b.meta.logging.val_losses);
+    assert!(!resumed
+        .fold_folder
+        .join("checkpoint_latest.safetensors")
+        .exists());
+}

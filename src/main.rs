@@ -175,10 +175,39 @@ fn run(cli: Cli) -> Result<()> {
             opts.output_file = a.output.clone();
             opts.chill = a.chill;
             let summary = trainer::evaluation::evaluate_folder(&a.reference, &a.prediction, &opts)?;
-            for (k, m) in &summary.mean {
-                println!("class {k}: Dice {:.4}  IoU {:.4}", m.dice, m.iou);
-            }
-            println!("foreground mean Dice: {:.4}", summary.foreground_mean.dice);
+            print_summary(&summary);
+        }
+        Command::EvaluateSimple(a) => {
+            let opts = trainer::evaluation::SimpleEvaluateOptions {
+                labels: a.labels.clone(),
+                ignore_label: a.ignore_label,
+                file_ending: a.file_ending.clone(),
+                output_file: a.output.clone(),
+                num_workers: a.np,
+                chill: a.chill,
+            };
+            let summary = trainer::evaluation::evaluate_simple(&a.reference, &a.prediction, &opts)?;
+            print_summary(&summary);
+        }
+        Command::AccumulateCrossvalResults(a) => accumulate_crossval(&paths, &a)?,
+        Command::DeterminePostprocessing(a) => {
+            let dj = a
+                .dataset_json
+                .clone()
+                .unwrap_or_else(|| PredictionDir::new(&a.input).dataset_json());
+            let ds = DatasetJson::load(&dj).with_context(|| {
+                format!("dataset.json for {} (pass -dataset_json)", a.input.display())
+            })?;
+            let opts = trainer::evaluation::PostprocessOptions {
+                evaluate: trainer::evaluation::EvaluateOptions::from_dataset_json(&ds, a.np),
+                keep_postprocessed: !a.remove_postprocessed,
+            };
+            let pp = trainer::evaluation::determine_postprocessing(&a.input, &a.reference, &opts)?;
+            println!(
+                "{} postprocessing step(s) kept; written to {}",
+                pp.steps.len(),
+                a.input.join("postprocessing.json").display()
+            );
         }
         Command::ApplyPostprocessing(a) => {
             let dj = a
@@ -384,7 +413,11 @@ fn train(paths: &NnUnetPaths, a: &cli::TrainArgs) -> Result<()> {
     req.continue_training = a.continue_training;
     req.validation_only = a.validation_only;
     req.export_npz = a.npz;
-    let summary = trainer::train(&req)?;
+    let bar = EpochBar::default();
+    req.progress = Some(bar.hook());
+    let summary = trainer::train(&req);
+    bar.clear();
+    let summary = summary?;
     tracing::info!(
         "{name} {} fold {}: {} epochs done ({} iterations this run, {:.3} s/iteration); final checkpoint {}",
         configuration,
@@ -441,6 +474,39 @@ fn predict(paths: &NnUnetPaths, a: &cli::PredictArgs) -> Result<()> {
         a.output.display(),
         t.elapsed().as_secs_f64()
     );
+    Ok(())
+}
+
+fn print_summary(summary: &trainer::evaluation::Summary) {
+    for (k, m) in &summary.mean {
+        println!("class {k}: Dice {:.4}  IoU {:.4}", m.dice, m.iou);
+    }
+    println!("foreground mean Dice: {:.4}", summary.foreground_mean.dice);
+}
+
+fn accumulate_crossval(paths: &NnUnetPaths, a: &cli::AccumulateArgs) -> Result<()> {
+    let id = datasets::parse_dataset_id(&a.dataset)?;
+    let name = datasets::dataset_name_from_id(paths, id)?;
+    let model_id = ModelId::new(&a.trainer, &a.plans, &a.configuration)?;
+    let model = paths.results_dir(&name)?.model(&model_id);
+    if !model.path().is_dir() {
+        bail!("no trained model at {}", model.path().display());
+    }
+    let opts = trainer::evaluation::CrossvalOptions {
+        model,
+        folds: a.folds.clone(),
+        output: a.output.clone(),
+        reference_folder: paths.preprocessed_dir(&name)?.gt_segmentations(),
+        num_workers: a.np,
+    };
+    let (merged, summary) = trainer::evaluation::accumulate_crossval_results(&opts)?;
+    println!(
+        "{} cases of folds {} merged into {}",
+        summary.metric_per_case.len(),
+        a.folds.join(" "),
+        merged.display()
+    );
+    print_summary(&summary);
     Ok(())
 }
 
@@ -817,6 +883,75 @@ fn progress_bar(len: usize, msg: &str) -> (indicatif::ProgressBar, preprocessing
     bar.set_message(msg.to_string());
     let b = bar.clone();
     (bar, preprocessing::ProgressHook::new(move |_| b.inc(1)))
+}
+
+/// A per-epoch training progress bar on stderr (only when stderr is a terminal): iterations,
+/// loss, seconds per iteration and the fold's ETA. The log lines go to stdout and the log file
+/// between the bars, as in nnU-Net.
+#[derive(Clone, Default)]
+struct EpochBar(std::sync::Arc<std::sync::Mutex<Option<indicatif::ProgressBar>>>);
+
+impl EpochBar {
+    fn hook(&self) -> trainer::train::ProgressHook {
+        use std::io::IsTerminal;
+        let this = self.clone();
+        let visible = std::io::stderr().is_terminal();
+        trainer::train::ProgressHook::new(move |e| {
+            if visible {
+                this.update(e)
+            }
+        })
+    }
+
+    fn update(&self, e: &trainer::TrainProgress) {
+        use trainer::TrainProgress as P;
+        let Ok(mut slot) = self.0.lock() else { return };
+        match *e {
+            P::EpochStart {
+                epoch,
+                num_epochs,
+                iterations,
+            } => {
+                let bar = indicatif::ProgressBar::new(iterations as u64);
+                if let Ok(style) = indicatif::ProgressStyle::with_template(
+                    "{prefix} [{bar:30}] {pos}/{len} it, {msg}",
+                ) {
+                    bar.set_style(style.progress_chars("=> "));
+                }
+                bar.set_prefix(format!("epoch {}/{num_epochs}", epoch + 1));
+                *slot = Some(bar);
+            }
+            P::Iteration(it) => {
+                if let Some(bar) = slot.as_ref() {
+                    bar.set_position(it.done as u64);
+                    bar.set_message(format!(
+                        "loss {:.4}, {:.2} s/it, fold ETA {}",
+                        it.loss,
+                        it.seconds_per_iteration,
+                        indicatif::HumanDuration(std::time::Duration::from_secs_f64(
+                            it.fold_eta_s.max(0.0)
+                        ))
+                    ));
+                }
+            }
+            P::Validation { iterations, .. } => {
+                if let Some(bar) = slot.as_ref() {
+                    bar.set_message(format!("validating ({iterations} it)"));
+                }
+            }
+            P::EpochEnd { .. } => {
+                if let Some(bar) = slot.take() {
+                    bar.finish_and_clear();
+                }
+            }
+        }
+    }
+
+    fn clear(&self) {
+        if let Some(bar) = self.0.lock().ok().and_then(|mut s| s.take()) {
+            bar.finish_and_clear();
+        }
+    }
 }
 
 /// nnU-Net's default `-np` per configuration, capped at the machine's cores.

@@ -30,4 +30,4 @@ pub use checkpoint::{Checkpoint, CheckpointKind};
 pub use config::TrainerConfig;
 pub use data::Fold;
 pub use presets::Presets;
-pub use train::{train, TrainError, TrainRequest, TrainSummary};
+pub use train::{train, TrainError, TrainProgress, TrainRequest, TrainSummary};

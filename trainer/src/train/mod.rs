@@ -22,12 +22,14 @@
 pub mod checkpointing;
 pub mod epoch_log;
 pub mod hooks;
+pub mod live;
 pub mod metrics;
 mod oom;
 mod session;
 mod setup;
 pub mod step;
 
+pub use live::{IterationProgress, ProgressHook, TrainProgress};
 pub use oom::{is_out_of_memory, OutOfMemoryError};
 
 use crate::checkpoint::{Checkpoint, CheckpointError, CheckpointKind};
@@ -74,6 +76,8 @@ pub struct TrainRequest {
     pub registry: Registry,
     /// Echo the training log to stdout.
     pub echo_log: bool,
+    /// Live progress events (iterations, loss, s/iteration, ETA) for a display.
+    pub progress: Option<ProgressHook>,
 }
 
 impl TrainRequest {
@@ -105,6 +109,7 @@ impl TrainRequest {
             export_npz: false,
             registry: Registry::default(),
             echo_log: true,
+            progress: None,
         }
     }
 

@@ -914,7 +914,7 @@ impl EpochBar {
             } => {
                 let bar = indicatif::ProgressBar::new(iterations as u64);
                 if let Ok(style) = indicatif::ProgressStyle::with_template(
-                    "{prefix} [{bar:30}] {pos}/{len} it, {msg}",
+                    "{prefix} [{wide_bar}] {pos}/{len} it | {msg}",
                 ) {
                     bar.set_style(style.progress_chars("=> "));
                 }
@@ -923,15 +923,13 @@ impl EpochBar {
             }
             P::Iteration(it) => {
                 if let Some(bar) = slot.as_ref() {
-                    bar.set_position(it.done as u64);
                     bar.set_message(format!(
-                        "loss {:.4}, {:.2} s/it, fold ETA {}",
+                        "loss {:.4} | {:.2} s/it | fold ETA {}",
                         it.loss,
                         it.seconds_per_iteration,
-                        indicatif::HumanDuration(std::time::Duration::from_secs_f64(
-                            it.fold_eta_s.max(0.0)
-                        ))
+                        clock(it.fold_eta_s)
                     ));
+                    bar.set_position(it.done as u64);
                 }
             }
             P::Validation { iterations, .. } => {
@@ -951,6 +949,17 @@ impl EpochBar {
         if let Some(bar) = self.0.lock().ok().and_then(|mut s| s.take()) {
             bar.finish_and_clear();
         }
+    }
+}
+
+/// `h:mm:ss` (or `m:ss` under an hour) for a number of seconds.
+fn clock(seconds: f64) -> String {
+    let s = seconds.max(0.0).round() as u64;
+    let (h, m, s) = (s / 3600, s / 60 % 60, s % 60);
+    if h > 0 {
+        format!("{h}:{m:02}:{s:02}")
+    } else {
+        format!("{m}:{s:02}")
     }
 }
 

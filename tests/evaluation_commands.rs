@@ -64,7 +64,7 @@ fn evaluate_simple_with_labels_and_ignore_label() {
         (Some(12), Some(4), Some(4)),
         "{m1}"
     );
-    assert_eq!(m1["TN"].as_u64(), Some(64 - 8 - 12 - 4 - 4 - 4));
+    assert_eq!(m1["TN"].as_u64(), Some(64 - 8 - 12 - 4 - 4));
     assert_eq!(v["mean"]["2"]["Dice"].as_f64(), Some(1.0));
     let dice1 = 2.0 * 12.0 / (2.0 * 12.0 + 8.0);
     assert!((v["foreground_mean"]["Dice"].as_f64().unwrap() - (dice1 + 1.0) / 2.0).abs() < 1e-9);

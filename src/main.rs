@@ -196,7 +196,10 @@ fn run(cli: Cli) -> Result<()> {
                 .clone()
                 .unwrap_or_else(|| PredictionDir::new(&a.input).dataset_json());
             let ds = DatasetJson::load(&dj).with_context(|| {
-                format!("dataset.json for {} (pass -dataset_json)", a.input.display())
+                format!(
+                    "dataset.json for {} (pass -dataset_json)",
+                    a.input.display()
+                )
             })?;
             let opts = trainer::evaluation::PostprocessOptions {
                 evaluate: trainer::evaluation::EvaluateOptions::from_dataset_json(&ds, a.np),

@@ -55,7 +55,16 @@ fn evaluate_simple_with_labels_and_ignore_label() {
         &pr.join("a.nii.gz"),
         &seg(&[(1, 0, 4, 1, 5), (2, 6, 8, 6, 8), (1, 4, 8, 5, 6)]),
     );
-    env.ok(&["evaluate_simple", s(&gt), s(&pr), "-l", "1", "2", "-il", "3"]);
+    env.ok(&[
+        "evaluate_simple",
+        s(&gt),
+        s(&pr),
+        "-l",
+        "1",
+        "2",
+        "-il",
+        "3",
+    ]);
     let v = json(&pr.join("summary.json"));
     let m1 = &v["metric_per_case"][0]["metrics"]["1"];
     // column x=4 of rows 0..4 is FP (4 voxels); column 0 is FN (4); x=5 is ignored
@@ -72,7 +81,10 @@ fn evaluate_simple_with_labels_and_ignore_label() {
     let out = env.res.join("s.json");
     env.ok(&["evaluate_simple", s(&gt), s(&pr), "-l", "1", "-o", s(&out)]);
     let v = json(&out);
-    assert_eq!(v["metric_per_case"][0]["metrics"]["1"]["FP"].as_u64(), Some(8));
+    assert_eq!(
+        v["metric_per_case"][0]["metrics"]["1"]["FP"].as_u64(),
+        Some(8)
+    );
     assert!(v["mean"].get("2").is_none());
     // a missing prediction is an error unless --chill; -l is required
     write(&gt.join("b.nii.gz"), &seg(&[(1, 0, 2, 0, 2)]));
@@ -88,10 +100,7 @@ fn accumulate_crossval_results_merges_and_evaluates_the_folds() {
     let env = Env::new();
     let name = "Dataset997_Cv";
     let gt = env.pre.join(name).join("gt_segmentations");
-    let model = env
-        .res
-        .join(name)
-        .join("nnUNetTrainer__nnUNetPlans__2d");
+    let model = env.res.join(name).join("nnUNetTrainer__nnUNetPlans__2d");
     std::fs::create_dir_all(&model).unwrap();
     std::fs::write(model.join("dataset.json"), DATASET_JSON).unwrap();
     // fold 0 validated c0, c1 (perfect); fold 1 validated c2, c3 (label 2 missed)
@@ -145,9 +154,15 @@ fn accumulate_crossval_results_merges_and_evaluates_the_folds() {
 
     // a fold that was not validated, and a model that was not trained
     let err = env.fails(&["accumulate_crossval_results", "997", "-c", "2d", "-f", "2"]);
-    assert!(err.contains("fold_2") && err.contains("validation"), "{err}");
+    assert!(
+        err.contains("fold_2") && err.contains("validation"),
+        "{err}"
+    );
     let err = env.fails(&["accumulate_crossval_results", "997", "-c", "3d_fullres"]);
-    assert!(err.contains("nnUNetTrainer__nnUNetPlans__3d_fullres"), "{err}");
+    assert!(
+        err.contains("nnUNetTrainer__nnUNetPlans__3d_fullres"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -164,14 +179,24 @@ fn determine_postprocessing_then_apply_it() {
         let pred = seg(&[(1, 0, 3, 0, 3), (2, 3, 6, 0, 3), (1, 7, 8, 7, 8)]);
         write(&pr.join(format!("{c}.nii.gz")), &pred);
     }
-    env.ok(&["determine_postprocessing", "-i", s(&pr), "-ref", s(&gt), "-np", "2"]);
+    env.ok(&[
+        "determine_postprocessing",
+        "-i",
+        s(&pr),
+        "-ref",
+        s(&gt),
+        "-np",
+        "2",
+    ]);
     let pp = json(&pr.join("postprocessing.json"));
     let fns = pp["postprocessing_fns"].as_array().unwrap();
     assert!(!fns.is_empty(), "{pp}");
     assert_eq!(fns[0], "remove_all_but_largest_component_from_segmentation");
     assert!(pr.join("summary.json").is_file());
     let post = json(&pr.join("postprocessed/summary.json"));
-    let before = pp["input_folder"]["foreground_mean"]["Dice"].as_f64().unwrap();
+    let before = pp["input_folder"]["foreground_mean"]["Dice"]
+        .as_f64()
+        .unwrap();
     let after = post["foreground_mean"]["Dice"].as_f64().unwrap();
     assert!(after > before, "{before} -> {after}");
     assert!(pr.join("postprocessed/c0.nii.gz").is_file());

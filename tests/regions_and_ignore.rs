@@ -47,7 +47,12 @@ fn write_case(
         let p = folder.join(format!("imagesTr/{case}_{c:04}.png"));
         write_image(&p, img.view(), props).unwrap();
     }
-    write_seg(&folder.join(format!("labelsTr/{case}.png")), seg.view(), props).unwrap();
+    write_seg(
+        &folder.join(format!("labelsTr/{case}.png")),
+        seg.view(),
+        props,
+    )
+    .unwrap();
 }
 
 fn new_dataset(raw: &Path, name: &str, dataset_json: serde_json::Value) -> PathBuf {
@@ -100,7 +105,13 @@ fn make_regions_dataset(raw: &Path) -> PathBuf {
                 t1ce[[0, y, x]] = [50.0, 70.0, 150.0, 230.0][label as usize] + n;
             }
         }
-        write_case(&folder, &format!("reg_{i:03}"), &[flair, t1ce], &seg, &props);
+        write_case(
+            &folder,
+            &format!("reg_{i:03}"),
+            &[flair, t1ce],
+            &seg,
+            &props,
+        );
     }
     folder
 }
@@ -239,7 +250,11 @@ fn regions_train_predict_and_evaluate_as_regions() {
     let keys: Vec<&String> = summary["mean"].as_object().unwrap().keys().collect();
     assert_eq!(keys, ["(1, 2, 3)", "(2, 3)", "3"]);
     // a region's counts are over the union of its labels: whole tumor has the most voxels
-    let n_ref = |k: &str| summary["metric_per_case"][0]["metrics"][k]["n_ref"].as_f64().unwrap();
+    let n_ref = |k: &str| {
+        summary["metric_per_case"][0]["metrics"][k]["n_ref"]
+            .as_f64()
+            .unwrap()
+    };
     assert!(n_ref("(1, 2, 3)") > n_ref("(2, 3)") && n_ref("(2, 3)") > n_ref("3"));
 }
 
@@ -256,7 +271,12 @@ fn ignore_label_is_never_predicted_and_never_counted() {
     let log = std::fs::read_dir(&fold)
         .unwrap()
         .map(|e| e.unwrap().path())
-        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("training_log"))
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("training_log")
+        })
         .unwrap();
     let log = std::fs::read_to_string(log).unwrap();
     let train_loss_line = log.lines().find(|l| l.contains("train_loss")).unwrap();
@@ -271,7 +291,10 @@ fn ignore_label_is_never_predicted_and_never_counted() {
     let summary = evaluate(&env, &raw, &out);
     for (i, case) in cases.iter().enumerate() {
         let (seg, _) = read_seg(&out.join(format!("{case}.png"))).unwrap();
-        assert!(seg.iter().all(|&v| v == 0 || v == 1), "{case}: ignore label predicted");
+        assert!(
+            seg.iter().all(|&v| v == 0 || v == 1),
+            "{case}: ignore label predicted"
+        );
         let (reference, _) = read_seg(&raw.join(format!("labelsTr/{case}.png"))).unwrap();
         let annotated = reference.iter().filter(|&&v| v != 2).count() as u64;
         assert_eq!(annotated, (SIZE * SIZE / 4) as u64);
@@ -280,7 +303,10 @@ fn ignore_label_is_never_predicted_and_never_counted() {
             .iter()
             .map(|k| m[k].as_u64().unwrap())
             .sum();
-        assert_eq!(counted, annotated, "{case}: ignored pixels were counted: {m}");
+        assert_eq!(
+            counted, annotated,
+            "{case}: ignored pixels were counted: {m}"
+        );
         // n_ref counts only annotated cell pixels
         let cells = reference.iter().filter(|&&v| v == 1).count() as u64;
         assert_eq!(m["n_ref"].as_u64(), Some(cells), "{m}");

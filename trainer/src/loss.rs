@@ -678,8 +678,16 @@ mod tests {
     fn logits_at_ignored_voxels_do_not_change_the_loss() {
         let dev = Device::Cpu;
         // (1, 2, 1, 4): the last voxel is ignored (label 2)
-        let x = Tensor::new(&[[[[1.0f64, -2.0, 0.5, 3.0]], [[-1.0, 2.0, 0.0, -4.0]]]], &dev).unwrap();
-        let x2 = Tensor::new(&[[[[1.0f64, -2.0, 0.5, -9.0]], [[-1.0, 2.0, 0.0, 7.0]]]], &dev).unwrap();
+        let x = Tensor::new(
+            &[[[[1.0f64, -2.0, 0.5, 3.0]], [[-1.0, 2.0, 0.0, -4.0]]]],
+            &dev,
+        )
+        .unwrap();
+        let x2 = Tensor::new(
+            &[[[[1.0f64, -2.0, 0.5, -9.0]], [[-1.0, 2.0, 0.0, 7.0]]]],
+            &dev,
+        )
+        .unwrap();
         let t = Tensor::new(&[[[[0.0f64, 1.0, 1.0, 2.0]]]], &dev).unwrap();
         let dc_ce = DcAndCeLoss::new(LossOptions {
             ignore_label: Some(2),
@@ -694,13 +702,17 @@ mod tests {
         assert!((p(&x) - p(&x2)).abs() > 1e-3);
         // regions: 2 region channels + the ignore channel (1 = ignored)
         let tr = Tensor::new(
-            &[[[[0.0f64, 1.0, 1.0, 0.0]], [[0.0, 0.0, 1.0, 1.0]], [[0.0, 0.0, 0.0, 1.0]]]],
+            &[[
+                [[0.0f64, 1.0, 1.0, 0.0]],
+                [[0.0, 0.0, 1.0, 1.0]],
+                [[0.0, 0.0, 0.0, 1.0]],
+            ]],
             &dev,
         )
         .unwrap();
         let dc_bce = DcAndBceLoss::new(LossOptions {
             ignore_label: Some(2),
-            ..LossOptions::nnunet_regions(false)
+            ..LossOptions::default()
         });
         let r = |x: &Tensor| dc_bce.loss(x, &tr).unwrap().to_scalar::<f64>().unwrap();
         assert!((r(&x) - r(&x2)).abs() < 1e-12, "{} {}", r(&x), r(&x2));

@@ -15,9 +15,9 @@
 //! numbers).
 
 use crate::logging::TrainingLog;
-use plotters::coord::Shift;
-use plotters::coord::types::{RangedCoordf64, RangedCoordi32};
 use plotters::chart::DualCoordChartContext;
+use plotters::coord::types::{RangedCoordf64, RangedCoordi32};
+use plotters::coord::Shift;
 use plotters::prelude::*;
 use std::path::Path;
 use std::sync::OnceLock;
@@ -230,9 +230,8 @@ where
         chart.draw_series(LineSeries::new(pts, color.stroke_width(3)))?
     };
     if text {
-        anno.label(s.name).legend(move |(x, y)| {
-            PathElement::new([(x, y), (x + 20, y)], color.stroke_width(3))
-        });
+        anno.label(s.name)
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color.stroke_width(3)));
     }
     Ok(())
 }
@@ -258,7 +257,12 @@ fn draw_losses(panel: &Area<'_>, log: &TrainingLog, text: bool) -> DrawResult<()
         (&log.train_losses, BLUE, "loss_tr"),
         (&log.val_losses, RED, "loss_val"),
     ] {
-        let s = Series { values, color, name, dashed: false };
+        let s = Series {
+            values,
+            color,
+            name,
+            dashed: false,
+        };
         draw_series(&mut *chart, &s, markers, text)?;
     }
     // the pseudo Dice on the secondary (0..1) axis
@@ -266,7 +270,12 @@ fn draw_losses(panel: &Area<'_>, log: &TrainingLog, text: bool) -> DrawResult<()
         (&log.mean_fg_dice, "pseudo dice", true),
         (&log.ema_fg_dice, "pseudo dice (mov. avg.)", false),
     ] {
-        let s = Series { values, color: GREEN, name, dashed };
+        let s = Series {
+            values,
+            color: GREEN,
+            name,
+            dashed,
+        };
         draw_secondary(&mut chart, &s, markers, text)?;
     }
     if text {
@@ -309,9 +318,8 @@ fn draw_secondary(
         chart.draw_secondary_series(LineSeries::new(pts, color.stroke_width(3)))?
     };
     if text {
-        anno.label(s.name).legend(move |(x, y)| {
-            PathElement::new([(x, y), (x + 20, y)], color.stroke_width(3))
-        });
+        anno.label(s.name)
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color.stroke_width(3)));
     }
     Ok(())
 }
@@ -327,7 +335,12 @@ fn draw_single(
     let range = finite_range(&[values]);
     let mut chart = chart_on(panel, caption, epochs, range, (text, false))?;
     draw_mesh(&mut chart, caption, range, (epochs, text))?;
-    let s = Series { values, color: BLUE, name: caption, dashed: false };
+    let s = Series {
+        values,
+        color: BLUE,
+        name: caption,
+        dashed: false,
+    };
     draw_series(&mut chart, &s, epochs < 2, false)
 }
 
@@ -337,7 +350,13 @@ fn draw(root: &Area<'_>, log: &TrainingLog) -> DrawResult<()> {
     let panels = root.split_evenly((3, 1));
     draw_losses(&panels[0], log, text)?;
     let n = log.epochs();
-    draw_single(&panels[1], "epoch duration [s]", &log.epoch_durations(), n, text)?;
+    draw_single(
+        &panels[1],
+        "epoch duration [s]",
+        &log.epoch_durations(),
+        n,
+        text,
+    )?;
     draw_single(&panels[2], "learning rate", &log.lrs, n, text)?;
     root.present()?;
     Ok(())
@@ -447,7 +466,10 @@ mod tests {
             ] {
                 let n = count_in_panel(&rgb, panel, colour);
                 // a marker of radius 7 alone is ~150 pixels; legend swatches are ~60
-                assert!(n > 100, "{epochs} epoch(s): {what}: {n} pixels of {colour:?}");
+                assert!(
+                    n > 100,
+                    "{epochs} epoch(s): {what}: {n} pixels of {colour:?}"
+                );
             }
         }
         // a single epoch draws a dot per value: without it the series would be invisible

@@ -676,9 +676,16 @@ mod tests {
         write(&gt.join("b.png"), &[0, 1], (1, 1, 2));
         let e = detect_file_ending(&gt).unwrap_err().to_string();
         assert!(e.contains(".nii, .png"), "{e}");
-        let e = evaluate_simple(&gt, &pr, &SimpleEvaluateOptions { labels: vec![], ..o })
-            .unwrap_err()
-            .to_string();
+        let e = evaluate_simple(
+            &gt,
+            &pr,
+            &SimpleEvaluateOptions {
+                labels: vec![],
+                ..o
+            },
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("-l"), "{e}");
     }
 

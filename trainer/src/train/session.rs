@@ -9,10 +9,10 @@
 use super::checkpointing::{CheckpointPolicy, CheckpointSaver, TrainingState};
 use super::epoch_log::{self, EpochRecord, RunLog};
 use super::hooks::{EpochEnd, Hooks};
+use super::live::{self, IterationProgress, TrainProgress};
 use super::metrics::DiceCounts;
 use super::setup::Setup;
 use super::step::{nnunet_loss, probe_output_count, to_tensors, Learner, StepAt};
-use super::live::{self, IterationProgress, TrainProgress};
 use super::{final_validation, io_err, TrainError, TrainRequest, TrainSummary};
 use crate::checkpoint::{find_resume_checkpoint, Checkpoint, CheckpointKind, NetworkMeta};
 use crate::data::{self, BackgroundLoader, LoaderOptions, PreprocessedDataset, Split};

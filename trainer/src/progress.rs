@@ -243,7 +243,7 @@ fn draw_losses(panel: &Area<'_>, log: &TrainingLog, text: bool) -> DrawResult<()
     let range = finite_range(&[&log.train_losses, &log.val_losses]);
     let mut chart = chart_on(panel, "loss / pseudo dice", n, range, (text, true))?
         .set_secondary_coord(x_axis(n), 0.0..1.0);
-    draw_mesh(&mut *chart, "loss", range, (n, text))?;
+    draw_mesh(&mut chart, "loss", range, (n, text))?;
     if text {
         chart
             .configure_secondary_axes()

@@ -201,8 +201,12 @@ fn run(cli: Cli) -> Result<()> {
                     a.input.display()
                 )
             })?;
+            let mut evaluate = trainer::evaluation::EvaluateOptions::from_dataset_json(&ds, a.np);
+            // nnU-Net evaluates here with compute_metrics_on_folder's default chill=True: the
+            // predictions of some folds are judged on their cases only
+            evaluate.chill = true;
             let opts = trainer::evaluation::PostprocessOptions {
-                evaluate: trainer::evaluation::EvaluateOptions::from_dataset_json(&ds, a.np),
+                evaluate,
                 keep_postprocessed: !a.remove_postprocessed,
             };
             let pp = trainer::evaluation::determine_postprocessing(&a.input, &a.reference, &opts)?;

@@ -95,11 +95,60 @@ pub enum Command {
     /// One PNG per training case: label outlines over a slice of the image (nnUNetv2_plot_overlay_pngs).
     #[command(name = "plot_overlay_pngs")]
     PlotOverlayPngs(OverlayArgs),
+    /// Convert a Medical Segmentation Decathlon task (TaskXX_Name) into a raw dataset, 4D
+    /// images split per channel (nnUNetv2_convert_MSD_dataset).
+    #[command(name = "convert_MSD_dataset")]
+    ConvertMsdDataset(ConvertMsdArgs),
+    /// Convert an nnU-Net v1 raw task into a v2 dataset (nnUNetv2_convert_old_nnUNet_dataset).
+    #[command(name = "convert_old_nnUNet_dataset")]
+    ConvertOldNnunetDataset(ConvertOldArgs),
+    /// Copy a dataset's plans to another dataset, e.g. for transfer learning
+    /// (nnUNetv2_move_plans_between_datasets).
+    #[command(name = "move_plans_between_datasets")]
+    MovePlansBetweenDatasets(MovePlansArgs),
     /// Self-check of this build on a device: build and device info, every op against a
     /// reference (f32 and bf16), one forward + backward pass of every network preset.
     /// Exit code 0: all passed, 1: a check failed, 2: device or library unavailable.
     #[command(name = "doctor")]
     Doctor(DoctorArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ConvertMsdArgs {
+    /// The MSD task folder, e.g. /data/Task05_Prostate (with imagesTr, labelsTr, dataset.json).
+    #[arg(short = 'i')]
+    pub input: PathBuf,
+    /// Dataset id of the result (default: the task's number).
+    #[arg(long = "overwrite_id")]
+    pub overwrite_id: Option<u32>,
+    /// Images converted in parallel.
+    #[arg(long = "np", default_value_t = 4)]
+    pub num_processes: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct ConvertOldArgs {
+    /// The v1 task folder itself (with imagesTr, labelsTr, dataset.json).
+    pub input_folder: PathBuf,
+    /// The new dataset's name, DatasetXXX_Name.
+    pub output_dataset_name: String,
+}
+
+#[derive(Args, Debug)]
+pub struct MovePlansArgs {
+    /// Source dataset (id or name).
+    #[arg(short = 's')]
+    pub source: String,
+    /// Target dataset (id or name); it needs a raw dataset.
+    #[arg(short = 't')]
+    pub target: String,
+    /// Source plans identifier, e.g. nnUNetPlans.
+    #[arg(long = "sp")]
+    pub source_plans: String,
+    /// Target plans identifier (default: the source's). Choose a new one when the target
+    /// already has its own plans of that name.
+    #[arg(long = "tp")]
+    pub target_plans: Option<String>,
 }
 
 #[derive(Args, Debug)]

@@ -115,6 +115,33 @@ fn resolve_paths(args: &PathArgs) -> NnUnetPaths {
 fn run(cli: Cli) -> Result<()> {
     let paths = resolve_paths(&cli.paths);
     match cli.command {
+        Command::ConvertMsdDataset(a) => {
+            let c = datasets::convert::MsdConversion {
+                source: a.input,
+                overwrite_id: a.overwrite_id,
+                num_processes: a.num_processes,
+            };
+            let done = datasets::convert::convert_msd_dataset(&c, &paths)?;
+            print_converted(&done);
+        }
+        Command::ConvertOldNnunetDataset(a) => {
+            let done = datasets::convert::convert_old_nnunet_dataset(
+                &a.input_folder,
+                &a.output_dataset_name,
+                &paths,
+            )?;
+            print_converted(&done);
+        }
+        Command::MovePlansBetweenDatasets(a) => {
+            let req = planner::move_plans::MovePlans {
+                source: a.source,
+                target: a.target,
+                source_plans: a.source_plans,
+                target_plans: a.target_plans,
+            };
+            let out = planner::move_plans::move_plans_between_datasets(&req, &paths)?;
+            println!("plans written to {}", out.display());
+        }
         Command::MakeDemoDataset(a) => {
             let raw = paths
                 .raw
@@ -326,6 +353,16 @@ fn doctor(a: &cli::DoctorArgs) -> i32 {
         print!("{}", render_text(&report));
     }
     report.exit_code()
+}
+
+fn print_converted(done: &datasets::convert::Converted) {
+    println!(
+        "{}: {} training and {} test cases -> {}",
+        done.dataset_name,
+        done.training_cases,
+        done.test_cases,
+        done.folder.display()
+    );
 }
 
 /// One line naming what is missing when `doctor` cannot open `requested`.

@@ -2,6 +2,7 @@
 //! image IO (NIfTI, PNG, TIFF) with SimpleITK's axis conventions, the integrity check and
 //! synthetic demo datasets.
 
+pub mod convert;
 pub mod demo;
 pub mod error;
 pub mod io;

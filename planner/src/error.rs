@@ -42,6 +42,9 @@ pub enum PlannerError {
     /// The preset's network cannot be resolved.
     #[error(transparent)]
     Arch(#[from] architectures::registry::ArchError),
+    /// A dataset id, folder or dataset.json problem.
+    #[error(transparent)]
+    Dataset(#[from] datasets::DatasetError),
     /// Reading or writing a plans file.
     #[error(transparent)]
     Plans(#[from] plans::PlansError),

@@ -427,171 +427,35 @@ impl<'a> Planner<'a> {
 
     /// `plan_experiment`: all default configurations plus the plans header, as nnU-Net's JSON.
     pub fn plan(&self, dataset_name: &str) -> Result<Value, PlannerError> {
-        let input = self.input;
         let auto_spacing = self.automatic_target_spacing();
         let fullres_spacing = self.fullres_target_spacing();
         let (transpose_forward, transpose_backward) = determine_transpose(&fullres_spacing);
         let fullres_spacing_t = permute(&fullres_spacing, &transpose_forward);
+        let new_median_t = permute(&self.median_new_shape(&fullres_spacing), &transpose_forward);
+        let approx_n_voxels = prod(&new_median_t) * self.input.num_training as f64;
 
-        let median_new_shape = |target: &[f64]| -> Vec<f64> {
-            let new_shapes: Vec<Vec<f64>> = input
-                .spacings
-                .iter()
-                .zip(&input.shapes_after_crop)
-                .map(|(sp, sh)| {
-                    compute_new_shape(sh, sp, target)
-                        .into_iter()
-                        .map(|v| v as f64)
-                        .collect()
-                })
-                .collect();
-            per_column(&new_shapes, median).unwrap_or_default()
+        let (plan_fullres, plan_lowres) = if new_median_t.len() == 3 && new_median_t[0] != 1.0 {
+            // only run 3d if this is a 3d dataset
+            let (fullres, lowres) =
+                self.plan_3d(&fullres_spacing_t, &new_median_t, approx_n_voxels)?;
+            (Some(fullres), lowres)
+        } else {
+            (None, None)
         };
-        let new_median_t = permute(&median_new_shape(&fullres_spacing), &transpose_forward);
-        let n_train = input.num_training as f64;
-        let approx_n_voxels = prod(&new_median_t) * n_train;
-
-        let mut plan_fullres = None;
-        let mut plan_lowres = None;
-        // only run 3d if this is a 3d dataset
-        if new_median_t.len() == 3 && new_median_t[0] != 1.0 {
-            let mut fullres = self.plan_configuration(
-                &fullres_spacing_t,
-                &new_median_t,
-                false,
-                "3d_fullres",
-                approx_n_voxels,
-            )?;
-            let median_voxels_fullres = prod(&new_median_t);
-            let mut median_num_voxels = median_voxels_fullres;
-            let mut num_voxels_in_patch = prod(
-                &fullres
-                    .patch_size
-                    .iter()
-                    .map(|&p| p as f64)
-                    .collect::<Vec<_>>(),
-            );
-            let mut lowres_spacing = fullres.spacing.clone();
-            let mut lowres: Option<ConfigurationPlan> = None;
-            let mut iterations = 0;
-            while num_voxels_in_patch / median_num_voxels < LOWRES_CREATION_THRESHOLD {
-                iterations += 1;
-                if iterations > MAX_LOWRES_ITERATIONS {
-                    return Err(PlannerError::LowresDidNotConverge(MAX_LOWRES_ITERATIONS));
-                }
-                // increase the anisotropic (finer) axes first until within factor 2, then all
-                let max_spacing = lowres_spacing
-                    .iter()
-                    .copied()
-                    .fold(f64::NEG_INFINITY, f64::max);
-                let finer: Vec<bool> = lowres_spacing
-                    .iter()
-                    .map(|&s| max_spacing / s > 2.0)
-                    .collect();
-                let any_finer = finer.iter().any(|&b| b);
-                for (s, &is_finer) in lowres_spacing.iter_mut().zip(&finer) {
-                    if is_finer || !any_finer {
-                        *s *= LOWRES_SPACING_INCREASE_FACTOR;
-                    }
-                }
-                let lowres_median: Vec<f64> = fullres
-                    .spacing
-                    .iter()
-                    .zip(&lowres_spacing)
-                    .zip(&new_median_t)
-                    .map(|((fs, ls), m)| fs / ls * m)
-                    .collect();
-                median_num_voxels = prod(&lowres_median);
-                let rounded: Vec<f64> = lowres_median.iter().map(|&v| round_half_even(v)).collect();
-                let plan = self.plan_configuration(
-                    &lowres_spacing,
-                    &rounded,
-                    true,
-                    "3d_lowres",
-                    median_num_voxels * n_train,
-                )?;
-                num_voxels_in_patch = prod(
-                    &plan
-                        .patch_size
-                        .iter()
-                        .map(|&p| p as f64)
-                        .collect::<Vec<_>>(),
-                );
-                tracing::debug!(
-                    "Attempting to find 3d_lowres config. Current spacing: {:?}. Current patch size: {:?}. Current \
-                     median shape: {:?}",
-                    lowres_spacing,
-                    plan.patch_size,
-                    lowres_median
-                );
-                lowres = Some(plan);
-            }
-            // nnU-Net prints "Dropping 3d_lowres" even when no lowres was ever attempted; we only
-            // report a real drop
-            if lowres.is_some() && median_voxels_fullres / median_num_voxels < 2.0 {
-                tracing::info!(
-                    "Dropping 3d_lowres config because the image size difference to 3d_fullres is too small. \
-                     3d_fullres: {:?}",
-                    new_median_t
-                );
-                lowres = None;
-            }
-            if let Some(l) = lowres.as_mut() {
-                l.batch_dice = Some(false);
-                l.next_stage = Some("3d_cascade_fullres".to_string());
-                fullres.batch_dice = Some(true);
-            } else {
-                fullres.batch_dice = Some(false);
-            }
-            plan_fullres = Some(fullres);
-            plan_lowres = lowres;
-        }
 
         // 2d: slices along the first (transposed) axis. nnU-Net documents
         // -overwrite_target_spacing as affecting 3d_fullres only, but its code feeds the
         // overwritten spacing into 2d as well; we follow the documented intent and plan 2d from
         // the automatic target spacing (identical to nnU-Net when no override is given).
-        let (spacing_2d_full, median_2d_full, approx_2d) =
-            if self.options.overwrite_target_spacing.is_some() {
-                let m = permute(&median_new_shape(&auto_spacing), &transpose_forward);
-                let a = prod(&m) * n_train;
-                (permute(&auto_spacing, &transpose_forward), m, a)
-            } else {
-                (
-                    fullres_spacing_t.clone(),
-                    new_median_t.clone(),
-                    approx_n_voxels,
-                )
-            };
-        if spacing_2d_full.len() < 3 {
-            return Err(PlannerError::Fingerprint(format!(
-                "spacings must have 3 axes (2D images use spacing 999 on the first), got {}",
-                spacing_2d_full.len()
-            )));
-        }
-        let mut plan_2d = self.plan_configuration(
-            &spacing_2d_full[1..],
-            &median_2d_full[1..],
-            false,
-            "2d",
-            approx_2d,
-        )?;
-        plan_2d.batch_dice = Some(true);
-
-        // median spacing and shape of the raw data, for reference
-        let median_spacing = permute(
-            &per_column(&input.spacings, median).unwrap_or_default(),
-            &transpose_forward,
-        );
-        let shapes_f: Vec<Vec<f64>> = input
-            .shapes_after_crop
-            .iter()
-            .map(|s| s.iter().map(|&v| v as f64).collect())
-            .collect();
-        let median_shape = permute(
-            &per_column(&shapes_f, median).unwrap_or_default(),
-            &transpose_forward,
-        );
+        let (spacing_2d, median_2d, approx_2d) = if self.options.overwrite_target_spacing.is_some()
+        {
+            let m = permute(&self.median_new_shape(&auto_spacing), &transpose_forward);
+            let a = prod(&m) * self.input.num_training as f64;
+            (permute(&auto_spacing, &transpose_forward), m, a)
+        } else {
+            (fullres_spacing_t, new_median_t, approx_n_voxels)
+        };
+        let plan_2d = self.plan_2d(&spacing_2d, &median_2d, approx_2d)?;
 
         let mut configurations = Map::new();
         configurations.insert("2d".into(), self.configuration_json(&plan_2d));
@@ -607,7 +471,149 @@ impl<'a> Planner<'a> {
                 );
             }
         }
+        let transposes = (transpose_forward, transpose_backward);
+        Ok(self.plans_json(dataset_name, &transposes, configurations))
+    }
 
+    /// Median over the training cases of their shapes after resampling to `target` spacing.
+    fn median_new_shape(&self, target: &[f64]) -> Vec<f64> {
+        let new_shapes: Vec<Vec<f64>> = self
+            .input
+            .spacings
+            .iter()
+            .zip(&self.input.shapes_after_crop)
+            .map(|(sp, sh)| {
+                compute_new_shape(sh, sp, target)
+                    .into_iter()
+                    .map(|v| v as f64)
+                    .collect()
+            })
+            .collect();
+        per_column(&new_shapes, median).unwrap_or_default()
+    }
+
+    /// 3d_fullres, plus 3d_lowres when the fullres patch covers too little of the median image
+    /// (nnU-Net's loop: coarsen the spacing until the patch covers
+    /// [`LOWRES_CREATION_THRESHOLD`] of it; dropped again when the size difference is < 2×).
+    /// Sets `batch_dice` of both as nnU-Net does.
+    fn plan_3d(
+        &self,
+        fullres_spacing_t: &[f64],
+        new_median_t: &[f64],
+        approx_n_voxels: f64,
+    ) -> Result<(ConfigurationPlan, Option<ConfigurationPlan>), PlannerError> {
+        let mut fullres = self.plan_configuration(
+            fullres_spacing_t,
+            new_median_t,
+            false,
+            "3d_fullres",
+            approx_n_voxels,
+        )?;
+        let median_voxels_fullres = prod(new_median_t);
+        let mut median_num_voxels = median_voxels_fullres;
+        let mut num_voxels_in_patch = patch_voxels(&fullres);
+        let mut lowres_spacing = fullres.spacing.clone();
+        let mut lowres: Option<ConfigurationPlan> = None;
+        let mut iterations = 0;
+        while num_voxels_in_patch / median_num_voxels < LOWRES_CREATION_THRESHOLD {
+            iterations += 1;
+            if iterations > MAX_LOWRES_ITERATIONS {
+                return Err(PlannerError::LowresDidNotConverge(MAX_LOWRES_ITERATIONS));
+            }
+            coarsen_lowres_spacing(&mut lowres_spacing);
+            let lowres_median: Vec<f64> = fullres
+                .spacing
+                .iter()
+                .zip(&lowres_spacing)
+                .zip(new_median_t)
+                .map(|((fs, ls), m)| fs / ls * m)
+                .collect();
+            median_num_voxels = prod(&lowres_median);
+            let rounded: Vec<f64> = lowres_median.iter().map(|&v| round_half_even(v)).collect();
+            let plan = self.plan_configuration(
+                &lowres_spacing,
+                &rounded,
+                true,
+                "3d_lowres",
+                median_num_voxels * self.input.num_training as f64,
+            )?;
+            num_voxels_in_patch = patch_voxels(&plan);
+            tracing::debug!(
+                "Attempting to find 3d_lowres config. Current spacing: {:?}. Current patch size: {:?}. Current \
+                 median shape: {:?}",
+                lowres_spacing,
+                plan.patch_size,
+                lowres_median
+            );
+            lowres = Some(plan);
+        }
+        // nnU-Net prints "Dropping 3d_lowres" even when no lowres was ever attempted; we only
+        // report a real drop
+        if lowres.is_some() && median_voxels_fullres / median_num_voxels < 2.0 {
+            tracing::info!(
+                "Dropping 3d_lowres config because the image size difference to 3d_fullres is too small. \
+                 3d_fullres: {:?}",
+                new_median_t
+            );
+            lowres = None;
+        }
+        if let Some(l) = lowres.as_mut() {
+            l.batch_dice = Some(false);
+            l.next_stage = Some("3d_cascade_fullres".to_string());
+            fullres.batch_dice = Some(true);
+        } else {
+            fullres.batch_dice = Some(false);
+        }
+        Ok((fullres, lowres))
+    }
+
+    /// The 2d configuration from the (transposed) 3-axis spacing and median shape: slices along
+    /// the first axis.
+    fn plan_2d(
+        &self,
+        spacing: &[f64],
+        median_shape: &[f64],
+        approx_n_voxels: f64,
+    ) -> Result<ConfigurationPlan, PlannerError> {
+        if spacing.len() < 3 {
+            return Err(PlannerError::Fingerprint(format!(
+                "spacings must have 3 axes (2D images use spacing 999 on the first), got {}",
+                spacing.len()
+            )));
+        }
+        let mut plan_2d = self.plan_configuration(
+            &spacing[1..],
+            &median_shape[1..],
+            false,
+            "2d",
+            approx_n_voxels,
+        )?;
+        plan_2d.batch_dice = Some(true);
+        Ok(plan_2d)
+    }
+
+    /// The plans header around `configurations`, in nnU-Net's key order.
+    fn plans_json(
+        &self,
+        dataset_name: &str,
+        (transpose_forward, transpose_backward): &(Vec<usize>, Vec<usize>),
+        configurations: Map<String, Value>,
+    ) -> Value {
+        let input = self.input;
+        // median spacing and shape of the raw data, for reference
+        let median_spacing = permute(
+            &per_column(&input.spacings, median).unwrap_or_default(),
+            transpose_forward,
+        );
+        let shapes_f: Vec<Vec<f64>> = input
+            .shapes_after_crop
+            .iter()
+            .map(|s| s.iter().map(|&v| v as f64).collect())
+            .collect();
+        let median_shape = permute(
+            &per_column(&shapes_f, median).unwrap_or_default(),
+            transpose_forward,
+        );
         let mut plans = Map::new();
         plans.insert("dataset_name".into(), json!(dataset_name));
         plans.insert("plans_name".into(), json!(self.options.plans_name()));
@@ -640,25 +646,15 @@ impl<'a> Planner<'a> {
             "foreground_intensity_properties_per_channel".into(),
             input.foreground_intensity_properties_per_channel.clone(),
         );
-        Ok(Value::Object(plans))
+        Value::Object(plans)
     }
 
-    /// nnU-Net's reader/writer choice from dataset.json (`determine_reader_writer_from_dataset_json`
-    /// without trying to open an example file).
+    /// nnU-Net's reader/writer choice from dataset.json (see [`reader_writer_for`]).
     pub fn image_reader_writer(&self) -> String {
-        if let Some(rw) = &self.input.overwrite_image_reader_writer {
-            if rw != "None" {
-                return rw.clone();
-            }
-        }
-        match self.input.file_ending.to_lowercase().as_str() {
-            ".png" | ".bmp" | ".tif" => "NaturalImage2DIO",
-            ".nii.gz" | ".nrrd" | ".mha" | ".gipl" => "SimpleITKIO",
-            ".tiff" => "Tiff3DIO",
-            ".nii" => "NibabelIO",
-            _ => "SimpleITKIO",
-        }
-        .to_string()
+        reader_writer_for(
+            &self.input.file_ending,
+            self.input.overwrite_image_reader_writer.as_deref(),
+        )
     }
 
     /// One configuration as nnU-Net writes it (same keys, same order).
@@ -838,6 +834,41 @@ fn validate_input(input: &PlanningInput) -> Result<(), PlannerError> {
         return Err(PlannerError::DatasetJson("`numTraining` is 0".into()));
     }
     Ok(())
+}
+
+/// nnU-Net's reader/writer choice from dataset.json (`determine_reader_writer_from_dataset_json`
+/// without trying to open an example file): `overwrite_image_reader_writer` unless it is
+/// `"None"`, else by `file_ending`.
+pub fn reader_writer_for(file_ending: &str, overwrite: Option<&str>) -> String {
+    if let Some(rw) = overwrite.filter(|rw| *rw != "None") {
+        return rw.to_string();
+    }
+    match file_ending.to_lowercase().as_str() {
+        ".png" | ".bmp" | ".tif" => "NaturalImage2DIO",
+        ".nii.gz" | ".nrrd" | ".mha" | ".gipl" => "SimpleITKIO",
+        ".tiff" => "Tiff3DIO",
+        ".nii" => "NibabelIO",
+        _ => "SimpleITKIO",
+    }
+    .to_string()
+}
+
+/// Number of voxels in a configuration's patch.
+fn patch_voxels(plan: &ConfigurationPlan) -> f64 {
+    plan.patch_size.iter().map(|&p| p as f64).product()
+}
+
+/// One step of nnU-Net's 3d_lowres search: increase the anisotropic (finer) axes first until
+/// within a factor 2 of the coarsest, then all axes.
+fn coarsen_lowres_spacing(spacing: &mut [f64]) {
+    let max_spacing = spacing.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let finer: Vec<bool> = spacing.iter().map(|&s| max_spacing / s > 2.0).collect();
+    let any_finer = finer.iter().any(|&b| b);
+    for (s, &is_finer) in spacing.iter_mut().zip(&finer) {
+        if is_finer || !any_finer {
+            *s *= LOWRES_SPACING_INCREASE_FACTOR;
+        }
+    }
 }
 
 #[cfg(test)]

@@ -9,8 +9,8 @@
 //! both for a preprocessed dataset's plans file.
 
 use crate::numpy::{argsort_last, round_half_even};
-use crate::presets::PlannerKind;
-use crate::topology::get_pool_and_conv_props;
+use crate::presets::{PlannerConstants, PlannerKind};
+use crate::topology::{get_pool_and_conv_props, PoolAndConvProps};
 use crate::PlannerError;
 use architectures::registry::{NetworkIo, Registry};
 use plans::{ArchitectureSpec, Configuration};
@@ -127,6 +127,59 @@ fn kwargs_for_topology(
     kw
 }
 
+/// The memory reference (nnU-Net's `reference_val` scaled to the GPU memory target) and the
+/// reference batch size of a `dim`-D configuration.
+fn memory_reference(
+    c: &PlannerConstants,
+    gpu_memory_target_gb: Option<f64>,
+    dim: usize,
+) -> Result<(f64, usize), PlannerError> {
+    let target = gpu_memory_target_gb.unwrap_or(c.default_gpu_memory_target_gb);
+    if !(target > 0.0 && target.is_finite()) {
+        return Err(PlannerError::InvalidOption {
+            option: "-gpu_memory_target",
+            message: format!("must be a positive number of GB, got {target}"),
+        });
+    }
+    let (ref_val, ref_bs) = if dim == 2 {
+        (c.reference_val_2d, c.reference_bs_2d)
+    } else {
+        (c.reference_val_3d, c.reference_bs_3d)
+    };
+    Ok((ref_val * (target / c.reference_val_corresp_gb), ref_bs))
+}
+
+/// One step of nnU-Net's patch-shrink loop: the axis largest relative to the median image
+/// shrinks by its divisibility step and the topology is recomputed. `None` when the patch
+/// cannot shrink further (an empty axis, or too small to downsample at all).
+fn shrink_patch_once(
+    spacing: &[f64],
+    props: &PoolAndConvProps,
+    median: &[f64],
+    min_fm: usize,
+) -> Option<PoolAndConvProps> {
+    let patch_f = |p: &[usize]| p.iter().map(|&v| v as f64).collect::<Vec<f64>>();
+    let ratios: Vec<f64> = props
+        .patch_size
+        .iter()
+        .zip(median)
+        .map(|(&p, &m)| p as f64 / m.max(1.0))
+        .collect();
+    let axis = argsort_last(&ratios);
+    let mut reduced = patch_f(&props.patch_size);
+    reduced[axis] -= props.shape_must_be_divisible_by[axis] as f64;
+    let divisor =
+        get_pool_and_conv_props(spacing, &reduced, min_fm, MAX_NUMPOOL).shape_must_be_divisible_by;
+    let new_len = props.patch_size[axis] as i64 - divisor[axis] as i64;
+    if new_len < 1 {
+        return None;
+    }
+    let mut patch = patch_f(&props.patch_size);
+    patch[axis] = new_len as f64;
+    let shrunk = get_pool_and_conv_props(spacing, &patch, min_fm, MAX_NUMPOOL);
+    (shrunk.n_stages() >= 2).then_some(shrunk)
+}
+
 /// Runs nnU-Net's patch-shrink loop with the estimate of `req.network`.
 ///
 /// The network fits when its per-sample estimate times `batch_size / reference_bs` stays
@@ -142,21 +195,7 @@ pub fn fit_network(
     let name = req.configuration_name;
     let dim = cfg.patch_size.len();
     let c = req.planner.constants();
-    let target = req
-        .gpu_memory_target_gb
-        .unwrap_or(c.default_gpu_memory_target_gb);
-    if !(target > 0.0 && target.is_finite()) {
-        return Err(PlannerError::InvalidOption {
-            option: "-gpu_memory_target",
-            message: format!("must be a positive number of GB, got {target}"),
-        });
-    }
-    let (ref_val, ref_bs) = if dim == 2 {
-        (c.reference_val_2d, c.reference_bs_2d)
-    } else {
-        (c.reference_val_3d, c.reference_bs_3d)
-    };
-    let reference = ref_val * (target / c.reference_val_corresp_gb);
+    let (reference, ref_bs) = memory_reference(&c, req.gpu_memory_target_gb, dim)?;
     // nnU-Net estimates without deep supervision
     let io = NetworkIo {
         deep_supervision: false,
@@ -216,38 +255,14 @@ pub fn fit_network(
     let mut estimate = estimate_for(&net_arch, &props.patch_size)?;
     // shrink until a batch of two fits, as nnU-Net's planner does
     while !fits(estimate, 2) {
-        let ratios: Vec<f64> = props
-            .patch_size
-            .iter()
-            .zip(&median)
-            .map(|(&p, &m)| p as f64 / m.max(1.0))
-            .collect();
-        let axis = argsort_last(&ratios);
-        let mut reduced = patch_f(&props.patch_size);
-        reduced[axis] -= props.shape_must_be_divisible_by[axis] as f64;
-        let divisor = get_pool_and_conv_props(spacing, &reduced, min_fm, MAX_NUMPOOL)
-            .shape_must_be_divisible_by;
-        let new_len = props.patch_size[axis] as i64 - divisor[axis] as i64;
-        if new_len < 1 {
-            return Err(PlannerError::PatchDoesNotFit {
+        props = shrink_patch_once(spacing, &props, &median, min_fm).ok_or_else(|| {
+            PlannerError::PatchDoesNotFit {
                 configuration: format!("{name} with network {}", req.network.network_class_name),
                 patch: props.patch_size.clone(),
                 estimate,
                 reference,
-            });
-        }
-        let mut patch = patch_f(&props.patch_size);
-        patch[axis] = new_len as f64;
-        props = get_pool_and_conv_props(spacing, &patch, min_fm, MAX_NUMPOOL);
-        if props.n_stages() < 2 {
-            // too small to downsample at all: no U-Net left to shrink
-            return Err(PlannerError::PatchDoesNotFit {
-                configuration: format!("{name} with network {}", req.network.network_class_name),
-                patch: props.patch_size.clone(),
-                estimate,
-                reference,
-            });
-        }
+            }
+        })?;
         (plan_arch, net_arch) = with_topology(&props);
         estimate = estimate_for(&net_arch, &props.patch_size)?;
     }

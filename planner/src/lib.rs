@@ -12,6 +12,7 @@
 pub mod error;
 pub mod experiment;
 pub mod fit;
+pub mod move_plans;
 pub mod numpy;
 pub mod presets;
 pub mod topology;

@@ -16,7 +16,7 @@
 //! its 1×1 convs; counting that order here gives ≈49×).
 
 use super::config::{DecoderCrfb, KiUNetConfig, PoolType};
-use super::net::{conv_first, vox};
+use super::net::{conv_first, vox, Sizes};
 use crate::memory::MemoryEstimate;
 use crate::network::LayerRow;
 use crate::unet::blocks::conv_out_size;
@@ -215,81 +215,88 @@ pub fn walk(cfg: &KiUNetConfig, patch: &[usize]) -> Vec<(LayerRow, u64)> {
 
 /// [`walk`] of a network whose deep-supervision heads (built when
 /// `cfg.base.deep_supervision`) give outputs only when `ds_outputs`.
-#[allow(clippy::needless_range_loop)] // stage-indexed parallel lists
 pub fn walk_with(cfg: &KiUNetConfig, patch: &[usize], ds_outputs: bool) -> Vec<(LayerRow, u64)> {
     let n = cfg.n_stages();
-    let dim = cfg.dim();
-    let b = &cfg.base;
-    let f = b.features_per_stage.clone();
-    let w = cfg.kinet_widths.clone();
     let sizes = cfg.sizes(patch);
     let mut wk = Walker { cfg, rows: vec![] };
-    let ones = vec![1; dim];
-    let mut cin = b.input_channels;
-    let mut cur = patch.to_vec();
+    wk.unet_encoder(&sizes, patch);
+    wk.kinet_encoder(&sizes, patch);
+    let (f, w) = (&cfg.base.features_per_stage, &cfg.kinet_widths);
     for s in 0..n {
-        let mut idx = 0;
-        if let Some(ps) = &sizes.u_pool[s] {
-            let kind = format!(
-                "{}Pool{dim}d k=s{}",
-                if cfg.pool_type == PoolType::Avg {
-                    "Avg"
-                } else {
-                    "Max"
-                },
-                axes(&b.strides[s])
-            );
-            wk.push(format!("unet_encoder.{s}.0"), kind, shape(cin, ps), 0, 1, 1);
-            cur = ps.clone();
-            idx = 1;
-        }
-        cur = wk.stack(
-            &format!("unet_encoder.{s}.{idx}"),
-            cfg.n_conv_per_stage[s],
-            cin,
-            f[s],
-            &b.kernel_sizes[s],
-            &cfg.unet_conv_stride(s),
-            &cur,
-        );
-        cin = f[s];
-    }
-    let mut cin = b.input_channels;
-    let mut cur = patch.to_vec();
-    for s in 0..n {
-        cur = wk.stack(
-            &format!("kinet_encoder.{s}"),
-            cfg.n_conv_per_stage[s],
-            cin,
-            w[s],
-            &b.kernel_sizes[s],
-            &ones,
-            &cur,
-        );
-        if sizes.k[s] != cur {
-            wk.resize_row(
-                format!("kinet_encoder.{s} (upsample)"),
-                w[s],
-                &sizes.k[s],
-                true,
-            );
-            cur = sizes.k[s].clone();
-        }
-        cin = w[s];
-    }
-    for s in 0..n {
-        wk.crfb(
-            &format!("crfb_encoder.{s}"),
-            f[s],
-            w[s],
-            &sizes.u[s],
-            &sizes.k[s],
-            true,
-        );
+        let name = format!("crfb_encoder.{s}");
+        wk.crfb(&name, f[s], w[s], &sizes.u[s], &sizes.k[s], true);
     }
     let mut ku = sizes.u[n - 1].clone();
     let mut kk = sizes.k[n - 1].clone();
     for j in 0..n - 1 {
+        (ku, kk) = wk.decoder_stage(&sizes, j, &ku, &kk, ds_outputs);
+    }
+    wk.seg_heads(&ku, &kk);
+    wk.rows
+}
+
+impl Walker<'_> {
+    /// The U-Net branch's encoder: per stage an optional pooling, then the conv stack.
+    fn unet_encoder(&mut self, sizes: &Sizes, patch: &[usize]) {
+        let (cfg, b) = (self.cfg, &self.cfg.base);
+        let dim = cfg.dim();
+        let mut cin = b.input_channels;
+        let mut cur = patch.to_vec();
+        for s in 0..cfg.n_stages() {
+            let mut idx = 0;
+            if let Some(ps) = &sizes.u_pool[s] {
+                let pool = if cfg.pool_type == PoolType::Avg {
+                    "Avg"
+                } else {
+                    "Max"
+                };
+                let kind = format!("{pool}Pool{dim}d k=s{}", axes(&b.strides[s]));
+                self.push(format!("unet_encoder.{s}.0"), kind, shape(cin, ps), 0, 1, 1);
+                cur = ps.clone();
+                idx = 1;
+            }
+            let f = b.features_per_stage[s];
+            let (k, stride) = (&b.kernel_sizes[s], &cfg.unet_conv_stride(s));
+            let name = format!("unet_encoder.{s}.{idx}");
+            cur = self.stack(&name, cfg.n_conv_per_stage[s], cin, f, k, stride, &cur);
+            cin = f;
+        }
+    }
+
+    /// The Ki-Net branch's encoder: per stage the conv stack, then the upsampling to its size.
+    fn kinet_encoder(&mut self, sizes: &Sizes, patch: &[usize]) {
+        let (cfg, b) = (self.cfg, &self.cfg.base);
+        let ones = vec![1; cfg.dim()];
+        let mut cin = b.input_channels;
+        let mut cur = patch.to_vec();
+        for s in 0..cfg.n_stages() {
+            let w = cfg.kinet_widths[s];
+            let name = format!("kinet_encoder.{s}");
+            let k = &b.kernel_sizes[s];
+            cur = self.stack(&name, cfg.n_conv_per_stage[s], cin, w, k, &ones, &cur);
+            if sizes.k[s] != cur {
+                let name = format!("kinet_encoder.{s} (upsample)");
+                self.resize_row(name, w, &sizes.k[s], true);
+                cur = sizes.k[s].clone();
+            }
+            cin = w;
+        }
+    }
+
+    /// Decoder stage `j` of both branches (transposed conv + stack, Ki-Net downsampling +
+    /// stack, the decoder CRFB, the deep-supervision head); returns both branches' new sizes.
+    fn decoder_stage(
+        &mut self,
+        sizes: &Sizes,
+        j: usize,
+        ku: &[usize],
+        kk: &[usize],
+        ds_outputs: bool,
+    ) -> (Vec<usize>, Vec<usize>) {
+        let (cfg, b) = (self.cfg, &self.cfg.base);
+        let (n, dim) = (cfg.n_stages(), cfg.dim());
+        let (f, w) = (&b.features_per_stage, &cfg.kinet_widths);
+        let ones = vec![1; dim];
         let s = n - 2 - j;
         let up: Vec<usize> = ku
             .iter()
@@ -298,126 +305,107 @@ pub fn walk_with(cfg: &KiUNetConfig, patch: &[usize], ds_outputs: bool) -> Vec<(
             .collect();
         let tp = (f[s + 1] * f[s] * b.strides[s + 1].iter().product::<usize>()) as u64
             + if b.block.conv_bias { f[s] as u64 } else { 0 };
-        wk.push(
+        let kind = format!(
+            "ConvTranspose{dim}d {}→{} k=s{}",
+            f[s + 1],
+            f[s],
+            axes(&b.strides[s + 1])
+        );
+        self.push(
             format!("unet_transpconvs.{j}"),
-            format!(
-                "ConvTranspose{dim}d {}→{} k=s{}",
-                f[s + 1],
-                f[s],
-                axes(&b.strides[s + 1])
-            ),
+            kind,
             shape(f[s], &up),
             tp,
             1,
             2,
         );
-        ku = wk.stack(
-            &format!("unet_decoder.{j}"),
-            b.n_conv_per_stage_decoder[j],
-            2 * f[s],
-            f[s],
-            &b.kernel_sizes[s],
-            &ones,
-            &up,
-        );
-        let (stride, pad) = cfg.kinet_down_geometry(s);
-        let down = conv_out_size(&kk, &b.kernel_sizes[s + 1], &stride, &pad);
-        let dp = (w[s] * w[s + 1] * b.kernel_sizes[s + 1].iter().product::<usize>()) as u64
-            + if b.block.conv_bias { w[s] as u64 } else { 0 };
-        wk.push(
-            format!("kinet_downsample.{j}"),
-            format!(
-                "Conv{dim}d {}→{} k{} s{} p{}",
-                w[s + 1],
-                w[s],
-                axes(&b.kernel_sizes[s + 1]),
-                axes(&stride),
-                axes(&pad)
-            ),
-            shape(w[s], &down),
-            dp,
-            1,
-            2,
-        );
+        let n_conv = b.n_conv_per_stage_decoder[j];
+        let k = &b.kernel_sizes[s];
+        let name = format!("unet_decoder.{j}");
+        let ku = self.stack(&name, n_conv, 2 * f[s], f[s], k, &ones, &up);
+        let down = self.kinet_downsample(j, s, kk);
         if sizes.k[s] != down {
-            wk.resize_row(
-                format!("kinet_decoder.{j} (resize skip)"),
-                w[s],
-                &down,
-                true,
-            );
+            let name = format!("kinet_decoder.{j} (resize skip)");
+            self.resize_row(name, w[s], &down, true);
         }
-        kk = wk.stack(
-            &format!("kinet_decoder.{j}"),
-            b.n_conv_per_stage_decoder[j],
-            2 * w[s],
-            w[s],
-            &b.kernel_sizes[s],
-            &ones,
-            &down,
-        );
+        let name = format!("kinet_decoder.{j}");
+        let kk = self.stack(&name, n_conv, 2 * w[s], w[s], k, &ones, &down);
+        let crfb = format!("crfb_decoder.{s}");
         match cfg.decoder_crfb {
-            DecoderCrfb::On => wk.crfb(&format!("crfb_decoder.{s}"), f[s], w[s], &ku, &kk, true),
-            DecoderCrfb::Unused => wk.crfb(
-                &format!("crfb_decoder.{s}"),
-                f[s],
-                w[n - 1 - s],
-                &ku,
-                &kk,
-                false,
-            ),
+            DecoderCrfb::On => self.crfb(&crfb, f[s], w[s], &ku, &kk, true),
+            DecoderCrfb::Unused => self.crfb(&crfb, f[s], w[n - 1 - s], &ku, &kk, false),
             DecoderCrfb::Off => {}
         }
         if j + 2 < n && b.deep_supervision {
-            let head = format!("unet_deep_supervision_heads.{j}");
-            let p = Walker::pointwise_params(f[s], b.num_classes);
-            if ds_outputs {
-                wk.push(
-                    head,
-                    format!(
-                        "Conv{dim}d 1×1 {}→{} (deep-supervision head)",
-                        f[s], b.num_classes
-                    ),
-                    shape(b.num_classes, &ku),
-                    p,
-                    1,
-                    2,
-                );
-            } else {
-                wk.rows.push((
-                    LayerRow {
-                        name: head,
-                        kind: "deep-supervision head (built, unused)".into(),
-                        output_shape: vec![],
-                        params: p,
-                        stored_activations: 0,
-                    },
-                    0,
-                ));
-            }
+            self.ds_head(j, f[s], &ku, ds_outputs);
+        }
+        (ku, kk)
+    }
+
+    /// The Ki-Net branch's strided conv of decoder stage `j` (skip stage `s`); returns its
+    /// output size.
+    fn kinet_downsample(&mut self, j: usize, s: usize, kk: &[usize]) -> Vec<usize> {
+        let (cfg, b) = (self.cfg, &self.cfg.base);
+        let w = &cfg.kinet_widths;
+        let (stride, pad) = cfg.kinet_down_geometry(s);
+        let down = conv_out_size(kk, &b.kernel_sizes[s + 1], &stride, &pad);
+        let dp = (w[s] * w[s + 1] * b.kernel_sizes[s + 1].iter().product::<usize>()) as u64
+            + if b.block.conv_bias { w[s] as u64 } else { 0 };
+        let kind = format!(
+            "Conv{}d {}→{} k{} s{} p{}",
+            cfg.dim(),
+            w[s + 1],
+            w[s],
+            axes(&b.kernel_sizes[s + 1]),
+            axes(&stride),
+            axes(&pad)
+        );
+        let out = shape(w[s], &down);
+        self.push(format!("kinet_downsample.{j}"), kind, out, dp, 1, 2);
+        down
+    }
+
+    /// Deep-supervision head `j` on `channels` features of size `size`: a row with its output
+    /// when `ds_outputs`, else a parameters-only row (built, unused).
+    fn ds_head(&mut self, j: usize, channels: usize, size: &[usize], ds_outputs: bool) {
+        let nc = self.cfg.base.num_classes;
+        let head = format!("unet_deep_supervision_heads.{j}");
+        let p = Walker::pointwise_params(channels, nc);
+        if ds_outputs {
+            let dim = self.cfg.dim();
+            let kind = format!("Conv{dim}d 1×1 {channels}→{nc} (deep-supervision head)");
+            self.push(head, kind, shape(nc, size), p, 1, 2);
+        } else {
+            self.rows.push((
+                LayerRow {
+                    name: head,
+                    kind: "deep-supervision head (built, unused)".into(),
+                    output_shape: vec![],
+                    params: p,
+                    stored_activations: 0,
+                },
+                0,
+            ));
         }
     }
-    let nc = b.num_classes;
-    wk.push(
-        "unet_seg_head".into(),
-        format!("Conv{dim}d 1×1 {}→{nc} (segmentation head)", f[0]),
-        shape(nc, &ku),
-        Walker::pointwise_params(f[0], nc),
-        1,
-        2,
-    );
-    wk.push(
-        "kinet_seg_head".into(),
-        format!("Conv{dim}d 1×1 {}→{nc} (segmentation head)", w[0]),
-        shape(nc, &kk),
-        Walker::pointwise_params(w[0], nc),
-        1,
-        2,
-    );
-    if kk != ku {
-        wk.resize_row("kinet_seg_head (resize logits)".into(), nc, &ku, false);
+
+    /// Both branches' segmentation heads, and the resize of the Ki-Net logits when the
+    /// branches end at different sizes.
+    fn seg_heads(&mut self, ku: &[usize], kk: &[usize]) {
+        let cfg = self.cfg;
+        let dim = cfg.dim();
+        let nc = cfg.base.num_classes;
+        let (f0, w0) = (cfg.base.features_per_stage[0], cfg.kinet_widths[0]);
+        let kind = format!("Conv{dim}d 1×1 {f0}→{nc} (segmentation head)");
+        let p = Walker::pointwise_params(f0, nc);
+        self.push("unet_seg_head".into(), kind, shape(nc, ku), p, 1, 2);
+        let kind = format!("Conv{dim}d 1×1 {w0}→{nc} (segmentation head)");
+        let p = Walker::pointwise_params(w0, nc);
+        self.push("kinet_seg_head".into(), kind, shape(nc, kk), p, 1, 2);
+        if kk != ku {
+            self.resize_row("kinet_seg_head (resize logits)".into(), nc, ku, false);
+        }
     }
-    wk.rows
 }
 
 /// [`MemoryEstimate`] of a KiU-Net (see the module doc for the currency).

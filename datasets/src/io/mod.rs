@@ -353,6 +353,16 @@ pub(crate) fn write_via_temp(
     })
 }
 
+/// Splits a 4D NIfTI file (channels last, as in the Medical Segmentation Decathlon) into one 3D
+/// file per channel, `out(c)` for channel `c`, keeping the header geometry; a 3D file is copied
+/// to `out(0)`. Returns the number of channels.
+pub fn split_nifti_channels(
+    path: &Path,
+    out: &dyn Fn(usize) -> PathBuf,
+) -> Result<usize, DatasetError> {
+    nifti_io::split_channels(path, out)
+}
+
 /// Writes bytes atomically (temp file in the same folder, then rename).
 pub fn write_bytes_atomic(path: &Path, bytes: &[u8]) -> Result<(), DatasetError> {
     write_via_temp(path, ".tmp", |tmp| {

@@ -331,3 +331,83 @@ pub(crate) fn write_image(
 ) -> Result<(), DatasetError> {
     write_array(path, img, props)
 }
+
+/// Splits a 4D NIfTI file (one volume per channel, MSD style) into 3D files, channel `t` written
+/// to `out(t)`, keeping the header's geometry (qform/sform) and, for unscaled data, the voxel
+/// type; scaled data (`scl_slope`) is written as scaled float32, as SimpleITK does. A 3D file is
+/// copied to `out(0)` unchanged. Returns the number of channels written.
+pub(crate) fn split_channels(
+    path: &Path,
+    out: &dyn Fn(usize) -> std::path::PathBuf,
+) -> Result<usize, DatasetError> {
+    let (header, volume) = read_object(path)?;
+    let dim = header
+        .dim()
+        .map_err(|e| DatasetError::read(path, format!("invalid dim field: {e}")))?;
+    match dim.len() {
+        0..=3 => {
+            let target = out(0);
+            std::fs::copy(path, &target).map_err(|e| DatasetError::io(&target, e))?;
+            return Ok(1);
+        }
+        4 => {}
+        n => {
+            return Err(DatasetError::read(
+                path,
+                format!("{n}D image with dim {dim:?}: expected a 3D or 4D (channels last) image"),
+            ))
+        }
+    }
+    let (volume, scaling) = unscaled(&header, volume, path)?;
+    let channels = dim[3] as usize;
+    macro_rules! split_as {
+        ($t:ty) => {{
+            let arr = volume
+                .into_ndarray::<$t>()
+                .map_err(|e| DatasetError::read(path, format!("cannot convert voxel data: {e}")))?;
+            write_channels(&arr, &header, &out)
+        }};
+    }
+    if let Some((slope, inter)) = scaling {
+        let mut arr = volume
+            .into_ndarray::<f32>()
+            .map_err(|e| DatasetError::read(path, format!("cannot convert voxel data: {e}")))?;
+        arr.mapv_inplace(|v| (v as f64 * slope + inter) as f32);
+        write_channels(&arr, &header, &out)?;
+        return Ok(channels);
+    }
+    match header.data_type() {
+        Ok(NiftiType::Uint8) => split_as!(u8),
+        Ok(NiftiType::Int8) => split_as!(i8),
+        Ok(NiftiType::Int16) => split_as!(i16),
+        Ok(NiftiType::Uint16) => split_as!(u16),
+        Ok(NiftiType::Int32) => split_as!(i32),
+        Ok(NiftiType::Uint32) => split_as!(u32),
+        Ok(NiftiType::Int64) => split_as!(i64),
+        Ok(NiftiType::Uint64) => split_as!(u64),
+        Ok(NiftiType::Float64) => split_as!(f64),
+        _ => split_as!(f32),
+    }?;
+    Ok(channels)
+}
+
+/// Writes each volume `t` of an `[x, y, z, t]` array to `out(t)` with `header`'s geometry.
+fn write_channels<T>(
+    arr: &ArrayD<T>,
+    header: &NiftiHeader,
+    out: &dyn Fn(usize) -> std::path::PathBuf,
+) -> Result<(), DatasetError>
+where
+    T: nifti::DataElement + bytemuck::Pod,
+{
+    for (t, volume) in arr.axis_iter(ndarray::Axis(3)).enumerate() {
+        let path = out(t);
+        write_via_temp(&path, temp_ending(&path), |tmp| {
+            WriterOptions::new(tmp)
+                .reference_header(header)
+                .write_nifti(&volume)
+                .map_err(|e| DatasetError::write(&path, e))
+        })?;
+    }
+    Ok(())
+}

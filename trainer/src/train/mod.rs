@@ -42,6 +42,7 @@ use crate::progress::ProgressError;
 use architectures::network::ArchError;
 use architectures::registry::Registry;
 use candle_core::{DType, Device};
+use datasets::layout::ModelDir;
 use epoch_log::RunLog;
 use session::Session;
 use setup::Setup;
@@ -365,9 +366,13 @@ fn final_validation(
         }
         None => log.say(&format!(
             "WARNING: {} does not exist: the {} validation predictions in {} were not evaluated",
-            pre.join("gt_segmentations").display(),
+            datasets::layout::PreprocessedDir::new(pre)
+                .gt_segmentations()
+                .display(),
             validation.predictions.len(),
-            req.fold_folder().join("validation").display()
+            ModelDir::at(req.model_folder())
+                .validation(req.fold)
+                .display()
         ))?,
     }
     Ok(())

@@ -22,6 +22,7 @@ use crate::loss::LossOptions;
 use crate::optim::poly_lr;
 use crate::progress::plot_progress;
 use candle_core::Tensor;
+use datasets::layout::{ModelDir, PreprocessedDir};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -81,15 +82,13 @@ fn open_folders(req: &TrainRequest, setup: &Setup) -> Result<(PathBuf, FoldLock)
     let fold_folder = req.fold_folder();
     std::fs::create_dir_all(&fold_folder).map_err(io_err(&fold_folder))?;
     let lock = FoldLock::acquire(&fold_folder)?;
-    let pre = &req.preprocessed_dataset_folder;
-    copy_json(&setup.plans_file, &model_folder.join("plans.json"))?;
-    copy_json(
-        &pre.join("dataset.json"),
-        &model_folder.join("dataset.json"),
-    )?;
-    let fp = pre.join("dataset_fingerprint.json");
+    let pre = PreprocessedDir::new(&req.preprocessed_dataset_folder);
+    let model = ModelDir::at(model_folder);
+    copy_json(&setup.plans_file, &model.plans_json())?;
+    copy_json(&pre.dataset_json(), &model.dataset_json())?;
+    let fp = pre.fingerprint();
     if fp.is_file() {
-        copy_json(&fp, &model_folder.join("dataset_fingerprint.json"))?;
+        copy_json(&fp, &model.fingerprint())?;
     }
     Ok((fold_folder, lock))
 }

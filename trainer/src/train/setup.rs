@@ -29,10 +29,10 @@ impl Setup {
     /// Reads and checks the configuration of `req`.
     pub fn prepare(req: &TrainRequest) -> Result<Setup, TrainError> {
         req.config.validate()?;
-        let pre = &req.preprocessed_dataset_folder;
-        let plans_file = pre.join(datasets::layout::plans_file_name(&req.plans_name));
+        let pre = datasets::layout::PreprocessedDir::new(&req.preprocessed_dataset_folder);
+        let plans_file = pre.plans_file(&req.plans_name);
         let (plans, cfg) = plans::Plans::load_configuration(&plans_file, &req.configuration)?;
-        let ds_json = plans::DatasetJson::load(&pre.join("dataset.json"))?;
+        let ds_json = plans::DatasetJson::load(&pre.dataset_json())?;
         // resolved now so an unknown network name fails before anything is written
         let spec = req.config.network_spec(&cfg.architecture, &req.registry)?;
         let deep_supervision = req.config.enable_deep_supervision;

@@ -65,6 +65,15 @@ pub enum Command {
     /// Dice/IoU per case and class, written to summary.json (nnUNetv2_evaluate_folder).
     #[command(name = "evaluate_folder")]
     EvaluateFolder(EvaluateArgs),
+    /// Dice/IoU per case for labels given on the command line (nnUNetv2_evaluate_simple).
+    #[command(name = "evaluate_simple")]
+    EvaluateSimple(EvaluateSimpleArgs),
+    /// Merge the folds' validation predictions and evaluate them (nnUNetv2_accumulate_crossval_results).
+    #[command(name = "accumulate_crossval_results")]
+    AccumulateCrossvalResults(AccumulateArgs),
+    /// Decide on connected-component postprocessing for a prediction folder (nnUNetv2_determine_postprocessing).
+    #[command(name = "determine_postprocessing")]
+    DeterminePostprocessing(DeterminePpArgs),
     /// Apply a postprocessing.json to a folder of segmentations (nnUNetv2_apply_postprocessing).
     #[command(name = "apply_postprocessing")]
     ApplyPostprocessing(ApplyPpArgs),
@@ -572,6 +581,76 @@ pub struct EvaluateArgs {
     /// Do not fail when predictions are missing.
     #[arg(long = "chill")]
     pub chill: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct EvaluateSimpleArgs {
+    /// Reference segmentations.
+    pub reference: PathBuf,
+    /// Predicted segmentations.
+    pub prediction: PathBuf,
+    /// Labels to evaluate.
+    #[arg(short = 'l', num_args = 1.., required = true, allow_negative_numbers = true)]
+    pub labels: Vec<i64>,
+    /// Ignore label: reference voxels with this value count nowhere.
+    #[arg(long = "il")]
+    pub ignore_label: Option<i64>,
+    /// Output file (default PREDICTION/summary.json).
+    #[arg(short = 'o')]
+    pub output: Option<PathBuf>,
+    #[arg(long = "np", default_value_t = default_workers())]
+    pub np: usize,
+    /// Do not fail when predictions are missing.
+    #[arg(long = "chill")]
+    pub chill: bool,
+    /// nnseg extension: the files' ending (default: .nii.gz as nnU-Net, else the one ending
+    /// found in REFERENCE).
+    #[arg(long = "file_ending")]
+    pub file_ending: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct AccumulateArgs {
+    /// Dataset id (1, 001 or Dataset001_Name).
+    pub dataset: String,
+    /// Configuration.
+    #[arg(short = 'c', default_value = "3d_fullres")]
+    pub configuration: String,
+    /// Output folder (default: MODEL/crossval_results_folds_{folds}).
+    #[arg(short = 'o')]
+    pub output: Option<PathBuf>,
+    /// Folds.
+    #[arg(short = 'f', num_args = 1.., default_values_t = ["0".to_string(), "1".to_string(), "2".to_string(), "3".to_string(), "4".to_string()])]
+    pub folds: Vec<String>,
+    /// Plans identifier.
+    #[arg(short = 'p', default_value = "nnUNetPlans")]
+    pub plans: String,
+    /// Trainer name.
+    #[arg(long = "tr", default_value = "nnUNetTrainer")]
+    pub trainer: String,
+    #[arg(long = "np", default_value_t = default_workers())]
+    pub np: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct DeterminePpArgs {
+    /// Folder with the predicted segmentations.
+    #[arg(short = 'i')]
+    pub input: PathBuf,
+    /// Folder with the reference segmentations.
+    #[arg(long = "ref")]
+    pub reference: PathBuf,
+    /// plans.json (accepted for nnU-Net compatibility; not needed).
+    #[arg(long = "plans_json")]
+    pub plans_json: Option<PathBuf>,
+    /// dataset.json (default: INPUT/dataset.json).
+    #[arg(long = "dataset_json")]
+    pub dataset_json: Option<PathBuf>,
+    #[arg(long = "np", default_value_t = default_workers())]
+    pub np: usize,
+    /// Do not keep the postprocessed files (INPUT/postprocessed/).
+    #[arg(long = "remove_postprocessed")]
+    pub remove_postprocessed: bool,
 }
 
 #[derive(Args, Debug)]

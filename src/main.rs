@@ -252,10 +252,46 @@ fn run(cli: Cli) -> Result<()> {
             opts.output_file = a.output.clone();
             opts.chill = a.chill;
             let summary = trainer::evaluation::evaluate_folder(&a.reference, &a.prediction, &opts)?;
-            for (k, m) in &summary.mean {
-                println!("class {k}: Dice {:.4}  IoU {:.4}", m.dice, m.iou);
-            }
-            println!("foreground mean Dice: {:.4}", summary.foreground_mean.dice);
+            print_summary(&summary);
+        }
+        Command::EvaluateSimple(a) => {
+            let opts = trainer::evaluation::SimpleEvaluateOptions {
+                labels: a.labels.clone(),
+                ignore_label: a.ignore_label,
+                file_ending: a.file_ending.clone(),
+                output_file: a.output.clone(),
+                num_workers: a.np,
+                chill: a.chill,
+            };
+            let summary = trainer::evaluation::evaluate_simple(&a.reference, &a.prediction, &opts)?;
+            print_summary(&summary);
+        }
+        Command::AccumulateCrossvalResults(a) => accumulate_crossval(&paths, &a)?,
+        Command::DeterminePostprocessing(a) => {
+            let dj = a
+                .dataset_json
+                .clone()
+                .unwrap_or_else(|| PredictionDir::new(&a.input).dataset_json());
+            let ds = DatasetJson::load(&dj).with_context(|| {
+                format!(
+                    "dataset.json for {} (pass -dataset_json)",
+                    a.input.display()
+                )
+            })?;
+            let mut evaluate = trainer::evaluation::EvaluateOptions::from_dataset_json(&ds, a.np);
+            // nnU-Net evaluates here with compute_metrics_on_folder's default chill=True: the
+            // predictions of some folds are judged on their cases only
+            evaluate.chill = true;
+            let opts = trainer::evaluation::PostprocessOptions {
+                evaluate,
+                keep_postprocessed: !a.remove_postprocessed,
+            };
+            let pp = trainer::evaluation::determine_postprocessing(&a.input, &a.reference, &opts)?;
+            println!(
+                "{} postprocessing step(s) kept; written to {}",
+                pp.steps.len(),
+                a.input.join("postprocessing.json").display()
+            );
         }
         Command::ApplyPostprocessing(a) => {
             let dj = a
@@ -537,7 +573,11 @@ fn train(paths: &NnUnetPaths, a: &cli::TrainArgs) -> Result<i32> {
     req.validation_only = a.validation_only;
     req.export_npz = a.npz;
     req.stop = stop_on_signals()?;
-    let summary = trainer::train(&req)?;
+    let bar = EpochBar::default();
+    req.progress = Some(bar.hook());
+    let summary = trainer::train(&req);
+    bar.clear();
+    let summary = summary?;
     if let Some(stopped) = &summary.stopped {
         eprintln!("{name} {configuration} fold {}: {stopped}", a.fold);
         return Ok(trainer::STOPPED_EXIT_CODE);
@@ -779,6 +819,39 @@ fn predict_best(paths: &NnUnetPaths, a: &cli::PredictBestArgs) -> Result<()> {
         "predicted and postprocessed {n} cases into {}",
         a.output.display()
     );
+    Ok(())
+}
+
+fn print_summary(summary: &trainer::evaluation::Summary) {
+    for (k, m) in &summary.mean {
+        println!("class {k}: Dice {:.4}  IoU {:.4}", m.dice, m.iou);
+    }
+    println!("foreground mean Dice: {:.4}", summary.foreground_mean.dice);
+}
+
+fn accumulate_crossval(paths: &NnUnetPaths, a: &cli::AccumulateArgs) -> Result<()> {
+    let id = datasets::parse_dataset_id(&a.dataset)?;
+    let name = datasets::dataset_name_from_id(paths, id)?;
+    let model_id = ModelId::new(&a.trainer, &a.plans, &a.configuration)?;
+    let model = paths.results_dir(&name)?.model(&model_id);
+    if !model.path().is_dir() {
+        bail!("no trained model at {}", model.path().display());
+    }
+    let opts = trainer::evaluation::CrossvalOptions {
+        model,
+        folds: a.folds.clone(),
+        output: a.output.clone(),
+        reference_folder: paths.preprocessed_dir(&name)?.gt_segmentations(),
+        num_workers: a.np,
+    };
+    let (merged, summary) = trainer::evaluation::accumulate_crossval_results(&opts)?;
+    println!(
+        "{} cases of folds {} merged into {}",
+        summary.metric_per_case.len(),
+        a.folds.join(" "),
+        merged.display()
+    );
+    print_summary(&summary);
     Ok(())
 }
 
@@ -1163,6 +1236,84 @@ fn progress_bar(len: usize, msg: &str) -> (indicatif::ProgressBar, preprocessing
     bar.set_message(msg.to_string());
     let b = bar.clone();
     (bar, preprocessing::ProgressHook::new(move |_| b.inc(1)))
+}
+
+/// A per-epoch training progress bar on stderr (only when stderr is a terminal): iterations,
+/// loss, seconds per iteration and the fold's ETA. The log lines go to stdout and the log file
+/// between the bars, as in nnU-Net.
+#[derive(Clone, Default)]
+struct EpochBar(std::sync::Arc<std::sync::Mutex<Option<indicatif::ProgressBar>>>);
+
+impl EpochBar {
+    fn hook(&self) -> trainer::train::ProgressHook {
+        use std::io::IsTerminal;
+        let this = self.clone();
+        let visible = std::io::stderr().is_terminal();
+        trainer::train::ProgressHook::new(move |e| {
+            if visible {
+                this.update(e)
+            }
+        })
+    }
+
+    fn update(&self, e: &trainer::TrainProgress) {
+        use trainer::TrainProgress as P;
+        let Ok(mut slot) = self.0.lock() else { return };
+        match *e {
+            P::EpochStart {
+                epoch,
+                num_epochs,
+                iterations,
+            } => {
+                let bar = indicatif::ProgressBar::new(iterations as u64);
+                if let Ok(style) = indicatif::ProgressStyle::with_template(
+                    "{prefix} [{wide_bar}] {pos}/{len} it | {msg}",
+                ) {
+                    bar.set_style(style.progress_chars("=> "));
+                }
+                bar.set_prefix(format!("epoch {}/{num_epochs}", epoch + 1));
+                *slot = Some(bar);
+            }
+            P::Iteration(it) => {
+                if let Some(bar) = slot.as_ref() {
+                    bar.set_message(format!(
+                        "loss {:.4} | {:.2} s/it | fold ETA {}",
+                        it.loss,
+                        it.seconds_per_iteration,
+                        clock(it.fold_eta_s)
+                    ));
+                    bar.set_position(it.done as u64);
+                }
+            }
+            P::Validation { iterations, .. } => {
+                if let Some(bar) = slot.as_ref() {
+                    bar.set_message(format!("validating ({iterations} it)"));
+                }
+            }
+            P::EpochEnd { .. } => {
+                if let Some(bar) = slot.take() {
+                    bar.finish_and_clear();
+                }
+            }
+        }
+    }
+
+    fn clear(&self) {
+        if let Some(bar) = self.0.lock().ok().and_then(|mut s| s.take()) {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+/// `h:mm:ss` (or `m:ss` under an hour) for a number of seconds.
+fn clock(seconds: f64) -> String {
+    let s = seconds.max(0.0).round() as u64;
+    let (h, m, s) = (s / 3600, s / 60 % 60, s % 60);
+    if h > 0 {
+        format!("{h}:{m:02}:{s:02}")
+    } else {
+        format!("{m}:{s:02}")
+    }
 }
 
 /// nnU-Net's default `-np` per configuration, capped at the machine's cores.

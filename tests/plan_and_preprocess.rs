@@ -377,6 +377,33 @@ fn train_a_few_iterations_and_resume() {
         .unwrap()
         .contains("nnseg predict"));
 
+    // The evaluation commands on the trained fold: merge + evaluate, postprocessing decision,
+    // evaluate_simple (PNG ending detected; the fold validated a subset of cases: --chill).
+    env.ok(&[
+        "accumulate_crossval_results",
+        "991",
+        "-c",
+        "2d",
+        "-tr",
+        "nnUNetTrainer_1epoch",
+        "-f",
+        "0",
+    ]);
+    let merged = fold.parent().unwrap().join("crossval_results_folds_0");
+    let cv = json(&merged.join("summary.json"));
+    assert!(cv["foreground_mean"]["Dice"].is_number(), "{cv}");
+    let gt = env.pre.join("Dataset991_Demo2D/gt_segmentations");
+    let (m, g) = (merged.to_str().unwrap(), gt.to_str().unwrap());
+    env.ok(&["determine_postprocessing", "-i", m, "-ref", g]);
+    assert!(merged.join("postprocessing.json").is_file());
+    let simple = env.res.join("simple.json");
+    let s = simple.to_str().unwrap();
+    env.ok(&["evaluate_simple", g, m, "-l", "1", "2", "-o", s, "--chill"]);
+    assert_eq!(
+        json(&simple)["foreground_mean"]["Dice"],
+        cv["foreground_mean"]["Dice"]
+    );
+
     // Bad requests are reported clearly.
     let err = env.fails(&["train", "991", "2d", "seven"]);
     assert!(err.contains("seven"), "{err}");

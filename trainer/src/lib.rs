@@ -32,4 +32,6 @@ pub use checkpoint::{Checkpoint, CheckpointKind};
 pub use config::TrainerConfig;
 pub use data::Fold;
 pub use presets::Presets;
-pub use train::{train, StopFlag, TrainError, TrainRequest, TrainSummary, STOPPED_EXIT_CODE};
+pub use train::{
+    train, StopFlag, TrainError, TrainProgress, TrainRequest, TrainSummary, STOPPED_EXIT_CODE,
+};

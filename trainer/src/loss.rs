@@ -672,6 +672,52 @@ mod tests {
         assert!(ds1.loss_ds(&[x0], &[t0]).is_err());
     }
 
+    /// Logits that differ only at ignored voxels give the same DC+CE and DC+BCE loss: ignored
+    /// voxels contribute nothing.
+    #[test]
+    fn logits_at_ignored_voxels_do_not_change_the_loss() {
+        let dev = Device::Cpu;
+        // (1, 2, 1, 4): the last voxel is ignored (label 2)
+        let x = Tensor::new(
+            &[[[[1.0f64, -2.0, 0.5, 3.0]], [[-1.0, 2.0, 0.0, -4.0]]]],
+            &dev,
+        )
+        .unwrap();
+        let x2 = Tensor::new(
+            &[[[[1.0f64, -2.0, 0.5, -9.0]], [[-1.0, 2.0, 0.0, 7.0]]]],
+            &dev,
+        )
+        .unwrap();
+        let t = Tensor::new(&[[[[0.0f64, 1.0, 1.0, 2.0]]]], &dev).unwrap();
+        let dc_ce = DcAndCeLoss::new(LossOptions {
+            ignore_label: Some(2),
+            ..LossOptions::default()
+        });
+        let l = |x: &Tensor| dc_ce.loss(x, &t).unwrap().to_scalar::<f64>().unwrap();
+        assert!((l(&x) - l(&x2)).abs() < 1e-12, "{} {}", l(&x), l(&x2));
+        // without the ignore label the same change matters
+        let t0 = Tensor::new(&[[[[0.0f64, 1.0, 1.0, 1.0]]]], &dev).unwrap();
+        let plain = DcAndCeLoss::new(LossOptions::default());
+        let p = |x: &Tensor| plain.loss(x, &t0).unwrap().to_scalar::<f64>().unwrap();
+        assert!((p(&x) - p(&x2)).abs() > 1e-3);
+        // regions: 2 region channels + the ignore channel (1 = ignored)
+        let tr = Tensor::new(
+            &[[
+                [[0.0f64, 1.0, 1.0, 0.0]],
+                [[0.0, 0.0, 1.0, 1.0]],
+                [[0.0, 0.0, 0.0, 1.0]],
+            ]],
+            &dev,
+        )
+        .unwrap();
+        let dc_bce = DcAndBceLoss::new(LossOptions {
+            ignore_label: Some(2),
+            ..LossOptions::default()
+        });
+        let r = |x: &Tensor| dc_bce.loss(x, &tr).unwrap().to_scalar::<f64>().unwrap();
+        assert!((r(&x) - r(&x2)).abs() < 1e-12, "{} {}", r(&x), r(&x2));
+    }
+
     #[test]
     fn ce_all_ignored_is_zero_and_perfect_dice_is_minus_one() {
         let dev = Device::Cpu;

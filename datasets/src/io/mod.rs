@@ -146,6 +146,16 @@ impl Format {
     }
 }
 
+/// The supported file ending a file name ends with (`.nii.gz`, `.nii`, `.png`, `.tif`,
+/// `.tiff`, in the name's own case), `None` for other names.
+pub fn file_ending_of(name: &str) -> Option<&str> {
+    let lower = name.to_ascii_lowercase();
+    [".nii.gz", ".nii", ".png", ".tiff", ".tif"]
+        .into_iter()
+        .find(|e| lower.ends_with(e) && lower.len() > e.len())
+        .map(|e| &name[name.len() - e.len()..])
+}
+
 /// The nnU-Net reader/writer name for a dataset's `file_ending` (`SimpleITKIO` for `.nii.gz`,
 /// `NibabelIO` for `.nii`, `NaturalImage2DIO` for `.png`/`.tif`), `None` if unsupported.
 pub fn reader_writer_name(file_ending: &str) -> Option<&'static str> {

@@ -522,6 +522,12 @@ fn unsupported_endings_and_names() {
         Format::from_path(Path::new("A.NII.GZ")),
         Some(Format::NiftiGz)
     );
+    assert_eq!(file_ending_of("case_1.nii.gz"), Some(".nii.gz"));
+    assert_eq!(file_ending_of("case_1.NII"), Some(".NII"));
+    assert_eq!(file_ending_of("a.tiff"), Some(".tiff"));
+    assert_eq!(file_ending_of("a.tif"), Some(".tif"));
+    assert_eq!(file_ending_of(".png"), None);
+    assert_eq!(file_ending_of("summary.json"), None);
 }
 
 #[test]

@@ -16,7 +16,7 @@ use datasets::layout::{ensemble_name, PredictionDir};
 use datasets::{ModelDir, ModelId, PreprocessedDir, ResultsDir};
 
 use super::ensemble::{ensemble_folders, EnsembleOptions};
-use super::evaluate::{evaluate_folder, EvaluateOptions};
+use super::evaluate::{evaluate_folder, EvaluateOptions, Summary};
 use super::json::{write_json_nan_atomic, Json};
 use super::postprocess::{determine_postprocessing, PostprocessOptions};
 use super::{io_err, list_files, EvalError, Result};
@@ -115,32 +115,42 @@ fn copy_file(src: &Path, dst: &Path) -> Result<()> {
     Ok(())
 }
 
-/// nnU-Net's `accumulate_cv_results`: copies every fold's `validation/{case}{ending}` (and the
-/// `{case}.npz` / `{case}.json` probabilities when present) into
-/// `{model}/crossval_results_folds_{folds}/` plus the model's `dataset.json` / `plans.json`.
-/// An existing merged folder is replaced. A case validated in two folds is an error. Returns
-/// the merged folder.
+/// nnU-Net's `accumulate_cv_results` (the copying part) into the model's
+/// `crossval_results_folds_{folds}/`: see [`merge_fold_validations`].
 pub fn accumulate_cv_results(
     model: &ModelSpec,
     folds: &[String],
     file_ending: &str,
 ) -> Result<PathBuf> {
     let merged = model.folder.crossval_results(folds);
+    merge_fold_validations(&model.folder, &merged, folds, file_ending)?;
+    Ok(merged)
+}
+
+/// Copies every fold's `validation/{case}{ending}` (and the `{case}.npz` / `{case}.json`
+/// probabilities when present) into `merged` plus the model's `dataset.json` / `plans.json`.
+/// An existing `merged` folder is replaced. A case validated in two folds is an error.
+pub fn merge_fold_validations(
+    model: &ModelDir,
+    merged: &Path,
+    folds: &[String],
+    file_ending: &str,
+) -> Result<()> {
     // start fresh (nnU-Net overwrites): stale cases from other folds must not be evaluated
     if merged.is_dir() {
-        std::fs::remove_dir_all(&merged).map_err(io_err("remove", &merged))?;
+        std::fs::remove_dir_all(merged).map_err(io_err("remove", merged))?;
     }
-    std::fs::create_dir_all(&merged).map_err(io_err("create", &merged))?;
-    let out = PredictionDir::new(&merged);
+    std::fs::create_dir_all(merged).map_err(io_err("create", merged))?;
+    let out = PredictionDir::new(merged);
     let mut seen: std::collections::BTreeMap<String, String> = Default::default();
     for f in folds {
-        let val = model.folder.validation(f);
+        let val = model.validation(f);
         if !val.is_dir() {
             return Err(EvalError::Invalid {
                 path: val,
                 message: format!(
                     "fold {f} of {} has no validation folder; train (or run --val) this fold first",
-                    model.identifier()
+                    model.path().display()
                 ),
             });
         }
@@ -165,14 +175,53 @@ pub fn accumulate_cv_results(
         }
     }
     for (src, dst) in [
-        (model.folder.dataset_json(), out.dataset_json()),
-        (model.folder.plans_json(), out.plans_json()),
+        (model.dataset_json(), out.dataset_json()),
+        (model.plans_json(), out.plans_json()),
     ] {
         if src.is_file() {
             copy_file(&src, &dst)?;
         }
     }
-    Ok(merged)
+    Ok(())
+}
+
+/// Options of [`accumulate_crossval_results`].
+#[derive(Clone, Debug)]
+pub struct CrossvalOptions {
+    /// The trained model, `nnUNet_results/DatasetXXX/{trainer}__{plans}__{configuration}`.
+    pub model: ModelDir,
+    /// Fold names, e.g. `["0", "1", "2", "3", "4"]`.
+    pub folds: Vec<String>,
+    /// Where the merged predictions go; default the model's `crossval_results_folds_{folds}`.
+    pub output: Option<PathBuf>,
+    /// Ground truth: `nnUNet_preprocessed/DatasetXXX/gt_segmentations`.
+    pub reference_folder: PathBuf,
+    pub num_workers: usize,
+}
+
+/// `nnUNetv2_accumulate_crossval_results`: merges the folds' validation predictions
+/// ([`merge_fold_validations`]) and evaluates them against the ground truth with the model's
+/// dataset.json (labels or regions, ignore label), writing `summary.json` into the merged
+/// folder. As in nnU-Net, only the cases the folds validated are evaluated. Returns the merged
+/// folder and the summary.
+pub fn accumulate_crossval_results(opts: &CrossvalOptions) -> Result<(PathBuf, Summary)> {
+    let dj = opts.model.dataset_json();
+    if !dj.is_file() {
+        return Err(EvalError::Invalid {
+            path: dj,
+            message: "the model folder has no dataset.json; is this a trained model?".into(),
+        });
+    }
+    let ds = plans::DatasetJson::load(&dj)?;
+    let merged = opts
+        .output
+        .clone()
+        .unwrap_or_else(|| opts.model.crossval_results(&opts.folds));
+    merge_fold_validations(&opts.model, &merged, &opts.folds, &ds.file_ending)?;
+    let mut eval = EvaluateOptions::from_dataset_json(&ds, opts.num_workers);
+    eval.chill = true;
+    let summary = evaluate_folder(&opts.reference_folder, &merged, &eval)?;
+    Ok((merged, summary))
 }
 
 fn has_probabilities(folder: &Path, file_ending: &str) -> Result<bool> {

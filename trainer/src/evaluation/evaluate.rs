@@ -485,6 +485,85 @@ pub(crate) fn evaluate_folder_being_written(
     Ok(summary)
 }
 
+/// Options of [`evaluate_simple`] (`nnUNetv2_evaluate_simple`): the labels come from the
+/// command line instead of a dataset.json.
+#[derive(Clone, Debug)]
+pub struct SimpleEvaluateOptions {
+    /// Labels to evaluate (`-l 1 2 3`); each is one class.
+    pub labels: Vec<i64>,
+    /// `-il`: reference voxels with this value are excluded from all counts.
+    pub ignore_label: Option<i64>,
+    /// The files' ending; `None`: detected from the reference folder ([`detect_file_ending`]).
+    pub file_ending: Option<String>,
+    pub output_file: Option<PathBuf>,
+    pub num_workers: usize,
+    pub chill: bool,
+}
+
+/// The file ending of the segmentations in `folder`: `.nii.gz` when there are such files
+/// (nnU-Net's `evaluate_simple` reads only those), otherwise the one supported ending all
+/// files share. No or several endings is an error naming them.
+pub fn detect_file_ending(folder: &Path) -> Result<String> {
+    let mut endings: Vec<String> = Vec::new();
+    for entry in std::fs::read_dir(folder).map_err(super::io_err("list", folder))? {
+        let entry = entry.map_err(super::io_err("list", folder))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') {
+            continue;
+        }
+        if let Some(e) = datasets::io::file_ending_of(&name) {
+            if !endings.iter().any(|x| x == e) {
+                endings.push(e.to_string());
+            }
+        }
+    }
+    endings.sort();
+    if endings.iter().any(|e| e == ".nii.gz") {
+        return Ok(".nii.gz".into());
+    }
+    match endings.len() {
+        1 => Ok(endings.remove(0)),
+        0 => Err(EvalError::NoCases {
+            folder: folder.to_path_buf(),
+            file_ending: ".nii.gz, .nii, .png, .tif or .tiff".into(),
+        }),
+        _ => Err(EvalError::Invalid {
+            path: folder.to_path_buf(),
+            message: format!(
+                "segmentations with several file endings ({}); pass --file_ending",
+                endings.join(", ")
+            ),
+        }),
+    }
+}
+
+/// `nnUNetv2_evaluate_simple`: [`evaluate_folder`] with the labels and ignore label given
+/// directly. Writes `summary.json` (into `prediction_folder` unless `output_file`).
+pub fn evaluate_simple(
+    reference_folder: &Path,
+    prediction_folder: &Path,
+    opts: &SimpleEvaluateOptions,
+) -> Result<Summary> {
+    if opts.labels.is_empty() {
+        return Err(EvalError::Config(
+            "evaluate_simple: no labels given (-l 1 2 ...)".into(),
+        ));
+    }
+    let file_ending = match &opts.file_ending {
+        Some(e) => e.clone(),
+        None => detect_file_ending(reference_folder)?,
+    };
+    let eo = EvaluateOptions {
+        file_ending,
+        labels_or_regions: opts.labels.iter().map(|&l| vec![l]).collect(),
+        ignore_label: opts.ignore_label,
+        num_workers: opts.num_workers,
+        output_file: opts.output_file.clone(),
+        chill: opts.chill,
+    };
+    evaluate_folder(reference_folder, prediction_folder, &eo)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -579,6 +658,45 @@ mod tests {
         assert_eq!(again.mean, s.mean);
         // byte-identical output
         assert_eq!(again.to_json_string(), text.trim_end());
+    }
+
+    #[test]
+    fn evaluate_simple_detects_the_ending_and_ignores() {
+        let t = tempfile::tempdir().unwrap();
+        let (gt, pr) = (t.path().join("gt"), t.path().join("pr"));
+        std::fs::create_dir_all(&gt).unwrap();
+        std::fs::create_dir_all(&pr).unwrap();
+        // reference 3 is the ignore label: the prediction's 1 there counts nowhere
+        write(&gt.join("a.nii"), &[0, 1, 1, 3], (1, 2, 2));
+        write(&pr.join("a.nii"), &[1, 1, 0, 1], (1, 2, 2));
+        std::fs::write(gt.join("notes.txt"), "x").unwrap();
+        assert_eq!(detect_file_ending(&gt).unwrap(), ".nii");
+        let o = SimpleEvaluateOptions {
+            labels: vec![1],
+            ignore_label: Some(3),
+            file_ending: None,
+            output_file: Some(t.path().join("s.json")),
+            num_workers: 1,
+            chill: false,
+        };
+        let s = evaluate_simple(&gt, &pr, &o).unwrap();
+        let m = &s.metric_per_case[0].metrics[0].1;
+        assert_eq!((m.tp, m.fp, m.fn_, m.tn), (1, 1, 1, 0));
+        assert!(t.path().join("s.json").is_file());
+        write(&gt.join("b.png"), &[0, 1], (1, 1, 2));
+        let e = detect_file_ending(&gt).unwrap_err().to_string();
+        assert!(e.contains(".nii, .png"), "{e}");
+        let e = evaluate_simple(
+            &gt,
+            &pr,
+            &SimpleEvaluateOptions {
+                labels: vec![],
+                ..o
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("-l"), "{e}");
     }
 
     #[test]

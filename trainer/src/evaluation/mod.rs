@@ -22,14 +22,16 @@ pub mod postprocess;
 use std::path::PathBuf;
 
 pub use best_config::{
-    find_best_configuration, find_trained_models, BestConfigOptions, BestConfigResult, ModelSpec,
+    accumulate_crossval_results, find_best_configuration, find_trained_models,
+    merge_fold_validations, BestConfigOptions, BestConfigResult, CrossvalOptions, ModelSpec,
 };
 pub use ensemble::{
     ensemble_folders, load_probabilities, probabilities_to_segmentation, save_probabilities,
     EnsembleOptions, IMAGE_PROPERTIES_KEY,
 };
 pub use evaluate::{
-    evaluate_folder, label_or_region_key, load_summary, EvaluateOptions, MeanMetrics, Summary,
+    detect_file_ending, evaluate_folder, evaluate_simple, label_or_region_key, load_summary,
+    EvaluateOptions, MeanMetrics, SimpleEvaluateOptions, Summary,
 };
 pub use metrics::{compute_metrics, ClassMetrics};
 pub use postprocess::{

@@ -22,6 +22,7 @@
 pub mod checkpointing;
 pub mod epoch_log;
 pub mod hooks;
+pub mod live;
 pub mod metrics;
 mod oom;
 mod session;
@@ -29,6 +30,7 @@ mod setup;
 pub mod step;
 pub mod stop;
 
+pub use live::{IterationProgress, ProgressHook, TrainProgress};
 pub use oom::{is_out_of_memory, OutOfMemoryError};
 pub use stop::{StopFlag, Stopped, STOPPED_EXIT_CODE};
 
@@ -79,6 +81,8 @@ pub struct TrainRequest {
     pub echo_log: bool,
     /// Graceful stop (see [`stop`]): checked after every training iteration and epoch.
     pub stop: StopFlag,
+    /// Live progress events (iterations, loss, s/iteration, ETA) for a display.
+    pub progress: Option<ProgressHook>,
 }
 
 impl TrainRequest {
@@ -111,6 +115,7 @@ impl TrainRequest {
             registry: Registry::default(),
             echo_log: true,
             stop: StopFlag::new(),
+            progress: None,
         }
     }
 

@@ -9,6 +9,7 @@
 use super::checkpointing::{CheckpointPolicy, CheckpointSaver, TrainingState};
 use super::epoch_log::{self, EpochRecord, RunLog};
 use super::hooks::{EpochEnd, Hooks};
+use super::live::{self, IterationProgress, TrainProgress};
 use super::metrics::DiceCounts;
 use super::setup::Setup;
 use super::step::{nnunet_loss, probe_output_count, to_tensors, Learner, StepAt};
@@ -446,6 +447,7 @@ impl<'r> Session<'r> {
         record.end = now_seconds();
         self.logging.epoch_end_timestamps.push(record.end);
         let hook_lines = self.hooks.epoch_lines();
+        self.emit(TrainProgress::EpochEnd { epoch });
         self.log
             .say_all(&epoch_log::epoch_end_lines(&record, hook_lines))?;
         self.log_gpu_memory()?;
@@ -494,6 +496,11 @@ impl<'r> Session<'r> {
             train_losses,
             ..EpochRecord::default()
         };
+        self.emit(TrainProgress::EpochStart {
+            epoch,
+            num_epochs: self.req.config.num_epochs,
+            iterations: n,
+        });
         for it in first..n {
             let t0 = Instant::now();
             let batch = self
@@ -512,6 +519,7 @@ impl<'r> Session<'r> {
             self.timing.data_wait_s += waited;
             self.timing.step_s += total - waited;
             self.timing.iterations += 1;
+            self.emit_iteration(epoch, (it + 1, n), loss);
             if self.req.stop.is_requested() {
                 return Ok((record, true));
             }
@@ -519,10 +527,46 @@ impl<'r> Session<'r> {
         Ok((record, false))
     }
 
+    fn emit(&self, event: TrainProgress) {
+        if let Some(p) = &self.req.progress {
+            p.emit(event);
+        }
+    }
+
+    /// Reports a finished training iteration with the run's mean s/iteration and the fold's
+    /// ETA.
+    fn emit_iteration(&self, epoch: usize, (done, iterations): (usize, usize), loss: f64) {
+        let Some(p) = &self.req.progress else {
+            return;
+        };
+        let t = &self.timing;
+        let s_per_it = (t.data_wait_s + t.step_s) / t.iterations.max(1) as f64;
+        let num_epochs = self.req.config.num_epochs;
+        let mean_epoch_s = Some(crate::logging::nanmean(&self.logging.epoch_durations()));
+        p.emit(TrainProgress::Iteration(IterationProgress {
+            epoch,
+            num_epochs,
+            done,
+            iterations,
+            loss,
+            seconds_per_iteration: s_per_it,
+            fold_eta_s: live::fold_eta_s(
+                s_per_it,
+                (done, iterations),
+                num_epochs.saturating_sub(epoch + 1),
+                mean_epoch_s,
+            ),
+        }));
+    }
+
     fn val_part(&mut self, epoch: usize) -> Result<(Vec<f64>, DiceCounts), TrainError> {
         let n = self.req.config.num_val_iterations_per_epoch;
         let mut losses = Vec::with_capacity(n);
         let mut counts = DiceCounts::zeros(self.setup.foreground_count());
+        self.emit(TrainProgress::Validation {
+            epoch,
+            iterations: n,
+        });
         for it in 0..n {
             let batch = self
                 .data

@@ -228,6 +228,43 @@ fn make_dataset(root: &Path) -> PathBuf {
     pre
 }
 
+/// 2 epochs of 4 training and 2 validation iterations: start, 4 iterations, validation, end.
+fn check_progress_events(events: &[super::TrainProgress]) {
+    use super::TrainProgress as P;
+    assert_eq!(events.len(), 2 * 7, "{events:?}");
+    for (epoch, e) in events.chunks(7).enumerate() {
+        assert_eq!(
+            e[0],
+            P::EpochStart {
+                epoch,
+                num_epochs: 2,
+                iterations: 4
+            }
+        );
+        for (i, it) in e[1..5].iter().enumerate() {
+            let P::Iteration(it) = it else {
+                panic!("{it:?}")
+            };
+            assert_eq!((it.epoch, it.done, it.iterations), (epoch, i + 1, 4));
+            assert!(it.loss.is_finite() && it.seconds_per_iteration > 0.0);
+            assert!(it.fold_eta_s >= 0.0);
+        }
+        assert_eq!(
+            e[5],
+            P::Validation {
+                epoch,
+                iterations: 2
+            }
+        );
+        assert_eq!(e[6], P::EpochEnd { epoch });
+    }
+    // the last iteration of the last epoch has nothing left
+    let P::Iteration(last) = events[11] else {
+        panic!()
+    };
+    assert_eq!(last.fold_eta_s, 0.0);
+}
+
 fn request(root: &Path, pre: &Path, epochs: usize) -> TrainRequest {
     let config = TrainerConfig {
         num_epochs: epochs,
@@ -256,8 +293,14 @@ fn request(root: &Path, pre: &Path, epochs: usize) -> TrainRequest {
 fn tiny_training_writes_the_results_layout_and_resumes() {
     let tmp = tempfile::tempdir().unwrap();
     let pre = make_dataset(tmp.path());
-    let req = request(tmp.path(), &pre, 2);
+    let mut req = request(tmp.path(), &pre, 2);
+    let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = events.clone();
+    req.progress = Some(super::ProgressHook::new(move |e| {
+        sink.lock().unwrap().push(*e)
+    }));
     let s = train(&req).unwrap();
+    check_progress_events(&events.lock().unwrap());
     eprintln!(
         "tiny 2D training: {:.1} ms per iteration ({} iterations)",
         s.mean_train_iteration_s * 1e3,

@@ -7,6 +7,7 @@
 //!   [`run_final_validation`] predicts a fold's validation cases from the preprocessed data.
 
 pub mod export;
+pub mod model_files;
 pub mod outputs;
 pub mod sliding;
 
@@ -44,6 +45,9 @@ pub enum PredictError {
     Checkpoint(#[from] CheckpointError),
     #[error(transparent)]
     Arch(#[from] ArchError),
+    /// Reading an nnU-Net checkpoint (`.pth`).
+    #[error(transparent)]
+    Import(#[from] crate::import::ImportError),
     #[error(transparent)]
     Evaluation(#[from] crate::evaluation::EvalError),
     #[error("{context}: {source}")]
@@ -214,9 +218,10 @@ pub struct Predictor {
 }
 
 impl Predictor {
-    /// Loads `model_folder/{plans.json, dataset.json}` and, for each fold,
-    /// `model_folder/fold_{f}/{checkpoint_name}` (see [`checkpoint_file_name`]), run on
-    /// `device` in `amp`'s precision.
+    /// Loads `model_folder/{plans.json, dataset.json}` and, for each fold, the weights
+    /// `-chk checkpoint_name` means in `model_folder/fold_{f}/` (nnseg's `.safetensors`,
+    /// nnU-Net's `.pth` or an imported `model.safetensors`, see
+    /// [`model_files::find_fold_checkpoint`]), run on `device` in `amp`'s precision.
     pub fn from_model_folder(
         model_folder: &Path,
         folds: &[Fold],
@@ -232,25 +237,25 @@ impl Predictor {
         let cfg_name = model.id()?.configuration().to_string();
         let (plans, cfg) = Plans::load_configuration(&model.plans_json(), &cfg_name)?;
         let ds = DatasetJson::load(&model.dataset_json())?;
+        let load = model_files::LoadFoldOptions {
+            model: &model,
+            configuration_name: &cfg_name,
+            configuration: &cfg,
+            device,
+            amp,
+            registry,
+        };
         let mut networks: Vec<Box<dyn TileNetwork>> = vec![];
         let mut mirror_axes = None;
         for fold in folds {
-            let path = model.fold(fold).join(checkpoint_file_name(checkpoint_name));
-            if !path.is_file() {
-                return Err(PredictError::Config(format!(
-                    "{}: checkpoint not found (fold {fold} was not trained, or use \
-                     --chk to pick another checkpoint)",
-                    path.display()
-                )));
-            }
-            let (net, axes) = load_fold_network(&path, device, amp, registry, &cfg.architecture)?;
+            let loaded = model_files::load_fold(&load, &fold.to_string(), checkpoint_name)?;
             let expected = NetworkIo::input_channels(&cfg, &ds);
-            if net.input_channels != expected {
+            if loaded.network.input_channels != expected {
                 return Err(PredictError::Config(format!(
                     "{}: the network takes {} input channel(s) but configuration `{cfg_name}` \
                      gives it {expected} (dataset.json channels{})",
-                    path.display(),
-                    net.input_channels,
+                    loaded.source.path().display(),
+                    loaded.network.input_channels,
                     if cfg.previous_stage.is_some() {
                         " + one per foreground label of the previous stage"
                     } else {
@@ -258,8 +263,9 @@ impl Predictor {
                     }
                 )));
             }
-            mirror_axes.get_or_insert(axes);
-            networks.push(Box::new(net));
+            tracing::debug!("fold {fold}: {}", loaded.source.path().display());
+            mirror_axes.get_or_insert(loaded.mirror_axes);
+            networks.push(Box::new(loaded.network));
         }
         Self::from_networks(
             plans,
@@ -575,7 +581,7 @@ pub fn predict_from_raw_folder(req: &PredictRequest) -> Result<PredictReport, Pr
         "output_folder_or_list_of_truncated_output_files": req.output_folder.display().to_string(),
         "model_training_output_dir": req.model_folder.display().to_string(),
         "use_folds": req.folds.iter().map(|f| f.to_string()).collect::<Vec<_>>(),
-        "checkpoint_name": checkpoint_file_name(&req.checkpoint_name),
+        "checkpoint_name": req.checkpoint_name,
         "tile_step_size": req.step_size,
         "use_mirroring": !req.disable_tta,
         "save_probabilities": req.save_probabilities,

@@ -447,6 +447,14 @@ pub struct PredictOptions {
     /// Cascade input: the previous stage's predictions of the same cases.
     #[arg(long = "prev_stage_predictions")]
     pub prev_stage_predictions: Option<PathBuf>,
+    /// Network inputs (tiles and their mirrored copies) per forward pass; default: automatic
+    /// (about 2^20 input voxels per pass, at most 64). Results do not depend on it.
+    #[arg(long = "batch_tiles", value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub batch_tiles: Option<u64>,
+    /// Sliding-window sums in f32 (default) or f16 with nnU-Net's exact rounding (to reproduce
+    /// nnU-Net's predictions bit for bit-ish).
+    #[arg(long = "accumulate", default_value = "f32", value_name = "f32|f16")]
+    pub accumulate: trainer::predict::Accumulation,
 }
 
 #[derive(Args, Debug)]

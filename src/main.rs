@@ -450,6 +450,8 @@ fn predict_with_model(
     req.num_workers = o.npp.max(1);
     req.amp = o.amp;
     req.prev_stage_predictions = o.prev_stage_predictions.clone();
+    req.batch_inputs = o.batch_tiles.map(|n| n as usize);
+    req.accumulation = o.accumulate;
     let t = Instant::now();
     let report = trainer::predict::predict_from_raw_folder(&req)?;
     tracing::info!(

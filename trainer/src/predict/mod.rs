@@ -26,8 +26,8 @@ use std::path::{Path, PathBuf};
 
 pub use export::{convert_logits_to_segmentation, ExportedPrediction, LabelHandling};
 pub use sliding::{
-    compute_gaussian, compute_steps_for_sliding_window, sliding_window_logits,
-    SlidingWindowOptions, TileNetwork,
+    auto_batch_inputs, compute_gaussian, compute_steps_for_sliding_window, sliding_window_logits,
+    sliding_window_logits_many, Accumulation, SlidingWindowOptions, TileNetwork,
 };
 
 /// Inference errors; each names the file, case or setting involved.
@@ -109,20 +109,28 @@ pub struct CandleTileNetwork {
 
 impl TileNetwork for CandleTileNetwork {
     fn predict_tile(&self, tile: ArrayViewD<'_, f32>) -> Result<ArrayD<f32>, PredictError> {
+        let out = self.predict_batch(tile.insert_axis(ndarray::Axis(0)))?;
+        Ok(out.index_axis_move(ndarray::Axis(0), 0))
+    }
+
+    /// One forward pass on the whole batch.
+    fn predict_batch(&self, tiles: ArrayViewD<'_, f32>) -> Result<ArrayD<f32>, PredictError> {
         let ctx = |source| PredictError::Candle {
-            context: format!("network forward on a tile of shape {:?}", tile.shape()),
+            context: format!("network forward on a batch of tiles of shape {:?}", tiles.shape()),
             source,
         };
-        if tile.shape()[0] != self.input_channels {
+        if tiles.ndim() < 2 || tiles.shape()[1] != self.input_channels {
             return Err(PredictError::Config(format!(
                 "the image has {} channel(s) but the network expects {}",
-                tile.shape()[0],
+                tiles.shape().get(1).copied().unwrap_or(0),
                 self.input_channels
             )));
         }
-        let mut shape = vec![1usize];
-        shape.extend_from_slice(tile.shape());
-        let values: Vec<f32> = tile.iter().copied().collect();
+        let shape = tiles.shape().to_vec();
+        let values: Vec<f32> = match tiles.as_slice() {
+            Some(v) => v.to_vec(),
+            None => tiles.iter().copied().collect(),
+        };
         let x = Tensor::from_vec(values, shape, &self.device)
             .and_then(|x| x.to_dtype(self.compute_dtype))
             .map_err(ctx)?;
@@ -131,7 +139,7 @@ impl TileNetwork for CandleTileNetwork {
             .into_iter()
             .next()
             .ok_or_else(|| PredictError::Config("the network returned no output".into()))?;
-        let dims = out.dims()[1..].to_vec();
+        let dims = out.dims().to_vec();
         let v = out
             .to_dtype(DType::F32)
             .and_then(|t| t.flatten_all())
@@ -211,6 +219,10 @@ pub struct Predictor {
     pub step_size: f64,
     /// Test-time mirroring (`--disable_tta` turns it off).
     pub use_mirroring: bool,
+    /// Network inputs per forward pass (`--batch_tiles`; `None`: automatic).
+    pub batch_inputs: Option<usize>,
+    /// f32 sums or nnU-Net's f16 numerics (`--accumulate`).
+    pub accumulation: sliding::Accumulation,
     /// Cascade stage (`previous_stage` set): the foreground labels whose one-hot encoding of
     /// the previous stage's segmentation is appended to the image channels.
     pub prev_stage_labels: Option<Vec<i64>>,
@@ -303,6 +315,8 @@ impl Predictor {
             mirror_axes,
             step_size: 0.5,
             use_mirroring: true,
+            batch_inputs: None,
+            accumulation: sliding::Accumulation::F32,
             networks,
         })
     }
@@ -324,6 +338,8 @@ impl Predictor {
                 None
             },
             num_classes: self.labels.num_outputs(),
+            batch_inputs: self.batch_inputs,
+            accumulation: self.accumulation,
         };
         let mut sum: Option<Array4<f32>> = None;
         for net in &self.networks {
@@ -503,6 +519,10 @@ pub struct PredictRequest {
     /// Cascade stages: the folder with the previous stage's predictions of the same cases
     /// (`-prev_stage_predictions`, files `{case}{ending}`).
     pub prev_stage_predictions: Option<PathBuf>,
+    /// Network inputs per forward pass (`--batch_tiles`; `None`: automatic).
+    pub batch_inputs: Option<usize>,
+    /// f32 sums or nnU-Net's f16 numerics (`--accumulate`).
+    pub accumulation: Accumulation,
 }
 
 impl PredictRequest {
@@ -528,6 +548,8 @@ impl PredictRequest {
             amp: Amp::Auto,
             registry: Registry::default(),
             prev_stage_predictions: None,
+            batch_inputs: None,
+            accumulation: Accumulation::F32,
         }
     }
 }
@@ -562,6 +584,8 @@ pub fn predict_from_raw_folder(req: &PredictRequest) -> Result<PredictReport, Pr
     )?;
     predictor.step_size = req.step_size;
     predictor.use_mirroring = !req.disable_tta;
+    predictor.batch_inputs = req.batch_inputs;
+    predictor.accumulation = req.accumulation;
     let ending = predictor.dataset_json.file_ending.clone();
     let cases = find_input_cases(
         &req.input_folder,

@@ -113,6 +113,8 @@ fn opts(patch: &[usize], k: usize, mirror: Option<Vec<usize>>) -> SlidingWindowO
         step_size: 0.5,
         mirror_axes: mirror,
         num_classes: k,
+        batch_inputs: Some(1),
+        accumulation: Accumulation::F32,
     }
 }
 

@@ -325,11 +325,9 @@ impl Predictor {
         self.networks.len()
     }
 
-    /// Logits `(K, z, y, x)` of preprocessed data `(C, z, y, x)`: the sliding window of every
-    /// fold's network, averaged over folds (nnU-Net averages logits, then applies the
-    /// nonlinearity at export).
-    pub fn predict_logits(&self, data: ArrayView4<'_, f32>) -> Result<Array4<f32>, PredictError> {
-        let opts = SlidingWindowOptions {
+    /// The sliding-window settings of this predictor.
+    pub fn sliding_window_options(&self) -> SlidingWindowOptions {
+        SlidingWindowOptions {
             patch_size: self.configuration.patch_size.clone(),
             step_size: self.step_size,
             mirror_axes: if self.use_mirroring {
@@ -340,19 +338,37 @@ impl Predictor {
             num_classes: self.labels.num_outputs(),
             batch_inputs: self.batch_inputs,
             accumulation: self.accumulation,
-        };
-        let mut sum: Option<Array4<f32>> = None;
+        }
+    }
+
+    /// Logits `(K, z, y, x)` of preprocessed data `(C, z, y, x)`: the sliding window of every
+    /// fold's network, averaged over folds (nnU-Net averages logits, then applies the
+    /// nonlinearity at export).
+    pub fn predict_logits(&self, data: ArrayView4<'_, f32>) -> Result<Array4<f32>, PredictError> {
+        let mut out = self.predict_logits_many(&[data])?;
+        out.pop()
+            .ok_or_else(|| PredictError::Config("no logits".into()))
+    }
+
+    /// [`Predictor::predict_logits`] of several images at once: their tiles share forward
+    /// passes (images smaller than a patch: several per pass). Same result as one by one.
+    pub fn predict_logits_many(
+        &self,
+        data: &[ArrayView4<'_, f32>],
+    ) -> Result<Vec<Array4<f32>>, PredictError> {
+        let opts = self.sliding_window_options();
+        let mut sum: Option<Vec<Array4<f32>>> = None;
         for net in &self.networks {
-            let l = sliding_window_logits(net.as_ref(), data, &opts)?;
+            let l = sliding_window_logits_many(net.as_ref(), data, &opts)?;
             match sum.as_mut() {
                 None => sum = Some(l),
-                Some(s) => *s += &l,
+                Some(s) => s.iter_mut().zip(&l).for_each(|(s, l)| *s += l),
             }
         }
         let mut sum = sum.ok_or_else(|| PredictError::Config("no networks".into()))?;
         if self.networks.len() > 1 {
             let n = self.networks.len() as f32;
-            sum.mapv_inplace(|v| v / n);
+            sum.iter_mut().for_each(|s| s.mapv_inplace(|v| v / n));
         }
         Ok(sum)
     }
@@ -621,70 +637,124 @@ pub fn predict_from_raw_folder(req: &PredictRequest) -> Result<PredictReport, Pr
         outputs: vec![],
         seconds_per_case: vec![],
     };
+    // cases with fewer tiles than one forward pass holds are predicted together
+    let capacity = sliding::tiles_per_batch(&predictor.sliding_window_options());
     pool.install(|| -> Result<(), PredictError> {
+        let mut group: Vec<PreparedCase> = vec![];
+        let mut group_tiles = 0;
         for case in &cases {
             let t0 = std::time::Instant::now();
-            let out = output.segmentation(&case.identifier, &ending);
-            (|| -> Result<(), PredictError> {
-                let prev_file = match (&predictor.prev_stage_labels, &req.prev_stage_predictions) {
-                    (None, _) => None,
-                    (Some(_), Some(folder)) => {
-                        let f = PredictionDir::new(folder).segmentation(&case.identifier, &ending);
-                        if !f.is_file() {
-                            return Err(PredictError::Input(format!(
-                                "{}: the previous stage's prediction of this case is missing \
-                                 (predict it with -c {} first)",
-                                f.display(),
-                                predictor
-                                    .configuration
-                                    .previous_stage
-                                    .clone()
-                                    .unwrap_or_default()
-                            )));
-                        }
-                        Some(f)
-                    }
-                    (Some(_), None) => {
-                        return Err(PredictError::Input(format!(
-                            "configuration `{}` is a cascade stage: pass the `{}` predictions \
-                             of the same cases with -prev_stage_predictions FOLDER",
-                            predictor.configuration_name,
-                            predictor
-                                .configuration
-                                .previous_stage
-                                .clone()
-                                .unwrap_or_default()
-                        )))
-                    }
-                };
-                let pre = preprocessing::preprocessor::preprocess_case_files(
-                    &case.images,
-                    prev_file.as_deref(),
-                    &predictor.plans,
-                    &predictor.configuration,
-                    &predictor.dataset_json,
-                )?;
-                let data = match (&predictor.prev_stage_labels, &pre.seg) {
-                    (Some(fg), Some(seg)) => {
-                        crate::data::cascade::append_one_hot(pre.data.view(), seg.view(), fg)
-                    }
-                    _ => pre.data,
-                };
-                predictor.predict_and_export(
-                    data.view(),
-                    &pre.properties,
-                    &out,
-                    req.save_probabilities,
-                )
-            })()
-            .map_err(in_case(&case.identifier))?;
-            report.outputs.push(out);
-            report.seconds_per_case.push(t0.elapsed().as_secs_f64());
+            let (data, properties) =
+                prepare_case(&predictor, req, case, &ending).map_err(in_case(&case.identifier))?;
+            let (_, z, y, x) = data.dim();
+            group_tiles += sliding::tile_count([z, y, x], &predictor.sliding_window_options())?;
+            group.push(PreparedCase {
+                identifier: case.identifier.clone(),
+                output: output.segmentation(&case.identifier, &ending),
+                data,
+                properties,
+                started: t0,
+            });
+            if group_tiles >= capacity {
+                predict_group(&predictor, &mut group, req.save_probabilities, &mut report)?;
+                group_tiles = 0;
+            }
         }
-        Ok(())
+        predict_group(&predictor, &mut group, req.save_probabilities, &mut report)
     })?;
     marker.finish()?;
     Ok(report)
+}
+
+/// A preprocessed case waiting for its forward passes.
+struct PreparedCase {
+    identifier: String,
+    output: PathBuf,
+    data: Array4<f32>,
+    properties: CaseProperties,
+    started: std::time::Instant,
+}
+
+/// Predicts the cases of `group` in one sliding window (shared forward passes), exports each
+/// and empties the group.
+fn predict_group(
+    predictor: &Predictor,
+    group: &mut Vec<PreparedCase>,
+    save_probabilities: bool,
+    report: &mut PredictReport,
+) -> Result<(), PredictError> {
+    if group.is_empty() {
+        return Ok(());
+    }
+    let views: Vec<_> = group.iter().map(|c| c.data.view()).collect();
+    let logits = predictor.predict_logits_many(&views).map_err(|e| {
+        let names: Vec<&str> = group.iter().map(|c| c.identifier.as_str()).collect();
+        in_case(&names.join(", "))(e)
+    })?;
+    for (case, logits) in group.drain(..).zip(logits) {
+        predictor
+            .export_logits(logits, &case.properties, &case.output, save_probabilities)
+            .map_err(in_case(&case.identifier))?;
+        report.outputs.push(case.output);
+        report
+            .seconds_per_case
+            .push(case.started.elapsed().as_secs_f64());
+    }
+    Ok(())
+}
+
+/// Reads and preprocesses one input case (for a cascade stage with the previous stage's
+/// segmentation one-hot encoded as extra channels).
+fn prepare_case(
+    predictor: &Predictor,
+    req: &PredictRequest,
+    case: &InputCase,
+    ending: &str,
+) -> Result<(Array4<f32>, CaseProperties), PredictError> {
+    let previous_stage = || {
+        predictor
+            .configuration
+            .previous_stage
+            .clone()
+            .unwrap_or_default()
+    };
+    let prev_file = match (&predictor.prev_stage_labels, &req.prev_stage_predictions) {
+        (None, _) => None,
+        (Some(_), Some(folder)) => {
+            let f = PredictionDir::new(folder).segmentation(&case.identifier, ending);
+            if !f.is_file() {
+                return Err(PredictError::Input(format!(
+                    "{}: the previous stage's prediction of this case is missing \
+                     (predict it with -c {} first)",
+                    f.display(),
+                    previous_stage()
+                )));
+            }
+            Some(f)
+        }
+        (Some(_), None) => {
+            return Err(PredictError::Input(format!(
+                "configuration `{}` is a cascade stage: pass the `{}` predictions \
+                 of the same cases with -prev_stage_predictions FOLDER",
+                predictor.configuration_name,
+                previous_stage()
+            )))
+        }
+    };
+    let pre = preprocessing::preprocessor::preprocess_case_files(
+        &case.images,
+        prev_file.as_deref(),
+        &predictor.plans,
+        &predictor.configuration,
+        &predictor.dataset_json,
+    )?;
+    let data = match (&predictor.prev_stage_labels, &pre.seg) {
+        (Some(fg), Some(seg)) => {
+            crate::data::cascade::append_one_hot(pre.data.view(), seg.view(), fg)
+        }
+        _ => pre.data,
+    };
+    Ok((data, pre.properties))
 }
 
 /// Where the previous stage writes the inputs of the next cascade stage during its final

@@ -322,6 +322,31 @@ impl SlidingWindowOptions {
     }
 }
 
+/// The number of tiles of an image of spatial shape `[z, y, x]` (after padding to the patch).
+pub fn tile_count(shape: [usize; 3], opts: &SlidingWindowOptions) -> Result<usize, PredictError> {
+    let patch = &opts.patch_size;
+    check_patch(patch)?;
+    let ext = tile_extent(patch);
+    let padded: Vec<usize> = (0..3).map(|a| shape[a].max(ext[a])).collect();
+    Ok(if patch.len() == 2 {
+        let steps = compute_steps_for_sliding_window(&padded[1..], patch, opts.step_size)?;
+        padded[0] * steps.iter().map(Vec::len).product::<usize>()
+    } else {
+        let steps = compute_steps_for_sliding_window(&padded, patch, opts.step_size)?;
+        steps.iter().map(Vec::len).product()
+    })
+}
+
+/// Tiles per forward pass: `batch_inputs` (or the automatic one) divided among a tile's views.
+pub fn tiles_per_batch(opts: &SlidingWindowOptions) -> usize {
+    let views = mirror_combinations(opts.mirror_axes.as_deref().unwrap_or(&[])).len() + 1;
+    let inputs = opts
+        .batch_inputs
+        .unwrap_or_else(|| auto_batch_inputs(&opts.patch_size))
+        .max(1);
+    (inputs / views).max(1)
+}
+
 /// One image of a sliding-window pass: its (padded) data and its sums.
 struct Canvas<'a> {
     data: ndarray::CowArray<'a, f32, ndarray::Ix4>,
@@ -627,12 +652,7 @@ pub fn sliding_window_logits_many(
         }
     }
     let gaussian = gaussian_for(patch, opts.accumulation);
-    let views = combos.len() + 1;
-    let inputs = opts
-        .batch_inputs
-        .unwrap_or_else(|| auto_batch_inputs(patch))
-        .max(1);
-    let per_batch = (inputs / views).max(1);
+    let per_batch = tiles_per_batch(opts);
     for batch in tiles.chunks(per_batch) {
         let input = gather_inputs(&canvases, batch, &combos, patch);
         let out = net.predict_batch(input.view())?;

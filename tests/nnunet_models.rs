@@ -194,8 +194,19 @@ fn imported_model_and_predict_by_dataset_id_give_the_same_segmentation() {
     ]);
     // without an import, -chk model names the files it looked for
     let e = env.fails(&[
-        "predict", "-i", input.to_str().unwrap(), "-o", "/nonexistent/x", "-d", "992", "-c",
-        "2d", "-f", "0", "-chk", "model",
+        "predict",
+        "-i",
+        input.to_str().unwrap(),
+        "-o",
+        "/nonexistent/x",
+        "-d",
+        "992",
+        "-c",
+        "2d",
+        "-f",
+        "0",
+        "-chk",
+        "model",
     ]);
     assert!(e.contains("fold_0/model.safetensors"), "{e}");
     env.ok(&["import_nnunet_model", dst.to_str().unwrap(), "-f", "0"]);
@@ -222,8 +233,19 @@ fn imported_model_and_predict_by_dataset_id_give_the_same_segmentation() {
     }
     // a checkpoint the fold does not have: both spellings are named
     let e = env.fails(&[
-        "predict", "-i", input.to_str().unwrap(), "-o", "/nonexistent/x", "-d", "992", "-c",
-        "2d", "-f", "0", "-chk", "checkpoint_best",
+        "predict",
+        "-i",
+        input.to_str().unwrap(),
+        "-o",
+        "/nonexistent/x",
+        "-d",
+        "992",
+        "-c",
+        "2d",
+        "-f",
+        "0",
+        "-chk",
+        "checkpoint_best",
     ]);
     assert!(
         e.contains("fold_0/checkpoint_best.safetensors")
@@ -232,8 +254,17 @@ fn imported_model_and_predict_by_dataset_id_give_the_same_segmentation() {
     );
     // a fold that was never trained
     let e = env.fails(&[
-        "predict", "-i", input.to_str().unwrap(), "-o", "/nonexistent/x", "-d", "992", "-c",
-        "2d", "-f", "1",
+        "predict",
+        "-i",
+        input.to_str().unwrap(),
+        "-o",
+        "/nonexistent/x",
+        "-d",
+        "992",
+        "-c",
+        "2d",
+        "-f",
+        "1",
     ]);
     assert!(e.contains("fold_1/checkpoint_final"), "{e}");
 }

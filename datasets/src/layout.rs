@@ -750,7 +750,10 @@ mod tests {
         let pth = CheckpointFile::Nnunet(f.join("checkpoint_final.pth"));
         let c = |n: &str| checkpoint_candidates(f, n).unwrap();
         assert_eq!(c("checkpoint_final"), vec![nnseg.clone(), pth.clone()]);
-        assert_eq!(c("checkpoint_final.safetensors"), vec![nnseg.clone(), pth.clone()]);
+        assert_eq!(
+            c("checkpoint_final.safetensors"),
+            vec![nnseg.clone(), pth.clone()]
+        );
         assert_eq!(c("checkpoint_final.pth"), vec![pth, nnseg]);
         let imported = CheckpointFile::Imported {
             weights: f.join("model.safetensors"),

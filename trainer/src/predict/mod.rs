@@ -116,7 +116,10 @@ impl TileNetwork for CandleTileNetwork {
     /// One forward pass on the whole batch.
     fn predict_batch(&self, tiles: ArrayViewD<'_, f32>) -> Result<ArrayD<f32>, PredictError> {
         let ctx = |source| PredictError::Candle {
-            context: format!("network forward on a batch of tiles of shape {:?}", tiles.shape()),
+            context: format!(
+                "network forward on a batch of tiles of shape {:?}",
+                tiles.shape()
+            ),
             source,
         };
         if tiles.ndim() < 2 || tiles.shape()[1] != self.input_channels {

@@ -154,8 +154,8 @@ fn load_imported(
 ) -> Result<(CandleTileNetwork, Vec<usize>), PredictError> {
     let bad = |message: String| PredictError::Config(format!("{}: {message}", metadata.display()));
     let text = std::fs::read_to_string(metadata).map_err(super::io_err("reading", metadata))?;
-    let meta: ImportedMeta =
-        serde_json::from_str(&text).map_err(|e| bad(format!("not an imported model's metadata: {e}")))?;
+    let meta: ImportedMeta = serde_json::from_str(&text)
+        .map_err(|e| bad(format!("not an imported model's metadata: {e}")))?;
     if meta.format != MODEL_FORMAT {
         return Err(bad(format!(
             "`format` is \"{}\", expected \"{MODEL_FORMAT}\" (written by nnseg import_nnunet_model)",

@@ -435,7 +435,12 @@ fn make_canvas<'a>(
 }
 
 /// The tile's `(C, *patch)` view of the padded data (2-d: the slice axis dropped).
-fn tile_view<'a>(data: &'a ArrayView4<'a, f32>, t: &Tile, ext: [usize; 3], is_2d: bool) -> ArrayViewD<'a, f32> {
+fn tile_view<'a>(
+    data: &'a ArrayView4<'a, f32>,
+    t: &Tile,
+    ext: [usize; 3],
+    is_2d: bool,
+) -> ArrayViewD<'a, f32> {
     let [z, y, x] = t.start;
     let v = data.slice(s![.., z..z + ext[0], y..y + ext[1], x..x + ext[2]]);
     if is_2d {
@@ -480,11 +485,7 @@ fn gather_inputs(
 
 /// The TTA average of each tile of a batch: the outputs of its views flipped back, summed in
 /// nnU-Net's order and divided by the number of views.
-fn tta_average(
-    out: &ArrayD<f32>,
-    tiles: usize,
-    combos: &[Vec<usize>],
-) -> Vec<ArrayD<f32>> {
+fn tta_average(out: &ArrayD<f32>, tiles: usize, combos: &[Vec<usize>]) -> Vec<ArrayD<f32>> {
     let views = combos.len() + 1;
     (0..tiles)
         .map(|t| {
@@ -531,7 +532,9 @@ fn accumulate(
         }
     };
     for (ci, canvas) in canvases.iter_mut().enumerate() {
-        let mine: Vec<usize> = (0..batch.len()).filter(|&i| batch[i].canvas == ci).collect();
+        let mine: Vec<usize> = (0..batch.len())
+            .filter(|&i| batch[i].canvas == ci)
+            .collect();
         if mine.is_empty() {
             continue;
         }
@@ -667,7 +670,14 @@ pub fn sliding_window_logits_many(
             )));
         }
         let preds = tta_average(&out, batch.len(), &combos);
-        accumulate(&mut canvases, batch, &preds, &gaussian, patch, opts.accumulation);
+        accumulate(
+            &mut canvases,
+            batch,
+            &preds,
+            &gaussian,
+            patch,
+            opts.accumulation,
+        );
     }
     canvases
         .into_iter()

@@ -1059,7 +1059,10 @@ fn f16_accumulation_rounds_like_nnunet() {
         assert!((a - b).abs() <= 0.05 * (1.0 + b.abs()), "{a} vs {b}");
     }
     assert_ne!(f16_out, f32_out);
-    assert_eq!("f16".parse::<Accumulation>().unwrap(), Accumulation::NnunetF16);
+    assert_eq!(
+        "f16".parse::<Accumulation>().unwrap(),
+        Accumulation::NnunetF16
+    );
     assert_eq!("F32".parse::<Accumulation>().unwrap(), Accumulation::F32);
     assert!("f8".parse::<Accumulation>().is_err());
 }
@@ -1099,7 +1102,9 @@ fn candle_network_batched_equals_one_tile_per_pass() {
         .collect();
     let vb = candle_nn::VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu);
     let net = CandleTileNetwork {
-        network: Registry::default().build(&cfg.architecture, &io, vb).unwrap(),
+        network: Registry::default()
+            .build(&cfg.architecture, &io, vb)
+            .unwrap(),
         device: Device::Cpu,
         input_channels: 1,
         compute_dtype: DType::F32,

@@ -441,9 +441,14 @@ pub struct PredictOptions {
     /// off.
     #[arg(long = "amp", default_value = "auto", value_name = "auto|on|off")]
     pub amp: trainer::Amp,
-    /// Preprocessing / export workers.
+    /// Preprocessing / export threads; also how many preprocessed cases may wait for the
+    /// network (preprocessing runs ahead on its own thread).
     #[arg(long = "npp", default_value_t = 3)]
     pub npp: usize,
+    /// How many predicted cases may wait for their export (export runs behind on its own
+    /// thread).
+    #[arg(long = "nps", default_value_t = 3)]
+    pub nps: usize,
     /// Cascade input: the previous stage's predictions of the same cases.
     #[arg(long = "prev_stage_predictions")]
     pub prev_stage_predictions: Option<PathBuf>,

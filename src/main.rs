@@ -448,6 +448,7 @@ fn predict_with_model(
     req.disable_tta = o.disable_tta;
     req.save_probabilities = o.save_probabilities;
     req.num_workers = o.npp.max(1);
+    req.num_export_workers = o.nps.max(1);
     req.amp = o.amp;
     req.prev_stage_predictions = o.prev_stage_predictions.clone();
     req.batch_inputs = o.batch_tiles.map(|n| n as usize);

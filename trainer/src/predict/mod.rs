@@ -529,8 +529,12 @@ pub struct PredictRequest {
     pub step_size: f64,
     pub disable_tta: bool,
     pub save_probabilities: bool,
-    /// Threads for preprocessing / resampling.
+    /// Threads for preprocessing / resampling (`-npp`); also how many preprocessed cases may
+    /// wait for the network.
     pub num_workers: usize,
+    /// How many predicted cases may wait for their export (`-nps`, nnU-Net's
+    /// `num_processes_segmentation_export`).
+    pub num_export_workers: usize,
     pub device: Device,
     /// bf16 mixed precision of the network's forward pass (`--amp`; `auto`: on CUDA).
     pub amp: Amp,
@@ -563,6 +567,7 @@ impl PredictRequest {
             disable_tta: false,
             save_probabilities: false,
             num_workers: 3,
+            num_export_workers: 3,
             device,
             amp: Amp::Auto,
             registry: Registry::default(),
@@ -629,6 +634,7 @@ pub fn predict_from_raw_folder(req: &PredictRequest) -> Result<PredictReport, Pr
         "use_mirroring": !req.disable_tta,
         "save_probabilities": req.save_probabilities,
         "num_processes_preprocessing": req.num_workers,
+        "num_processes_segmentation_export": req.num_export_workers,
         "device": format!("{:?}", req.device.location()),
     });
     plans::io::write_json_atomic(&output.predict_args(), &args)?;
@@ -636,37 +642,98 @@ pub fn predict_from_raw_folder(req: &PredictRequest) -> Result<PredictReport, Pr
         .num_threads(req.num_workers.max(1))
         .build()
         .map_err(|e| PredictError::Config(format!("thread pool: {e}")))?;
-    let mut report = PredictReport {
-        outputs: vec![],
-        seconds_per_case: vec![],
-    };
-    // cases with fewer tiles than one forward pass holds are predicted together
-    let capacity = sliding::tiles_per_batch(&predictor.sliding_window_options());
-    pool.install(|| -> Result<(), PredictError> {
-        let mut group: Vec<PreparedCase> = vec![];
-        let mut group_tiles = 0;
-        for case in &cases {
-            let t0 = std::time::Instant::now();
-            let (data, properties) =
-                prepare_case(&predictor, req, case, &ending).map_err(in_case(&case.identifier))?;
-            let (_, z, y, x) = data.dim();
-            group_tiles += sliding::tile_count([z, y, x], &predictor.sliding_window_options())?;
-            group.push(PreparedCase {
-                identifier: case.identifier.clone(),
-                output: output.segmentation(&case.identifier, &ending),
-                data,
-                properties,
-                started: t0,
-            });
-            if group_tiles >= capacity {
-                predict_group(&predictor, &mut group, req.save_probabilities, &mut report)?;
-                group_tiles = 0;
-            }
-        }
-        predict_group(&predictor, &mut group, req.save_probabilities, &mut report)
-    })?;
+    let report = run_pipeline(&predictor, req, &cases, &output, &pool)?;
     marker.finish()?;
     Ok(report)
+}
+
+/// Reading + preprocessing, prediction and export as a pipeline: one thread preprocesses up to
+/// `num_workers` cases ahead, one exports up to `num_export_workers` cases behind, each
+/// through a bounded queue (so at most that many preprocessed cases / logits wait in memory),
+/// while this thread runs the forward passes. Preprocessing and export run their parallel
+/// parts on `pool` (`-npp` threads). Cases with fewer tiles than one forward pass holds are
+/// predicted together. Stops at the first failing case.
+fn run_pipeline(
+    predictor: &Predictor,
+    req: &PredictRequest,
+    cases: &[InputCase],
+    output: &PredictionDir,
+    pool: &rayon::ThreadPool,
+) -> Result<PredictReport, PredictError> {
+    let ending = predictor.dataset_json.file_ending.as_str();
+    use std::sync::mpsc::sync_channel;
+    let capacity = sliding::tiles_per_batch(&predictor.sliding_window_options());
+    std::thread::scope(|scope| {
+        let (pre_tx, pre_rx) =
+            sync_channel::<Result<PreparedCase, PredictError>>(req.num_workers.max(1));
+        scope.spawn(move || {
+            for case in cases {
+                let t0 = std::time::Instant::now();
+                let prepared = pool
+                    .install(|| prepare_case(predictor, req, case, ending))
+                    .map(|(data, properties)| PreparedCase {
+                        identifier: case.identifier.clone(),
+                        output: output.segmentation(&case.identifier, ending),
+                        data,
+                        properties,
+                        started: t0,
+                    })
+                    .map_err(in_case(&case.identifier));
+                let failed = prepared.is_err();
+                if pre_tx.send(prepared).is_err() || failed {
+                    break;
+                }
+            }
+        });
+        let (exp_tx, exp_rx) =
+            sync_channel::<(PreparedCase, Array4<f32>)>(req.num_export_workers.max(1));
+        let exporter = scope.spawn(move || -> Result<PredictReport, PredictError> {
+            let mut report = PredictReport {
+                outputs: vec![],
+                seconds_per_case: vec![],
+            };
+            for (case, logits) in exp_rx {
+                pool.install(|| {
+                    predictor.export_logits(
+                        logits,
+                        &case.properties,
+                        &case.output,
+                        req.save_probabilities,
+                    )
+                })
+                .map_err(in_case(&case.identifier))?;
+                report.outputs.push(case.output);
+                report
+                    .seconds_per_case
+                    .push(case.started.elapsed().as_secs_f64());
+            }
+            Ok(report)
+        });
+        let predicted = (|| -> Result<(), PredictError> {
+            let (mut group, mut group_tiles) = (vec![], 0);
+            for prepared in pre_rx {
+                let prepared = prepared?;
+                let (_, z, y, x) = prepared.data.dim();
+                group_tiles += sliding::tile_count([z, y, x], &predictor.sliding_window_options())?;
+                group.push(prepared);
+                if group_tiles >= capacity {
+                    if !predict_group(predictor, &mut group, &exp_tx)? {
+                        return Ok(()); // the exporter stopped: its error is reported
+                    }
+                    group_tiles = 0;
+                }
+            }
+            predict_group(predictor, &mut group, &exp_tx).map(|_| ())
+        })();
+        drop(exp_tx);
+        let exported = exporter
+            .join()
+            .unwrap_or_else(|_| Err(PredictError::Config("the export thread panicked".into())));
+        // an export error comes first: it is the earlier case
+        let report = exported?;
+        predicted?;
+        Ok(report)
+    })
 }
 
 /// A preprocessed case waiting for its forward passes.
@@ -678,32 +745,28 @@ struct PreparedCase {
     started: std::time::Instant,
 }
 
-/// Predicts the cases of `group` in one sliding window (shared forward passes), exports each
-/// and empties the group.
+/// Predicts the cases of `group` in one sliding window (shared forward passes), hands each to
+/// the exporter and empties the group; `false` when the exporter has stopped.
 fn predict_group(
     predictor: &Predictor,
     group: &mut Vec<PreparedCase>,
-    save_probabilities: bool,
-    report: &mut PredictReport,
-) -> Result<(), PredictError> {
+    exporter: &std::sync::mpsc::SyncSender<(PreparedCase, Array4<f32>)>,
+) -> Result<bool, PredictError> {
     if group.is_empty() {
-        return Ok(());
+        return Ok(true);
     }
     let views: Vec<_> = group.iter().map(|c| c.data.view()).collect();
     let logits = predictor.predict_logits_many(&views).map_err(|e| {
         let names: Vec<&str> = group.iter().map(|c| c.identifier.as_str()).collect();
         in_case(&names.join(", "))(e)
     })?;
-    for (case, logits) in group.drain(..).zip(logits) {
-        predictor
-            .export_logits(logits, &case.properties, &case.output, save_probabilities)
-            .map_err(in_case(&case.identifier))?;
-        report.outputs.push(case.output);
-        report
-            .seconds_per_case
-            .push(case.started.elapsed().as_secs_f64());
+    for (mut case, logits) in group.drain(..).zip(logits) {
+        case.data = Array4::zeros((0, 0, 0, 0)); // the image is no longer needed
+        if exporter.send((case, logits)).is_err() {
+            return Ok(false);
+        }
     }
-    Ok(())
+    Ok(true)
 }
 
 /// Reads and preprocesses one input case (for a cascade stage with the previous stage's

@@ -1116,3 +1116,61 @@ fn candle_network_batched_equals_one_tile_per_pass() {
     let batched = sliding_window_logits(&net, data.view(), &o).unwrap();
     assert_close(&batched, &one, 1e-5);
 }
+
+#[test]
+fn pipeline_stops_at_an_unreadable_case_after_exporting_the_ones_before() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("D").join("nnUNetTrainer__nnUNetPlans__2d");
+    let pv = plans_value(
+        [0, 1, 2],
+        vec![(
+            "2d",
+            configuration(&[8, 8], &[1.0, 1.0], "ZScoreNormalization"),
+        )],
+    );
+    std::fs::create_dir_all(&model).unwrap();
+    plans::io::write_json_atomic(&model.join("plans.json"), &pv).unwrap();
+    three_labels().save(&model.join("dataset.json")).unwrap();
+    save_random_checkpoint(&model.join("fold_0"), &plans_from(&pv), 1);
+    let input = tmp.path().join("in");
+    std::fs::create_dir_all(&input).unwrap();
+    let props = ImageProperties::with_spacing([1.0, 1.0, 1.0]);
+    for i in [0, 1, 3] {
+        let img = Array3::from_shape_fn((1, 6, 7), |(_, y, x)| ((y * 3 + x + i) % 5) as f32);
+        datasets::io::write_image(&input.join(format!("c{i}_0000.nii.gz")), img.view(), &props)
+            .unwrap();
+    }
+    std::fs::write(input.join("c2_0000.nii.gz"), b"not a nifti").unwrap();
+    let out = tmp.path().join("out");
+    let mut req = PredictRequest::new(&input, &out, &model, vec![Fold::Index(0)], Device::Cpu);
+    req.num_workers = 1;
+    req.num_export_workers = 1;
+    req.batch_inputs = Some(1); // one case per forward pass
+    let e = predict_from_raw_folder(&req).unwrap_err().to_string();
+    assert!(e.contains("case c2"), "{e}");
+    assert!(out.join("c0.nii.gz").is_file() && out.join("c1.nii.gz").is_file());
+    assert!(PredictionDir::new(&out).incomplete_marker().is_file());
+    // without the broken case: all written, the same with larger queues and shared passes
+    std::fs::remove_file(input.join("c2_0000.nii.gz")).unwrap();
+    let report = predict_from_raw_folder(&req).unwrap();
+    assert_eq!(report.outputs.len(), 3);
+    let first: Vec<_> = ["c0", "c1", "c3"]
+        .iter()
+        .map(|c| {
+            datasets::io::read_seg(&out.join(format!("{c}.nii.gz")))
+                .unwrap()
+                .0
+        })
+        .collect();
+    let out2 = tmp.path().join("out2");
+    let mut req2 = PredictRequest::new(&input, &out2, &model, vec![Fold::Index(0)], Device::Cpu);
+    req2.num_workers = 3;
+    req2.num_export_workers = 3;
+    predict_from_raw_folder(&req2).unwrap();
+    for (c, want) in ["c0", "c1", "c3"].iter().zip(&first) {
+        let got = datasets::io::read_seg(&out2.join(format!("{c}.nii.gz")))
+            .unwrap()
+            .0;
+        assert_eq!(&got, want, "{c}");
+    }
+}

@@ -452,8 +452,8 @@ pub struct PredictOptions {
     /// Cascade input: the previous stage's predictions of the same cases.
     #[arg(long = "prev_stage_predictions")]
     pub prev_stage_predictions: Option<PathBuf>,
-    /// Network inputs (tiles and their mirrored copies) per forward pass; default: automatic
-    /// (about 2^20 input voxels per pass, at most 64). Results do not depend on it.
+    /// At most N network inputs (tiles and their mirrored copies) per forward pass; default:
+    /// automatic (about 2^18 input voxels per pass, at most 64). Results do not depend on it.
     #[arg(long = "batch_tiles", value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub batch_tiles: Option<u64>,
     /// Sliding-window sums in f32 (default) or f16 with nnU-Net's exact rounding (to reproduce

@@ -275,7 +275,7 @@ fn round_f16(v: f32) -> f32 {
 
 /// Network inputs (tiles and mirrored copies) per forward pass chosen by [`auto_batch_inputs`]:
 /// about this many input voxels per pass.
-pub const AUTO_BATCH_VOXELS: usize = 1 << 20;
+pub const AUTO_BATCH_VOXELS: usize = 1 << 18;
 /// Upper bound of the automatic batch.
 pub const AUTO_BATCH_MAX: usize = 64;
 
@@ -337,14 +337,36 @@ pub fn tile_count(shape: [usize; 3], opts: &SlidingWindowOptions) -> Result<usiz
     })
 }
 
-/// Tiles per forward pass: `batch_inputs` (or the automatic one) divided among a tile's views.
+/// Network inputs per forward pass: `batch_inputs`, or the automatic one.
+fn batch_inputs(opts: &SlidingWindowOptions) -> usize {
+    opts.batch_inputs
+        .unwrap_or_else(|| auto_batch_inputs(&opts.patch_size))
+        .max(1)
+}
+
+/// Tiles gathered at once: `batch_inputs` divided among a tile's views (at least one tile;
+/// with fewer inputs than views, a tile's views take several passes).
 pub fn tiles_per_batch(opts: &SlidingWindowOptions) -> usize {
     let views = mirror_combinations(opts.mirror_axes.as_deref().unwrap_or(&[])).len() + 1;
-    let inputs = opts
-        .batch_inputs
-        .unwrap_or_else(|| auto_batch_inputs(&opts.patch_size))
-        .max(1);
-    (inputs / views).max(1)
+    (batch_inputs(opts) / views).max(1)
+}
+
+/// The network on `input` `(N, C, *patch)` in forward passes of at most `max_inputs`.
+fn predict_in_passes(
+    net: &dyn TileNetwork,
+    input: ArrayViewD<'_, f32>,
+    max_inputs: usize,
+) -> Result<ArrayD<f32>, PredictError> {
+    if input.shape()[0] <= max_inputs {
+        return net.predict_batch(input);
+    }
+    let outs = input
+        .axis_chunks_iter(Axis(0), max_inputs)
+        .map(|chunk| net.predict_batch(chunk))
+        .collect::<Result<Vec<_>, _>>()?;
+    let views: Vec<_> = outs.iter().map(|o| o.view()).collect();
+    ndarray::concatenate(Axis(0), &views)
+        .map_err(|e| PredictError::Config(format!("network outputs of different shapes: {e}")))
 }
 
 /// One image of a sliding-window pass: its (padded) data and its sums.
@@ -658,7 +680,7 @@ pub fn sliding_window_logits_many(
     let per_batch = tiles_per_batch(opts);
     for batch in tiles.chunks(per_batch) {
         let input = gather_inputs(&canvases, batch, &combos, patch);
-        let out = net.predict_batch(input.view())?;
+        let out = predict_in_passes(net, input.view(), batch_inputs(opts))?;
         let mut expected = input.shape().to_vec();
         expected[1] = opts.num_classes;
         if out.shape() != expected.as_slice() {

@@ -988,18 +988,23 @@ fn batched_sliding_window_equals_tile_by_tile_bit_for_bit() {
         let reference = sliding_window_logits(&one, data.view(), &o).unwrap();
         let tiles = sliding::tile_count([shape.1, shape.2, shape.3], &o).unwrap();
         let views = mirror_combinations(mirror.as_deref().unwrap_or(&[])).len() + 1;
-        // one tile (with its mirrored copies) per pass at the smallest batch
-        assert_eq!(one.passes.load(Ordering::Relaxed), tiles);
+        // one input per pass at the smallest batch
+        assert_eq!(one.passes.load(Ordering::Relaxed), tiles * views);
         assert_eq!(one.inputs.load(Ordering::Relaxed), tiles * views);
         for batch in [Some(2), Some(8), Some(24), Some(1000), None] {
             o.batch_inputs = batch;
             let net = asymmetric(3);
             let out = sliding_window_logits(&net, data.view(), &o).unwrap();
             assert_eq!(out, reference, "patch {patch:?} batch {batch:?}");
-            // every tile with all its views once, in ceil(tiles / tiles_per_batch) passes
+            // every tile with all its views once, at most `cap` inputs per pass
             assert_eq!(net.inputs.load(Ordering::Relaxed), tiles * views);
             let per = sliding::tiles_per_batch(&o);
-            assert_eq!(net.passes.load(Ordering::Relaxed), tiles.div_ceil(per));
+            let cap = batch.unwrap_or_else(|| auto_batch_inputs(&patch));
+            let passes: usize = (0..tiles)
+                .step_by(per)
+                .map(|t0| ((tiles - t0).min(per) * views).div_ceil(cap))
+                .sum();
+            assert_eq!(net.passes.load(Ordering::Relaxed), passes);
         }
     }
 }
@@ -1069,10 +1074,11 @@ fn f16_accumulation_rounds_like_nnunet() {
 
 #[test]
 fn auto_batch_follows_the_patch_size() {
-    assert_eq!(auto_batch_inputs(&[256, 256]), 16);
+    assert_eq!(auto_batch_inputs(&[256, 256]), 4);
     assert_eq!(auto_batch_inputs(&[128, 128, 128]), 1);
-    assert_eq!(auto_batch_inputs(&[8, 32, 32]), 64);
-    let mut o = opts(&[256, 256], 2, Some(vec![0, 1]));
+    assert_eq!(auto_batch_inputs(&[8, 32, 32]), 32);
+    assert_eq!(auto_batch_inputs(&[32, 24]), 64);
+    let mut o = opts(&[128, 128], 2, Some(vec![0, 1]));
     o.batch_inputs = None;
     assert_eq!(sliding::tiles_per_batch(&o), 4);
     o.batch_inputs = Some(3); // fewer inputs than views: still one tile per pass

@@ -59,6 +59,10 @@ pub enum Command {
     /// Predict raw images with trained folds (nnUNetv2_predict).
     #[command(name = "predict")]
     Predict(PredictArgs),
+    /// Predict raw images with the model folder given by path, as nnU-Net or nnseg trained it
+    /// (nnUNetv2_predict_from_modelfolder).
+    #[command(name = "predict_from_modelfolder")]
+    PredictFromModelFolder(PredictFromModelFolderArgs),
     /// Average saved probabilities of several prediction folders (nnUNetv2_ensemble).
     #[command(name = "ensemble")]
     Ensemble(EnsembleArgs),
@@ -511,16 +515,41 @@ pub struct PredictArgs {
     /// Configuration.
     #[arg(short = 'c')]
     pub configuration: String,
-    /// Folds to ensemble (0-4 or all).
-    #[arg(short = 'f', num_args = 1.., default_values_t = ["0".to_string(), "1".to_string(), "2".to_string(), "3".to_string(), "4".to_string()])]
-    pub folds: Vec<String>,
     /// Trainer name.
     #[arg(long = "tr", default_value = "nnUNetTrainer")]
     pub trainer: String,
     /// Plans identifier.
     #[arg(short = 'p', default_value = "nnUNetPlans")]
     pub plans: String,
-    /// Checkpoint name.
+    #[command(flatten)]
+    pub options: PredictOptions,
+}
+
+#[derive(Args, Debug)]
+pub struct PredictFromModelFolderArgs {
+    /// Input folder with case_XXXX_0000{ending} images.
+    #[arg(short = 'i')]
+    pub input: PathBuf,
+    /// Output folder for the segmentations.
+    #[arg(short = 'o')]
+    pub output: PathBuf,
+    /// Model folder `{trainer}__{plans}__{configuration}` with plans.json, dataset.json and
+    /// fold_X/ (trained by nnseg or by nnU-Net v2).
+    #[arg(short = 'm')]
+    pub model_folder: PathBuf,
+    #[command(flatten)]
+    pub options: PredictOptions,
+}
+
+/// The flags `predict` and `predict_from_modelfolder` share.
+#[derive(Args, Debug)]
+pub struct PredictOptions {
+    /// Folds to ensemble (0-4 or all).
+    #[arg(short = 'f', num_args = 1.., default_values_t = ["0".to_string(), "1".to_string(), "2".to_string(), "3".to_string(), "4".to_string()])]
+    pub folds: Vec<String>,
+    /// Checkpoint: checkpoint_final / checkpoint_best (nnseg's .safetensors or nnU-Net's
+    /// .pth, whichever the fold has; `.pth` prefers nnU-Net's file), or `model` for the
+    /// result of import_nnunet_model.
     #[arg(long = "chk", default_value = "checkpoint_final")]
     pub checkpoint: String,
     /// Also write per-case probabilities (.npz) and properties (.json).
@@ -539,12 +568,25 @@ pub struct PredictArgs {
     /// off.
     #[arg(long = "amp", default_value = "auto", value_name = "auto|on|off")]
     pub amp: trainer::Amp,
-    /// Preprocessing / export workers.
+    /// Preprocessing / export threads; also how many preprocessed cases may wait for the
+    /// network (preprocessing runs ahead on its own thread).
     #[arg(long = "npp", default_value_t = 3)]
     pub npp: usize,
-    /// Cascade input (not supported yet: an error says so).
+    /// How many predicted cases may wait for their export (export runs behind on its own
+    /// thread).
+    #[arg(long = "nps", default_value_t = 3)]
+    pub nps: usize,
+    /// Cascade input: the previous stage's predictions of the same cases.
     #[arg(long = "prev_stage_predictions")]
     pub prev_stage_predictions: Option<PathBuf>,
+    /// At most N network inputs (tiles and their mirrored copies) per forward pass; default:
+    /// automatic (about 2^18 input voxels per pass, at most 64). Results do not depend on it.
+    #[arg(long = "batch_tiles", value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub batch_tiles: Option<u64>,
+    /// Sliding-window sums in f32 (default) or f16 with nnU-Net's exact rounding (to reproduce
+    /// nnU-Net's predictions bit for bit-ish).
+    #[arg(long = "accumulate", default_value = "f32", value_name = "f32|f16")]
+    pub accumulate: trainer::predict::Accumulation,
 }
 
 #[derive(Args, Debug)]

@@ -3,7 +3,7 @@
 
 mod cli;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -229,6 +229,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Train(a) => exit_unless_zero(train(&paths, &a)?),
         Command::CrossValidate(a) => exit_unless_zero(cross_validate(&paths, &a)?),
         Command::Predict(a) => predict(&paths, &a)?,
+        Command::PredictFromModelFolder(a) => predict_from_modelfolder(&a)?,
         Command::Ensemble(a) => {
             // an unfinished input may lack even its dataset.json: name the real problem
             for input in &a.inputs {
@@ -771,7 +772,23 @@ fn predict(paths: &NnUnetPaths, a: &cli::PredictArgs) -> Result<()> {
             a.plans
         );
     }
-    let folds = a
+    predict_with_model(&a.input, &a.output, model.path(), &a.options)
+}
+
+fn predict_from_modelfolder(a: &cli::PredictFromModelFolderArgs) -> Result<()> {
+    if !a.model_folder.is_dir() {
+        bail!("-m {}: no such model folder", a.model_folder.display());
+    }
+    predict_with_model(&a.input, &a.output, &a.model_folder, &a.options)
+}
+
+fn predict_with_model(
+    input: &Path,
+    output: &Path,
+    model_folder: &Path,
+    o: &cli::PredictOptions,
+) -> Result<()> {
+    let folds = o
         .folds
         .iter()
         .map(|f| {
@@ -780,25 +797,28 @@ fn predict(paths: &NnUnetPaths, a: &cli::PredictArgs) -> Result<()> {
         })
         .collect::<Result<Vec<_>>>()?;
     let mut req = trainer::predict::PredictRequest::new(
-        &a.input,
-        &a.output,
-        model.path(),
+        input,
+        output,
+        model_folder,
         folds,
-        pick_device(&a.device)?,
+        pick_device(&o.device)?,
     );
-    req.checkpoint_name = a.checkpoint.clone();
-    req.step_size = a.step_size;
-    req.disable_tta = a.disable_tta;
-    req.save_probabilities = a.save_probabilities;
-    req.num_workers = a.npp.max(1);
-    req.amp = a.amp;
-    req.prev_stage_predictions = a.prev_stage_predictions.clone();
+    req.checkpoint_name = o.checkpoint.clone();
+    req.step_size = o.step_size;
+    req.disable_tta = o.disable_tta;
+    req.save_probabilities = o.save_probabilities;
+    req.num_workers = o.npp.max(1);
+    req.num_export_workers = o.nps.max(1);
+    req.amp = o.amp;
+    req.prev_stage_predictions = o.prev_stage_predictions.clone();
+    req.batch_inputs = o.batch_tiles.map(|n| n as usize);
+    req.accumulation = o.accumulate;
     let t = Instant::now();
     let report = trainer::predict::predict_from_raw_folder(&req)?;
     tracing::info!(
         "predicted {} cases into {} in {:.1} s",
         report.outputs.len(),
-        a.output.display(),
+        output.display(),
         t.elapsed().as_secs_f64()
     );
     Ok(())

@@ -466,6 +466,75 @@ impl ModelDir {
     }
 }
 
+/// nnseg's training checkpoints end in this (`checkpoint_final.safetensors`).
+pub const NNSEG_CHECKPOINT_ENDING: &str = ".safetensors";
+/// nnU-Net v2's checkpoints end in this (`checkpoint_final.pth`, `checkpoint_best.pth`).
+pub const NNUNET_CHECKPOINT_ENDING: &str = ".pth";
+/// The weights `nnseg import_nnunet_model` writes into a fold folder (`-chk model`).
+pub const IMPORTED_MODEL_WEIGHTS: &str = "model.safetensors";
+/// The metadata written next to [`IMPORTED_MODEL_WEIGHTS`].
+pub const IMPORTED_MODEL_METADATA: &str = "model.json";
+
+/// A weights file in a fold folder, by the program that wrote it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CheckpointFile {
+    /// nnseg's `{name}.safetensors` (weights + metadata in one file).
+    Nnseg(PathBuf),
+    /// nnU-Net v2's `{name}.pth`, read as it is.
+    Nnunet(PathBuf),
+    /// `nnseg import_nnunet_model`'s `model.safetensors` + `model.json`.
+    Imported { weights: PathBuf, metadata: PathBuf },
+}
+
+impl CheckpointFile {
+    /// The file holding the weights.
+    pub fn path(&self) -> &Path {
+        match self {
+            CheckpointFile::Nnseg(p) | CheckpointFile::Nnunet(p) => p,
+            CheckpointFile::Imported { weights, .. } => weights,
+        }
+    }
+}
+
+/// The files `-chk {checkpoint_name}` may mean in `fold_folder`, most specific first.
+///
+/// `checkpoint_final` (no ending) is nnseg's `checkpoint_final.safetensors`, else nnU-Net's
+/// `checkpoint_final.pth`; `checkpoint_final.pth` (nnU-Net's spelling) prefers the `.pth`
+/// and falls back to nnseg's file; `checkpoint_final.safetensors` prefers nnseg's file;
+/// `model` (or `model.safetensors`) is an imported model. A name that is not one file name
+/// (a path separator, `..`) is an error.
+pub fn checkpoint_candidates(
+    fold_folder: &Path,
+    checkpoint_name: &str,
+) -> Result<Vec<CheckpointFile>, DatasetError> {
+    check_name("checkpoint name", checkpoint_name)?;
+    let (stem, pth_first) = match (
+        checkpoint_name.strip_suffix(NNSEG_CHECKPOINT_ENDING),
+        checkpoint_name.strip_suffix(NNUNET_CHECKPOINT_ENDING),
+    ) {
+        (Some(stem), _) => (stem, false),
+        (None, Some(stem)) => (stem, true),
+        (None, None) => (checkpoint_name, false),
+    };
+    let imported_stem = IMPORTED_MODEL_WEIGHTS
+        .strip_suffix(NNSEG_CHECKPOINT_ENDING)
+        .unwrap_or(IMPORTED_MODEL_WEIGHTS);
+    if stem == imported_stem && !pth_first {
+        return Ok(vec![CheckpointFile::Imported {
+            weights: fold_folder.join(IMPORTED_MODEL_WEIGHTS),
+            metadata: fold_folder.join(IMPORTED_MODEL_METADATA),
+        }]);
+    }
+    let nnseg = CheckpointFile::Nnseg(fold_folder.join(format!("{stem}{NNSEG_CHECKPOINT_ENDING}")));
+    let nnunet =
+        CheckpointFile::Nnunet(fold_folder.join(format!("{stem}{NNUNET_CHECKPOINT_ENDING}")));
+    Ok(if pth_first {
+        vec![nnunet, nnseg]
+    } else {
+        vec![nnseg, nnunet]
+    })
+}
+
 /// A folder of predictions (`nnseg predict -o`, a fold's `validation/`, an ensemble): one
 /// `{case}{ending}` per case (with `{case}.npz` + `{case}.json` probabilities when saved), plus
 /// the `dataset.json` and `plans.json` they were made with.
@@ -752,5 +821,32 @@ mod tests {
         ] {
             assert!(parse_ensemble_name(bad).is_none(), "{bad}");
         }
+    }
+
+    #[test]
+    fn checkpoint_candidates_follow_the_chk_spelling() {
+        let f = Path::new("/m/fold_0");
+        let nnseg = CheckpointFile::Nnseg(f.join("checkpoint_final.safetensors"));
+        let pth = CheckpointFile::Nnunet(f.join("checkpoint_final.pth"));
+        let c = |n: &str| checkpoint_candidates(f, n).unwrap();
+        assert_eq!(c("checkpoint_final"), vec![nnseg.clone(), pth.clone()]);
+        assert_eq!(
+            c("checkpoint_final.safetensors"),
+            vec![nnseg.clone(), pth.clone()]
+        );
+        assert_eq!(c("checkpoint_final.pth"), vec![pth, nnseg]);
+        let imported = CheckpointFile::Imported {
+            weights: f.join("model.safetensors"),
+            metadata: f.join("model.json"),
+        };
+        assert_eq!(c("model"), vec![imported.clone()]);
+        assert_eq!(c("model.safetensors"), vec![imported.clone()]);
+        assert_eq!(imported.path(), f.join("model.safetensors"));
+        assert_eq!(
+            c("checkpoint_best.pth")[0].path(),
+            f.join("checkpoint_best.pth")
+        );
+        assert!(checkpoint_candidates(f, "../x.pth").is_err());
+        assert!(checkpoint_candidates(f, "").is_err());
     }
 }

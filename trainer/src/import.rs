@@ -17,9 +17,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 /// File name of the weights written by [`ImportedModel::save`].
-pub const MODEL_WEIGHTS: &str = "model.safetensors";
+pub const MODEL_WEIGHTS: &str = datasets::layout::IMPORTED_MODEL_WEIGHTS;
 /// File name of the metadata written by [`ImportedModel::save`].
-pub const MODEL_METADATA: &str = "model.json";
+pub const MODEL_METADATA: &str = datasets::layout::IMPORTED_MODEL_METADATA;
 /// `format` field of [`MODEL_METADATA`].
 pub const MODEL_FORMAT: &str = "nnseg-model-v1";
 
@@ -84,6 +84,62 @@ pub fn read_pth_state_dict(
     Ok(out)
 }
 
+/// The `inference_allowed_mirroring_axes` an nnU-Net checkpoint stores next to its weights
+/// (`(0, 1, 2)` for the default trainer in 3D, `None` for `nnUNetTrainerNoMirroring`).
+/// `Ok(None)` when the key is absent or `None`: nnU-Net's predictor then does not mirror.
+pub fn read_pth_mirror_axes(path: &Path) -> Result<Option<Vec<usize>>, ImportError> {
+    use candle_core::pickle::{Object, Stack};
+    let err = |message: String| ImportError::File {
+        path: path.to_path_buf(),
+        message,
+    };
+    let file = std::fs::File::open(path).map_err(|source| ImportError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file))
+        .map_err(|e| err(format!("not a PyTorch zip checkpoint: {e}")))?;
+    let pkl = zip
+        .file_names()
+        .filter_map(Result::ok)
+        .find(|n| n.ends_with("data.pkl"))
+        .map(|n| n.into_owned())
+        .ok_or_else(|| err("no data.pkl inside the checkpoint".into()))?;
+    let mut stack = Stack::empty();
+    let read = match zip.by_name(&pkl) {
+        Ok(entry) => stack.read_loop(&mut std::io::BufReader::new(entry)),
+        Err(e) => return Err(err(format!("reading {pkl}: {e}"))),
+    };
+    read.and_then(|_| stack.finalize())
+        .map_err(|e| err(format!("reading {pkl}: {e}")))
+        .and_then(|obj| match obj {
+            Object::Dict(items) => Ok(items),
+            _ => Err(err(format!("{pkl} does not hold a dict"))),
+        })
+        .and_then(|items| {
+            let value = items.into_iter().find_map(|(k, v)| {
+                (k == Object::Unicode("inference_allowed_mirroring_axes".into())).then_some(v)
+            });
+            match value {
+                None | Some(Object::None) => Ok(None),
+                Some(Object::Tuple(v) | Object::List(v)) => v
+                    .into_iter()
+                    .map(|a| match a {
+                        Object::Int(i) if i >= 0 => Ok(i as usize),
+                        Object::Long(i) if i >= 0 => Ok(i as usize),
+                        other => Err(err(format!(
+                            "inference_allowed_mirroring_axes: {other:?} is not an axis"
+                        ))),
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+                    .map(Some),
+                Some(other) => Err(err(format!(
+                    "inference_allowed_mirroring_axes: expected a tuple, found {other:?}"
+                ))),
+            }
+        })
+}
+
 /// A trained nnU-Net model, ready to be rebuilt or saved.
 #[derive(Debug)]
 pub struct ImportedModel {
@@ -101,6 +157,8 @@ pub struct ImportedModel {
     pub parameter_count: u64,
     /// Number of alias / ignored keys that were dropped.
     pub dropped_keys: usize,
+    /// The checkpoint's `inference_allowed_mirroring_axes` (`None`: no mirroring).
+    pub mirror_axes: Option<Vec<usize>>,
 }
 
 impl ImportedModel {
@@ -136,6 +194,7 @@ impl ImportedModel {
             "configuration": self.configuration_name,
             "patch_size": self.configuration.patch_size,
             "fold": self.fold,
+            "inference_allowed_mirroring_axes": self.mirror_axes,
             "source": {
                 "kind": "nnU-Net v2 checkpoint",
                 "model_folder": self.model_folder.display().to_string(),
@@ -236,6 +295,7 @@ pub fn import_nnunet_model_with(
     let expected = expected_weights(registry, &cfg.architecture, &io, &location)?;
     let state_dict = read_pth_state_dict(&checkpoint, Some("network_weights"))?;
     let mapped = map_state_dict(&checkpoint, &expected, state_dict)?;
+    let mirror_axes = read_pth_mirror_axes(&checkpoint)?;
     Ok(ImportedModel {
         model_folder: model_folder.to_path_buf(),
         checkpoint,
@@ -248,5 +308,6 @@ pub fn import_nnunet_model_with(
         parameter_count: mapped.parameter_count,
         weights: mapped.weights,
         dropped_keys: mapped.dropped_keys,
+        mirror_axes,
     })
 }

@@ -113,6 +113,16 @@ fn parity(dataset: &str, trainer_dir: &str) {
     let fx = load(dataset, trainer_dir);
     let m = import_nnunet_model(&fx.model_dir, "0", "checkpoint_final.pth").unwrap();
     check_model(&fx, &m);
+    // the checkpoint's `inference_allowed_mirroring_axes` tuple, read from its pickle
+    let want_axes: Vec<usize> = fx.io_json["checkpoint_facts"]["inference_allowed_mirroring_axes"]
+        .as_array()
+        .map(|a| a.iter().map(|v| v.as_u64().unwrap() as usize).collect())
+        .unwrap_or_else(|| (0..m.configuration.patch_size.len()).collect());
+    assert_eq!(m.mirror_axes.as_deref(), Some(want_axes.as_slice()));
+    assert_eq!(
+        m.metadata()["inference_allowed_mirroring_axes"],
+        serde_json::json!(want_axes)
+    );
     let reg = Registry::default();
     let dev = Device::Cpu;
     let x = &fx.io["input"];

@@ -7,6 +7,7 @@
 //!   [`run_final_validation`] predicts a fold's validation cases from the preprocessed data.
 
 pub mod export;
+pub mod model_files;
 pub mod outputs;
 pub mod sliding;
 
@@ -25,8 +26,8 @@ use std::path::{Path, PathBuf};
 
 pub use export::{convert_logits_to_segmentation, ExportedPrediction, LabelHandling};
 pub use sliding::{
-    compute_gaussian, compute_steps_for_sliding_window, sliding_window_logits,
-    SlidingWindowOptions, TileNetwork,
+    auto_batch_inputs, compute_gaussian, compute_steps_for_sliding_window, sliding_window_logits,
+    sliding_window_logits_many, Accumulation, SlidingWindowOptions, TileNetwork,
 };
 
 /// Inference errors; each names the file, case or setting involved.
@@ -44,6 +45,9 @@ pub enum PredictError {
     Checkpoint(#[from] CheckpointError),
     #[error(transparent)]
     Arch(#[from] ArchError),
+    /// Reading an nnU-Net checkpoint (`.pth`).
+    #[error(transparent)]
+    Import(#[from] crate::import::ImportError),
     #[error(transparent)]
     Evaluation(#[from] crate::evaluation::EvalError),
     #[error("{context}: {source}")]
@@ -108,20 +112,31 @@ pub struct CandleTileNetwork {
 
 impl TileNetwork for CandleTileNetwork {
     fn predict_tile(&self, tile: ArrayViewD<'_, f32>) -> Result<ArrayD<f32>, PredictError> {
+        let out = self.predict_batch(tile.insert_axis(ndarray::Axis(0)))?;
+        Ok(out.index_axis_move(ndarray::Axis(0), 0))
+    }
+
+    /// One forward pass on the whole batch.
+    fn predict_batch(&self, tiles: ArrayViewD<'_, f32>) -> Result<ArrayD<f32>, PredictError> {
         let ctx = |source| PredictError::Candle {
-            context: format!("network forward on a tile of shape {:?}", tile.shape()),
+            context: format!(
+                "network forward on a batch of tiles of shape {:?}",
+                tiles.shape()
+            ),
             source,
         };
-        if tile.shape()[0] != self.input_channels {
+        if tiles.ndim() < 2 || tiles.shape()[1] != self.input_channels {
             return Err(PredictError::Config(format!(
                 "the image has {} channel(s) but the network expects {}",
-                tile.shape()[0],
+                tiles.shape().get(1).copied().unwrap_or(0),
                 self.input_channels
             )));
         }
-        let mut shape = vec![1usize];
-        shape.extend_from_slice(tile.shape());
-        let values: Vec<f32> = tile.iter().copied().collect();
+        let shape = tiles.shape().to_vec();
+        let values: Vec<f32> = match tiles.as_slice() {
+            Some(v) => v.to_vec(),
+            None => tiles.iter().copied().collect(),
+        };
         let x = Tensor::from_vec(values, shape, &self.device)
             .and_then(|x| x.to_dtype(self.compute_dtype))
             .map_err(ctx)?;
@@ -130,7 +145,7 @@ impl TileNetwork for CandleTileNetwork {
             .into_iter()
             .next()
             .ok_or_else(|| PredictError::Config("the network returned no output".into()))?;
-        let dims = out.dims()[1..].to_vec();
+        let dims = out.dims().to_vec();
         let v = out
             .to_dtype(DType::F32)
             .and_then(|t| t.flatten_all())
@@ -210,6 +225,10 @@ pub struct Predictor {
     pub step_size: f64,
     /// Test-time mirroring (`--disable_tta` turns it off).
     pub use_mirroring: bool,
+    /// Network inputs per forward pass (`--batch_tiles`; `None`: automatic).
+    pub batch_inputs: Option<usize>,
+    /// f32 sums or nnU-Net's f16 numerics (`--accumulate`).
+    pub accumulation: sliding::Accumulation,
     /// Cascade stage (`previous_stage` set): the foreground labels whose one-hot encoding of
     /// the previous stage's segmentation is appended to the image channels.
     pub prev_stage_labels: Option<Vec<i64>>,
@@ -217,9 +236,10 @@ pub struct Predictor {
 }
 
 impl Predictor {
-    /// Loads `model_folder/{plans.json, dataset.json}` and, for each fold,
-    /// `model_folder/fold_{f}/{checkpoint_name}` (see [`checkpoint_file_name`]), run on
-    /// `device` in `amp`'s precision.
+    /// Loads `model_folder/{plans.json, dataset.json}` and, for each fold, the weights
+    /// `-chk checkpoint_name` means in `model_folder/fold_{f}/` (nnseg's `.safetensors`,
+    /// nnU-Net's `.pth` or an imported `model.safetensors`, see
+    /// [`model_files::find_fold_checkpoint`]), run on `device` in `amp`'s precision.
     pub fn from_model_folder(
         model_folder: &Path,
         folds: &[Fold],
@@ -235,25 +255,25 @@ impl Predictor {
         let cfg_name = model.id()?.configuration().to_string();
         let (plans, cfg) = Plans::load_configuration(&model.plans_json(), &cfg_name)?;
         let ds = DatasetJson::load(&model.dataset_json())?;
+        let load = model_files::LoadFoldOptions {
+            model: &model,
+            configuration_name: &cfg_name,
+            configuration: &cfg,
+            device,
+            amp,
+            registry,
+        };
         let mut networks: Vec<Box<dyn TileNetwork>> = vec![];
         let mut mirror_axes = None;
         for fold in folds {
-            let path = model.fold(fold).join(checkpoint_file_name(checkpoint_name));
-            if !path.is_file() {
-                return Err(PredictError::Config(format!(
-                    "{}: checkpoint not found (fold {fold} was not trained, or use \
-                     --chk to pick another checkpoint)",
-                    path.display()
-                )));
-            }
-            let (net, axes) = load_fold_network(&path, device, amp, registry, &cfg.architecture)?;
+            let loaded = model_files::load_fold(&load, &fold.to_string(), checkpoint_name)?;
             let expected = NetworkIo::input_channels(&cfg, &ds);
-            if net.input_channels != expected {
+            if loaded.network.input_channels != expected {
                 return Err(PredictError::Config(format!(
                     "{}: the network takes {} input channel(s) but configuration `{cfg_name}` \
                      gives it {expected} (dataset.json channels{})",
-                    path.display(),
-                    net.input_channels,
+                    loaded.source.path().display(),
+                    loaded.network.input_channels,
                     if cfg.previous_stage.is_some() {
                         " + one per foreground label of the previous stage"
                     } else {
@@ -261,8 +281,9 @@ impl Predictor {
                     }
                 )));
             }
-            mirror_axes.get_or_insert(axes);
-            networks.push(Box::new(net));
+            tracing::debug!("fold {fold}: {}", loaded.source.path().display());
+            mirror_axes.get_or_insert(loaded.mirror_axes);
+            networks.push(Box::new(loaded.network));
         }
         Self::from_networks(
             plans,
@@ -300,6 +321,8 @@ impl Predictor {
             mirror_axes,
             step_size: 0.5,
             use_mirroring: true,
+            batch_inputs: None,
+            accumulation: sliding::Accumulation::F32,
             networks,
         })
     }
@@ -308,11 +331,9 @@ impl Predictor {
         self.networks.len()
     }
 
-    /// Logits `(K, z, y, x)` of preprocessed data `(C, z, y, x)`: the sliding window of every
-    /// fold's network, averaged over folds (nnU-Net averages logits, then applies the
-    /// nonlinearity at export).
-    pub fn predict_logits(&self, data: ArrayView4<'_, f32>) -> Result<Array4<f32>, PredictError> {
-        let opts = SlidingWindowOptions {
+    /// The sliding-window settings of this predictor.
+    pub fn sliding_window_options(&self) -> SlidingWindowOptions {
+        SlidingWindowOptions {
             patch_size: self.configuration.patch_size.clone(),
             step_size: self.step_size,
             mirror_axes: if self.use_mirroring {
@@ -321,19 +342,39 @@ impl Predictor {
                 None
             },
             num_classes: self.labels.num_outputs(),
-        };
-        let mut sum: Option<Array4<f32>> = None;
+            batch_inputs: self.batch_inputs,
+            accumulation: self.accumulation,
+        }
+    }
+
+    /// Logits `(K, z, y, x)` of preprocessed data `(C, z, y, x)`: the sliding window of every
+    /// fold's network, averaged over folds (nnU-Net averages logits, then applies the
+    /// nonlinearity at export).
+    pub fn predict_logits(&self, data: ArrayView4<'_, f32>) -> Result<Array4<f32>, PredictError> {
+        let mut out = self.predict_logits_many(&[data])?;
+        out.pop()
+            .ok_or_else(|| PredictError::Config("no logits".into()))
+    }
+
+    /// [`Predictor::predict_logits`] of several images at once: their tiles share forward
+    /// passes (images smaller than a patch: several per pass). Same result as one by one.
+    pub fn predict_logits_many(
+        &self,
+        data: &[ArrayView4<'_, f32>],
+    ) -> Result<Vec<Array4<f32>>, PredictError> {
+        let opts = self.sliding_window_options();
+        let mut sum: Option<Vec<Array4<f32>>> = None;
         for net in &self.networks {
-            let l = sliding_window_logits(net.as_ref(), data, &opts)?;
+            let l = sliding_window_logits_many(net.as_ref(), data, &opts)?;
             match sum.as_mut() {
                 None => sum = Some(l),
-                Some(s) => *s += &l,
+                Some(s) => s.iter_mut().zip(&l).for_each(|(s, l)| *s += l),
             }
         }
         let mut sum = sum.ok_or_else(|| PredictError::Config("no networks".into()))?;
         if self.networks.len() > 1 {
             let n = self.networks.len() as f32;
-            sum.mapv_inplace(|v| v / n);
+            sum.iter_mut().for_each(|s| s.mapv_inplace(|v| v / n));
         }
         Ok(sum)
     }
@@ -491,8 +532,12 @@ pub struct PredictRequest {
     pub step_size: f64,
     pub disable_tta: bool,
     pub save_probabilities: bool,
-    /// Threads for preprocessing / resampling.
+    /// Threads for preprocessing / resampling (`-npp`); also how many preprocessed cases may
+    /// wait for the network.
     pub num_workers: usize,
+    /// How many predicted cases may wait for their export (`-nps`, nnU-Net's
+    /// `num_processes_segmentation_export`).
+    pub num_export_workers: usize,
     pub device: Device,
     /// bf16 mixed precision of the network's forward pass (`--amp`; `auto`: on CUDA).
     pub amp: Amp,
@@ -500,6 +545,10 @@ pub struct PredictRequest {
     /// Cascade stages: the folder with the previous stage's predictions of the same cases
     /// (`-prev_stage_predictions`, files `{case}{ending}`).
     pub prev_stage_predictions: Option<PathBuf>,
+    /// Network inputs per forward pass (`--batch_tiles`; `None`: automatic).
+    pub batch_inputs: Option<usize>,
+    /// f32 sums or nnU-Net's f16 numerics (`--accumulate`).
+    pub accumulation: Accumulation,
 }
 
 impl PredictRequest {
@@ -521,10 +570,13 @@ impl PredictRequest {
             disable_tta: false,
             save_probabilities: false,
             num_workers: 3,
+            num_export_workers: 3,
             device,
             amp: Amp::Auto,
             registry: Registry::default(),
             prev_stage_predictions: None,
+            batch_inputs: None,
+            accumulation: Accumulation::F32,
         }
     }
 }
@@ -559,6 +611,8 @@ pub fn predict_from_raw_folder(req: &PredictRequest) -> Result<PredictReport, Pr
     )?;
     predictor.step_size = req.step_size;
     predictor.use_mirroring = !req.disable_tta;
+    predictor.batch_inputs = req.batch_inputs;
+    predictor.accumulation = req.accumulation;
     let ending = predictor.dataset_json.file_ending.clone();
     let cases = find_input_cases(
         &req.input_folder,
@@ -582,11 +636,12 @@ pub fn predict_from_raw_folder(req: &PredictRequest) -> Result<PredictReport, Pr
         "output_folder_or_list_of_truncated_output_files": req.output_folder.display().to_string(),
         "model_training_output_dir": req.model_folder.display().to_string(),
         "use_folds": req.folds.iter().map(|f| f.to_string()).collect::<Vec<_>>(),
-        "checkpoint_name": checkpoint_file_name(&req.checkpoint_name),
+        "checkpoint_name": req.checkpoint_name,
         "tile_step_size": req.step_size,
         "use_mirroring": !req.disable_tta,
         "save_probabilities": req.save_probabilities,
         "num_processes_preprocessing": req.num_workers,
+        "num_processes_segmentation_export": req.num_export_workers,
         "device": format!("{:?}", req.device.location()),
     });
     plans::io::write_json_atomic(&output.predict_args(), &args)?;
@@ -594,74 +649,185 @@ pub fn predict_from_raw_folder(req: &PredictRequest) -> Result<PredictReport, Pr
         .num_threads(req.num_workers.max(1))
         .build()
         .map_err(|e| PredictError::Config(format!("thread pool: {e}")))?;
-    let mut report = PredictReport {
-        outputs: vec![],
-        seconds_per_case: vec![],
-    };
-    pool.install(|| -> Result<(), PredictError> {
-        for case in &cases {
-            let t0 = std::time::Instant::now();
-            let out = output.segmentation(&case.identifier, &ending);
-            (|| -> Result<(), PredictError> {
-                let prev_file = match (&predictor.prev_stage_labels, &req.prev_stage_predictions) {
-                    (None, _) => None,
-                    (Some(_), Some(folder)) => {
-                        let f = PredictionDir::new(folder).segmentation(&case.identifier, &ending);
-                        if !f.is_file() {
-                            return Err(PredictError::Input(format!(
-                                "{}: the previous stage's prediction of this case is missing \
-                                 (predict it with -c {} first)",
-                                f.display(),
-                                predictor
-                                    .configuration
-                                    .previous_stage
-                                    .clone()
-                                    .unwrap_or_default()
-                            )));
-                        }
-                        Some(f)
-                    }
-                    (Some(_), None) => {
-                        return Err(PredictError::Input(format!(
-                            "configuration `{}` is a cascade stage: pass the `{}` predictions \
-                             of the same cases with -prev_stage_predictions FOLDER",
-                            predictor.configuration_name,
-                            predictor
-                                .configuration
-                                .previous_stage
-                                .clone()
-                                .unwrap_or_default()
-                        )))
-                    }
-                };
-                let pre = preprocessing::preprocessor::preprocess_case_files(
-                    &case.images,
-                    prev_file.as_deref(),
-                    &predictor.plans,
-                    &predictor.configuration,
-                    &predictor.dataset_json,
-                )?;
-                let data = match (&predictor.prev_stage_labels, &pre.seg) {
-                    (Some(fg), Some(seg)) => {
-                        crate::data::cascade::append_one_hot(pre.data.view(), seg.view(), fg)
-                    }
-                    _ => pre.data,
-                };
-                predictor.predict_and_export(
-                    data.view(),
-                    &pre.properties,
-                    &out,
-                    req.save_probabilities,
-                )
-            })()
-            .map_err(in_case(&case.identifier))?;
-            report.outputs.push(out);
-            report.seconds_per_case.push(t0.elapsed().as_secs_f64());
-        }
-        Ok(())
-    })?;
+    let report = run_pipeline(&predictor, req, &cases, &output, &pool)?;
     marker.finish()?;
     Ok(report)
+}
+
+/// Reading + preprocessing, prediction and export as a pipeline: one thread preprocesses up to
+/// `num_workers` cases ahead, one exports up to `num_export_workers` cases behind, each
+/// through a bounded queue (so at most that many preprocessed cases / logits wait in memory),
+/// while this thread runs the forward passes. Preprocessing and export run their parallel
+/// parts on `pool` (`-npp` threads). Cases with fewer tiles than one forward pass holds are
+/// predicted together. Stops at the first failing case.
+fn run_pipeline(
+    predictor: &Predictor,
+    req: &PredictRequest,
+    cases: &[InputCase],
+    output: &PredictionDir,
+    pool: &rayon::ThreadPool,
+) -> Result<PredictReport, PredictError> {
+    let ending = predictor.dataset_json.file_ending.as_str();
+    use std::sync::mpsc::sync_channel;
+    let capacity = sliding::tiles_per_batch(&predictor.sliding_window_options());
+    std::thread::scope(|scope| {
+        let (pre_tx, pre_rx) =
+            sync_channel::<Result<PreparedCase, PredictError>>(req.num_workers.max(1));
+        scope.spawn(move || {
+            for case in cases {
+                let t0 = std::time::Instant::now();
+                let prepared = pool
+                    .install(|| prepare_case(predictor, req, case, ending))
+                    .map(|(data, properties)| PreparedCase {
+                        identifier: case.identifier.clone(),
+                        output: output.segmentation(&case.identifier, ending),
+                        data,
+                        properties,
+                        started: t0,
+                    })
+                    .map_err(in_case(&case.identifier));
+                let failed = prepared.is_err();
+                if pre_tx.send(prepared).is_err() || failed {
+                    break;
+                }
+            }
+        });
+        let (exp_tx, exp_rx) =
+            sync_channel::<(PreparedCase, Array4<f32>)>(req.num_export_workers.max(1));
+        let exporter = scope.spawn(move || -> Result<PredictReport, PredictError> {
+            let mut report = PredictReport {
+                outputs: vec![],
+                seconds_per_case: vec![],
+            };
+            for (case, logits) in exp_rx {
+                pool.install(|| {
+                    predictor.export_logits(
+                        logits,
+                        &case.properties,
+                        &case.output,
+                        req.save_probabilities,
+                    )
+                })
+                .map_err(in_case(&case.identifier))?;
+                report.outputs.push(case.output);
+                report
+                    .seconds_per_case
+                    .push(case.started.elapsed().as_secs_f64());
+            }
+            Ok(report)
+        });
+        let predicted = (|| -> Result<(), PredictError> {
+            let (mut group, mut group_tiles) = (vec![], 0);
+            for prepared in pre_rx {
+                let prepared = prepared?;
+                let (_, z, y, x) = prepared.data.dim();
+                group_tiles += sliding::tile_count([z, y, x], &predictor.sliding_window_options())?;
+                group.push(prepared);
+                if group_tiles >= capacity {
+                    if !predict_group(predictor, &mut group, &exp_tx)? {
+                        return Ok(()); // the exporter stopped: its error is reported
+                    }
+                    group_tiles = 0;
+                }
+            }
+            predict_group(predictor, &mut group, &exp_tx).map(|_| ())
+        })();
+        drop(exp_tx);
+        let exported = exporter
+            .join()
+            .unwrap_or_else(|_| Err(PredictError::Config("the export thread panicked".into())));
+        // an export error comes first: it is the earlier case
+        let report = exported?;
+        predicted?;
+        Ok(report)
+    })
+}
+
+/// A preprocessed case waiting for its forward passes.
+struct PreparedCase {
+    identifier: String,
+    output: PathBuf,
+    data: Array4<f32>,
+    properties: CaseProperties,
+    started: std::time::Instant,
+}
+
+/// Predicts the cases of `group` in one sliding window (shared forward passes), hands each to
+/// the exporter and empties the group; `false` when the exporter has stopped.
+fn predict_group(
+    predictor: &Predictor,
+    group: &mut Vec<PreparedCase>,
+    exporter: &std::sync::mpsc::SyncSender<(PreparedCase, Array4<f32>)>,
+) -> Result<bool, PredictError> {
+    if group.is_empty() {
+        return Ok(true);
+    }
+    let views: Vec<_> = group.iter().map(|c| c.data.view()).collect();
+    let logits = predictor.predict_logits_many(&views).map_err(|e| {
+        let names: Vec<&str> = group.iter().map(|c| c.identifier.as_str()).collect();
+        in_case(&names.join(", "))(e)
+    })?;
+    for (mut case, logits) in group.drain(..).zip(logits) {
+        case.data = Array4::zeros((0, 0, 0, 0)); // the image is no longer needed
+        if exporter.send((case, logits)).is_err() {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Reads and preprocesses one input case (for a cascade stage with the previous stage's
+/// segmentation one-hot encoded as extra channels).
+fn prepare_case(
+    predictor: &Predictor,
+    req: &PredictRequest,
+    case: &InputCase,
+    ending: &str,
+) -> Result<(Array4<f32>, CaseProperties), PredictError> {
+    let previous_stage = || {
+        predictor
+            .configuration
+            .previous_stage
+            .clone()
+            .unwrap_or_default()
+    };
+    let prev_file = match (&predictor.prev_stage_labels, &req.prev_stage_predictions) {
+        (None, _) => None,
+        (Some(_), Some(folder)) => {
+            let f = PredictionDir::new(folder).segmentation(&case.identifier, ending);
+            if !f.is_file() {
+                return Err(PredictError::Input(format!(
+                    "{}: the previous stage's prediction of this case is missing \
+                     (predict it with -c {} first)",
+                    f.display(),
+                    previous_stage()
+                )));
+            }
+            Some(f)
+        }
+        (Some(_), None) => {
+            return Err(PredictError::Input(format!(
+                "configuration `{}` is a cascade stage: pass the `{}` predictions \
+                 of the same cases with -prev_stage_predictions FOLDER",
+                predictor.configuration_name,
+                previous_stage()
+            )))
+        }
+    };
+    let pre = preprocessing::preprocessor::preprocess_case_files(
+        &case.images,
+        prev_file.as_deref(),
+        &predictor.plans,
+        &predictor.configuration,
+        &predictor.dataset_json,
+    )?;
+    let data = match (&predictor.prev_stage_labels, &pre.seg) {
+        (Some(fg), Some(seg)) => {
+            crate::data::cascade::append_one_hot(pre.data.view(), seg.view(), fg)
+        }
+        _ => pre.data,
+    };
+    Ok((data, pre.properties))
 }
 
 /// Where the previous stage writes the inputs of the next cascade stage during its final

@@ -11,6 +11,18 @@ use ndarray::{s, Array3, Array4, ArrayD, ArrayView4, ArrayViewD, Axis, IxDyn, Zi
 /// it, so the sliding window can be tested without weights.
 pub trait TileNetwork: Send + Sync {
     fn predict_tile(&self, tile: ArrayViewD<'_, f32>) -> Result<ArrayD<f32>, PredictError>;
+
+    /// A batch `(N, C, *patch)` → `(N, K, *patch)`; by default tile by tile. A network that
+    /// runs a batch in one forward pass overrides it.
+    fn predict_batch(&self, tiles: ArrayViewD<'_, f32>) -> Result<ArrayD<f32>, PredictError> {
+        let outs = tiles
+            .outer_iter()
+            .map(|t| self.predict_tile(t))
+            .collect::<Result<Vec<_>, _>>()?;
+        let views: Vec<_> = outs.iter().map(|o| o.view()).collect();
+        ndarray::stack(Axis(0), &views)
+            .map_err(|e| PredictError::Config(format!("tile outputs of different shapes: {e}")))
+    }
 }
 
 impl<F> TileNetwork for F
@@ -119,21 +131,6 @@ pub fn compute_gaussian(
         g.mapv_inplace(|v| if v == 0.0 { min_nonzero } else { v });
     }
     g
-}
-
-/// Settings of one sliding-window pass.
-#[derive(Debug, Clone)]
-pub struct SlidingWindowOptions {
-    /// The configuration's patch size (2 entries for a 2d configuration: applied per slice of
-    /// axis 0).
-    pub patch_size: Vec<usize>,
-    /// Tile overlap: step = `step_size * patch` (nnU-Net default 0.5).
-    pub step_size: f64,
-    /// Mirroring axes of the patch (spatial, 0-based) for test-time augmentation; `None` or
-    /// empty disables it.
-    pub mirror_axes: Option<Vec<usize>>,
-    /// Number of network outputs (classes or regions).
-    pub num_classes: usize,
 }
 
 /// Padding of each spatial axis `[before, after]` so that the image is at least `min_shape`
@@ -248,123 +245,373 @@ pub fn predict_tile_with_tta(
     Ok(pred)
 }
 
-/// nnU-Net's `predict_sliding_window_return_logits` for one network: `data` `(C, z, y, x)`
-/// (preprocessed) → logits `(K, z, y, x)`. The image is zero-padded to at least the patch,
-/// tiled, each tile predicted (with TTA) and accumulated with the Gaussian weight; the sum is
-/// divided by the summed weights and the padding removed. Memory: one `(K, *padded)`
-/// accumulator and one `(*padded)` weight map.
-pub fn sliding_window_logits(
-    net: &dyn TileNetwork,
-    data: ArrayView4<'_, f32>,
-    opts: &SlidingWindowOptions,
-) -> Result<Array4<f32>, PredictError> {
-    let (_, z, y, x) = data.dim();
-    let patch = &opts.patch_size;
-    let is_2d = match patch.len() {
-        2 => true,
-        3 => false,
-        _ => {
-            return Err(PredictError::Config(format!(
-                "patch size {patch:?} must have 2 or 3 entries"
-            )))
+/// How the Gaussian-weighted sums are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Accumulation {
+    /// f32 sums (default; more exact than nnU-Net).
+    #[default]
+    F32,
+    /// nnU-Net's numerics: the Gaussian, the logit sums, the weight sums and the quotient are
+    /// rounded to f16 as in `nnUNetPredictor` (`predicted_logits` and `n_predictions` are
+    /// `torch.half`). Tiny Gaussian weights at tile corners lose most of their precision in
+    /// f16, so border voxels covered only by tile corners differ from the f32 result.
+    NnunetF16,
+}
+
+impl std::str::FromStr for Accumulation {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "f32" | "fp32" | "float32" => Ok(Accumulation::F32),
+            "f16" | "fp16" | "half" | "nnunet" => Ok(Accumulation::NnunetF16),
+            other => Err(format!("accumulation `{other}`: use f32 or f16")),
         }
-    };
-    let min_shape = if is_2d {
+    }
+}
+
+fn round_f16(v: f32) -> f32 {
+    half::f16::from_f32(v).to_f32()
+}
+
+/// Network inputs (tiles and mirrored copies) per forward pass chosen by [`auto_batch_inputs`]:
+/// about this many input voxels per pass.
+pub const AUTO_BATCH_VOXELS: usize = 1 << 18;
+/// Upper bound of the automatic batch.
+pub const AUTO_BATCH_MAX: usize = 64;
+
+/// The automatic `--batch_tiles`: as many inputs per forward pass as keep
+/// `inputs × patch voxels` at about [`AUTO_BATCH_VOXELS`] (the activations of a forward pass
+/// grow linearly with it), at least 1 and at most [`AUTO_BATCH_MAX`].
+pub fn auto_batch_inputs(patch: &[usize]) -> usize {
+    let voxels: usize = patch.iter().product::<usize>().max(1);
+    (AUTO_BATCH_VOXELS / voxels).clamp(1, AUTO_BATCH_MAX)
+}
+
+/// Settings of one sliding-window pass.
+#[derive(Debug, Clone)]
+pub struct SlidingWindowOptions {
+    /// The configuration's patch size (2 entries for a 2d configuration: applied per slice of
+    /// axis 0).
+    pub patch_size: Vec<usize>,
+    /// Tile overlap: step = `step_size * patch` (nnU-Net default 0.5).
+    pub step_size: f64,
+    /// Mirroring axes of the patch (spatial, 0-based) for test-time augmentation; `None` or
+    /// empty disables it.
+    pub mirror_axes: Option<Vec<usize>>,
+    /// Number of network outputs (classes or regions).
+    pub num_classes: usize,
+    /// Network inputs per forward pass (`--batch_tiles`; a tile and its mirrored copies always
+    /// go together, so the batch holds `max(1, n / views)` tiles); `None`: automatic
+    /// ([`auto_batch_inputs`]). The result does not depend on it.
+    pub batch_inputs: Option<usize>,
+    /// f32 sums, or nnU-Net's f16 numerics.
+    pub accumulation: Accumulation,
+}
+
+impl SlidingWindowOptions {
+    /// nnU-Net's defaults: step 0.5, no mirroring, automatic batch, f32 sums.
+    pub fn new(patch_size: &[usize], num_classes: usize) -> Self {
+        SlidingWindowOptions {
+            patch_size: patch_size.to_vec(),
+            step_size: 0.5,
+            mirror_axes: None,
+            num_classes,
+            batch_inputs: None,
+            accumulation: Accumulation::F32,
+        }
+    }
+}
+
+/// The number of tiles of an image of spatial shape `[z, y, x]` (after padding to the patch).
+pub fn tile_count(shape: [usize; 3], opts: &SlidingWindowOptions) -> Result<usize, PredictError> {
+    let patch = &opts.patch_size;
+    check_patch(patch)?;
+    let ext = tile_extent(patch);
+    let padded: Vec<usize> = (0..3).map(|a| shape[a].max(ext[a])).collect();
+    Ok(if patch.len() == 2 {
+        let steps = compute_steps_for_sliding_window(&padded[1..], patch, opts.step_size)?;
+        padded[0] * steps.iter().map(Vec::len).product::<usize>()
+    } else {
+        let steps = compute_steps_for_sliding_window(&padded, patch, opts.step_size)?;
+        steps.iter().map(Vec::len).product()
+    })
+}
+
+/// Network inputs per forward pass: `batch_inputs`, or the automatic one.
+fn batch_inputs(opts: &SlidingWindowOptions) -> usize {
+    opts.batch_inputs
+        .unwrap_or_else(|| auto_batch_inputs(&opts.patch_size))
+        .max(1)
+}
+
+/// Tiles gathered at once: `batch_inputs` divided among a tile's views (at least one tile;
+/// with fewer inputs than views, a tile's views take several passes).
+pub fn tiles_per_batch(opts: &SlidingWindowOptions) -> usize {
+    let views = mirror_combinations(opts.mirror_axes.as_deref().unwrap_or(&[])).len() + 1;
+    (batch_inputs(opts) / views).max(1)
+}
+
+/// The network on `input` `(N, C, *patch)` in forward passes of at most `max_inputs`.
+fn predict_in_passes(
+    net: &dyn TileNetwork,
+    input: ArrayViewD<'_, f32>,
+    max_inputs: usize,
+) -> Result<ArrayD<f32>, PredictError> {
+    if input.shape()[0] <= max_inputs {
+        return net.predict_batch(input);
+    }
+    let outs = input
+        .axis_chunks_iter(Axis(0), max_inputs)
+        .map(|chunk| net.predict_batch(chunk))
+        .collect::<Result<Vec<_>, _>>()?;
+    let views: Vec<_> = outs.iter().map(|o| o.view()).collect();
+    ndarray::concatenate(Axis(0), &views)
+        .map_err(|e| PredictError::Config(format!("network outputs of different shapes: {e}")))
+}
+
+/// One image of a sliding-window pass: its (padded) data and its sums.
+struct Canvas<'a> {
+    data: ndarray::CowArray<'a, f32, ndarray::Ix4>,
+    pad: [[usize; 2]; 3],
+    shape: [usize; 3],
+    acc: Array4<f32>,
+    weight: Array3<f32>,
+}
+
+/// A tile: the image it belongs to and its first voxel `[z, y, x]` in the padded image (for
+/// a 2-d patch, `z` is the slice).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Tile {
+    canvas: usize,
+    start: [usize; 3],
+}
+
+/// The 3-d extent of a tile: a 2-d patch covers one slice.
+fn tile_extent(patch: &[usize]) -> [usize; 3] {
+    if patch.len() == 2 {
         [1, patch[0], patch[1]]
     } else {
         [patch[0], patch[1], patch[2]]
-    };
-    let pad = padding_for([z, y, x], min_shape);
-    let padded_owned;
-    let padded = if pad.iter().all(|p| p[0] == 0 && p[1] == 0) {
-        data
+    }
+}
+
+fn check_patch(patch: &[usize]) -> Result<(), PredictError> {
+    if patch.len() == 2 || patch.len() == 3 {
+        Ok(())
     } else {
-        padded_owned = pad_constant0(data, pad);
-        padded_owned.view()
+        Err(PredictError::Config(format!(
+            "patch size {patch:?} must have 2 or 3 entries"
+        )))
+    }
+}
+
+/// Pads `data` to at least the patch and lists its tiles in nnU-Net's order.
+fn make_canvas<'a>(
+    data: ArrayView4<'a, f32>,
+    index: usize,
+    opts: &SlidingWindowOptions,
+    tiles: &mut Vec<Tile>,
+) -> Result<Canvas<'a>, PredictError> {
+    let (_, z, y, x) = data.dim();
+    let patch = &opts.patch_size;
+    let min_shape = tile_extent(patch);
+    let pad = padding_for([z, y, x], min_shape);
+    let padded = if pad.iter().all(|p| p[0] == 0 && p[1] == 0) {
+        ndarray::CowArray::from(data)
+    } else {
+        ndarray::CowArray::from(pad_constant0(data, pad))
     };
     let (_, pz, py, px) = padded.dim();
-    let k = opts.num_classes;
-    let gaussian = compute_gaussian(patch, 1.0 / 8.0, 10.0);
-    let mut acc = Array4::<f32>::zeros((k, pz, py, px));
-    let mut weight = Array3::<f32>::zeros((pz, py, px));
-    let mirror = opts.mirror_axes.as_deref().filter(|a| !a.is_empty());
-
-    if is_2d {
+    if patch.len() == 2 {
         let steps = compute_steps_for_sliding_window(&[py, px], patch, opts.step_size)?;
-        let g2 = gaussian
-            .view()
-            .into_dimensionality::<ndarray::Ix2>()
-            .map_err(|e| PredictError::Config(format!("gaussian: {e}")))?;
         for d in 0..pz {
             for &sy in &steps[0] {
                 for &sx in &steps[1] {
-                    let tile = padded.slice(s![.., d, sy..sy + patch[0], sx..sx + patch[1]]);
-                    let pred = predict_tile_with_tta(net, tile.into_dyn(), mirror, k)?;
-                    let pred = pred
-                        .into_dimensionality::<ndarray::Ix3>()
-                        .map_err(|e| PredictError::Config(format!("tile output: {e}")))?;
-                    for c in 0..k {
-                        let mut a = acc.slice_mut(s![c, d, sy..sy + patch[0], sx..sx + patch[1]]);
-                        Zip::from(&mut a)
-                            .and(pred.index_axis(Axis(0), c))
-                            .and(&g2)
-                            .for_each(|a, &p, &g| *a += p * g);
-                    }
-                    let mut w = weight.slice_mut(s![d, sy..sy + patch[0], sx..sx + patch[1]]);
-                    w += &g2;
+                    tiles.push(Tile {
+                        canvas: index,
+                        start: [d, sy, sx],
+                    });
                 }
             }
         }
     } else {
         let steps = compute_steps_for_sliding_window(&[pz, py, px], patch, opts.step_size)?;
-        let g3 = gaussian
-            .view()
-            .into_dimensionality::<ndarray::Ix3>()
-            .map_err(|e| PredictError::Config(format!("gaussian: {e}")))?;
         for &sz in &steps[0] {
             for &sy in &steps[1] {
                 for &sx in &steps[2] {
-                    let sl = s![.., sz..sz + patch[0], sy..sy + patch[1], sx..sx + patch[2]];
-                    let tile = padded.slice(sl);
-                    let pred = predict_tile_with_tta(net, tile.into_dyn(), mirror, k)?;
-                    let pred = pred
-                        .into_dimensionality::<ndarray::Ix4>()
-                        .map_err(|e| PredictError::Config(format!("tile output: {e}")))?;
-                    let mut a = acc.slice_mut(sl);
-                    Zip::from(a.outer_iter_mut())
-                        .and(pred.outer_iter())
-                        .for_each(|mut a, p| {
-                            Zip::from(&mut a)
-                                .and(&p)
-                                .and(&g3)
-                                .for_each(|a, &p, &g| *a += p * g);
-                        });
-                    let mut w = weight.slice_mut(s![
-                        sz..sz + patch[0],
-                        sy..sy + patch[1],
-                        sx..sx + patch[2]
-                    ]);
-                    w += &g3;
+                    tiles.push(Tile {
+                        canvas: index,
+                        start: [sz, sy, sx],
+                    });
                 }
             }
         }
     }
-    // crop the padding away, then normalise
-    let mut out = acc
-        .slice(s![
-            ..,
-            pad[0][0]..pad[0][0] + z,
-            pad[1][0]..pad[1][0] + y,
-            pad[2][0]..pad[2][0] + x
-        ])
-        .to_owned();
-    let w = weight.slice(s![
+    Ok(Canvas {
+        data: padded,
+        pad,
+        shape: [z, y, x],
+        acc: Array4::zeros((opts.num_classes, pz, py, px)),
+        weight: Array3::zeros((pz, py, px)),
+    })
+}
+
+/// The tile's `(C, *patch)` view of the padded data (2-d: the slice axis dropped).
+fn tile_view<'a>(
+    data: &'a ArrayView4<'a, f32>,
+    t: &Tile,
+    ext: [usize; 3],
+    is_2d: bool,
+) -> ArrayViewD<'a, f32> {
+    let [z, y, x] = t.start;
+    let v = data.slice(s![.., z..z + ext[0], y..y + ext[1], x..x + ext[2]]);
+    if is_2d {
+        v.index_axis_move(Axis(1), 0).into_dyn()
+    } else {
+        v.into_dyn()
+    }
+}
+
+/// The network inputs of `batch`: per tile the tile itself, then each mirrored copy.
+fn gather_inputs(
+    canvases: &[Canvas<'_>],
+    batch: &[Tile],
+    combos: &[Vec<usize>],
+    patch: &[usize],
+) -> ArrayD<f32> {
+    let ext = tile_extent(patch);
+    let is_2d = patch.len() == 2;
+    let c = canvases[batch[0].canvas].data.dim().0;
+    let views = combos.len() + 1;
+    let mut shape = vec![batch.len() * views, c];
+    shape.extend_from_slice(patch);
+    let mut input = ArrayD::<f32>::zeros(IxDyn(&shape));
+    let mut slots: Vec<_> = input.outer_iter_mut().collect();
+    let mut jobs: Vec<(&Tile, Option<&Vec<usize>>, _)> = Vec::with_capacity(slots.len());
+    for (i, slot) in slots.drain(..).enumerate() {
+        let tile = &batch[i / views];
+        let combo = (i % views).checked_sub(1).map(|m| &combos[m]);
+        jobs.push((tile, combo, slot));
+    }
+    use rayon::prelude::*;
+    jobs.into_par_iter().for_each(|(tile, combo, mut slot)| {
+        let data = canvases[tile.canvas].data.view();
+        let mut v = tile_view(&data, tile, ext, is_2d);
+        for &ax in combo.map(|c| c.as_slice()).unwrap_or(&[]) {
+            v.invert_axis(Axis(ax + 1));
+        }
+        slot.assign(&v);
+    });
+    input
+}
+
+/// The TTA average of each tile of a batch: the outputs of its views flipped back, summed in
+/// nnU-Net's order and divided by the number of views.
+fn tta_average(out: &ArrayD<f32>, tiles: usize, combos: &[Vec<usize>]) -> Vec<ArrayD<f32>> {
+    let views = combos.len() + 1;
+    (0..tiles)
+        .map(|t| {
+            let mut pred = out.index_axis(Axis(0), t * views).to_owned();
+            for (m, combo) in combos.iter().enumerate() {
+                let mut back = out.index_axis(Axis(0), t * views + 1 + m);
+                for &ax in combo {
+                    back.invert_axis(Axis(ax + 1));
+                }
+                pred += &back;
+            }
+            if views > 1 {
+                let n = views as f32;
+                pred.mapv_inplace(|v| v / n);
+            }
+            pred
+        })
+        .collect()
+}
+
+/// Adds the Gaussian-weighted predictions of one batch to their canvases: classes (and the
+/// weight map) in parallel, tiles in order within each, so the sums are the same as tile by
+/// tile.
+fn accumulate(
+    canvases: &mut [Canvas<'_>],
+    batch: &[Tile],
+    preds: &[ArrayD<f32>],
+    gaussian: &ArrayD<f32>,
+    patch: &[usize],
+    mode: Accumulation,
+) {
+    use rayon::prelude::*;
+    let ext = tile_extent(patch);
+    let g = gaussian
+        .view()
+        .into_shape_with_order(IxDyn(&ext))
+        .expect("gaussian has the patch's size")
+        .into_dimensionality::<ndarray::Ix3>()
+        .expect("3-d extent");
+    let add = move |a: &mut f32, v: f32| {
+        *a = match mode {
+            Accumulation::F32 => *a + v,
+            Accumulation::NnunetF16 => round_f16(*a + v),
+        }
+    };
+    for (ci, canvas) in canvases.iter_mut().enumerate() {
+        let mine: Vec<usize> = (0..batch.len())
+            .filter(|&i| batch[i].canvas == ci)
+            .collect();
+        if mine.is_empty() {
+            continue;
+        }
+        let region = |t: &Tile| {
+            let [z, y, x] = t.start;
+            s![z..z + ext[0], y..y + ext[1], x..x + ext[2]]
+        };
+        let Canvas { acc, weight, .. } = canvas;
+        rayon::join(
+            || {
+                acc.outer_iter_mut()
+                    .into_par_iter()
+                    .enumerate()
+                    .for_each(|(c, mut a)| {
+                        for &i in &mine {
+                            let p = preds[i].index_axis(Axis(0), c);
+                            let p = p.into_shape_with_order(ext).expect("tile extent");
+                            Zip::from(a.slice_mut(region(&batch[i])))
+                                .and(&p)
+                                .and(&g)
+                                .for_each(|a, &p, &g| add(a, p * g));
+                        }
+                    })
+            },
+            || {
+                for &i in &mine {
+                    Zip::from(weight.slice_mut(region(&batch[i])))
+                        .and(&g)
+                        .for_each(|w, &g| add(w, g));
+                }
+            },
+        );
+    }
+}
+
+/// The logits of a canvas: padding cropped away, sums divided by the weights.
+fn finish(canvas: Canvas<'_>, mode: Accumulation) -> Result<Array4<f32>, PredictError> {
+    let (pad, [z, y, x]) = (canvas.pad, canvas.shape);
+    let (rz, ry, rx) = (
         pad[0][0]..pad[0][0] + z,
         pad[1][0]..pad[1][0] + y,
-        pad[2][0]..pad[2][0] + x
-    ]);
+        pad[2][0]..pad[2][0] + x,
+    );
+    let mut out = canvas
+        .acc
+        .slice(s![.., rz.clone(), ry.clone(), rx.clone()])
+        .to_owned();
+    let w = canvas.weight.slice(s![rz, ry, rx]);
     for mut ch in out.outer_iter_mut() {
-        Zip::from(&mut ch).and(&w).for_each(|a, &w| *a /= w);
+        Zip::from(&mut ch).and(&w).for_each(|a, &w| {
+            *a /= w;
+            if mode == Accumulation::NnunetF16 {
+                *a = round_f16(*a);
+            }
+        });
     }
     if out.iter().any(|v| !v.is_finite()) {
         return Err(PredictError::Config(
@@ -372,4 +619,101 @@ pub fn sliding_window_logits(
         ));
     }
     Ok(out)
+}
+
+/// The Gaussian importance map as the sums use it (f16-rounded for [`Accumulation::NnunetF16`],
+/// zeros replaced by the smallest non-zero value after rounding, as nnU-Net does in f16).
+fn gaussian_for(patch: &[usize], mode: Accumulation) -> ArrayD<f32> {
+    let mut g = compute_gaussian(patch, 1.0 / 8.0, 10.0);
+    if mode == Accumulation::NnunetF16 {
+        g.mapv_inplace(round_f16);
+        let min_nonzero = g
+            .iter()
+            .cloned()
+            .filter(|&v| v != 0.0)
+            .fold(f32::INFINITY, f32::min);
+        if min_nonzero.is_finite() {
+            g.mapv_inplace(|v| if v == 0.0 { min_nonzero } else { v });
+        }
+    }
+    g
+}
+
+/// nnU-Net's `predict_sliding_window_return_logits` for one network on several images at once:
+/// each `(C, z, y, x)` (preprocessed) → logits `(K, z, y, x)`. Each image is zero-padded to at
+/// least the patch and tiled; the tiles of all images, with their mirrored copies, go through
+/// the network in batches of `opts.batch_inputs` ([`TileNetwork::predict_batch`]), so images
+/// smaller than a patch share forward passes; each tile's TTA average is accumulated with the
+/// Gaussian weight (classes in parallel); the sums are divided by the summed weights and the
+/// padding removed. The result is the same for every batch size. Memory: per image one
+/// `(K, *padded)` sum and one `(*padded)` weight map, plus one batch of inputs and outputs.
+pub fn sliding_window_logits_many(
+    net: &dyn TileNetwork,
+    data: &[ArrayView4<'_, f32>],
+    opts: &SlidingWindowOptions,
+) -> Result<Vec<Array4<f32>>, PredictError> {
+    let patch = &opts.patch_size;
+    check_patch(patch)?;
+    let spatial = patch.len();
+    let axes = opts.mirror_axes.as_deref().unwrap_or(&[]);
+    if let Some(&bad) = axes.iter().find(|&&a| a >= spatial) {
+        return Err(PredictError::Config(format!(
+            "mirroring axis {bad} does not exist for a {spatial}-d patch"
+        )));
+    }
+    let combos = mirror_combinations(axes);
+    let mut tiles = vec![];
+    let mut canvases = data
+        .iter()
+        .enumerate()
+        .map(|(i, d)| make_canvas(d.view(), i, opts, &mut tiles))
+        .collect::<Result<Vec<_>, _>>()?;
+    if let Some(c) = canvases.first().map(|c| c.data.dim().0) {
+        if let Some(other) = canvases.iter().find(|x| x.data.dim().0 != c) {
+            return Err(PredictError::Config(format!(
+                "images with {c} and {} channels cannot share a sliding window",
+                other.data.dim().0
+            )));
+        }
+    }
+    let gaussian = gaussian_for(patch, opts.accumulation);
+    let per_batch = tiles_per_batch(opts);
+    for batch in tiles.chunks(per_batch) {
+        let input = gather_inputs(&canvases, batch, &combos, patch);
+        let out = predict_in_passes(net, input.view(), batch_inputs(opts))?;
+        let mut expected = input.shape().to_vec();
+        expected[1] = opts.num_classes;
+        if out.shape() != expected.as_slice() {
+            return Err(PredictError::Config(format!(
+                "the network returned shape {:?} for a batch of tiles of shape {:?}; expected \
+                 {expected:?}",
+                out.shape(),
+                input.shape()
+            )));
+        }
+        let preds = tta_average(&out, batch.len(), &combos);
+        accumulate(
+            &mut canvases,
+            batch,
+            &preds,
+            &gaussian,
+            patch,
+            opts.accumulation,
+        );
+    }
+    canvases
+        .into_iter()
+        .map(|c| finish(c, opts.accumulation))
+        .collect()
+}
+
+/// [`sliding_window_logits_many`] for one image.
+pub fn sliding_window_logits(
+    net: &dyn TileNetwork,
+    data: ArrayView4<'_, f32>,
+    opts: &SlidingWindowOptions,
+) -> Result<Array4<f32>, PredictError> {
+    let mut out = sliding_window_logits_many(net, &[data], opts)?;
+    out.pop()
+        .ok_or_else(|| PredictError::Config("no logits".into()))
 }

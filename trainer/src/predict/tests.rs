@@ -113,6 +113,8 @@ fn opts(patch: &[usize], k: usize, mirror: Option<Vec<usize>>) -> SlidingWindowO
         step_size: 0.5,
         mirror_axes: mirror,
         num_classes: k,
+        batch_inputs: Some(1),
+        accumulation: Accumulation::F32,
     }
 }
 
@@ -941,5 +943,257 @@ fn bench_sliding_window_3d_random_net() {
             t0.elapsed().as_secs_f64(),
             out.shape()
         );
+    }
+}
+
+// ---------------------------------------------------------------- batching
+
+/// A network that is neither translation- nor flip-equivariant (a ramp along every patch axis
+/// plus a non-linear function of the input), counting its forward passes and inputs.
+struct Asymmetric {
+    k: usize,
+    passes: AtomicUsize,
+    inputs: AtomicUsize,
+}
+
+impl TileNetwork for Asymmetric {
+    fn predict_tile(&self, t: ArrayViewD<'_, f32>) -> Result<ArrayD<f32>, PredictError> {
+        let mut shape = t.shape().to_vec();
+        shape[0] = self.k;
+        let x0 = t.index_axis(Axis(0), 0);
+        Ok(ArrayD::from_shape_fn(shape, |i| {
+            use ndarray::Dimension;
+            let i = i.slice();
+            let pos: usize = (1..i.len()).map(|a| i[a] * (a + 1)).sum();
+            let v = x0[&i[1..]];
+            (i[0] as f32 + 1.0) * (v * 0.7).sin() + pos as f32 * 0.013 * (i[0] as f32 - 0.5)
+        }))
+    }
+
+    fn predict_batch(&self, tiles: ArrayViewD<'_, f32>) -> Result<ArrayD<f32>, PredictError> {
+        self.passes.fetch_add(1, Ordering::Relaxed);
+        self.inputs.fetch_add(tiles.shape()[0], Ordering::Relaxed);
+        let outs = tiles
+            .outer_iter()
+            .map(|t| self.predict_tile(t))
+            .collect::<Result<Vec<_>, _>>()?;
+        let views: Vec<_> = outs.iter().map(|o| o.view()).collect();
+        Ok(ndarray::stack(Axis(0), &views).unwrap())
+    }
+}
+
+fn asymmetric(k: usize) -> Asymmetric {
+    Asymmetric {
+        k,
+        passes: AtomicUsize::new(0),
+        inputs: AtomicUsize::new(0),
+    }
+}
+
+#[test]
+fn batched_sliding_window_equals_tile_by_tile_bit_for_bit() {
+    for (patch, shape, mirror) in [
+        (vec![4, 5, 6], (2, 9, 11, 13), Some(vec![0, 1, 2])),
+        (vec![4, 5, 6], (1, 3, 12, 4), Some(vec![1])),
+        (vec![8, 8], (1, 3, 10, 12), Some(vec![0, 1])),
+        (vec![8, 8], (1, 2, 5, 20), None),
+    ] {
+        let data = ramp_data(shape);
+        let mut o = opts(&patch, 3, mirror.clone());
+        let one = asymmetric(3);
+        o.batch_inputs = Some(1);
+        let reference = sliding_window_logits(&one, data.view(), &o).unwrap();
+        let tiles = sliding::tile_count([shape.1, shape.2, shape.3], &o).unwrap();
+        let views = mirror_combinations(mirror.as_deref().unwrap_or(&[])).len() + 1;
+        // one input per pass at the smallest batch
+        assert_eq!(one.passes.load(Ordering::Relaxed), tiles * views);
+        assert_eq!(one.inputs.load(Ordering::Relaxed), tiles * views);
+        for batch in [Some(2), Some(8), Some(24), Some(1000), None] {
+            o.batch_inputs = batch;
+            let net = asymmetric(3);
+            let out = sliding_window_logits(&net, data.view(), &o).unwrap();
+            assert_eq!(out, reference, "patch {patch:?} batch {batch:?}");
+            // every tile with all its views once, at most `cap` inputs per pass
+            assert_eq!(net.inputs.load(Ordering::Relaxed), tiles * views);
+            let per = sliding::tiles_per_batch(&o);
+            let cap = batch.unwrap_or_else(|| auto_batch_inputs(&patch));
+            let passes: usize = (0..tiles)
+                .step_by(per)
+                .map(|t0| ((tiles - t0).min(per) * views).div_ceil(cap))
+                .sum();
+            assert_eq!(net.passes.load(Ordering::Relaxed), passes);
+        }
+    }
+}
+
+#[test]
+fn tile_by_tile_matches_the_tta_of_single_tiles() {
+    // one tile covering the image: the sliding window is predict_tile_with_tta of that tile
+    let data = ramp_data((1, 4, 5, 6));
+    let net = asymmetric(2);
+    let mut o = opts(&[4, 5, 6], 2, Some(vec![0, 2]));
+    o.batch_inputs = Some(3);
+    let out = sliding_window_logits(&net, data.view(), &o).unwrap();
+    let tile = data.view().into_dyn();
+    let want = predict_tile_with_tta(&net, tile, Some(&[0, 2]), 2).unwrap();
+    assert_close(&out, &want.into_dimensionality().unwrap(), 1e-6);
+}
+
+#[test]
+fn many_small_images_share_forward_passes_and_equal_one_by_one() {
+    let shapes = [
+        (1, 3, 4, 2),
+        (1, 4, 5, 6),
+        (1, 2, 2, 2),
+        (1, 4, 3, 6),
+        (1, 9, 5, 6),
+    ];
+    let data: Vec<Array4<f32>> = shapes.iter().map(|&s| ramp_data(s)).collect();
+    let mut o = opts(&[4, 5, 6], 2, Some(vec![0, 1]));
+    o.batch_inputs = Some(16); // 4 views → 4 tiles per pass
+    let single: Vec<Array4<f32>> = data
+        .iter()
+        .map(|d| sliding_window_logits(&asymmetric(2), d.view(), &o).unwrap())
+        .collect();
+    let net = asymmetric(2);
+    let views: Vec<_> = data.iter().map(|d| d.view()).collect();
+    let many = sliding_window_logits_many(&net, &views, &o).unwrap();
+    assert_eq!(many, single);
+    // 4 one-tile images + one of 4 tiles (z 9 → steps [0, 2, 3, 5]) = 8 tiles → 2 passes
+    assert_eq!(net.passes.load(Ordering::Relaxed), 2);
+    // images of different channel counts cannot share
+    let other = ramp_data((2, 3, 3, 3));
+    let e = sliding_window_logits_many(&net, &[data[0].view(), other.view()], &o).unwrap_err();
+    assert!(e.to_string().contains("channels"), "{e}");
+}
+
+#[test]
+fn f16_accumulation_rounds_like_nnunet() {
+    let data = ramp_data((1, 9, 11, 13));
+    let mut o = opts(&[4, 5, 6], 2, Some(vec![0]));
+    let f32_out = sliding_window_logits(&asymmetric(2), data.view(), &o).unwrap();
+    o.accumulation = Accumulation::NnunetF16;
+    o.batch_inputs = Some(6);
+    let f16_out = sliding_window_logits(&asymmetric(2), data.view(), &o).unwrap();
+    // every value is an f16 and close to the f32 sums
+    for (a, b) in f16_out.iter().zip(f32_out.iter()) {
+        assert_eq!(half::f16::from_f32(*a).to_f32(), *a);
+        assert!((a - b).abs() <= 0.05 * (1.0 + b.abs()), "{a} vs {b}");
+    }
+    assert_ne!(f16_out, f32_out);
+    assert_eq!(
+        "f16".parse::<Accumulation>().unwrap(),
+        Accumulation::NnunetF16
+    );
+    assert_eq!("F32".parse::<Accumulation>().unwrap(), Accumulation::F32);
+    assert!("f8".parse::<Accumulation>().is_err());
+}
+
+#[test]
+fn auto_batch_follows_the_patch_size() {
+    assert_eq!(auto_batch_inputs(&[256, 256]), 4);
+    assert_eq!(auto_batch_inputs(&[128, 128, 128]), 1);
+    assert_eq!(auto_batch_inputs(&[8, 32, 32]), 32);
+    assert_eq!(auto_batch_inputs(&[32, 24]), 64);
+    let mut o = opts(&[128, 128], 2, Some(vec![0, 1]));
+    o.batch_inputs = None;
+    assert_eq!(sliding::tiles_per_batch(&o), 4);
+    o.batch_inputs = Some(3); // fewer inputs than views: still one tile per pass
+    assert_eq!(sliding::tiles_per_batch(&o), 1);
+}
+
+#[test]
+fn candle_network_batched_equals_one_tile_per_pass() {
+    let cfg_v = configuration(&[8, 16, 16], &[1.0, 1.0, 1.0], "ZScoreNormalization");
+    let pv = plans_value([0, 1, 2], vec![("3d_fullres", cfg_v)]);
+    let plans = plans_from(&pv);
+    let cfg = plans.configuration("3d_fullres").unwrap();
+    let io = NetworkIo {
+        in_channels: 1,
+        num_classes: 2,
+        deep_supervision: false,
+    };
+    let (varmap, _) = Registry::default()
+        .build_initialized(&cfg.architecture, &io, 3, &Device::Cpu)
+        .unwrap();
+    let weights: HashMap<String, Tensor> = varmap
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+        .collect();
+    let vb = candle_nn::VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu);
+    let net = CandleTileNetwork {
+        network: Registry::default()
+            .build(&cfg.architecture, &io, vb)
+            .unwrap(),
+        device: Device::Cpu,
+        input_channels: 1,
+        compute_dtype: DType::F32,
+    };
+    let data = ramp_data((1, 10, 20, 18));
+    let mut o = opts(&[8, 16, 16], 2, Some(vec![1, 2]));
+    let one = sliding_window_logits(&net, data.view(), &o).unwrap();
+    o.batch_inputs = Some(12);
+    let batched = sliding_window_logits(&net, data.view(), &o).unwrap();
+    assert_close(&batched, &one, 1e-5);
+}
+
+#[test]
+fn pipeline_stops_at_an_unreadable_case_after_exporting_the_ones_before() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("D").join("nnUNetTrainer__nnUNetPlans__2d");
+    let pv = plans_value(
+        [0, 1, 2],
+        vec![(
+            "2d",
+            configuration(&[8, 8], &[1.0, 1.0], "ZScoreNormalization"),
+        )],
+    );
+    std::fs::create_dir_all(&model).unwrap();
+    plans::io::write_json_atomic(&model.join("plans.json"), &pv).unwrap();
+    three_labels().save(&model.join("dataset.json")).unwrap();
+    save_random_checkpoint(&model.join("fold_0"), &plans_from(&pv), 1);
+    let input = tmp.path().join("in");
+    std::fs::create_dir_all(&input).unwrap();
+    let props = ImageProperties::with_spacing([1.0, 1.0, 1.0]);
+    for i in [0, 1, 3] {
+        let img = Array3::from_shape_fn((1, 6, 7), |(_, y, x)| ((y * 3 + x + i) % 5) as f32);
+        datasets::io::write_image(&input.join(format!("c{i}_0000.nii.gz")), img.view(), &props)
+            .unwrap();
+    }
+    std::fs::write(input.join("c2_0000.nii.gz"), b"not a nifti").unwrap();
+    let out = tmp.path().join("out");
+    let mut req = PredictRequest::new(&input, &out, &model, vec![Fold::Index(0)], Device::Cpu);
+    req.num_workers = 1;
+    req.num_export_workers = 1;
+    req.batch_inputs = Some(1); // one case per forward pass
+    let e = predict_from_raw_folder(&req).unwrap_err().to_string();
+    assert!(e.contains("case c2"), "{e}");
+    assert!(out.join("c0.nii.gz").is_file() && out.join("c1.nii.gz").is_file());
+    assert!(PredictionDir::new(&out).incomplete_marker().is_file());
+    // without the broken case: all written, the same with larger queues and shared passes
+    std::fs::remove_file(input.join("c2_0000.nii.gz")).unwrap();
+    let report = predict_from_raw_folder(&req).unwrap();
+    assert_eq!(report.outputs.len(), 3);
+    let first: Vec<_> = ["c0", "c1", "c3"]
+        .iter()
+        .map(|c| {
+            datasets::io::read_seg(&out.join(format!("{c}.nii.gz")))
+                .unwrap()
+                .0
+        })
+        .collect();
+    let out2 = tmp.path().join("out2");
+    let mut req2 = PredictRequest::new(&input, &out2, &model, vec![Fold::Index(0)], Device::Cpu);
+    req2.num_workers = 3;
+    req2.num_export_workers = 3;
+    predict_from_raw_folder(&req2).unwrap();
+    for (c, want) in ["c0", "c1", "c3"].iter().zip(&first) {
+        let got = datasets::io::read_seg(&out2.join(format!("{c}.nii.gz")))
+            .unwrap()
+            .0;
+        assert_eq!(&got, want, "{c}");
     }
 }

@@ -587,6 +587,20 @@ pub struct PredictOptions {
     /// nnU-Net's predictions bit for bit-ish).
     #[arg(long = "accumulate", default_value = "f32", value_name = "f32|f16")]
     pub accumulate: trainer::predict::Accumulation,
+    /// Split the cases into this many parts (for several machines or GPUs sharing one output
+    /// folder); this run predicts part -part_id.
+    #[arg(long = "num_parts", default_value_t = 1)]
+    pub num_parts: usize,
+    /// Which part (0..num_parts-1): every num_parts-th case from this one, in case order.
+    #[arg(long = "part_id", default_value_t = 0)]
+    pub part_id: usize,
+    /// Skip cases whose outputs are written already (continue an interrupted prediction).
+    #[arg(long = "continue_prediction")]
+    pub continue_prediction: bool,
+    /// nnU-Net: keep the sliding-window sums in host memory on CUDA. nnseg always accumulates
+    /// in host memory, so this changes nothing; accepted so nnU-Net commands run unchanged.
+    #[arg(long = "not_on_device")]
+    pub not_on_device: bool,
 }
 
 #[derive(Args, Debug)]

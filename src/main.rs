@@ -813,6 +813,8 @@ fn predict_with_model(
     req.prev_stage_predictions = o.prev_stage_predictions.clone();
     req.batch_inputs = o.batch_tiles.map(|n| n as usize);
     req.accumulation = o.accumulate;
+    req.part = trainer::predict::Part::new(o.part_id, o.num_parts)?;
+    req.continue_prediction = o.continue_prediction;
     let t = Instant::now();
     let report = trainer::predict::predict_from_raw_folder(&req)?;
     tracing::info!(

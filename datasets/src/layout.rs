@@ -575,6 +575,34 @@ impl PredictionDir {
     pub fn incomplete_marker(&self) -> PathBuf {
         self.0.join(INCOMPLETE_MARKER)
     }
+    /// The incomplete-marker of part `part_id` of `num_parts` runs sharing this folder
+    /// (`predict -num_parts N -part_id K`): `nnseg_prediction_incomplete.part{K}of{N}.txt`,
+    /// so one part finishing does not make the others' unfinished cases look done.
+    pub fn incomplete_marker_of_part(&self, part_id: usize, num_parts: usize) -> PathBuf {
+        if num_parts <= 1 {
+            return self.incomplete_marker();
+        }
+        let stem = INCOMPLETE_MARKER.trim_end_matches(".txt");
+        self.0
+            .join(format!("{stem}.part{part_id}of{num_parts}.txt"))
+    }
+    /// Every incomplete-marker present (of a whole run or of parts).
+    pub fn incomplete_markers(&self) -> Vec<PathBuf> {
+        let stem = INCOMPLETE_MARKER.trim_end_matches(".txt");
+        let mut found: Vec<PathBuf> = std::fs::read_dir(&self.0)
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with(stem) && n.ends_with(".txt"))
+            })
+            .collect();
+        found.sort();
+        found
+    }
 }
 
 /// File name of [`PredictionDir::incomplete_marker`].

@@ -549,6 +549,43 @@ pub struct PredictRequest {
     pub batch_inputs: Option<usize>,
     /// f32 sums or nnU-Net's f16 numerics (`--accumulate`).
     pub accumulation: Accumulation,
+    /// This run's share of the cases (`-num_parts N -part_id K`: every N-th case from the K-th,
+    /// in case order), so N machines can fill one output folder.
+    pub part: Part,
+    /// Skip cases whose outputs are complete already (`--continue_prediction`).
+    pub continue_prediction: bool,
+}
+
+/// Part `id` of `count` of the cases (nnU-Net's `-part_id` / `-num_parts`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Part {
+    pub id: usize,
+    pub count: usize,
+}
+
+impl Part {
+    /// All cases.
+    pub const WHOLE: Part = Part { id: 0, count: 1 };
+
+    /// Checks `id < count` and `count >= 1`.
+    pub fn new(id: usize, count: usize) -> Result<Part, PredictError> {
+        if count == 0 || id >= count {
+            return Err(PredictError::Config(format!(
+                "-part_id {id} with -num_parts {count}: part_id must be 0..num_parts-1 and \
+                 num_parts at least 1"
+            )));
+        }
+        Ok(Part { id, count })
+    }
+
+    /// This part's cases: every `count`-th from the `id`-th (nnU-Net's `cases[id::count]`).
+    pub fn select<T>(&self, items: Vec<T>) -> Vec<T> {
+        items
+            .into_iter()
+            .skip(self.id)
+            .step_by(self.count.max(1))
+            .collect()
+    }
 }
 
 impl PredictRequest {
@@ -577,8 +614,40 @@ impl PredictRequest {
             prev_stage_predictions: None,
             batch_inputs: None,
             accumulation: Accumulation::F32,
+            part: Part::WHOLE,
+            continue_prediction: false,
         }
     }
+}
+
+/// `--continue_prediction`: the cases whose outputs are not all written yet. A case's outputs
+/// are renamed into place together, probabilities first, so an existing segmentation (with
+/// its `.npz` and `.json` when probabilities are saved) is a finished case.
+fn unfinished_cases(
+    cases: Vec<InputCase>,
+    output: &PredictionDir,
+    ending: &str,
+    with_probabilities: bool,
+) -> Vec<InputCase> {
+    let before = cases.len();
+    let left: Vec<InputCase> = cases
+        .into_iter()
+        .filter(|c| {
+            let id = &c.identifier;
+            let done = output.segmentation(id, ending).is_file()
+                && (!with_probabilities
+                    || (output.probabilities(id).is_file() && output.properties(id).is_file()));
+            !done
+        })
+        .collect();
+    if left.len() < before {
+        tracing::info!(
+            "--continue_prediction: {} of {before} cases are done already in {}",
+            before - left.len(),
+            output.path().display()
+        );
+    }
+    left
 }
 
 /// What [`predict_from_raw_folder`] did.
@@ -614,11 +683,11 @@ pub fn predict_from_raw_folder(req: &PredictRequest) -> Result<PredictReport, Pr
     predictor.batch_inputs = req.batch_inputs;
     predictor.accumulation = req.accumulation;
     let ending = predictor.dataset_json.file_ending.clone();
-    let cases = find_input_cases(
+    let cases = req.part.select(find_input_cases(
         &req.input_folder,
         &ending,
         predictor.dataset_json.num_channels(),
-    )?;
+    )?);
     if let (Some(_), Some(folder)) = (&predictor.prev_stage_labels, &req.prev_stage_predictions) {
         // the previous stage's run must have finished: a partial folder is not its result
         outputs::ensure_complete(folder)?;
@@ -628,7 +697,12 @@ pub fn predict_from_raw_folder(req: &PredictRequest) -> Result<PredictReport, Pr
         ModelDir::at(&req.model_folder),
         PredictionDir::new(&req.output_folder),
     );
-    let marker = outputs::begin(&output, "nnseg predict")?;
+    let cases = if req.continue_prediction {
+        unfinished_cases(cases, &output, &ending, req.save_probabilities)
+    } else {
+        cases
+    };
+    let marker = outputs::begin_part(&output, "nnseg predict", (req.part.id, req.part.count))?;
     copy_file(&model.dataset_json(), &output.dataset_json())?;
     copy_file(&model.plans_json(), &output.plans_json())?;
     let args = serde_json::json!({

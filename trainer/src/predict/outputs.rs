@@ -38,8 +38,17 @@ pub struct RunMarker {
 
 /// Starts writing into `dir` (which must exist): cleans stale temp files, writes the marker.
 pub fn begin(dir: &PredictionDir, what: &str) -> Result<RunMarker, OutputError> {
+    begin_part(dir, what, (0, 1))
+}
+
+/// [`begin`] for part `part_id` of `num_parts` runs sharing the folder (each its own marker).
+pub fn begin_part(
+    dir: &PredictionDir,
+    what: &str,
+    (part_id, num_parts): (usize, usize),
+) -> Result<RunMarker, OutputError> {
     remove_stale_temp_files(dir.path())?;
-    let path = dir.incomplete_marker();
+    let path = dir.incomplete_marker_of_part(part_id, num_parts);
     let text = format!(
         "{what} (pid {}) is writing this folder or stopped before finishing; \
          its outputs are not a finished result. Rerun it.\n",
@@ -66,14 +75,17 @@ impl RunMarker {
 
 /// Refuses a folder whose writer did not finish.
 pub fn ensure_complete(folder: &Path) -> Result<(), OutputError> {
-    let marker = PredictionDir::new(folder).incomplete_marker();
-    if marker.exists() {
-        return Err(OutputError::Incomplete {
+    match PredictionDir::new(folder)
+        .incomplete_markers()
+        .into_iter()
+        .next()
+    {
+        Some(marker) => Err(OutputError::Incomplete {
             folder: folder.to_path_buf(),
             marker,
-        });
+        }),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// Removes temp files of nnseg's atomic writers whose writer process no longer runs (left in

@@ -1197,3 +1197,21 @@ fn pipeline_stops_at_an_unreadable_case_after_exporting_the_ones_before() {
         assert_eq!(&got, want, "{c}");
     }
 }
+
+#[test]
+fn parts_take_every_nth_case_and_bad_parts_are_refused() {
+    use super::Part;
+    let cases: Vec<usize> = (0..7).collect();
+    assert_eq!(Part::new(0, 3).unwrap().select(cases.clone()), [0, 3, 6]);
+    assert_eq!(Part::new(2, 3).unwrap().select(cases.clone()), [2, 5]);
+    assert_eq!(Part::WHOLE.select(cases.clone()), cases);
+    let mut union: Vec<usize> = (0..3)
+        .flat_map(|k| Part::new(k, 3).unwrap().select(cases.clone()))
+        .collect();
+    union.sort();
+    assert_eq!(union, cases);
+    for (id, count) in [(3, 3), (0, 0), (5, 2)] {
+        let e = Part::new(id, count).unwrap_err();
+        assert!(e.to_string().contains("part_id"), "{e}");
+    }
+}

@@ -7,24 +7,7 @@ use std::fs;
 use std::path::Path;
 
 mod common;
-use common::Env;
-
-fn train_tiny_2d(env: &Env) {
-    env.ok(&["make_demo_dataset"]);
-    env.ok(&["plan_and_preprocess", "-d", "991", "-c", "2d", "-np", "1"]);
-    env.ok(&[
-        "train",
-        "991",
-        "2d",
-        "0",
-        "-tr",
-        "nnUNetTrainer_1epoch",
-        "--num_iterations_per_epoch",
-        "2",
-        "--num_val_iterations_per_epoch",
-        "1",
-    ]);
-}
+use common::{pngs, predict_tiny_2d, train_tiny_2d, Env};
 
 /// Two training images of the 2D demo copied into `dir` (as a test-images folder).
 fn two_images(env: &Env, dir: &Path) {
@@ -38,38 +21,6 @@ fn two_images(env: &Env, dir: &Path) {
     for n in names.iter().take(2) {
         fs::copy(images.join(n), dir.join(n)).unwrap();
     }
-}
-
-fn predict(env: &Env, input: &Path, output: &Path) {
-    env.ok(&[
-        "predict",
-        "-i",
-        input.to_str().unwrap(),
-        "-o",
-        output.to_str().unwrap(),
-        "-d",
-        "991",
-        "-c",
-        "2d",
-        "-f",
-        "0",
-        "-tr",
-        "nnUNetTrainer_1epoch",
-    ]);
-}
-
-fn pngs(dir: &Path) -> Vec<(String, Vec<u8>)> {
-    let mut out: Vec<_> = fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "png"))
-        .map(|p| {
-            let name = p.file_name().unwrap().to_string_lossy().into_owned();
-            (name, fs::read(&p).unwrap())
-        })
-        .collect();
-    out.sort();
-    out
 }
 
 /// Serves `body` at `/model.zip` on 127.0.0.1 for one request.
@@ -92,7 +43,7 @@ fn exported_model_predicts_the_same_after_download_and_install() {
     let images = work.path().join("images");
     two_images(&env, &images);
     let reference = work.path().join("pred_here");
-    predict(&env, &images, &reference);
+    predict_tiny_2d(&env, &images, &reference, &[]);
 
     let zip = work.path().join("model.zip");
     env.ok(&[
@@ -134,7 +85,7 @@ fn exported_model_predicts_the_same_after_download_and_install() {
     there.ok(&["download_pretrained_model_by_url", &url]);
     server.join().unwrap();
     let downloaded = work.path().join("pred_there");
-    predict(&there, &images, &downloaded);
+    predict_tiny_2d(&there, &images, &downloaded, &[]);
     let a = pngs(&reference);
     assert_eq!(a.len(), 2);
     assert_eq!(a, pngs(&downloaded), "same model, same segmentations");
@@ -143,6 +94,6 @@ fn exported_model_predicts_the_same_after_download_and_install() {
     let third = Env::new();
     third.ok(&["install_pretrained_model_from_zip", zip.to_str().unwrap()]);
     let installed = work.path().join("pred_third");
-    predict(&third, &images, &installed);
+    predict_tiny_2d(&third, &images, &installed, &[]);
     assert_eq!(a, pngs(&installed));
 }

@@ -3,82 +3,37 @@
 //! the cases whose outputs are missing.
 
 use std::fs;
-use std::path::Path;
 
 mod common;
-use common::Env;
-
-fn predict(env: &Env, input: &Path, output: &Path, extra: &[&str]) -> String {
-    let mut args = vec![
-        "predict",
-        "-i",
-        input.to_str().unwrap(),
-        "-o",
-        output.to_str().unwrap(),
-        "-d",
-        "991",
-        "-c",
-        "2d",
-        "-f",
-        "0",
-        "-tr",
-        "nnUNetTrainer_1epoch",
-        "--disable_tta",
-    ];
-    args.extend_from_slice(extra);
-    env.ok(&args)
-}
-
-fn segmentations(dir: &Path) -> Vec<(String, Vec<u8>)> {
-    let mut out: Vec<_> = fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "png"))
-        .map(|p| {
-            (
-                p.file_name().unwrap().to_string_lossy().into_owned(),
-                fs::read(&p).unwrap(),
-            )
-        })
-        .collect();
-    out.sort();
-    out
-}
+use common::{pngs, predict_tiny_2d, train_tiny_2d, Env};
 
 #[test]
 fn parts_share_a_folder_and_continue_redoes_only_missing_cases() {
     let env = Env::new();
-    env.ok(&["make_demo_dataset"]);
-    env.ok(&["plan_and_preprocess", "-d", "991", "-c", "2d", "-np", "1"]);
-    env.ok(&[
-        "train",
-        "991",
-        "2d",
-        "0",
-        "-tr",
-        "nnUNetTrainer_1epoch",
-        "--num_iterations_per_epoch",
-        "2",
-        "--num_val_iterations_per_epoch",
-        "1",
-    ]);
+    train_tiny_2d(&env);
     let images = env.raw.join("Dataset991_Demo2D/imagesTr");
     let work = tempfile::tempdir().unwrap();
     let whole = work.path().join("whole");
-    predict(&env, &images, &whole, &[]);
-    let all = segmentations(&whole);
+    predict_tiny_2d(&env, &images, &whole, &["--disable_tta"]);
+    let all = pngs(&whole);
     assert!(all.len() >= 5, "{}", all.len());
 
     // three parts into one folder: each predicts every third case, together all of them
     let parts = work.path().join("parts");
     for k in 0..3 {
-        predict(
+        predict_tiny_2d(
             &env,
             &images,
             &parts,
-            &["-num_parts", "3", "-part_id", &k.to_string()],
+            &[
+                "--disable_tta",
+                "-num_parts",
+                "3",
+                "-part_id",
+                &k.to_string(),
+            ],
         );
-        let done = segmentations(&parts);
+        let done = pngs(&parts);
         let expected: Vec<_> = all
             .iter()
             .enumerate()
@@ -118,11 +73,16 @@ fn parts_share_a_folder_and_continue_redoes_only_missing_cases() {
     for (name, _) in &all[..2] {
         fs::remove_file(whole.join(name)).unwrap();
     }
-    let log = predict(&env, &images, &whole, &["--continue_prediction"]);
+    let log = predict_tiny_2d(
+        &env,
+        &images,
+        &whole,
+        &["--disable_tta", "--continue_prediction"],
+    );
     let n = all.len();
     assert!(
         log.contains(&format!("{} of {n} cases are done already", n - 2)),
         "{log}"
     );
-    assert_eq!(segmentations(&whole), all);
+    assert_eq!(pngs(&whole), all);
 }

@@ -63,6 +63,61 @@ impl Env {
     }
 }
 
+/// The 2D demo dataset planned and preprocessed, and fold 0 of `nnUNetTrainer_1epoch` trained
+/// for 2 iterations (+ 1 validation iteration): a real model in seconds.
+pub fn train_tiny_2d(env: &Env) {
+    env.ok(&["make_demo_dataset"]);
+    env.ok(&["plan_and_preprocess", "-d", "991", "-c", "2d", "-np", "1"]);
+    env.ok(&[
+        "train",
+        "991",
+        "2d",
+        "0",
+        "-tr",
+        "nnUNetTrainer_1epoch",
+        "--num_iterations_per_epoch",
+        "2",
+        "--num_val_iterations_per_epoch",
+        "1",
+    ]);
+}
+
+/// `predict` of [`train_tiny_2d`]'s fold from `input` into `output`, plus `extra` flags.
+pub fn predict_tiny_2d(env: &Env, input: &Path, output: &Path, extra: &[&str]) -> String {
+    let mut args = vec![
+        "predict",
+        "-i",
+        input.to_str().unwrap(),
+        "-o",
+        output.to_str().unwrap(),
+        "-d",
+        "991",
+        "-c",
+        "2d",
+        "-f",
+        "0",
+        "-tr",
+        "nnUNetTrainer_1epoch",
+    ];
+    args.extend_from_slice(extra);
+    env.ok(&args)
+}
+
+/// The `.png` files of a folder with their bytes, by name.
+pub fn pngs(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "png"))
+        .map(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            (name, std::fs::read(&p).unwrap())
+        })
+        .collect();
+    out.sort();
+    out
+}
+
 pub fn json(p: &Path) -> Value {
     serde_json::from_str(
         &std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())),

@@ -115,205 +115,31 @@ fn resolve_paths(args: &PathArgs) -> NnUnetPaths {
 fn run(cli: Cli) -> Result<()> {
     let paths = resolve_paths(&cli.paths);
     match cli.command {
-        Command::ExportModelToZip(a) => {
-            let name = datasets::dataset_name_from_arg(&paths, &a.dataset)?;
-            let req = trainer::sharing::ExportRequest {
-                results: paths.results_dir(&name)?,
-                configurations: a.configurations,
-                trainer: a.trainer,
-                plans: a.plans,
-                folds: a.folds,
-                checkpoints: a.checkpoints,
-                strict: !a.not_strict,
-                export_crossval_predictions: a.exp_cv_preds,
-                output: a.output.clone(),
-            };
-            let s = trainer::sharing::export_model_to_zip(&req)?;
-            println!(
-                "{}: {} ({} files, {:.1} MB) -> {}",
-                name,
-                s.configurations.join(", "),
-                s.files,
-                s.bytes as f64 / 1e6,
-                a.output.display()
-            );
-        }
+        Command::ExportModelToZip(a) => cmd_export_model_to_zip(&paths, a)?,
         Command::InstallPretrainedModelFromZip(a) => {
-            let installed =
-                trainer::sharing::install_model_from_zip(&a.zip, paths.results_root()?)?;
-            print_installed(&installed);
+            cmd_install_pretrained_model_from_zip(&paths, a)?
         }
         Command::DownloadPretrainedModelByUrl(a) => {
-            let bar = download_bar();
-            let progress = |done: u64, total: Option<u64>| {
-                if let Some(t) = total {
-                    bar.set_length(t);
-                }
-                bar.set_position(done);
-            };
-            let req = trainer::sharing::DownloadRequest {
-                url: &a.url,
-                sha256: a.sha256.as_deref(),
-                progress: &progress,
-            };
-            let installed = trainer::sharing::download_and_install(&req, paths.results_root()?)?;
-            bar.finish_and_clear();
-            print_installed(&installed);
+            cmd_download_pretrained_model_by_url(&paths, a)?
         }
-        Command::ConvertMsdDataset(a) => {
-            let c = datasets::convert::MsdConversion {
-                source: a.input,
-                overwrite_id: a.overwrite_id,
-                num_processes: a.num_processes,
-            };
-            let done = datasets::convert::convert_msd_dataset(&c, &paths)?;
-            print_converted(&done);
-        }
-        Command::ConvertOldNnunetDataset(a) => {
-            let done = datasets::convert::convert_old_nnunet_dataset(
-                &a.input_folder,
-                &a.output_dataset_name,
-                &paths,
-            )?;
-            print_converted(&done);
-        }
-        Command::MovePlansBetweenDatasets(a) => {
-            let req = planner::move_plans::MovePlans {
-                source: a.source,
-                target: a.target,
-                source_plans: a.source_plans,
-                target_plans: a.target_plans,
-            };
-            let out = planner::move_plans::move_plans_between_datasets(&req, &paths)?;
-            println!("plans written to {}", out.display());
-        }
-        Command::MakeDemoDataset(a) => {
-            let raw = paths
-                .raw
-                .clone()
-                .context("nnUNet_raw is not set: set the environment variable or pass --raw DIR")?;
-            std::fs::create_dir_all(&raw)
-                .with_context(|| format!("cannot create raw folder {}", raw.display()))?;
-            let t = Instant::now();
-            let written = datasets::demo::make_demo_datasets(&raw, a.seed)?;
-            for f in &written {
-                println!("wrote {}", f.display());
-            }
-            tracing::info!(
-                "demo datasets written in {:.2} s",
-                t.elapsed().as_secs_f64()
-            );
-        }
+        Command::ConvertMsdDataset(a) => cmd_convert_msd_dataset(&paths, a)?,
+        Command::ConvertOldNnunetDataset(a) => cmd_convert_old_nnunet_dataset(&paths, a)?,
+        Command::MovePlansBetweenDatasets(a) => cmd_move_plans_between_datasets(&paths, a)?,
+        Command::MakeDemoDataset(a) => cmd_make_demo_dataset(&paths, a)?,
         Command::ShowNetwork(a) => show_network(&paths, &a)?,
         Command::BenchTrain(a) => bench_train(&a)?,
         Command::Doctor(a) => std::process::exit(doctor(&a)),
-        Command::PlotOverlayPngs(a) => {
-            let id = datasets::parse_dataset_id(&a.dataset)?;
-            let ds = open_raw(&paths, id)?;
-            let opts = datasets::overlay::OverlayOptions {
-                slice: if a.slice == "most_foreground" {
-                    datasets::overlay::SliceChoice::MostForeground
-                } else {
-                    datasets::overlay::SliceChoice::Middle
-                },
-                num_workers: a.num_processes.unwrap_or(0),
-            };
-            let files = datasets::overlay::plot_overlay_pngs(&ds, &a.output, &opts)?;
-            println!(
-                "{}: {} overlay PNGs in {}",
-                ds.name,
-                files.len(),
-                a.output.display()
-            );
-        }
+        Command::PlotOverlayPngs(a) => cmd_plot_overlay_pngs(&paths, a)?,
         Command::Train(a) => exit_unless_zero(train(&paths, &a)?),
         Command::CrossValidate(a) => exit_unless_zero(cross_validate(&paths, &a)?),
         Command::Predict(a) => predict(&paths, &a)?,
         Command::PredictFromModelFolder(a) => predict_from_modelfolder(&a)?,
-        Command::Ensemble(a) => {
-            // an unfinished input may lack even its dataset.json: name the real problem
-            for input in &a.inputs {
-                trainer::predict::outputs::ensure_complete(input)?;
-            }
-            let dj = PredictionDir::new(&a.inputs[0]).dataset_json();
-            let ds = DatasetJson::load(&dj).with_context(|| {
-                format!(
-                    "{} has no dataset.json (was it written by nnseg predict?)",
-                    a.inputs[0].display()
-                )
-            })?;
-            let mut opts = trainer::evaluation::EnsembleOptions::from_dataset_json(&ds, a.np);
-            opts.save_probabilities = a.save_npz;
-            let n = trainer::evaluation::ensemble_folders(&a.inputs, &a.output, &opts)?;
-            println!("ensembled {n} cases into {}", a.output.display());
-        }
-        Command::EvaluateFolder(a) => {
-            let ds = DatasetJson::load(&a.dataset_json)?;
-            let mut opts = trainer::evaluation::EvaluateOptions::from_dataset_json(&ds, a.np);
-            opts.output_file = a.output.clone();
-            opts.chill = a.chill;
-            let summary = trainer::evaluation::evaluate_folder(&a.reference, &a.prediction, &opts)?;
-            print_summary(&summary);
-        }
-        Command::EvaluateSimple(a) => {
-            let opts = trainer::evaluation::SimpleEvaluateOptions {
-                labels: a.labels.clone(),
-                ignore_label: a.ignore_label,
-                file_ending: a.file_ending.clone(),
-                output_file: a.output.clone(),
-                num_workers: a.np,
-                chill: a.chill,
-            };
-            let summary = trainer::evaluation::evaluate_simple(&a.reference, &a.prediction, &opts)?;
-            print_summary(&summary);
-        }
+        Command::Ensemble(a) => cmd_ensemble(a)?,
+        Command::EvaluateFolder(a) => cmd_evaluate_folder(a)?,
+        Command::EvaluateSimple(a) => cmd_evaluate_simple(a)?,
         Command::AccumulateCrossvalResults(a) => accumulate_crossval(&paths, &a)?,
-        Command::DeterminePostprocessing(a) => {
-            let dj = a
-                .dataset_json
-                .clone()
-                .unwrap_or_else(|| PredictionDir::new(&a.input).dataset_json());
-            let ds = DatasetJson::load(&dj).with_context(|| {
-                format!(
-                    "dataset.json for {} (pass -dataset_json)",
-                    a.input.display()
-                )
-            })?;
-            let mut evaluate = trainer::evaluation::EvaluateOptions::from_dataset_json(&ds, a.np);
-            // nnU-Net evaluates here with compute_metrics_on_folder's default chill=True: the
-            // predictions of some folds are judged on their cases only
-            evaluate.chill = true;
-            let opts = trainer::evaluation::PostprocessOptions {
-                evaluate,
-                keep_postprocessed: !a.remove_postprocessed,
-            };
-            let pp = trainer::evaluation::determine_postprocessing(&a.input, &a.reference, &opts)?;
-            println!(
-                "{} postprocessing step(s) kept; written to {}",
-                pp.steps.len(),
-                a.input.join("postprocessing.json").display()
-            );
-        }
-        Command::ApplyPostprocessing(a) => {
-            let dj = a
-                .dataset_json
-                .clone()
-                .unwrap_or_else(|| PredictionDir::new(&a.input).dataset_json());
-            let ds = DatasetJson::load(&dj)?;
-            let n = trainer::evaluation::apply_postprocessing(
-                &a.input,
-                &a.output,
-                &a.pp_file,
-                &ds.file_ending,
-                a.np,
-            )?;
-            let out = PredictionDir::new(&a.output);
-            ds.save(&out.dataset_json())?;
-            if let Some(p) = &a.plans_json {
-                Plans::load(p)?.save(&out.plans_json())?;
-            }
-            println!("postprocessed {n} cases into {}", a.output.display());
-        }
+        Command::DeterminePostprocessing(a) => cmd_determine_postprocessing(a)?,
+        Command::ApplyPostprocessing(a) => cmd_apply_postprocessing(a)?,
         Command::FindBestConfiguration(a) => find_best(&paths, &a)?,
         Command::ImportNnunetModel(a) if a.folder.extension().is_some_and(|e| e == "zip") => {
             let imported = trainer::sharing::import_nnunet_zip(
@@ -387,6 +213,225 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+fn cmd_export_model_to_zip(paths: &NnUnetPaths, a: cli::ExportZipArgs) -> Result<()> {
+    let name = datasets::dataset_name_from_arg(paths, &a.dataset)?;
+    let req = trainer::sharing::ExportRequest {
+        results: paths.results_dir(&name)?,
+        configurations: a.configurations,
+        trainer: a.trainer,
+        plans: a.plans,
+        folds: a.folds,
+        checkpoints: a.checkpoints,
+        strict: !a.not_strict,
+        export_crossval_predictions: a.exp_cv_preds,
+        output: a.output.clone(),
+    };
+    let s = trainer::sharing::export_model_to_zip(&req)?;
+    println!(
+        "{}: {} ({} files, {:.1} MB) -> {}",
+        name,
+        s.configurations.join(", "),
+        s.files,
+        s.bytes as f64 / 1e6,
+        a.output.display()
+    );
+    Ok(())
+}
+
+fn cmd_install_pretrained_model_from_zip(
+    paths: &NnUnetPaths,
+    a: cli::InstallZipArgs,
+) -> Result<()> {
+    let installed = trainer::sharing::install_model_from_zip(&a.zip, paths.results_root()?)?;
+    print_installed(&installed);
+    Ok(())
+}
+
+fn cmd_download_pretrained_model_by_url(paths: &NnUnetPaths, a: cli::DownloadArgs) -> Result<()> {
+    let bar = download_bar();
+    let progress = |done: u64, total: Option<u64>| {
+        if let Some(t) = total {
+            bar.set_length(t);
+        }
+        bar.set_position(done);
+    };
+    let req = trainer::sharing::DownloadRequest {
+        url: &a.url,
+        sha256: a.sha256.as_deref(),
+        progress: &progress,
+    };
+    let installed = trainer::sharing::download_and_install(&req, paths.results_root()?)?;
+    bar.finish_and_clear();
+    print_installed(&installed);
+    Ok(())
+}
+
+fn cmd_convert_msd_dataset(paths: &NnUnetPaths, a: cli::ConvertMsdArgs) -> Result<()> {
+    let c = datasets::convert::MsdConversion {
+        source: a.input,
+        overwrite_id: a.overwrite_id,
+        num_processes: a.num_processes,
+    };
+    let done = datasets::convert::convert_msd_dataset(&c, paths)?;
+    print_converted(&done);
+    Ok(())
+}
+
+fn cmd_convert_old_nnunet_dataset(paths: &NnUnetPaths, a: cli::ConvertOldArgs) -> Result<()> {
+    let done = datasets::convert::convert_old_nnunet_dataset(
+        &a.input_folder,
+        &a.output_dataset_name,
+        paths,
+    )?;
+    print_converted(&done);
+    Ok(())
+}
+
+fn cmd_move_plans_between_datasets(paths: &NnUnetPaths, a: cli::MovePlansArgs) -> Result<()> {
+    let req = planner::move_plans::MovePlans {
+        source: a.source,
+        target: a.target,
+        source_plans: a.source_plans,
+        target_plans: a.target_plans,
+    };
+    let out = planner::move_plans::move_plans_between_datasets(&req, paths)?;
+    println!("plans written to {}", out.display());
+    Ok(())
+}
+
+fn cmd_make_demo_dataset(paths: &NnUnetPaths, a: cli::DemoArgs) -> Result<()> {
+    let raw = paths
+        .raw
+        .clone()
+        .context("nnUNet_raw is not set: set the environment variable or pass --raw DIR")?;
+    std::fs::create_dir_all(&raw)
+        .with_context(|| format!("cannot create raw folder {}", raw.display()))?;
+    let t = Instant::now();
+    let written = datasets::demo::make_demo_datasets(&raw, a.seed)?;
+    for f in &written {
+        println!("wrote {}", f.display());
+    }
+    tracing::info!(
+        "demo datasets written in {:.2} s",
+        t.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn cmd_plot_overlay_pngs(paths: &NnUnetPaths, a: cli::OverlayArgs) -> Result<()> {
+    let id = datasets::parse_dataset_id(&a.dataset)?;
+    let ds = open_raw(paths, id)?;
+    let opts = datasets::overlay::OverlayOptions {
+        slice: if a.slice == "most_foreground" {
+            datasets::overlay::SliceChoice::MostForeground
+        } else {
+            datasets::overlay::SliceChoice::Middle
+        },
+        num_workers: a.num_processes.unwrap_or(0),
+    };
+    let files = datasets::overlay::plot_overlay_pngs(&ds, &a.output, &opts)?;
+    println!(
+        "{}: {} overlay PNGs in {}",
+        ds.name,
+        files.len(),
+        a.output.display()
+    );
+    Ok(())
+}
+
+fn cmd_ensemble(a: cli::EnsembleArgs) -> Result<()> {
+    // an unfinished input may lack even its dataset.json: name the real problem
+    for input in &a.inputs {
+        trainer::predict::outputs::ensure_complete(input)?;
+    }
+    let dj = PredictionDir::new(&a.inputs[0]).dataset_json();
+    let ds = DatasetJson::load(&dj).with_context(|| {
+        format!(
+            "{} has no dataset.json (was it written by nnseg predict?)",
+            a.inputs[0].display()
+        )
+    })?;
+    let mut opts = trainer::evaluation::EnsembleOptions::from_dataset_json(&ds, a.np);
+    opts.save_probabilities = a.save_npz;
+    let n = trainer::evaluation::ensemble_folders(&a.inputs, &a.output, &opts)?;
+    println!("ensembled {n} cases into {}", a.output.display());
+    Ok(())
+}
+
+fn cmd_evaluate_folder(a: cli::EvaluateArgs) -> Result<()> {
+    let ds = DatasetJson::load(&a.dataset_json)?;
+    let mut opts = trainer::evaluation::EvaluateOptions::from_dataset_json(&ds, a.np);
+    opts.output_file = a.output.clone();
+    opts.chill = a.chill;
+    let summary = trainer::evaluation::evaluate_folder(&a.reference, &a.prediction, &opts)?;
+    print_summary(&summary);
+    Ok(())
+}
+
+fn cmd_evaluate_simple(a: cli::EvaluateSimpleArgs) -> Result<()> {
+    let opts = trainer::evaluation::SimpleEvaluateOptions {
+        labels: a.labels.clone(),
+        ignore_label: a.ignore_label,
+        file_ending: a.file_ending.clone(),
+        output_file: a.output.clone(),
+        num_workers: a.np,
+        chill: a.chill,
+    };
+    let summary = trainer::evaluation::evaluate_simple(&a.reference, &a.prediction, &opts)?;
+    print_summary(&summary);
+    Ok(())
+}
+
+fn cmd_determine_postprocessing(a: cli::DeterminePpArgs) -> Result<()> {
+    let dj = a
+        .dataset_json
+        .clone()
+        .unwrap_or_else(|| PredictionDir::new(&a.input).dataset_json());
+    let ds = DatasetJson::load(&dj).with_context(|| {
+        format!(
+            "dataset.json for {} (pass -dataset_json)",
+            a.input.display()
+        )
+    })?;
+    let mut evaluate = trainer::evaluation::EvaluateOptions::from_dataset_json(&ds, a.np);
+    // nnU-Net evaluates here with compute_metrics_on_folder's default chill=True: the
+    // predictions of some folds are judged on their cases only
+    evaluate.chill = true;
+    let opts = trainer::evaluation::PostprocessOptions {
+        evaluate,
+        keep_postprocessed: !a.remove_postprocessed,
+    };
+    let pp = trainer::evaluation::determine_postprocessing(&a.input, &a.reference, &opts)?;
+    println!(
+        "{} postprocessing step(s) kept; written to {}",
+        pp.steps.len(),
+        a.input.join("postprocessing.json").display()
+    );
+    Ok(())
+}
+
+fn cmd_apply_postprocessing(a: cli::ApplyPpArgs) -> Result<()> {
+    let dj = a
+        .dataset_json
+        .clone()
+        .unwrap_or_else(|| PredictionDir::new(&a.input).dataset_json());
+    let ds = DatasetJson::load(&dj)?;
+    let n = trainer::evaluation::apply_postprocessing(
+        &a.input,
+        &a.output,
+        &a.pp_file,
+        &ds.file_ending,
+        a.np,
+    )?;
+    let out = PredictionDir::new(&a.output);
+    ds.save(&out.dataset_json())?;
+    if let Some(p) = &a.plans_json {
+        Plans::load(p)?.save(&out.plans_json())?;
+    }
+    println!("postprocessed {n} cases into {}", a.output.display());
     Ok(())
 }
 

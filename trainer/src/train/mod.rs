@@ -393,10 +393,7 @@ fn final_validation(
     let pre = &req.preprocessed_dataset_folder;
     let kind = validation_checkpoint(req);
     if req.val_best {
-        log.say(&format!(
-            "--val_best: validating with {}",
-            kind.file_name()
-        ))?;
+        log.say(&format!("--val_best: validating with {}", kind.file_name()))?;
     }
     let stem = kind.file_name().trim_end_matches(".safetensors");
     let validation = crate::predict::validate_fold(

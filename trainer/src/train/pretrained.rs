@@ -56,9 +56,14 @@ impl PretrainedReport {
 /// Whether `name` belongs to a segmentation head (nnU-Net's `decoder.seg_layers.*`, or the
 /// heads of the other architectures).
 pub fn is_segmentation_head(name: &str) -> bool {
-    ["seg_layers.", "deep_supervision_heads.", "ds_heads.", "heads."]
-        .iter()
-        .any(|h| name.starts_with(h) || name.contains(&format!(".{h}")))
+    [
+        "seg_layers.",
+        "deep_supervision_heads.",
+        "ds_heads.",
+        "heads.",
+    ]
+    .iter()
+    .any(|h| name.starts_with(h) || name.contains(&format!(".{h}")))
 }
 
 /// The network weights of `path`: an nnU-Net `.pth` checkpoint (its `network_weights`, aliases
@@ -171,7 +176,10 @@ mod tests {
             ("encoder.extra.weight", &[2]),
         ]);
         let weights: HashMap<String, Tensor> = [
-            ("encoder.stages.0.0.convs.0.conv.weight", ones(&[4, 1, 3, 3])),
+            (
+                "encoder.stages.0.0.convs.0.conv.weight",
+                ones(&[4, 1, 3, 3]),
+            ),
             ("decoder.seg_layers.0.weight", ones(&[2, 8, 1, 1])),
             ("decoder.seg_layers.1.weight", ones(&[3, 4, 1, 1])),
             ("only.in.checkpoint", ones(&[1])),
@@ -189,7 +197,10 @@ mod tests {
         assert_eq!(value(&vm, "decoder.seg_layers.0.weight"), 0.0);
         assert_eq!(value(&vm, "encoder.extra.weight"), 0.0);
         let lines = report.log_lines(Path::new("src.pth")).join("\n");
-        assert!(lines.contains("Loaded 2 pretrained weight(s) from src.pth"), "{lines}");
+        assert!(
+            lines.contains("Loaded 2 pretrained weight(s) from src.pth"),
+            "{lines}"
+        );
         assert!(lines.contains("decoder.seg_layers.0.weight"), "{lines}");
     }
 
@@ -223,6 +234,8 @@ mod tests {
         let e = load_pretrained(&vm, &weights, Path::new("c.pth")).unwrap_err();
         assert!(e.to_string().contains("no weight"), "{e}");
         assert!(is_segmentation_head("decoder.seg_layers.4.bias"));
-        assert!(!is_segmentation_head("encoder.stages.0.0.convs.0.conv.weight"));
+        assert!(!is_segmentation_head(
+            "encoder.stages.0.0.convs.0.conv.weight"
+        ));
     }
 }

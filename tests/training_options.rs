@@ -29,7 +29,7 @@ fn tiny_2d_plans(env: &Env) {
     std::fs::write(&path, serde_json::to_string_pretty(&plans).unwrap()).unwrap();
 }
 
-fn train(env: &Env, fold: &str, epochs: &str, extra: &[&str]) -> Vec<String> {
+fn train(fold: &str, epochs: &str, extra: &[&str]) -> Vec<String> {
     let mut a: Vec<String> = [
         "train",
         "991",
@@ -48,7 +48,6 @@ fn train(env: &Env, fold: &str, epochs: &str, extra: &[&str]) -> Vec<String> {
     .map(|s| s.to_string())
     .collect();
     a.extend(extra.iter().map(|s| s.to_string()));
-    let _ = env;
     a
 }
 
@@ -96,7 +95,7 @@ fn pretrained_weights_disable_checkpointing_val_best_and_extending() {
     env.ok(&["make_demo_dataset"]);
     env.ok(&["plan_and_preprocess", "-d", "991", "-c", "2d", "-np", "1"]);
     tiny_2d_plans(&env);
-    env.ok(&strs(&train(&env, "0", "2", &[])));
+    env.ok(&strs(&train("0", "2", &[])));
     let fold0 = fold_folder(&env, "0");
     let source = fold0.join("checkpoint_final.safetensors");
     let ck = trainer::Checkpoint::load(&source, &candle_core::Device::Cpu).unwrap();
@@ -105,19 +104,17 @@ fn pretrained_weights_disable_checkpointing_val_best_and_extending() {
 
     // -pretrained_weights: refused with --c, loads every weight of the same network
     let e = env.fails(&strs(&train(
-        &env,
         "1",
         "1",
         &["-pretrained_weights", src, "--c"],
     )));
     assert!(e.contains("cannot be combined"), "{e}");
-    env.ok(&strs(&train(&env, "1", "1", &["-pretrained_weights", src])));
+    env.ok(&strs(&train("1", "1", &["-pretrained_weights", src])));
     let log1 = logs(&fold_folder(&env, "1"));
     let want = format!("Loaded {n_weights} pretrained weight(s) from {src}; 0 checkpoint");
     assert!(log1.contains(&want), "`{want}` not in\n{log1}");
     assert!(!log1.contains("Skipped"), "{log1}");
     let missing = env.fails(&strs(&train(
-        &env,
         "2",
         "1",
         &["-pretrained_weights", "/nonexistent.pth"],
@@ -126,13 +123,12 @@ fn pretrained_weights_disable_checkpointing_val_best_and_extending() {
 
     // --disable_checkpointing: no checkpoint written, validation skipped and said so
     let e = env.fails(&strs(&train(
-        &env,
         "2",
         "1",
         &["--disable_checkpointing", "--val_best"],
     )));
     assert!(e.contains("--val_best cannot be combined"), "{e}");
-    env.ok(&strs(&train(&env, "2", "1", &["--disable_checkpointing"])));
+    env.ok(&strs(&train("2", "1", &["--disable_checkpointing"])));
     let fold2 = fold_folder(&env, "2");
     assert_eq!(safetensors_in(&fold2), Vec::<String>::new());
     assert!(
@@ -142,7 +138,7 @@ fn pretrained_weights_disable_checkpointing_val_best_and_extending() {
     // --val --val_best: validation from checkpoint_best
     assert!(fold0.join("checkpoint_best.safetensors").is_file());
     std::fs::remove_dir_all(fold0.join("validation")).unwrap();
-    env.ok(&strs(&train(&env, "0", "2", &["--val", "--val_best"])));
+    env.ok(&strs(&train("0", "2", &["--val", "--val_best"])));
     let log0 = logs(&fold0);
     assert!(
         log0.contains("--val_best: validating with checkpoint_best.safetensors"),
@@ -155,7 +151,7 @@ fn pretrained_weights_disable_checkpointing_val_best_and_extending() {
     assert!(fold0.join("validation").join("summary.json").is_file());
 
     // --c with a larger --num_epochs extends the finished run
-    env.ok(&strs(&train(&env, "0", "3", &["--c"])));
+    env.ok(&strs(&train("0", "3", &["--c"])));
     let log0 = logs(&fold0);
     assert!(
         log0.contains("Extending the finished training from 2 to 3 epochs"),

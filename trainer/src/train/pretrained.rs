@@ -226,6 +226,32 @@ mod tests {
         }
     }
 
+    /// An nnU-Net `.pth` gives the weights (canonical names, same values) the nnU-Net import
+    /// maps onto the network the plans build.
+    #[test]
+    fn nnunet_pth_weights_are_the_imported_network_weights() {
+        let model = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/nnunet_checkpoint/Dataset992_Fixture2D")
+            .join("nnUNetTrainer__nnUNetPlans__2d");
+        let pth = model.join("fold_0/checkpoint_final.pth");
+        let read = read_weights(&pth).unwrap();
+        let imported =
+            crate::import::import_nnunet_model(&model, "0", "checkpoint_final.pth").unwrap();
+        assert_eq!(read.len(), imported.weights.len());
+        for (name, want) in &imported.weights {
+            let got = read[name].to_dtype(DType::F32).unwrap();
+            let diff = (got - want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert_eq!(diff, 0.0, "{name}");
+        }
+    }
+
     #[test]
     fn a_checkpoint_sharing_nothing_is_refused() {
         let vm = varmap(&[("a.weight", &[2])]);

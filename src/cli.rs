@@ -418,6 +418,17 @@ pub struct TrainArgs {
     /// Save softmax outputs of the final validation.
     #[arg(long = "npz")]
     pub npz: bool,
+    /// Initialise the network from this checkpoint before training (nnseg .safetensors or
+    /// nnU-Net .pth): weights matching by name and shape are loaded, segmentation heads of
+    /// another class count skipped. Not with --c.
+    #[arg(long = "pretrained_weights", value_name = "CHECKPOINT")]
+    pub pretrained_weights: Option<std::path::PathBuf>,
+    /// Write no checkpoint during training (the final validation is then skipped).
+    #[arg(long = "disable_checkpointing")]
+    pub disable_checkpointing: bool,
+    /// Validate with checkpoint_best instead of checkpoint_final (after training and with --val).
+    #[arg(long = "val_best")]
+    pub val_best: bool,
     /// cpu, cuda or cuda:N.
     #[arg(long = "device", default_value = "cpu")]
     pub device: String,

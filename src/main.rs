@@ -618,6 +618,9 @@ fn train(paths: &NnUnetPaths, a: &cli::TrainArgs) -> Result<i32> {
     req.continue_training = a.continue_training;
     req.validation_only = a.validation_only;
     req.export_npz = a.npz;
+    req.pretrained_weights = a.pretrained_weights.clone();
+    req.disable_checkpointing = a.disable_checkpointing;
+    req.val_best = a.val_best;
     req.stop = stop_on_signals()?;
     let bar = EpochBar::default();
     req.progress = Some(bar.hook());

@@ -347,12 +347,22 @@ fn meta_from_bytes(path: &Path, bytes: &[u8]) -> Result<CheckpointMeta, Checkpoi
     Ok(meta)
 }
 
-/// The first existing checkpoint in nnU-Net's resume order (final, latest, best).
+/// The first existing checkpoint in nnU-Net's resume order (final, latest, best); a
+/// `checkpoint_latest` further than `checkpoint_final` (written while extending a finished run
+/// with `--c` and a larger `--num_epochs`) comes first.
 pub fn find_resume_checkpoint(fold_folder: &Path) -> Option<(CheckpointKind, PathBuf)> {
-    CheckpointKind::RESUME_ORDER
+    let first = CheckpointKind::RESUME_ORDER
         .iter()
         .map(|k| (*k, fold_folder.join(k.file_name())))
-        .find(|(_, p)| p.is_file())
+        .find(|(_, p)| p.is_file())?;
+    if first.0 == CheckpointKind::Final {
+        let latest = fold_folder.join(CheckpointKind::Latest.file_name());
+        let epoch = |p: &Path| Checkpoint::load_meta(p).ok().map(|m| m.current_epoch);
+        if latest.is_file() && epoch(&latest) > epoch(&first.1) {
+            return Some((CheckpointKind::Latest, latest));
+        }
+    }
+    Some(first)
 }
 
 #[cfg(test)]
@@ -462,6 +472,16 @@ mod tests {
         assert_eq!(
             find_resume_checkpoint(dir.path()).unwrap().0,
             CheckpointKind::Final
+        );
+        // extending a finished run: a latest past the final one comes first
+        let mut further = sample(&Device::Cpu);
+        further.meta.current_epoch = 3;
+        further
+            .save(&dir.path().join(CheckpointKind::Latest.file_name()))
+            .unwrap();
+        assert_eq!(
+            find_resume_checkpoint(dir.path()).unwrap().0,
+            CheckpointKind::Latest
         );
         let junk = dir.path().join("junk.safetensors");
         std::fs::write(&junk, b"not a checkpoint").unwrap();

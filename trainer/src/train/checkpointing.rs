@@ -87,6 +87,8 @@ pub struct CheckpointSaver {
     init_args: serde_json::Value,
     mirror_axes: Vec<usize>,
     trainer_config: TrainerConfig,
+    /// `--disable_checkpointing`: [`CheckpointSaver::save`] writes nothing.
+    disabled: bool,
 }
 
 impl CheckpointSaver {
@@ -105,7 +107,19 @@ impl CheckpointSaver {
             init_args,
             mirror_axes,
             trainer_config: trainer_config.clone(),
+            disabled: false,
         }
+    }
+
+    /// A saver that writes no checkpoint when `disabled` (`--disable_checkpointing`, as
+    /// nnU-Net's `save_checkpoint` does then).
+    pub fn disabled(self, disabled: bool) -> Self {
+        CheckpointSaver { disabled, ..self }
+    }
+
+    /// Whether checkpoints are written.
+    pub fn is_enabled(&self) -> bool {
+        !self.disabled
     }
 
     /// The file of a checkpoint kind.
@@ -136,6 +150,9 @@ impl CheckpointSaver {
         state: TrainingState<'_>,
         learner: &Learner,
     ) -> Result<(), TrainError> {
+        if self.disabled {
+            return Ok(());
+        }
         let ck = Checkpoint {
             meta: CheckpointMeta {
                 format: CHECKPOINT_FORMAT.into(),

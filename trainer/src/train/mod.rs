@@ -25,6 +25,7 @@ pub mod hooks;
 pub mod live;
 pub mod metrics;
 mod oom;
+pub mod pretrained;
 mod session;
 mod setup;
 pub mod step;
@@ -83,6 +84,15 @@ pub struct TrainRequest {
     pub stop: StopFlag,
     /// Live progress events (iterations, loss, s/iteration, ETA) for a display.
     pub progress: Option<ProgressHook>,
+    /// `-pretrained_weights`: initialise the network from this checkpoint (an nnseg
+    /// `.safetensors` checkpoint or an nnU-Net `.pth`) before training (see [`pretrained`]).
+    pub pretrained_weights: Option<PathBuf>,
+    /// `--disable_checkpointing`: write no checkpoint (the final validation, which predicts
+    /// from `checkpoint_final`, is then skipped).
+    pub disable_checkpointing: bool,
+    /// `--val_best`: the final validation uses `checkpoint_best` instead of
+    /// `checkpoint_final`.
+    pub val_best: bool,
 }
 
 impl TrainRequest {
@@ -116,6 +126,9 @@ impl TrainRequest {
             echo_log: true,
             stop: StopFlag::new(),
             progress: None,
+            pretrained_weights: None,
+            disable_checkpointing: false,
+            val_best: false,
         }
     }
 
@@ -208,6 +221,16 @@ pub enum TrainError {
     },
     #[error("--c (continue training) and --val (validation only) cannot be combined")]
     ContinueWithValidationOnly,
+    #[error(
+        "-pretrained_weights {} and --c cannot be combined: continue a training or start one \
+         from pretrained weights",
+        path.display()
+    )]
+    PretrainedWithContinue { path: PathBuf },
+    #[error("--val_best cannot be combined with --disable_checkpointing (no checkpoint_best is written)")]
+    ValBestWithoutCheckpoints,
+    #[error("-pretrained_weights {}: {message}", path.display())]
+    Pretrained { path: PathBuf, message: String },
     #[error(
         "{}: configurations.{configuration}.patch_size must have 2 or 3 entries, found \
          {patch_size:?}",
@@ -325,6 +348,12 @@ pub fn train(req: &TrainRequest) -> Result<TrainSummary, TrainError> {
     if req.continue_training && req.validation_only {
         return Err(TrainError::ContinueWithValidationOnly);
     }
+    if let (Some(path), true) = (&req.pretrained_weights, req.continue_training) {
+        return Err(TrainError::PretrainedWithContinue { path: path.clone() });
+    }
+    if req.val_best && req.disable_checkpointing {
+        return Err(TrainError::ValBestWithoutCheckpoints);
+    }
     if req.validation_only {
         return validation_only(req);
     }
@@ -342,8 +371,19 @@ pub fn train(req: &TrainRequest) -> Result<TrainSummary, TrainError> {
     run().map_err(|e| oom.classify(e))
 }
 
-/// Predicts the fold's validation cases with `checkpoint_final` into `fold_X/validation/` and
-/// evaluates them (`validation/summary.json`), logging the mean Dice.
+/// The checkpoint the final validation predicts with: `checkpoint_best` with `--val_best`,
+/// else `checkpoint_final`.
+fn validation_checkpoint(req: &TrainRequest) -> CheckpointKind {
+    if req.val_best {
+        CheckpointKind::Best
+    } else {
+        CheckpointKind::Final
+    }
+}
+
+/// Predicts the fold's validation cases with `checkpoint_final` (`checkpoint_best` with
+/// `--val_best`) into `fold_X/validation/` and evaluates them (`validation/summary.json`),
+/// logging the mean Dice.
 fn final_validation(
     req: &TrainRequest,
     val_cases: &[String],
@@ -351,10 +391,15 @@ fn final_validation(
     log: &mut RunLog,
 ) -> Result<(), TrainError> {
     let pre = &req.preprocessed_dataset_folder;
+    let kind = validation_checkpoint(req);
+    if req.val_best {
+        log.say(&format!("--val_best: validating with {}", kind.file_name()))?;
+    }
+    let stem = kind.file_name().trim_end_matches(".safetensors");
     let validation = crate::predict::validate_fold(
         &req.model_folder(),
         req.fold,
-        "checkpoint_final",
+        stem,
         pre,
         val_cases,
         req.export_npz,
@@ -387,11 +432,11 @@ fn final_validation(
 }
 
 /// `--val`: only the final validation of an already trained fold (nnU-Net's
-/// `only_run_validation`), from `checkpoint_final`.
+/// `only_run_validation`), from `checkpoint_final` (`checkpoint_best` with `--val_best`).
 fn validation_only(req: &TrainRequest) -> Result<TrainSummary, TrainError> {
     let setup = Setup::prepare(req)?;
     let fold_folder = req.fold_folder();
-    let final_path = fold_folder.join(CheckpointKind::Final.file_name());
+    let final_path = fold_folder.join(validation_checkpoint(req).file_name());
     if !final_path.is_file() {
         return Err(TrainError::NoFinalCheckpoint {
             path: final_path,

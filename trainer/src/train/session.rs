@@ -318,8 +318,14 @@ impl<'r> Session<'r> {
             init_args,
             setup.mirror_axes.clone(),
             &req.config,
-        );
+        )
+        .disabled(req.disable_checkpointing);
         let point = apply_resume(req, resume, &mut learner, &network_meta, &mut log)?;
+        if let Some(path) = &req.pretrained_weights {
+            let weights = super::pretrained::read_weights(path)?;
+            let report = super::pretrained::load_pretrained(&learner.varmap, &weights, path)?;
+            log.say_all(&report.log_lines(path))?;
+        }
         let iterations_done = point.mid_epoch.as_ref().map_or(0, |m| m.iterations_done);
         let start_epoch = point.epoch;
         let data = open_data(req, &setup, start_epoch, iterations_done)?;
@@ -477,6 +483,12 @@ impl<'r> Session<'r> {
             checkpoint: self.saver.path(CheckpointKind::Latest),
         };
         self.log.say(&format!("Stop requested: {stopped}"))?;
+        if !self.saver.is_enabled() {
+            self.log.say(
+                "--disable_checkpointing: no checkpoint was written, this run cannot be \
+                 continued with --c",
+            )?;
+        }
         Ok(stopped)
     }
 
@@ -655,12 +667,19 @@ impl<'r> Session<'r> {
             plot_progress(&self.logging, &self.fold_folder.join("progress.png"))?;
         }
         self.log.say("Training done.")?;
-        final_validation(
-            self.req,
-            &self.data.split.val,
-            self.data.num_workers,
-            &mut self.log,
-        )?;
+        if self.req.disable_checkpointing {
+            self.log.say(
+                "--disable_checkpointing: no checkpoint written, so the final validation \
+                 (which predicts from checkpoint_final) is skipped",
+            )?;
+        } else {
+            final_validation(
+                self.req,
+                &self.data.split.val,
+                self.data.num_workers,
+                &mut self.log,
+            )?;
+        }
         let final_checkpoint = self.saver.path(CheckpointKind::Final);
         Ok(self.summary(epochs_completed, final_checkpoint, None))
     }
@@ -741,6 +760,13 @@ fn apply_resume(
     let mut logging = ck.meta.logging;
     logging.truncate(start_epoch);
     let mid = ck.meta.mid_epoch;
+    let num_epochs = req.config.num_epochs;
+    if kind == CheckpointKind::Final && num_epochs > start_epoch {
+        log.say(&format!(
+            "Extending the finished training from {start_epoch} to {num_epochs} epochs \
+             (poly learning rate recomputed for {num_epochs} epochs)"
+        ))?;
+    }
     log.say(&format!(
         "Resuming from {} ({:?}) at epoch {start_epoch}, training iteration {}",
         path.display(),

@@ -121,7 +121,7 @@ fn pretrained_weights_disable_checkpointing_val_best_and_extending() {
     )));
     assert!(missing.contains("/nonexistent.pth"), "{missing}");
 
-    // --disable_checkpointing: no checkpoint written, validation skipped and said so
+    // --disable_checkpointing: no checkpoint kept, the final validation still runs
     let e = env.fails(&strs(&train(
         "2",
         "1",
@@ -131,9 +131,9 @@ fn pretrained_weights_disable_checkpointing_val_best_and_extending() {
     env.ok(&strs(&train("2", "1", &["--disable_checkpointing"])));
     let fold2 = fold_folder(&env, "2");
     assert_eq!(safetensors_in(&fold2), Vec::<String>::new());
-    assert!(
-        logs(&fold2).contains("final validation (which predicts from checkpoint_final) is skipped")
-    );
+    assert!(fold2.join("validation/summary.json").is_file());
+    assert!(logs(&fold2)
+        .contains("the final validation used the trained weights; no checkpoint was kept"));
 
     // --val --val_best: validation from checkpoint_best
     assert!(fold0.join("checkpoint_best.safetensors").is_file());

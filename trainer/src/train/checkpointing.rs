@@ -143,7 +143,7 @@ impl CheckpointSaver {
         Ok(())
     }
 
-    /// Writes one checkpoint (atomically).
+    /// Writes one checkpoint (atomically); nothing when disabled.
     pub fn save(
         &self,
         kind: CheckpointKind,
@@ -153,6 +153,17 @@ impl CheckpointSaver {
         if self.disabled {
             return Ok(());
         }
+        self.write(kind, state, learner)
+    }
+
+    /// Writes one checkpoint (atomically), also when disabled: the final validation of a run
+    /// with `--disable_checkpointing` predicts from a `checkpoint_final` it removes afterwards.
+    pub fn write(
+        &self,
+        kind: CheckpointKind,
+        state: TrainingState<'_>,
+        learner: &Learner,
+    ) -> Result<(), TrainError> {
         let ck = Checkpoint {
             meta: CheckpointMeta {
                 format: CHECKPOINT_FORMAT.into(),

@@ -87,8 +87,8 @@ pub struct TrainRequest {
     /// `-pretrained_weights`: initialise the network from this checkpoint (an nnseg
     /// `.safetensors` checkpoint or an nnU-Net `.pth`) before training (see [`pretrained`]).
     pub pretrained_weights: Option<PathBuf>,
-    /// `--disable_checkpointing`: write no checkpoint (the final validation, which predicts
-    /// from `checkpoint_final`, is then skipped).
+    /// `--disable_checkpointing`: keep no checkpoint (the final validation predicts from a
+    /// `checkpoint_final` written for it and removed afterwards).
     pub disable_checkpointing: bool,
     /// `--val_best`: the final validation uses `checkpoint_best` instead of
     /// `checkpoint_final`.

@@ -668,9 +668,25 @@ impl<'r> Session<'r> {
         }
         self.log.say("Training done.")?;
         if self.req.disable_checkpointing {
+            // nnU-Net validates the network in memory; nnseg's validation predicts from
+            // checkpoint_final, so it is written for the validation and removed afterwards
+            let path = self.saver.path(CheckpointKind::Final);
+            self.saver.write(
+                CheckpointKind::Final,
+                self.state(epochs_completed),
+                &self.learner,
+            )?;
+            let validated = final_validation(
+                self.req,
+                &self.data.split.val,
+                self.data.num_workers,
+                &mut self.log,
+            );
+            std::fs::remove_file(&path).map_err(io_err(&path))?;
+            validated?;
             self.log.say(
-                "--disable_checkpointing: no checkpoint written, so the final validation \
-                 (which predicts from checkpoint_final) is skipped",
+                "--disable_checkpointing: the final validation used the trained weights; no \
+                 checkpoint was kept",
             )?;
         } else {
             final_validation(

@@ -173,27 +173,12 @@ impl CompletionRecord {
 
     /// Writes `folder/nnseg_complete.json` atomically.
     pub fn write(&self, folder: &Path) -> Result<(), PreprocessError> {
-        let path = PreprocessedDir::completion_record(folder);
-        let bytes = serde_json::to_vec_pretty(self)
-            .map_err(|e| PreprocessError::Invalid(format!("{}: {e}", path.display())))?;
-        storage::write_bytes_atomic(&path, &bytes)
-            .map_err(|e| PreprocessError::Invalid(format!("cannot write {}: {e}", path.display())))
+        write_record(&PreprocessedDir::completion_record(folder), self)
     }
 
     /// Reads `folder/nnseg_complete.json` (`None` when there is none).
     pub fn read(folder: &Path) -> Result<Option<Self>, PreprocessError> {
-        let path = PreprocessedDir::completion_record(folder);
-        let bytes = match fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(PreprocessError::io(&path)(e)),
-        };
-        serde_json::from_slice(&bytes).map(Some).map_err(|e| {
-            PreprocessError::Invalid(format!(
-                "{}: not a completion record ({e}); preprocess again",
-                path.display()
-            ))
-        })
+        read_record(&PreprocessedDir::completion_record(folder))
     }
 
     /// The case identifiers, sorted.
@@ -415,27 +400,12 @@ impl GtRecord {
     }
 
     fn write(&self, gt: &Path) -> Result<(), PreprocessError> {
-        let path = PreprocessedDir::gt_completion_record_in(gt);
-        let bytes = serde_json::to_vec_pretty(self)
-            .map_err(|e| PreprocessError::Invalid(format!("{}: {e}", path.display())))?;
-        storage::write_bytes_atomic(&path, &bytes)
-            .map_err(|e| PreprocessError::Invalid(format!("cannot write {}: {e}", path.display())))
+        write_record(&PreprocessedDir::gt_completion_record_in(gt), self)
     }
 
     /// Reads the record of the ground-truth folder `gt` (`None` when there is none).
     pub fn read(gt: &Path) -> Result<Option<Self>, PreprocessError> {
-        let path = PreprocessedDir::gt_completion_record_in(gt);
-        let bytes = match fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(PreprocessError::io(&path)(e)),
-        };
-        serde_json::from_slice(&bytes).map(Some).map_err(|e| {
-            PreprocessError::Invalid(format!(
-                "{}: not a completion record ({e}); preprocess again",
-                path.display()
-            ))
-        })
+        read_record(&PreprocessedDir::gt_completion_record_in(gt))
     }
 }
 
@@ -498,4 +468,28 @@ pub fn verify_gt_segmentations(
     } else {
         Err(incomplete(problems))
     }
+}
+
+/// Writes a completion record (pretty JSON) atomically.
+fn write_record<T: serde::Serialize>(path: &Path, record: &T) -> Result<(), PreprocessError> {
+    let bytes = serde_json::to_vec_pretty(record)
+        .map_err(|e| PreprocessError::Invalid(format!("{}: {e}", path.display())))?;
+    storage::write_bytes_atomic(path, &bytes)
+        .map_err(|e| PreprocessError::Invalid(format!("cannot write {}: {e}", path.display())))
+}
+
+/// Reads a completion record (`None` when there is none); an unreadable one is an error
+/// asking to preprocess again.
+fn read_record<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>, PreprocessError> {
+    let bytes = match fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(PreprocessError::io(path)(e)),
+    };
+    serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+        PreprocessError::Invalid(format!(
+            "{}: not a completion record ({e}); preprocess again",
+            path.display()
+        ))
+    })
 }

@@ -16,8 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{json, Env};
-use serde_json::json;
+use common::{tiny_2d_plans, Env};
 
 const DATASET: &str = "Dataset991_Demo2D";
 const TRAINER: &str = "nnUNetTrainer_5epochs";
@@ -198,24 +197,6 @@ fn crash_stage(env: &Env, rng: &mut Rng, kills: usize, stage: Stage) -> StageRep
     }
     report.total = t_stage.elapsed();
     report
-}
-
-/// A network small enough to train five epochs of two iterations in well under a second
-/// (changes no preprocessing key, so the preprocessed data stays valid).
-fn tiny_2d_plans(env: &Env) {
-    let path = env.pre.join(DATASET).join("nnUNetPlans.json");
-    let mut plans = json(&path);
-    let c = &mut plans["configurations"]["2d"];
-    let kw = c["architecture"]["arch_kwargs"].as_object_mut().unwrap();
-    kw.insert("n_stages".into(), json!(3));
-    kw.insert("features_per_stage".into(), json!([4, 8, 16]));
-    kw.insert("kernel_sizes".into(), json!([[3, 3], [3, 3], [3, 3]]));
-    kw.insert("strides".into(), json!([[1, 1], [2, 2], [2, 2]]));
-    kw.insert("n_conv_per_stage".into(), json!([1, 1, 1]));
-    kw.insert("n_conv_per_stage_decoder".into(), json!([1, 1]));
-    c["patch_size"] = json!([32, 32]);
-    c["batch_size"] = json!(2);
-    std::fs::write(&path, serde_json::to_string_pretty(&plans).unwrap()).unwrap();
 }
 
 fn remove(p: &Path) {

@@ -6,28 +6,10 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{json, Env};
-use serde_json::json;
+use common::{tiny_2d_plans, Env};
 
 const DATASET: &str = "Dataset991_Demo2D";
 const MODEL: &str = "nnUNetTrainer_5epochs__nnUNetPlans__2d";
-
-/// A network small enough to train an epoch of two iterations in well under a second.
-fn tiny_2d_plans(env: &Env) {
-    let path = env.pre.join(DATASET).join("nnUNetPlans.json");
-    let mut plans = json(&path);
-    let c = &mut plans["configurations"]["2d"];
-    let kw = c["architecture"]["arch_kwargs"].as_object_mut().unwrap();
-    kw.insert("n_stages".into(), json!(3));
-    kw.insert("features_per_stage".into(), json!([4, 8, 16]));
-    kw.insert("kernel_sizes".into(), json!([[3, 3], [3, 3], [3, 3]]));
-    kw.insert("strides".into(), json!([[1, 1], [2, 2], [2, 2]]));
-    kw.insert("n_conv_per_stage".into(), json!([1, 1, 1]));
-    kw.insert("n_conv_per_stage_decoder".into(), json!([1, 1]));
-    c["patch_size"] = json!([32, 32]);
-    c["batch_size"] = json!(2);
-    std::fs::write(&path, serde_json::to_string_pretty(&plans).unwrap()).unwrap();
-}
 
 fn train(fold: &str, epochs: &str, extra: &[&str]) -> Vec<String> {
     let mut a: Vec<String> = [

@@ -594,10 +594,16 @@ pub struct PredictOptions {
     /// automatic (about 2^18 input voxels per pass, at most 64). Results do not depend on it.
     #[arg(long = "batch_tiles", value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub batch_tiles: Option<u64>,
-    /// Sliding-window sums in f32 (default) or f16 with nnU-Net's exact rounding (to reproduce
-    /// nnU-Net's predictions bit for bit-ish).
-    #[arg(long = "accumulate", default_value = "f32", value_name = "f32|f16")]
+    /// Sliding-window sums stored in f16 with nnU-Net's rounding (default: reproduces nnU-Net's
+    /// predictions, half the memory of the sums) or in f32 (more exact at tile corners).
+    #[arg(long = "accumulate", default_value = "f16", value_name = "f16|f32")]
     pub accumulate: trainer::predict::Accumulation,
+    /// Memory a case may plan for, in GB (default: what the machine has available when the
+    /// case starts). A case whose estimate (printed with --verbose) does not fit falls back to
+    /// f16 sums, then to one input per forward pass, and is refused with the estimate when
+    /// even that does not fit (instead of an out-of-memory kill).
+    #[arg(long = "max_memory_gb", value_name = "GB")]
+    pub max_memory_gb: Option<f64>,
     /// Split the cases into this many parts (for several machines or GPUs sharing one output
     /// folder); this run predicts part -part_id.
     #[arg(long = "num_parts", default_value_t = 1)]

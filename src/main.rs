@@ -84,8 +84,12 @@ fn error_chain(e: &anyhow::Error) -> String {
 
 fn install_logging(verbose: bool) {
     use tracing_subscriber::EnvFilter;
-    let default = if verbose { "debug" } else { "info" };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    // --verbose wins over RUST_LOG (as flags win over nnU-Net's variables)
+    let filter = if verbose {
+        EnvFilter::new("debug")
+    } else {
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"))
+    };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -861,6 +865,10 @@ fn predict_with_model(
     req.prev_stage_predictions = o.prev_stage_predictions.clone();
     req.batch_inputs = o.batch_tiles.map(|n| n as usize);
     req.accumulation = o.accumulate;
+    if let Some(gb) = o.max_memory_gb.filter(|gb| !(gb.is_finite() && *gb > 0.0)) {
+        bail!("--max_memory_gb {gb}: give a positive number of GB");
+    }
+    req.max_memory = o.max_memory_gb.map(|gb| (gb * 1e9) as u64);
     req.part = trainer::predict::Part::new(o.part_id, o.num_parts)?;
     req.continue_prediction = o.continue_prediction;
     let t = Instant::now();

@@ -97,42 +97,95 @@ fn compare_with_nnunet(kind: &str, ours: &Path) -> Vec<(String, f64, f32)> {
         .collect()
 }
 
+/// `predict_from_modelfolder` of fold 0 of `model` on `input` into `out`, with `extra` flags.
+fn predict_fixture(env: &Env, model: &Path, input: &Path, out: &Path, extra: &[&str]) -> String {
+    let mut args = vec![
+        "predict_from_modelfolder",
+        "-i",
+        input.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "-m",
+        model.to_str().unwrap(),
+        "-f",
+        "0",
+        "-chk",
+        "checkpoint_final.pth",
+    ];
+    args.extend_from_slice(extra);
+    env.ok(&args)
+}
+
 #[test]
 fn predictions_of_nnunet_checkpoints_agree_with_nnunet() {
+    // the default settings (f16 sums, nnU-Net's numerics) reproduce nnU-Net's predictor
     let env = Env::new();
     for (kind, model) in models() {
         let out = env.res.join(format!("pred_{kind}"));
         let input = reference(kind).join("input");
-        env.ok(&[
-            "predict_from_modelfolder",
-            "-i",
-            input.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-            "-m",
-            model.to_str().unwrap(),
-            "-f",
-            "0",
-            "-chk",
-            "checkpoint_final.pth",
-            "--save_probabilities",
-            "--accumulate",
-            "f16",
-            "--batch_tiles",
-            "5",
-        ]);
+        let log = predict_fixture(
+            &env,
+            &model,
+            &input,
+            &out,
+            &["--save_probabilities", "--batch_tiles", "5", "--verbose"],
+        );
+        assert!(log.contains("memory estimate"), "{log}");
         for (case, d, dp) in compare_with_nnunet(kind, &out) {
             eprintln!("{case}: min Dice {d:.6}, max |Δp| {dp:.2e}");
             assert!(d >= 0.999, "{case}: Dice {d} against nnU-Net");
             assert!(dp <= 1e-3, "{case}: probabilities differ by {dp}");
         }
+        // without probabilities the export resamples one class at a time and takes the argmax
+        // of the logits: the same segmentations
+        let streamed = env.res.join(format!("pred_{kind}_seg_only"));
+        predict_fixture(&env, &model, &input, &streamed, &[]);
+        for e in std::fs::read_dir(&out).unwrap() {
+            let name = e.unwrap().file_name().to_string_lossy().into_owned();
+            if name.ends_with(".nii.gz") {
+                assert_eq!(seg(&out.join(&name)), seg(&streamed.join(&name)), "{name}");
+            }
+        }
     }
+}
+
+#[test]
+fn a_case_beyond_the_memory_budget_is_refused_with_its_estimate() {
+    let env = Env::new();
+    let (kind, model) = models()[0].clone();
+    let input = reference(kind).join("input");
+    let out = env.res.join("pred");
+    let mut args = vec![
+        "predict_from_modelfolder",
+        "-i",
+        input.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "-m",
+        model.to_str().unwrap(),
+        "-f",
+        "0",
+        "-chk",
+        "checkpoint_final.pth",
+        "--max_memory_gb",
+    ];
+    let err = env.fails(&[args.as_slice(), &["0.00001"]].concat());
+    assert!(err.contains("not enough memory"), "{err}");
+    assert!(err.contains("case 3d_big") && err.contains("sums"), "{err}");
+    assert!(err.contains("--max_memory_gb"), "{err}");
+    let err = env.fails(&[args.as_slice(), &["0"]].concat());
+    assert!(err.contains("--max_memory_gb 0"), "{err}");
+    // a budget that fits f16 sums with one input per pass but not the run's batch of 64
+    // inputs falls back to it, with the same result
+    args.extend(["0.0205", "--batch_tiles", "64", "--accumulate", "f32"]);
+    let log = env.ok(&args);
+    assert!(log.contains("predicting it with f16 sums"), "{log}");
 }
 
 #[test]
 fn f32_sums_agree_with_nnunet_where_one_tile_covers_the_image() {
     // nnU-Net keeps its sums in f16: where tiles overlap, the tiny Gaussian weights at tile
-    // corners lose precision there and the f32 default differs at those voxels; a case of one
+    // corners lose precision there and f32 sums differ at those voxels; a case of one
     // tile has no overlap, so f32 and nnU-Net agree
     let env = Env::new();
     let (kind, model) = models()[0].clone();
@@ -148,6 +201,8 @@ fn f32_sums_agree_with_nnunet_where_one_tile_covers_the_image() {
         "-f",
         "0",
         "--save_probabilities",
+        "--accumulate",
+        "f32",
     ]);
     let all = compare_with_nnunet(kind, &out);
     let small = all.iter().find(|c| c.0 == "3d_small").expect("3d_small");
@@ -306,6 +361,10 @@ fn many_small_images_predicted_together_equal_one_by_one() {
             "--save_probabilities",
             "--batch_tiles",
             batch,
+            // f32 sums: the network's own last-bit differences between batch sizes stay
+            // below 1e-5 (f16 sums round them to f16 steps)
+            "--accumulate",
+            "f32",
         ]);
     };
     let (one, together) = (env.res.join("one"), env.res.join("together"));

@@ -121,6 +121,54 @@ impl LabelHandling {
     }
 }
 
+impl LabelHandling {
+    /// The segmentation of `logits` `(K, ...)` from one class at a time: `class(c)` gives class
+    /// `c`'s logits in the output geometry (e.g. resampled), so only one resampled class exists
+    /// at a time instead of all `K` (the export's memory does not grow with the classes).
+    /// Softmax: argmax of the logits (softmax does not change the order; first maximum wins,
+    /// as numpy's argmax); regions: sigmoid > 0.5 in `regions_class_order`.
+    pub fn segmentation_class_by_class<'a>(
+        &self,
+        logits: &Array4<f32>,
+        class: impl Fn(usize) -> ndarray::CowArray<'a, f32, ndarray::Ix3>,
+    ) -> Array3<i16> {
+        let k = logits.dim().0;
+        match self {
+            LabelHandling::Softmax { labels } => {
+                let mut best = class(0).into_owned();
+                let mut seg = Array3::<i16>::from_elem(best.raw_dim(), labels[0] as i16);
+                for (c, &label) in labels.iter().enumerate().take(k).skip(1) {
+                    Zip::from(&mut seg)
+                        .and(&mut best)
+                        .and(&class(c))
+                        .par_for_each(|s, b, &v| {
+                            if v > *b {
+                                *b = v;
+                                *s = label as i16;
+                            }
+                        });
+                }
+                seg
+            }
+            LabelHandling::Regions {
+                regions_class_order,
+            } => {
+                let mut seg: Option<Array3<i16>> = None;
+                for (i, &label) in regions_class_order.iter().enumerate().take(k) {
+                    let l = class(i);
+                    let seg = seg.get_or_insert_with(|| Array3::zeros(l.raw_dim()));
+                    Zip::from(seg).and(&l).par_for_each(|s, &v| {
+                        if 1.0 / (1.0 + (-v).exp()) > 0.5 {
+                            *s = label as i16;
+                        }
+                    });
+                }
+                seg.unwrap_or_else(|| Array3::zeros((0, 0, 0)))
+            }
+        }
+    }
+}
+
 /// A prediction in the original image space.
 #[derive(Debug, Clone)]
 pub struct ExportedPrediction {
@@ -181,20 +229,34 @@ pub fn convert_logits_to_segmentation(
     };
     let target = props.shape_after_cropping_and_before_resampling;
     let cur = [logits.dim().1, logits.dim().2, logits.dim().3];
-    let mut probs = if cur == target {
-        logits
-    } else {
+    let resample = |l: ndarray::ArrayView4<'_, f32>| {
         resample_data_to_shape(
-            logits.view(),
+            l,
             target,
             &current_spacing,
             &spacing_transposed,
             &cfg.resampling_fn_probabilities_kwargs,
         )
     };
-    labels.apply_nonlin(&mut probs);
-    let seg = labels.to_segmentation(&probs);
-
+    let (seg, probs) = if return_probabilities {
+        let mut probs = if cur == target {
+            logits
+        } else {
+            resample(logits.view())
+        };
+        labels.apply_nonlin(&mut probs);
+        (labels.to_segmentation(&probs), Some(probs))
+    } else {
+        let seg = labels.segmentation_class_by_class(&logits, |c| {
+            let one = logits.slice(s![c..c + 1, .., .., ..]);
+            if cur == target {
+                ndarray::CowArray::from(one.index_axis_move(Axis(0), 0))
+            } else {
+                ndarray::CowArray::from(resample(one).index_axis_move(Axis(0), 0))
+            }
+        });
+        (seg, None)
+    };
     let bbox = props.bbox_used_for_cropping;
     let before = props.shape_before_cropping;
     for a in 0..3 {
@@ -214,7 +276,7 @@ pub fn convert_logits_to_segmentation(
     full.slice_mut(crop).assign(&seg);
     let segmentation = full.permuted_axes(tb).as_standard_layout().into_owned();
 
-    let probabilities = if return_probabilities {
+    let probabilities = if let Some(probs) = probs {
         let k = probs.dim().0;
         let mut pfull = Array4::<f32>::zeros((k, before[0], before[1], before[2]));
         if matches!(labels, LabelHandling::Softmax { .. }) {

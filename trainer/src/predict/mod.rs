@@ -7,6 +7,7 @@
 //!   [`run_final_validation`] predicts a fold's validation cases from the preprocessed data.
 
 pub mod export;
+pub mod memory;
 pub mod model_files;
 pub mod outputs;
 pub mod sliding;
@@ -78,6 +79,9 @@ pub enum PredictError {
     /// Invalid settings, plans or model files.
     #[error("{0}")]
     Config(String),
+    /// A case that does not fit into the memory budget (see [`memory`]).
+    #[error("not enough memory: {0}")]
+    Memory(String),
     /// Incomplete training data (a cascade's previous-stage segmentations).
     #[error(transparent)]
     Data(#[from] crate::data::DataError),
@@ -322,7 +326,7 @@ impl Predictor {
             step_size: 0.5,
             use_mirroring: true,
             batch_inputs: None,
-            accumulation: sliding::Accumulation::F32,
+            accumulation: sliding::Accumulation::default(),
             networks,
         })
     }
@@ -362,10 +366,19 @@ impl Predictor {
         &self,
         data: &[ArrayView4<'_, f32>],
     ) -> Result<Vec<Array4<f32>>, PredictError> {
-        let opts = self.sliding_window_options();
+        self.predict_logits_many_with(data, &self.sliding_window_options())
+    }
+
+    /// [`Predictor::predict_logits_many`] with other sliding-window settings (e.g. f16 sums
+    /// where the memory check asks for them).
+    pub fn predict_logits_many_with(
+        &self,
+        data: &[ArrayView4<'_, f32>],
+        opts: &SlidingWindowOptions,
+    ) -> Result<Vec<Array4<f32>>, PredictError> {
         let mut sum: Option<Vec<Array4<f32>>> = None;
         for net in &self.networks {
-            let l = sliding_window_logits_many(net.as_ref(), data, &opts)?;
+            let l = sliding_window_logits_many(net.as_ref(), data, opts)?;
             match sum.as_mut() {
                 None => sum = Some(l),
                 Some(s) => s.iter_mut().zip(&l).for_each(|(s, l)| *s += l),
@@ -554,6 +567,9 @@ pub struct PredictRequest {
     pub part: Part,
     /// Skip cases whose outputs are complete already (`--continue_prediction`).
     pub continue_prediction: bool,
+    /// The memory a case may plan for, in bytes (`--max_memory_gb`); `None`: what the machine
+    /// has available when the case starts (see [`memory`]).
+    pub max_memory: Option<u64>,
 }
 
 /// Part `id` of `count` of the cases (nnU-Net's `-part_id` / `-num_parts`).
@@ -613,9 +629,10 @@ impl PredictRequest {
             registry: Registry::default(),
             prev_stage_predictions: None,
             batch_inputs: None,
-            accumulation: Accumulation::F32,
+            accumulation: Accumulation::default(),
             part: Part::WHOLE,
             continue_prediction: false,
+            max_memory: None,
         }
     }
 }
@@ -798,13 +815,13 @@ fn run_pipeline(
                 group_tiles += sliding::tile_count([z, y, x], &predictor.sliding_window_options())?;
                 group.push(prepared);
                 if group_tiles >= capacity {
-                    if !predict_group(predictor, &mut group, &exp_tx)? {
+                    if !predict_group(predictor, req, &mut group, &exp_tx)? {
                         return Ok(()); // the exporter stopped: its error is reported
                     }
                     group_tiles = 0;
                 }
             }
-            predict_group(predictor, &mut group, &exp_tx).map(|_| ())
+            predict_group(predictor, req, &mut group, &exp_tx).map(|_| ())
         })();
         drop(exp_tx);
         let exported = exporter
@@ -830,17 +847,22 @@ struct PreparedCase {
 /// the exporter and empties the group; `false` when the exporter has stopped.
 fn predict_group(
     predictor: &Predictor,
+    req: &PredictRequest,
     group: &mut Vec<PreparedCase>,
     exporter: &std::sync::mpsc::SyncSender<(PreparedCase, Array4<f32>)>,
 ) -> Result<bool, PredictError> {
     if group.is_empty() {
         return Ok(true);
     }
-    let views: Vec<_> = group.iter().map(|c| c.data.view()).collect();
-    let logits = predictor.predict_logits_many(&views).map_err(|e| {
+    let names = || {
         let names: Vec<&str> = group.iter().map(|c| c.identifier.as_str()).collect();
-        in_case(&names.join(", "))(e)
-    })?;
+        names.join(", ")
+    };
+    let opts = fit_to_memory(predictor, req, group).map_err(|e| in_case(&names())(e))?;
+    let views: Vec<_> = group.iter().map(|c| c.data.view()).collect();
+    let logits = predictor
+        .predict_logits_many_with(&views, &opts)
+        .map_err(|e| in_case(&names())(e))?;
     for (mut case, logits) in group.drain(..).zip(logits) {
         case.data = Array4::zeros((0, 0, 0, 0)); // the image is no longer needed
         if exporter.send((case, logits)).is_err() {
@@ -848,6 +870,97 @@ fn predict_group(
         }
     }
     Ok(true)
+}
+
+/// The memory model ([`memory`]) of the largest case of `group` against the budget
+/// (`--max_memory_gb`, else the memory available now plus what this process holds): the run's
+/// sliding-window settings when they fit, else f16 sums, else f16 sums with one input per
+/// forward pass (each fallback logged); an error naming the estimate when nothing fits.
+fn fit_to_memory(
+    predictor: &Predictor,
+    req: &PredictRequest,
+    group: &[PreparedCase],
+) -> Result<SlidingWindowOptions, PredictError> {
+    let asked = predictor.sliding_window_options();
+    let Some(case) = group.iter().max_by_key(|c| c.data.len()) else {
+        return Ok(asked);
+    };
+    let (c, z, y, x) = case.data.dim();
+    let geometry = memory::CaseGeometry {
+        channels: c,
+        network: [z, y, x],
+        cropped: case.properties.shape_after_cropping_and_before_resampling,
+        original: case.properties.shape_before_cropping,
+    };
+    let run = memory::RunShape {
+        folds: predictor.num_networks(),
+        save_probabilities: req.save_probabilities,
+        queued_images: req.num_workers.max(1),
+        queued_logits: req.num_export_workers.max(1),
+        batch_inputs: sliding::batch_inputs(&asked),
+        activation_bytes_per_voxel: memory::activation_bytes_per_voxel(
+            &predictor.configuration.architecture.arch_kwargs,
+            asked.patch_size.len(),
+        ),
+    };
+    let f16 = SlidingWindowOptions {
+        accumulation: Accumulation::NnunetF16,
+        ..asked.clone()
+    };
+    let one = SlidingWindowOptions {
+        batch_inputs: Some(1),
+        ..f16.clone()
+    };
+    let mut candidates = vec![];
+    for (o, label) in [
+        (asked, "as asked"),
+        (f16, "f16 sums"),
+        (one, "f16 sums, one input per pass"),
+    ] {
+        let r = memory::RunShape {
+            batch_inputs: sliding::batch_inputs(&o),
+            ..run
+        };
+        let est = memory::estimate(&geometry, &o, &r);
+        candidates.push(((o, label), est));
+    }
+    let budget = req
+        .max_memory
+        .or_else(|| memory::available_memory().map(|a| a + memory::resident_memory().unwrap_or(0)));
+    tracing::debug!(
+        "case {}: memory estimate {} (budget {})",
+        case.identifier,
+        candidates[0].1.describe(),
+        budget.map(memory::mb).unwrap_or_else(|| "unknown".into())
+    );
+    let Some(budget) = budget else {
+        return Ok(candidates.swap_remove(0).0 .0);
+    };
+    match memory::first_fitting(candidates, budget) {
+        Ok((0, (o, _), _)) => Ok(o),
+        Ok((_, (o, label), est)) => {
+            tracing::warn!(
+                "case {}: the run's settings need more memory than the {} budget; predicting \
+                 it with {label} ({})",
+                case.identifier,
+                memory::mb(budget),
+                est.describe()
+            );
+            Ok(o)
+        }
+        Err(smallest) => Err(PredictError::Memory(format!(
+            "needs about {} even with f16 sums and one input per forward pass, but the budget \
+             is {}{}; predict it on a machine with more memory, or lower -npp / -nps (each \
+             queued case counts) or --save_probabilities",
+            smallest.describe(),
+            memory::mb(budget),
+            if req.max_memory.is_some() {
+                " (--max_memory_gb)"
+            } else {
+                " (memory available)"
+            },
+        ))),
+    }
 }
 
 /// Reads and preprocesses one input case (for a cascade stage with the previous stage's

@@ -248,14 +248,26 @@ pub fn predict_tile_with_tta(
 /// How the Gaussian-weighted sums are kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Accumulation {
-    /// f32 sums (default; more exact than nnU-Net).
-    #[default]
+    /// f32 sums: more exact than nnU-Net, twice the memory of the sums.
     F32,
-    /// nnU-Net's numerics: the Gaussian, the logit sums, the weight sums and the quotient are
-    /// rounded to f16 as in `nnUNetPredictor` (`predicted_logits` and `n_predictions` are
-    /// `torch.half`). Tiny Gaussian weights at tile corners lose most of their precision in
-    /// f16, so border voxels covered only by tile corners differ from the f32 result.
+    /// nnU-Net's numerics (default): the Gaussian, the logit sums, the weight sums and the
+    /// quotient are rounded to f16 as in `nnUNetPredictor` (`predicted_logits` and
+    /// `n_predictions` are `torch.half`), and the logit sums are *stored* in f16, so they take
+    /// half the memory of f32 sums. Tiny Gaussian weights at tile corners lose most of their
+    /// precision in f16, so border voxels covered only by tile corners differ from the f32
+    /// result — exactly as they do in nnU-Net.
+    #[default]
     NnunetF16,
+}
+
+impl Accumulation {
+    /// Bytes per stored logit sum.
+    pub fn sum_bytes(self) -> usize {
+        match self {
+            Accumulation::F32 => 4,
+            Accumulation::NnunetF16 => 2,
+        }
+    }
 }
 
 impl std::str::FromStr for Accumulation {
@@ -304,12 +316,12 @@ pub struct SlidingWindowOptions {
     /// go together, so the batch holds `max(1, n / views)` tiles); `None`: automatic
     /// ([`auto_batch_inputs`]). The result does not depend on it.
     pub batch_inputs: Option<usize>,
-    /// f32 sums, or nnU-Net's f16 numerics.
+    /// nnU-Net's f16 numerics (default), or f32 sums.
     pub accumulation: Accumulation,
 }
 
 impl SlidingWindowOptions {
-    /// nnU-Net's defaults: step 0.5, no mirroring, automatic batch, f32 sums.
+    /// nnU-Net's defaults: step 0.5, no mirroring, automatic batch, f16 sums.
     pub fn new(patch_size: &[usize], num_classes: usize) -> Self {
         SlidingWindowOptions {
             patch_size: patch_size.to_vec(),
@@ -317,7 +329,7 @@ impl SlidingWindowOptions {
             mirror_axes: None,
             num_classes,
             batch_inputs: None,
-            accumulation: Accumulation::F32,
+            accumulation: Accumulation::default(),
         }
     }
 }
@@ -338,7 +350,7 @@ pub fn tile_count(shape: [usize; 3], opts: &SlidingWindowOptions) -> Result<usiz
 }
 
 /// Network inputs per forward pass: `batch_inputs`, or the automatic one.
-fn batch_inputs(opts: &SlidingWindowOptions) -> usize {
+pub(crate) fn batch_inputs(opts: &SlidingWindowOptions) -> usize {
     opts.batch_inputs
         .unwrap_or_else(|| auto_batch_inputs(&opts.patch_size))
         .max(1)
@@ -374,8 +386,49 @@ struct Canvas<'a> {
     data: ndarray::CowArray<'a, f32, ndarray::Ix4>,
     pad: [[usize; 2]; 3],
     shape: [usize; 3],
-    acc: Array4<f32>,
+    acc: Sums,
     weight: Array3<f32>,
+}
+
+/// The Gaussian-weighted logit sums `(K, *padded)` of one image, in the storage
+/// [`Accumulation`] asks for.
+enum Sums {
+    F32(Array4<f32>),
+    /// nnU-Net's `torch.half` sums: each addition is done in f32 and rounded to f16.
+    F16(Array4<half::f16>),
+}
+
+impl Sums {
+    fn zeros(mode: Accumulation, shape: (usize, usize, usize, usize)) -> Self {
+        match mode {
+            Accumulation::F32 => Sums::F32(Array4::zeros(shape)),
+            Accumulation::NnunetF16 => Sums::F16(Array4::from_elem(shape, half::f16::ZERO)),
+        }
+    }
+}
+
+/// An element of the logit sums.
+trait SumElem: Copy + Send + Sync {
+    fn add(&mut self, v: f32);
+    fn get(self) -> f32;
+}
+
+impl SumElem for f32 {
+    fn add(&mut self, v: f32) {
+        *self += v;
+    }
+    fn get(self) -> f32 {
+        self
+    }
+}
+
+impl SumElem for half::f16 {
+    fn add(&mut self, v: f32) {
+        *self = half::f16::from_f32(self.to_f32() + v);
+    }
+    fn get(self) -> f32 {
+        self.to_f32()
+    }
 }
 
 /// A tile: the image it belongs to and its first voxel `[z, y, x]` in the padded image (for
@@ -451,7 +504,7 @@ fn make_canvas<'a>(
         data: padded,
         pad,
         shape: [z, y, x],
-        acc: Array4::zeros((opts.num_classes, pz, py, px)),
+        acc: Sums::zeros(opts.accumulation, (opts.num_classes, pz, py, px)),
         weight: Array3::zeros((pz, py, px)),
     })
 }
@@ -539,7 +592,6 @@ fn accumulate(
     patch: &[usize],
     mode: Accumulation,
 ) {
-    use rayon::prelude::*;
     let ext = tile_extent(patch);
     let g = gaussian
         .view()
@@ -547,52 +599,70 @@ fn accumulate(
         .expect("gaussian has the patch's size")
         .into_dimensionality::<ndarray::Ix3>()
         .expect("3-d extent");
-    let add = move |a: &mut f32, v: f32| {
-        *a = match mode {
-            Accumulation::F32 => *a + v,
-            Accumulation::NnunetF16 => round_f16(*a + v),
-        }
-    };
     for (ci, canvas) in canvases.iter_mut().enumerate() {
-        let mine: Vec<usize> = (0..batch.len())
+        let mine: Vec<(Tile, &ArrayD<f32>)> = (0..batch.len())
             .filter(|&i| batch[i].canvas == ci)
+            .map(|i| (batch[i], &preds[i]))
             .collect();
         if mine.is_empty() {
             continue;
         }
-        let region = |t: &Tile| {
-            let [z, y, x] = t.start;
-            s![z..z + ext[0], y..y + ext[1], x..x + ext[2]]
-        };
         let Canvas { acc, weight, .. } = canvas;
         rayon::join(
-            || {
-                acc.outer_iter_mut()
-                    .into_par_iter()
-                    .enumerate()
-                    .for_each(|(c, mut a)| {
-                        for &i in &mine {
-                            let p = preds[i].index_axis(Axis(0), c);
-                            let p = p.into_shape_with_order(ext).expect("tile extent");
-                            Zip::from(a.slice_mut(region(&batch[i])))
-                                .and(&p)
-                                .and(&g)
-                                .for_each(|a, &p, &g| add(a, p * g));
-                        }
-                    })
+            || match acc {
+                Sums::F32(a) => add_tiles(a, &mine, g.view(), ext),
+                Sums::F16(a) => add_tiles(a, &mine, g.view(), ext),
             },
             || {
-                for &i in &mine {
-                    Zip::from(weight.slice_mut(region(&batch[i])))
+                for (t, _) in &mine {
+                    Zip::from(weight.slice_mut(tile_region(t, ext)))
                         .and(&g)
-                        .for_each(|w, &g| add(w, g));
+                        .for_each(|w, &g| {
+                            *w = match mode {
+                                Accumulation::F32 => *w + g,
+                                Accumulation::NnunetF16 => round_f16(*w + g),
+                            }
+                        });
                 }
             },
         );
     }
 }
 
-/// The logits of a canvas: padding cropped away, sums divided by the weights.
+/// The voxels of the padded image a tile covers.
+fn tile_region(
+    t: &Tile,
+    ext: [usize; 3],
+) -> ndarray::SliceInfo<[ndarray::SliceInfoElem; 3], ndarray::Ix3, ndarray::Ix3> {
+    let [z, y, x] = t.start;
+    s![z..z + ext[0], y..y + ext[1], x..x + ext[2]]
+}
+
+/// `acc[c][tile] += pred[c] * g` for each tile in order, classes in parallel.
+fn add_tiles<T: SumElem>(
+    acc: &mut Array4<T>,
+    tiles: &[(Tile, &ArrayD<f32>)],
+    g: ndarray::ArrayView3<'_, f32>,
+    ext: [usize; 3],
+) {
+    use rayon::prelude::*;
+    acc.outer_iter_mut()
+        .into_par_iter()
+        .enumerate()
+        .for_each(|(c, mut a)| {
+            for (t, pred) in tiles {
+                let p = pred.index_axis(Axis(0), c);
+                let p = p.into_shape_with_order(ext).expect("tile extent");
+                Zip::from(a.slice_mut(tile_region(t, ext)))
+                    .and(&p)
+                    .and(&g)
+                    .for_each(|a, &p, &g| a.add(p * g));
+            }
+        });
+}
+
+/// The logits of a canvas: padding cropped away, sums divided by the weights (in place when
+/// the f32 sums need no cropping, so no second `(K, *shape)` array exists).
 fn finish(canvas: Canvas<'_>, mode: Accumulation) -> Result<Array4<f32>, PredictError> {
     let (pad, [z, y, x]) = (canvas.pad, canvas.shape);
     let (rz, ry, rx) = (
@@ -600,25 +670,47 @@ fn finish(canvas: Canvas<'_>, mode: Accumulation) -> Result<Array4<f32>, Predict
         pad[1][0]..pad[1][0] + y,
         pad[2][0]..pad[2][0] + x,
     );
-    let mut out = canvas
-        .acc
-        .slice(s![.., rz.clone(), ry.clone(), rx.clone()])
-        .to_owned();
-    let w = canvas.weight.slice(s![rz, ry, rx]);
-    for mut ch in out.outer_iter_mut() {
-        Zip::from(&mut ch).and(&w).for_each(|a, &w| {
-            *a /= w;
-            if mode == Accumulation::NnunetF16 {
-                *a = round_f16(*a);
-            }
-        });
-    }
+    let w = canvas.weight.slice(s![rz.clone(), ry.clone(), rx.clone()]);
+    let out = match canvas.acc {
+        Sums::F32(acc) => {
+            let unpadded = pad.iter().all(|p| p[0] == 0 && p[1] == 0);
+            let mut out = if unpadded {
+                acc
+            } else {
+                acc.slice(s![.., rz, ry, rx]).to_owned()
+            };
+            divide_by_weights(&mut out, &w, mode);
+            out
+        }
+        Sums::F16(acc) => {
+            let cropped = acc.slice(s![.., rz, ry, rx]);
+            let mut out = Array4::<f32>::zeros(cropped.raw_dim());
+            Zip::from(&mut out)
+                .and(&cropped)
+                .for_each(|o, &a| *o = a.get());
+            divide_by_weights(&mut out, &w, mode);
+            out
+        }
+    };
     if out.iter().any(|v| !v.is_finite()) {
         return Err(PredictError::Config(
             "the predicted logits contain inf/NaN (nnU-Net raises here as well)".into(),
         ));
     }
     Ok(out)
+}
+
+/// `sums / weights` per class, rounded to f16 for [`Accumulation::NnunetF16`].
+fn divide_by_weights(out: &mut Array4<f32>, w: &ndarray::ArrayView3<'_, f32>, mode: Accumulation) {
+    use rayon::prelude::*;
+    out.outer_iter_mut().into_par_iter().for_each(|mut ch| {
+        Zip::from(&mut ch).and(w).for_each(|a, &w| {
+            *a /= w;
+            if mode == Accumulation::NnunetF16 {
+                *a = round_f16(*a);
+            }
+        })
+    });
 }
 
 /// The Gaussian importance map as the sums use it (f16-rounded for [`Accumulation::NnunetF16`],

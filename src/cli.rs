@@ -614,8 +614,8 @@ pub struct PredictOptions {
     /// Skip cases whose outputs are written already (continue an interrupted prediction).
     #[arg(long = "continue_prediction")]
     pub continue_prediction: bool,
-    /// nnU-Net: keep the sliding-window sums in host memory on CUDA. nnseg always accumulates
-    /// in host memory, so this changes nothing; accepted so nnU-Net commands run unchanged.
+    /// Keep the sliding-window sums in host memory on CUDA (as nnU-Net's flag) instead of on
+    /// the GPU: for volumes whose sums do not fit into GPU memory. No effect on the CPU.
     #[arg(long = "not_on_device")]
     pub not_on_device: bool,
 }

@@ -869,6 +869,7 @@ fn predict_with_model(
         bail!("--max_memory_gb {gb}: give a positive number of GB");
     }
     req.max_memory = o.max_memory_gb.map(|gb| (gb * 1e9) as u64);
+    req.on_device = !o.not_on_device;
     req.part = trainer::predict::Part::new(o.part_id, o.num_parts)?;
     req.continue_prediction = o.continue_prediction;
     let t = Instant::now();

@@ -9,6 +9,7 @@
 pub mod export;
 pub mod memory;
 pub mod model_files;
+pub mod on_device;
 pub mod outputs;
 pub mod sliding;
 
@@ -123,41 +124,78 @@ impl TileNetwork for CandleTileNetwork {
     /// One forward pass on the whole batch.
     fn predict_batch(&self, tiles: ArrayViewD<'_, f32>) -> Result<ArrayD<f32>, PredictError> {
         let ctx = |source| PredictError::Candle {
-            context: format!(
-                "network forward on a batch of tiles of shape {:?}",
-                tiles.shape()
-            ),
+            context: format!("copying a batch of tiles of shape {:?}", tiles.shape()),
             source,
         };
-        if tiles.ndim() < 2 || tiles.shape()[1] != self.input_channels {
-            return Err(PredictError::Config(format!(
-                "the image has {} channel(s) but the network expects {}",
-                tiles.shape().get(1).copied().unwrap_or(0),
-                self.input_channels
-            )));
-        }
         let shape = tiles.shape().to_vec();
         let values: Vec<f32> = match tiles.as_slice() {
             Some(v) => v.to_vec(),
             None => tiles.iter().copied().collect(),
         };
-        let x = Tensor::from_vec(values, shape, &self.device)
-            .and_then(|x| x.to_dtype(self.compute_dtype))
-            .map_err(ctx)?;
-        let outputs = self.network.forward(&x, false).map_err(ctx)?;
-        let out = outputs
-            .into_iter()
-            .next()
-            .ok_or_else(|| PredictError::Config("the network returned no output".into()))?;
+        let x = Tensor::from_vec(values, shape, &self.device).map_err(ctx)?;
+        let out = on_device::DeviceTiles::forward_tiles(self, &x)?;
         let dims = out.dims().to_vec();
         let v = out
-            .to_dtype(DType::F32)
-            .and_then(|t| t.flatten_all())
+            .flatten_all()
             .and_then(|t| t.to_vec1::<f32>())
             .map_err(ctx)?;
         ArrayD::from_shape_vec(IxDyn(&dims), v)
             .map_err(|e| PredictError::Config(format!("network output: {e}")))
     }
+
+    fn on_device(&self) -> Option<&dyn on_device::DeviceTiles> {
+        (!self.device.is_cpu()).then_some(self as &dyn on_device::DeviceTiles)
+    }
+}
+
+impl on_device::DeviceTiles for CandleTileNetwork {
+    fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// One forward pass in the compute dtype; the first (full-resolution) output as f32.
+    fn forward_tiles(&self, x: &Tensor) -> Result<Tensor, PredictError> {
+        let ctx = |source| PredictError::Candle {
+            context: format!(
+                "network forward on a batch of tiles of shape {:?}",
+                x.dims()
+            ),
+            source,
+        };
+        if x.rank() < 2 || x.dims()[1] != self.input_channels {
+            return Err(PredictError::Config(format!(
+                "the image has {} channel(s) but the network expects {}",
+                x.dims().get(1).copied().unwrap_or(0),
+                self.input_channels
+            )));
+        }
+        let x = x.to_dtype(self.compute_dtype).map_err(ctx)?;
+        let outputs = self.network.forward(&x, false).map_err(ctx)?;
+        let out = outputs
+            .into_iter()
+            .next()
+            .ok_or_else(|| PredictError::Config("the network returned no output".into()))?;
+        out.to_dtype(DType::F32).map_err(ctx)
+    }
+}
+
+/// One network's sliding window: on its device when it offers that and `opts.on_device`, else
+/// (or when the device runs out of memory, as nnU-Net falls back) with host sums.
+fn logits_of_network(
+    net: &dyn TileNetwork,
+    data: &[ArrayView4<'_, f32>],
+    opts: &SlidingWindowOptions,
+) -> Result<Vec<Array4<f32>>, PredictError> {
+    if let (true, Some(dev)) = (opts.on_device, net.on_device()) {
+        match on_device::sliding_window_logits_on_device(dev, data, opts) {
+            Err(PredictError::Candle { context, source }) => tracing::warn!(
+                "the sliding window on the device failed ({context}: {source}); predicting \
+                 with the sums in host memory instead (as --not_on_device)"
+            ),
+            other => return other,
+        }
+    }
+    sliding_window_logits_many(net, data, opts)
 }
 
 /// The `checkpoint_name` argument as a file name: `checkpoint_final`, `checkpoint_final.pth`
@@ -233,6 +271,8 @@ pub struct Predictor {
     pub batch_inputs: Option<usize>,
     /// f32 sums or nnU-Net's f16 numerics (`--accumulate`).
     pub accumulation: sliding::Accumulation,
+    /// Sums on a GPU network's device (`false`: `--not_on_device`).
+    pub on_device: bool,
     /// Cascade stage (`previous_stage` set): the foreground labels whose one-hot encoding of
     /// the previous stage's segmentation is appended to the image channels.
     pub prev_stage_labels: Option<Vec<i64>>,
@@ -327,6 +367,7 @@ impl Predictor {
             use_mirroring: true,
             batch_inputs: None,
             accumulation: sliding::Accumulation::default(),
+            on_device: true,
             networks,
         })
     }
@@ -348,6 +389,7 @@ impl Predictor {
             num_classes: self.labels.num_outputs(),
             batch_inputs: self.batch_inputs,
             accumulation: self.accumulation,
+            on_device: self.on_device,
         }
     }
 
@@ -378,7 +420,7 @@ impl Predictor {
     ) -> Result<Vec<Array4<f32>>, PredictError> {
         let mut sum: Option<Vec<Array4<f32>>> = None;
         for net in &self.networks {
-            let l = sliding_window_logits_many(net.as_ref(), data, opts)?;
+            let l = logits_of_network(net.as_ref(), data, opts)?;
             match sum.as_mut() {
                 None => sum = Some(l),
                 Some(s) => s.iter_mut().zip(&l).for_each(|(s, l)| *s += l),
@@ -570,6 +612,8 @@ pub struct PredictRequest {
     /// The memory a case may plan for, in bytes (`--max_memory_gb`); `None`: what the machine
     /// has available when the case starts (see [`memory`]).
     pub max_memory: Option<u64>,
+    /// Sliding-window sums on a GPU network's device (`false`: `--not_on_device`).
+    pub on_device: bool,
 }
 
 /// Part `id` of `count` of the cases (nnU-Net's `-part_id` / `-num_parts`).
@@ -633,6 +677,7 @@ impl PredictRequest {
             part: Part::WHOLE,
             continue_prediction: false,
             max_memory: None,
+            on_device: true,
         }
     }
 }
@@ -699,6 +744,7 @@ pub fn predict_from_raw_folder(req: &PredictRequest) -> Result<PredictReport, Pr
     predictor.use_mirroring = !req.disable_tta;
     predictor.batch_inputs = req.batch_inputs;
     predictor.accumulation = req.accumulation;
+    predictor.on_device = req.on_device;
     let ending = predictor.dataset_json.file_ending.clone();
     let cases = req.part.select(find_input_cases(
         &req.input_folder,

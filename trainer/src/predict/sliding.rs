@@ -23,6 +23,12 @@ pub trait TileNetwork: Send + Sync {
         ndarray::stack(Axis(0), &views)
             .map_err(|e| PredictError::Config(format!("tile outputs of different shapes: {e}")))
     }
+
+    /// The network as one that takes tensors on its device, where the sliding window may keep
+    /// its sums on that device ([`super::on_device`]); `None` (the default): host sums.
+    fn on_device(&self) -> Option<&dyn super::on_device::DeviceTiles> {
+        None
+    }
 }
 
 impl<F> TileNetwork for F
@@ -318,6 +324,9 @@ pub struct SlidingWindowOptions {
     pub batch_inputs: Option<usize>,
     /// nnU-Net's f16 numerics (default), or f32 sums.
     pub accumulation: Accumulation,
+    /// Keep the sums on the network's device when it offers that ([`TileNetwork::on_device`];
+    /// GPU networks); `false` is nnU-Net's `--not_on_device`.
+    pub on_device: bool,
 }
 
 impl SlidingWindowOptions {
@@ -330,8 +339,25 @@ impl SlidingWindowOptions {
             num_classes,
             batch_inputs: None,
             accumulation: Accumulation::default(),
+            on_device: true,
         }
     }
+}
+
+/// The mirrored views of a tile (patch axes flipped), after checking the patch and the axes.
+pub(crate) fn checked_mirror_combinations(
+    opts: &SlidingWindowOptions,
+) -> Result<Vec<Vec<usize>>, PredictError> {
+    let patch = &opts.patch_size;
+    check_patch(patch)?;
+    let spatial = patch.len();
+    let axes = opts.mirror_axes.as_deref().unwrap_or(&[]);
+    if let Some(&bad) = axes.iter().find(|&&a| a >= spatial) {
+        return Err(PredictError::Config(format!(
+            "mirroring axis {bad} does not exist for a {spatial}-d patch"
+        )));
+    }
+    Ok(mirror_combinations(axes))
 }
 
 /// The number of tiles of an image of spatial shape `[z, y, x]` (after padding to the patch).
@@ -434,13 +460,13 @@ impl SumElem for half::f16 {
 /// A tile: the image it belongs to and its first voxel `[z, y, x]` in the padded image (for
 /// a 2-d patch, `z` is the slice).
 #[derive(Debug, Clone, Copy, PartialEq)]
-struct Tile {
-    canvas: usize,
-    start: [usize; 3],
+pub(crate) struct Tile {
+    pub canvas: usize,
+    pub start: [usize; 3],
 }
 
 /// The 3-d extent of a tile: a 2-d patch covers one slice.
-fn tile_extent(patch: &[usize]) -> [usize; 3] {
+pub(crate) fn tile_extent(patch: &[usize]) -> [usize; 3] {
     if patch.len() == 2 {
         [1, patch[0], patch[1]]
     } else {
@@ -448,7 +474,7 @@ fn tile_extent(patch: &[usize]) -> [usize; 3] {
     }
 }
 
-fn check_patch(patch: &[usize]) -> Result<(), PredictError> {
+pub(crate) fn check_patch(patch: &[usize]) -> Result<(), PredictError> {
     if patch.len() == 2 || patch.len() == 3 {
         Ok(())
     } else {
@@ -458,13 +484,20 @@ fn check_patch(patch: &[usize]) -> Result<(), PredictError> {
     }
 }
 
+/// An image padded to at least the patch, with its padding and unpadded shape.
+pub(crate) struct Padded<'a> {
+    pub data: ndarray::CowArray<'a, f32, ndarray::Ix4>,
+    pub pad: [[usize; 2]; 3],
+    pub shape: [usize; 3],
+}
+
 /// Pads `data` to at least the patch and lists its tiles in nnU-Net's order.
-fn make_canvas<'a>(
+pub(crate) fn pad_and_tile<'a>(
     data: ArrayView4<'a, f32>,
     index: usize,
     opts: &SlidingWindowOptions,
     tiles: &mut Vec<Tile>,
-) -> Result<Canvas<'a>, PredictError> {
+) -> Result<Padded<'a>, PredictError> {
     let (_, z, y, x) = data.dim();
     let patch = &opts.patch_size;
     let min_shape = tile_extent(patch);
@@ -475,35 +508,49 @@ fn make_canvas<'a>(
         ndarray::CowArray::from(pad_constant0(data, pad))
     };
     let (_, pz, py, px) = padded.dim();
-    if patch.len() == 2 {
+    let starts = if patch.len() == 2 {
         let steps = compute_steps_for_sliding_window(&[py, px], patch, opts.step_size)?;
+        let mut v = vec![];
         for d in 0..pz {
             for &sy in &steps[0] {
-                for &sx in &steps[1] {
-                    tiles.push(Tile {
-                        canvas: index,
-                        start: [d, sy, sx],
-                    });
-                }
+                v.extend(steps[1].iter().map(|&sx| [d, sy, sx]));
             }
         }
+        v
     } else {
         let steps = compute_steps_for_sliding_window(&[pz, py, px], patch, opts.step_size)?;
+        let mut v = vec![];
         for &sz in &steps[0] {
             for &sy in &steps[1] {
-                for &sx in &steps[2] {
-                    tiles.push(Tile {
-                        canvas: index,
-                        start: [sz, sy, sx],
-                    });
-                }
+                v.extend(steps[2].iter().map(|&sx| [sz, sy, sx]));
             }
         }
-    }
-    Ok(Canvas {
+        v
+    };
+    tiles.extend(starts.into_iter().map(|start| Tile {
+        canvas: index,
+        start,
+    }));
+    Ok(Padded {
         data: padded,
         pad,
         shape: [z, y, x],
+    })
+}
+
+/// [`pad_and_tile`] plus zeroed sums.
+fn make_canvas<'a>(
+    data: ArrayView4<'a, f32>,
+    index: usize,
+    opts: &SlidingWindowOptions,
+    tiles: &mut Vec<Tile>,
+) -> Result<Canvas<'a>, PredictError> {
+    let Padded { data, pad, shape } = pad_and_tile(data, index, opts, tiles)?;
+    let (_, pz, py, px) = data.dim();
+    Ok(Canvas {
+        data,
+        pad,
+        shape,
         acc: Sums::zeros(opts.accumulation, (opts.num_classes, pz, py, px)),
         weight: Array3::zeros((pz, py, px)),
     })
@@ -715,7 +762,7 @@ fn divide_by_weights(out: &mut Array4<f32>, w: &ndarray::ArrayView3<'_, f32>, mo
 
 /// The Gaussian importance map as the sums use it (f16-rounded for [`Accumulation::NnunetF16`],
 /// zeros replaced by the smallest non-zero value after rounding, as nnU-Net does in f16).
-fn gaussian_for(patch: &[usize], mode: Accumulation) -> ArrayD<f32> {
+pub(crate) fn gaussian_for(patch: &[usize], mode: Accumulation) -> ArrayD<f32> {
     let mut g = compute_gaussian(patch, 1.0 / 8.0, 10.0);
     if mode == Accumulation::NnunetF16 {
         g.mapv_inplace(round_f16);
@@ -745,15 +792,7 @@ pub fn sliding_window_logits_many(
     opts: &SlidingWindowOptions,
 ) -> Result<Vec<Array4<f32>>, PredictError> {
     let patch = &opts.patch_size;
-    check_patch(patch)?;
-    let spatial = patch.len();
-    let axes = opts.mirror_axes.as_deref().unwrap_or(&[]);
-    if let Some(&bad) = axes.iter().find(|&&a| a >= spatial) {
-        return Err(PredictError::Config(format!(
-            "mirroring axis {bad} does not exist for a {spatial}-d patch"
-        )));
-    }
-    let combos = mirror_combinations(axes);
+    let combos = checked_mirror_combinations(opts)?;
     let mut tiles = vec![];
     let mut canvases = data
         .iter()

@@ -115,6 +115,7 @@ fn opts(patch: &[usize], k: usize, mirror: Option<Vec<usize>>) -> SlidingWindowO
         num_classes: k,
         batch_inputs: Some(1),
         accumulation: Accumulation::F32,
+        on_device: true,
     }
 }
 
@@ -1102,12 +1103,15 @@ fn auto_batch_follows_the_patch_size() {
     assert_eq!(sliding::tiles_per_batch(&o), 1);
 }
 
-#[test]
-fn candle_network_batched_equals_one_tile_per_pass() {
-    let cfg_v = configuration(&[8, 16, 16], &[1.0, 1.0, 1.0], "ZScoreNormalization");
-    let pv = plans_value([0, 1, 2], vec![("3d_fullres", cfg_v)]);
+/// A randomly initialised network of the test plans' architecture (`patch` 2 or 3 entries),
+/// 1 input channel, 2 classes, on the CPU.
+fn random_candle_net(patch: &[usize]) -> CandleTileNetwork {
+    let spacing = vec![1.0; patch.len()];
+    let name = if patch.len() == 2 { "2d" } else { "3d_fullres" };
+    let cfg_v = configuration(patch, &spacing, "ZScoreNormalization");
+    let pv = plans_value([0, 1, 2], vec![(name, cfg_v)]);
     let plans = plans_from(&pv);
-    let cfg = plans.configuration("3d_fullres").unwrap();
+    let cfg = plans.configuration(name).unwrap();
     let io = NetworkIo {
         in_channels: 1,
         num_classes: 2,
@@ -1124,20 +1128,51 @@ fn candle_network_batched_equals_one_tile_per_pass() {
         .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
         .collect();
     let vb = candle_nn::VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu);
-    let net = CandleTileNetwork {
+    CandleTileNetwork {
         network: Registry::default()
             .build(&cfg.architecture, &io, vb)
             .unwrap(),
         device: Device::Cpu,
         input_channels: 1,
         compute_dtype: DType::F32,
-    };
+    }
+}
+
+#[test]
+fn candle_network_batched_equals_one_tile_per_pass() {
+    let net = random_candle_net(&[8, 16, 16]);
     let data = ramp_data((1, 10, 20, 18));
     let mut o = opts(&[8, 16, 16], 2, Some(vec![1, 2]));
     let one = sliding_window_logits(&net, data.view(), &o).unwrap();
     o.batch_inputs = Some(12);
     let batched = sliding_window_logits(&net, data.view(), &o).unwrap();
     assert_close(&batched, &one, 1e-5);
+}
+
+#[test]
+fn sums_on_the_device_equal_host_sums() {
+    // the device path runs with any candle device; on the CPU it is tested against the host
+    // path (CUDA networks take it in `predict`, CPU networks never do)
+    for (patch, mirror) in [
+        (vec![8, 16, 16], Some(vec![0, 1, 2])),
+        (vec![16, 16], Some(vec![0, 1])),
+    ] {
+        let net = random_candle_net(&patch);
+        assert!(net.on_device().is_none(), "CPU networks keep host sums");
+        let big = ramp_data((1, 10, 20, 18));
+        let small = ramp_data((1, 5, 9, 12)).mapv(|v| -v); // padded to the patch
+        let data = [big.view(), small.view()];
+        for (acc, tol) in [(Accumulation::F32, 1e-5), (Accumulation::NnunetF16, 2e-3)] {
+            let mut o = opts(&patch, 2, mirror.clone());
+            o.accumulation = acc;
+            o.batch_inputs = Some(6);
+            let host = sliding::sliding_window_logits_many(&net, &data, &o).unwrap();
+            let dev = on_device::sliding_window_logits_on_device(&net, &data, &o).unwrap();
+            for (h, d) in host.iter().zip(&dev) {
+                assert_close(d, h, tol);
+            }
+        }
+    }
 }
 
 #[test]

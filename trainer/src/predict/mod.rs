@@ -418,18 +418,24 @@ impl Predictor {
         data: &[ArrayView4<'_, f32>],
         opts: &SlidingWindowOptions,
     ) -> Result<Vec<Array4<f32>>, PredictError> {
+        // nnU-Net sums the folds' logits in their dtype (`torch.half` with f16 sums) and divides
+        // in it too: round each step the same way
+        let round = opts.accumulation.rounding();
         let mut sum: Option<Vec<Array4<f32>>> = None;
         for net in &self.networks {
             let l = logits_of_network(net.as_ref(), data, opts)?;
             match sum.as_mut() {
                 None => sum = Some(l),
-                Some(s) => s.iter_mut().zip(&l).for_each(|(s, l)| *s += l),
+                Some(s) => s.iter_mut().zip(&l).for_each(|(s, l)| {
+                    ndarray::Zip::from(s).and(l).par_for_each(|s, &l| *s = round(*s + l))
+                }),
             }
         }
         let mut sum = sum.ok_or_else(|| PredictError::Config("no networks".into()))?;
         if self.networks.len() > 1 {
             let n = self.networks.len() as f32;
-            sum.iter_mut().for_each(|s| s.mapv_inplace(|v| v / n));
+            sum.iter_mut()
+                .for_each(|s| s.par_mapv_inplace(|v| round(v / n)));
         }
         Ok(sum)
     }

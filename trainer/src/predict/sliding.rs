@@ -267,6 +267,14 @@ pub enum Accumulation {
 }
 
 impl Accumulation {
+    /// The rounding of a value kept in this precision (f16 rounding kept as f32, or none).
+    pub fn rounding(self) -> fn(f32) -> f32 {
+        match self {
+            Accumulation::F32 => |v| v,
+            Accumulation::NnunetF16 => round_f16,
+        }
+    }
+
     /// Bytes per stored logit sum.
     pub fn sum_bytes(self) -> usize {
         match self {

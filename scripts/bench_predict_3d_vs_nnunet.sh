@@ -12,7 +12,7 @@
 #
 # The model and the cases are made by scripts/make_bench_model.py (nnU-Net's own trainer builds a
 # 3D PlainConvUNet per fold, 5 labels; see there) and kept in WORKDIR/model for later runs with the
-# same settings. Knobs (environment):
+# same settings (and the same make_bench_model.py). Knobs (environment):
 #   BENCH3D_SHAPE=128,256,256     case shape z,y,x (quick run: 64,128,128)
 #   BENCH3D_PATCH=64,128,128      network patch z,y,x
 #   BENCH3D_FEATURES=8,16,32,64,128   features per stage (number of stages = count)
@@ -23,21 +23,25 @@
 #   ROUNDS=1                      repetitions of the whole grid (the tool that starts alternates)
 #   EXTRA_ARGS=...                extra nnseg arguments, e.g. "--accumulate f16" (nnU-Net's f16
 #                                 sliding-window sums, to reproduce its predictions bit for bit-ish)
+#   BENCH3D_DICE_F16=1            after each pair also an untimed nnseg run with --accumulate f16,
+#                                 and its Dice against nnU-Net (0: not; skipped when EXTRA_ARGS
+#                                 has --accumulate)
 #
 # Output: one row per run (tool, folds, tta, wall_s, cases/s, peak_MB, tree_MB), and after each
 # pair the ratios nnseg/nnU-Net of wall time, peak_MB and tree_MB, and the minimum Dice over cases
 # and foreground labels (a label absent from both segmentations counts 1), over the whole image
-# and over the interior (voxels at least BENCH3D_BORDER from every face). Then a summary with the
-# medians over the rounds.
+# and over the interior (voxels at least BENCH3D_BORDER from every face), and the same for the
+# untimed --accumulate f16 run (f16 Dice). Then a summary with the medians over the rounds.
 #   peak_MB: /usr/bin/time's %M, the max RSS of the largest single process (nnU-Net's
 #            preprocessing / export worker processes are not added to the main one)
 #   tree_MB: max over time of the summed PSS (proportional set size: shared pages split between
 #            the processes) of all processes of the run, sampled every 0.2 s from /proc, or
 #            peak_MB where that is larger (short runs end between samples)
-# Dice note: nnU-Net sums the Gaussian-weighted tile logits in f16, where the weights near the
-# image faces are tiny (subnormal) numbers; nnseg sums in f32 unless EXTRA_ARGS has
-# "--accumulate f16". With an untrained network (small class margins) that alone flips a few
-# voxels near the faces, which the interior Dice leaves out.
+# Dice note: nnU-Net sums the Gaussian-weighted tile logits in f16 (relative rounding 5e-4, and
+# far worse near the image faces, where the Gaussian weights are subnormal f16 numbers); nnseg
+# sums in f32 unless told "--accumulate f16". The untrained network's class margins are small
+# (its argmax is fragmented), so nnU-Net's f16 rounding alone flips ~0.3-0.5% of the voxels, most
+# of them near the faces: expect a Dice of ~0.98-0.995 for the f32 run and >= 0.999 for f16.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${NNUNET_PY:?set NNUNET_PY to the bin folder of a venv with nnunetv2 installed}"
@@ -56,6 +60,8 @@ n_cases="${BENCH3D_CASES:-2}"
 fold_counts="${BENCH3D_FOLDS:-1 5}"
 ttas="${BENCH3D_TTA:-on off}"
 border="${BENCH3D_BORDER:-8}"
+dice_f16="${BENCH3D_DICE_F16:-1}"
+case "${EXTRA_ARGS:-}" in *--accumulate*) dice_f16=0 ;; esac
 rounds="${ROUNDS:-1}"
 py="$NNUNET_PY/python"
 # nnU-Net wants these set; nothing is read from or written to them here
@@ -64,7 +70,7 @@ export nnUNet_raw="$work/nnunet_env/raw" nnUNet_preprocessed="$work/nnunet_env/p
 mkdir -p "$nnUNet_raw" "$nnUNet_preprocessed" "$nnUNet_results" "$work/logs"
 
 # ---- model folder + input cases (re-made only when the settings change)
-key="shape=$shape patch=$patch features=$features cases=$n_cases"
+key="shape=$shape patch=$patch features=$features cases=$n_cases $(sha1sum <scripts/make_bench_model.py)"
 if [ "$(cat "$work/model/key.txt" 2>/dev/null || true)" != "$key" ]; then
     rm -rf "$work/model"
     "$py" scripts/make_bench_model.py --out "$work/model" --shape "$shape" --patch "$patch" \
@@ -129,7 +135,7 @@ print(f'{worst[0]:.5f} {worst[1]:.5f} {worst[2]}')
 PY
 }
 
-printf '%-6s %-7s %-5s %-4s %9s %8s %9s %9s   %s\n' round tool folds tta wall_s cases/s peak_MB tree_MB "nnseg/nnU-Net: time peak tree | min Dice (all, interior, worst)"
+printf '%-6s %-7s %-5s %-4s %9s %8s %9s %9s   %s\n' round tool folds tta wall_s cases/s peak_MB tree_MB "nnseg/nnU-Net: time peak tree | min Dice (all, interior, worst) | f16 Dice (all, interior)"
 summary="$work/summary.txt"; : >"$summary"
 for r in $(seq 1 "$rounds"); do
     for nf in $fold_counts; do
@@ -155,8 +161,18 @@ for r in $(seq 1 "$rounds"); do
             done
             dres=$(dice "$work/out_nnseg" "$work/out_nnunet")
             read -r d_all d_in worst <<<"$dres"
-            python3 -c "print(f'{\"\":<6} {\"ratio\":<7} {$nf:<5} {\"$tta\":<4} {\"\":>9} {\"\":>8} {\"\":>9} {\"\":>9}   {${t[nnseg]}/${t[nnunet]}:.3f} {${m[nnseg]}/${m[nnunet]}:.3f} {${tr[nnseg]}/max(${tr[nnunet]},1):.3f} | $d_all $d_in $worst')"
-            echo "$nf $tta ${t[nnseg]} ${t[nnunet]} ${m[nnseg]} ${m[nnunet]} ${tr[nnseg]} ${tr[nnunet]} $d_all $d_in" >>"$summary"
+            f16_all=nan f16_in=nan
+            if [ "$dice_f16" = 1 ]; then
+                rm -rf "$work/out_nnseg_f16"
+                # shellcheck disable=SC2086
+                "$bin" predict_from_modelfolder -i "$in" -o "$work/out_nnseg_f16" -m "$model" -f $folds \
+                    -chk checkpoint_final.pth "${tta_arg[@]}" ${EXTRA_ARGS:-} --accumulate f16 \
+                    >"$work/logs/r${r}_f${nf}_tta${tta}_nnseg_f16.log" 2>&1
+                dres=$(dice "$work/out_nnseg_f16" "$work/out_nnunet")
+                read -r f16_all f16_in _ <<<"$dres"
+            fi
+            python3 -c "print(f'{\"\":<6} {\"ratio\":<7} {$nf:<5} {\"$tta\":<4} {\"\":>9} {\"\":>8} {\"\":>9} {\"\":>9}   {${t[nnseg]}/${t[nnunet]}:.3f} {${m[nnseg]}/${m[nnunet]}:.3f} {${tr[nnseg]}/max(${tr[nnunet]},1):.3f} | $d_all $d_in $worst | $f16_all $f16_in')"
+            echo "$nf $tta ${t[nnseg]} ${t[nnunet]} ${m[nnseg]} ${m[nnunet]} ${tr[nnseg]} ${tr[nnunet]} $d_all $d_in $f16_all $f16_in" >>"$summary"
             unset t m tr
         done
     done
@@ -172,10 +188,11 @@ for line in open(sys.argv[1]):
     rows.setdefault((nf, tta), []).append([float(x) for x in v])
 n = int(sys.argv[2])
 print(f"{'folds':<5} {'tta':<4} {'nnseg_s':>9} {'nnunet_s':>9} {'nnseg_c/s':>10} {'nnunet_c/s':>10} "
-      f"{'nnseg_MB':>9} {'nnunet_MB':>9} {'t_ratio':>8} {'peak_r':>7} {'tree_r':>7} {'minDice':>8} {'inDice':>8}")
+      f"{'nnseg_MB':>9} {'nnunet_MB':>9} {'t_ratio':>8} {'peak_r':>7} {'tree_r':>7} {'minDice':>8} {'inDice':>8} {'f16Dice':>8} {'f16in':>8}")
 for (nf, tta), v in rows.items():
     med = [st.median(c) for c in zip(*v)]
     ts, tn, ms, mn, trs, trn = med[:6]
     print(f"{nf:<5} {tta:<4} {ts:9.2f} {tn:9.2f} {n/ts:10.4f} {n/tn:10.4f} {ms/1024:9.0f} {mn/1024:9.0f} "
-          f"{ts/tn:8.3f} {ms/mn:7.3f} {trs/max(trn,1):7.3f} {min(r[6] for r in v):8.5f} {min(r[7] for r in v):8.5f}")
+          f"{ts/tn:8.3f} {ms/mn:7.3f} {trs/max(trn,1):7.3f} {min(r[6] for r in v):8.5f} {min(r[7] for r in v):8.5f} "
+          f"{min(r[8] for r in v):8.5f} {min(r[9] for r in v):8.5f}")
 PY

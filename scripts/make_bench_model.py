@@ -36,9 +36,11 @@ that is even and >= 8 (other patches: --patch). The spacing of the plans is (2.0
 
 Input cases (fixed seed 1234): random blob images (see smooth_blobs: 5 intensity classes with
 smooth blob-shaped boundaries, slow shading, little noise), float32, values 1 .. ~230, no zeros.
-Case 0 has the plans' spacing (no resampling); case 1 (if --cases >= 2) has spacing (2.2, 0.9, 0.9), so that both
-preprocessing and export resample, and zero slabs at its borders (4 slices in z, 8 rows in y) so
-that nnU-Net's crop-to-nonzero and the un-crop at export are exercised. Further cases alternate.
+Case 0 has the plans' spacing (no resampling); case 1 (if --cases >= 2) has spacing
+(1.8, 0.7, 0.7), so that both preprocessing and export resample (a 128x256x256 case becomes
+115x224x224 at the plans' spacing: again 27 tiles; a coarser spacing would need up to 64), and
+zero slabs at its borders (4 slices in z, 8 rows in y) so that nnU-Net's crop-to-nonzero and the
+un-crop at export are exercised. Further cases alternate.
 
 Prints a JSON summary (paths, parameter count, voxel counts) on stdout.
 """
@@ -54,7 +56,7 @@ DATASET_NAME = 'Dataset993_Bench3D'
 CONFIGURATION = '3d_fullres'
 LABELS = {'background': 0, 'organ_a': 1, 'organ_b': 2, 'lesion_c': 3, 'vessel_d': 4}
 PLANS_SPACING = [2.0, 0.8, 0.8]
-OTHER_SPACING = [2.2, 0.9, 0.9]
+OTHER_SPACING = [1.8, 0.7, 0.7]
 SEED_DATA = 1234
 
 

@@ -7,6 +7,9 @@
 # nnU-Net-trained 2D fixture model (fold_0/checkpoint_final.pth read as it is), 1 fold, TTA on;
 # with NNUNET_PY=/path/to/venv/bin also nnUNetv2_predict_from_modelfolder on the same images.
 # EXTRA_ARGS (e.g. "--batch_tiles 1") is passed to every nnseg predict.
+# With NNUNET_PY set, finally the 3D comparison with nnU-Net on the same nnU-Net model folder
+# (scripts/bench_predict_3d_vs_nnunet.sh, in WORKDIR/vs_nnunet_3d; its BENCH3D_* and ROUNDS knobs
+# apply; the default 128x256x256 cases take long on a small CPU); BENCH3D=0 skips it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 work="${1:-$PWD/bench_predict_data}"
@@ -73,4 +76,10 @@ run_small "nnseg" "$bin" predict_from_modelfolder -i "$small" -o "$work/out_smal
 if [ -n "${NNUNET_PY:-}" ]; then
     run_small "nnU-Net (nnUNetv2_predict_from_modelfolder)" "$NNUNET_PY/nnUNetv2_predict_from_modelfolder" \
         -i "$small" -o "$work/out_small" -m "$model2d" -f 0 -chk checkpoint_final.pth -device cpu
+fi
+
+# ---- 3D, nnseg vs nnU-Net on the same nnU-Net model folder (1 / 5 folds, TTA on / off)
+if [ -n "${NNUNET_PY:-}" ] && [ "${BENCH3D:-1}" != 0 ]; then
+    echo
+    NNSEG_BIN="$bin" scripts/bench_predict_3d_vs_nnunet.sh "$work/vs_nnunet_3d"
 fi

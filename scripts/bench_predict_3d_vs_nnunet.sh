@@ -21,9 +21,9 @@
 #   BENCH3D_TTA="on off"          mirroring TTA settings to run
 #   BENCH3D_BORDER=8              border band (voxels) left out of the "interior" Dice
 #   ROUNDS=1                      repetitions of the whole grid (the tool that starts alternates)
-#   EXTRA_ARGS=...                extra nnseg arguments, e.g. "--accumulate f16" (nnU-Net's f16
+#   EXTRA_ARGS=...                extra nnseg arguments, e.g. "--accumulate f32" (f32 sums instead
 #                                 sliding-window sums, to reproduce its predictions bit for bit-ish)
-#   BENCH3D_DICE_F16=1            after each pair also an untimed nnseg run with --accumulate f16,
+#   BENCH3D_DICE_F16=0            1: after each pair also an untimed nnseg run with --accumulate f16,
 #                                 and its Dice against nnU-Net (0: not; skipped when EXTRA_ARGS
 #                                 has --accumulate)
 #
@@ -39,9 +39,9 @@
 #            peak_MB where that is larger (short runs end between samples)
 # Dice note: nnU-Net sums the Gaussian-weighted tile logits in f16 (relative rounding 5e-4, and
 # far worse near the image faces, where the Gaussian weights are subnormal f16 numbers); nnseg
-# sums in f32 unless told "--accumulate f16". The untrained network's class margins are small
-# (its argmax is fragmented), so nnU-Net's f16 rounding alone flips ~0.3-0.5% of the voxels, most
-# of them near the faces: expect a Dice of ~0.98-0.995 for the f32 run and >= 0.999 for f16.
+# does the same by default ("--accumulate f32" sums in f32). The untrained network's class margins
+# are small (its argmax is fragmented), so f16 rounding alone flips ~0.3-0.5% of the voxels, most
+# of them near the faces: expect a Dice of ~0.98-0.995 with f32 sums and >= 0.999 with f16.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${NNUNET_PY:?set NNUNET_PY to the bin folder of a venv with nnunetv2 installed}"
@@ -60,7 +60,7 @@ n_cases="${BENCH3D_CASES:-2}"
 fold_counts="${BENCH3D_FOLDS:-1 5}"
 ttas="${BENCH3D_TTA:-on off}"
 border="${BENCH3D_BORDER:-8}"
-dice_f16="${BENCH3D_DICE_F16:-1}"
+dice_f16="${BENCH3D_DICE_F16:-0}"
 case "${EXTRA_ARGS:-}" in *--accumulate*) dice_f16=0 ;; esac
 rounds="${ROUNDS:-1}"
 py="$NNUNET_PY/python"

@@ -177,7 +177,7 @@ fn a_case_beyond_the_memory_budget_is_refused_with_its_estimate() {
     assert!(err.contains("--max_memory_gb 0"), "{err}");
     // a budget that fits f16 sums with one input per pass but not the run's batch of 64
     // inputs falls back to it, with the same result
-    args.extend(["0.0205", "--batch_tiles", "64", "--accumulate", "f32"]);
+    args.extend(["0.15", "--batch_tiles", "64", "--accumulate", "f32"]);
     let log = env.ok(&args);
     assert!(log.contains("predicting it with f16 sums"), "{log}");
 }

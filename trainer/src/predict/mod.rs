@@ -427,7 +427,9 @@ impl Predictor {
             match sum.as_mut() {
                 None => sum = Some(l),
                 Some(s) => s.iter_mut().zip(&l).for_each(|(s, l)| {
-                    ndarray::Zip::from(s).and(l).par_for_each(|s, &l| *s = round(*s + l))
+                    ndarray::Zip::from(s)
+                        .and(l)
+                        .par_for_each(|s, &l| *s = round(*s + l))
                 }),
             }
         }

@@ -1250,3 +1250,41 @@ fn parts_take_every_nth_case_and_bad_parts_are_refused() {
         assert!(e.to_string().contains("part_id"), "{e}");
     }
 }
+
+#[test]
+fn f16_fold_mean_is_summed_and_divided_in_f16_like_nnunet() {
+    let plans = plans_from(&plans_value(
+        [0, 1, 2],
+        vec![(
+            "3d_fullres",
+            configuration(&[4, 8, 8], &[2.0, 1.0, 1.0], "ZScoreNormalization"),
+        )],
+    ));
+    let scale = |f: f32| -> Box<dyn TileNetwork> {
+        Box::new(move |t: ArrayViewD<'_, f32>| {
+            let x = t.index_axis(Axis(0), 0).to_owned();
+            let outs: Vec<_> = (0..3).map(|c| x.mapv(|v| v * f + c as f32 * 0.37)).collect();
+            let views: Vec<_> = outs.iter().map(|o| o.view()).collect();
+            Ok(ndarray::stack(Axis(0), &views).unwrap())
+        })
+    };
+    let (a, b) = (1.000_37_f32, -0.613_f32);
+    let mut predictor = Predictor::from_networks(
+        plans,
+        "3d_fullres",
+        three_labels(),
+        vec![scale(a), scale(b)],
+        vec![0, 1, 2],
+    )
+    .unwrap();
+    let data = ramp_data((1, 6, 11, 9));
+    for acc in [Accumulation::NnunetF16, Accumulation::F32] {
+        predictor.accumulation = acc;
+        let o = predictor.sliding_window_options();
+        let la = sliding_window_logits(&*scale(a), data.view(), &o).unwrap();
+        let lb = sliding_window_logits(&*scale(b), data.view(), &o).unwrap();
+        let r = acc.rounding();
+        let want = Array4::from_shape_fn(la.raw_dim(), |i| r(r(la[i] + lb[i]) / 2.0));
+        assert_eq!(predictor.predict_logits(data.view()).unwrap(), want, "{acc:?}");
+    }
+}

@@ -352,6 +352,8 @@ pin="$out/predict/input"
 # predict_cpu (f32, the reference), dice_cuda_vs_cpu (≥ 0.99: the CUDA kernels agree with the
 # CPU ones) and dice_cuda_bf16_vs_cpu (≥ 0.90 only: after a few dozen iterations many voxels sit
 # near a class boundary, and bf16 rounding alone flips some; 0.955 measured on the CPU dry run).
+# predict_cuda_host_sums / dice_cuda_host_sums_vs_cpu: the same with --not_on_device (the sliding
+# window's sums in host memory; predict_cuda keeps them on the GPU), so both accumulation paths run.
 # Dry run: the device side is a second CPU run (predict_cpu_as_device, ...).
 dtag="${device/:/}"
 [ "$on_gpu" = 1 ] || dtag=cpu_as_device
@@ -368,18 +370,20 @@ elif want demo && [ "$have_bin" = 1 ]; then
         [ "$n" -lt 2 ] && [ -f "$f" ] && cp "$f" "$pin/" && n=$((n + 1))
     done
     tta_note="$([ "$trn" = nnUNetTrainer ] && echo mirroring TTA || echo no TTA)"
-    for v in "$dtag:$device:off:60" "${dtag}_bf16:$device:on:60" "cpu:cpu:off:90"; do
-        IFS=: read -r id dev amp t <<<"$v"
+    for v in "$dtag:$device:off:60:" "${dtag}_bf16:$device:on:60:" \
+        "${dtag}_host_sums:$device:off:60:--not_on_device" "cpu:cpu:off:90:"; do
+        IFS=: read -r id dev amp t extra <<<"$v"
         [ "$id" = cpu ] && dir="$pred_cpu" || dir="$out/predict/$id"
+        # shellcheck disable=SC2086
         run predict_"$id" "$t" - "$bin" predict -i "$pin" -o "$dir" -d 990 -c "$cfg" -tr "$trn" -f 0 \
-            -device "$dev" --amp "$amp"
+            -device "$dev" --amp "$amp" $extra
         ok=0; [ "$(npred "$dir")" = 2 ] && ok=1
         done_step predict_"$id" "$ok" "$(npred "$dir") of 2 cases on $dev, $([ "$amp" = on ] && echo bf16 || echo f32), $tta_note"
     done
 fi
 dj="$nnUNet_raw/Dataset990_Demo3D/dataset.json"
 gt="$out/predict/ground_truth"
-for v in "$dtag:0.99" "${dtag}_bf16:0.90"; do
+for v in "$dtag:0.99" "${dtag}_bf16:0.90" "${dtag}_host_sums:0.99"; do
     if ! want demo || [ "$have_bin" != 1 ]; then break; fi
     IFS=: read -r id thr <<<"$v"
     needs dice_"$id"_vs_cpu predict_"$id" predict_cpu || continue

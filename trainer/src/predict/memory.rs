@@ -3,7 +3,8 @@
 //!
 //! With `P` the voxels of the case in the network's geometry (after resampling; `P'` padded to
 //! at least one patch), `T` its voxels in the cropped original geometry, `O` before cropping,
-//! `C` input channels, `K` network outputs, `B` network inputs per forward pass, `V` patch
+//! `C` input channels, `K` network outputs, `B` network inputs per forward pass, `G` tiles
+//! gathered at once (`max(1, B / M)`, `M` views per tile: 1 + mirror combinations), `V` patch
 //! voxels, `s` bytes per stored sum (2 for `--accumulate f16`, 4 for `f32`) and `F` folds:
 //!
 //! | part | bytes |
@@ -12,7 +13,7 @@
 //! | image (and its padded copy when smaller than a patch) | `4·C·P` (+ `4·C·P'`) |
 //! | sliding-window sums + weight map | `s·K·P' + 4·P'` |
 //! | logits of the case (and the running fold mean when `F > 1`) | `4·K·P` (`·2`) |
-//! | one forward pass: inputs, outputs, TTA average, activations | `4·B·V·(C + 2K) + B·V·a` |
+//! | forward passes: a batch's tiles with their `M` views, their TTA sums, one pass's outputs and activations | `4·V·(G·M·C + G·K + B·K) + B·V·a` |
 //! | export: one resampled class, its argmax, the segmentation | `4·T·3 + 2·T + 4·O` |
 //! | export with `--save_probabilities`: all classes, uncropped, transposed | `4·K·T + 8·K·O` |
 //! | pipeline queues: `-npp` images waiting, `-nps` logits waiting | `4·npp·C·P + 4·nps·K·P` |
@@ -49,8 +50,6 @@ pub struct RunShape {
     pub queued_images: usize,
     /// `-nps`: logits that may wait for their export.
     pub queued_logits: usize,
-    /// Network inputs per forward pass.
-    pub batch_inputs: usize,
     /// Activation bytes per input voxel of one forward pass.
     pub activation_bytes_per_voxel: f64,
 }
@@ -101,7 +100,11 @@ pub fn estimate(
     let v = vox(ext);
     let (t, o) = (vox(case.cropped), vox(case.original));
     let s = opts.accumulation.sum_bytes() as f64;
-    let b = run.batch_inputs.max(1) as f64;
+    let b = super::sliding::batch_inputs(opts) as f64;
+    let tiles = super::sliding::tiles_per_batch(opts) as f64;
+    let views = super::sliding::mirror_combinations(opts.mirror_axes.as_deref().unwrap_or(&[]))
+        .len() as f64
+        + 1.0;
     let pad_copy = if padded != case.network {
         4.0 * c * pp
     } else {
@@ -120,7 +123,8 @@ pub fn estimate(
         ("logits", 4.0 * k * p * fold_mean),
         (
             "forward pass",
-            4.0 * b * v * (c + 2.0 * k) + b * v * run.activation_bytes_per_voxel,
+            4.0 * v * (tiles * views * c + tiles * k + b * k)
+                + b * v * run.activation_bytes_per_voxel,
         ),
         ("export", export),
         (
@@ -254,7 +258,6 @@ mod tests {
             save_probabilities: false,
             queued_images: 0,
             queued_logits: 0,
-            batch_inputs: 1,
             activation_bytes_per_voxel: 0.0,
         }
     }
@@ -312,20 +315,25 @@ mod tests {
     #[test]
     fn the_first_fitting_candidate_wins_and_none_fitting_reports_the_smallest() {
         let o = opts(Accumulation::F32);
-        let mut one = run();
-        one.batch_inputs = 1;
-        one.activation_bytes_per_voxel = 1000.0;
-        let mut many = one;
-        many.batch_inputs = 8;
+        let mut r = run();
+        r.activation_bytes_per_voxel = 1000.0;
+        let many = SlidingWindowOptions {
+            batch_inputs: Some(8),
+            ..o.clone()
+        };
         let f16 = SlidingWindowOptions {
             accumulation: Accumulation::NnunetF16,
-            ..o.clone()
+            ..many.clone()
+        };
+        let one = SlidingWindowOptions {
+            batch_inputs: Some(1),
+            ..f16.clone()
         };
         let cands = || {
             vec![
-                ("as asked", estimate(&case(), &o, &many)),
-                ("f16 sums", estimate(&case(), &f16, &many)),
-                ("f16 sums, batch 1", estimate(&case(), &f16, &one)),
+                ("as asked", estimate(&case(), &many, &r)),
+                ("f16 sums", estimate(&case(), &f16, &r)),
+                ("f16 sums, batch 1", estimate(&case(), &one, &r)),
             ]
         };
         let totals: Vec<u64> = cands().iter().map(|(_, e)| e.total()).collect();

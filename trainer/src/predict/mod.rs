@@ -951,7 +951,6 @@ fn fit_to_memory(
         save_probabilities: req.save_probabilities,
         queued_images: req.num_workers.max(1),
         queued_logits: req.num_export_workers.max(1),
-        batch_inputs: sliding::batch_inputs(&asked),
         activation_bytes_per_voxel: memory::activation_bytes_per_voxel(
             &predictor.configuration.architecture.arch_kwargs,
             asked.patch_size.len(),
@@ -971,11 +970,7 @@ fn fit_to_memory(
         (f16, "f16 sums"),
         (one, "f16 sums, one input per pass"),
     ] {
-        let r = memory::RunShape {
-            batch_inputs: sliding::batch_inputs(&o),
-            ..run
-        };
-        let est = memory::estimate(&geometry, &o, &r);
+        let est = memory::estimate(&geometry, &o, &run);
         candidates.push(((o, label), est));
     }
     let budget = req

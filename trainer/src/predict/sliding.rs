@@ -397,24 +397,6 @@ pub fn tiles_per_batch(opts: &SlidingWindowOptions) -> usize {
     (batch_inputs(opts) / views).max(1)
 }
 
-/// The network on `input` `(N, C, *patch)` in forward passes of at most `max_inputs`.
-fn predict_in_passes(
-    net: &dyn TileNetwork,
-    input: ArrayViewD<'_, f32>,
-    max_inputs: usize,
-) -> Result<ArrayD<f32>, PredictError> {
-    if input.shape()[0] <= max_inputs {
-        return net.predict_batch(input);
-    }
-    let outs = input
-        .axis_chunks_iter(Axis(0), max_inputs)
-        .map(|chunk| net.predict_batch(chunk))
-        .collect::<Result<Vec<_>, _>>()?;
-    let views: Vec<_> = outs.iter().map(|o| o.view()).collect();
-    ndarray::concatenate(Axis(0), &views)
-        .map_err(|e| PredictError::Config(format!("network outputs of different shapes: {e}")))
-}
-
 /// One image of a sliding-window pass: its (padded) data and its sums.
 struct Canvas<'a> {
     data: ndarray::CowArray<'a, f32, ndarray::Ix4>,
@@ -613,27 +595,60 @@ fn gather_inputs(
     input
 }
 
-/// The TTA average of each tile of a batch: the outputs of its views flipped back, summed in
-/// nnU-Net's order and divided by the number of views.
-fn tta_average(out: &ArrayD<f32>, tiles: usize, combos: &[Vec<usize>]) -> Vec<ArrayD<f32>> {
+/// The TTA average of each tile of a batch: `input` holds each tile followed by its mirrored
+/// copies; they go through the network in passes of at most `max_inputs`, and each pass's
+/// outputs are flipped back and added to their tile's sum right away (in nnU-Net's order: the
+/// tile, then each mirrored copy), so only one pass's outputs exist at a time. The sums are
+/// divided by the number of views.
+fn tta_average(
+    net: &dyn TileNetwork,
+    input: ArrayViewD<'_, f32>,
+    max_inputs: usize,
+    combos: &[Vec<usize>],
+    num_classes: usize,
+) -> Result<Vec<ArrayD<f32>>, PredictError> {
     let views = combos.len() + 1;
-    (0..tiles)
-        .map(|t| {
-            let mut pred = out.index_axis(Axis(0), t * views).to_owned();
-            for (m, combo) in combos.iter().enumerate() {
-                let mut back = out.index_axis(Axis(0), t * views + 1 + m);
-                for &ax in combo {
-                    back.invert_axis(Axis(ax + 1));
+    let tiles = input.shape()[0] / views;
+    let mut preds: Vec<Option<ArrayD<f32>>> = vec![None; tiles];
+    for (p, chunk) in input
+        .axis_chunks_iter(Axis(0), max_inputs.max(1))
+        .enumerate()
+    {
+        let out = net.predict_batch(chunk.view())?;
+        let mut expected = chunk.shape().to_vec();
+        expected[1] = num_classes;
+        if out.shape() != expected.as_slice() {
+            return Err(PredictError::Config(format!(
+                "the network returned shape {:?} for a batch of tiles of shape {:?}; expected \
+                 {expected:?}",
+                out.shape(),
+                chunk.shape()
+            )));
+        }
+        for (j, mut o) in out.outer_iter().enumerate() {
+            let i = p * max_inputs.max(1) + j;
+            if let Some(m) = (i % views).checked_sub(1) {
+                for &ax in &combos[m] {
+                    o.invert_axis(Axis(ax + 1));
                 }
-                pred += &back;
             }
+            match &mut preds[i / views] {
+                Some(sum) => *sum += &o,
+                slot => *slot = Some(o.to_owned()),
+            }
+        }
+    }
+    Ok(preds
+        .into_iter()
+        .map(|p| {
+            let mut p = p.expect("every tile has its views");
             if views > 1 {
                 let n = views as f32;
-                pred.mapv_inplace(|v| v / n);
+                p.mapv_inplace(|v| v / n);
             }
-            pred
+            p
         })
-        .collect()
+        .collect())
 }
 
 /// Adds the Gaussian-weighted predictions of one batch to their canvases: classes (and the
@@ -819,18 +834,13 @@ pub fn sliding_window_logits_many(
     let per_batch = tiles_per_batch(opts);
     for batch in tiles.chunks(per_batch) {
         let input = gather_inputs(&canvases, batch, &combos, patch);
-        let out = predict_in_passes(net, input.view(), batch_inputs(opts))?;
-        let mut expected = input.shape().to_vec();
-        expected[1] = opts.num_classes;
-        if out.shape() != expected.as_slice() {
-            return Err(PredictError::Config(format!(
-                "the network returned shape {:?} for a batch of tiles of shape {:?}; expected \
-                 {expected:?}",
-                out.shape(),
-                input.shape()
-            )));
-        }
-        let preds = tta_average(&out, batch.len(), &combos);
+        let preds = tta_average(
+            net,
+            input.view(),
+            batch_inputs(opts),
+            &combos,
+            opts.num_classes,
+        )?;
         accumulate(
             &mut canvases,
             batch,

@@ -5,6 +5,11 @@
 //! groups. `NNSEG_BENCH_QUICK=1` only prints the GFLOP/s table; a first argument selects the
 //! workloads whose name starts with it.
 //!
+//! Instruction set: the header prints the detected CPU features and the GEMM micro-kernel the
+//! convolution kernels actually run. `NNSEG_ISA=avx2` forces gemm's AVX2/FMA kernels on an
+//! AVX-512 host (what an AVX2-only CPU runs; see `architectures/src/ops/isa.rs`).
+//! `scripts/bench_conv_vs_torch.sh` runs this bench and PyTorch side by side, both ISA paths.
+//!
 //! Passes: `fwd` = forward; `fwd+bwd` = forward, loss `sum(y * r)` and Candle's `backward()`
 //! (includes Candle's autograd bookkeeping: its single-threaded element-wise passes for the loss
 //! and the zeros + add gradient accumulation); `kernels` = forward + input gradient + weight
@@ -43,6 +48,10 @@ fn conv_p1(x: &Tensor, w: Option<&Tensor>) -> Result<Tensor> {
     let w = w.expect("weight");
     ops::conv(x, w, None, &ConvOpts::new().padding([1]))
 }
+fn conv_s2(x: &Tensor, w: Option<&Tensor>) -> Result<Tensor> {
+    let w = w.expect("weight");
+    ops::conv(x, w, None, &ConvOpts::new().padding([1]).stride([2]))
+}
 fn conv_aniso(x: &Tensor, w: Option<&Tensor>) -> Result<Tensor> {
     let w = w.expect("weight");
     ops::conv(x, w, None, &ConvOpts::new().padding([0, 1, 1]))
@@ -78,6 +87,9 @@ fn conv_kernels(x: &Tensor, w: &Tensor, r: &Tensor, o: &ConvOpts) -> Result<()> 
 }
 fn k_p1(x: &Tensor, w: &Tensor, r: &Tensor) -> Result<()> {
     conv_kernels(x, w, r, &ConvOpts::new().padding([1]))
+}
+fn k_s2(x: &Tensor, w: &Tensor, r: &Tensor) -> Result<()> {
+    conv_kernels(x, w, r, &ConvOpts::new().padding([1]).stride([2]))
 }
 fn k_aniso(x: &Tensor, w: &Tensor, r: &Tensor) -> Result<()> {
     conv_kernels(x, w, r, &ConvOpts::new().padding([0, 1, 1]))
@@ -118,6 +130,39 @@ fn workloads() -> Vec<Work> {
             w: Some(randn(&[32, 32, 3, 3])),
             run: candle_conv2d,
             kernels: None,
+        },
+        // the 2D plan of the issue-23 training step (PlainConvUNet 32-512, patch 256x128, batch 2)
+        Work {
+            name: "conv2d (2,32,256,128) 3x3 s2 32->64",
+            macs: macs_conv(2.0, 32.0, 64.0, 9.0, 128.0 * 64.0),
+            x: randn(&[2, 32, 256, 128]),
+            w: Some(randn(&[64, 32, 3, 3])),
+            run: conv_s2,
+            kernels: Some(k_s2),
+        },
+        Work {
+            name: "conv2d (2,128,64,32) 3x3 128->128",
+            macs: macs_conv(2.0, 128.0, 128.0, 9.0, 64.0 * 32.0),
+            x: randn(&[2, 128, 64, 32]),
+            w: Some(randn(&[128, 128, 3, 3])),
+            run: conv_p1,
+            kernels: Some(k_p1),
+        },
+        Work {
+            name: "conv2d (2,512,8,4) 3x3 512->512",
+            macs: macs_conv(2.0, 512.0, 512.0, 9.0, 8.0 * 4.0),
+            x: randn(&[2, 512, 8, 4]),
+            w: Some(randn(&[512, 512, 3, 3])),
+            run: conv_p1,
+            kernels: Some(k_p1),
+        },
+        Work {
+            name: "conv_transpose2d k=s=2 (2,64,128,64)->32",
+            macs: macs_conv(2.0, 64.0, 32.0, 4.0, 128.0 * 64.0),
+            x: randn(&[2, 64, 128, 64]),
+            w: Some(randn(&[64, 32, 2, 2])),
+            run: convt_k2,
+            kernels: Some(k_convt),
         },
         Work {
             name: "conv3d (2,32,64,64,64) 3x3x3 32->32",
@@ -209,13 +254,11 @@ fn main() {
         .skip(1)
         .find(|a| !a.starts_with('-'))
         .filter(|a| !a.is_empty());
-    #[cfg(target_arch = "x86_64")]
-    let avx512 = is_x86_feature_detected!("avx512f");
-    #[cfg(not(target_arch = "x86_64"))]
-    let avx512 = false;
     println!(
-        "threads: {}, avx512f: {avx512}",
-        candle_core::utils::get_num_threads()
+        "threads: {}, cpu: {}, conv GEMM path: {}",
+        candle_core::utils::get_num_threads(),
+        ops::cpu_features(),
+        ops::gemm_path()
     );
     let works: Vec<Work> = workloads()
         .into_iter()

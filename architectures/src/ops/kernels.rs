@@ -271,7 +271,7 @@ unsafe fn mm<T: Elem>(
         }
         return;
     }
-    gemm::gemm(
+    super::isa::gemm(
         m,
         n,
         k,
@@ -285,11 +285,6 @@ unsafe fn mm<T: Elem>(
         rhs,
         rhs_cs as isize,
         rhs_rs as isize,
-        T::ONE,
-        T::ONE,
-        false,
-        false,
-        false,
         par,
     );
 }

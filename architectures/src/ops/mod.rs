@@ -26,6 +26,7 @@ mod conv;
 mod cudnn;
 mod fused;
 mod interp;
+mod isa;
 mod kernels;
 mod norm;
 mod pool;
@@ -43,6 +44,7 @@ pub use conv::{ConvOpts, ConvTransposeOpts};
 #[cfg(feature = "cudnn")]
 pub use cudnn::{cudnn_allow_tf32, cudnn_available, set_cudnn_allow_tf32, CUDNN_MAX_WORKSPACE};
 pub use interp::{interpolate, pixel_shuffle, pixel_unshuffle, InterpMode, InterpSize};
+pub use isa::{cpu_features, gemm_isa, gemm_path, set_gemm_isa, GemmIsa};
 pub(crate) use norm::in_f32;
 pub(crate) use norm::instance_norm_composite;
 pub use norm::{

@@ -13,7 +13,8 @@
 //! Passes: `fwd` = forward; `fwd+bwd` = forward, loss `sum(y * r)` and Candle's `backward()`
 //! (includes Candle's autograd bookkeeping: its single-threaded element-wise passes for the loss
 //! and the zeros + add gradient accumulation); `kernels` = forward + input gradient + weight
-//! gradient called directly, i.e. the convolution work of a training step.
+//! gradient called directly, i.e. the convolution work of a training step. `NNSEG_BENCH_PARTS=1`
+//! also times them one by one (`k:fwd`, `k:dx`, `k:dw`; GFLOP/s of one pass each).
 
 use architectures::ops::{self, ConvOpts, ConvTransposeOpts, NormAffine};
 use candle_core::{DType, Device, Result, Tensor, Var};
@@ -26,8 +27,14 @@ use std::time::{Duration, Instant};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Forward + both gradient kernels of one workload, called directly.
-type KernelsFn = fn(&Tensor, &Tensor, &Tensor) -> Result<()>;
+/// Forward + both gradient kernels of one workload, called directly; the last argument selects
+/// which of them run ([`K_FWD`] | [`K_DX`] | [`K_DW`]).
+type KernelsFn = fn(&Tensor, &Tensor, &Tensor, u8) -> Result<()>;
+
+const K_FWD: u8 = 1;
+const K_DX: u8 = 2;
+const K_DW: u8 = 4;
+const K_ALL: u8 = K_FWD | K_DX | K_DW;
 
 struct Work {
     name: &'static str,
@@ -78,37 +85,48 @@ fn in_lrelu(x: &Tensor, _w: Option<&Tensor>) -> Result<Tensor> {
     ops::leaky_relu(&y, 0.01)
 }
 
-fn conv_kernels(x: &Tensor, w: &Tensor, r: &Tensor, o: &ConvOpts) -> Result<()> {
-    let y = ops::conv(x, w, None, o)?;
-    let dx = ops::conv_input_grad(r, w, &x.dims()[2..], o)?;
-    let dw = ops::conv_weight_grad(x, r, &w.dims()[2..], o)?;
-    std::hint::black_box((y, dx, dw));
+fn conv_kernels(x: &Tensor, w: &Tensor, r: &Tensor, o: &ConvOpts, which: u8) -> Result<()> {
+    if which & K_FWD != 0 {
+        std::hint::black_box(ops::conv(x, w, None, o)?);
+    }
+    if which & K_DX != 0 {
+        std::hint::black_box(ops::conv_input_grad(r, w, &x.dims()[2..], o)?);
+    }
+    if which & K_DW != 0 {
+        std::hint::black_box(ops::conv_weight_grad(x, r, &w.dims()[2..], o)?);
+    }
     Ok(())
 }
-fn k_p1(x: &Tensor, w: &Tensor, r: &Tensor) -> Result<()> {
-    conv_kernels(x, w, r, &ConvOpts::new().padding([1]))
+fn k_p1(x: &Tensor, w: &Tensor, r: &Tensor, which: u8) -> Result<()> {
+    conv_kernels(x, w, r, &ConvOpts::new().padding([1]), which)
 }
-fn k_s2(x: &Tensor, w: &Tensor, r: &Tensor) -> Result<()> {
-    conv_kernels(x, w, r, &ConvOpts::new().padding([1]).stride([2]))
+fn k_s2(x: &Tensor, w: &Tensor, r: &Tensor, which: u8) -> Result<()> {
+    conv_kernels(x, w, r, &ConvOpts::new().padding([1]).stride([2]), which)
 }
-fn k_aniso(x: &Tensor, w: &Tensor, r: &Tensor) -> Result<()> {
-    conv_kernels(x, w, r, &ConvOpts::new().padding([0, 1, 1]))
+fn k_aniso(x: &Tensor, w: &Tensor, r: &Tensor, which: u8) -> Result<()> {
+    conv_kernels(x, w, r, &ConvOpts::new().padding([0, 1, 1]), which)
 }
-fn k_aniso_s122(x: &Tensor, w: &Tensor, r: &Tensor) -> Result<()> {
+fn k_aniso_s122(x: &Tensor, w: &Tensor, r: &Tensor, which: u8) -> Result<()> {
     conv_kernels(
         x,
         w,
         r,
         &ConvOpts::new().padding([0, 1, 1]).stride([1, 2, 2]),
+        which,
     )
 }
-fn k_convt(x: &Tensor, w: &Tensor, r: &Tensor) -> Result<()> {
-    let y = convt_k2(x, Some(w))?;
+fn k_convt(x: &Tensor, w: &Tensor, r: &Tensor, which: u8) -> Result<()> {
+    if which & K_FWD != 0 {
+        std::hint::black_box(convt_k2(x, Some(w))?);
+    }
     // transposed conv = conv input gradient: its own gradients are a conv and a weight gradient
     let o = ConvOpts::new().stride([2]);
-    let dx = ops::conv(r, w, None, &o)?;
-    let dw = ops::conv_weight_grad(r, x, &w.dims()[2..], &o)?;
-    std::hint::black_box((y, dx, dw));
+    if which & K_DX != 0 {
+        std::hint::black_box(ops::conv(r, w, None, &o)?);
+    }
+    if which & K_DW != 0 {
+        std::hint::black_box(ops::conv_weight_grad(r, x, &w.dims()[2..], &o)?);
+    }
     Ok(())
 }
 
@@ -246,6 +264,7 @@ fn report(name: &str, pass: &str, macs: f64, mult: f64, d: Duration) {
 
 fn main() {
     let quick = std::env::var("NNSEG_BENCH_QUICK").is_ok();
+    let parts = std::env::var("NNSEG_BENCH_PARTS").is_ok();
     let runs: usize = std::env::var("NNSEG_BENCH_RUNS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -280,9 +299,17 @@ fn main() {
         report(wk.name, "fwd+bwd", wk.macs, 3.0, d);
         if let (Some(k), Some(w)) = (wk.kernels, wk.w.as_ref()) {
             let d = best_of(runs, || {
-                k(wk.x.as_tensor(), w.as_tensor(), &r).expect("kernels")
+                k(wk.x.as_tensor(), w.as_tensor(), &r, K_ALL).expect("kernels")
             });
             report(wk.name, "kernels", wk.macs, 3.0, d);
+            if parts {
+                for (which, pass) in [(K_FWD, "k:fwd"), (K_DX, "k:dx"), (K_DW, "k:dw")] {
+                    let d = best_of(runs, || {
+                        k(wk.x.as_tensor(), w.as_tensor(), &r, which).expect("kernel")
+                    });
+                    report(wk.name, pass, wk.macs, 1.0, d);
+                }
+            }
         }
     }
     if quick {

@@ -21,7 +21,7 @@ if ! grep -qw avx512f /proc/cpuinfo; then ISAS="${ISAS//avx512/}"; fi
 OUT="$(mktemp -d)"
 trap 'rm -rf "$OUT"' EXIT
 
-cargo bench --bench conv --no-run 2>/dev/null
+cargo bench -q --bench conv --no-run >&2
 run_nnseg() { # isa
     local isa_env=auto
     [ "$1" = avx2 ] && isa_env=avx2

@@ -1474,6 +1474,25 @@ mod tests {
     /// (<dy, conv(x, w)> == <bwd_data(dy, w), x> == <bwd_filter(x, dy), w>).
     #[test]
     fn kernels_match_naive_and_are_adjoint() {
+        check_naive_and_adjoint();
+    }
+
+    /// The same with gemm's AVX2/FMA micro-kernels forced (`NNSEG_ISA=avx2`), as an AVX2-only
+    /// CPU runs them; the selection is restored afterwards (both paths are exact to 1e-12, so a
+    /// test running meanwhile on the other path is unaffected).
+    #[test]
+    fn kernels_on_forced_avx2_match_naive() {
+        use crate::ops::isa::{gemm_isa, set_gemm_isa, GemmIsa};
+        let before = gemm_isa();
+        set_gemm_isa(GemmIsa::Avx2);
+        let r = std::panic::catch_unwind(check_naive_and_adjoint);
+        set_gemm_isa(before);
+        if let Err(e) = r {
+            std::panic::resume_unwind(e);
+        }
+    }
+
+    fn check_naive_and_adjoint() {
         let cases = [
             geom([1, 5, 7], [1, 3, 3], [1, 1, 1], [0, 1, 1], [1, 1, 1]),
             geom([1, 6, 7], [1, 3, 3], [1, 2, 2], [0, 1, 1], [1, 1, 1]),

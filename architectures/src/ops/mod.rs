@@ -7,8 +7,9 @@
 //! the custom CPU convolution kernels in this module (which carry explicit, fast backward passes).
 //!
 //! CPU f32/f64 tensors use custom ops: convolution / transposed convolution on blocked im2col +
-//! AVX-512 `gemm` (forward, input gradient and weight gradient, each parallel with rayon and with
-//! a bounded per-thread workspace, see `kernels`), and fused instance norm (+ leaky ReLU). On other
+//! `gemm` (AVX-512 where detected; `NNSEG_ISA=avx2` forces its AVX2/FMA kernels, see `isa`)
+//! (forward, input gradient and weight gradient, each parallel with rayon and with a bounded
+//! per-thread workspace, see `kernels`), and fused instance norm (+ leaky ReLU). On other
 //! devices or dtypes the same functions compose Candle ops (convolutions from Candle's `conv2d`
 //! with zero padding and exact tiling, `index_select`, `matmul` and reshapes), so the API runs on
 //! CUDA. With the `cudnn` feature, CUDA f32/f16/bf16 convolutions (forward, both gradients,

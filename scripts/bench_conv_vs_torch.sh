@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # nnseg's CPU convolutions (benches/conv.rs) vs PyTorch (scripts/bench_conv_torch.py), side by side,
-# in interleaved rounds (nnseg, torch, nnseg, torch, ...) for each instruction-set path:
+# in interleaved rounds (per round: nnseg and torch on each instruction-set path in turn):
 #   avx2   : NNSEG_ISA=avx2 (gemm's AVX2/FMA micro-kernels) vs torch with ATEN_CPU_CAPABILITY=avx2
 #            and ONEDNN_MAX_CPU_ISA=AVX2 -- what an AVX2-only CPU runs, measurable on AVX-512 hosts
 #   avx512 : both on their detected (AVX-512) paths; skipped on CPUs without avx512f
@@ -37,8 +37,8 @@ run_torch() { # isa
             "$PYTHON" scripts/bench_conv_torch.py "$FILTER" --threads "$THREADS"
     fi
 }
-for isa in $ISAS; do
-    for r in $(seq "$ROUNDS"); do
+for r in $(seq "$ROUNDS"); do
+    for isa in $ISAS; do
         run_nnseg "$isa" | sed "s/^/$isa nnseg /" >>"$OUT/all.txt"
         run_torch "$isa" | sed "s/^/$isa torch /" >>"$OUT/all.txt"
     done

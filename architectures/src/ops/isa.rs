@@ -104,7 +104,7 @@ pub fn gemm_path() -> String {
     #[cfg(target_arch = "x86_64")]
     {
         if is_x86_feature_detected!("avx512f") {
-            "avx512f 48x8 f32 micro-kernel (detected; gemm x86-v4 compiled in)".into()
+            "avx512f 64x6 f32 micro-kernel (detected; gemm x86-v4 compiled in)".into()
         } else if avx2_available() {
             "avx2/fma 16x6 f32 micro-kernel (detected)".into()
         } else {

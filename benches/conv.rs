@@ -5,10 +5,16 @@
 //! groups. `NNSEG_BENCH_QUICK=1` only prints the GFLOP/s table; a first argument selects the
 //! workloads whose name starts with it.
 //!
+//! Instruction set: the header prints the detected CPU features and the GEMM micro-kernel the
+//! convolution kernels actually run. `NNSEG_ISA=avx2` forces gemm's AVX2/FMA kernels on an
+//! AVX-512 host (what an AVX2-only CPU runs; see `architectures/src/ops/isa.rs`).
+//! `scripts/bench_conv_vs_torch.sh` runs this bench and PyTorch side by side, both ISA paths.
+//!
 //! Passes: `fwd` = forward; `fwd+bwd` = forward, loss `sum(y * r)` and Candle's `backward()`
 //! (includes Candle's autograd bookkeeping: its single-threaded element-wise passes for the loss
 //! and the zeros + add gradient accumulation); `kernels` = forward + input gradient + weight
-//! gradient called directly, i.e. the convolution work of a training step.
+//! gradient called directly, i.e. the convolution work of a training step. `NNSEG_BENCH_PARTS=1`
+//! also times them one by one (`k:fwd`, `k:dx`, `k:dw`; GFLOP/s of one pass each).
 
 use architectures::ops::{self, ConvOpts, ConvTransposeOpts, NormAffine};
 use candle_core::{DType, Device, Result, Tensor, Var};
@@ -21,8 +27,14 @@ use std::time::{Duration, Instant};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Forward + both gradient kernels of one workload, called directly.
-type KernelsFn = fn(&Tensor, &Tensor, &Tensor) -> Result<()>;
+/// Forward + both gradient kernels of one workload, called directly; the last argument selects
+/// which of them run ([`K_FWD`] | [`K_DX`] | [`K_DW`]).
+type KernelsFn = fn(&Tensor, &Tensor, &Tensor, u8) -> Result<()>;
+
+const K_FWD: u8 = 1;
+const K_DX: u8 = 2;
+const K_DW: u8 = 4;
+const K_ALL: u8 = K_FWD | K_DX | K_DW;
 
 struct Work {
     name: &'static str,
@@ -42,6 +54,10 @@ fn randn(shape: &[usize]) -> Var {
 fn conv_p1(x: &Tensor, w: Option<&Tensor>) -> Result<Tensor> {
     let w = w.expect("weight");
     ops::conv(x, w, None, &ConvOpts::new().padding([1]))
+}
+fn conv_s2(x: &Tensor, w: Option<&Tensor>) -> Result<Tensor> {
+    let w = w.expect("weight");
+    ops::conv(x, w, None, &ConvOpts::new().padding([1]).stride([2]))
 }
 fn conv_aniso(x: &Tensor, w: Option<&Tensor>) -> Result<Tensor> {
     let w = w.expect("weight");
@@ -69,34 +85,48 @@ fn in_lrelu(x: &Tensor, _w: Option<&Tensor>) -> Result<Tensor> {
     ops::leaky_relu(&y, 0.01)
 }
 
-fn conv_kernels(x: &Tensor, w: &Tensor, r: &Tensor, o: &ConvOpts) -> Result<()> {
-    let y = ops::conv(x, w, None, o)?;
-    let dx = ops::conv_input_grad(r, w, &x.dims()[2..], o)?;
-    let dw = ops::conv_weight_grad(x, r, &w.dims()[2..], o)?;
-    std::hint::black_box((y, dx, dw));
+fn conv_kernels(x: &Tensor, w: &Tensor, r: &Tensor, o: &ConvOpts, which: u8) -> Result<()> {
+    if which & K_FWD != 0 {
+        std::hint::black_box(ops::conv(x, w, None, o)?);
+    }
+    if which & K_DX != 0 {
+        std::hint::black_box(ops::conv_input_grad(r, w, &x.dims()[2..], o)?);
+    }
+    if which & K_DW != 0 {
+        std::hint::black_box(ops::conv_weight_grad(x, r, &w.dims()[2..], o)?);
+    }
     Ok(())
 }
-fn k_p1(x: &Tensor, w: &Tensor, r: &Tensor) -> Result<()> {
-    conv_kernels(x, w, r, &ConvOpts::new().padding([1]))
+fn k_p1(x: &Tensor, w: &Tensor, r: &Tensor, which: u8) -> Result<()> {
+    conv_kernels(x, w, r, &ConvOpts::new().padding([1]), which)
 }
-fn k_aniso(x: &Tensor, w: &Tensor, r: &Tensor) -> Result<()> {
-    conv_kernels(x, w, r, &ConvOpts::new().padding([0, 1, 1]))
+fn k_s2(x: &Tensor, w: &Tensor, r: &Tensor, which: u8) -> Result<()> {
+    conv_kernels(x, w, r, &ConvOpts::new().padding([1]).stride([2]), which)
 }
-fn k_aniso_s122(x: &Tensor, w: &Tensor, r: &Tensor) -> Result<()> {
+fn k_aniso(x: &Tensor, w: &Tensor, r: &Tensor, which: u8) -> Result<()> {
+    conv_kernels(x, w, r, &ConvOpts::new().padding([0, 1, 1]), which)
+}
+fn k_aniso_s122(x: &Tensor, w: &Tensor, r: &Tensor, which: u8) -> Result<()> {
     conv_kernels(
         x,
         w,
         r,
         &ConvOpts::new().padding([0, 1, 1]).stride([1, 2, 2]),
+        which,
     )
 }
-fn k_convt(x: &Tensor, w: &Tensor, r: &Tensor) -> Result<()> {
-    let y = convt_k2(x, Some(w))?;
+fn k_convt(x: &Tensor, w: &Tensor, r: &Tensor, which: u8) -> Result<()> {
+    if which & K_FWD != 0 {
+        std::hint::black_box(convt_k2(x, Some(w))?);
+    }
     // transposed conv = conv input gradient: its own gradients are a conv and a weight gradient
     let o = ConvOpts::new().stride([2]);
-    let dx = ops::conv(r, w, None, &o)?;
-    let dw = ops::conv_weight_grad(r, x, &w.dims()[2..], &o)?;
-    std::hint::black_box((y, dx, dw));
+    if which & K_DX != 0 {
+        std::hint::black_box(ops::conv(r, w, None, &o)?);
+    }
+    if which & K_DW != 0 {
+        std::hint::black_box(ops::conv_weight_grad(r, x, &w.dims()[2..], &o)?);
+    }
     Ok(())
 }
 
@@ -118,6 +148,39 @@ fn workloads() -> Vec<Work> {
             w: Some(randn(&[32, 32, 3, 3])),
             run: candle_conv2d,
             kernels: None,
+        },
+        // the 2D plan of the issue-23 training step (PlainConvUNet 32-512, patch 256x128, batch 2)
+        Work {
+            name: "conv2d (2,32,256,128) 3x3 s2 32->64",
+            macs: macs_conv(2.0, 32.0, 64.0, 9.0, 128.0 * 64.0),
+            x: randn(&[2, 32, 256, 128]),
+            w: Some(randn(&[64, 32, 3, 3])),
+            run: conv_s2,
+            kernels: Some(k_s2),
+        },
+        Work {
+            name: "conv2d (2,128,64,32) 3x3 128->128",
+            macs: macs_conv(2.0, 128.0, 128.0, 9.0, 64.0 * 32.0),
+            x: randn(&[2, 128, 64, 32]),
+            w: Some(randn(&[128, 128, 3, 3])),
+            run: conv_p1,
+            kernels: Some(k_p1),
+        },
+        Work {
+            name: "conv2d (2,512,8,4) 3x3 512->512",
+            macs: macs_conv(2.0, 512.0, 512.0, 9.0, 8.0 * 4.0),
+            x: randn(&[2, 512, 8, 4]),
+            w: Some(randn(&[512, 512, 3, 3])),
+            run: conv_p1,
+            kernels: Some(k_p1),
+        },
+        Work {
+            name: "conv_transpose2d k=s=2 (2,64,128,64)->32",
+            macs: macs_conv(2.0, 64.0, 32.0, 4.0, 128.0 * 64.0),
+            x: randn(&[2, 64, 128, 64]),
+            w: Some(randn(&[64, 32, 2, 2])),
+            run: convt_k2,
+            kernels: Some(k_convt),
         },
         Work {
             name: "conv3d (2,32,64,64,64) 3x3x3 32->32",
@@ -200,7 +263,11 @@ fn report(name: &str, pass: &str, macs: f64, mult: f64, d: Duration) {
 }
 
 fn main() {
+    if let Ok(v) = std::env::var("NNSEG_ISA") {
+        ops::set_gemm_isa(ops::parse_isa(&v));
+    }
     let quick = std::env::var("NNSEG_BENCH_QUICK").is_ok();
+    let parts = std::env::var("NNSEG_BENCH_PARTS").is_ok();
     let runs: usize = std::env::var("NNSEG_BENCH_RUNS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -209,13 +276,11 @@ fn main() {
         .skip(1)
         .find(|a| !a.starts_with('-'))
         .filter(|a| !a.is_empty());
-    #[cfg(target_arch = "x86_64")]
-    let avx512 = is_x86_feature_detected!("avx512f");
-    #[cfg(not(target_arch = "x86_64"))]
-    let avx512 = false;
     println!(
-        "threads: {}, avx512f: {avx512}",
-        candle_core::utils::get_num_threads()
+        "threads: {}, cpu: {}, conv GEMM path: {}",
+        candle_core::utils::get_num_threads(),
+        ops::cpu_features(),
+        ops::gemm_path()
     );
     let works: Vec<Work> = workloads()
         .into_iter()
@@ -237,9 +302,17 @@ fn main() {
         report(wk.name, "fwd+bwd", wk.macs, 3.0, d);
         if let (Some(k), Some(w)) = (wk.kernels, wk.w.as_ref()) {
             let d = best_of(runs, || {
-                k(wk.x.as_tensor(), w.as_tensor(), &r).expect("kernels")
+                k(wk.x.as_tensor(), w.as_tensor(), &r, K_ALL).expect("kernels")
             });
             report(wk.name, "kernels", wk.macs, 3.0, d);
+            if parts {
+                for (which, pass) in [(K_FWD, "k:fwd"), (K_DX, "k:dx"), (K_DW, "k:dw")] {
+                    let d = best_of(runs, || {
+                        k(wk.x.as_tensor(), w.as_tensor(), &r, which).expect("kernel")
+                    });
+                    report(wk.name, pass, wk.macs, 1.0, d);
+                }
+            }
         }
     }
     if quick {

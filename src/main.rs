@@ -59,6 +59,10 @@ fn main() {
     reexec_with_runtime_options();
     let cli = Cli::parse_from(cli::normalize_args(std::env::args()));
     install_logging(cli.verbose);
+    // NNSEG_ISA=avx2: the convolution GEMMs run the AVX2/FMA kernels on an AVX-512 host
+    if let Ok(v) = std::env::var("NNSEG_ISA") {
+        architectures::ops::set_gemm_isa(architectures::ops::parse_isa(&v));
+    }
     if let Err(e) = run(cli) {
         eprintln!("error: {}", error_chain(&e));
         std::process::exit(1);

@@ -194,6 +194,9 @@ fn im2col<T: Elem>(
                         if sw == 1 {
                             let s0 = (lo as isize + ow) as usize;
                             drow[lo..hi].copy_from_slice(&srow[s0..s0 + (hi - lo)]);
+                        } else if sw == 2 {
+                            let s0 = ((lo * 2) as isize + ow) as usize;
+                            copy_stride2(&mut drow[lo..hi], &srow[s0..]);
                         } else {
                             let s0 = ((lo * sw) as isize + ow) as usize;
                             for (v, &x) in
@@ -207,6 +210,18 @@ fn im2col<T: Elem>(
             }
         }
     }
+}
+
+/// `dst[i] = src[2 * i]`: the stride-2 gather of [`im2col`] (the strided convolutions of the
+/// U-Net encoders), as pairs so that it vectorises (`step_by(2)` stays a scalar loop).
+fn copy_stride2<T: Elem>(dst: &mut [T], src: &[T]) {
+    let Some((last, body)) = dst.split_last_mut() else {
+        return;
+    };
+    for (v, p) in body.iter_mut().zip(src.chunks_exact(2)) {
+        *v = p[0];
+    }
+    *last = src[2 * body.len()];
 }
 
 /// Rows of the grid per chunk so that a `krows x (rows * row_len)` im2col buffer fits the budget.
@@ -271,7 +286,7 @@ unsafe fn mm<T: Elem>(
         }
         return;
     }
-    gemm::gemm(
+    super::isa::gemm(
         m,
         n,
         k,
@@ -285,11 +300,6 @@ unsafe fn mm<T: Elem>(
         rhs,
         rhs_cs as isize,
         rhs_rs as isize,
-        T::ONE,
-        T::ONE,
-        false,
-        false,
-        false,
         par,
     );
 }
@@ -1479,6 +1489,37 @@ mod tests {
     /// (<dy, conv(x, w)> == <bwd_data(dy, w), x> == <bwd_filter(x, dy), w>).
     #[test]
     fn kernels_match_naive_and_are_adjoint() {
+        check_naive_and_adjoint();
+    }
+
+    /// The same with gemm's AVX2/FMA micro-kernels forced (`NNSEG_ISA=avx2`), as an AVX2-only
+    /// CPU runs them; the selection is restored afterwards (both paths are exact to 1e-12, so a
+    /// test running meanwhile on the other path is unaffected).
+    #[test]
+    fn kernels_on_forced_avx2_match_naive() {
+        use crate::ops::isa::{gemm_isa, set_gemm_isa, GemmIsa};
+        let before = gemm_isa();
+        set_gemm_isa(GemmIsa::Avx2);
+        let r = std::panic::catch_unwind(check_naive_and_adjoint);
+        set_gemm_isa(before);
+        if let Err(e) = r {
+            std::panic::resume_unwind(e);
+        }
+    }
+
+    #[test]
+    fn copy_stride2_gathers_even_elements() {
+        for n in 0..6 {
+            let src: Vec<f64> = (0..2 * n + 1).map(|i| i as f64).collect();
+            let mut dst = vec![-1.0; n];
+            // the source may end right after the last element read
+            copy_stride2(&mut dst, &src[..(2 * n).saturating_sub(1)]);
+            let want: Vec<f64> = (0..n).map(|i| (2 * i) as f64).collect();
+            assert_eq!(dst, want);
+        }
+    }
+
+    fn check_naive_and_adjoint() {
         let cases = [
             geom([1, 5, 7], [1, 3, 3], [1, 1, 1], [0, 1, 1], [1, 1, 1]),
             geom([1, 6, 7], [1, 3, 3], [1, 2, 2], [0, 1, 1], [1, 1, 1]),

@@ -7,8 +7,9 @@
 //! the custom CPU convolution kernels in this module (which carry explicit, fast backward passes).
 //!
 //! CPU f32/f64 tensors use custom ops: convolution / transposed convolution on blocked im2col +
-//! AVX-512 `gemm` (forward, input gradient and weight gradient, each parallel with rayon and with
-//! a bounded per-thread workspace, see `kernels`), and fused instance norm (+ leaky ReLU). On other
+//! `gemm` (AVX-512 where detected; `NNSEG_ISA=avx2` forces its AVX2/FMA kernels, see `isa`)
+//! (forward, input gradient and weight gradient, each parallel with rayon and with a bounded
+//! per-thread workspace, see `kernels`), and fused instance norm (+ leaky ReLU). On other
 //! devices or dtypes the same functions compose Candle ops (convolutions from Candle's `conv2d`
 //! with zero padding and exact tiling, `index_select`, `matmul` and reshapes), so the API runs on
 //! CUDA. With the `cudnn` feature, CUDA f32/f16/bf16 convolutions (forward, both gradients,
@@ -26,6 +27,7 @@ mod conv;
 mod cudnn;
 mod fused;
 mod interp;
+mod isa;
 mod kernels;
 mod norm;
 mod pool;
@@ -43,6 +45,7 @@ pub use conv::{ConvOpts, ConvTransposeOpts};
 #[cfg(feature = "cudnn")]
 pub use cudnn::{cudnn_allow_tf32, cudnn_available, set_cudnn_allow_tf32, CUDNN_MAX_WORKSPACE};
 pub use interp::{interpolate, pixel_shuffle, pixel_unshuffle, InterpMode, InterpSize};
+pub use isa::{cpu_features, gemm_isa, gemm_path, parse_isa, set_gemm_isa, GemmIsa};
 pub(crate) use norm::in_f32;
 pub(crate) use norm::instance_norm_composite;
 pub use norm::{

@@ -5,14 +5,14 @@
 //! at least one patch), `T` its voxels in the cropped original geometry, `O` before cropping,
 //! `C` input channels, `K` network outputs, `B` network inputs per forward pass, `G` tiles
 //! gathered at once (`max(1, B / M)`, `M` views per tile: 1 + mirror combinations), `V` patch
-//! voxels, `s` bytes per stored sum (2 for `--accumulate f16`, 4 for `f32`) and `F` folds:
+//! voxels, `s` bytes per stored sum (2 for `--accumulate f16`, 4 for `f32`):
 //!
 //! | part | bytes |
 //! |---|---|
 //! | runtime: code, thread stacks, allocator caches, weights of small networks | 120 MB |
 //! | image (and its padded copy when smaller than a patch) | `4·C·P` (+ `4·C·P'`) |
 //! | sliding-window sums + weight map | `s·K·P' + 4·P'` |
-//! | logits of the case (and the running fold mean when `F > 1`) | `4·K·P` (`·2`) |
+//! | logits of the case (further folds are added into them straight from their sums) | `4·K·P` |
 //! | forward passes: a batch's tiles with their `M` views, their TTA sums, one pass's outputs and activations | `4·V·(G·M·C + G·K + B·K) + B·V·a` |
 //! | export: one resampled class, its argmax, the segmentation | `4·T·3 + 2·T + 4·O` |
 //! | export with `--save_probabilities`: all classes, uncropped, transposed | `4·K·T + 8·K·O` |
@@ -44,7 +44,6 @@ pub struct CaseGeometry {
 /// Settings of the run that change the peak.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RunShape {
-    pub folds: usize,
     pub save_probabilities: bool,
     /// `-npp`: preprocessed images that may wait for the network.
     pub queued_images: usize,
@@ -110,7 +109,6 @@ pub fn estimate(
     } else {
         0.0
     };
-    let fold_mean = if run.folds > 1 { 2.0 } else { 1.0 };
     let export = if run.save_probabilities {
         4.0 * k * t + 8.0 * k * o
     } else {
@@ -120,7 +118,7 @@ pub fn estimate(
         ("runtime", RUNTIME_BYTES as f64),
         ("image", 4.0 * c * p + pad_copy),
         ("sums", s * k * pp + 4.0 * pp),
-        ("logits", 4.0 * k * p * fold_mean),
+        ("logits", 4.0 * k * p),
         (
             "forward pass",
             4.0 * v * (tiles * views * c + tiles * k + b * k)
@@ -254,7 +252,6 @@ mod tests {
 
     fn run() -> RunShape {
         RunShape {
-            folds: 1,
             save_probabilities: false,
             queued_images: 0,
             queued_logits: 0,
@@ -289,10 +286,6 @@ mod tests {
         probs.save_probabilities = true;
         let e = estimate(&case(), &opts(Accumulation::NnunetF16), &probs);
         assert_eq!(part(&e, "export"), 4 * 5 * p + 8 * 5 * p);
-        let mut folds = run();
-        folds.folds = 5;
-        let e = estimate(&case(), &opts(Accumulation::NnunetF16), &folds);
-        assert_eq!(part(&e, "logits"), 8 * 5 * p);
     }
 
     #[test]

@@ -179,23 +179,39 @@ impl on_device::DeviceTiles for CandleTileNetwork {
     }
 }
 
-/// One network's sliding window: on its device when it offers that and `opts.on_device`, else
-/// (or when the device runs out of memory, as nnU-Net falls back) with host sums.
-fn logits_of_network(
+/// One network's sliding-window logits added to `sum` (pushed when empty; see
+/// [`sliding::sliding_window_add_logits`]): on its device when it offers that and
+/// `opts.on_device`, else (or when the device runs out of memory, as nnU-Net falls back) with
+/// host sums.
+fn add_logits_of_network(
     net: &dyn TileNetwork,
     data: &[ArrayView4<'_, f32>],
     opts: &SlidingWindowOptions,
-) -> Result<Vec<Array4<f32>>, PredictError> {
+    sum: &mut Vec<Array4<f32>>,
+) -> Result<(), PredictError> {
     if let (true, Some(dev)) = (opts.on_device, net.on_device()) {
         match on_device::sliding_window_logits_on_device(dev, data, opts) {
             Err(PredictError::Candle { context, source }) => tracing::warn!(
                 "the sliding window on the device failed ({context}: {source}); predicting \
                  with the sums in host memory instead (as --not_on_device)"
             ),
-            other => return other,
+            Err(e) => return Err(e),
+            Ok(l) if sum.is_empty() => {
+                *sum = l;
+                return Ok(());
+            }
+            Ok(l) => {
+                let round = opts.accumulation.rounding();
+                for (s, l) in sum.iter_mut().zip(&l) {
+                    ndarray::Zip::from(s)
+                        .and(l)
+                        .par_for_each(|s, &l| *s = round(*s + l));
+                }
+                return Ok(());
+            }
         }
     }
-    sliding_window_logits_many(net, data, opts)
+    sliding::sliding_window_add_logits(net, data, opts, sum)
 }
 
 /// The `checkpoint_name` argument as a file name: `checkpoint_final`, `checkpoint_final.pth`
@@ -421,19 +437,13 @@ impl Predictor {
         // nnU-Net sums the folds' logits in their dtype (`torch.half` with f16 sums) and divides
         // in it too: round each step the same way
         let round = opts.accumulation.rounding();
-        let mut sum: Option<Vec<Array4<f32>>> = None;
+        let mut sum: Vec<Array4<f32>> = vec![];
         for net in &self.networks {
-            let l = logits_of_network(net.as_ref(), data, opts)?;
-            match sum.as_mut() {
-                None => sum = Some(l),
-                Some(s) => s.iter_mut().zip(&l).for_each(|(s, l)| {
-                    ndarray::Zip::from(s)
-                        .and(l)
-                        .par_for_each(|s, &l| *s = round(*s + l))
-                }),
-            }
+            add_logits_of_network(net.as_ref(), data, opts, &mut sum)?;
         }
-        let mut sum = sum.ok_or_else(|| PredictError::Config("no networks".into()))?;
+        if sum.is_empty() {
+            return Err(PredictError::Config("no networks".into()));
+        }
         if self.networks.len() > 1 {
             let n = self.networks.len() as f32;
             sum.iter_mut()
@@ -947,7 +957,6 @@ fn fit_to_memory(
         original: case.properties.shape_before_cropping,
     };
     let run = memory::RunShape {
-        folds: predictor.num_networks(),
         save_probabilities: req.save_probabilities,
         queued_images: req.num_workers.max(1),
         queued_logits: req.num_export_workers.max(1),

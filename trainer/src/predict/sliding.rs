@@ -406,6 +406,12 @@ struct Canvas<'a> {
     weight: Array3<f32>,
 }
 
+impl Canvas<'_> {
+    fn acc_classes(&self) -> usize {
+        self.acc.classes()
+    }
+}
+
 /// The Gaussian-weighted logit sums `(K, *padded)` of one image, in the storage
 /// [`Accumulation`] asks for.
 enum Sums {
@@ -415,6 +421,13 @@ enum Sums {
 }
 
 impl Sums {
+    fn classes(&self) -> usize {
+        match self {
+            Sums::F32(a) => a.dim().0,
+            Sums::F16(a) => a.dim().0,
+        }
+    }
+
     fn zeros(mode: Accumulation, shape: (usize, usize, usize, usize)) -> Self {
         match mode {
             Accumulation::F32 => Sums::F32(Array4::zeros(shape)),
@@ -770,6 +783,57 @@ fn finish(canvas: Canvas<'_>, mode: Accumulation) -> Result<Array4<f32>, Predict
     Ok(out)
 }
 
+/// `into = round(into + round(sums / weights))` for a canvas (padding cropped), classes in
+/// parallel (see [`sliding_window_add_logits`]).
+fn finish_add(
+    canvas: Canvas<'_>,
+    mode: Accumulation,
+    into: &mut Array4<f32>,
+) -> Result<(), PredictError> {
+    use rayon::prelude::*;
+    let (pad, [z, y, x]) = (canvas.pad, canvas.shape);
+    if into.dim() != (into.dim().0, z, y, x) || into.dim().0 != canvas.acc_classes() {
+        return Err(PredictError::Config(format!(
+            "logits of shape {:?} cannot take a prediction of {} classes and shape {:?}",
+            into.shape(),
+            canvas.acc_classes(),
+            [z, y, x]
+        )));
+    }
+    let crop = |a: usize, n: usize| pad[a][0]..pad[a][0] + n;
+    let w = canvas.weight.slice(s![crop(0, z), crop(1, y), crop(2, x)]);
+    let r = mode.rounding();
+    fn add<T: SumElem>(
+        acc: &Array4<T>,
+        into: &mut Array4<f32>,
+        w: ndarray::ArrayView3<'_, f32>,
+        sl: [std::ops::Range<usize>; 3],
+        r: fn(f32) -> f32,
+    ) {
+        into.outer_iter_mut()
+            .into_par_iter()
+            .zip(acc.outer_iter().into_par_iter())
+            .for_each(|(mut o, a)| {
+                let a = a.slice(s![sl[0].clone(), sl[1].clone(), sl[2].clone()]);
+                Zip::from(&mut o)
+                    .and(&a)
+                    .and(&w)
+                    .for_each(|o, &a, &w| *o = r(*o + r(a.get() / w)));
+            });
+    }
+    let sl = [crop(0, z), crop(1, y), crop(2, x)];
+    match &canvas.acc {
+        Sums::F32(a) => add(a, into, w, sl, r),
+        Sums::F16(a) => add(a, into, w, sl, r),
+    }
+    if into.iter().any(|v| !v.is_finite()) {
+        return Err(PredictError::Config(
+            "the predicted logits contain inf/NaN (nnU-Net raises here as well)".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// `sums / weights` per class, rounded to f16 for [`Accumulation::NnunetF16`].
 fn divide_by_weights(out: &mut Array4<f32>, w: &ndarray::ArrayView3<'_, f32>, mode: Accumulation) {
     use rayon::prelude::*;
@@ -814,6 +878,21 @@ pub fn sliding_window_logits_many(
     data: &[ArrayView4<'_, f32>],
     opts: &SlidingWindowOptions,
 ) -> Result<Vec<Array4<f32>>, PredictError> {
+    let mut out = vec![];
+    sliding_window_add_logits(net, data, opts, &mut out)?;
+    Ok(out)
+}
+
+/// [`sliding_window_logits_many`] added to `into` (one array per image; empty: the logits are
+/// pushed): `into = round(into + round(sums / weights))` in the sums' precision
+/// ([`Accumulation::rounding`]), as nnU-Net adds the folds' logits. Each image's sums go
+/// straight into `into`, so no second `(K, *shape)` array per image exists (fold ensembles).
+pub fn sliding_window_add_logits(
+    net: &dyn TileNetwork,
+    data: &[ArrayView4<'_, f32>],
+    opts: &SlidingWindowOptions,
+    into: &mut Vec<Array4<f32>>,
+) -> Result<(), PredictError> {
     let patch = &opts.patch_size;
     let combos = checked_mirror_combinations(opts)?;
     let mut tiles = vec![];
@@ -850,10 +929,23 @@ pub fn sliding_window_logits_many(
             opts.accumulation,
         );
     }
-    canvases
-        .into_iter()
-        .map(|c| finish(c, opts.accumulation))
-        .collect()
+    if into.is_empty() {
+        for c in canvases {
+            into.push(finish(c, opts.accumulation)?);
+        }
+        return Ok(());
+    }
+    if into.len() != canvases.len() {
+        return Err(PredictError::Config(format!(
+            "{} logit arrays to add {} images to",
+            into.len(),
+            canvases.len()
+        )));
+    }
+    for (c, sum) in canvases.into_iter().zip(into.iter_mut()) {
+        finish_add(c, opts.accumulation, sum)?;
+    }
+    Ok(())
 }
 
 /// [`sliding_window_logits_many`] for one image.

@@ -1,0 +1,116 @@
+#!/usr/bin/env python3
+"""PyTorch side of scripts/bench_conv_vs_torch.sh: the workloads of `benches/conv.rs`, timed.
+
+Prints one line per workload and pass in the bench's format,
+  `GFLOP/s <name> <pass> <seconds> s <GFLOP/s> GFLOP/s`,
+best of --runs after one warm-up. Passes: `fwd` (forward under no_grad) and `fwd+bwd` (forward,
+loss sum(y * r), backward for the input and the weight: what a training step asks of a conv).
+--threads sets torch.set_num_threads (use rayon's thread count). The instruction set follows
+PyTorch's own switches: ATEN_CPU_CAPABILITY=avx2 and ONEDNN_MAX_CPU_ISA=AVX2 force the AVX2
+paths on an AVX-512 host; the header line reports what is in use.
+"""
+import argparse
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def conv_p1(x, w):
+    return F.conv2d(x, w, padding=1) if x.dim() == 4 else F.conv3d(x, w, padding=1)
+
+
+def conv_s2(x, w):
+    return F.conv2d(x, w, padding=1, stride=2)
+
+
+def conv_aniso(x, w):
+    return F.conv3d(x, w, padding=(0, 1, 1))
+
+
+def conv_aniso_s122(x, w):
+    return F.conv3d(x, w, padding=(0, 1, 1), stride=(1, 2, 2))
+
+
+def convt_k2(x, w):
+    return (F.conv_transpose2d if x.dim() == 4 else F.conv_transpose3d)(x, w, stride=2)
+
+
+def macs(n, cin, cout, k, out):
+    return n * cin * cout * k * out
+
+
+# name -> (x shape, w shape, fn, forward MACs); names and shapes as in benches/conv.rs
+WORKLOADS = [
+    ("conv2d (2,32,256,256) 3x3 32->32", (2, 32, 256, 256), (32, 32, 3, 3), conv_p1,
+     macs(2, 32, 32, 9, 65536)),
+    ("conv2d (2,32,256,128) 3x3 s2 32->64", (2, 32, 256, 128), (64, 32, 3, 3), conv_s2,
+     macs(2, 32, 64, 9, 128 * 64)),
+    ("conv2d (2,128,64,32) 3x3 128->128", (2, 128, 64, 32), (128, 128, 3, 3), conv_p1,
+     macs(2, 128, 128, 9, 64 * 32)),
+    ("conv2d (2,512,8,4) 3x3 512->512", (2, 512, 8, 4), (512, 512, 3, 3), conv_p1,
+     macs(2, 512, 512, 9, 8 * 4)),
+    ("conv_transpose2d k=s=2 (2,64,128,64)->32", (2, 64, 128, 64), (64, 32, 2, 2), convt_k2,
+     macs(2, 64, 32, 4, 128 * 64)),
+    ("conv3d (2,32,64,64,64) 3x3x3 32->32", (2, 32, 64, 64, 64), (32, 32, 3, 3, 3), conv_p1,
+     macs(2, 32, 32, 27, 262144)),
+    ("conv3d (2,32,16,128,128) 1x3x3 32->32", (2, 32, 16, 128, 128), (32, 32, 1, 3, 3), conv_aniso,
+     macs(2, 32, 32, 9, 16 * 128 * 128)),
+    ("conv3d (2,32,16,128,128) 1x3x3 s(1,2,2)", (2, 32, 16, 128, 128), (32, 32, 1, 3, 3),
+     conv_aniso_s122, macs(2, 32, 32, 9, 16 * 64 * 64)),
+    ("conv_transpose3d k=s=2 (2,64,32^3)->32", (2, 64, 32, 32, 32), (64, 32, 2, 2, 2), convt_k2,
+     macs(2, 64, 32, 8, 32768)),
+]
+
+
+def best_of(runs, f):
+    f()
+    best = float("inf")
+    for _ in range(runs):
+        t = time.perf_counter()
+        f()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def report(name, pass_, m, mult, s):
+    print(f"GFLOP/s {name:<44} {pass_:<8} {s:8.4f} s {2 * m * mult / s / 1e9:8.1f} GFLOP/s",
+          flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("filter", nargs="?", default="")
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("RAYON_NUM_THREADS", "0")
+                                                        or os.cpu_count()))
+    ap.add_argument("--runs", type=int, default=3)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    cap = torch.backends.cpu.get_cpu_capability()
+    print(f"torch {torch.__version__}, threads: {torch.get_num_threads()}, ATen cpu capability: "
+          f"{cap}, ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', 'unset')}", flush=True)
+    for name, xs, ws, fn, m in WORKLOADS:
+        if not name.startswith(a.filter):
+            continue
+        x = torch.randn(xs, requires_grad=True)
+        w = torch.randn(ws, requires_grad=True)
+        with torch.no_grad():
+            r = torch.randn(fn(x, w).shape)
+
+        def fwd():
+            with torch.no_grad():
+                fn(x, w)
+
+        def fwd_bwd():
+            x.grad = None
+            w.grad = None
+            (fn(x, w) * r).sum().backward()
+
+        report(name, "fwd", m, 1, best_of(a.runs, fwd))
+        report(name, "fwd+bwd", m, 3, best_of(a.runs, fwd_bwd))
+
+
+if __name__ == "__main__":
+    main()

@@ -97,9 +97,10 @@ fn compare_with_nnunet(kind: &str, ours: &Path) -> Vec<(String, f64, f32)> {
         .collect()
 }
 
-/// `predict_from_modelfolder` of fold 0 of `model` on `input` into `out`, with `extra` flags.
-fn predict_fixture(env: &Env, model: &Path, input: &Path, out: &Path, extra: &[&str]) -> String {
-    let mut args = vec![
+/// The arguments of `predict_from_modelfolder` with fold 0's `checkpoint_final.pth` of `model`
+/// on `input` into `out`.
+fn fixture_args<'a>(model: &'a Path, input: &'a Path, out: &'a Path) -> Vec<&'a str> {
+    vec![
         "predict_from_modelfolder",
         "-i",
         input.to_str().unwrap(),
@@ -111,7 +112,12 @@ fn predict_fixture(env: &Env, model: &Path, input: &Path, out: &Path, extra: &[&
         "0",
         "-chk",
         "checkpoint_final.pth",
-    ];
+    ]
+}
+
+/// `predict_from_modelfolder` of fold 0 of `model` on `input` into `out`, with `extra` flags.
+fn predict_fixture(env: &Env, model: &Path, input: &Path, out: &Path, extra: &[&str]) -> String {
+    let mut args = fixture_args(model, input, out);
     args.extend_from_slice(extra);
     env.ok(&args)
 }
@@ -155,20 +161,8 @@ fn a_case_beyond_the_memory_budget_is_refused_with_its_estimate() {
     let (kind, model) = models()[0].clone();
     let input = reference(kind).join("input");
     let out = env.res.join("pred");
-    let mut args = vec![
-        "predict_from_modelfolder",
-        "-i",
-        input.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "-m",
-        model.to_str().unwrap(),
-        "-f",
-        "0",
-        "-chk",
-        "checkpoint_final.pth",
-        "--max_memory_gb",
-    ];
+    let mut args = fixture_args(&model, &input, &out);
+    args.push("--max_memory_gb");
     let err = env.fails(&[args.as_slice(), &["0.00001"]].concat());
     assert!(err.contains("not enough memory"), "{err}");
     assert!(err.contains("case 3d_big") && err.contains("sums"), "{err}");
@@ -176,7 +170,7 @@ fn a_case_beyond_the_memory_budget_is_refused_with_its_estimate() {
     let err = env.fails(&[args.as_slice(), &["0"]].concat());
     assert!(err.contains("--max_memory_gb 0"), "{err}");
     // a budget that fits f16 sums with one input per pass but not the run's batch of 64
-    // inputs falls back to it, with the same result
+    // inputs falls back to them
     args.extend(["0.15", "--batch_tiles", "64", "--accumulate", "f32"]);
     let log = env.ok(&args);
     assert!(log.contains("predicting it with f16 sums"), "{log}");
@@ -190,20 +184,13 @@ fn f32_sums_agree_with_nnunet_where_one_tile_covers_the_image() {
     let env = Env::new();
     let (kind, model) = models()[0].clone();
     let out = env.res.join("pred");
-    env.ok(&[
-        "predict_from_modelfolder",
-        "-i",
-        reference(kind).join("input").to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "-m",
-        model.to_str().unwrap(),
-        "-f",
-        "0",
-        "--save_probabilities",
-        "--accumulate",
-        "f32",
-    ]);
+    predict_fixture(
+        &env,
+        &model,
+        &reference(kind).join("input"),
+        &out,
+        &["--save_probabilities", "--accumulate", "f32"],
+    );
     let all = compare_with_nnunet(kind, &out);
     let small = all.iter().find(|c| c.0 == "3d_small").expect("3d_small");
     assert!(small.1 >= 0.999 && small.2 <= 1e-3, "{small:?}");

@@ -221,53 +221,39 @@ fn imported_model_and_predict_by_dataset_id_give_the_same_segmentation() {
     copy_model(&model, &dst);
     let input = reference(kind).join("input");
     let pth_out = env.res.join("out_pth");
-    env.ok(&[
-        "predict",
-        "-i",
-        input.to_str().unwrap(),
-        "-o",
-        pth_out.to_str().unwrap(),
-        "-d",
-        "992",
-        "-c",
-        "2d",
-        "-f",
-        "0",
-    ]);
+    // `predict -d 992 -c 2d -f 0` of the reference inputs into `out`, with `extra` flags
+    let predict = |out: &Path, extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = [
+            "predict",
+            "-i",
+            input.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "-d",
+            "992",
+            "-c",
+            "2d",
+            "-f",
+            "0",
+        ]
+        .map(String::from)
+        .to_vec();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    fn strs(v: &[String]) -> Vec<&str> {
+        v.iter().map(String::as_str).collect()
+    }
+    env.ok(&strs(&predict(&pth_out, &[])));
     // without an import, -chk model names the files it looked for
-    let e = env.fails(&[
-        "predict",
-        "-i",
-        input.to_str().unwrap(),
-        "-o",
-        "/nonexistent/x",
-        "-d",
-        "992",
-        "-c",
-        "2d",
-        "-f",
-        "0",
-        "-chk",
-        "model",
-    ]);
+    let e = env.fails(&strs(&predict(
+        Path::new("/nonexistent/x"),
+        &["-chk", "model"],
+    )));
     assert!(e.contains("fold_0/model.safetensors"), "{e}");
     env.ok(&["import_nnunet_model", dst.to_str().unwrap(), "-f", "0"]);
     let imported_out = env.res.join("out_imported");
-    env.ok(&[
-        "predict",
-        "-i",
-        input.to_str().unwrap(),
-        "-o",
-        imported_out.to_str().unwrap(),
-        "-d",
-        "992",
-        "-c",
-        "2d",
-        "-f",
-        "0",
-        "-chk",
-        "model",
-    ]);
+    env.ok(&strs(&predict(&imported_out, &["-chk", "model"])));
     for case in ["2d_big", "2d_small"] {
         let a = seg(&pth_out.join(format!("{case}.nii.gz")));
         let b = seg(&imported_out.join(format!("{case}.nii.gz")));

@@ -1,6 +1,8 @@
 //! The `nnseg` binary: parses arguments, resolves folders from flags and nnU-Net's
 //! environment variables, installs logging, wires the library crates, prints errors.
 
+#[cfg(unix)]
+mod alloc;
 mod cli;
 
 use std::path::{Path, PathBuf};
@@ -13,8 +15,13 @@ use plans::{DatasetJson, Fingerprint, Plans};
 
 use cli::{Cli, Command, DatasetIds, FingerprintOpts, PathArgs, PlannerOpts, PreprocessOpts};
 
-/// mimalloc keeps freed large buffers for reuse; with glibc's allocator every gradient buffer
-/// Candle's autograd allocates is page-faulted in again (2-3x slower backward passes).
+/// mimalloc keeps freed buffers for reuse; with glibc's allocator every gradient buffer
+/// Candle's autograd allocates is page-faulted in again (2-3x slower backward passes). Large
+/// buffers bypass it (see `alloc`).
+#[cfg(unix)]
+#[global_allocator]
+static GLOBAL: alloc::NnsegAlloc = alloc::NnsegAlloc;
+#[cfg(not(unix))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

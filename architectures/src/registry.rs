@@ -315,6 +315,85 @@ mod tests {
         assert!(bad.is_empty(), "gradients with a graph: {bad:?}");
     }
 
+    /// The trainer's `backward_consuming` (the vendored candle-core patch) gives every family
+    /// exactly the gradients of Candle's `backward`, and takes nothing a later step needs: a
+    /// second step through the same network still reaches every weight.
+    #[test]
+    fn consuming_backward_matches_backward_and_keeps_networks_trainable() {
+        let r = Registry::default();
+        let dev = Device::Cpu;
+        let n = 16 * 16 * 16;
+        let x = ((Tensor::arange(0u32, n as u32, &dev).unwrap())
+            .to_dtype(DType::F32)
+            .unwrap()
+            * 0.37)
+            .unwrap()
+            .sin()
+            .unwrap()
+            .reshape((1, 1, 16, 16, 16))
+            .unwrap();
+        for (arch, preset) in r.presets() {
+            let mut s = spec(
+                &arch,
+                json!({
+                    "n_stages": 3, "features_per_stage": [4, 8, 16],
+                    "conv_op": "torch.nn.modules.conv.Conv3d", "kernel_sizes": 3,
+                    "strides": [1, 2, 2], "n_conv_per_stage": 2, "n_conv_per_stage_decoder": 2,
+                    "conv_bias": true, "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
+                    "norm_op_kwargs": {"eps": 1e-5, "affine": true},
+                    "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": true}
+                }),
+            );
+            s.arch_kwargs.extend(preset.kwargs.clone());
+            let io = NetworkIo {
+                in_channels: 1,
+                num_classes: 2,
+                deep_supervision: true,
+            };
+            let (varmap, net) = r.build_initialized(&s, &io, 0, &dev).unwrap();
+            // eval mode: some families drop paths at random in training mode
+            let loss = || {
+                let mut loss = Tensor::zeros((), DType::F32, &dev).unwrap();
+                for o in net.forward(&x, false).unwrap() {
+                    loss = (loss + o.sqr().unwrap().sum_all().unwrap()).unwrap();
+                }
+                loss
+            };
+            let reference = loss().backward().unwrap();
+            for round in 0..2 {
+                let l = loss();
+                let g = l.backward_consuming().unwrap();
+                assert!(!l.track_op(), "{}: the graph was not consumed", preset.name);
+                for (name, v) in varmap.data().lock().unwrap().iter() {
+                    let (a, b) = match (reference.get(v.as_tensor()), g.get(v.as_tensor())) {
+                        (Some(a), Some(b)) => (a, b),
+                        (None, None) => continue, // a weight the forward pass does not use
+                        (a, _) => panic!(
+                            "{} round {round}: {name} has a gradient only in {}",
+                            preset.name,
+                            if a.is_some() {
+                                "backward"
+                            } else {
+                                "backward_consuming"
+                            }
+                        ),
+                    };
+                    let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+                    let scale = a.abs().unwrap().max_all().unwrap();
+                    let (diff, scale) = (
+                        diff.to_scalar::<f32>().unwrap(),
+                        scale.to_scalar::<f32>().unwrap(),
+                    );
+                    assert!(
+                        diff <= 1e-5 * scale.max(1e-3),
+                        "{} round {round}: {name} differs by {diff} (scale {scale})",
+                        preset.name
+                    );
+                }
+            }
+        }
+    }
+
     /// Deep-supervision heads exist only with deep supervision in the research families
     /// (nnU-Net's U-Nets always build theirs): the network without deep supervision has the
     /// parameters of the one with it minus its low-resolution heads, gives one output, and

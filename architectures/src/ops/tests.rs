@@ -975,3 +975,83 @@ fn fused_norm_act_timings() {
         );
     }
 }
+
+/// An identity op whose backward records whether a later op of the graph was already dropped:
+/// it probes the vendored candle-core patch's `backward_consuming`.
+struct Probe {
+    dropped: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    watch: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    saw_dropped: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        self.dropped
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl candle_core::CustomOp1 for Probe {
+    fn name(&self) -> &'static str {
+        "probe"
+    }
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        Ok((s.clone(), l.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        if let Some(w) = &self.watch {
+            let seen = w.load(std::sync::atomic::Ordering::SeqCst);
+            self.saw_dropped
+                .store(seen, std::sync::atomic::Ordering::SeqCst);
+        }
+        Ok(Some(grad.clone()))
+    }
+}
+
+/// `backward_consuming` drops each op (and with it the activations only it holds) once its
+/// gradient has been passed on, so an earlier op's backward runs after the later op is gone;
+/// `backward` keeps the graph. Both give the same gradient, and a tensor somebody still holds
+/// keeps its op.
+#[test]
+fn consuming_backward_frees_ops_as_it_goes() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    for consume in [false, true] {
+        let w = Var::from_tensor(&Tensor::new(&[1f32, 2., 3.], &Device::Cpu).unwrap()).unwrap();
+        let late_dropped = Arc::new(AtomicBool::new(false));
+        let saw = Arc::new(AtomicBool::new(false));
+        let early = Probe {
+            dropped: Arc::new(AtomicBool::new(false)),
+            watch: Some(late_dropped.clone()),
+            saw_dropped: saw.clone(),
+        };
+        let late = Probe {
+            dropped: late_dropped.clone(),
+            watch: None,
+            saw_dropped: Arc::new(AtomicBool::new(false)),
+        };
+        let a = (w.as_tensor() * 2.0).unwrap().apply_op1(early).unwrap();
+        let held = a.sqr().unwrap(); // held by the caller: must stay tracked
+        let loss = held.apply_op1(late).unwrap().sum_all().unwrap();
+        let g = if consume {
+            loss.backward_consuming().unwrap()
+        } else {
+            loss.backward().unwrap()
+        };
+        let gw: Vec<f32> = g.get(w.as_tensor()).unwrap().to_vec1().unwrap();
+        assert_eq!(gw, [8., 16., 24.], "d/dw sum((2w)^2) = 8w");
+        assert_eq!(saw.load(Ordering::SeqCst), consume, "consume = {consume}");
+        assert_eq!(loss.track_op(), !consume);
+        assert!(held.track_op(), "a tensor the caller holds keeps its op");
+        drop(g);
+    }
+}

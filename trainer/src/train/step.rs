@@ -181,9 +181,11 @@ impl Learner {
         }
     }
 
-    /// Gradients of `loss`.
+    /// Gradients of `loss`. The graph is consumed as backward goes, so each activation is freed
+    /// once no remaining step needs it (the peak stays near the forward pass's); `loss` keeps
+    /// its value but is no longer tracked.
     pub fn backward(&self, loss: &Tensor, at: StepAt) -> Result<GradStore, TrainError> {
-        loss.backward().ctx(at.ctx("backward"))
+        loss.backward_consuming().ctx(at.ctx("backward"))
     }
 
     /// Gradient-norm clipping and the optimizer step.

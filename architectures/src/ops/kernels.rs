@@ -232,11 +232,11 @@ fn rows_per_chunk<T>(krows: usize, row_len: usize, total_rows: usize) -> usize {
 }
 
 #[derive(Clone, Copy)]
-struct SendPtr<T>(*mut T);
+pub(crate) struct SendPtr<T>(pub(crate) *mut T);
 unsafe impl<T> Send for SendPtr<T> {}
 unsafe impl<T> Sync for SendPtr<T> {}
 impl<T> SendPtr<T> {
-    fn get(self) -> *mut T {
+    pub(crate) fn get(self) -> *mut T {
         self.0
     }
 }
@@ -312,7 +312,7 @@ thread_local! {
 
 /// Runs `f(ws)` with this thread's workspace (a fresh one if it is already in use further up the
 /// stack, e.g. when rayon runs another item on this thread while an outer item waits).
-fn with_workspace<R>(f: impl FnOnce(&mut Vec<u8>) -> R) -> R {
+pub(crate) fn with_workspace<R>(f: impl FnOnce(&mut Vec<u8>) -> R) -> R {
     WORKSPACE.with(|cell| match cell.try_borrow_mut() {
         Ok(mut ws) => f(&mut ws),
         Err(_) => f(&mut Vec::new()),
@@ -337,7 +337,7 @@ where
 }
 
 /// A typed workspace carved out of a reusable byte vector.
-fn workspace<T: Elem>(ws: &mut Vec<u8>, len: usize) -> &mut [T] {
+pub(crate) fn workspace<T: Elem>(ws: &mut Vec<u8>, len: usize) -> &mut [T] {
     let bytes = len * std::mem::size_of::<T>() + std::mem::align_of::<T>();
     if ws.len() < bytes {
         ws.resize(bytes, 0);
@@ -525,6 +525,9 @@ fn conv_fwd_implicit<T: Elem>(
 
 /// Convolution forward: `x (n, cin, inp)`, `w (cout, cin/groups, k)`, optional `bias (cout)`.
 pub(crate) fn conv_fwd<T: Elem>(x: &[T], w: &[T], bias: Option<&[T]>, g: &Geom) -> Vec<T> {
+    if let Some(y) = super::direct::conv_fwd(x, w, bias, g) {
+        return y;
+    }
     if let Some(plan) = RowPlan::new::<T>(g) {
         match Implicit::plan(g) {
             Some(imp) if plan.oversized::<T>(g) => return conv_fwd_implicit(x, w, bias, g, &imp),
@@ -927,25 +930,25 @@ unsafe fn fill_raw<T: Copy>(dst: *mut T, len: usize, v: T) {
 
 /// A kernel output buffer that is written completely, through raw pointers, before it is read,
 /// so it skips the zero-fill of `vec![0; len]`.
-struct Uninit<T> {
+pub(crate) struct Uninit<T> {
     buf: Vec<std::mem::MaybeUninit<T>>,
 }
 
 impl<T: Elem> Uninit<T> {
-    fn new(len: usize) -> Self {
+    pub(crate) fn new(len: usize) -> Self {
         let mut buf = Vec::with_capacity(len);
         // SAFETY: `MaybeUninit` needs no initialisation.
         unsafe { buf.set_len(len) };
         Uninit { buf }
     }
 
-    fn ptr(&mut self) -> *mut T {
+    pub(crate) fn ptr(&mut self) -> *mut T {
         self.buf.as_mut_ptr().cast()
     }
 
     /// # Safety
     /// Every element must have been written.
-    unsafe fn assume_init(self) -> Vec<T> {
+    pub(crate) unsafe fn assume_init(self) -> Vec<T> {
         let mut buf = std::mem::ManuallyDrop::new(self.buf);
         Vec::from_raw_parts(buf.as_mut_ptr().cast(), buf.len(), buf.capacity())
     }

@@ -15,6 +15,10 @@
 //! and the zeros + add gradient accumulation); `kernels` = forward + input gradient + weight
 //! gradient called directly, i.e. the convolution work of a training step. `NNSEG_BENCH_PARTS=1`
 //! also times them one by one (`k:fwd`, `k:dx`, `k:dw`; GFLOP/s of one pass each).
+//!
+//! `NNSEG_BENCH_CPU=1` reports the CPU time of the process (all its threads, from
+//! `/proc/self/task/*/schedstat`) instead of wall time: with `RAYON_NUM_THREADS=1` that is the
+//! kernel's own time even on a loaded machine (`scripts/bench_conv_torch.py --cpu` likewise).
 
 use architectures::ops::{self, ConvOpts, ConvTransposeOpts, NormAffine};
 use candle_core::{DType, Device, Result, Tensor, Var};
@@ -237,13 +241,33 @@ fn fwd_bwd(wk: &Work, r: &Tensor) -> Result<()> {
     Ok(())
 }
 
+/// CPU time of this process so far (sum over its threads), from `/proc/self/task/*/schedstat`.
+fn cpu_time() -> Duration {
+    let ns: u64 = std::fs::read_dir("/proc/self/task")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    Duration::from_nanos(ns)
+}
+
 fn best_of(n: usize, mut f: impl FnMut()) -> Duration {
+    let cpu = std::env::var("NNSEG_BENCH_CPU").is_ok();
     f(); // warm-up
     (0..n)
         .map(|_| {
-            let t = Instant::now();
+            let (t, c) = (
+                Instant::now(),
+                if cpu { cpu_time() } else { Duration::ZERO },
+            );
             f();
-            t.elapsed()
+            if cpu {
+                cpu_time().saturating_sub(c)
+            } else {
+                t.elapsed()
+            }
         })
         .min()
         .unwrap_or_default()

@@ -992,6 +992,11 @@ fn conv_bwd_filter_im2col<T: Elem>(x: &[T], dy: &[T], g: &Geom) -> Vec<T> {
     let (out_sp, cog) = (g.out_sp(), g.cog());
     let plan = Im2colPlan::new::<T>(g);
     let kc = plan.kc;
+    // Fewer positions per item than gathered rows (the deep levels, e.g. 512 channels at 8 x 4):
+    // the accumulators take dw's own row-major layout, so no transposing reduction rewrites them
+    // (with GEMM depth 32 that reduction cost as much as the GEMMs). Otherwise column-major.
+    let row_major = plan.rpc * plan.row_len < kc;
+    let (dst_rs, dst_cs) = if row_major { (kc, 1) } else { (1, cog) };
     let partials = filter_parts(
         plan.items(g.n),
         g.cout * kc,
@@ -1006,8 +1011,8 @@ fn conv_bwd_filter_im2col<T: Elem>(x: &[T], dy: &[T], g: &Geom) -> Vec<T> {
                         kc,
                         nr * plan.row_len,
                         acc.add(gi * cog * kc),
-                        1,
-                        cog,
+                        dst_rs,
+                        dst_cs,
                         !first,
                         dy[(b * g.cout + gi * cog) * out_sp + r0 * plan.row_len..].as_ptr(),
                         out_sp,
@@ -1021,8 +1026,23 @@ fn conv_bwd_filter_im2col<T: Elem>(x: &[T], dy: &[T], g: &Geom) -> Vec<T> {
             }
         },
     );
+    if row_major {
+        return sum_parts(partials);
+    }
     let row_of: Vec<usize> = (0..kc).collect();
     filter_reduce(&partials, g, &row_of)
+}
+
+/// Element-wise sum of the (row-major) accumulators of [`filter_parts`].
+fn sum_parts<T: Elem>(partials: Vec<Vec<T>>) -> Vec<T> {
+    let mut it = partials.into_iter();
+    let mut sum = it.next().unwrap_or_default();
+    for p in it {
+        sum.par_iter_mut()
+            .zip(p.par_iter())
+            .for_each(|(s, &v)| *s += v);
+    }
+    sum
 }
 
 /// [`conv_bwd_filter`] through a [`RowPlan`]: per row offset `j` one GEMM of the output gradient
@@ -1101,6 +1121,8 @@ fn transpose_taps<T: Elem>(w: &[T], g: &Geom, taps: &[usize]) -> Vec<T> {
     if row == 0 {
         return out;
     }
+    // all taps in order (the single phase of a stride-1 input gradient): whole-row copies
+    let identity = nt == ktot && taps.iter().enumerate().all(|(i, &t)| i == t);
     out.par_chunks_mut(TB * row)
         .enumerate()
         .for_each(|(blk, dst)| {
@@ -1112,6 +1134,10 @@ fn transpose_taps<T: Elem>(w: &[T], g: &Geom, taps: &[usize]) -> Vec<T> {
                     for co in co0..(co0 + TB).min(cog) {
                         let src = &w[((gi * cog + co) * cig + ci) * ktot..][..ktot];
                         let d = &mut dst[i * row + co * nt..][..nt];
+                        if identity {
+                            d.copy_from_slice(src);
+                            continue;
+                        }
                         for (v, &t) in d.iter_mut().zip(taps) {
                             *v = src[t];
                         }

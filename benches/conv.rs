@@ -16,8 +16,8 @@
 //! gradient called directly, i.e. the convolution work of a training step. `NNSEG_BENCH_PARTS=1`
 //! also times them one by one (`k:fwd`, `k:dx`, `k:dw`; GFLOP/s of one pass each).
 //!
-//! `NNSEG_BENCH_CPU=1` reports the CPU time of the process (all its threads, from
-//! `/proc/self/task/*/schedstat`) instead of wall time: with `RAYON_NUM_THREADS=1` that is the
+//! `NNSEG_BENCH_CPU=1` reports the CPU time of the process (all its threads; Linux) instead
+//! of wall time: with `RAYON_NUM_THREADS=1` that is the
 //! kernel's own time even on a loaded machine (`scripts/bench_conv_torch.py --cpu` likewise).
 
 use architectures::ops::{self, ConvOpts, ConvTransposeOpts, NormAffine};
@@ -241,16 +241,29 @@ fn fwd_bwd(wk: &Work, r: &Tensor) -> Result<()> {
     Ok(())
 }
 
-/// CPU time of this process so far (sum over its threads), from `/proc/self/task/*/schedstat`.
+/// CPU time of this process so far (all its threads, exited ones included):
+/// `clock_gettime(CLOCK_PROCESS_CPUTIME_ID)` from the C library std links anyway.
+#[cfg(target_os = "linux")]
 fn cpu_time() -> Duration {
-    let ns: u64 = std::fs::read_dir("/proc/self/task")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| std::fs::read_to_string(e.path().join("schedstat")).ok())
-        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-        .sum();
-    Duration::from_nanos(ns)
+    #[repr(C)]
+    struct Timespec {
+        sec: i64,
+        nsec: i64,
+    }
+    extern "C" {
+        fn clock_gettime(clock: i32, ts: *mut Timespec) -> i32;
+    }
+    const CLOCK_PROCESS_CPUTIME_ID: i32 = 2;
+    let mut ts = Timespec { sec: 0, nsec: 0 };
+    // SAFETY: a valid out-pointer for the libc call.
+    if unsafe { clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &mut ts) } != 0 {
+        return Duration::ZERO;
+    }
+    Duration::new(ts.sec as u64, ts.nsec as u32)
+}
+#[cfg(not(target_os = "linux"))]
+fn cpu_time() -> Duration {
+    Duration::ZERO
 }
 
 fn best_of(n: usize, mut f: impl FnMut()) -> Duration {

@@ -15,6 +15,10 @@
 //! and the zeros + add gradient accumulation); `kernels` = forward + input gradient + weight
 //! gradient called directly, i.e. the convolution work of a training step. `NNSEG_BENCH_PARTS=1`
 //! also times them one by one (`k:fwd`, `k:dx`, `k:dw`; GFLOP/s of one pass each).
+//!
+//! `NNSEG_BENCH_CPU=1` reports the CPU time of the process (all its threads; Linux) instead
+//! of wall time: with `RAYON_NUM_THREADS=1` that is the
+//! kernel's own time even on a loaded machine (`scripts/bench_conv_torch.py --cpu` likewise).
 
 use architectures::ops::{self, ConvOpts, ConvTransposeOpts, NormAffine};
 use candle_core::{DType, Device, Result, Tensor, Var};
@@ -237,13 +241,46 @@ fn fwd_bwd(wk: &Work, r: &Tensor) -> Result<()> {
     Ok(())
 }
 
+/// CPU time of this process so far (all its threads, exited ones included):
+/// `clock_gettime(CLOCK_PROCESS_CPUTIME_ID)` from the C library std links anyway.
+#[cfg(target_os = "linux")]
+fn cpu_time() -> Duration {
+    #[repr(C)]
+    struct Timespec {
+        sec: i64,
+        nsec: i64,
+    }
+    extern "C" {
+        fn clock_gettime(clock: i32, ts: *mut Timespec) -> i32;
+    }
+    const CLOCK_PROCESS_CPUTIME_ID: i32 = 2;
+    let mut ts = Timespec { sec: 0, nsec: 0 };
+    // SAFETY: a valid out-pointer for the libc call.
+    if unsafe { clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &mut ts) } != 0 {
+        return Duration::ZERO;
+    }
+    Duration::new(ts.sec as u64, ts.nsec as u32)
+}
+#[cfg(not(target_os = "linux"))]
+fn cpu_time() -> Duration {
+    Duration::ZERO
+}
+
 fn best_of(n: usize, mut f: impl FnMut()) -> Duration {
+    let cpu = std::env::var("NNSEG_BENCH_CPU").is_ok();
     f(); // warm-up
     (0..n)
         .map(|_| {
-            let t = Instant::now();
+            let (t, c) = (
+                Instant::now(),
+                if cpu { cpu_time() } else { Duration::ZERO },
+            );
             f();
-            t.elapsed()
+            if cpu {
+                cpu_time().saturating_sub(c)
+            } else {
+                t.elapsed()
+            }
         })
         .min()
         .unwrap_or_default()

@@ -5,7 +5,10 @@ Prints one line per workload and pass in the bench's format,
   `GFLOP/s <name> <pass> <seconds> s <GFLOP/s> GFLOP/s`,
 best of --runs after one warm-up. Passes: `fwd` (forward under no_grad) and `fwd+bwd` (forward,
 loss sum(y * r), backward for the input and the weight: what a training step asks of a conv).
---threads sets torch.set_num_threads (use rayon's thread count). The instruction set follows
+With NNSEG_BENCH_PARTS=1 (as for benches/conv.rs) it also times `k:fwd`, `k:dx` and `k:dw`:
+the forward and aten.convolution_backward with only the input / only the weight gradient.
+--cpu reports process CPU time instead of wall time (with --threads 1: the kernel's own time on
+a loaded machine). --threads sets torch.set_num_threads (use rayon's thread count). The instruction set follows
 PyTorch's own switches: ATEN_CPU_CAPABILITY=avx2 and ONEDNN_MAX_CPU_ISA=AVX2 force the AVX2
 paths on an AVX-512 host; the header line reports what is in use.
 """
@@ -41,6 +44,28 @@ def macs(n, cin, cout, k, out):
     return n * cin * cout * k * out
 
 
+# workload fn -> (stride, padding, transposed) for aten.convolution_backward
+GEOM = {conv_p1: (1, 1, False), conv_s2: (2, 1, False), conv_aniso: (1, (0, 1, 1), False),
+        conv_aniso_s122: ((1, 2, 2), (0, 1, 1), False), convt_k2: (2, 0, True)}
+
+
+def parts(name, x, w, r, fn, m, runs):
+    """Forward, input gradient and weight gradient one by one (GFLOP/s of one pass each)."""
+    s, p, tr = GEOM[fn]
+    nd = x.dim() - 2
+    tup = lambda v: tuple(v) if isinstance(v, tuple) else (v,) * nd
+    x, w = x.detach(), w.detach()
+
+    def bwd(mask):
+        return lambda: torch.ops.aten.convolution_backward(
+            r, x, w, None, tup(s), tup(p), (1,) * nd, tr, (0,) * nd, 1, mask)
+
+    with torch.no_grad():
+        report(name, "k:fwd", m, 1, best_of(runs, lambda: fn(x, w)))
+        report(name, "k:dx", m, 1, best_of(runs, bwd([True, False, False])))
+        report(name, "k:dw", m, 1, best_of(runs, bwd([False, True, False])))
+
+
 # name -> (x shape, w shape, fn, forward MACs); names and shapes as in benches/conv.rs
 WORKLOADS = [
     ("conv2d (2,32,256,256) 3x3 32->32", (2, 32, 256, 256), (32, 32, 3, 3), conv_p1,
@@ -64,13 +89,16 @@ WORKLOADS = [
 ]
 
 
+CLOCK = time.perf_counter
+
+
 def best_of(runs, f):
     f()
     best = float("inf")
     for _ in range(runs):
-        t = time.perf_counter()
+        t = CLOCK()
         f()
-        best = min(best, time.perf_counter() - t)
+        best = min(best, CLOCK() - t)
     return best
 
 
@@ -85,7 +113,12 @@ def main():
     ap.add_argument("--threads", type=int, default=int(os.environ.get("RAYON_NUM_THREADS", "0")
                                                         or os.cpu_count()))
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--cpu", action="store_true",
+                    help="process CPU time instead of wall time (as NNSEG_BENCH_CPU=1)")
     a = ap.parse_args()
+    if a.cpu:
+        global CLOCK
+        CLOCK = time.process_time
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     cap = torch.backends.cpu.get_cpu_capability()
@@ -110,6 +143,8 @@ def main():
 
         report(name, "fwd", m, 1, best_of(a.runs, fwd))
         report(name, "fwd+bwd", m, 3, best_of(a.runs, fwd_bwd))
+        if os.environ.get("NNSEG_BENCH_PARTS"):
+            parts(name, x, w, r, fn, m, a.runs)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@
 #
 # Usage: scripts/bench_conv_vs_torch.sh [workload-name-prefix]     e.g. "conv2d"
 # Env:   ROUNDS=3 THREADS=$(nproc) ISAS="avx2 avx512" PYTHON=/work/venv_nnunet/bin/python
+#        NNSEG_BENCH_PARTS=1: both sides also time forward (k:fwd), input gradient (k:dx) and
+#        weight gradient (k:dw) one by one; the table gets a row for each
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FILTER="${1:-}"
@@ -47,7 +49,7 @@ grep -E '^(avx2|avx512) (nnseg threads|torch torch)' "$OUT/all.txt" | sort -u
 "$PYTHON" - "$OUT/all.txt" <<'PY'
 import re, sys
 best = {}
-pat = re.compile(r"^(\S+) (\S+) GFLOP/s (.+?)\s+(fwd\+bwd|fwd|kernels)\s+([\d.]+) s")
+pat = re.compile(r"^(\S+) (\S+) GFLOP/s (.+?)\s+(fwd\+bwd|fwd|kernels|k:fwd|k:dx|k:dw)\s+([\d.]+) s")
 for line in open(sys.argv[1]):
     m = pat.match(line)
     if m:
@@ -61,7 +63,7 @@ for (isa, side, name, p) in best:
 print(f"{'isa':<7} {'workload':<44} {'pass':<8} {'nnseg s':>8} {'torch s':>8} {'ratio':>6}"
       f" {'nnseg kernels s':>16}")
 for isa, name in names:
-    for p in ("fwd", "fwd+bwd"):
+    for p in ("fwd", "fwd+bwd", "k:fwd", "k:dx", "k:dw"):
         a, b = best.get((isa, "nnseg", name, p)), best.get((isa, "torch", name, p))
         if a is None or b is None:
             continue

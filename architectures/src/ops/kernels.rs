@@ -232,11 +232,11 @@ fn rows_per_chunk<T>(krows: usize, row_len: usize, total_rows: usize) -> usize {
 }
 
 #[derive(Clone, Copy)]
-struct SendPtr<T>(*mut T);
+pub(crate) struct SendPtr<T>(pub(crate) *mut T);
 unsafe impl<T> Send for SendPtr<T> {}
 unsafe impl<T> Sync for SendPtr<T> {}
 impl<T> SendPtr<T> {
-    fn get(self) -> *mut T {
+    pub(crate) fn get(self) -> *mut T {
         self.0
     }
 }
@@ -312,7 +312,7 @@ thread_local! {
 
 /// Runs `f(ws)` with this thread's workspace (a fresh one if it is already in use further up the
 /// stack, e.g. when rayon runs another item on this thread while an outer item waits).
-fn with_workspace<R>(f: impl FnOnce(&mut Vec<u8>) -> R) -> R {
+pub(crate) fn with_workspace<R>(f: impl FnOnce(&mut Vec<u8>) -> R) -> R {
     WORKSPACE.with(|cell| match cell.try_borrow_mut() {
         Ok(mut ws) => f(&mut ws),
         Err(_) => f(&mut Vec::new()),
@@ -337,7 +337,7 @@ where
 }
 
 /// A typed workspace carved out of a reusable byte vector.
-fn workspace<T: Elem>(ws: &mut Vec<u8>, len: usize) -> &mut [T] {
+pub(crate) fn workspace<T: Elem>(ws: &mut Vec<u8>, len: usize) -> &mut [T] {
     let bytes = len * std::mem::size_of::<T>() + std::mem::align_of::<T>();
     if ws.len() < bytes {
         ws.resize(bytes, 0);
@@ -525,6 +525,9 @@ fn conv_fwd_implicit<T: Elem>(
 
 /// Convolution forward: `x (n, cin, inp)`, `w (cout, cin/groups, k)`, optional `bias (cout)`.
 pub(crate) fn conv_fwd<T: Elem>(x: &[T], w: &[T], bias: Option<&[T]>, g: &Geom) -> Vec<T> {
+    if let Some(y) = super::direct::conv_fwd(x, w, bias, g) {
+        return y;
+    }
     if let Some(plan) = RowPlan::new::<T>(g) {
         match Implicit::plan(g) {
             Some(imp) if plan.oversized::<T>(g) => return conv_fwd_implicit(x, w, bias, g, &imp),
@@ -927,25 +930,25 @@ unsafe fn fill_raw<T: Copy>(dst: *mut T, len: usize, v: T) {
 
 /// A kernel output buffer that is written completely, through raw pointers, before it is read,
 /// so it skips the zero-fill of `vec![0; len]`.
-struct Uninit<T> {
+pub(crate) struct Uninit<T> {
     buf: Vec<std::mem::MaybeUninit<T>>,
 }
 
 impl<T: Elem> Uninit<T> {
-    fn new(len: usize) -> Self {
+    pub(crate) fn new(len: usize) -> Self {
         let mut buf = Vec::with_capacity(len);
         // SAFETY: `MaybeUninit` needs no initialisation.
         unsafe { buf.set_len(len) };
         Uninit { buf }
     }
 
-    fn ptr(&mut self) -> *mut T {
+    pub(crate) fn ptr(&mut self) -> *mut T {
         self.buf.as_mut_ptr().cast()
     }
 
     /// # Safety
     /// Every element must have been written.
-    unsafe fn assume_init(self) -> Vec<T> {
+    pub(crate) unsafe fn assume_init(self) -> Vec<T> {
         let mut buf = std::mem::ManuallyDrop::new(self.buf);
         Vec::from_raw_parts(buf.as_mut_ptr().cast(), buf.len(), buf.capacity())
     }
@@ -989,6 +992,11 @@ fn conv_bwd_filter_im2col<T: Elem>(x: &[T], dy: &[T], g: &Geom) -> Vec<T> {
     let (out_sp, cog) = (g.out_sp(), g.cog());
     let plan = Im2colPlan::new::<T>(g);
     let kc = plan.kc;
+    // Fewer positions per item than gathered rows (the deep levels, e.g. 512 channels at 8 x 4):
+    // the accumulators take dw's own row-major layout, so no transposing reduction rewrites them
+    // (with GEMM depth 32 that reduction cost as much as the GEMMs). Otherwise column-major.
+    let row_major = plan.rpc * plan.row_len < kc;
+    let (dst_rs, dst_cs) = if row_major { (kc, 1) } else { (1, cog) };
     let partials = filter_parts(
         plan.items(g.n),
         g.cout * kc,
@@ -1003,8 +1011,8 @@ fn conv_bwd_filter_im2col<T: Elem>(x: &[T], dy: &[T], g: &Geom) -> Vec<T> {
                         kc,
                         nr * plan.row_len,
                         acc.add(gi * cog * kc),
-                        1,
-                        cog,
+                        dst_rs,
+                        dst_cs,
                         !first,
                         dy[(b * g.cout + gi * cog) * out_sp + r0 * plan.row_len..].as_ptr(),
                         out_sp,
@@ -1018,8 +1026,23 @@ fn conv_bwd_filter_im2col<T: Elem>(x: &[T], dy: &[T], g: &Geom) -> Vec<T> {
             }
         },
     );
+    if row_major {
+        return sum_parts(partials);
+    }
     let row_of: Vec<usize> = (0..kc).collect();
     filter_reduce(&partials, g, &row_of)
+}
+
+/// Element-wise sum of the (row-major) accumulators of [`filter_parts`].
+fn sum_parts<T: Elem>(partials: Vec<Vec<T>>) -> Vec<T> {
+    let mut it = partials.into_iter();
+    let mut sum = it.next().unwrap_or_default();
+    for p in it {
+        sum.par_iter_mut()
+            .zip(p.par_iter())
+            .for_each(|(s, &v)| *s += v);
+    }
+    sum
 }
 
 /// [`conv_bwd_filter`] through a [`RowPlan`]: per row offset `j` one GEMM of the output gradient
@@ -1098,6 +1121,8 @@ fn transpose_taps<T: Elem>(w: &[T], g: &Geom, taps: &[usize]) -> Vec<T> {
     if row == 0 {
         return out;
     }
+    // all taps in order (the single phase of a stride-1 input gradient): whole-row copies
+    let identity = nt == ktot && taps.iter().enumerate().all(|(i, &t)| i == t);
     out.par_chunks_mut(TB * row)
         .enumerate()
         .for_each(|(blk, dst)| {
@@ -1109,6 +1134,10 @@ fn transpose_taps<T: Elem>(w: &[T], g: &Geom, taps: &[usize]) -> Vec<T> {
                     for co in co0..(co0 + TB).min(cog) {
                         let src = &w[((gi * cog + co) * cig + ci) * ktot..][..ktot];
                         let d = &mut dst[i * row + co * nt..][..nt];
+                        if identity {
+                            d.copy_from_slice(src);
+                            continue;
+                        }
                         for (v, &t) in d.iter_mut().zip(taps) {
                             *v = src[t];
                         }

@@ -25,6 +25,7 @@ mod act;
 mod conv;
 #[cfg(feature = "cudnn")]
 mod cudnn;
+mod direct;
 mod fused;
 mod interp;
 mod isa;

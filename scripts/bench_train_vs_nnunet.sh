@@ -8,6 +8,11 @@
 #   NNUNET_PY=/path/to/venv/bin scripts/bench_train_vs_nnunet.sh        # venv with nnunetv2
 #   ROUNDS=5 NNUNET_PY=... scripts/bench_train_vs_nnunet.sh
 #   BIG=1 NNUNET_PY=... scripts/bench_train_vs_nnunet.sh    # the nnU-Net-sized plan instead
+#   ISA=avx2 NNUNET_PY=... scripts/bench_train_vs_nnunet.sh # both tools on their AVX2 kernels
+#
+# ISA=avx2 runs nnseg with NNSEG_ISA=avx2 (gemm's AVX2/FMA micro-kernels) and nnU-Net with
+# ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2: what an AVX2-only CPU runs, measurable on an
+# AVX-512 host. Default (ISA=auto): each tool's own dispatch. The header names the CPU and path.
 #
 # BIG=1 times the plan the training issue quotes nnU-Net at (30-80 s per iteration on 2 cores):
 # a hand-added configuration `3d_big` (inherits_from 3d_fullres of the 3D demo, so it trains on
@@ -23,6 +28,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${NNUNET_PY:?set NNUNET_PY to the bin folder of a venv with nnunetv2 installed}"
 rounds="${ROUNDS:-3}"
+isa="${ISA:-auto}"
+case "$isa" in
+  avx2) nnseg_isa=(NNSEG_ISA=avx2) torch_isa=(ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2) ;;
+  auto) nnseg_isa=() torch_isa=() ;;
+  *) echo "ISA must be avx2 or auto, got $isa" >&2; exit 2 ;;
+esac
 if [ "${BIG:-0}" = 1 ]; then
   configs=("990 3d_big") iters=3 val_iters=1
 else
@@ -83,16 +94,19 @@ for path in sys.argv[1:]:
 PY
 fi
 
+echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores," \
+  "avx512f: $(grep -qw avx512f /proc/cpuinfo && echo yes || echo no); path: $isa" \
+  "(torch: $(env "${torch_isa[@]}" "$NNUNET_PY/python" -c 'import torch; print(torch.backends.cpu.get_cpu_capability())'))"
 epochs() { grep -E "Epoch time" "$1" | sed -E 's/.*Epoch time: ([0-9.]+) s.*/\1/' | tr '\n' ' '; }
 for r in $(seq 1 "$rounds"); do
   for c in "${configs[@]}"; do
     tag="${c// /_}"
     rm -rf "$work/res" "$work/res_py"
-    nnUNet_preprocessed="$NNSEG_PREP" nnUNet_results="$work/res" \
+    env "${nnseg_isa[@]}" nnUNet_preprocessed="$NNSEG_PREP" nnUNet_results="$work/res" \
       /usr/bin/time -f "peak RSS %M KB" -o "$work/rss_nnseg_${tag}_$r" "$bin" train $c 0 \
       --num_epochs 2 --num_iterations_per_epoch "$iters" --num_val_iterations_per_epoch "$val_iters" \
       >"$work/nnseg_${tag}_$r.log" 2>&1
-    nnUNet_preprocessed="$NNUNET_PREP" nnUNet_results="$work/res_py" \
+    env "${torch_isa[@]}" nnUNet_preprocessed="$NNUNET_PREP" nnUNet_results="$work/res_py" \
       /usr/bin/time -f "peak RSS %M KB" -o "$work/rss_nnunet_${tag}_$r" \
       "$NNUNET_PY/nnUNetv2_train" $c 0 -tr nnUNetTrainer_nnsegBench -device cpu \
       >"$work/nnunet_${tag}_$r.log" 2>&1

@@ -273,6 +273,33 @@ mod tests {
         assert_eq!(names.len(), n, "duplicate preset names");
     }
 
+    /// A preset's network at a tiny 3-stage 3D plan (4..16 features, deep supervision).
+    fn tiny_3d_network(
+        r: &Registry,
+        arch: &str,
+        preset: &ArchPreset,
+        dev: &Device,
+    ) -> (VarMap, Box<dyn SegNetwork>) {
+        let mut s = spec(
+            arch,
+            json!({
+                "n_stages": 3, "features_per_stage": [4, 8, 16],
+                "conv_op": "torch.nn.modules.conv.Conv3d", "kernel_sizes": 3,
+                "strides": [1, 2, 2], "n_conv_per_stage": 2, "n_conv_per_stage_decoder": 2,
+                "conv_bias": true, "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
+                "norm_op_kwargs": {"eps": 1e-5, "affine": true},
+                "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": true}
+            }),
+        );
+        s.arch_kwargs.extend(preset.kwargs.clone());
+        let io = NetworkIo {
+            in_channels: 1,
+            num_classes: 2,
+            deep_supervision: true,
+        };
+        r.build_initialized(&s, &io, 0, dev).unwrap()
+    }
+
     /// No family leaves an op graph on its weight gradients: the gradients stay in the
     /// `GradStore` until the optimizer step, and a graph there would keep upstream gradients
     /// (whole feature maps) alive that long.
@@ -283,24 +310,7 @@ mod tests {
         let x = Tensor::randn(0f32, 1., (1, 1, 16, 16, 16), &dev).unwrap();
         let mut bad = vec![];
         for (arch, preset) in r.presets() {
-            let mut s = spec(
-                &arch,
-                json!({
-                    "n_stages": 3, "features_per_stage": [4, 8, 16],
-                    "conv_op": "torch.nn.modules.conv.Conv3d", "kernel_sizes": 3,
-                    "strides": [1, 2, 2], "n_conv_per_stage": 2, "n_conv_per_stage_decoder": 2,
-                    "conv_bias": true, "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
-                    "norm_op_kwargs": {"eps": 1e-5, "affine": true},
-                    "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": true}
-                }),
-            );
-            s.arch_kwargs.extend(preset.kwargs.clone());
-            let io = NetworkIo {
-                in_channels: 1,
-                num_classes: 2,
-                deep_supervision: true,
-            };
-            let (varmap, net) = r.build_initialized(&s, &io, 0, &dev).unwrap();
+            let (varmap, net) = tiny_3d_network(&r, &arch, &preset, &dev);
             let mut loss = Tensor::zeros((), DType::F32, &dev).unwrap();
             for o in net.forward(&x, true).unwrap() {
                 loss = (loss + o.sqr().unwrap().sum_all().unwrap()).unwrap();
@@ -333,24 +343,7 @@ mod tests {
             .reshape((1, 1, 16, 16, 16))
             .unwrap();
         for (arch, preset) in r.presets() {
-            let mut s = spec(
-                &arch,
-                json!({
-                    "n_stages": 3, "features_per_stage": [4, 8, 16],
-                    "conv_op": "torch.nn.modules.conv.Conv3d", "kernel_sizes": 3,
-                    "strides": [1, 2, 2], "n_conv_per_stage": 2, "n_conv_per_stage_decoder": 2,
-                    "conv_bias": true, "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
-                    "norm_op_kwargs": {"eps": 1e-5, "affine": true},
-                    "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": true}
-                }),
-            );
-            s.arch_kwargs.extend(preset.kwargs.clone());
-            let io = NetworkIo {
-                in_channels: 1,
-                num_classes: 2,
-                deep_supervision: true,
-            };
-            let (varmap, net) = r.build_initialized(&s, &io, 0, &dev).unwrap();
+            let (varmap, net) = tiny_3d_network(&r, &arch, &preset, &dev);
             // eval mode: some families drop paths at random in training mode
             let loss = || {
                 let mut loss = Tensor::zeros((), DType::F32, &dev).unwrap();

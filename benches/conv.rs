@@ -25,9 +25,21 @@ use candle_core::{DType, Device, Result, Tensor, Var};
 use criterion::Criterion;
 use std::time::{Duration, Instant};
 
-// The training binary uses mimalloc: Candle's autograd allocates (and zero-fills) a fresh
-// buffer per gradient, and glibc returns large buffers to the OS, so every backward step
-// would page-fault its buffers in again. Benchmark with the allocator the product uses.
+// Benchmark with the allocator and runtime settings the product uses (the binary's own
+// modules): with another allocator, or mimalloc purging, the kernels' output and gradient
+// buffers are page-faulted in again on every call (a third of the 1024->512 weight-gradient
+// time in `perf`), which a training step does not pay.
+#[cfg(unix)]
+#[allow(dead_code)]
+#[path = "../src/alloc.rs"]
+mod alloc;
+#[cfg(unix)]
+#[path = "../src/runtime_env.rs"]
+mod runtime_env;
+#[cfg(unix)]
+#[global_allocator]
+static GLOBAL: alloc::NnsegAlloc = alloc::NnsegAlloc;
+#[cfg(not(unix))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -179,6 +191,14 @@ fn workloads() -> Vec<Work> {
             kernels: Some(k_p1),
         },
         Work {
+            name: "conv2d (2,1024,16,8) 3x3 1024->512",
+            macs: macs_conv(2.0, 1024.0, 512.0, 9.0, 16.0 * 8.0),
+            x: randn(&[2, 1024, 16, 8]),
+            w: Some(randn(&[512, 1024, 3, 3])),
+            run: conv_p1,
+            kernels: Some(k_p1),
+        },
+        Work {
             name: "conv_transpose2d k=s=2 (2,64,128,64)->32",
             macs: macs_conv(2.0, 64.0, 32.0, 4.0, 128.0 * 64.0),
             x: randn(&[2, 64, 128, 64]),
@@ -300,6 +320,8 @@ fn report(name: &str, pass: &str, macs: f64, mult: f64, d: Duration) {
 }
 
 fn main() {
+    #[cfg(unix)]
+    runtime_env::reexec_with_runtime_options();
     if let Ok(v) = std::env::var("NNSEG_ISA") {
         ops::set_gemm_isa(ops::parse_isa(&v));
     }

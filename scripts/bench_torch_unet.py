@@ -174,6 +174,12 @@ def run(a):
     sync()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    if a.profile:  # one profiled step, its ops by self CPU time, on stderr
+        from torch.profiler import profile
+        with profile() as prof:
+            step()
+            sync()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), file=sys.stderr)
     times = []
     for _ in range(a.iters):
         t0 = time.perf_counter()
@@ -258,6 +264,7 @@ def main():
     ap.add_argument("--amp-dtype", dest="amp_dtype", choices=["fp16", "bf16"], default="fp16",
                     help="autocast dtype (fp16 with GradScaler, as nnU-Net; bf16 without)")
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="print one step's ops by self time on stderr")
     ap.add_argument("--table", nargs="+", metavar="JSON", help="print a comparison table and exit")
     a = ap.parse_args()
     if a.table:

@@ -160,6 +160,21 @@ fn im2col<T: Elem>(
     r1: usize,
     col: &mut [T],
 ) {
+    let pc = (r1 - r0) * ax[2].grid;
+    im2col_ld(src, src_dims, ch, ax, (r0, r1), col, pc);
+}
+
+/// [`im2col`] into rows that start `ld` elements apart (`ld >= (r1 - r0) * ax[2].grid`; the
+/// batch-wide GEMMs of [`Im2colPlan::merged`] put the images side by side).
+fn im2col_ld<T: Elem>(
+    src: &[T],
+    src_dims: [usize; 3],
+    ch: usize,
+    ax: &[AxisGather; 3],
+    (r0, r1): (usize, usize),
+    col: &mut [T],
+    ld: usize,
+) {
     let wg = ax[2].grid;
     let pc = (r1 - r0) * wg;
     let sp = src_dims[0] * src_dims[1] * src_dims[2];
@@ -170,7 +185,7 @@ fn im2col<T: Elem>(
         for &od in &ax[0].offsets {
             for &oh in &ax[1].offsets {
                 for &ow in &ax[2].offsets {
-                    let dst = &mut col[row * pc..(row + 1) * pc];
+                    let dst = &mut col[row * ld..row * ld + pc];
                     row += 1;
                     let (lo, hi) = ax[2].valid_range(ow);
                     let sw = ax[2].pos_stride;
@@ -817,6 +832,134 @@ impl Im2colPlan {
     }
 }
 
+/// Most output positions per image for a batch-wide GEMM ([`Im2colPlan::merged`]).
+const MERGED_MAX_POSITIONS: usize = 512;
+/// Largest batch-wide im2col buffer.
+const MERGED_MAX_BYTES: usize = 64 << 20;
+
+impl Im2colPlan {
+    /// Whether the whole batch goes through one GEMM: the deep levels (a few hundred positions
+    /// per image, hundreds of channels). Per-image GEMMs there re-pack the whole weight matrix
+    /// (18.9 MB at 1024->512 channels) for every image's few hundred columns, and are too narrow
+    /// to keep all threads busy; one GEMM over the images side by side packs it once.
+    fn merged<T>(&self, g: &Geom) -> bool {
+        let pc = self.total_rows * self.row_len;
+        g.groups == 1
+            && g.n > 1
+            && !self.identity
+            && self.nchunks == 1
+            && pc <= MERGED_MAX_POSITIONS
+            && self.kc * g.n * pc * std::mem::size_of::<T>() <= MERGED_MAX_BYTES
+    }
+
+    /// im2col of every image side by side: `kc` rows of `n * positions` (image-major), in
+    /// parallel over blocks of input channels.
+    fn gather_batch<T: Elem>(&self, x: &[T], g: &Geom, col: &mut [T]) {
+        let pc = self.total_rows * self.row_len;
+        let (ld, ntaps, in_sp) = (g.n * pc, g.ktot(), g.in_sp());
+        let cb = g.cin.div_ceil(4 * rayon::current_num_threads()).max(1);
+        col.par_chunks_mut(cb * ntaps * ld)
+            .enumerate()
+            .for_each(|(i, rows)| {
+                let (c0, ch) = (i * cb, rows.len() / (ntaps * ld));
+                for b in 0..g.n {
+                    let xs = &x[(b * g.cin + c0) * in_sp..(b * g.cin + c0 + ch) * in_sp];
+                    let dst = &mut rows[b * pc..];
+                    im2col_ld(xs, g.inp, ch, &self.ax, (0, self.total_rows), dst, ld);
+                }
+            });
+    }
+}
+
+/// [`conv_fwd_im2col`] as one batch-wide GEMM ([`Im2colPlan::merged`]) into `[cout][n * out]`,
+/// then copied out image by image (plus bias).
+fn conv_fwd_merged<T: Elem>(
+    x: &[T],
+    w: &[T],
+    bias: Option<&[T]>,
+    g: &Geom,
+    plan: &Im2colPlan,
+) -> Vec<T> {
+    let (pc, kc) = (g.out_sp(), plan.kc);
+    let ld = g.n * pc;
+    let mut y = Uninit::<T>::new(g.n * g.cout * pc);
+    let yp = SendPtr(y.ptr());
+    with_workspace(|ws| {
+        let buf = workspace::<T>(ws, kc * ld + g.cout * ld);
+        let (col, tmp) = buf.split_at_mut(kc * ld);
+        plan.gather_batch(x, g, col);
+        // SAFETY: `tmp` is cout x ld, `w` cout x kc, `col` kc x ld.
+        unsafe {
+            mm(
+                g.cout,
+                ld,
+                kc,
+                tmp.as_mut_ptr(),
+                ld,
+                1,
+                false,
+                w.as_ptr(),
+                kc,
+                1,
+                col.as_ptr(),
+                ld,
+                1,
+                gemm_par(false),
+            );
+        }
+        let tmp = &*tmp;
+        (0..g.n * g.cout).into_par_iter().for_each(|i| {
+            let (b, co) = (i / g.cout, i % g.cout);
+            let bv = bias.map_or(T::ZERO, |bs| bs[co]);
+            // SAFETY: every (image, channel) row of y is written by exactly one iteration.
+            let dst = unsafe { std::slice::from_raw_parts_mut(yp.get().add(i * pc), pc) };
+            for (d, &v) in dst.iter_mut().zip(&tmp[co * ld + b * pc..][..pc]) {
+                *d = v + bv;
+            }
+        });
+    });
+    // SAFETY: every (image, channel) row was written above.
+    unsafe { y.assume_init() }
+}
+
+/// [`conv_bwd_filter_im2col`] as one batch-wide GEMM ([`Im2colPlan::merged`]): `dw = dy' col^T`
+/// with `dy'` the output gradient's images side by side, depth `n * out`.
+fn conv_bwd_filter_merged<T: Elem>(x: &[T], dy: &[T], g: &Geom, plan: &Im2colPlan) -> Vec<T> {
+    let (pc, kc) = (g.out_sp(), plan.kc);
+    let ld = g.n * pc;
+    let mut dw = Uninit::<T>::new(g.cout * kc);
+    with_workspace(|ws| {
+        let buf = workspace::<T>(ws, kc * ld + g.cout * ld);
+        let (col, dym) = buf.split_at_mut(kc * ld);
+        plan.gather_batch(x, g, col);
+        for (i, src) in dy.chunks_exact(pc).enumerate() {
+            let (b, co) = (i / g.cout, i % g.cout);
+            dym[co * ld + b * pc..][..pc].copy_from_slice(src);
+        }
+        // SAFETY: `dw` is cout x kc (row-major), `dym` cout x ld, `col` kc x ld.
+        unsafe {
+            mm(
+                g.cout,
+                kc,
+                ld,
+                dw.ptr(),
+                kc,
+                1,
+                false,
+                dym.as_ptr(),
+                ld,
+                1,
+                col.as_ptr(),
+                1,
+                ld,
+                gemm_par(false),
+            );
+        }
+    });
+    // SAFETY: the GEMM wrote every element.
+    unsafe { dw.assume_init() }
+}
+
 /// [`conv_fwd`] on blocked im2col (any stride).
 fn conv_fwd_im2col<T: Elem>(x: &[T], w: &[T], bias: Option<&[T]>, g: &Geom) -> Vec<T> {
     let (out_sp, cog) = (g.out_sp(), g.cog());
@@ -824,6 +967,9 @@ fn conv_fwd_im2col<T: Elem>(x: &[T], w: &[T], bias: Option<&[T]>, g: &Geom) -> V
         return Vec::new();
     }
     let plan = Im2colPlan::new::<T>(g);
+    if plan.merged::<T>(g) {
+        return conv_fwd_merged(x, w, bias, g, &plan);
+    }
     let kc = plan.kc;
     let mut y = Uninit::<T>::new(g.n * g.cout * out_sp);
     let yp = SendPtr(y.ptr());
@@ -991,6 +1137,9 @@ fn filter_reduce<T: Elem>(partials: &[Vec<T>], g: &Geom, row_of: &[usize]) -> Ve
 fn conv_bwd_filter_im2col<T: Elem>(x: &[T], dy: &[T], g: &Geom) -> Vec<T> {
     let (out_sp, cog) = (g.out_sp(), g.cog());
     let plan = Im2colPlan::new::<T>(g);
+    if plan.merged::<T>(g) {
+        return conv_bwd_filter_merged(x, dy, g, &plan);
+    }
     let kc = plan.kc;
     // Fewer positions per item than gathered rows (the deep levels, e.g. 512 channels at 8 x 4):
     // the accumulators take dw's own row-major layout, so no transposing reduction rewrites them
@@ -1337,7 +1486,10 @@ fn conv_bwd_data_as_fwd<T: Elem>(
         p: std::array::from_fn(|a| g.d[a] * (g.k[a] - 1) - g.p[a]),
         d: g.d,
     };
-    if Implicit::plan(&t).is_none() && RowPlan::new::<T>(&t).is_none() {
+    if Implicit::plan(&t).is_none()
+        && RowPlan::new::<T>(&t).is_none()
+        && !Im2colPlan::new::<T>(&t).merged::<T>(&t)
+    {
         return None;
     }
     // w (cout, cig, k) -> wf (cin, cog, k) with the kernel reversed along every axis.
@@ -1572,6 +1724,45 @@ mod tests {
             let dw = conv_bwd_filter(&x, &dy, &g);
             assert!((lhs - dot(&dx, &x)).abs() < 1e-10, "{g:?} data adjoint");
             assert!((lhs - dot(&dw, &w)).abs() < 1e-10, "{g:?} filter adjoint");
+        }
+    }
+
+    /// The batch-wide GEMMs of the deep levels ([`Im2colPlan::merged`]: one group, several
+    /// images, few positions) match the naive convolution (forward) and are its adjoints (input
+    /// and weight gradients), with and without bias, strided and padded, 2D and 3D.
+    #[test]
+    fn merged_batch_gemms_match_naive_and_are_adjoint() {
+        let cases = [
+            geom([1, 4, 3], [1, 3, 3], [1, 1, 1], [0, 1, 1], [1, 1, 1]),
+            geom([1, 8, 6], [1, 3, 3], [1, 2, 2], [0, 1, 1], [1, 1, 1]),
+            geom([3, 4, 5], [3, 3, 3], [1, 1, 1], [1, 1, 1], [1, 1, 1]),
+            geom([1, 5, 5], [1, 3, 3], [1, 1, 1], [0, 2, 2], [1, 2, 2]),
+        ];
+        for mut g in cases {
+            // 64 input channels: the stride-1 input gradients' transposed geometry is too wide
+            // for the implicit GEMM, so they take the merged path too
+            (g.n, g.groups, g.cin, g.cout) = (3, 1, 64, 7);
+            assert!(Im2colPlan::new::<f64>(&g).merged::<f64>(&g), "{g:?} merged");
+            let x = seq(g.n * g.cin * g.in_sp(), 11);
+            let w = seq(g.cout * g.cig() * g.ktot(), 12);
+            let bias = seq(g.cout, 13);
+            let dy = seq(g.n * g.cout * g.out_sp(), 14);
+            let y = conv_fwd_im2col(&x, &w, Some(&bias), &g);
+            let mut want = naive_fwd(&x, &w, &g);
+            for (i, v) in want.iter_mut().enumerate() {
+                *v += bias[(i / g.out_sp()) % g.cout];
+            }
+            assert_all_close(&y, &want, 1e-12, &format!("{g:?} fwd"));
+            let lhs = dot(&dy, &naive_fwd(&x, &w, &g));
+            let dx = conv_bwd_data(&dy, &w, None, &g);
+            assert!((lhs - dot(&dx, &x)).abs() < 1e-9, "{g:?} data adjoint");
+            if g.s == [1, 1, 1] {
+                let a = conv_bwd_data_as_fwd(&dy, &w, None, &g).expect("merged input gradient");
+                let b = conv_bwd_data_phases(&dy, &w, None, &g);
+                assert_all_close(&a, &b, 1e-12, &format!("{g:?} data"));
+            }
+            let dw = conv_bwd_filter_im2col(&x, &dy, &g);
+            assert!((lhs - dot(&dw, &w)).abs() < 1e-9, "{g:?} filter adjoint");
         }
     }
 

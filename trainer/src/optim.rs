@@ -368,17 +368,22 @@ impl SgdStepOp {
     fn run<T: SgdFloat>(&self, p: &mut [T], g: &[T], b: &[T]) -> Vec<T> {
         use rayon::prelude::*;
         const CHUNK: usize = 1 << 14;
-        let mut out = vec![T::from_f64(0.0); p.len()];
+        // The new buffer is written once, without zero-filling it first (a full extra pass
+        // over every parameter's buffer per step).
+        let n = p.len();
+        let mut out: Vec<T> = Vec::with_capacity(n);
         p.par_chunks_mut(CHUNK)
-            .zip(out.par_chunks_mut(CHUNK))
+            .zip(out.spare_capacity_mut()[..n].par_chunks_mut(CHUNK))
             .enumerate()
             .for_each(|(c, (pc, oc))| {
                 let o = c * CHUNK;
                 for (i, (pv, ov)) in pc.iter_mut().zip(oc.iter_mut()).enumerate() {
                     let bv = self.has_buf.then(|| b[o + i]);
-                    *ov = T::step_one(pv, g[o + i], bv, &self.opts);
+                    ov.write(T::step_one(pv, g[o + i], bv, &self.opts));
                 }
             });
+        // SAFETY: the chunks above cover all `p.len()` elements and wrote each one.
+        unsafe { out.set_len(n) };
         out
     }
 }

@@ -148,7 +148,17 @@ def run(a):
         dc = (2 * inter + 1e-5) / torch.clip(sum_gt + sum_pred + 1e-5, 1e-8)
         return -dc.mean()
 
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    phase = {"fwd_s": 0.0, "bwd_s": 0.0, "opt_s": 0.0}  # summed over the timed steps
+
+    def lap(key, t0):
+        sync()
+        t1 = time.perf_counter()
+        phase[key] += t1 - t0
+        return t1
+
     def step():
+        t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp):
             outs = net(x)
@@ -163,15 +173,18 @@ def run(a):
             scaler.step(opt)
             scaler.update()
         else:
+            t0 = lap("fwd_s", t0)
             loss.backward()
+            t0 = lap("bwd_s", t0)
             torch.nn.utils.clip_grad_norm_(net.parameters(), 12)
             opt.step()
+            lap("opt_s", t0)
         return loss
 
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     for _ in range(a.warmup):
         step()
     sync()
+    phase.update({k: 0.0 for k in phase})
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     if a.profile:  # one profiled step, its ops by self CPU time, on stderr
@@ -206,6 +219,8 @@ def run(a):
         "iters_per_s": 1.0 / med,
         "loss": float(loss.detach()),
     }
+    if scaler is None:  # mean seconds per step of each phase (as nnseg bench_train reports)
+        res.update({k: v / a.iters for k, v in phase.items()})
     if dev.type == "cuda":
         res["peak_mem_mib"] = torch.cuda.max_memory_allocated(dev) / 2**20
         res["peak_reserved_mib"] = torch.cuda.max_memory_reserved(dev) / 2**20

@@ -29,7 +29,7 @@ const BAND_BYTES: usize = 192 << 10;
 
 /// Whether [`conv_fwd`] takes geometry `g`.
 fn applies(g: &Geom) -> bool {
-    super::isa::avx2_path()
+    super::isa::direct_kernels()
         && g.groups == 1
         && g.s == [1, 1, 1]
         && g.inp[0] == 1

@@ -11,9 +11,8 @@
 //! bytes seen so far: the resident set stays at the live peak, and a training loop's repeated
 //! shapes find their buffers without a page fault. A request no cached buffer fits reuses the
 //! pages of the longest shorter one (`mremap`), so only the difference is faulted in and zeroed
-//! by the kernel (at the 2D nuclei plan, exact-size reuse alone left about 90 ms of kernel
-//! time per step for zeroing fresh pages). Cached buffers unused for [`MAX_IDLE`] are returned
-//! to the OS.
+//! by the kernel (at the 2D nuclei plan: 67 instead of 136 page faults per step). Cached
+//! buffers unused for [`MAX_IDLE`] are returned to the OS.
 
 use std::alloc::{GlobalAlloc, Layout};
 use std::sync::Mutex;

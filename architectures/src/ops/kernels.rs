@@ -871,6 +871,16 @@ impl Im2colPlan {
     }
 }
 
+/// `dy (n, cout, out)` -> `dst (cout, n * out)`: the output gradient's images side by side, the
+/// GEMM operand of the batch-wide gradients.
+fn side_by_side<T: Elem>(dy: &[T], g: &Geom, dst: &mut [T]) {
+    let pc = g.out_sp();
+    for (i, src) in dy.chunks_exact(pc).enumerate() {
+        let (b, co) = (i / g.cout, i % g.cout);
+        dst[co * g.n * pc + b * pc..][..pc].copy_from_slice(src);
+    }
+}
+
 /// [`conv_fwd_im2col`] as one batch-wide GEMM ([`Im2colPlan::merged`]) into `[cout][n * out]`,
 /// then copied out image by image (plus bias).
 fn conv_fwd_merged<T: Elem>(
@@ -932,10 +942,7 @@ fn conv_bwd_filter_merged<T: Elem>(x: &[T], dy: &[T], g: &Geom, plan: &Im2colPla
         let buf = workspace::<T>(ws, kc * ld + g.cout * ld);
         let (col, dym) = buf.split_at_mut(kc * ld);
         plan.gather_batch(x, g, col);
-        for (i, src) in dy.chunks_exact(pc).enumerate() {
-            let (b, co) = (i / g.cout, i % g.cout);
-            dym[co * ld + b * pc..][..pc].copy_from_slice(src);
-        }
+        side_by_side(dy, g, dym);
         // SAFETY: `dw` is cout x kc (row-major), `dym` cout x ld, `col` kc x ld.
         unsafe {
             mm(
@@ -974,10 +981,7 @@ fn conv_bwd_data_merged<T: Elem>(dy: &[T], w: &[T], bias: Option<&[T]>, g: &Geom
     with_workspace(|ws| {
         let buf = workspace::<T>(ws, kc * ld + g.cout * ld);
         let (cols, dym) = buf.split_at_mut(kc * ld);
-        for (i, src) in dy.chunks_exact(pc).enumerate() {
-            let (b, co) = (i / g.cout, i % g.cout);
-            dym[co * ld + b * pc..][..pc].copy_from_slice(src);
-        }
+        side_by_side(dy, g, dym);
         // SAFETY: `cols` is kc x ld; `w` read as its transpose (kc x cout: row stride 1, column
         // stride kc); `dym` is cout x ld.
         unsafe {

@@ -9,9 +9,10 @@
 //! workspace, L2-sized), so the inner loop has no bounds checks. The stride-1 input gradient
 //! runs here too, as the forward convolution with the flipped kernel.
 //!
-//! Taken on the AVX2 path only (`isa::avx2_path`), for f32, one group, stride 1 and a 2D
-//! geometry (a 3D input with a depth-1 kernel keeps the GEMM paths) whose output rows are at
-//! least [`MIN_WIDTH`] wide; everything else keeps the GEMM kernels.
+//! Taken on every CPU with AVX2 and FMA (`isa::direct_kernels`, AVX-512 hosts included), for
+//! f32, one group, stride 1 and a 2D geometry (a 3D input with a depth-1 kernel keeps the GEMM
+//! paths) whose output rows are at least [`MIN_WIDTH`] wide; everything else keeps the GEMM
+//! kernels.
 
 use super::kernels::{with_workspace, workspace, Geom, SendPtr, Uninit};
 use rayon::prelude::*;

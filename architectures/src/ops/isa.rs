@@ -91,20 +91,6 @@ fn narrow(m: usize, n: usize, dst_cs: isize, dst_rs: isize) -> bool {
     rows < NARROW_ROWS && avx2_available()
 }
 
-/// Whether the convolution GEMMs run on the AVX2/FMA path (forced, or an AVX2 CPU without
-/// AVX-512).
-#[allow(dead_code)]
-pub(crate) fn avx2_path() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        avx2_available() && (gemm_isa() == GemmIsa::Avx2 || !is_x86_feature_detected!("avx512f"))
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
 /// The CPU features that matter here, e.g. `avx2 fma avx512f`.
 pub fn cpu_features() -> String {
     #[cfg(target_arch = "x86_64")]

@@ -1038,6 +1038,9 @@ fn col2im_add<T: Elem>(
                 let (a2, b2) = ax[2].valid_range(f2);
                 let row = &rows[t * ld + off..];
                 t += 1;
+                if a2 == b2 {
+                    continue; // the tap reads only padding along the inner axis
+                }
                 for j0 in a0..b0 {
                     let i0 = (j0 * g.s[0]) as isize + f0;
                     for j1 in a1..b1 {
@@ -1839,6 +1842,10 @@ mod tests {
             geom([1, 8, 6], [1, 3, 3], [1, 2, 2], [0, 1, 1], [1, 1, 1]),
             geom([3, 4, 5], [3, 3, 3], [1, 1, 1], [1, 1, 1], [1, 1, 1]),
             geom([1, 5, 5], [1, 3, 3], [1, 1, 1], [0, 2, 2], [1, 2, 2]),
+            // one-voxel axes: taps that read only padding
+            geom([1, 2, 1], [1, 3, 3], [1, 1, 1], [0, 1, 1], [1, 1, 1]),
+            geom([1, 1, 3], [1, 3, 3], [1, 1, 1], [0, 1, 1], [1, 1, 1]),
+            geom([1, 1, 1], [1, 3, 3], [1, 1, 1], [0, 2, 2], [1, 2, 2]),
         ];
         for mut g in cases {
             (g.n, g.groups, g.cin, g.cout) = (3, 1, 5, 7);

@@ -1,4 +1,4 @@
-//! Direct (im2col-free) stride-1 2D convolution for the AVX2/FMA path, f32.
+//! Direct (im2col-free) 2D convolution, stride 1 or 2, for AVX2/FMA, f32.
 //!
 //! The GEMM formulations of [`super::kernels`] split a 3x3 convolution into GEMMs of depth
 //! `C_in * 3` (one per kernel row) that read and write the output three times, and gemm's 16x6
@@ -6,15 +6,18 @@
 //! [`CO_T`] output channels x [`POS_T`] positions of one output row accumulates over all input
 //! channels and taps (`C_in * k_h * k_w`) in registers and is stored once. Each work item (image,
 //! band of output rows) first copies the input rows it reads into a zero-padded band (per-thread
-//! workspace, L2-sized), so the inner loop has no bounds checks. The stride-1 input gradient
-//! runs here too, as the forward convolution with the flipped kernel.
+//! workspace, L2-sized), so the inner loop has no bounds checks. With stride 2 along a row the
+//! band stores each padded row as its even columns followed by its odd ones, so every tap still
+//! reads consecutive output positions as consecutive elements (the encoders' stride-2 3x3
+//! convolutions, which im2col otherwise copies 9 times). The stride-1 input gradient runs here
+//! too, as the forward convolution with the flipped kernel.
 //!
 //! Taken on every CPU with AVX2 and FMA (`isa::direct_kernels`, AVX-512 hosts included), for
-//! f32, one group, stride 1 and a 2D geometry (a 3D input with a depth-1 kernel keeps the GEMM
+//! f32, one group, strides 1 or 2 and a 2D geometry (a 3D input with a depth-1 kernel keeps the GEMM
 //! paths) whose output rows are at least [`MIN_WIDTH`] wide; everything else keeps the GEMM
 //! kernels.
 
-use super::kernels::{with_workspace, workspace, Geom, SendPtr, Uninit};
+use super::kernels::{copy_stride2, with_workspace, workspace, Geom, SendPtr, Uninit};
 use rayon::prelude::*;
 use std::any::TypeId;
 
@@ -32,7 +35,9 @@ const BAND_BYTES: usize = 192 << 10;
 fn applies(g: &Geom) -> bool {
     super::isa::direct_kernels()
         && g.groups == 1
-        && g.s == [1, 1, 1]
+        && g.s[0] == 1
+        && (1..=2).contains(&g.s[1])
+        && (1..=2).contains(&g.s[2])
         && g.inp[0] == 1
         && g.k[0] == 1
         && g.p[0] == 0
@@ -73,10 +78,16 @@ struct Plan {
     kw: usize,
     dh: usize,
     dw: usize,
+    sh: usize,
+    sw: usize,
     ph: usize,
     pw: usize,
-    /// padded row length (`ow + dw (kw - 1)`) and padded rows per band plane
+    /// Band row layout: the padded input row's columns split by column mod `sw` into `sw`
+    /// phases of `wph` elements each (one phase, `ow + dw (kw - 1)` long, at stride 1), so a
+    /// tap reads `POS_T` consecutive output positions as consecutive elements; `wp = sw * wph`.
+    wph: usize,
     wp: usize,
+    /// padded input rows per band plane
     band_rows: usize,
     /// output rows per work item and items per image
     rows: usize,
@@ -86,14 +97,16 @@ struct Plan {
 impl Plan {
     fn new(g: &Geom) -> Self {
         let (kh, kw, dh, dw) = (g.k[1], g.k[2], g.d[1], g.d[2]);
+        let (sh, sw) = (g.s[1], g.s[2]);
         let (oh, ow) = (g.out[1], g.out[2]);
-        let wp = ow + dw * (kw - 1);
+        let wph = ((ow - 1) * sw + dw * (kw - 1) + 1).div_ceil(sw);
+        let wp = sw * wph;
         let span = dh * (kh - 1);
         let per_row = (g.cin * wp * std::mem::size_of::<f32>()).max(1);
         let want_items = 2 * rayon::current_num_threads();
         let par_cap = oh.div_ceil(want_items.div_ceil(g.n.max(1)).max(1));
-        let rows = (BAND_BYTES / per_row)
-            .saturating_sub(span)
+        // output rows whose band (`(rows - 1) sh + span + 1` input rows) fits the budget
+        let rows = ((BAND_BYTES / per_row).saturating_sub(span + 1) / sh + 1)
             .min(par_cap)
             .clamp(1, oh);
         Plan {
@@ -107,10 +120,13 @@ impl Plan {
             kw,
             dh,
             dw,
+            sh,
+            sw,
             ph: g.p[1],
             pw: g.p[2],
+            wph,
             wp,
-            band_rows: rows + span,
+            band_rows: (rows - 1) * sh + span + 1,
             rows,
             nbands: oh.div_ceil(rows),
         }
@@ -120,25 +136,55 @@ impl Plan {
         self.band_rows * self.wp
     }
 
+    /// Offset within a band row of kernel column `j`'s first position: its phase, then its
+    /// place in the phase.
+    fn col_off(&self, j: usize) -> usize {
+        let c = j * self.dw;
+        (c % self.sw) * self.wph + c / self.sw
+    }
+
     /// Copies the input rows that output rows `[r0, r0 + rows)` read (all channels of one image
-    /// `x`) into `band`, zero-padded: band row `r` of channel `c` is input row `r0 + r - ph`
-    /// placed at column `pw`. The `POS_T` elements after the last plane are zeroed too (the last
-    /// tile of a row may read that far).
+    /// `x`) into `band`, zero-padded: band row `r` of channel `c` is padded input row
+    /// `r0 sh + r` (input row `r0 sh + r - ph`, its columns shifted by `pw`) in the phase layout
+    /// of [`Plan::wph`]. The `POS_T` elements after the last plane are zeroed too (the last tile
+    /// of a row may read that far).
     fn fill_band(&self, x: &[f32], r0: usize, band: &mut [f32]) {
         let (plane, hw) = (self.plane(), self.h * self.w);
         for c in 0..self.cin {
             let xc = &x[c * hw..(c + 1) * hw];
             for r in 0..self.band_rows {
                 let dst = &mut band[c * plane + r * self.wp..][..self.wp];
-                let ih = (r0 + r).wrapping_sub(self.ph);
+                let ih = (r0 * self.sh + r).wrapping_sub(self.ph);
                 if ih >= self.h {
                     dst.fill(0.0);
                     continue;
                 }
-                let n = self.w.min(self.wp - self.pw);
-                dst[..self.pw].fill(0.0);
-                dst[self.pw..self.pw + n].copy_from_slice(&xc[ih * self.w..][..n]);
-                dst[self.pw + n..].fill(0.0);
+                let src = &xc[ih * self.w..][..self.w];
+                if self.sw == 1 {
+                    let n = self.w.min(self.wp - self.pw);
+                    dst[..self.pw].fill(0.0);
+                    dst[self.pw..self.pw + n].copy_from_slice(&src[..n]);
+                    dst[self.pw + n..].fill(0.0);
+                    continue;
+                }
+                for (phase, part) in dst.chunks_exact_mut(self.wph).enumerate() {
+                    // element i holds input column i sw + phase - pw: in range for i in [lo, hi)
+                    let lo = self
+                        .pw
+                        .saturating_sub(phase)
+                        .div_ceil(self.sw)
+                        .min(self.wph);
+                    let hi = (self.w + self.pw)
+                        .saturating_sub(phase)
+                        .div_ceil(self.sw)
+                        .clamp(lo, self.wph);
+                    part[..lo].fill(0.0);
+                    part[hi..].fill(0.0);
+                    if lo < hi {
+                        let first = lo * self.sw + phase - self.pw;
+                        copy_stride2(&mut part[lo..hi], &src[first..]);
+                    }
+                }
             }
         }
         band[self.cin * plane..].fill(0.0);
@@ -174,7 +220,7 @@ fn fwd_f32(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &Geom) -> Vec<f32> {
     for ci in 0..p.cin {
         for i in 0..p.kh {
             for j in 0..p.kw {
-                offs.push(ci * p.plane() + i * p.dh * p.wp + j * p.dw);
+                offs.push(ci * p.plane() + i * p.dh * p.wp + p.col_off(j));
             }
         }
     }
@@ -188,7 +234,7 @@ fn fwd_f32(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &Geom) -> Vec<f32> {
             for r in r0..r1 {
                 for q0 in (0..p.ow).step_by(POS_T) {
                     let valid = POS_T.min(p.ow - q0);
-                    let src = band[(r - r0) * p.wp + q0..].as_ptr();
+                    let src = band[(r - r0) * p.sh * p.wp + q0..].as_ptr();
                     for (t, wq) in wt.chunks_exact(ktile).enumerate() {
                         let mut init = [0.0; CO_T];
                         let mut dst = [spill.as_mut_ptr(); CO_T];
@@ -200,7 +246,7 @@ fn fwd_f32(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &Geom) -> Vec<f32> {
                                 unsafe { yp.get().add((b * p.cout + co) * out_sp + r * p.ow + q0) };
                         }
                         // SAFETY: the tile reads `src` up to (cin - 1) * plane + span rows +
-                        // q0 + POS_T + dw (kw - 1) < band length (POS_T of slack), writes
+                        // the last phase + q0 + POS_T < band length (POS_T of slack), writes
                         // `valid` positions of each `dst` row (or of `spill`).
                         unsafe { tile(src, &offs, wq.as_ptr(), init, dst, valid) };
                     }
@@ -295,8 +341,8 @@ mod tests {
                         for ci in 0..g.cin {
                             for i in 0..kh {
                                 for j in 0..kw {
-                                    let ih = (r + i * g.d[1]) as isize - g.p[1] as isize;
-                                    let iw = (q + j * g.d[2]) as isize - g.p[2] as isize;
+                                    let ih = (r * g.s[1] + i * g.d[1]) as isize - g.p[1] as isize;
+                                    let iw = (q * g.s[2] + j * g.d[2]) as isize - g.p[2] as isize;
                                     if ih < 0 || iw < 0 || ih as usize >= h || iw as usize >= wd {
                                         continue;
                                     }
@@ -325,18 +371,25 @@ mod tests {
         {
             return;
         }
-        // (cin, cout, h, w, k, p, d)
+        // (cin, cout, h, w, k, p, d, s)
         let cases = [
-            (5, 7, 9, 37, [3, 3], [1, 1], [1, 1]),
-            (3, 3, 40, 16, [3, 3], [1, 1], [1, 1]),
-            (4, 8, 11, 33, [3, 3], [2, 2], [2, 2]),
-            (2, 4, 7, 20, [3, 1], [1, 0], [1, 1]),
-            (6, 5, 6, 18, [1, 3], [0, 2], [1, 1]),
-            (3, 2, 5, 64, [1, 1], [0, 0], [1, 1]),
-            (70, 4, 130, 17, [3, 3], [1, 1], [1, 1]),
+            (5, 7, 9, 37, [3, 3], [1, 1], [1, 1], [1, 1]),
+            (3, 3, 40, 16, [3, 3], [1, 1], [1, 1], [1, 1]),
+            (4, 8, 11, 33, [3, 3], [2, 2], [2, 2], [1, 1]),
+            (2, 4, 7, 20, [3, 1], [1, 0], [1, 1], [1, 1]),
+            (6, 5, 6, 18, [1, 3], [0, 2], [1, 1], [1, 1]),
+            (3, 2, 5, 64, [1, 1], [0, 0], [1, 1], [1, 1]),
+            (70, 4, 130, 17, [3, 3], [1, 1], [1, 1], [1, 1]),
+            // stride 2: even and odd widths, dilation, one axis strided, many bands
+            (5, 7, 9, 70, [3, 3], [1, 1], [1, 1], [2, 2]),
+            (4, 4, 12, 33, [3, 3], [1, 1], [1, 1], [2, 2]),
+            (3, 5, 10, 41, [3, 3], [2, 2], [2, 2], [2, 2]),
+            (2, 3, 8, 36, [3, 3], [1, 1], [1, 1], [1, 2]),
+            (3, 3, 9, 20, [3, 3], [1, 1], [1, 1], [2, 1]),
+            (70, 4, 200, 40, [3, 3], [1, 1], [1, 1], [2, 2]),
         ];
-        for (cin, cout, h, w, k, p, d) in cases {
-            let out = |a: usize| (([h, w][a] + 2 * p[a]) - d[a] * (k[a] - 1) - 1) + 1;
+        for (cin, cout, h, w, k, p, d, st) in cases {
+            let out = |a: usize| (([h, w][a] + 2 * p[a]) - d[a] * (k[a] - 1) - 1) / st[a] + 1;
             let g = Geom {
                 n: 2,
                 cin,
@@ -345,11 +398,11 @@ mod tests {
                 inp: [1, h, w],
                 out: [1, out(0), out(1)],
                 k: [1, k[0], k[1]],
-                s: [1, 1, 1],
+                s: [1, st[0], st[1]],
                 p: [0, p[0], p[1]],
                 d: [1, d[0], d[1]],
             };
-            assert!(g.s == [1, 1, 1] && g.out[2] >= MIN_WIDTH, "{g:?}");
+            assert!(applies(&g) && g.out[2] >= MIN_WIDTH, "{g:?}");
             let x = seq(g.n * cin * h * w, 1);
             let wt = seq(cout * cin * k[0] * k[1], 2);
             let bias = seq(cout, 3);

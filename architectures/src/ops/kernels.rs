@@ -229,7 +229,7 @@ fn im2col_ld<T: Elem>(
 
 /// `dst[i] = src[2 * i]`: the stride-2 gather of [`im2col`] (the strided convolutions of the
 /// U-Net encoders), as pairs so that it vectorises (`step_by(2)` stays a scalar loop).
-fn copy_stride2<T: Elem>(dst: &mut [T], src: &[T]) {
+pub(crate) fn copy_stride2<T: Elem>(dst: &mut [T], src: &[T]) {
     let Some((last, body)) = dst.split_last_mut() else {
         return;
     };

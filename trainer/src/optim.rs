@@ -376,10 +376,18 @@ impl SgdStepOp {
             .zip(out.spare_capacity_mut()[..n].par_chunks_mut(CHUNK))
             .enumerate()
             .for_each(|(c, (pc, oc))| {
-                let o = c * CHUNK;
-                for (i, (pv, ov)) in pc.iter_mut().zip(oc.iter_mut()).enumerate() {
-                    let bv = self.has_buf.then(|| b[o + i]);
-                    ov.write(T::step_one(pv, g[o + i], bv, &self.opts));
+                // zipped slices (no per-element index checks or buffer test), so the loop
+                // vectorises: with indexing it was 4.5% of a 2D training step in `perf`
+                let (o, len) = (c * CHUNK, pc.len());
+                let it = pc.iter_mut().zip(oc.iter_mut()).zip(&g[o..o + len]);
+                if self.has_buf {
+                    for (((pv, ov), &gv), &bv) in it.zip(&b[o..o + len]) {
+                        ov.write(T::step_one(pv, gv, Some(bv), &self.opts));
+                    }
+                } else {
+                    for ((pv, ov), &gv) in it {
+                        ov.write(T::step_one(pv, gv, None, &self.opts));
+                    }
                 }
             });
         // SAFETY: the chunks above cover all `p.len()` elements and wrote each one.

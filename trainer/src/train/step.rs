@@ -14,7 +14,7 @@ use crate::amp::forward_autocast;
 use crate::config::TrainerConfig;
 use crate::data::{HostBatch, LabelInfo};
 use crate::loss::{self, DcAndBceLoss, DcAndCeLoss, DeepSupervisionLoss, LossOptions, SegLoss};
-use crate::optim::{clip_grad_norm, SgdNesterov, SgdOptions};
+use crate::optim::{clip_coef, SgdNesterov, SgdOptions};
 use architectures::init::is_buffer_name;
 use architectures::registry::SegNetwork;
 use candle_core::backprop::GradStore;
@@ -188,11 +188,15 @@ impl Learner {
         loss.backward_consuming().ctx(at.ctx("backward"))
     }
 
-    /// Gradient-norm clipping and the optimizer step.
+    /// Gradient-norm clipping and the optimizer step. The clipping factor is folded into the
+    /// optimizer's pass over the gradients (`step_scaled`; `clip_vars` are the optimizer's
+    /// variables, so it scales exactly the gradients clipping would).
     pub fn apply_gradients(&mut self, grads: &mut GradStore, at: StepAt) -> Result<(), TrainError> {
-        clip_grad_norm(&self.clip_vars, grads, self.grad_clip_norm)
+        let (_, coef) = clip_coef(&self.clip_vars, grads, self.grad_clip_norm)
             .ctx(at.ctx("gradient clipping"))?;
-        self.optimizer.step(grads).ctx(at.ctx("optimizer step"))
+        self.optimizer
+            .step_scaled(grads, coef)
+            .ctx(at.ctx("optimizer step"))
     }
 
     /// One training step; returns the loss.

@@ -78,18 +78,25 @@ pub(crate) fn direct_kernels() -> bool {
     avx2_available()
 }
 
-/// Destination rows (along its contiguous axis, after gemm's own transposition) below which the
-/// AVX-512 path still runs the AVX2 micro-kernel. Those are the column-major weight gradients of
-/// the 32-128-channel layers, where gemm's AVX-512 kernel measured slower on a Zen 4 EPYC
-/// (2 threads, (2,C,H,W) 3x3 weight gradient): 0.023 against 0.017 s at 32 channels (its 64-row
-/// tile half empty), 0.0052 against 0.0043 s at 64 (stride 2) and 0.0079 against 0.0063 s at 128.
+/// Destination rows (along its contiguous axis) below which the AVX-512 path still runs gemm's
+/// AVX2 micro-kernel. Column-major products (the 32-128-channel weight gradients) measured faster
+/// on it on a Zen 4 EPYC (2 threads, (2,C,H,W) 3x3 weight gradient): 0.023 against 0.017 s at 32
+/// channels (the AVX-512 kernel's 64-row tile half empty), 0.0052 against 0.0043 s at 64
+/// (stride 2), 0.0079 against 0.0063 s at 128. Row-major products, which gemm computes
+/// transposed, switch only below [`NARROW_ROWS_TRANSPOSED`]: the deep levels' batch-wide input
+/// gradient (64 rows at 8x4) was 0.0015 s on AVX-512 against 0.0021 s on AVX2.
 const NARROW_ROWS: usize = 192;
+const NARROW_ROWS_TRANSPOSED: usize = 64;
 
 /// Whether an `m x n` product with these destination strides is narrow enough for the AVX2
 /// micro-kernel on an AVX-512 host (see [`NARROW_ROWS`]).
 fn narrow(m: usize, n: usize, dst_cs: isize, dst_rs: isize) -> bool {
-    let rows = if dst_cs < dst_rs { n } else { m };
-    rows < NARROW_ROWS && avx2_available()
+    let narrow = if dst_cs < dst_rs {
+        n < NARROW_ROWS_TRANSPOSED
+    } else {
+        m < NARROW_ROWS
+    };
+    narrow && avx2_available()
 }
 
 /// The CPU features that matter here, e.g. `avx2 fma avx512f`.

@@ -13,9 +13,9 @@
 //! too, as the forward convolution with the flipped kernel.
 //!
 //! Taken on every CPU with AVX2 and FMA (`isa::direct_kernels`, AVX-512 hosts included), for
-//! f32, one group, strides 1 or 2 and a 2D geometry (a 3D input with a depth-1 kernel keeps the GEMM
-//! paths) whose output rows are at least [`MIN_WIDTH`] wide; everything else keeps the GEMM
-//! kernels.
+//! f32, one group, strides 1 or 2 and a 2D geometry, or a 3D one with a depth-1 kernel (no
+//! depth stride or padding: the 1x3x3 stages of anisotropic 3D plans), run slice by slice, whose
+//! output rows are at least [`MIN_WIDTH`] wide; everything else keeps the GEMM kernels.
 
 use super::kernels::{copy_stride2, with_workspace, workspace, Geom, SendPtr, Uninit};
 use rayon::prelude::*;
@@ -38,7 +38,6 @@ fn applies(g: &Geom) -> bool {
         && g.s[0] == 1
         && (1..=2).contains(&g.s[1])
         && (1..=2).contains(&g.s[2])
-        && g.inp[0] == 1
         && g.k[0] == 1
         && g.p[0] == 0
         && g.out[2] >= MIN_WIDTH
@@ -69,6 +68,8 @@ pub(crate) fn conv_fwd<T: 'static>(
 struct Plan {
     cin: usize,
     cout: usize,
+    /// depth slices (a 3D input with a depth-1 kernel: each slice is one 2D convolution)
+    depth: usize,
     /// input / output rows and columns
     h: usize,
     w: usize,
@@ -104,7 +105,8 @@ impl Plan {
         let span = dh * (kh - 1);
         let per_row = (g.cin * wp * std::mem::size_of::<f32>()).max(1);
         let want_items = 2 * rayon::current_num_threads();
-        let par_cap = oh.div_ceil(want_items.div_ceil(g.n.max(1)).max(1));
+        let planes = (g.n * g.inp[0]).max(1);
+        let par_cap = oh.div_ceil(want_items.div_ceil(planes).max(1));
         // output rows whose band (`(rows - 1) sh + span + 1` input rows) fits the budget
         let rows = ((BAND_BYTES / per_row).saturating_sub(span + 1) / sh + 1)
             .min(par_cap)
@@ -112,6 +114,7 @@ impl Plan {
         Plan {
             cin: g.cin,
             cout: g.cout,
+            depth: g.inp[0],
             h: g.inp[1],
             w: g.inp[2],
             oh,
@@ -143,15 +146,15 @@ impl Plan {
         (c % self.sw) * self.wph + c / self.sw
     }
 
-    /// Copies the input rows that output rows `[r0, r0 + rows)` read (all channels of one image
-    /// `x`) into `band`, zero-padded: band row `r` of channel `c` is padded input row
+    /// Copies the input rows that output rows `[r0, r0 + rows)` read (all channels of depth
+    /// slice `z` of one image `x`) into `band`, zero-padded: band row `r` of channel `c` is padded input row
     /// `r0 sh + r` (input row `r0 sh + r - ph`, its columns shifted by `pw`) in the phase layout
     /// of [`Plan::wph`]. The `POS_T` elements after the last plane are zeroed too (the last tile
     /// of a row may read that far).
-    fn fill_band(&self, x: &[f32], r0: usize, band: &mut [f32]) {
+    fn fill_band(&self, x: &[f32], z: usize, r0: usize, band: &mut [f32]) {
         let (plane, hw) = (self.plane(), self.h * self.w);
         for c in 0..self.cin {
-            let xc = &x[c * hw..(c + 1) * hw];
+            let xc = &x[(c * self.depth + z) * hw..][..hw];
             for r in 0..self.band_rows {
                 let dst = &mut band[c * plane + r * self.wp..][..self.wp];
                 let ih = (r0 * self.sh + r).wrapping_sub(self.ph);
@@ -211,7 +214,7 @@ fn pack_weights(w: &[f32], p: &Plan) -> Vec<f32> {
 fn fwd_f32(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &Geom) -> Vec<f32> {
     let p = Plan::new(g);
     let wt = pack_weights(w, &p);
-    let (in_sp, out_sp) = (p.h * p.w, p.oh * p.ow);
+    let (in_sp, out_sp) = (p.depth * p.h * p.w, p.depth * p.oh * p.ow);
     let mut y = Uninit::<f32>::new(g.n * p.cout * out_sp);
     let yp = SendPtr(y.ptr());
     let ktile = p.cin * p.kh * p.kw * CO_T;
@@ -224,37 +227,42 @@ fn fwd_f32(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &Geom) -> Vec<f32> {
             }
         }
     }
-    (0..g.n * p.nbands).into_par_iter().for_each(|item| {
-        let (b, r0) = (item / p.nbands, (item % p.nbands) * p.rows);
-        let r1 = (r0 + p.rows).min(p.oh);
-        with_workspace(|ws| {
-            let band = workspace::<f32>(ws, p.cin * p.plane() + POS_T);
-            p.fill_band(&x[b * p.cin * in_sp..(b + 1) * p.cin * in_sp], r0, band);
-            let mut spill = [0.0f32; POS_T];
-            for r in r0..r1 {
-                for q0 in (0..p.ow).step_by(POS_T) {
-                    let valid = POS_T.min(p.ow - q0);
-                    let src = band[(r - r0) * p.sh * p.wp + q0..].as_ptr();
-                    for (t, wq) in wt.chunks_exact(ktile).enumerate() {
-                        let mut init = [0.0; CO_T];
-                        let mut dst = [spill.as_mut_ptr(); CO_T];
-                        for c in 0..CO_T.min(p.cout - t * CO_T) {
-                            let co = t * CO_T + c;
-                            init[c] = bias.map_or(0.0, |bs| bs[co]);
-                            // SAFETY: an in-bounds output position; items write disjoint rows.
-                            dst[c] =
-                                unsafe { yp.get().add((b * p.cout + co) * out_sp + r * p.ow + q0) };
+    (0..g.n * p.depth * p.nbands)
+        .into_par_iter()
+        .for_each(|item| {
+            let (b, z) = (item / (p.depth * p.nbands), item / p.nbands % p.depth);
+            let r0 = (item % p.nbands) * p.rows;
+            let r1 = (r0 + p.rows).min(p.oh);
+            // first output position of slice z (within a channel)
+            let zo = z * p.oh * p.ow;
+            with_workspace(|ws| {
+                let band = workspace::<f32>(ws, p.cin * p.plane() + POS_T);
+                p.fill_band(&x[b * p.cin * in_sp..(b + 1) * p.cin * in_sp], z, r0, band);
+                let mut spill = [0.0f32; POS_T];
+                for r in r0..r1 {
+                    for q0 in (0..p.ow).step_by(POS_T) {
+                        let valid = POS_T.min(p.ow - q0);
+                        let src = band[(r - r0) * p.sh * p.wp + q0..].as_ptr();
+                        for (t, wq) in wt.chunks_exact(ktile).enumerate() {
+                            let mut init = [0.0; CO_T];
+                            let mut dst = [spill.as_mut_ptr(); CO_T];
+                            for c in 0..CO_T.min(p.cout - t * CO_T) {
+                                let co = t * CO_T + c;
+                                init[c] = bias.map_or(0.0, |bs| bs[co]);
+                                // SAFETY: an in-bounds output position; items write disjoint rows.
+                                let at = (b * p.cout + co) * out_sp + zo + r * p.ow + q0;
+                                dst[c] = unsafe { yp.get().add(at) };
+                            }
+                            // SAFETY: the tile reads `src` up to (cin - 1) * plane + span rows +
+                            // the last phase + q0 + POS_T < band length (POS_T of slack), writes
+                            // `valid` positions of each `dst` row (or of `spill`).
+                            unsafe { tile(src, &offs, wq.as_ptr(), init, dst, valid) };
                         }
-                        // SAFETY: the tile reads `src` up to (cin - 1) * plane + span rows +
-                        // the last phase + q0 + POS_T < band length (POS_T of slack), writes
-                        // `valid` positions of each `dst` row (or of `spill`).
-                        unsafe { tile(src, &offs, wq.as_ptr(), init, dst, valid) };
                     }
                 }
-            }
+            });
         });
-    });
-    // SAFETY: the items cover every (image, channel, row) and the tiles every column.
+    // SAFETY: the items cover every (image, slice, channel, row) and the tiles every column.
     unsafe { y.assume_init() }
 }
 
@@ -410,6 +418,56 @@ mod tests {
             let want = naive(&x, &wt, &bias, &g);
             for (a, b) in y.iter().zip(&want) {
                 assert!((a - b).abs() < 1e-4, "{g:?}: {a} vs {b}");
+            }
+        }
+    }
+
+    /// A 3D input with a depth-1 kernel is convolved slice by slice: every depth slice matches
+    /// the 2D convolution of that slice (strides 1 and 2).
+    #[test]
+    fn depth_one_kernels_run_slice_by_slice() {
+        if !std::arch::is_x86_feature_detected!("avx2")
+            || !std::arch::is_x86_feature_detected!("fma")
+        {
+            return;
+        }
+        let (n, cin, cout, depth, h, w) = (2, 5, 7, 3, 9, 37);
+        for st in [1, 2] {
+            let o = |len: usize| (len + 2 - 3) / st + 1;
+            let (oh, ow) = (o(h), o(w));
+            let g = Geom {
+                n,
+                cin,
+                cout,
+                groups: 1,
+                inp: [depth, h, w],
+                out: [depth, oh, ow],
+                k: [1, 3, 3],
+                s: [1, st, st],
+                p: [0, 1, 1],
+                d: [1, 1, 1],
+            };
+            assert!(applies(&g), "{g:?}");
+            let x = seq(n * cin * depth * h * w, 7);
+            let wt = seq(cout * cin * 9, 8);
+            let bias = seq(cout, 9);
+            let y = fwd_f32(&x, &wt, Some(&bias), &g);
+            let g2 = Geom {
+                inp: [1, h, w],
+                out: [1, oh, ow],
+                ..g
+            };
+            for z in 0..depth {
+                let slice = |v: &[f32], ch: usize, sp: usize| -> Vec<f32> {
+                    (0..n * ch)
+                        .flat_map(|bc| v[(bc * depth + z) * sp..][..sp].to_vec())
+                        .collect()
+                };
+                let want = naive(&slice(&x, cin, h * w), &wt, &bias, &g2);
+                let got = slice(&y, cout, oh * ow);
+                for (a, b) in got.iter().zip(&want) {
+                    assert!((a - b).abs() < 1e-4, "stride {st} slice {z}: {a} vs {b}");
+                }
             }
         }
     }

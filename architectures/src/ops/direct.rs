@@ -147,10 +147,10 @@ impl Plan {
     }
 
     /// Copies the input rows that output rows `[r0, r0 + rows)` read (all channels of depth
-    /// slice `z` of one image `x`) into `band`, zero-padded: band row `r` of channel `c` is padded input row
-    /// `r0 sh + r` (input row `r0 sh + r - ph`, its columns shifted by `pw`) in the phase layout
-    /// of [`Plan::wph`]. The `POS_T` elements after the last plane are zeroed too (the last tile
-    /// of a row may read that far).
+    /// slice `z` of one image `x`) into `band`, zero-padded: band row `r` of channel `c` is
+    /// padded input row `r0 sh + r` (input row `r0 sh + r - ph`, its columns shifted by `pw`) in
+    /// the phase layout of [`Plan::wph`]. The `POS_T` elements after the last plane are zeroed
+    /// too (the last tile of a row may read that far).
     fn fill_band(&self, x: &[f32], z: usize, r0: usize, band: &mut [f32]) {
         let (plane, hw) = (self.plane(), self.h * self.w);
         for c in 0..self.cin {

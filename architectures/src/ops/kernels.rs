@@ -1405,36 +1405,23 @@ fn transpose_taps<T: Elem>(w: &[T], g: &Geom, taps: &[usize]) -> Vec<T> {
     out
 }
 
-/// [`conv_bwd_data`] in phase-gather form on blocked im2col (any stride).
-fn conv_bwd_data_phases<T: Elem>(dy: &[T], w: &[T], bias: Option<&[T]>, g: &Geom) -> Vec<T> {
-    let (in_sp, out_sp) = (g.in_sp(), g.out_sp());
+/// One input phase of [`conv_bwd_data_phases`]: its offset `r` per axis, gather, taps, chunking
+/// and sub-weight.
+struct Phase<T> {
+    r: [usize; 3],
+    ax: [AxisGather; 3],
+    ntaps: usize,
+    identity: bool,
+    rpc: usize,
+    nchunks: usize,
+    /// per group: cig x (cog * ntaps) sub-weight
+    wp: Vec<T>,
+}
+
+/// The input phases of `g` that have at least one position and one tap (the others get
+/// gradient 0, or the bias).
+fn data_phases<T: Elem>(w: &[T], g: &Geom) -> Vec<Phase<T>> {
     let (cig, cog) = (g.cig(), g.cog());
-    let mut dx = vec![T::ZERO; g.n * g.cin * in_sp];
-    if dx.is_empty() {
-        return dx;
-    }
-    if (0..3)
-        .all(|a| g.k[a] == g.s[a] && g.p[a] == 0 && g.d[a] == 1 && g.inp[a] == g.out[a] * g.k[a])
-    {
-        conv_bwd_data_k_eq_s(dy, w, bias, g, &mut dx);
-        return dx;
-    }
-    if let Some(bias) = bias {
-        for (i, c) in dx.chunks_mut(in_sp).enumerate() {
-            c.fill(bias[i % g.cin]);
-        }
-    }
-    // Enumerate the phases that have at least one position and one tap.
-    struct Phase<T> {
-        r: [usize; 3],
-        ax: [AxisGather; 3],
-        ntaps: usize,
-        identity: bool,
-        rpc: usize,
-        nchunks: usize,
-        /// per group: cig x (cog * ntaps) sub-weight
-        wp: Vec<T>,
-    }
     let single_phase = g.s.iter().all(|&s| s == 1);
     let mut phases: Vec<Phase<T>> = Vec::new();
     for rd in 0..g.s[0] {
@@ -1476,6 +1463,30 @@ fn conv_bwd_data_phases<T: Elem>(dy: &[T], w: &[T], bias: Option<&[T]>, g: &Geom
             }
         }
     }
+    phases
+}
+
+/// [`conv_bwd_data`] in phase-gather form on blocked im2col (any stride).
+fn conv_bwd_data_phases<T: Elem>(dy: &[T], w: &[T], bias: Option<&[T]>, g: &Geom) -> Vec<T> {
+    let (in_sp, out_sp) = (g.in_sp(), g.out_sp());
+    let (cig, cog) = (g.cig(), g.cog());
+    let mut dx = vec![T::ZERO; g.n * g.cin * in_sp];
+    if dx.is_empty() {
+        return dx;
+    }
+    if (0..3)
+        .all(|a| g.k[a] == g.s[a] && g.p[a] == 0 && g.d[a] == 1 && g.inp[a] == g.out[a] * g.k[a])
+    {
+        conv_bwd_data_k_eq_s(dy, w, bias, g, &mut dx);
+        return dx;
+    }
+    if let Some(bias) = bias {
+        for (i, c) in dx.chunks_mut(in_sp).enumerate() {
+            c.fill(bias[i % g.cin]);
+        }
+    }
+    let single_phase = g.s.iter().all(|&s| s == 1);
+    let phases = data_phases(w, g);
     // Work items: (image, phase, chunk).
     let mut item_index = Vec::new();
     for b in 0..g.n {

@@ -230,6 +230,48 @@ fn workloads() -> Vec<Work> {
             run: conv_aniso_s122,
             kernels: Some(k_aniso_s122),
         },
+        // the 3D demo plan of the issue-23 training step (24x56x56, batch 2, 32..320): its
+        // 3x3x3 levels hold most of the step's FLOPs
+        Work {
+            name: "conv3d (2,64,24,28,28) 1x3x3 64->64",
+            macs: macs_conv(2.0, 64.0, 64.0, 9.0, 24.0 * 28.0 * 28.0),
+            x: randn(&[2, 64, 24, 28, 28]),
+            w: Some(randn(&[64, 64, 1, 3, 3])),
+            run: conv_aniso,
+            kernels: Some(k_aniso),
+        },
+        Work {
+            name: "conv3d (2,128,24,14,14) 3x3x3 128->128",
+            macs: macs_conv(2.0, 128.0, 128.0, 27.0, 24.0 * 14.0 * 14.0),
+            x: randn(&[2, 128, 24, 14, 14]),
+            w: Some(randn(&[128, 128, 3, 3, 3])),
+            run: conv_p1,
+            kernels: Some(k_p1),
+        },
+        Work {
+            name: "conv3d (2,256,24,14,14) 3x3x3 256->128",
+            macs: macs_conv(2.0, 256.0, 128.0, 27.0, 24.0 * 14.0 * 14.0),
+            x: randn(&[2, 256, 24, 14, 14]),
+            w: Some(randn(&[128, 256, 3, 3, 3])),
+            run: conv_p1,
+            kernels: Some(k_p1),
+        },
+        Work {
+            name: "conv3d (2,256,12,7,7) 3x3x3 256->256",
+            macs: macs_conv(2.0, 256.0, 256.0, 27.0, 12.0 * 7.0 * 7.0),
+            x: randn(&[2, 256, 12, 7, 7]),
+            w: Some(randn(&[256, 256, 3, 3, 3])),
+            run: conv_p1,
+            kernels: Some(k_p1),
+        },
+        Work {
+            name: "conv3d (2,320,6,7,7) 3x3x3 320->320",
+            macs: macs_conv(2.0, 320.0, 320.0, 27.0, 6.0 * 7.0 * 7.0),
+            x: randn(&[2, 320, 6, 7, 7]),
+            w: Some(randn(&[320, 320, 3, 3, 3])),
+            run: conv_p1,
+            kernels: Some(k_p1),
+        },
         Work {
             name: "conv_transpose3d k=s=2 (2,64,32^3)->32",
             macs: macs_conv(2.0, 64.0, 32.0, 8.0, 32768.0),

@@ -1,4 +1,4 @@
-//! Direct (im2col-free) 2D convolution, stride 1 or 2, for AVX2/FMA, f32.
+//! Direct (im2col-free) 2D and 3D convolution, stride 1 or 2, for AVX2/FMA, f32.
 //!
 //! The GEMM formulations of [`super::kernels`] split a 3x3 convolution into GEMMs of depth
 //! `C_in * 3` (one per kernel row) that read and write the output three times, and gemm's 16x6
@@ -13,9 +13,10 @@
 //! too, as the forward convolution with the flipped kernel.
 //!
 //! Taken on every CPU with AVX2 and FMA (`isa::direct_kernels`, AVX-512 hosts included), for
-//! f32, one group, strides 1 or 2 and a 2D geometry, or a 3D one with a depth-1 kernel (no
-//! depth stride or padding: the 1x3x3 stages of anisotropic 3D plans), run slice by slice, whose
-//! output rows are at least [`MIN_WIDTH`] wide; everything else keeps the GEMM kernels.
+//! f32, one group, in-plane strides 1 or 2 (depth stride 1 or 2, any depth kernel: per output
+//! slice the band holds the `k_d` input slices it reads), whose output rows are at least
+//! [`MIN_WIDTH`] wide; or, at stride 1 in the plane, narrower rows taken as a flattened plane
+//! (the 14x14 levels of 3D plans, [`flat`]). Everything else keeps the GEMM kernels.
 
 use super::kernels::{copy_stride2, with_workspace, workspace, Geom, SendPtr, Uninit};
 use rayon::prelude::*;
@@ -26,24 +27,46 @@ const CO_T: usize = 3;
 /// Output positions per register tile: 4 vectors of 8 (3 x 4 accumulators + 3 weight broadcasts
 /// + 1 input vector = the 16 AVX2 registers).
 const POS_T: usize = 32;
-/// Narrowest output row taken here: narrower rows waste most lanes of a 32-wide tile.
+/// Narrowest output row taken a row at a time: narrower rows waste most lanes of a 32-wide tile
+/// and go through the flattened plane instead (see [`Plan::flat`]).
 const MIN_WIDTH: usize = 16;
+/// Most padded-row length over output-row length of a flattened plane: the positions that fall on
+/// the padding columns are computed and dropped. At 14x14 (14% more work) the 3x3x3 layers of
+/// the 3D demo plan ran 7-10% faster than through the GEMM paths (AVX2, 2 threads: 128->128
+/// forward 0.044 against 0.047-0.049 s); at 7x7 (29%) 10-20% slower.
+const FLAT_MAX_WASTE: f64 = 1.2;
+/// Fewest planes per thread for the flattened layout (see [`flat`]).
+const FLAT_MIN_PLANES: usize = 4;
 /// Target size of one work item's zero-padded input band (stays in L2).
 const BAND_BYTES: usize = 192 << 10;
+/// The same for a flattened band, which wants whole planes (a tile spans several rows).
+const FLAT_BAND_BYTES: usize = 512 << 10;
 
 /// Whether [`conv_fwd`] takes geometry `g`.
 fn applies(g: &Geom) -> bool {
+    let row_mode = g.out[2] >= MIN_WIDTH && (1..=2).contains(&g.s[1]) && (1..=2).contains(&g.s[2]);
     super::isa::direct_kernels()
         && g.groups == 1
-        && g.s[0] == 1
-        && (1..=2).contains(&g.s[1])
-        && (1..=2).contains(&g.s[2])
-        && g.k[0] == 1
-        && g.p[0] == 0
-        && g.out[2] >= MIN_WIDTH
+        && (1..=2).contains(&g.s[0])
+        && (row_mode || flat(g))
         && g.out_sp() > 0
         && g.cin > 0
         && g.cout > 0
+}
+
+/// Whether `g` runs on flattened planes: stride 1 within the plane, rows narrower than
+/// [`MIN_WIDTH`], little padding per row ([`FLAT_MAX_WASTE`]), and enough planes (images x
+/// output slices) for [`FLAT_MIN_PLANES`] work items per thread with whole planes. The 2D deep
+/// levels (two planes of 16x8 at 1024 channels) split their few positions into bands that
+/// waste most of a tile and run 1.75x slower here than as one batch-wide GEMM.
+fn flat(g: &Geom) -> bool {
+    let wp = g.out[2] + g.d[2] * (g.k[2] - 1);
+    g.n * g.out[0] >= FLAT_MIN_PLANES * rayon::current_num_threads()
+        && g.s[1] == 1
+        && g.s[2] == 1
+        && g.out[2] < MIN_WIDTH
+        && g.out[2] > 0
+        && wp as f64 <= FLAT_MAX_WASTE * g.out[2] as f64
 }
 
 /// The forward convolution of [`super::kernels::conv_fwd`] through the direct kernel, when it
@@ -64,12 +87,18 @@ pub(crate) fn conv_fwd<T: 'static>(
     Some(unsafe { Vec::from_raw_parts(y.as_ptr() as *mut T, y.len(), y.capacity()) })
 }
 
-/// Geometry of the 2D direct convolution (axes 1 and 2 of a [`Geom`]).
+/// Geometry of the direct convolution: per output depth slice, a 2D convolution over the `kd`
+/// input slices its depth taps read.
 struct Plan {
     cin: usize,
     cout: usize,
-    /// depth slices (a 3D input with a depth-1 kernel: each slice is one 2D convolution)
-    depth: usize,
+    /// input / output depth slices, and the depth kernel, dilation, stride and padding
+    id: usize,
+    od: usize,
+    kd: usize,
+    dd: usize,
+    sd: usize,
+    pd: usize,
     /// input / output rows and columns
     h: usize,
     w: usize,
@@ -88,9 +117,13 @@ struct Plan {
     /// tap reads `POS_T` consecutive output positions as consecutive elements; `wp = sw * wph`.
     wph: usize,
     wp: usize,
-    /// padded input rows per band plane
+    /// padded input rows per band slab (one input slice of one channel)
     band_rows: usize,
-    /// output rows per work item and items per image
+    /// Tiles run over the band's flattened rows (output position `(r, q)` at `r wp + q`; the
+    /// `wp - ow` positions at the end of each row are padding, computed and dropped) instead of
+    /// along one output row at a time.
+    flat: bool,
+    /// output rows per work item and items per image slice
     rows: usize,
     nbands: usize,
 }
@@ -103,18 +136,25 @@ impl Plan {
         let wph = ((ow - 1) * sw + dw * (kw - 1) + 1).div_ceil(sw);
         let wp = sw * wph;
         let span = dh * (kh - 1);
-        let per_row = (g.cin * wp * std::mem::size_of::<f32>()).max(1);
+        let flat = flat(g);
+        let budget = if flat { FLAT_BAND_BYTES } else { BAND_BYTES };
+        let per_row = (g.cin * g.k[0] * wp * std::mem::size_of::<f32>()).max(1);
         let want_items = 2 * rayon::current_num_threads();
-        let planes = (g.n * g.inp[0]).max(1);
+        let planes = (g.n * g.out[0]).max(1);
         let par_cap = oh.div_ceil(want_items.div_ceil(planes).max(1));
         // output rows whose band (`(rows - 1) sh + span + 1` input rows) fits the budget
-        let rows = ((BAND_BYTES / per_row).saturating_sub(span + 1) / sh + 1)
+        let rows = ((budget / per_row).saturating_sub(span + 1) / sh + 1)
             .min(par_cap)
             .clamp(1, oh);
         Plan {
             cin: g.cin,
             cout: g.cout,
-            depth: g.inp[0],
+            id: g.inp[0],
+            od: g.out[0],
+            kd: g.k[0],
+            dd: g.d[0],
+            sd: g.s[0],
+            pd: g.p[0],
             h: g.inp[1],
             w: g.inp[2],
             oh,
@@ -130,13 +170,20 @@ impl Plan {
             wph,
             wp,
             band_rows: (rows - 1) * sh + span + 1,
+            flat,
             rows,
             nbands: oh.div_ceil(rows),
         }
     }
 
-    fn plane(&self) -> usize {
+    /// One input slice of one channel in the band.
+    fn slab(&self) -> usize {
         self.band_rows * self.wp
+    }
+
+    /// One channel in the band: its `kd` slabs.
+    fn plane(&self) -> usize {
+        self.kd * self.slab()
     }
 
     /// Offset within a band row of kernel column `j`'s first position: its phase, then its
@@ -146,57 +193,87 @@ impl Plan {
         (c % self.sw) * self.wph + c / self.sw
     }
 
-    /// Copies the input rows that output rows `[r0, r0 + rows)` read (all channels of depth
-    /// slice `z` of one image `x`) into `band`, zero-padded: band row `r` of channel `c` is
-    /// padded input row `r0 sh + r` (input row `r0 sh + r - ph`, its columns shifted by `pw`) in
-    /// the phase layout of [`Plan::wph`]. The `POS_T` elements after the last plane are zeroed
-    /// too (the last tile of a row may read that far).
-    fn fill_band(&self, x: &[f32], z: usize, r0: usize, band: &mut [f32]) {
-        let (plane, hw) = (self.plane(), self.h * self.w);
-        for c in 0..self.cin {
-            let xc = &x[(c * self.depth + z) * hw..][..hw];
-            for r in 0..self.band_rows {
-                let dst = &mut band[c * plane + r * self.wp..][..self.wp];
-                let ih = (r0 * self.sh + r).wrapping_sub(self.ph);
-                if ih >= self.h {
-                    dst.fill(0.0);
-                    continue;
-                }
-                let src = &xc[ih * self.w..][..self.w];
-                if self.sw == 1 {
-                    let n = self.w.min(self.wp - self.pw);
-                    dst[..self.pw].fill(0.0);
-                    dst[self.pw..self.pw + n].copy_from_slice(&src[..n]);
-                    dst[self.pw + n..].fill(0.0);
-                    continue;
-                }
-                for (phase, part) in dst.chunks_exact_mut(self.wph).enumerate() {
-                    // element i holds input column i sw + phase - pw: in range for i in [lo, hi)
-                    let lo = self
-                        .pw
-                        .saturating_sub(phase)
-                        .div_ceil(self.sw)
-                        .min(self.wph);
-                    let hi = (self.w + self.pw)
-                        .saturating_sub(phase)
-                        .div_ceil(self.sw)
-                        .clamp(lo, self.wph);
-                    part[..lo].fill(0.0);
-                    part[hi..].fill(0.0);
-                    if lo < hi {
-                        let first = lo * self.sw + phase - self.pw;
-                        copy_stride2(&mut part[lo..hi], &src[first..]);
+    /// Offset in the band of every (input channel, depth tap, kernel row, kernel column), in the
+    /// weights' order.
+    fn offsets(&self) -> Vec<usize> {
+        let mut offs = Vec::with_capacity(self.cin * self.kd * self.kh * self.kw);
+        for ci in 0..self.cin {
+            for t in 0..self.kd {
+                for i in 0..self.kh {
+                    for j in 0..self.kw {
+                        let row = i * self.dh * self.wp;
+                        offs.push(ci * self.plane() + t * self.slab() + row + self.col_off(j));
                     }
                 }
             }
         }
-        band[self.cin * plane..].fill(0.0);
+        offs
+    }
+
+    /// Copies the input rows that output rows `[r0, r0 + rows)` of output slice `z` read (all
+    /// channels and depth taps of one image `x`) into `band`, zero-padded: band row `r` of
+    /// channel `c`, depth tap `t` is padded input row `r0 sh + r` (input row `r0 sh + r - ph`, its
+    /// columns shifted by `pw`) of input slice `z sd + t dd - pd`, in the phase layout of
+    /// [`Plan::wph`]; a slice outside the input is zeros. The `POS_T` elements after the last
+    /// plane are zeroed too (the last tile may read that far).
+    fn fill_band(&self, x: &[f32], z: usize, r0: usize, band: &mut [f32]) {
+        let hw = self.h * self.w;
+        for c in 0..self.cin {
+            for t in 0..self.kd {
+                let slab = &mut band[c * self.plane() + t * self.slab()..][..self.slab()];
+                let iz = (z * self.sd + t * self.dd).wrapping_sub(self.pd);
+                if iz >= self.id {
+                    slab.fill(0.0);
+                    continue;
+                }
+                self.fill_slab(&x[(c * self.id + iz) * hw..][..hw], r0, slab);
+            }
+        }
+        band[self.cin * self.plane()..].fill(0.0);
+    }
+
+    /// One slab of [`Plan::fill_band`] from input slice `xc`.
+    fn fill_slab(&self, xc: &[f32], r0: usize, slab: &mut [f32]) {
+        for r in 0..self.band_rows {
+            let dst = &mut slab[r * self.wp..][..self.wp];
+            let ih = (r0 * self.sh + r).wrapping_sub(self.ph);
+            if ih >= self.h {
+                dst.fill(0.0);
+                continue;
+            }
+            let src = &xc[ih * self.w..][..self.w];
+            if self.sw == 1 {
+                let n = self.w.min(self.wp - self.pw);
+                dst[..self.pw].fill(0.0);
+                dst[self.pw..self.pw + n].copy_from_slice(&src[..n]);
+                dst[self.pw + n..].fill(0.0);
+                continue;
+            }
+            for (phase, part) in dst.chunks_exact_mut(self.wph).enumerate() {
+                // element i holds input column i sw + phase - pw: in range for i in [lo, hi)
+                let lo = self
+                    .pw
+                    .saturating_sub(phase)
+                    .div_ceil(self.sw)
+                    .min(self.wph);
+                let hi = (self.w + self.pw)
+                    .saturating_sub(phase)
+                    .div_ceil(self.sw)
+                    .clamp(lo, self.wph);
+                part[..lo].fill(0.0);
+                part[hi..].fill(0.0);
+                if lo < hi {
+                    let first = lo * self.sw + phase - self.pw;
+                    copy_stride2(&mut part[lo..hi], &src[first..]);
+                }
+            }
+        }
     }
 }
 
-/// `w (cout, cin, 1, kh, kw)` -> `[co tile][ci][kh][kw][CO_T]`, zero-padded to whole tiles.
+/// `w (cout, cin, kd, kh, kw)` -> `[co tile][ci][kd][kh][kw][CO_T]`, zero-padded to whole tiles.
 fn pack_weights(w: &[f32], p: &Plan) -> Vec<f32> {
-    let kt = p.kh * p.kw;
+    let kt = p.kd * p.kh * p.kw;
     let ntiles = p.cout.div_ceil(CO_T);
     let mut out = vec![0.0; ntiles * p.cin * kt * CO_T];
     for co in 0..p.cout {
@@ -210,58 +287,134 @@ fn pack_weights(w: &[f32], p: &Plan) -> Vec<f32> {
     out
 }
 
-/// Forward convolution, f32, through [`tile`].
-fn fwd_f32(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &Geom) -> Vec<f32> {
-    let p = Plan::new(g);
-    let wt = pack_weights(w, &p);
-    let (in_sp, out_sp) = (p.depth * p.h * p.w, p.depth * p.oh * p.ow);
-    let mut y = Uninit::<f32>::new(g.n * p.cout * out_sp);
-    let yp = SendPtr(y.ptr());
-    let ktile = p.cin * p.kh * p.kw * CO_T;
-    // offset in the band of every (input channel, kernel row, kernel column), in weight order
-    let mut offs = Vec::with_capacity(p.cin * p.kh * p.kw);
-    for ci in 0..p.cin {
-        for i in 0..p.kh {
-            for j in 0..p.kw {
-                offs.push(ci * p.plane() + i * p.dh * p.wp + p.col_off(j));
+/// What every work item of [`fwd_f32`] shares.
+struct Job<'a> {
+    p: Plan,
+    wt: Vec<f32>,
+    offs: Vec<usize>,
+    bias: Option<&'a [f32]>,
+    y: SendPtr<f32>,
+}
+
+impl Job<'_> {
+    /// Output channel tiles: `(tile, packed weights, bias of each channel)`.
+    fn tiles(&self) -> impl Iterator<Item = (usize, &[f32], [f32; CO_T])> + '_ {
+        let ktile = self.offs.len() * CO_T;
+        self.wt.chunks_exact(ktile).enumerate().map(|(t, wq)| {
+            let init = std::array::from_fn(|c| {
+                let co = (t * CO_T + c).min(self.p.cout - 1);
+                self.bias.map_or(0.0, |bs| bs[co])
+            });
+            (t, wq, init)
+        })
+    }
+
+    /// Channels of tile `t`.
+    fn width(&self, t: usize) -> usize {
+        CO_T.min(self.p.cout - t * CO_T)
+    }
+
+    /// Output element `(image b, channel co, flat position at)` of slice `z`.
+    fn out_ptr(&self, b: usize, co: usize, z: usize, at: usize) -> *mut f32 {
+        let p = &self.p;
+        let out_sp = p.od * p.oh * p.ow;
+        // SAFETY (of the callers' writes): in bounds for an output position of the slice.
+        unsafe {
+            self.y
+                .get()
+                .add((b * p.cout + co) * out_sp + z * p.oh * p.ow + at)
+        }
+    }
+
+    /// Rows `[r0, r1)` of output slice `z` of image `b`, a row at a time, from `band`.
+    fn rows(&self, band: &[f32], b: usize, z: usize, r0: usize, r1: usize) {
+        let p = &self.p;
+        let mut spill = [0.0f32; POS_T];
+        for r in r0..r1 {
+            for q0 in (0..p.ow).step_by(POS_T) {
+                let valid = POS_T.min(p.ow - q0);
+                let src = band[(r - r0) * p.sh * p.wp + q0..].as_ptr();
+                for (t, wq, init) in self.tiles() {
+                    let mut dst = [spill.as_mut_ptr(); CO_T];
+                    for (c, d) in dst.iter_mut().enumerate().take(self.width(t)) {
+                        *d = self.out_ptr(b, t * CO_T + c, z, r * p.ow + q0);
+                    }
+                    // SAFETY: the tile reads `src` up to (cin - 1) * plane + the last slab's last
+                    // row + the last phase + q0 + POS_T < band length (POS_T of slack), writes
+                    // `valid` positions of each `dst` row (or of `spill`); items write disjoint
+                    // rows.
+                    unsafe { tile(src, &self.offs, wq.as_ptr(), init, dst, valid) };
+                }
             }
         }
     }
-    (0..g.n * p.depth * p.nbands)
-        .into_par_iter()
-        .for_each(|item| {
-            let (b, z) = (item / (p.depth * p.nbands), item / p.nbands % p.depth);
-            let r0 = (item % p.nbands) * p.rows;
-            let r1 = (r0 + p.rows).min(p.oh);
-            // first output position of slice z (within a channel)
-            let zo = z * p.oh * p.ow;
-            with_workspace(|ws| {
-                let band = workspace::<f32>(ws, p.cin * p.plane() + POS_T);
-                p.fill_band(&x[b * p.cin * in_sp..(b + 1) * p.cin * in_sp], z, r0, band);
-                let mut spill = [0.0f32; POS_T];
-                for r in r0..r1 {
-                    for q0 in (0..p.ow).step_by(POS_T) {
-                        let valid = POS_T.min(p.ow - q0);
-                        let src = band[(r - r0) * p.sh * p.wp + q0..].as_ptr();
-                        for (t, wq) in wt.chunks_exact(ktile).enumerate() {
-                            let mut init = [0.0; CO_T];
-                            let mut dst = [spill.as_mut_ptr(); CO_T];
-                            for c in 0..CO_T.min(p.cout - t * CO_T) {
-                                let co = t * CO_T + c;
-                                init[c] = bias.map_or(0.0, |bs| bs[co]);
-                                // SAFETY: an in-bounds output position; items write disjoint rows.
-                                let at = (b * p.cout + co) * out_sp + zo + r * p.ow + q0;
-                                dst[c] = unsafe { yp.get().add(at) };
-                            }
-                            // SAFETY: the tile reads `src` up to (cin - 1) * plane + span rows +
-                            // the last phase + q0 + POS_T < band length (POS_T of slack), writes
-                            // `valid` positions of each `dst` row (or of `spill`).
-                            unsafe { tile(src, &offs, wq.as_ptr(), init, dst, valid) };
+
+    /// Rows `[r0, r1)` of output slice `z` of image `b` through the flattened band: each tile
+    /// covers `POS_T` consecutive band positions (several short rows), computed into a buffer
+    /// whose positions on output columns are then copied out.
+    fn flat_rows(&self, band: &[f32], b: usize, z: usize, r0: usize, r1: usize) {
+        let p = &self.p;
+        let len = (r1 - r0) * p.wp;
+        let mut buf = [[0.0f32; POS_T]; CO_T];
+        for f0 in (0..len).step_by(POS_T) {
+            let src = band[f0..].as_ptr();
+            for (t, wq, init) in self.tiles() {
+                let dst: [*mut f32; CO_T] = std::array::from_fn(|c| buf[c].as_mut_ptr());
+                // SAFETY: as in `rows` (band positions up to `len + POS_T` read at most the slack
+                // after the last plane); `buf` holds POS_T positions per channel.
+                unsafe { tile(src, &self.offs, wq.as_ptr(), init, dst, POS_T) };
+                let mut f = f0;
+                while f < (f0 + POS_T).min(len) {
+                    let (r, q) = (f / p.wp, f % p.wp);
+                    let e = (f0 + POS_T).min(r * p.wp + p.ow);
+                    if q < p.ow {
+                        for (c, row) in buf.iter().enumerate().take(self.width(t)) {
+                            let at = (r0 + r) * p.ow + q;
+                            // SAFETY: `e - f` positions of output row `r0 + r` from column `q`
+                            // (`e <= ` its end); items write disjoint rows.
+                            unsafe {
+                                std::ptr::copy_nonoverlapping(
+                                    row[f - f0..].as_ptr(),
+                                    self.out_ptr(b, t * CO_T + c, z, at),
+                                    e - f,
+                                )
+                            };
                         }
                     }
+                    f = (r + 1) * p.wp;
                 }
-            });
+            }
+        }
+    }
+}
+
+/// Forward convolution, f32, through [`tile`].
+fn fwd_f32(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &Geom) -> Vec<f32> {
+    let p = Plan::new(g);
+    let mut y = Uninit::<f32>::new(g.n * p.cout * p.od * p.oh * p.ow);
+    let job = Job {
+        wt: pack_weights(w, &p),
+        offs: p.offsets(),
+        bias,
+        y: SendPtr(y.ptr()),
+        p,
+    };
+    let p = &job.p;
+    let in_img = p.cin * p.id * p.h * p.w;
+    (0..g.n * p.od * p.nbands).into_par_iter().for_each(|item| {
+        let (b, z) = (item / (p.od * p.nbands), item / p.nbands % p.od);
+        let r0 = (item % p.nbands) * p.rows;
+        let r1 = (r0 + p.rows).min(p.oh);
+        with_workspace(|ws| {
+            let band = workspace::<f32>(ws, p.cin * p.plane() + POS_T);
+            p.fill_band(&x[b * in_img..(b + 1) * in_img], z, r0, band);
+            if p.flat {
+                job.flat_rows(band, b, z, r0, r1);
+            } else {
+                job.rows(band, b, z, r0, r1);
+            }
         });
+    });
     // SAFETY: the items cover every (image, slice, channel, row) and the tiles every column.
     unsafe { y.assume_init() }
 }
@@ -337,36 +490,141 @@ mod tests {
             .collect()
     }
 
+    /// Naive N-d convolution (3D geometry; 2D as depth 1), accumulated in f64.
     fn naive(x: &[f32], w: &[f32], bias: &[f32], g: &Geom) -> Vec<f32> {
-        let (h, wd, oh, ow) = (g.inp[1], g.inp[2], g.out[1], g.out[2]);
-        let (kh, kw) = (g.k[1], g.k[2]);
-        let mut y = vec![0.0f32; g.n * g.cout * oh * ow];
+        let (inp, out, ktot) = (g.inp, g.out, g.ktot());
+        let mut y = vec![0.0f32; g.n * g.cout * g.out_sp()];
+        let at = |o: usize, k: usize, a: usize| {
+            let v = (o * g.s[a] + k * g.d[a]) as isize - g.p[a] as isize;
+            (v >= 0 && (v as usize) < inp[a]).then_some(v as usize)
+        };
         for b in 0..g.n {
             for co in 0..g.cout {
-                for r in 0..oh {
-                    for q in 0..ow {
-                        let mut acc = bias[co] as f64;
-                        for ci in 0..g.cin {
-                            for i in 0..kh {
-                                for j in 0..kw {
-                                    let ih = (r * g.s[1] + i * g.d[1]) as isize - g.p[1] as isize;
-                                    let iw = (q * g.s[2] + j * g.d[2]) as isize - g.p[2] as isize;
-                                    if ih < 0 || iw < 0 || ih as usize >= h || iw as usize >= wd {
-                                        continue;
-                                    }
-                                    let xi =
-                                        ((b * g.cin + ci) * h + ih as usize) * wd + iw as usize;
-                                    let wi = ((co * g.cin + ci) * kh + i) * kw + j;
-                                    acc += x[xi] as f64 * w[wi] as f64;
-                                }
-                            }
+                for (o, yo) in y[(b * g.cout + co) * g.out_sp()..][..g.out_sp()]
+                    .iter_mut()
+                    .enumerate()
+                {
+                    let oz = [o / (out[1] * out[2]), o / out[2] % out[1], o % out[2]];
+                    let mut acc = bias[co] as f64;
+                    for ci in 0..g.cin {
+                        for t in 0..ktot {
+                            let kz = [t / (g.k[1] * g.k[2]), t / g.k[2] % g.k[1], t % g.k[2]];
+                            let (Some(i0), Some(i1), Some(i2)) = (
+                                at(oz[0], kz[0], 0),
+                                at(oz[1], kz[1], 1),
+                                at(oz[2], kz[2], 2),
+                            ) else {
+                                continue;
+                            };
+                            let xi = (((b * g.cin + ci) * inp[0] + i0) * inp[1] + i1) * inp[2] + i2;
+                            acc += x[xi] as f64 * w[(co * g.cin + ci) * ktot + t] as f64;
                         }
-                        y[((b * g.cout + co) * oh + r) * ow + q] = acc as f32;
                     }
+                    *yo = acc as f32;
                 }
             }
         }
         y
+    }
+
+    /// Full 3D kernels (depth taps, depth stride and padding) and flattened planes (rows
+    /// narrower than `MIN_WIDTH`, in 2D and 3D) match the naive convolution.
+    #[test]
+    fn depth_kernels_and_flat_planes_match_naive() {
+        if !std::arch::is_x86_feature_detected!("avx2")
+            || !std::arch::is_x86_feature_detected!("fma")
+        {
+            return;
+        }
+        // (cin, cout, inp, k, p, d, s)
+        let cases = [
+            (
+                5,
+                7,
+                [6, 14, 14],
+                [3, 3, 3],
+                [1, 1, 1],
+                [1, 1, 1],
+                [1, 1, 1],
+            ),
+            (
+                4,
+                4,
+                [8, 12, 12],
+                [3, 3, 3],
+                [1, 1, 1],
+                [1, 1, 1],
+                [2, 1, 1],
+            ),
+            (3, 5, [4, 9, 40], [3, 3, 3], [1, 1, 1], [1, 1, 1], [1, 2, 2]),
+            (6, 3, [7, 8, 18], [3, 3, 3], [2, 1, 1], [2, 1, 1], [2, 1, 1]),
+            (
+                70,
+                4,
+                [4, 40, 12],
+                [3, 3, 3],
+                [1, 1, 1],
+                [1, 1, 1],
+                [1, 1, 1],
+            ),
+            (
+                3,
+                2,
+                [8, 12, 12],
+                [1, 3, 3],
+                [0, 1, 1],
+                [1, 1, 1],
+                [1, 1, 1],
+            ),
+            (
+                2,
+                3,
+                [5, 11, 12],
+                [2, 3, 1],
+                [0, 1, 0],
+                [1, 1, 1],
+                [1, 1, 1],
+            ),
+        ];
+        let mut flats = 0;
+        for (cin, cout, inp, k, p, d, s) in cases {
+            let out: [usize; 3] =
+                std::array::from_fn(|a| (inp[a] + 2 * p[a] - d[a] * (k[a] - 1) - 1) / s[a] + 1);
+            let g = Geom {
+                n: 2,
+                cin,
+                cout,
+                groups: 1,
+                inp,
+                out,
+                k,
+                s,
+                p,
+                d,
+            };
+            // two threads: the flattened layout asks for enough planes per thread
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(2)
+                .build()
+                .unwrap();
+            let y = pool.install(|| {
+                assert!(applies(&g), "{g:?}");
+                flats += usize::from(flat(&g));
+                let x = seq(g.n * cin * g.in_sp(), 11);
+                let wt = seq(cout * cin * g.ktot(), 12);
+                fwd_f32(&x, &wt, Some(&seq(cout, 13)), &g)
+            });
+            let (x, wt, bias) = (
+                seq(g.n * cin * g.in_sp(), 11),
+                seq(cout * cin * g.ktot(), 12),
+                seq(cout, 13),
+            );
+            let want = naive(&x, &wt, &bias, &g);
+            for (a, b) in y.iter().zip(&want) {
+                assert!((a - b).abs() < 1e-4, "{g:?}: {a} vs {b}");
+            }
+        }
+        assert_eq!(flats, 5, "cases on flattened planes");
     }
 
     /// The direct kernel matches a naive convolution: channel counts that

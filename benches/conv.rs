@@ -183,6 +183,14 @@ fn workloads() -> Vec<Work> {
             kernels: Some(k_p1),
         },
         Work {
+            name: "conv2d (2,256,32,16) 3x3 256->256",
+            macs: macs_conv(2.0, 256.0, 256.0, 9.0, 32.0 * 16.0),
+            x: randn(&[2, 256, 32, 16]),
+            w: Some(randn(&[256, 256, 3, 3])),
+            run: conv_p1,
+            kernels: Some(k_p1),
+        },
+        Work {
             name: "conv2d (2,512,8,4) 3x3 512->512",
             macs: macs_conv(2.0, 512.0, 512.0, 9.0, 8.0 * 4.0),
             x: randn(&[2, 512, 8, 4]),

@@ -268,16 +268,17 @@ impl Plan {
     }
 }
 
-/// `w (cout, cin, kd, kh, kw)` -> `[co tile][ci][kd][kh][kw][CO_T]`, zero-padded to whole tiles.
-fn pack_weights(w: &[f32], p: &Plan) -> Vec<f32> {
+/// `w (cout, cin, kd, kh, kw)` -> `[co tile][ci][kd][kh][kw][N]` (`N` channels per tile),
+/// zero-padded to whole tiles.
+fn pack_weights<const N: usize>(w: &[f32], p: &Plan) -> Vec<f32> {
     let kt = p.kd * p.kh * p.kw;
-    let ntiles = p.cout.div_ceil(CO_T);
-    let mut out = vec![0.0; ntiles * p.cin * kt * CO_T];
+    let ntiles = p.cout.div_ceil(N);
+    let mut out = vec![0.0; ntiles * p.cin * kt * N];
     for co in 0..p.cout {
-        let (t, c) = (co / CO_T, co % CO_T);
+        let (t, c) = (co / N, co % N);
         for ci in 0..p.cin {
             for k in 0..kt {
-                out[((t * p.cin + ci) * kt + k) * CO_T + c] = w[(co * p.cin + ci) * kt + k];
+                out[((t * p.cin + ci) * kt + k) * N + c] = w[(co * p.cin + ci) * kt + k];
             }
         }
     }
@@ -285,21 +286,23 @@ fn pack_weights(w: &[f32], p: &Plan) -> Vec<f32> {
 }
 
 /// What every work item of [`fwd_f32`] shares.
-struct Job<'a> {
+struct Job<'a, const N: usize> {
     p: Plan,
+    /// the register tile: [`tile`] (`N` = [`N`]) or [`tile512`] (`N` = [`N512`])
+    kernel: TileFn<N>,
     wt: Vec<f32>,
     offs: Vec<usize>,
     bias: Option<&'a [f32]>,
     y: SendPtr<f32>,
 }
 
-impl Job<'_> {
+impl<const N: usize> Job<'_, N> {
     /// Output channel tiles: `(tile, packed weights, bias of each channel)`.
-    fn tiles(&self) -> impl Iterator<Item = (usize, &[f32], [f32; CO_T])> + '_ {
-        let ktile = self.offs.len() * CO_T;
+    fn tiles(&self) -> impl Iterator<Item = (usize, &[f32], [f32; N])> + '_ {
+        let ktile = self.offs.len() * N;
         self.wt.chunks_exact(ktile).enumerate().map(|(t, wq)| {
             let init = std::array::from_fn(|c| {
-                let co = (t * CO_T + c).min(self.p.cout - 1);
+                let co = (t * N + c).min(self.p.cout - 1);
                 self.bias.map_or(0.0, |bs| bs[co])
             });
             (t, wq, init)
@@ -308,7 +311,7 @@ impl Job<'_> {
 
     /// Channels of tile `t`.
     fn width(&self, t: usize) -> usize {
-        CO_T.min(self.p.cout - t * CO_T)
+        N.min(self.p.cout - t * N)
     }
 
     /// Output element `(image b, channel co, flat position at)` of slice `z`.
@@ -332,15 +335,15 @@ impl Job<'_> {
                 let valid = POS_T.min(p.ow - q0);
                 let src = band[(r - r0) * p.sh * p.wp + q0..].as_ptr();
                 for (t, wq, init) in self.tiles() {
-                    let mut dst = [spill.as_mut_ptr(); CO_T];
+                    let mut dst = [spill.as_mut_ptr(); N];
                     for (c, d) in dst.iter_mut().enumerate().take(self.width(t)) {
-                        *d = self.out_ptr(b, t * CO_T + c, z, r * p.ow + q0);
+                        *d = self.out_ptr(b, t * N + c, z, r * p.ow + q0);
                     }
                     // SAFETY: the tile reads `src` up to (cin - 1) * plane + the last slab's last
                     // row + the last phase + q0 + POS_T < band length (POS_T of slack), writes
                     // `valid` positions of each `dst` row (or of `spill`); items write disjoint
                     // rows.
-                    unsafe { tile(src, &self.offs, wq.as_ptr(), init, dst, valid) };
+                    unsafe { (self.kernel)(src, &self.offs, wq.as_ptr(), init, dst, valid) };
                 }
             }
         }
@@ -352,14 +355,14 @@ impl Job<'_> {
     fn flat_rows(&self, band: &[f32], b: usize, z: usize, r0: usize, r1: usize) {
         let p = &self.p;
         let len = (r1 - r0) * p.wp;
-        let mut buf = [[0.0f32; POS_T]; CO_T];
+        let mut buf = [[0.0f32; POS_T]; N];
         for f0 in (0..len).step_by(POS_T) {
             let src = band[f0..].as_ptr();
             for (t, wq, init) in self.tiles() {
-                let dst: [*mut f32; CO_T] = std::array::from_fn(|c| buf[c].as_mut_ptr());
+                let dst: [*mut f32; N] = std::array::from_fn(|c| buf[c].as_mut_ptr());
                 // SAFETY: as in `rows` (band positions up to `len + POS_T` read at most the slack
                 // after the last plane); `buf` holds POS_T positions per channel.
-                unsafe { tile(src, &self.offs, wq.as_ptr(), init, dst, POS_T) };
+                unsafe { (self.kernel)(src, &self.offs, wq.as_ptr(), init, dst, POS_T) };
                 let mut f = f0;
                 while f < (f0 + POS_T).min(len) {
                     let (r, q) = (f / p.wp, f % p.wp);
@@ -372,7 +375,7 @@ impl Job<'_> {
                             unsafe {
                                 std::ptr::copy_nonoverlapping(
                                     row[f - f0..].as_ptr(),
-                                    self.out_ptr(b, t * CO_T + c, z, at),
+                                    self.out_ptr(b, t * N + c, z, at),
                                     e - f,
                                 )
                             };
@@ -385,35 +388,55 @@ impl Job<'_> {
     }
 }
 
-/// Forward convolution, f32, through [`tile`].
+/// Forward convolution, f32, through [`tile512`] on the AVX-512 path ([`isa::direct_avx512`])
+/// and [`tile`] elsewhere.
 fn fwd_f32(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &Geom) -> Vec<f32> {
     let p = Plan::new(g);
     let mut y = Uninit::<f32>::new(g.n * p.cout * p.od * p.oh * p.ow);
-    let job = Job {
-        wt: pack_weights(w, &p),
-        offs: p.offsets(),
-        bias,
-        y: SendPtr(y.ptr()),
-        p,
-    };
-    let p = &job.p;
-    let in_img = p.cin * p.id * p.h * p.w;
-    (0..g.n * p.od * p.nbands).into_par_iter().for_each(|item| {
-        let (b, z) = (item / (p.od * p.nbands), item / p.nbands % p.od);
-        let r0 = (item % p.nbands) * p.rows;
-        let r1 = (r0 + p.rows).min(p.oh);
-        with_workspace(|ws| {
-            let band = workspace::<f32>(ws, p.cin * p.plane() + POS_T);
-            p.fill_band(&x[b * in_img..(b + 1) * in_img], z, r0, band);
-            if p.flat {
-                job.flat_rows(band, b, z, r0, r1);
-            } else {
-                job.rows(band, b, z, r0, r1);
-            }
-        });
-    });
+    let yp = SendPtr(y.ptr());
+    if super::isa::direct_avx512() {
+        run(Job::<CO_T512> {
+            wt: pack_weights::<CO_T512>(w, &p),
+            kernel: tile512,
+            offs: p.offsets(),
+            bias,
+            y: yp,
+            p,
+        }, x);
+    } else {
+        run(Job::<CO_T> {
+            wt: pack_weights::<CO_T>(w, &p),
+            kernel: tile,
+            offs: p.offsets(),
+            bias,
+            y: yp,
+            p,
+        }, x);
+    }
     // SAFETY: the items cover every (image, slice, channel, row) and the tiles every column.
     unsafe { y.assume_init() }
+}
+
+/// Every work item of `job` (image, output slice, band of rows), in parallel.
+fn run<const N: usize>(job: Job<'_, N>, x: &[f32]) {
+    let p = &job.p;
+    let in_img = p.cin * p.id * p.h * p.w;
+    (0..(x.len() / in_img.max(1)) * p.od * p.nbands)
+        .into_par_iter()
+        .for_each(|item| {
+            let (b, z) = (item / (p.od * p.nbands), item / p.nbands % p.od);
+            let r0 = (item % p.nbands) * p.rows;
+            let r1 = (r0 + p.rows).min(p.oh);
+            with_workspace(|ws| {
+                let band = workspace::<f32>(ws, p.cin * p.plane() + POS_T);
+                p.fill_band(&x[b * in_img..(b + 1) * in_img], z, r0, band);
+                if p.flat {
+                    job.flat_rows(band, b, z, r0, r1);
+                } else {
+                    job.rows(band, b, z, r0, r1);
+                }
+            });
+        });
 }
 
 /// Lane masks: `MASK[8 - n..16 - n]` enables the first `n` lanes.
@@ -473,6 +496,58 @@ unsafe fn tile(
     }
 }
 
+/// A register tile kernel: `(src, offs, wq, init, dst, valid)` as [`tile`] takes them.
+type TileFn<const N: usize> =
+    unsafe fn(*const f32, &[usize], *const f32, [f32; N], [*mut f32; N], usize);
+
+/// Output channels per AVX-512 register tile.
+const CO_T512: usize = 8;
+
+/// [`tile`] for AVX-512: [`CO_T512`] output channels x `POS_T` positions in 16 zmm accumulators
+/// (2 vectors of 16 per channel). Per input channel and tap it loads 2 input vectors and 8
+/// weights for 16 FMAs, against 4 vectors (2 of them split across cache lines at odd offsets)
+/// and 3 weights for 12 FMAs of 8 lanes in [`tile`].
+///
+/// # Safety
+/// AVX-512F; as [`tile`], with `wq` holding `offs.len() * CO_T512` weights.
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::needless_range_loop)] // register-tile indices read clearer than zipped iterators
+unsafe fn tile512(
+    src: *const f32,
+    offs: &[usize],
+    wq: *const f32,
+    init: [f32; CO_T512],
+    dst: [*mut f32; CO_T512],
+    valid: usize,
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); 2]; CO_T512];
+    for c in 0..CO_T512 {
+        acc[c] = [_mm512_set1_ps(init[c]); 2];
+    }
+    let mut wq = wq;
+    for &off in offs {
+        let xs = src.add(off);
+        let xv = [_mm512_loadu_ps(xs), _mm512_loadu_ps(xs.add(16))];
+        for c in 0..CO_T512 {
+            let wv = _mm512_set1_ps(*wq.add(c));
+            acc[c][0] = _mm512_fmadd_ps(wv, xv[0], acc[c][0]);
+            acc[c][1] = _mm512_fmadd_ps(wv, xv[1], acc[c][1]);
+        }
+        wq = wq.add(CO_T512);
+    }
+    for c in 0..CO_T512 {
+        for v in 0..2 {
+            let n = valid.saturating_sub(16 * v).min(16);
+            if n == 16 {
+                _mm512_storeu_ps(dst[c].add(16 * v), acc[c][v]);
+            } else if n > 0 {
+                _mm512_mask_storeu_ps(dst[c].add(16 * v), ((1u32 << n) - 1) as u16, acc[c][v]);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -485,6 +560,20 @@ mod tests {
                 (s >> 8) as f32 / (1u32 << 24) as f32 - 0.5
             })
             .collect()
+    }
+
+    /// `fwd_f32` on every register tile this CPU runs: the detected path (AVX-512 where
+    /// available) and the forced AVX2 one.
+    fn fwd_all_tiles(x: &[f32], w: &[f32], bias: &[f32], g: &Geom) -> Vec<Vec<f32>> {
+        use crate::ops::isa::{gemm_isa, set_gemm_isa, GemmIsa};
+        let before = gemm_isa();
+        let mut ys = Vec::new();
+        for isa in [GemmIsa::Auto, GemmIsa::Avx2] {
+            set_gemm_isa(isa);
+            ys.push(fwd_f32(x, w, Some(bias), g));
+        }
+        set_gemm_isa(before);
+        ys
     }
 
     /// Naive N-d convolution (3D geometry; 2D as depth 1), accumulated in f64.
@@ -604,10 +693,11 @@ mod tests {
             let x = seq(g.n * cin * g.in_sp(), 11);
             let wt = seq(cout * cin * g.ktot(), 12);
             let bias = seq(cout, 13);
-            let y = fwd_f32(&x, &wt, Some(&bias), &g);
             let want = naive(&x, &wt, &bias, &g);
-            for (a, b) in y.iter().zip(&want) {
-                assert!((a - b).abs() < 1e-4, "{g:?}: {a} vs {b}");
+            for y in fwd_all_tiles(&x, &wt, &bias, &g) {
+                for (a, b) in y.iter().zip(&want) {
+                    assert!((a - b).abs() < 1e-4, "{g:?}: {a} vs {b}");
+                }
             }
         }
         assert_eq!(flats, 6, "cases on flattened planes");
@@ -658,10 +748,11 @@ mod tests {
             let x = seq(g.n * cin * h * w, 1);
             let wt = seq(cout * cin * k[0] * k[1], 2);
             let bias = seq(cout, 3);
-            let y = fwd_f32(&x, &wt, Some(&bias), &g);
             let want = naive(&x, &wt, &bias, &g);
-            for (a, b) in y.iter().zip(&want) {
-                assert!((a - b).abs() < 1e-4, "{g:?}: {a} vs {b}");
+            for y in fwd_all_tiles(&x, &wt, &bias, &g) {
+                for (a, b) in y.iter().zip(&want) {
+                    assert!((a - b).abs() < 1e-4, "{g:?}: {a} vs {b}");
+                }
             }
         }
     }

@@ -78,6 +78,19 @@ pub(crate) fn direct_kernels() -> bool {
     avx2_available()
 }
 
+/// Whether the direct kernels run their AVX-512 register tile: on the default path of a CPU with
+/// AVX-512F (not when the AVX2 path is forced, so that it measures what an AVX2-only CPU runs).
+pub(crate) fn direct_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        gemm_isa() == GemmIsa::Auto && is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Destination rows (along its contiguous axis) below which the AVX-512 path still runs gemm's
 /// AVX2 micro-kernel. Column-major products (the 32-128-channel weight gradients) measured faster
 /// on it on a Zen 4 EPYC (2 threads, (2,C,H,W) 3x3 weight gradient): 0.023 against 0.017 s at 32

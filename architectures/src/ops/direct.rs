@@ -388,13 +388,14 @@ impl<const N: usize> Job<'_, N> {
     }
 }
 
-/// Forward convolution, f32, through [`tile512`] on the AVX-512 path ([`isa::direct_avx512`]),
-/// else [`fwd_cv`] for the flattened planes of 3D convolutions (7-10% faster than [`tile`] on the
-/// 3D demo plan's 28x28 and 14x14 levels: no padding columns computed; on the AVX-512 path
-/// [`tile512`] matched it) and [`tile`] for the rest.
+/// Forward convolution, f32: the flattened planes of 3D convolutions through [`fwd_cv`] (no
+/// padding columns computed: 7-10% faster than [`tile`] on the 3D demo plan's 28x28 and 14x14
+/// levels on the AVX2 path; on the AVX-512 path 7-9% faster than [`tile512`] at 14x14, slower at
+/// 28x28, so only rows under [`MIN_WIDTH`] there); the rest through [`tile512`] on the AVX-512
+/// path ([`isa::direct_avx512`]) and [`tile`] on the AVX2 one.
 fn fwd_f32(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &Geom) -> Vec<f32> {
     let avx512 = super::isa::direct_avx512();
-    if !avx512 && g.out[0] > 1 && flat(g) {
+    if g.out[0] > 1 && flat(g) && (!avx512 || g.out[2] < MIN_WIDTH) {
         return fwd_cv(x, w, bias, g);
     }
     let p = Plan::new(g);
@@ -567,18 +568,34 @@ const CV_POS: usize = 6;
 /// Input channels per block (the block's weights stay in L1).
 const CV_CI: usize = 16;
 
-/// Forward convolution through [`cv_tile`] (channels in vector lanes, positions broadcast):
-/// every output position is a real one, however short the rows. Taken on the AVX2 path for the
-/// flattened planes of 3D convolutions ([`fwd_f32`]).
+/// Forward convolution through [`cv_tile512`] (AVX-512 path) or [`cv_tile`] (channels in vector
+/// lanes, positions broadcast): every output position is a real one, however short the rows.
+/// Taken for the flattened planes of 3D convolutions (see [`fwd_f32`]).
 fn fwd_cv(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &Geom) -> Vec<f32> {
+    if super::isa::direct_avx512() {
+        cv_run::<CV_CO512>(x, w, bias, g, cv_tile512)
+    } else {
+        cv_run::<CV_CO>(x, w, bias, g, cv_tile)
+    }
+}
+
+/// [`fwd_cv`] with `CO`-channel tiles of `kernel`.
+fn cv_run<const CO: usize>(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    g: &Geom,
+    kernel: CvTileFn<CO>,
+) -> Vec<f32> {
     let p = Plan::new(g);
     let mut y = Uninit::<f32>::new(g.n * p.cout * p.od * p.oh * p.ow);
-    let mut bz = vec![0.0f32; p.cout.div_ceil(CV_CO) * CV_CO];
+    let mut bz = vec![0.0f32; p.cout.div_ceil(CO) * CO];
     if let Some(bs) = bias {
         bz[..p.cout].copy_from_slice(bs);
     }
-    let job = CvJob {
-        wt: pack_weights::<CV_CO>(w, &p),
+    let job = CvJob::<CO> {
+        kernel,
+        wt: pack_weights::<CO>(w, &p),
         offs: p.offsets(),
         bias: bz,
         y: SendPtr(y.ptr()),
@@ -601,9 +618,10 @@ fn fwd_cv(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &Geom) -> Vec<f32> {
 }
 
 /// What every work item of [`fwd_cv`] shares.
-struct CvJob {
+struct CvJob<const CO: usize> {
     p: Plan,
-    /// `[co tile][ci][tap][CV_CO]`
+    kernel: CvTileFn<CO>,
+    /// `[co tile][ci][tap][CO]`
     wt: Vec<f32>,
     offs: Vec<usize>,
     /// biases, zero-padded to whole tiles
@@ -611,14 +629,14 @@ struct CvJob {
     y: SendPtr<f32>,
 }
 
-impl CvJob {
+impl<const CO: usize> CvJob<CO> {
     /// Rows `[r0, r1)` of output slice `z` of image `b` from `band`: per tile of `CV_CO` output
     /// channels, blocks of `CV_CI` input channels (whose weights stay in L1) over every group of
     /// `CV_POS` positions, accumulated in `acc`, then copied out.
     fn item(&self, band: &[f32], b: usize, z: usize, r0: usize, r1: usize) {
         let p = &self.p;
         let (kt, out_sp) = (p.kd * p.kh * p.kw, p.od * p.oh * p.ow);
-        let ktile = self.offs.len() * CV_CO;
+        let ktile = self.offs.len() * CO;
         // band offset and output index (within a channel) of every output position
         let pos: Vec<(usize, usize)> = (r0..r1)
             .flat_map(|r| {
@@ -626,26 +644,26 @@ impl CvJob {
                 (0..p.ow).map(move |q| (src + q, dst + q))
             })
             .collect();
-        let mut acc = vec![[[0.0f32; CV_CO]; CV_POS]; pos.len().div_ceil(CV_POS)];
-        for t in 0..p.cout.div_ceil(CV_CO) {
+        let mut acc = vec![[[0.0f32; CO]; CV_POS]; pos.len().div_ceil(CV_POS)];
+        for t in 0..p.cout.div_ceil(CO) {
             let wq = &self.wt[t * ktile..(t + 1) * ktile];
             for ci0 in (0..p.cin).step_by(CV_CI) {
                 let taps = ci0 * kt..(ci0 + CV_CI).min(p.cin) * kt;
                 for (a, grp) in acc.iter_mut().zip(pos.chunks(CV_POS)) {
                     let at = std::array::from_fn(|k| grp[k.min(grp.len() - 1)].0);
                     let init = if ci0 == 0 {
-                        [std::array::from_fn(|c| self.bias[t * CV_CO + c]); CV_POS]
+                        [std::array::from_fn(|c| self.bias[t * CO + c]); CV_POS]
                     } else {
                         *a
                     };
                     // SAFETY: every position reads the band within its taps' reach (as `tile`
                     // does); `wq` holds the weights of every tap of `offs`.
                     unsafe {
-                        cv_tile(
+                        (self.kernel)(
                             band.as_ptr(),
                             &at,
                             &self.offs[taps.clone()],
-                            wq[taps.start * CV_CO..].as_ptr(),
+                            wq[taps.start * CO..].as_ptr(),
                             &init,
                             a,
                         )
@@ -654,14 +672,65 @@ impl CvJob {
             }
             for (a, grp) in acc.iter().zip(pos.chunks(CV_POS)) {
                 for (k, &(_, o)) in grp.iter().enumerate() {
-                    for (c, &v) in a[k].iter().enumerate().take(p.cout - t * CV_CO) {
-                        let at = (b * p.cout + t * CV_CO + c) * out_sp + o;
+                    for (c, &v) in a[k].iter().enumerate().take(p.cout - t * CO) {
+                        let at = (b * p.cout + t * CO + c) * out_sp + o;
                         // SAFETY: an output position of this item's rows; items are disjoint.
                         unsafe { *self.y.get().add(at) = v };
                     }
                 }
             }
         }
+    }
+}
+
+/// A channel-vector tile kernel: `(src, at, offs, wq, init, out)` as [`cv_tile`] takes them.
+type CvTileFn<const CO: usize> = unsafe fn(
+    *const f32,
+    &[usize; CV_POS],
+    &[usize],
+    *const f32,
+    &[[f32; CO]; CV_POS],
+    &mut [[f32; CO]; CV_POS],
+);
+
+/// Output channels of an AVX-512 channel-vector tile (2 zmm vectors).
+const CV_CO512: usize = 32;
+
+/// [`cv_tile`] for AVX-512: `CV_CO512` channels (two 16-lane vectors) x `CV_POS` positions.
+///
+/// # Safety
+/// AVX-512F; as [`cv_tile`], with `wq` holding `offs.len() * CV_CO512` weights.
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::needless_range_loop)] // register-tile indices read clearer than zipped iterators
+unsafe fn cv_tile512(
+    src: *const f32,
+    at: &[usize; CV_POS],
+    offs: &[usize],
+    wq: *const f32,
+    init: &[[f32; CV_CO512]; CV_POS],
+    out: &mut [[f32; CV_CO512]; CV_POS],
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); 2]; CV_POS];
+    for k in 0..CV_POS {
+        let i = init[k].as_ptr();
+        acc[k] = [_mm512_loadu_ps(i), _mm512_loadu_ps(i.add(16))];
+    }
+    let ptrs: [*const f32; CV_POS] = std::array::from_fn(|k| src.add(at[k]));
+    let mut wq = wq;
+    for &off in offs {
+        let w0 = _mm512_loadu_ps(wq);
+        let w1 = _mm512_loadu_ps(wq.add(16));
+        for k in 0..CV_POS {
+            let v = _mm512_set1_ps(*ptrs[k].add(off));
+            acc[k][0] = _mm512_fmadd_ps(w0, v, acc[k][0]);
+            acc[k][1] = _mm512_fmadd_ps(w1, v, acc[k][1]);
+        }
+        wq = wq.add(CV_CO512);
+    }
+    for k in 0..CV_POS {
+        _mm512_storeu_ps(out[k].as_mut_ptr(), acc[k][0]);
+        _mm512_storeu_ps(out[k].as_mut_ptr().add(16), acc[k][1]);
     }
 }
 
@@ -721,8 +790,8 @@ mod tests {
             .collect()
     }
 
-    /// The direct convolution through every register tile this CPU runs: `fwd_f32` on the
-    /// detected path (AVX-512 where available) and the forced AVX2 one, and `fwd_cv`.
+    /// The direct convolution through every register tile this CPU runs: `fwd_f32` and `fwd_cv`
+    /// on the detected path (AVX-512 where available) and on the forced AVX2 one.
     fn fwd_all_tiles(x: &[f32], w: &[f32], bias: &[f32], g: &Geom) -> Vec<Vec<f32>> {
         use crate::ops::isa::{gemm_isa, set_gemm_isa, GemmIsa};
         let before = gemm_isa();
@@ -730,9 +799,9 @@ mod tests {
         for isa in [GemmIsa::Auto, GemmIsa::Avx2] {
             set_gemm_isa(isa);
             ys.push(fwd_f32(x, w, Some(bias), g));
+            ys.push(fwd_cv(x, w, Some(bias), g));
         }
         set_gemm_isa(before);
-        ys.push(fwd_cv(x, w, Some(bias), g));
         ys
     }
 

@@ -69,11 +69,10 @@ pub fn gemm_isa() -> GemmIsa {
     }
 }
 
-/// Whether the direct convolution kernels of `direct` (AVX2/FMA code) run: on every CPU with
-/// AVX2 and FMA, whichever GEMM path is selected. On an AVX-512 host they also beat gemm's
-/// AVX-512 micro-kernels on the layers they take (2D stride-1 3x3 forward and input gradient at
-/// 32-128 channels: 0.013 against 0.017 s for (2,32,256²) on a Zen 4 EPYC, whose AVX-512 units
-/// are 256 bits wide), so the AVX-512 path runs them too.
+/// Whether the direct convolution kernels of `direct` run: on every CPU with AVX2 and FMA,
+/// whichever GEMM path is selected (they beat the GEMM paths on the layers they take: 0.013
+/// against 0.017 s for the (2,32,256²) 3x3 forward on a Zen 4 EPYC). Their register tiles are
+/// AVX-512 ones on the default path of an AVX-512 host ([`direct_avx512`]), AVX2 ones otherwise.
 pub(crate) fn direct_kernels() -> bool {
     avx2_available()
 }
@@ -144,7 +143,7 @@ pub fn gemm_path() -> String {
     {
         if is_x86_feature_detected!("avx512f") {
             "avx512f 64x6 f32 micro-kernel (detected; gemm x86-v4 compiled in; avx2/fma 16x6 for \
-             products under 64 rows and the direct kernels)"
+             narrow products; AVX-512 tiles in the direct kernels)"
                 .into()
         } else if avx2_available() {
             "avx2/fma 16x6 f32 micro-kernel (detected)".into()

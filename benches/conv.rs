@@ -146,8 +146,20 @@ fn k_convt(x: &Tensor, w: &Tensor, r: &Tensor, which: u8) -> Result<()> {
     Ok(())
 }
 
+/// Forward multiply-adds of a convolution: batch, channels in and out, kernel taps, output
+/// positions.
+fn macs_conv(n: f64, cin: f64, cout: f64, k: f64, out: f64) -> f64 {
+    n * cin * cout * k * out
+}
+
 fn workloads() -> Vec<Work> {
-    let macs_conv = |n: f64, cin: f64, cout: f64, k: f64, out: f64| n * cin * cout * k * out;
+    let mut w = workloads_2d();
+    w.extend(workloads_3d());
+    w
+}
+
+/// The 2D workloads (the 2D plan of the issue-23 training step and Candle's own conv2d).
+fn workloads_2d() -> Vec<Work> {
     vec![
         Work {
             name: "conv2d (2,32,256,256) 3x3 32->32",
@@ -214,6 +226,12 @@ fn workloads() -> Vec<Work> {
             run: convt_k2,
             kernels: Some(k_convt),
         },
+    ]
+}
+
+/// The 3D workloads (nnU-Net-like levels, the 3D demo plan's levels, a norm + activation).
+fn workloads_3d() -> Vec<Work> {
+    vec![
         Work {
             name: "conv3d (2,32,64,64,64) 3x3x3 32->32",
             macs: macs_conv(2.0, 32.0, 32.0, 27.0, 262144.0),
